@@ -1,0 +1,3 @@
+"""The single definition of rnnkern's version (pyproject.toml reads it from here)."""
+
+__version__ = "0.1.0"

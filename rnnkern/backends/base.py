@@ -1,0 +1,140 @@
+"""The backend contract: what every rnnkern backend implements for one layer, one direction.
+
+Legend for shapes: ``T`` time steps, ``B`` batch, ``H`` hidden size, ``P`` size of the
+recurrent state ``h`` (``proj_size`` when the LSTM has a projection, else ``H``), ``G`` gates
+per cell (LSTM 4: i, f, g, o; GRU 3: r, z, n; RNN 1).
+
+The input projection ``gx = x @ W_ihᵀ + b_ih`` is computed for all time steps at once by torch's
+GEMM before a backend is called, and ``dW_ih``, ``dx`` are GEMMs again after its backward, so a
+backend owns only the recurrence.
+
+Dtypes: ``gx``, ``w_hh``, ``b_hh``, ``w_hr`` and the output ``y`` are in the input dtype
+(float32, float64, float16 or bfloat16). States, saved activations and all accumulation are in
+the *state dtype*: float64 for float64 inputs, float32 for every other input dtype.
+
+Variable lengths: ``lengths[b]`` in ``[1, T]`` (int64, on the device of ``gx``) says that batch
+element ``b`` is valid for ``t < lengths[b]``. Past its length an element's state is frozen (the
+final state is the state after step ``lengths[b] - 1``) and its output is zero, as torch.nn does
+for a PackedSequence. With ``reverse=True`` each element is processed from ``t = lengths[b] - 1``
+down to ``0``.
+
+Saved activations are returned in *processing order*: step ``s`` is the ``s``-th step an
+element takes (so for ``reverse`` step ``s`` of element ``b`` is time ``lengths[b] - 1 - s``).
+Their layout is fixed per cell so that ``register_fake`` knows every shape:
+
+=========  ======================  =========================  ======================
+cell       hs                      aux                        gates
+=========  ======================  =========================  ======================
+lstm       [T+1, B, P] h0..h_T     [T+1, B, H] c0..c_T        [T, B, 4H] i, f, g, o
+gru        [T+1, B, H] h0..h_T     [T, B, H] W_hn h + b_hn    [T, B, 3H] r, z, n
+rnn_*      [T+1, B, H] h0..h_T     [0]                        [0]
+=========  ======================  =========================  ======================
+
+``gates`` hold activated values (after sigmoid / tanh). With ``save=False`` all three are
+empty tensors of shape ``[0]`` and backward must not be called.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import torch
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def gate_count(cell: str) -> int:
+    """Number of gates ``G`` of a cell name (one of :data:`CELLS`)."""
+    try:
+        return GATES[cell]
+    except KeyError:
+        raise ValueError(f"cell must be one of {CELLS}, got {cell!r}") from None
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype states and accumulators use for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """What a backend needs to know to say whether it supports a layer call."""
+
+    cell: str
+    device_type: str  # "cpu", "cuda", ...
+    dtype: torch.dtype  # input dtype
+    input_size: int
+    hidden_size: int  # H
+    proj_size: int  # 0 when there is no projection
+    batch_size: int  # B
+    seq_len: int  # T
+    has_lengths: bool
+    needs_grad: bool
+
+
+class Saved(NamedTuple):
+    """Activations the forward keeps for backward (layout in the module docstring)."""
+
+    hs: torch.Tensor
+    aux: torch.Tensor
+    gates: torch.Tensor
+
+
+class ForwardResult(NamedTuple):
+    y: torch.Tensor  # [T, B, P], input dtype, zero past each length
+    h_n: torch.Tensor  # [B, P], state dtype
+    c_n: torch.Tensor  # [B, H] state dtype for lstm, else empty [0]
+    saved: Saved
+
+
+class BackwardResult(NamedTuple):
+    dgx: torch.Tensor  # [T, B, G*H], dtype of gx
+    dh0: torch.Tensor  # [B, P], state dtype
+    dc0: torch.Tensor | None  # [B, H] for lstm, else None
+    dw_hh: torch.Tensor  # [G*H, P], dtype of w_hh
+    db_hh: torch.Tensor | None  # [G*H] when b_hh was given, else None
+    dw_hr: torch.Tensor | None  # [P, H] when w_hr was given, else None
+
+
+class Backend(Protocol):
+    """One implementation of the recurrence. See the module docstring for the contract."""
+
+    name: str
+
+    def available(self) -> bool | str:
+        """True, or the reason this backend cannot run on this machine at all."""
+        ...
+
+    def supports(self, config: LayerConfig) -> bool | str:
+        """True, or a human-readable reason why ``config`` is not supported."""
+        ...
+
+    def forward(
+        self,
+        cell: str,
+        gx: torch.Tensor,  # [T, B, G*H]
+        h0: torch.Tensor,  # [B, P], state dtype
+        c0: torch.Tensor | None,  # [B, H], state dtype (lstm only)
+        w_hh: torch.Tensor,  # [G*H, P]
+        b_hh: torch.Tensor | None,  # [G*H]
+        w_hr: torch.Tensor | None,  # [P, H] (lstm with proj_size only)
+        lengths: torch.Tensor | None,  # [B] int64
+        reverse: bool,
+        save: bool,
+    ) -> ForwardResult: ...
+
+    def backward(
+        self,
+        cell: str,
+        saved: Saved,
+        w_hh: torch.Tensor,  # [G*H, P]
+        b_hh: torch.Tensor | None,  # [G*H]
+        w_hr: torch.Tensor | None,  # [P, H]
+        lengths: torch.Tensor | None,  # [B] int64
+        reverse: bool,
+        dy: torch.Tensor,  # [T, B, P], dtype of y
+        dh_n: torch.Tensor,  # [B, P], state dtype
+        dc_n: torch.Tensor | None,  # [B, H], state dtype (lstm only)
+    ) -> BackwardResult: ...
