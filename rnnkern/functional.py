@@ -270,7 +270,9 @@ def rnn_layer(
     elif c0 is not None:
         raise ValueError(f"c0 must be None for cell {cell!r}")
     if lengths is not None:
-        _check_tensor("lengths", lengths, (B,), lengths.device if isinstance(lengths, Tensor) else dev)
+        _check_tensor(
+            "lengths", lengths, (B,), lengths.device if isinstance(lengths, Tensor) else dev
+        )
         if lengths.dtype != torch.int64:
             raise ValueError(f"lengths must be int64, got {lengths.dtype}")
         lo, hi = int(lengths.min()), int(lengths.max())

@@ -1,0 +1,170 @@
+"""Choosing a backend for a module call: ``backend="auto"``, names, and ``RNNKERN_BACKEND``.
+
+``auto`` tries rnnkern's fused kernels in order of measured speed for the device, keeps those
+that support the configuration and are faster than torch.nn there, and otherwise runs
+torch.nn's own fused implementation (``torch``: cuDNN or oneDNN), so ``auto`` is never slower
+than the module it replaces. Where torch.nn's path cannot run (inside ``torch.compile``, where it
+would break the graph; backward in eval mode on cuDNN) and no fused kernel supports the call,
+``auto`` runs ``reference`` and warns once, saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from . import backends
+from .backends import KERNEL_BACKENDS, TORCH, BackendUnavailableError
+from .backends.base import LayerConfig
+
+ENV_VAR = "RNNKERN_BACKEND"
+
+# Fused kernels ``auto`` considers on each device type, fastest first.
+AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+
+
+@dataclass
+class Choice:
+    backend: str
+    reason: str
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"backend {self.backend!r}: {self.reason}"]
+        lines += [f"  skipped {name!r}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _torch_path_problem(config: LayerConfig, training: bool, compiling: bool) -> str | None:
+    """Why torch.nn's own fused path cannot run this call, or None."""
+    if compiling:
+        return "torch.nn's RNN ops break the graph under torch.compile"
+    if config.device_type == "cuda" and config.needs_grad and not training:
+        return "cuDNN refuses RNN backward in eval mode"
+    return None
+
+
+def _faster_than_torch(name: str, config: LayerConfig) -> bool | str:
+    backend = backends.get_backend(name)
+    judge = getattr(backend, "faster_than_torch", None)
+    if judge is None:
+        return "no measurements show it faster than torch.nn for this configuration"
+    return judge(config)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def choose(requested: str, config: LayerConfig, training: bool, compiling: bool = False) -> Choice:
+    """The backend to run ``config`` with. ``requested`` is 'auto' or a backend name; the
+    environment variable ``RNNKERN_BACKEND``, when set, overrides it. ``compiling`` says the
+    call is being traced by torch.compile."""
+    forced = os.environ.get(ENV_VAR)
+    if forced:
+        backends.check_name(forced, argument=f"environment variable {ENV_VAR}")
+        requested = forced
+    if requested == TORCH:
+        problem = _torch_path_problem(config, training, compiling)
+        if problem:
+            raise BackendUnavailableError(f"backend 'torch' cannot run this call: {problem}")
+        return Choice(TORCH, "asked for by name")
+    if requested in KERNEL_BACKENDS:
+        ok = backends.supports(requested, config)
+        if ok is not True:
+            raise BackendUnavailableError(
+                f"backend {requested!r} cannot run this configuration: {ok}"
+            )
+        return Choice(requested, "asked for by name")
+
+    skipped: dict[str, str] = {}
+    for name in AUTO_ORDER.get(config.device_type, ()):
+        ok = backends.supports(name, config)
+        if ok is not True:
+            skipped[name] = ok
+            continue
+        faster = _faster_than_torch(name, config)
+        if faster is not True:
+            skipped[name] = faster
+            continue
+        return Choice(name, "fastest fused kernel that supports this configuration", skipped)
+    problem = _torch_path_problem(config, training, compiling)
+    if problem is None:
+        return Choice(TORCH, "no rnnkern kernel is faster here; torch.nn's fused path", skipped)
+    why = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no fused kernel for this device"
+    _warn_once(
+        f"rnnkern: running the slow 'reference' backend for {config.cell} on "
+        f"{config.device_type} ({config.dtype}) because {problem} and no fused kernel "
+        f"applies ({why})"
+    )
+    return Choice("reference", f"{problem}; no fused kernel applies", skipped)
+
+
+_DTYPE_NAMES = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+}
+
+
+@torch.compiler.assume_constant_result
+def _backend_name(
+    requested: str,
+    cell: str,
+    device_type: str,
+    dtype_name: str,
+    input_size: int,
+    hidden_size: int,
+    proj_size: int,
+    batch_size: int,
+    seq_len: int,
+    has_lengths: bool,
+    needs_grad: bool,
+    training: bool,
+    compiling: bool,
+) -> str:
+    # Runs eagerly even under torch.compile (its result is a trace-time constant), so the
+    # registry's imports, the environment and the warning stay out of the graph. Plain
+    # arguments only: assume_constant_result cannot take dtypes or dataclasses.
+    config = LayerConfig(
+        cell,
+        device_type,
+        getattr(torch, dtype_name),
+        input_size,
+        hidden_size,
+        proj_size,
+        batch_size,
+        seq_len,
+        has_lengths,
+        needs_grad,
+    )
+    return choose(requested, config, training, compiling).backend
+
+
+def select(requested: str, config: LayerConfig, training: bool) -> str:
+    """The name of the backend to run ``config`` with (see :func:`choose`); safe to call
+    inside code that torch.compile traces."""
+    return _backend_name(
+        requested,
+        config.cell,
+        config.device_type,
+        _DTYPE_NAMES[config.dtype],
+        config.input_size,
+        config.hidden_size,
+        config.proj_size,
+        config.batch_size,
+        config.seq_len,
+        config.has_lengths,
+        config.needs_grad,
+        training,
+        torch.compiler.is_compiling(),
+    )

@@ -1,0 +1,796 @@
+"""Drop-in replacements for ``torch.nn.LSTM``, ``GRU``, ``RNN`` and their cells.
+
+Constructor arguments, parameter names, shapes, initialisation, gate order, accepted inputs
+(batched and unbatched tensors, ``batch_first``, PackedSequence sorted or not, optional initial
+state) and returned structures are torch.nn's, so ``load_state_dict`` works both ways. The
+extra keyword ``backend`` picks the implementation ("auto" by default; see
+:mod:`rnnkern.dispatch`).
+
+Legend: ``T`` time, ``B`` batch, ``I`` input size, ``H`` hidden size, ``P`` state size
+(``proj_size`` or ``H``), ``L`` layers, ``D`` directions (1 or 2).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import Tensor, _VF
+from torch.nn import Parameter, init
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import backends
+from .backends.base import LayerConfig, state_dtype
+from .dispatch import Choice, choose, select
+from .functional import layer_recurrence
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "explain"]
+
+_CELL = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class RNNInputError(ValueError, RuntimeError):
+    """Bad input or state for a module call.
+
+    It is both a ValueError and a RuntimeError so that code written against torch.nn, which
+    raises either for the same mistakes, keeps catching it.
+    """
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+    if value < minimum:
+        what = "greater than zero" if minimum == 1 else f"at least {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+
+
+def _shape(t: Tensor) -> list[int]:
+    return list(t.shape)
+
+
+class _RNNBase(torch.nn.Module):
+    """Shared constructor, parameters and forward of LSTM, GRU and RNN."""
+
+    def __init__(
+        self,
+        mode: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        _check_int("input_size", input_size, 1)
+        _check_int("hidden_size", hidden_size, 1)
+        _check_int("num_layers", num_layers, 1)
+        _check_int("proj_size", proj_size, 0)
+        _check_bool("bias", bias)
+        _check_bool("batch_first", batch_first)
+        _check_bool("bidirectional", bidirectional)
+        if (
+            isinstance(dropout, bool)
+            or not isinstance(dropout, numbers.Number)
+            or not 0 <= dropout <= 1
+        ):
+            raise ValueError(
+                "dropout should be a number in range [0, 1] representing the probability of "
+                f"an element being zeroed, got {dropout!r}"
+            )
+        if proj_size >= hidden_size:
+            raise ValueError(
+                f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} "
+                f"and hidden_size={hidden_size}"
+            )
+        if proj_size and mode != "LSTM":
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero "
+                f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
+                f"num_layers={num_layers}",
+                stacklevel=3,
+            )
+        if dtype is not None and dtype not in _FLOATS:
+            raise ValueError(f"dtype must be a floating dtype {_FLOATS}, got {dtype}")
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        self.backend = backends.check_name(backend)
+
+        factory = {"device": device, "dtype": dtype}
+        G = _GATES[mode]
+        P = proj_size or hidden_size
+        D = 2 if bidirectional else 1
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        # Same names, shapes and registration order as torch.nn, so that reset_parameters
+        # draws the same numbers under the same seed.
+        for layer in range(num_layers):
+            for direction in range(D):
+                layer_input = input_size if layer == 0 else P * D
+                suffix = "_reverse" if direction == 1 else ""
+                shapes = [
+                    (f"weight_ih_l{layer}{suffix}", (G * hidden_size, layer_input)),
+                    (f"weight_hh_l{layer}{suffix}", (G * hidden_size, P)),
+                ]
+                if bias:
+                    shapes += [
+                        (f"bias_ih_l{layer}{suffix}", (G * hidden_size,)),
+                        (f"bias_hh_l{layer}{suffix}", (G * hidden_size,)),
+                    ]
+                if proj_size:
+                    shapes.append((f"weight_hr_l{layer}{suffix}", (proj_size, hidden_size)))
+                for name, shape in shapes:
+                    setattr(self, name, Parameter(torch.empty(shape, **factory)))
+                self._flat_weights_names.extend(name for name, _ in shapes)
+                self._all_weights.append([name for name, _ in shapes])
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            init.uniform_(weight, -stdv, stdv)
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """Accepted for torch.nn compatibility; rnnkern keeps parameters as they are."""
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size != 0:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if self.batch_first is not False:
+            s += f", batch_first={self.batch_first}"
+        if self.dropout != 0:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional is not False:
+            s += f", bidirectional={self.bidirectional}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+    # ----------------------------------------------------------------------------- forward
+
+    @property
+    def _cell(self) -> str:
+        return _CELL[self.mode]
+
+    def _state_shapes(self, B: int) -> list[tuple[str, tuple[int, int, int]]]:
+        D = 2 if self.bidirectional else 1
+        P = self.proj_size or self.hidden_size
+        shapes = [("h_0", (self.num_layers * D, B, P))]
+        if self.mode == "LSTM":
+            shapes.append(("c_0", (self.num_layers * D, B, self.hidden_size)))
+        return shapes
+
+    def _check_input(self, x: Tensor, packed: bool) -> None:
+        w = self.weight_ih_l0
+        if not isinstance(x, Tensor):
+            raise RNNInputError(f"input must be a Tensor or PackedSequence, got {type(x).__name__}")
+        if x.dtype != w.dtype:
+            raise RNNInputError(
+                f"input dtype ({x.dtype}) does not match weight dtype ({w.dtype}). Convert "
+                f"input: input.to({w.dtype}), or convert model: model.to({x.dtype})"
+            )
+        if x.device != w.device:
+            raise RNNInputError(
+                f"input must be on the parameters' device {w.device}, got {x.device}"
+            )
+        if not packed and x.dim() not in (2, 3):
+            raise RNNInputError(
+                f"{type(self).__name__}: input must be 2-D (unbatched: [T, I]) or 3-D "
+                f"(batched), got {x.dim()}-D of shape {_shape(x)}"
+            )
+        if x.shape[-1] != self.input_size:
+            raise RNNInputError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                f"got {x.shape[-1]}"
+            )
+        if not packed and any(n == 0 for n in x.shape[:-1]):
+            raise RNNInputError(
+                f"input must have at least one time step and one batch element, got shape "
+                f"{_shape(x)}"
+            )
+
+    def _check_state(self, hx, B: int, batched: bool, x: Tensor) -> list[Tensor] | None:
+        """Validate the user's initial state; returns it as a list of 3-D tensors."""
+        if hx is None:
+            return None
+        shapes = self._state_shapes(B)
+        if self.mode == "LSTM":
+            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                raise RNNInputError(
+                    f"LSTM hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}"
+                    + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else "")
+                )
+            states = list(hx)
+        else:
+            states = [hx]
+        out = []
+        for (name, shape), t in zip(shapes, states):
+            if not isinstance(t, Tensor):
+                raise RNNInputError(f"{name} must be a Tensor, got {type(t).__name__}")
+            want_dim = 3 if batched else 2
+            if t.dim() != want_dim:
+                kind = "batched 3-D" if batched else "unbatched 2-D"
+                raise RNNInputError(
+                    f"For {kind} input, {name} must be {want_dim}-D, got {t.dim()}-D of shape "
+                    f"{_shape(t)}"
+                )
+            if not batched:
+                t = t.unsqueeze(1)
+            if tuple(t.shape) != shape:
+                expected = list(shape) if batched else [shape[0], shape[2]]
+                got = _shape(t) if batched else [t.shape[0], t.shape[2]]
+                raise RNNInputError(f"Expected {name} size {expected}, got {got}")
+            if t.dtype != x.dtype:
+                raise RNNInputError(f"{name} dtype must be {x.dtype} like the input, got {t.dtype}")
+            if t.device != x.device:
+                raise RNNInputError(f"{name} must be on device {x.device}, got {t.device}")
+            out.append(t)
+        return out
+
+    def _layer_config(self, x: Tensor, B: int, T: int, has_lengths: bool, hx) -> LayerConfig:
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad
+            or any(p.requires_grad for p in self.parameters())
+            or any(t.requires_grad for t in (hx or ()))
+        )
+        return LayerConfig(
+            self._cell,
+            x.device.type,
+            x.dtype,
+            self.input_size,
+            self.hidden_size,
+            self.proj_size,
+            B,
+            T,
+            has_lengths,
+            needs_grad,
+        )
+
+    def choose_backend(self, input, hx=None) -> Choice:
+        """Which backend a call with this input would run, and why the others were skipped."""
+        if isinstance(input, PackedSequence):
+            x, B, T, lengths = input.data, int(input.batch_sizes[0]), len(input.batch_sizes), 1
+        else:
+            x = input
+            batched = x.dim() == 3
+            B = (x.shape[0] if self.batch_first else x.shape[1]) if batched else 1
+            T = (x.shape[1] if self.batch_first else x.shape[0]) if batched else x.shape[0]
+            lengths = None
+        states = list(hx) if isinstance(hx, (tuple, list)) else ([hx] if hx is not None else [])
+        config = self._layer_config(x, B, T, lengths is not None, states)
+        return choose(self.backend, config, self.training)
+
+    def forward(self, input, hx=None):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            self._check_input(input.data, packed=True)
+            # Padded in the caller's batch order (pad_packed_sequence undoes the sort), so the
+            # initial and final states need no permutation.
+            x, lengths = pad_packed_sequence(input)
+            lengths = lengths.to(device=x.device, dtype=torch.long)
+            batched = True
+            if int(lengths.min()) == x.shape[0]:
+                lengths = None
+        else:
+            self._check_input(input, packed=False)
+            batched = input.dim() == 3
+            x = input if batched else input.unsqueeze(1 if not self.batch_first else 0)
+            if self.batch_first:
+                x = x.transpose(0, 1)
+            lengths = None
+        T, B, _ = x.shape
+        states = self._check_state(hx, B, batched, x)
+        config = self._layer_config(x, B, T, lengths is not None, states)
+        backend = select(self.backend, config, self.training)
+        if backend == backends.TORCH:
+            y, h_n = self._forward_torch(input, x, states, packed)
+        else:
+            y, h_n = self._forward_layers(x, states, lengths, backend)
+
+        if packed:
+            y_sorted = (
+                y if input.sorted_indices is None else y.index_select(1, input.sorted_indices)
+            )
+            data = pack_padded_sequence(
+                y_sorted,
+                torch.as_tensor([int(n) for n in _sorted_lengths(input)], dtype=torch.long),
+                enforce_sorted=True,
+            ).data
+            out = PackedSequence(
+                data, input.batch_sizes, input.sorted_indices, input.unsorted_indices
+            )
+        else:
+            if self.batch_first:
+                y = y.transpose(0, 1)
+            out = y if batched else y.squeeze(1 if not self.batch_first else 0)
+            if not batched:
+                h_n = tuple(t.squeeze(1) for t in h_n)
+        return out, (h_n if self.mode == "LSTM" else h_n[0])
+
+    def _forward_layers(
+        self, x: Tensor, states: list[Tensor] | None, lengths: Tensor | None, backend: str
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """All layers and directions through the per-layer op. ``x`` is ``[T, B, I]``."""
+        T, B, _ = x.shape
+        acc = state_dtype(x.dtype)
+        D = 2 if self.bidirectional else 1
+        P = self.proj_size or self.hidden_size
+        lstm = self.mode == "LSTM"
+        if states is None:
+            h0 = x.new_zeros(self.num_layers * D, B, P, dtype=acc)
+            c0 = x.new_zeros(self.num_layers * D, B, self.hidden_size, dtype=acc) if lstm else None
+        else:
+            h0 = states[0].to(acc)
+            c0 = states[1].to(acc) if lstm else None
+        h_finals, c_finals = [], []
+        layer_in = x
+        for layer in range(self.num_layers):
+            outs = []
+            for direction in range(D):
+                k = layer * D + direction
+                names = self._all_weights[k]
+                w_ih, w_hh = getattr(self, names[0]), getattr(self, names[1])
+                b_ih = getattr(self, names[2]) if self.bias else None
+                b_hh = getattr(self, names[3]) if self.bias else None
+                w_hr = getattr(self, names[-1]) if self.proj_size else None
+                gx = torch.nn.functional.linear(layer_in, w_ih, b_ih).contiguous()
+                y, h_n, c_n = layer_recurrence(
+                    self._cell,
+                    gx,
+                    h0[k].contiguous(),
+                    c0[k].contiguous() if lstm else None,
+                    w_hh.contiguous(),
+                    b_hh,
+                    w_hr.contiguous() if w_hr is not None else None,
+                    lengths,
+                    direction == 1,
+                    backend,
+                )
+                outs.append(y)
+                h_finals.append(h_n)
+                if lstm:
+                    c_finals.append(c_n)
+            layer_in = outs[0] if D == 1 else torch.cat(outs, dim=2)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_in = torch.nn.functional.dropout(layer_in, self.dropout, training=True)
+        h_n = torch.stack(h_finals).to(x.dtype)
+        finals = (h_n, torch.stack(c_finals).to(x.dtype)) if lstm else (h_n,)
+        return layer_in, finals
+
+    def _forward_torch(
+        self, input, x: Tensor, states: list[Tensor] | None, packed: bool
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """torch.nn's own fused implementation (cuDNN / oneDNN), for ``backend="torch"``.
+
+        Returns ``y [T, B, D*P]`` padded in the caller's batch order and the final states.
+        """
+        T, B, _ = x.shape
+        D = 2 if self.bidirectional else 1
+        P = self.proj_size or self.hidden_size
+        if states is None:
+            states = [x.new_zeros(self.num_layers * D, B, P)]
+            if self.mode == "LSTM":
+                states.append(x.new_zeros(self.num_layers * D, B, self.hidden_size))
+        args = (
+            self._flat_weights,
+            self.bias,
+            self.num_layers,
+            self.dropout,
+            self.training,
+            self.bidirectional,
+        )
+        impl = {
+            "LSTM": _VF.lstm,
+            "GRU": _VF.gru,
+            "RNN_TANH": _VF.rnn_tanh,
+            "RNN_RELU": _VF.rnn_relu,
+        }[self.mode]
+        hx = tuple(states) if self.mode == "LSTM" else states[0]
+        if packed:
+            if input.sorted_indices is not None:
+                hx = (
+                    tuple(t.index_select(1, input.sorted_indices) for t in hx)
+                    if self.mode == "LSTM"
+                    else hx.index_select(1, input.sorted_indices)
+                )
+            result = impl(input.data, input.batch_sizes, hx, *args)
+            data, finals = result[0], result[1:]
+            if input.unsorted_indices is not None:
+                finals = tuple(t.index_select(1, input.unsorted_indices) for t in finals)
+            y, _ = pad_packed_sequence(
+                PackedSequence(
+                    data, input.batch_sizes, input.sorted_indices, input.unsorted_indices
+                )
+            )
+            return y, tuple(finals)
+        result = impl(x, hx, *args, False)
+        return result[0], tuple(result[1:])
+
+
+def _sorted_lengths(packed: PackedSequence) -> list[int]:
+    """Lengths of a PackedSequence's sequences in its sorted (decreasing) order."""
+    sizes = packed.batch_sizes.tolist()
+    B = sizes[0]
+    return [sum(1 for s in sizes if s > b) for b in range(B)]
+
+
+class LSTM(_RNNBase):
+    """Drop-in ``torch.nn.LSTM``: same arguments, parameters and outputs, plus ``backend``."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            "LSTM",
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            proj_size,
+            device,
+            dtype,
+            backend,
+        )
+
+
+class GRU(_RNNBase):
+    """Drop-in ``torch.nn.GRU``: same arguments, parameters and outputs, plus ``backend``."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            "GRU",
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            0,
+            device,
+            dtype,
+            backend,
+        )
+
+
+class RNN(_RNNBase):
+    """Drop-in ``torch.nn.RNN`` (Elman, tanh or relu), plus ``backend``."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(
+                f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
+        self.nonlinearity = nonlinearity
+        super().__init__(
+            "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU",
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            0,
+            device,
+            dtype,
+            backend,
+        )
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", nonlinearity={self.nonlinearity!r}" if self.nonlinearity != "tanh" else "")
+
+
+# ------------------------------------------------------------------------------------ cells
+
+
+class _CellBase(torch.nn.Module):
+    def __init__(
+        self,
+        cell: str,
+        input_size: int,
+        hidden_size: int,
+        bias: bool,
+        device=None,
+        dtype=None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        _check_int("input_size", input_size, 1)
+        _check_int("hidden_size", hidden_size, 1)
+        _check_bool("bias", bias)
+        if dtype is not None and dtype not in _FLOATS:
+            raise ValueError(f"dtype must be a floating dtype {_FLOATS}, got {dtype}")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.backend = backends.check_name(backend)
+        self._cell = cell
+        G = {"lstm": 4, "gru": 3}.get(cell, 1)
+        factory = {"device": device, "dtype": dtype}
+        self.weight_ih = Parameter(torch.empty((G * hidden_size, input_size), **factory))
+        self.weight_hh = Parameter(torch.empty((G * hidden_size, hidden_size), **factory))
+        if bias:
+            self.bias_ih = Parameter(torch.empty(G * hidden_size, **factory))
+            self.bias_hh = Parameter(torch.empty(G * hidden_size, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            init.uniform_(weight, -stdv, stdv)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if getattr(self, "nonlinearity", "tanh") != "tanh":
+            s += f", nonlinearity={self.nonlinearity}"
+        return s
+
+    def _prepare(self, input: Tensor, hx, n_states: int) -> tuple[Tensor, list[Tensor], bool]:
+        name = type(self).__name__
+        w = self.weight_ih
+        if not isinstance(input, Tensor):
+            raise RNNInputError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise RNNInputError(
+                f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead"
+            )
+        if input.dtype != w.dtype:
+            raise RNNInputError(
+                f"{name}: input dtype ({input.dtype}) does not match weight dtype ({w.dtype})"
+            )
+        if input.device != w.device:
+            raise RNNInputError(f"{name}: input must be on device {w.device}, got {input.device}")
+        if input.shape[-1] != self.input_size:
+            raise RNNInputError(
+                f"{name}: input has inconsistent input_size: got {input.shape[-1]} expected "
+                f"{self.input_size}"
+            )
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        B = x.shape[0]
+        if B == 0:
+            raise RNNInputError(f"{name}: input must have at least one batch element")
+        if hx is None:
+            states = [x.new_zeros(B, self.hidden_size) for _ in range(n_states)]
+        else:
+            given = list(hx) if n_states == 2 else [hx]
+            if n_states == 2 and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                raise RNNInputError(f"{name}: hx must be a tuple (h, c) of two tensors")
+            states = []
+            for i, t in enumerate(given):
+                label = f"hx[{i}]" if n_states == 2 else "hx"
+                if not isinstance(t, Tensor):
+                    raise RNNInputError(f"{name}: {label} must be a Tensor, got {type(t).__name__}")
+                if t.dim() != input.dim():
+                    raise RNNInputError(
+                        f"{name}: Expected {label} to be {input.dim()}D like the input, got "
+                        f"{t.dim()}D instead"
+                    )
+                t = t if batched else t.unsqueeze(0)
+                if tuple(t.shape) != (B, self.hidden_size):
+                    raise RNNInputError(
+                        f"{name}: {label} must have shape {[B, self.hidden_size]}, got {_shape(t)}"
+                    )
+                if t.dtype != x.dtype or t.device != x.device:
+                    raise RNNInputError(
+                        f"{name}: {label} must be {x.dtype} on {x.device} like the input, got "
+                        f"{t.dtype} on {t.device}"
+                    )
+                states.append(t)
+        return x, states, batched
+
+    def _run(self, x: Tensor, states: list[Tensor]) -> tuple[Tensor, ...]:
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad
+            or any(p.requires_grad for p in self.parameters())
+            or any(t.requires_grad for t in states)
+        )
+        config = LayerConfig(
+            self._cell,
+            x.device.type,
+            x.dtype,
+            self.input_size,
+            self.hidden_size,
+            0,
+            x.shape[0],
+            1,
+            False,
+            needs_grad,
+        )
+        backend = select(self.backend, config, self.training)
+        if backend == backends.TORCH:
+            args = (
+                x,
+                states[0] if len(states) == 1 else tuple(states),
+                self.weight_ih,
+                self.weight_hh,
+                self.bias_ih,
+                self.bias_hh,
+            )
+            if self._cell == "lstm":
+                return tuple(_VF.lstm_cell(*args))
+            impl = {
+                "gru": _VF.gru_cell,
+                "rnn_tanh": _VF.rnn_tanh_cell,
+                "rnn_relu": _VF.rnn_relu_cell,
+            }[self._cell]
+            return (impl(*args),)
+        acc = state_dtype(x.dtype)
+        gx = torch.nn.functional.linear(x, self.weight_ih, self.bias_ih).unsqueeze(0)
+        _, h, c = layer_recurrence(
+            self._cell,
+            gx.contiguous(),
+            states[0].to(acc).contiguous(),
+            states[1].to(acc).contiguous() if self._cell == "lstm" else None,
+            self.weight_hh.contiguous(),
+            self.bias_hh,
+            None,
+            None,
+            False,
+            backend,
+        )
+        return (h.to(x.dtype), c.to(x.dtype)) if self._cell == "lstm" else (h.to(x.dtype),)
+
+
+class LSTMCell(_CellBase):
+    """Drop-in ``torch.nn.LSTMCell``, plus ``backend``."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__("lstm", input_size, hidden_size, bias, device, dtype, backend)
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
+        x, states, batched = self._prepare(input, hx, 2)
+        h, c = self._run(x, states)
+        return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
+
+
+class GRUCell(_CellBase):
+    """Drop-in ``torch.nn.GRUCell``, plus ``backend``."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__("gru", input_size, hidden_size, bias, device, dtype, backend)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        x, states, batched = self._prepare(input, hx, 1)
+        (h,) = self._run(x, states)
+        return h if batched else h.squeeze(0)
+
+
+class RNNCell(_CellBase):
+    """Drop-in ``torch.nn.RNNCell`` (tanh or relu), plus ``backend``."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        nonlinearity: str = "tanh",
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(
+                f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
+        self.nonlinearity = nonlinearity
+        super().__init__(
+            f"rnn_{nonlinearity}", input_size, hidden_size, bias, device, dtype, backend
+        )
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        x, states, batched = self._prepare(input, hx, 1)
+        (h,) = self._run(x, states)
+        return h if batched else h.squeeze(0)
+
+
+def explain(module: torch.nn.Module, input, hx=None) -> str:
+    """Which backend ``module(input, hx)`` would run, and why the others were skipped."""
+    if not isinstance(module, _RNNBase):
+        raise TypeError(f"module must be an rnnkern LSTM, GRU or RNN, got {type(module).__name__}")
+    return str(module.choose_backend(input, hx))
