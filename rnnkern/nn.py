@@ -17,7 +17,7 @@ import numbers
 import warnings
 
 import torch
-from torch import Tensor, _VF
+from torch import _VF, Tensor
 from torch.nn import Parameter, init
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -241,7 +241,7 @@ class _RNNBase(torch.nn.Module):
         else:
             states = [hx]
         out = []
-        for (name, shape), t in zip(shapes, states):
+        for (name, shape), t in zip(shapes, states, strict=True):
             if not isinstance(t, Tensor):
                 raise RNNInputError(f"{name} must be a Tensor, got {type(t).__name__}")
             want_dim = 3 if batched else 2
