@@ -36,6 +36,8 @@ empty tensors of shape ``[0]`` and backward must not be called.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -56,6 +58,30 @@ def gate_count(cell: str) -> int:
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype states and accumulators use for inputs of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_poison = False
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A fresh output buffer. Backends allocate through this so that tests can fill every
+    fresh allocation with NaN (:func:`poison_allocations`) and an element a kernel never
+    writes fails loudly instead of reading as a plausible zero."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if _poison and t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
+
+
+@contextlib.contextmanager
+def poison_allocations() -> Iterator[None]:
+    """Within the block, :func:`empty` returns NaN-filled buffers (a test aid)."""
+    global _poison
+    before, _poison = _poison, True
+    try:
+        yield
+    finally:
+        _poison = before
 
 
 @dataclass(frozen=True)

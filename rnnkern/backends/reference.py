@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import BackwardResult, ForwardResult, LayerConfig, Saved, gate_count, state_dtype
+from .base import (
+    BackwardResult,
+    ForwardResult,
+    LayerConfig,
+    Saved,
+    empty,
+    gate_count,
+    state_dtype,
+)
 
 
 def reversed_time_index(lengths: torch.Tensor | None, T: int, B: int, device) -> torch.Tensor:
@@ -69,16 +77,16 @@ class ReferenceBackend:
         H = w.shape[0] // gate_count(cell)
         P = w.shape[1]
 
-        y = torch.zeros(T, B, P, dtype=acc, device=gx.device)
-        hs = torch.empty(T + 1, B, P, dtype=acc, device=gx.device) if save else None
+        y = empty((T, B, P), acc, gx.device)
+        hs = empty((T + 1, B, P), acc, gx.device) if save else None
         aux = None
         gates = None
         if save and cell == "lstm":
-            aux = torch.empty(T + 1, B, H, dtype=acc, device=gx.device)
-            gates = torch.empty(T, B, 4 * H, dtype=acc, device=gx.device)
+            aux = empty((T + 1, B, H), acc, gx.device)
+            gates = empty((T, B, 4 * H), acc, gx.device)
         elif save and cell == "gru":
-            aux = torch.empty(T, B, H, dtype=acc, device=gx.device)
-            gates = torch.empty(T, B, 3 * H, dtype=acc, device=gx.device)
+            aux = empty((T, B, H), acc, gx.device)
+            gates = empty((T, B, 3 * H), acc, gx.device)
 
         h = h0.to(acc)
         c = c0.to(acc) if cell == "lstm" else None
@@ -157,11 +165,11 @@ class ReferenceBackend:
             dy = _gather_time(dy, index)
         valid = _valid_mask(lengths, T, dy.device)
 
-        dgx = torch.empty(T, B, G * H, dtype=acc, device=dy.device)
+        dgx = empty((T, B, G * H), acc, dy.device)
         # The gradient of the recurrent pre-activation W_hh h + b_hh. It equals dgx except for
         # the GRU's n gate, where the hidden part is scaled by r.
-        dgh = dgx if cell != "gru" else torch.empty_like(dgx)
-        dh_proj = torch.empty(T, B, P, dtype=acc, device=dy.device) if wr is not None else None
+        dgh = dgx if cell != "gru" else empty((T, B, G * H), acc, dy.device)
+        dh_proj = empty((T, B, P), acc, dy.device) if wr is not None else None
 
         dh = dh_n.to(acc).clone()
         dc = dc_n.to(acc).clone() if cell == "lstm" else None

@@ -1,0 +1,121 @@
+"""torch.compile(fullgraph=True) through rnnkern modules, and backend selection rules."""
+
+import warnings
+
+import pytest
+import torch
+
+import rnnkern
+from rnnkern import dispatch
+from rnnkern.backends.base import LayerConfig
+
+
+def _outputs(out):
+    y, h = out
+    return [y, *(h if isinstance(h, tuple) else (h,))]
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_compile_fullgraph_forward_backward(kind):
+    torch.manual_seed(0)
+    kw = dict(proj_size=3) if kind == "LSTM" else {}
+    m = getattr(rnnkern, kind)(4, 6, num_layers=2, bidirectional=True, **kw)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 2, 4, requires_grad=True)
+    gens = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        outs_c = _outputs(compiled(x))
+    upstream = [torch.randn(o.shape, generator=gens) for o in outs_c]
+    sum((o * g).sum() for o, g in zip(outs_c, upstream, strict=True)).backward()
+    grads_c = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+    x.grad = None
+    m.zero_grad()
+    m.backend = "reference"
+    outs_e = _outputs(m(x))
+    sum((o * g).sum() for o, g in zip(outs_e, upstream, strict=True)).backward()
+    grads_e = [x.grad] + [p.grad for p in m.parameters()]
+    # Same op, same backend, same order of operations: only the graph around it differs.
+    for a, b in zip(outs_c + grads_c, outs_e + grads_e, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _config(**over):
+    base = dict(
+        cell="lstm",
+        device_type="cpu",
+        dtype=torch.float32,
+        input_size=4,
+        hidden_size=8,
+        proj_size=0,
+        batch_size=2,
+        seq_len=3,
+        has_lengths=False,
+        needs_grad=True,
+    )
+    base.update(over)
+    return LayerConfig(**base)
+
+
+def test_auto_prefers_torch_path_when_no_kernel_is_faster(monkeypatch):
+    monkeypatch.setattr(dispatch, "AUTO_ORDER", {"cpu": ()})
+    choice = dispatch.choose("auto", _config(), training=True)
+    assert choice.backend == "torch"
+
+
+def test_auto_under_compile_without_kernel_warns_once(monkeypatch):
+    monkeypatch.setattr(dispatch, "AUTO_ORDER", {"cpu": ()})
+    monkeypatch.setattr(dispatch, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="slow 'reference' backend.*torch.compile"):
+        choice = dispatch.choose("auto", _config(), training=True, compiling=True)
+    assert choice.backend == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dispatch.choose("auto", _config(), training=True, compiling=True)
+
+
+def test_eval_backward_on_cuda_avoids_cudnn(monkeypatch):
+    monkeypatch.setattr(dispatch, "AUTO_ORDER", {"cuda": ()})
+    monkeypatch.setattr(dispatch, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="eval mode"):
+        choice = dispatch.choose("auto", _config(device_type="cuda"), training=False)
+    assert choice.backend == "reference"
+
+
+def test_environment_variable_forces_backend(monkeypatch):
+    monkeypatch.setenv("RNNKERN_BACKEND", "reference")
+    assert dispatch.choose("torch", _config(), training=True).backend == "reference"
+    monkeypatch.setenv("RNNKERN_BACKEND", "warp")
+    with pytest.raises(ValueError, match="RNNKERN_BACKEND.*got 'warp'"):
+        dispatch.choose("auto", _config(), training=True)
+
+
+def test_environment_variable_reaches_module(monkeypatch):
+    m = rnnkern.GRU(3, 4)
+    x = torch.randn(2, 1, 3)
+    monkeypatch.setenv("RNNKERN_BACKEND", "reference")
+    assert "backend 'reference'" in rnnkern.explain(m, x)
+    monkeypatch.setenv("RNNKERN_BACKEND", "torch")
+    assert "backend 'torch'" in rnnkern.explain(m, x)
+
+
+def test_torch_backend_by_name_under_compile_is_an_error():
+    with pytest.raises(rnnkern.BackendUnavailableError, match="torch.compile"):
+        dispatch.choose("torch", _config(), training=True, compiling=True)
+
+
+def test_available_backends_lists_reference_and_torch():
+    names = rnnkern.available_backends("cpu")
+    assert "reference" in names and "torch" in names
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_named_backends_agree(backend):
+    torch.manual_seed(3)
+    m = rnnkern.LSTM(3, 5, num_layers=2, backend=backend)
+    ref = rnnkern.LSTM(3, 5, num_layers=2, backend="reference")
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(4, 2, 3)
+    for a, b in zip(_outputs(m(x)), _outputs(ref(x)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,176 @@
+"""Bad arguments and inputs raise errors that name the argument, what was expected and what came.
+
+rnnkern rejects at least everything torch.nn rejects: each case first checks that torch.nn
+raises too (or documents where rnnkern is stricter).
+"""
+
+import pytest
+import torch
+
+import rnnkern
+from rnnkern.functional import rnn_layer
+
+CTOR_CASES = [
+    # (kwargs, exception, words the message must contain)
+    (dict(input_size=0, hidden_size=4), ValueError, ["input_size", "greater than zero", "0"]),
+    (dict(input_size=3, hidden_size=-2), ValueError, ["hidden_size", "-2"]),
+    (dict(input_size=3, hidden_size=4, num_layers=0), ValueError, ["num_layers", "0"]),
+    (dict(input_size=3.0, hidden_size=4), TypeError, ["input_size", "int", "float"]),
+    (dict(input_size=3, hidden_size=4, dropout=1.5), ValueError, ["dropout", "[0, 1]", "1.5"]),
+    (dict(input_size=3, hidden_size=4, dropout=-0.1), ValueError, ["dropout", "-0.1"]),
+    (dict(input_size=3, hidden_size=4, dropout=True), ValueError, ["dropout", "True"]),
+    (dict(input_size=3, hidden_size=4, bias=1), TypeError, ["bias", "bool", "int"]),
+    (dict(input_size=3, hidden_size=4, batch_first="yes"), TypeError, ["batch_first", "str"]),
+    (dict(input_size=3, hidden_size=4, proj_size=4), ValueError, ["proj_size", "hidden_size", "4"]),
+    (dict(input_size=3, hidden_size=4, proj_size=-1), ValueError, ["proj_size", "-1"]),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,words", CTOR_CASES)
+def test_lstm_constructor_errors(kwargs, exc, words):
+    with pytest.raises((ValueError, TypeError)):
+        torch.nn.LSTM(**kwargs)
+    with pytest.raises(exc) as info:
+        rnnkern.LSTM(**kwargs)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_unknown_nonlinearity_and_backend():
+    with pytest.raises(ValueError, match="nonlinearity.*'sigmoid'.*tanh.*relu"):
+        rnnkern.RNN(3, 4, nonlinearity="sigmoid")
+    with pytest.raises(ValueError, match="nonlinearity.*'gelu'"):
+        rnnkern.RNNCell(3, 4, nonlinearity="gelu")
+    with pytest.raises(
+        ValueError, match="backend must be 'auto' or one of .*'reference'.*got 'fast'"
+    ):
+        rnnkern.GRU(3, 4, backend="fast")
+
+
+def test_proj_size_only_for_lstm():
+    with pytest.raises(TypeError):
+        rnnkern.GRU(3, 4, proj_size=2)  # not an argument of GRU, as in torch.nn's signature
+    with pytest.raises(ValueError):
+        torch.nn.GRU(3, 4, proj_size=2)
+
+
+@pytest.fixture
+def lstm():
+    return rnnkern.LSTM(3, 5, num_layers=2, backend="reference")
+
+
+@pytest.fixture
+def torch_lstm():
+    return torch.nn.LSTM(3, 5, num_layers=2)
+
+
+INPUT_CASES = [
+    # (input, hx, words)
+    (lambda: torch.randn(4, 2, 3, 1), None, ["input", "2-D", "3-D", "4-D"]),
+    (lambda: torch.randn(3), None, ["input", "1-D"]),
+    (lambda: torch.randn(4, 2, 6), None, ["input_size", "Expected 3", "got 6"]),
+    (lambda: torch.randn(4, 2, 3, dtype=torch.float64), None, ["dtype", "float64", "float32"]),
+    (lambda: torch.randn(4, 2, 3), lambda: (torch.zeros(2, 2, 5),), ["hx", "tuple", "length 1"]),
+    (
+        lambda: torch.randn(4, 2, 3),
+        lambda: (torch.zeros(2, 3, 5), torch.zeros(2, 2, 5)),
+        ["h_0", "[2, 2, 5]", "[2, 3, 5]"],
+    ),
+    (
+        lambda: torch.randn(4, 2, 3),
+        lambda: (torch.zeros(2, 2, 5), torch.zeros(2, 2, 4)),
+        ["c_0", "[2, 2, 5]", "[2, 2, 4]"],
+    ),
+    (
+        lambda: torch.randn(4, 2, 3),
+        lambda: (torch.zeros(2, 5), torch.zeros(2, 2, 5)),
+        ["h_0", "3-D", "2-D"],
+    ),
+    (
+        lambda: torch.randn(4, 3),
+        lambda: (torch.zeros(2, 1, 5), torch.zeros(2, 1, 5)),
+        ["h_0", "2-D", "3-D"],
+    ),
+    (
+        lambda: torch.randn(4, 2, 3),
+        lambda: (torch.zeros(1, 2, 5), torch.zeros(2, 2, 5)),
+        ["h_0", "[2, 2, 5]", "[1, 2, 5]"],
+    ),
+]
+
+
+@pytest.mark.parametrize("make_input,make_hx,words", INPUT_CASES)
+def test_forward_input_errors(lstm, torch_lstm, make_input, make_hx, words):
+    x = make_input()
+    hx = make_hx() if make_hx else None
+    # torch.nn rejects each of these too (a 1-tuple hx crashes it with an IndexError).
+    with pytest.raises((ValueError, RuntimeError, TypeError, IndexError)):
+        torch_lstm(x, hx)
+    with pytest.raises((ValueError, RuntimeError, TypeError)) as info:
+        lstm(x, hx)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_state_dtype_must_match_input(lstm):
+    x = torch.randn(4, 2, 3)
+    hx = (torch.zeros(2, 2, 5, dtype=torch.float64), torch.zeros(2, 2, 5))
+    with pytest.raises(ValueError, match="h_0 dtype must be torch.float32 .* got torch.float64"):
+        lstm(x, hx)
+
+
+def test_errors_are_value_and_runtime_errors(lstm):
+    """torch.nn raises RuntimeError for some of these and ValueError for others; rnnkern's
+    error is both, so callers' except clauses written for torch.nn keep working."""
+    with pytest.raises(RuntimeError):
+        lstm(torch.randn(4, 2, 7))
+    with pytest.raises(ValueError):
+        lstm(torch.randn(4, 2, 7))
+
+
+def test_empty_sequence_rejected(lstm):
+    with pytest.raises(ValueError, match="at least one time step.*\\[0, 2, 3\\]"):
+        lstm(torch.randn(0, 2, 3))
+
+
+def test_gru_hx_shape(lstm):
+    gru = rnnkern.GRU(3, 5, backend="reference")
+    with pytest.raises(ValueError, match=r"h_0 size \[1, 2, 5\], got \[1, 2, 4\]"):
+        gru(torch.randn(4, 2, 3), torch.zeros(1, 2, 4))
+
+
+@pytest.mark.parametrize("cls", [rnnkern.LSTMCell, rnnkern.GRUCell, rnnkern.RNNCell])
+def test_cell_errors(cls):
+    cell = cls(3, 4, backend="reference")
+    with pytest.raises(ValueError, match="Expected input to be 1D or 2D, got 3D"):
+        cell(torch.randn(2, 2, 3))
+    with pytest.raises(ValueError, match="input_size: got 5 expected 3"):
+        cell(torch.randn(2, 5))
+    hx = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match=r"shape \[2, 4\], got \[3, 4\]"):
+        cell(torch.randn(2, 3), (hx, hx) if cls is rnnkern.LSTMCell else hx)
+
+
+def test_functional_errors():
+    x = torch.randn(3, 2, 4)
+    w_ih, w_hh = torch.randn(8, 4), torch.randn(8, 2)
+    h0 = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="cell must be one of"):
+        rnn_layer("lstmx", x, h0, None, w_ih, w_hh)
+    with pytest.raises(ValueError, match=r"w_ih must have shape \[8, 4\], got \[8, 5\]"):
+        rnn_layer("rnn_tanh", x, torch.zeros(2, 8), None, torch.randn(8, 5), torch.randn(8, 8))
+    with pytest.raises(ValueError, match=r"c0 must have shape \[2, 2\]"):
+        rnn_layer("lstm", x, h0, torch.zeros(3, 2), w_ih, w_hh)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, 3\], got values in \[0, 3\]"):
+        rnn_layer("lstm", x, h0, torch.zeros(2, 2), w_ih, w_hh, lengths=torch.tensor([3, 0]))
+    with pytest.raises(ValueError, match="x must be a 3-D tensor"):
+        rnn_layer("lstm", x[0], h0, torch.zeros(2, 2), w_ih, w_hh)
+
+
+def test_backend_by_name_that_cannot_run_says_why():
+    m = rnnkern.LSTM(3, 4, backend="cpu")
+    x = torch.randn(2, 1, 3)
+    if "cpu" in rnnkern.available_backends("cpu"):
+        pytest.skip("the cpu backend is built here; covered by test_backend_cpu")
+    with pytest.raises(rnnkern.BackendUnavailableError, match="backend 'cpu'"):
+        m(x)
