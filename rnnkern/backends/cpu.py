@@ -1,0 +1,186 @@
+"""Backend ``cpu``: fused C++ recurrences (``csrc/cpu``, module ``rnnkern._cpu``).
+
+The forward runs all ``T`` steps of a layer in one call: one OpenMP parallel region, each thread
+owning a range of hidden units (all their gates), one barrier per step. Per step it does the
+recurrent product ``h @ W_hhᵀ`` with register-tiled vector code and the cell's pointwise update
+in the same pass. The backward runs the sequential part of BPTT the same way (``dgx``, ``dh0``,
+``dc0``); the weight gradients ``dW_hh = Σ dghᵀ h``, ``db_hh`` and ``dW_hr`` are each one large
+GEMM over all ``T·B`` rows afterwards, done by torch.
+
+Instruction sets are chosen at run time (AVX-512, AVX2+FMA or portable vectors; the
+environment variable ``RNNKERN_CPU_ISA`` or :func:`rnnkern._cpu.set_isa` forces one).
+
+float32 and float64 run natively; float16 and bfloat16 inputs are converted to float32 (the
+state dtype) around the kernel, which is what the contract's float32 accumulation asks anyway.
+
+Legend: ``T`` time, ``B`` batch, ``H`` hidden, ``P`` state size (proj_size or H), ``G`` gates.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .base import BackwardResult, ForwardResult, LayerConfig, Saved, gate_count, state_dtype
+from .reference import _gather_time, reversed_time_index
+
+try:
+    from .. import _cpu
+except ImportError as err:  # the extension is optional; available() explains how to build it
+    _cpu = None
+    _IMPORT_ERROR = str(err)
+else:
+    _IMPORT_ERROR = ""
+
+_CELL_CODE = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+# Debug switch for tests: fill every buffer the kernels write with NaN before the call, so an
+# element a kernel forgets to write shows up as NaN instead of stale memory.
+POISON = os.environ.get("RNNKERN_POISON", "") == "1"
+
+
+def build_hint() -> str:
+    return (
+        "the C++ extension rnnkern._cpu is not built"
+        + (f" ({_IMPORT_ERROR})" if _IMPORT_ERROR else "")
+        + "; build it with `pip install .` (or `pip install -e .`) on a machine with a C++17 "
+        "compiler (g++ >= 9 or clang >= 10) and OpenMP"
+    )
+
+
+def _alloc(shape, dtype) -> torch.Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype)
+    return torch.empty(shape, dtype=dtype)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _work(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` as a contiguous CPU tensor of the kernel's element type."""
+    return None if t is None else t.to(dtype).contiguous()
+
+
+class CPUBackend:
+    name = "cpu"
+
+    def available(self) -> bool | str:
+        return True if _cpu is not None else build_hint()
+
+    def supports(self, config: LayerConfig) -> bool | str:
+        if config.cell not in _CELL_CODE:
+            return f"unknown cell {config.cell!r}"
+        if config.device_type != "cpu":
+            return f"backend 'cpu' runs on CPU tensors, got device type {config.device_type!r}"
+        if config.dtype not in _DTYPES:
+            return f"backend 'cpu' supports float32/64 and float16/bfloat16, got {config.dtype}"
+        return True
+
+    def _check(self, gx: torch.Tensor) -> None:
+        if _cpu is None:
+            raise RuntimeError(build_hint())
+        if gx.device.type != "cpu":
+            raise ValueError(f"backend 'cpu' needs CPU tensors, got gx on {gx.device}")
+        if gx.dtype not in _DTYPES:
+            raise ValueError(f"backend 'cpu' does not support dtype {gx.dtype}")
+
+    def forward(self, cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save) -> ForwardResult:
+        """Shapes and layout: see :mod:`rnnkern.backends.base`."""
+        self._check(gx)
+        T, B, GH = gx.shape
+        S = state_dtype(gx.dtype)
+        H = GH // gate_count(cell)
+        P = w_hh.shape[1]
+        lstm, gru = cell == "lstm", cell == "gru"
+        gx_w, w_w, b_w, wr_w = (_work(t, S) for t in (gx, w_hh, b_hh, w_hr))
+        h0_w, c0_w = _work(h0, S), _work(c0, S) if lstm else None
+        lens = None if lengths is None else lengths.to(torch.int64).contiguous()
+
+        y = _alloc((T, B, P), S)
+        h_n = _alloc((B, P), S)
+        c_n = _alloc((B, H), S) if lstm else torch.empty(0, dtype=S)
+        steps = T + 1 if save else 2  # without save, h (and c) live in a 2-slot ring
+        hs = _alloc((steps, B, P), S)
+        if lstm:
+            aux = _alloc((steps, B, H), S)
+        elif gru and save:
+            aux = _alloc((T, B, H), S)
+        else:
+            aux = torch.empty(0, dtype=S)
+        gates = _alloc((T, B, GH), S) if save and (lstm or gru) else torch.empty(0, dtype=S)
+        gh = _alloc((B, GH), S)
+        m = _alloc((B, H), S) if wr_w is not None else None
+
+        _cpu.layer_forward(
+            S.itemsize, _CELL_CODE[cell], T, B, H, P,
+            _ptr(gx_w), _ptr(h0_w), _ptr(c0_w), _ptr(w_w), _ptr(b_w), _ptr(wr_w), _ptr(lens),
+            bool(reverse), bool(save),
+            _ptr(y), _ptr(h_n), _ptr(c_n), _ptr(hs), _ptr(aux), _ptr(gates), _ptr(gh), _ptr(m),
+        )  # fmt: skip
+        if save:
+            saved = Saved(hs, aux, gates)
+        else:
+            empty = torch.empty(0, dtype=S)
+            saved = Saved(empty, empty, empty)
+        return ForwardResult(y.to(gx.dtype), h_n, c_n, saved)
+
+    def backward(
+        self, cell, saved, w_hh, b_hh, w_hr, lengths, reverse, dy, dh_n, dc_n
+    ) -> BackwardResult:
+        """Shapes and layout: see :mod:`rnnkern.backends.base`."""
+        self._check(dy)
+        hs, aux, gates = saved
+        T, B, P = dy.shape
+        S = state_dtype(dy.dtype)
+        G = gate_count(cell)
+        GH = w_hh.shape[0]
+        H = GH // G
+        lstm, gru = cell == "lstm", cell == "gru"
+        proj = w_hr is not None
+        w_t = w_hh.to(S).t().contiguous()  # [P, G*H]: dh_prev = dpre @ W_hh reads rows of Wᵀ
+        wr_t = w_hr.to(S).t().contiguous() if proj else None  # [H, P]
+        dy_w, dh_w = _work(dy, S), _work(dh_n, S)
+        dc_w = _work(dc_n, S) if lstm else None
+        lens = None if lengths is None else lengths.to(torch.int64).contiguous()
+        hs, aux, gates = (t.contiguous() for t in (hs, aux, gates))
+
+        dgx = _alloc((T, B, GH), S)
+        dgh = _alloc((T, B, GH), S) if gru else None
+        dh_proj = _alloc((T, B, P), S) if proj else None
+        dh0 = _alloc((B, P), S)
+        dc0 = _alloc((B, H), S) if lstm else None
+        ring, dht, dpre = _alloc((2, B, P), S), _alloc((B, P), S), _alloc((B, GH), S)
+        dm = _alloc((B, H), S) if proj else None
+
+        _cpu.layer_backward(
+            S.itemsize, _CELL_CODE[cell], T, B, H, P,
+            _ptr(hs), _ptr(aux), _ptr(gates), _ptr(w_t), _ptr(wr_t), _ptr(lens), bool(reverse),
+            _ptr(dy_w), _ptr(dh_w), _ptr(dc_w),
+            _ptr(dgx), _ptr(dgh), _ptr(dh_proj), _ptr(dh0), _ptr(dc0),
+            _ptr(ring), _ptr(dht), _ptr(dpre), _ptr(dm),
+        )  # fmt: skip
+
+        # Weight gradients: one GEMM each over all T*B rows. The kernel wrote dgx / dgh /
+        # dh_proj in time order; the saved states are in processing order, so reversed layers
+        # gather them to time order first (the index map is its own inverse).
+        h_prev = hs[:T]
+        index = reversed_time_index(lengths, T, B, hs.device) if reverse else None
+        if index is not None:
+            h_prev = _gather_time(h_prev, index)
+        dgh_t = dgh if gru else dgx
+        dw_hh = (dgh_t.reshape(T * B, GH).t() @ h_prev.reshape(T * B, P)).to(w_hh.dtype)
+        db_hh = None if b_hh is None else dgh_t.sum(dim=(0, 1)).to(b_hh.dtype)
+        dw_hr = None
+        if proj:
+            m_all = gates[:, :, 3 * H :] * aux[1:].tanh()  # o * tanh(c), processing order
+            if index is not None:
+                m_all = _gather_time(m_all, index)
+            dw_hr = (dh_proj.reshape(T * B, P).t() @ m_all.reshape(T * B, H)).to(w_hr.dtype)
+        return BackwardResult(dgx.to(dy.dtype), dh0, dc0, dw_hh, db_hh, dw_hr)
+
+
+BACKEND = CPUBackend()

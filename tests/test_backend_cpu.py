@@ -1,0 +1,179 @@
+"""Backend ``cpu`` (csrc/cpu) against the ``reference`` backend: outputs, states, every gradient.
+
+float32 (and float16/bfloat16) results are judged against a float64 reference: the kernel's
+error may be at most 3x the error of the float32 reference backend on the same inputs, plus a
+floor of 8 float32 ulps of the largest magnitude (the rule flash-attention uses). Both errors
+are float32 rounding: different summation orders in the GEMMs and polynomial activations
+(about 2 ulp) instead of torch's (1 ulp), so a factor of 3 covers them while a wrong formula
+(an error of order 1e-2 or more) fails. float64 results must match the float64 reference to
+1e-12 relative: sums of a few hundred float64 terms over at most 8 steps err by less than 1e-13.
+
+Every buffer the kernels write is filled with NaN first (``cpu.POISON``), so an element a kernel
+forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rnnkern.backends import cpu as cpu_backend
+from rnnkern.backends.base import LayerConfig
+from rnnkern.functional import rnn_layer
+
+pytestmark = pytest.mark.skipif(
+    cpu_backend._cpu is None, reason="rnnkern._cpu is not built: " + cpu_backend.build_hint()
+)
+
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "POISON", True)
+
+
+def make_inputs(cell, T, B, I, H, proj, seed=0):
+    """float64 leaves; weights scaled like torch.nn's init (uniform in +-1/sqrt(H))."""
+    G, P = GATES[cell], proj or H
+    g = torch.Generator().manual_seed(seed)
+    bound = H**-0.5
+
+    def u(*shape):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * bound
+
+    return {
+        "x": torch.randn(T, B, I, generator=g, dtype=torch.float64),
+        "h0": torch.randn(B, P, generator=g, dtype=torch.float64) * 0.5,
+        "c0": torch.randn(B, H, generator=g, dtype=torch.float64) * 0.5 if cell == "lstm" else None,
+        "w_ih": u(G * H, I),
+        "w_hh": u(G * H, P),
+        "b_ih": u(G * H),
+        "b_hh": u(G * H),
+        "w_hr": u(P, H) if proj else None,
+    }
+
+
+NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+
+
+def run(cell, inputs, dtype, backend, lengths, reverse, grads_seed=1):
+    """Outputs (y, h_n, c_n) and gradients of all leaves under random upstream gradients."""
+    leaves = {k: (None if v is None else v.to(dtype).requires_grad_()) for k, v in inputs.items()}
+    y, h_n, c_n = rnn_layer(
+        cell, *(leaves[k] for k in NAMES), lengths=lengths, reverse=reverse, backend=backend
+    )
+    outs = [o for o in (y, h_n, c_n) if o is not None]
+    g = torch.Generator().manual_seed(grads_seed)
+    upstream = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs]
+    present = [v for v in leaves.values() if v is not None]
+    grads = torch.autograd.grad(outs, present, upstream)
+    return [t.detach().double() for t in (*outs, *grads)]
+
+
+def check(cell, T, B, I, H, proj=0, lengths=None, reverse=False, dtype=torch.float32):
+    inputs = make_inputs(cell, T, B, I, H, proj)
+    gold = run(cell, inputs, torch.float64, "reference", lengths, reverse)
+    got = run(cell, inputs, dtype, "cpu", lengths, reverse)
+    if dtype == torch.float64:
+        for k, (a, b) in enumerate(zip(got, gold, strict=True)):
+            scale = 1.0 + float(b.abs().max())
+            assert float((a - b).abs().max()) <= 1e-12 * scale, f"tensor {k}"
+        return
+    ref = run(cell, inputs, dtype, "reference", lengths, reverse)
+    eps = torch.finfo(torch.float32).eps
+    for k, (a, r, b) in enumerate(zip(got, ref, gold, strict=True)):
+        assert not torch.isnan(a).any(), f"tensor {k} has NaN (an element was not written)"
+        err, ref_err = float((a - b).abs().max()), float((r - b).abs().max())
+        floor = 8 * eps * max(1.0, float(b.abs().max()))
+        assert err <= 3 * ref_err + floor, f"tensor {k}: error {err:.3g} vs reference {ref_err:.3g}"
+
+
+CELL_CASES = [("lstm", 0), ("lstm", 5), ("gru", 0), ("rnn_tanh", 0), ("rnn_relu", 0)]
+
+
+@pytest.mark.parametrize("cell,proj", CELL_CASES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_parity_float32(cell, proj, reverse, with_lengths):
+    lengths = torch.tensor([7, 3, 1, 7, 5]) if with_lengths else None
+    check(cell, 7, 5, 6, 33, proj, lengths, reverse)
+
+
+@pytest.mark.parametrize("cell,proj", CELL_CASES)
+def test_parity_float64(cell, proj):
+    check(cell, 6, 3, 5, 33, proj, torch.tensor([6, 2, 4]), True, torch.float64)
+    check(cell, 6, 3, 5, 33, proj, None, False, torch.float64)
+
+
+@pytest.mark.parametrize(
+    "T,B,I,H",
+    [(1, 1, 1, 1), (1, 3, 4, 100), (5, 2, 3, 1), (9, 8, 16, 100)],
+    ids=["T1-B1-H1", "T1-H100", "H1", "threaded-H100"],
+)
+@pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 3), ("gru", 0), ("rnn_tanh", 0)])
+def test_odd_shapes(T, B, I, H, cell, proj):
+    lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(T + B))
+    check(cell, T, B, I, H, proj, lengths, reverse=True)
+    check(cell, T, B, I, H, proj)
+
+
+@pytest.mark.parametrize("isa", cpu_backend._cpu.supported_isas() if cpu_backend._cpu else [])
+@pytest.mark.parametrize("cell,proj", [("lstm", 4), ("gru", 0), ("rnn_relu", 0)])
+def test_every_instruction_set(isa, cell, proj):
+    before = cpu_backend._cpu.isa()
+    cpu_backend._cpu.set_isa(isa)
+    try:
+        # H=37 exercises vector tails of every width; B=8 with H=37 runs on several threads.
+        check(cell, 5, 8, 7, 37, proj, torch.tensor([5, 1, 3, 5, 2, 4, 5, 5]), reverse=True)
+        check(cell, 4, 3, 7, 37, proj, None, reverse=False, dtype=torch.float64)
+    finally:
+        cpu_backend._cpu.set_isa(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs(dtype):
+    check("lstm", 5, 4, 6, 24, 0, torch.tensor([5, 2, 4, 1]), False, dtype)
+
+
+def test_saved_layout_matches_reference():
+    from rnnkern.backends import reference
+
+    inputs = make_inputs("lstm", 6, 4, 5, 16, 0)
+    lengths = torch.tensor([6, 2, 5, 3])
+    w_ih, b_ih = inputs["w_ih"].float(), inputs["b_ih"].float()
+    gx = torch.nn.functional.linear(inputs["x"].float(), w_ih, b_ih).contiguous()
+    args = ("lstm", gx, inputs["h0"].float(), inputs["c0"].float(), inputs["w_hh"].float(),
+            inputs["b_hh"].float(), None, lengths, True, True)  # fmt: skip
+    got = cpu_backend.BACKEND.forward(*args)
+    ref = reference.BACKEND.forward(*args)
+    # Same float32 inputs, the same formulas: only rounding differs (< 1e-5 on values <= 1).
+    for a, b in zip(got.saved, ref.saved, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.y, ref.y, rtol=0, atol=1e-5)
+
+
+def test_supports_gives_reasons():
+    config = LayerConfig("lstm", "cpu", torch.float32, 4, 8, 0, 2, 3, False, True)
+    assert cpu_backend.BACKEND.supports(config) is True
+    cuda = LayerConfig("lstm", "cuda", torch.float32, 4, 8, 0, 2, 3, False, True)
+    assert "CPU" in cpu_backend.BACKEND.supports(cuda)
+    ints = LayerConfig("gru", "cpu", torch.int32, 4, 8, 0, 2, 3, False, True)
+    assert "int32" in cpu_backend.BACKEND.supports(ints)
+
+
+def test_missing_extension_says_how_to_build(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "_cpu", None)
+    reason = cpu_backend.CPUBackend().available()
+    assert isinstance(reason, str) and "pip install" in reason and "C++17" in reason
+    with pytest.raises(RuntimeError, match="pip install"):
+        cpu_backend.BACKEND.forward(
+            "rnn_tanh", torch.zeros(1, 1, 2), torch.zeros(1, 2), None, torch.zeros(2, 2),
+            None, None, None, False, False,
+        )  # fmt: skip
+
+
+def test_set_isa_rejects_unknown_names():
+    with pytest.raises(ValueError, match="isa must be one of"):
+        cpu_backend._cpu.set_isa("sse9")
