@@ -1,8 +1,18 @@
 """Shared test fixtures."""
 
-import pytest
+import os
 
-from rnnkern.backends.base import poison_allocations
+import pytest
+import torch
+
+# Triton chooses between compiling and interpreting when a kernel is decorated, i.e. when
+# rnnkern.backends.triton is first imported. Without a CUDA device, choose the interpreter for the
+# whole test process (before any test module can import that package), so backend "triton" runs
+# its kernels on CPU tensors; with a CUDA device the kernels are compiled and run on the GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from rnnkern.backends.base import poison_allocations  # noqa: E402  (after the env setup)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,122 @@
+"""Backend ``triton``: fused LSTM / GRU / Elman-RNN recurrences written in Triton.
+
+One file per cell (:mod:`.lstm`, :mod:`.gru`, :mod:`.rnn`), each holding its forward and
+backward kernels (time loop inside the kernel, float32 state and accumulation) and their launch
+wrappers; :mod:`.common` holds the shared device helpers and the launch-configuration table;
+:mod:`.compile_check` compiles every configuration ahead of time for sm_80 / sm_90.
+
+Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before this package
+was imported (Triton's interpreter: same kernel source, programs run one after another).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..base import BackwardResult, ForwardResult, LayerConfig, Saved
+
+try:
+    import triton  # noqa: F401
+except ImportError as err:  # triton is an optional dependency (extra "triton")
+    _IMPORT_ERROR: str | None = (
+        f"triton is not importable ({err}); install it with pip install 'triton>=3.6'"
+    )
+else:
+    _IMPORT_ERROR = None
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpret() -> bool:
+    from . import common
+
+    return common.INTERPRET
+
+
+class TritonBackend:
+    name = "triton"
+
+    def available(self) -> bool | str:
+        if _IMPORT_ERROR is not None:
+            return _IMPORT_ERROR
+        if not _interpret() and not torch.cuda.is_available():
+            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
+        return True
+
+    def supports(self, config: LayerConfig) -> bool | str:
+        ok = self.available()
+        if ok is not True:
+            return ok
+        if config.cell not in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
+            return f"unknown cell {config.cell!r}"
+        if config.dtype not in SUPPORTED_DTYPES:
+            return (
+                f"dtype {config.dtype} is not supported by the triton kernels "
+                "(float32, float16, bfloat16)"
+            )
+        if config.device_type == "cpu" and not _interpret():
+            return (
+                "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before "
+                "rnnkern.backends.triton is imported"
+            )
+        if config.device_type not in ("cuda", "cpu"):
+            return f"device type {config.device_type!r} is not supported (cuda)"
+        if config.proj_size and config.cell != "lstm":
+            return "projection is only defined for lstm"
+        return True
+
+    def _check(self, cell: str, like: torch.Tensor, w_hh: torch.Tensor) -> None:
+        """Raise a ValueError naming the reason when ``like [T, B, *]`` (gx or dy) with
+        ``w_hh [G*H, P]`` is not supported."""
+        T, B = like.shape[:2]
+        GH = w_hh.shape[0]
+        G = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}.get(cell)
+        if G is None:
+            raise ValueError(f"cell must be one of lstm, gru, rnn_tanh, rnn_relu; got {cell!r}")
+        H, P = GH // G, w_hh.shape[1]
+        config = LayerConfig(cell, like.device.type, like.dtype, 0, H, P if P != H else 0, B, T,
+                             False, False)  # fmt: skip
+        ok = self.supports(config)
+        if ok is not True:
+            raise ValueError(f"triton backend cannot run this layer: {ok}")
+
+    def forward(self, cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save) -> ForwardResult:
+        self._check(cell, gx, w_hh)
+        gx, h0, w_hh = gx.contiguous(), h0.float().contiguous(), w_hh.contiguous()
+        w_hr = w_hr.contiguous() if w_hr is not None else None
+        if cell == "lstm":
+            from .lstm import lstm_forward
+
+            return lstm_forward(
+                gx, h0, c0.float().contiguous(), w_hh, b_hh, w_hr, lengths, reverse, save
+            )
+        if cell == "gru":
+            from .gru import gru_forward
+
+            return gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, save)
+        from .rnn import rnn_forward
+
+        return rnn_forward(cell == "rnn_relu", gx, h0, w_hh, b_hh, lengths, reverse, save)
+
+    def backward(
+        self, cell, saved: Saved, w_hh, b_hh, w_hr, lengths, reverse, dy, dh_n, dc_n
+    ) -> BackwardResult:
+        if saved.hs.numel() == 0:
+            raise RuntimeError("triton backward called on a forward that ran with save=False")
+        self._check(cell, dy, w_hh)
+        w_hh = w_hh.contiguous()
+        if cell == "lstm":
+            from .lstm import lstm_backward
+
+            w_hr = w_hr.contiguous() if w_hr is not None else None
+            return lstm_backward(saved, w_hh, b_hh, w_hr, lengths, reverse, dy, dh_n, dc_n)
+        if cell == "gru":
+            from .gru import gru_backward
+
+            return gru_backward(saved, w_hh, b_hh, lengths, reverse, dy, dh_n)
+        from .rnn import rnn_backward
+
+        return rnn_backward(cell == "rnn_relu", saved, w_hh, b_hh, lengths, reverse, dy, dh_n)
+
+
+BACKEND = TritonBackend()

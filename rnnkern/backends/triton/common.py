@@ -1,0 +1,224 @@
+"""Pieces every Triton cell file shares: device helpers, launch configuration, allocation.
+
+Legend: ``T`` time, ``B`` batch, ``H`` hidden, ``P`` state size (proj_size or H), ``G`` gates.
+
+Grid strategy (the same for every cell, forward and backward). The grid is
+``(cdiv(B, BLOCK_B), n_split)``: program ``(i, j)`` owns batch rows ``i*BLOCK_B ...`` and the
+hidden chunks ``j, j + n_split, ...`` of ``BLOCK_H`` units each. Every time step reads the whole
+previous state of its batch tile from a float32 state buffer in global memory and writes its own
+chunks of the new state, so the programs of one batch tile must wait for each other once per
+step (twice with an LSTM projection):
+
+* ``SPLIT=False`` (``n_split == 1``): one program per batch tile owns every hidden unit; the
+  wait is a CTA barrier, there is no cross-program waiting. Used for small shapes, on every
+  CPU tensor under ``TRITON_INTERPRET=1`` (which runs programs one after another) and whenever
+  the batch tiles alone fill the GPU.
+* ``SPLIT=True`` (persistent mode): ``n_split > 1`` programs per batch tile, all resident at
+  once (the grid never exceeds the number of SMs), synchronised once per phase by a monotonic
+  atomic counter per batch tile. Never used under the interpreter.
+
+The recurrent weights are re-read every step from L2 (one chunk at a time); state buffers written
+by other programs are read with ``cache_modifier=".cg"`` so a stale L1 line is never used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..base import Saved
+
+# Triton decides between compiling and interpreting when a kernel is decorated, i.e. when this
+# package is imported; the backend records that decision once.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Triton's interpreter mishandles tl.dot on bfloat16 operands (it multiplies the raw bits), so
+# there the operands, already rounded to the weight dtype, are multiplied in float32: products
+# of 16-bit floats are exact in float32, so the result is that of a 16-bit dot with float32
+# accumulation, which is what the compiled kernel computes.
+UPCAST_DOT = tl.constexpr(INTERPRET)
+
+
+# ----------------------------------------------------------------------------------------------
+# device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def tile_matmul(
+    acc,  # [BLOCK_M, BLOCK_N] float32 accumulator
+    a_ptr,  # A [M, K] float32 (state buffer), element (m, k) at m * stride_am + k * stride_ak
+    stride_am,
+    stride_ak,
+    offs_m,  # [BLOCK_M] row indices of A
+    mask_m,  # [BLOCK_M]
+    w_ptr,  # W [K, N] weight dtype, element (k, n) at k * stride_wk + n * stride_wn
+    stride_wk,
+    stride_wn,
+    offs_n,  # [BLOCK_N] column indices of W
+    mask_n,  # [BLOCK_N]
+    K,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,  # "ieee" or "tf32" (float32 weights only)
+):
+    """``acc + A[offs_m, :] @ W[:, offs_n]`` with A cast to the weight dtype (tensor cores for
+    16-bit weights, exact float32 products with ``PRECISION="ieee"``), float32 accumulation."""
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        w = tl.load(
+            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        if UPCAST_DOT:
+            a = a.to(w.dtype).to(tl.float32)
+            acc = tl.dot(a, w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a.to(w.dtype), w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def grid_sync(
+    sync_ptr,  # [] int32 counter of this batch tile, zero at launch
+    arrivals,  # counter value every program of the tile reached at the previous sync
+    n_split,  # programs per batch tile
+    SPLIT: tl.constexpr,
+):
+    """Wait until every program of this batch tile has reached this point; returns the new
+    arrival count. Without ``SPLIT`` it is a CTA barrier only."""
+    tl.debug_barrier()
+    if SPLIT:
+        # A scalar atomic is issued once per program. Release publishes this program's stores
+        # (ordered by the CTA barrier above), acquire makes the other programs' stores visible.
+        tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
+        target = arrivals + n_split
+        seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+        while seen < target:
+            seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+        arrivals = target
+    return arrivals
+
+
+@triton.jit
+def step_time(
+    s,  # processing step
+    lens,  # [BLOCK_B] int64 valid lengths of the tile's rows
+    reverse,  # int: 1 to process each row from lens - 1 down to 0
+):
+    """Time index ``t [BLOCK_B]`` (int64) of processing step ``s`` per row, and ``valid``
+    (``s < lens``). Past a row's length ``t == s``, as in the reference's gather map."""
+    valid = s < lens
+    t = tl.where(valid & (reverse != 0), lens - 1 - s, s + 0 * lens)
+    return t.to(tl.int64), valid
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One compiled variant of a kernel: tile sizes, warps and grid strategy."""
+
+    block_b: int
+    block_h: int
+    block_k: int
+    num_warps: int
+    split: bool
+
+
+# The fixed configuration table the dispatcher chooses from (no autotuning: a compile_check run
+# covers every entry). Small batches use 16-row tiles (tl.dot's minimum), larger ones 32 rows.
+BLOCK_B_CHOICES = (16, 32)
+BLOCK_H = 32
+BLOCK_K = 64
+NUM_WARPS = 4
+
+
+def choose_config(batch: int, hidden: int, device: torch.device) -> tuple[LaunchConfig, int]:
+    """The launch configuration and ``n_split`` (programs per batch tile) for a layer call."""
+    block_b = 16 if batch <= 16 else 32
+    n_btiles = triton.cdiv(batch, block_b)
+    n_chunks = triton.cdiv(hidden, BLOCK_H)
+    n_split = 1
+    if device.type == "cuda" and not INTERPRET and n_chunks > 1:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        # Every program must be resident at once for the grid-wide wait; one per SM.
+        n_split = min(n_chunks, sms // n_btiles)
+        if n_split < 2:
+            n_split = 1
+    config = LaunchConfig(block_b, BLOCK_H, BLOCK_K, NUM_WARPS, n_split > 1)
+    return config, n_split
+
+
+def all_configs() -> list[LaunchConfig]:
+    """Every configuration :func:`choose_config` can return (for compile_check)."""
+    return [
+        LaunchConfig(bb, BLOCK_H, BLOCK_K, NUM_WARPS, split)
+        for bb in BLOCK_B_CHOICES
+        for split in (False, True)
+    ]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``"tf32"`` only for float32 when the caller allowed it through
+    ``torch.set_float32_matmul_precision("high"|"medium")``; exact ``"ieee"`` otherwise."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def empty_saved(like: torch.Tensor) -> Saved:
+    """``Saved`` of three distinct empty float32 tensors (``save=False``; outputs of a
+    torch.library op must not alias each other)."""
+    return Saved(like.new_empty(0), like.new_empty(0), like.new_empty(0))
+
+
+def lengths_or_full(lengths: torch.Tensor | None, T: int, B: int, device) -> torch.Tensor:
+    """``lengths [B]`` int64 contiguous, or ``T`` for every row when None."""
+    if lengths is None:
+        return torch.full((B,), T, dtype=torch.int64, device=device)
+    return lengths.to(device=device, dtype=torch.int64).contiguous()
+
+
+def bias_or_zeros(b: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
+    """The recurrent bias ``[n]``, or zeros in the weight dtype when there is none."""
+    if b is None:
+        return torch.zeros(n, dtype=like.dtype, device=like.device)
+    return b.contiguous()
+
+
+def sync_buffer(n_btiles: int, device) -> torch.Tensor:
+    """Zeroed ``[n_btiles]`` int32 arrival counters for :func:`grid_sync`."""
+    return torch.zeros(n_btiles, dtype=torch.int32, device=device)
+
+
+def launch_grid(config: LaunchConfig, batch: int, n_split: int) -> tuple[int, int]:
+    return (triton.cdiv(batch, config.block_b), n_split)
+
+
+def weight_grads(
+    dgh: torch.Tensor,  # [T, B, G*H] float32, zero past each length
+    hs: torch.Tensor,  # [T+1, B, P] float32 saved states
+    w_hh: torch.Tensor,  # [G*H, P]
+    b_hh: torch.Tensor | None,  # [G*H]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``dW_hh [G*H, P]`` and ``db_hh [G*H]`` as one float32 GEMM / reduction over T*B."""
+    T, B, GH = dgh.shape
+    P = hs.shape[2]
+    dw = (dgh.reshape(T * B, GH).t() @ hs[:T].reshape(T * B, P)).to(w_hh.dtype)
+    db = None if b_hh is None else dgh.sum(dim=(0, 1)).to(b_hh.dtype)
+    return dw, db

@@ -1,0 +1,287 @@
+"""GRU: fused forward and backward kernels, launch wrappers.
+
+Legend: ``T`` time, ``B`` batch, ``H`` hidden; gates r, z, n in torch.nn's order with
+``n = tanh(gx_n + r * (W_hn h + b_hn))`` and ``h' = (1 - z) * n + z * h``. Grid strategy and
+synchronisation: see :mod:`.common`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..base import BackwardResult, ForwardResult, Saved, empty
+from .common import (
+    bias_or_zeros,
+    choose_config,
+    dot_precision,
+    empty_saved,
+    grid_sync,
+    launch_grid,
+    lengths_or_full,
+    step_time,
+    sync_buffer,
+    tile_matmul,
+    weight_grads,
+)
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gru_hidden_preact(
+    gate: tl.constexpr,  # 0 r, 1 z, 2 n
+    h_prev_ptr,  # [B, H] float32 state slot
+    w_ptr,  # [3H, H] W_hh
+    b_ptr,  # [3H] b_hh
+    offs_b,  # [BLOCK_B]
+    mask_b,  # [BLOCK_B]
+    offs_h,  # [BLOCK_H]
+    mask_h,  # [BLOCK_H]
+    H,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Recurrent part ``h_prev W_gᵀ + b_g`` of one gate for a [BLOCK_B, BLOCK_H] tile."""
+    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc = tile_matmul(
+        acc, h_prev_ptr, H, 1, offs_b, mask_b,
+        w_ptr + gate * H * H, 1, H, offs_h, mask_h, H, BLOCK_K, PRECISION,
+    )  # fmt: skip
+    b = tl.load(b_ptr + gate * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+    return acc + b[None, :]
+
+
+@triton.jit
+def gru_forward_kernel(
+    gx_ptr,  # [T, B, 3H] input dtype
+    w_ptr,  # [3H, H] input dtype (W_hh)
+    b_ptr,  # [3H] input dtype (b_hh, zeros when absent)
+    len_ptr,  # [B] int64 valid lengths
+    y_ptr,  # [T, B, H] input dtype
+    hs_ptr,  # [T+1, B, H] float32 when save else [2, B, H]; slot 0 holds h0
+    hn_ptr,  # [T, B, H] float32 W_hn h + b_hn (written when save)
+    gates_ptr,  # [T, B, 3H] float32 activated gates (written when save)
+    sync_ptr,  # [cdiv(B, BLOCK_B)] int32 zeros (SPLIT only)
+    T,
+    B,
+    H,
+    reverse,  # int 0/1
+    save,  # int 0/1
+    SPLIT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    lens = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
+    sync = sync_ptr + pid_b
+    arrivals = 0
+    for s in range(T):
+        t, valid = step_time(s, lens, reverse)
+        cur = tl.where(save != 0, s, s % 2).to(tl.int64)
+        nxt = tl.where(save != 0, s + 1, (s + 1) % 2).to(tl.int64)
+        h_prev_ptr = hs_ptr + cur * B * H
+        gx_rows = gx_ptr + (t[:, None] * B + offs_b[:, None]) * (3 * H)
+        for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
+            offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
+            mask = mask_b[:, None] & mask_h[None, :]
+            bh = offs_b[:, None] * H + offs_h[None, :]
+            hr = _gru_hidden_preact(
+                0, h_prev_ptr, w_ptr, b_ptr, offs_b, mask_b, offs_h, mask_h, H,
+                BLOCK_B, BLOCK_H, BLOCK_K, PRECISION,
+            )  # fmt: skip
+            hz = _gru_hidden_preact(
+                1, h_prev_ptr, w_ptr, b_ptr, offs_b, mask_b, offs_h, mask_h, H,
+                BLOCK_B, BLOCK_H, BLOCK_K, PRECISION,
+            )  # fmt: skip
+            hn = _gru_hidden_preact(
+                2, h_prev_ptr, w_ptr, b_ptr, offs_b, mask_b, offs_h, mask_h, H,
+                BLOCK_B, BLOCK_H, BLOCK_K, PRECISION,
+            )  # fmt: skip
+            gr = tl.load(gx_rows + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
+            gz = tl.load(gx_rows + H + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
+            gn = tl.load(gx_rows + 2 * H + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
+            r = tl.sigmoid(gr + hr)
+            z = tl.sigmoid(gz + hz)
+            n = 2.0 * tl.sigmoid(2.0 * (gn + r * hn)) - 1.0  # tanh
+            h_prev = tl.load(h_prev_ptr + bh, mask=mask, other=0.0, cache_modifier=".cg")
+            h_new = (1.0 - z) * n + z * h_prev
+            keep = valid[:, None] & mask
+            tl.store(hs_ptr + nxt * B * H + bh, tl.where(keep, h_new, h_prev), mask=mask)
+            y_rows = y_ptr + (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
+            tl.store(y_rows, tl.where(keep, h_new, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+            smask = mask & (offs_h * 0 + save != 0)[None, :]
+            sb = (s * B + offs_b[:, None]).to(tl.int64)
+            tl.store(hn_ptr + sb * H + offs_h[None, :], hn, mask=smask)
+            g_rows = gates_ptr + sb * (3 * H) + offs_h[None, :]
+            tl.store(g_rows, r, mask=smask)
+            tl.store(g_rows + H, z, mask=smask)
+            tl.store(g_rows + 2 * H, n, mask=smask)
+        arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+
+
+@triton.jit
+def gru_backward_kernel(
+    w_ptr,  # [3H, H] input dtype (W_hh)
+    len_ptr,  # [B] int64 valid lengths
+    dy_ptr,  # [T, B, H] dtype of y
+    hs_ptr,  # [T+1, B, H] float32 saved states (processing order)
+    hn_ptr,  # [T, B, H] float32 saved W_hn h + b_hn
+    gates_ptr,  # [T, B, 3H] float32 saved activated gates
+    dh_ptr,  # [B, H] float32: dh_n in, dh0 out
+    dgh_ptr,  # [T, B, 3H] float32 out: gradient of W_hh h + b_hh (processing order)
+    dgx_ptr,  # [T, B, 3H] dtype of gx out: gradient of gx (time order)
+    sync_ptr,  # [cdiv(B, BLOCK_B)] int32 zeros (SPLIT only)
+    T,
+    B,
+    H,
+    reverse,  # int 0/1
+    SPLIT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    lens = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
+    sync = sync_ptr + pid_b
+    arrivals = 0
+    for r_ in range(T):
+        s = T - 1 - r_
+        t, valid = step_time(s, lens, reverse)
+        s64 = s.to(tl.int64)
+        keep = valid[:, None]
+        # phase 1: gate derivatives of step s.
+        for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
+            offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+            mask = mask_b[:, None] & (offs_h < H)[None, :]
+            bh = offs_b[:, None] * H + offs_h[None, :]
+            dy_rows = dy_ptr + (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
+            dtot = tl.load(dh_ptr + bh, mask=mask, other=0.0)
+            dtot += tl.load(dy_rows, mask=mask, other=0.0).to(tl.float32)
+            g_rows = gates_ptr + (s64 * B + offs_b[:, None]) * (3 * H) + offs_h[None, :]
+            r = tl.load(g_rows, mask=mask, other=0.0)
+            z = tl.load(g_rows + H, mask=mask, other=0.0)
+            n = tl.load(g_rows + 2 * H, mask=mask, other=0.0)
+            h_prev = tl.load(hs_ptr + s64 * B * H + bh, mask=mask, other=0.0)
+            hn = tl.load(hn_ptr + s64 * B * H + bh, mask=mask, other=0.0)
+            dn = tl.where(keep, dtot * (1.0 - z) * (1.0 - n * n), 0.0)
+            dr = tl.where(keep, dn * hn * r * (1.0 - r), 0.0)
+            dz = tl.where(keep, dtot * (h_prev - n) * z * (1.0 - z), 0.0)
+            dgh_rows = dgh_ptr + (s64 * B + offs_b[:, None]) * (3 * H) + offs_h[None, :]
+            tl.store(dgh_rows, dr, mask=mask)
+            tl.store(dgh_rows + H, dz, mask=mask)
+            tl.store(dgh_rows + 2 * H, dn * r, mask=mask)
+            dgx_rows = dgx_ptr + (t[:, None] * B + offs_b[:, None]) * (3 * H) + offs_h[None, :]
+            out_ty = dgx_ptr.dtype.element_ty
+            tl.store(dgx_rows, dr.to(out_ty), mask=mask)
+            tl.store(dgx_rows + H, dz.to(out_ty), mask=mask)
+            tl.store(dgx_rows + 2 * H, dn.to(out_ty), mask=mask)
+        arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+        # phase 2: dh_{s-1} = dtot * z + dgh_s @ W_hh where valid, else unchanged.
+        for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
+            offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
+            mask = mask_b[:, None] & mask_h[None, :]
+            bh = offs_b[:, None] * H + offs_h[None, :]
+            acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            acc = tile_matmul(
+                acc, dgh_ptr + s64 * B * 3 * H, 3 * H, 1, offs_b, mask_b,
+                w_ptr, H, 1, offs_h, mask_h, 3 * H, BLOCK_K, PRECISION,
+            )  # fmt: skip
+            dy_rows = dy_ptr + (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
+            dh = tl.load(dh_ptr + bh, mask=mask, other=0.0)
+            dtot = dh + tl.load(dy_rows, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(
+                gates_ptr + (s64 * B + offs_b[:, None]) * (3 * H) + H + offs_h[None, :],
+                mask=mask,
+                other=0.0,
+            )
+            tl.store(dh_ptr + bh, tl.where(keep, dtot * z + acc, dh), mask=mask)
+        # dh is only touched by the program owning its chunk, but by other threads of it.
+        tl.debug_barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# launch wrappers
+# ----------------------------------------------------------------------------------------------
+
+
+def gru_forward(
+    gx: torch.Tensor,  # [T, B, 3H]
+    h0: torch.Tensor,  # [B, H] float32
+    w_hh: torch.Tensor,  # [3H, H]
+    b_hh: torch.Tensor | None,  # [3H]
+    lengths: torch.Tensor | None,  # [B] int64
+    reverse: bool,
+    save: bool,
+) -> ForwardResult:
+    """Fused GRU layer forward; returns ``y [T, B, H]``, ``h_n [B, H]`` and, when ``save``,
+    ``Saved(hs [T+1, B, H], hn [T, B, H], gates [T, B, 3H])``."""
+    T, B, G3 = gx.shape
+    H = G3 // 3
+    dev, f32 = gx.device, torch.float32
+    config, n_split = choose_config(B, H, dev)
+    slots = T + 1 if save else 2
+    hs = empty((slots, B, H), f32, dev)
+    hs[0] = h0
+    hn = empty((T, B, H), f32, dev) if save else hs.new_empty(0)
+    gates = empty((T, B, 3 * H), f32, dev) if save else hs.new_empty(0)
+    y = empty((T, B, H), gx.dtype, dev)
+    lens = lengths_or_full(lengths, T, B, dev)
+    grid = launch_grid(config, B, n_split)
+    gru_forward_kernel[grid](
+        gx, w_hh, bias_or_zeros(b_hh, 3 * H, w_hh), lens, y, hs, hn, gates,
+        sync_buffer(grid[0], dev), T, B, H, int(reverse), int(save),
+        SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
+        BLOCK_K=config.block_k, PRECISION=dot_precision(gx.dtype), num_warps=config.num_warps,
+    )  # fmt: skip
+    h_n = hs[T % slots].clone()
+    saved = Saved(hs, hn, gates) if save else empty_saved(hs)
+    return ForwardResult(y, h_n, hs.new_empty(0), saved)
+
+
+def gru_backward(
+    saved: Saved,  # hs [T+1, B, H], hn [T, B, H], gates [T, B, 3H]
+    w_hh: torch.Tensor,  # [3H, H]
+    b_hh: torch.Tensor | None,  # [3H]
+    lengths: torch.Tensor | None,  # [B] int64
+    reverse: bool,
+    dy: torch.Tensor,  # [T, B, H]
+    dh_n: torch.Tensor,  # [B, H] float32
+) -> BackwardResult:
+    """Fused GRU layer backward; returns ``dgx [T, B, 3H]``, ``dh0 [B, H]``, ``dw_hh``,
+    ``db_hh`` (weight gradients as float32 GEMMs after the kernel)."""
+    hs, hn, gates = saved
+    T, B, H = dy.shape
+    dev, f32 = dy.device, torch.float32
+    config, n_split = choose_config(B, H, dev)
+    dh = dh_n.to(f32).contiguous().clone()
+    dgh = empty((T, B, 3 * H), f32, dev)
+    dgx = empty((T, B, 3 * H), dy.dtype, dev)
+    lens = lengths_or_full(lengths, T, B, dev)
+    grid = launch_grid(config, B, n_split)
+    gru_backward_kernel[grid](
+        w_hh, lens, dy.contiguous(), hs, hn, gates, dh, dgh, dgx, sync_buffer(grid[0], dev),
+        T, B, H, int(reverse),
+        SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
+        BLOCK_K=config.block_k, PRECISION=dot_precision(dy.dtype), num_warps=config.num_warps,
+    )  # fmt: skip
+    dw_hh, db_hh = weight_grads(dgh, hs, w_hh, b_hh)
+    return BackwardResult(dgx, dh, None, dw_hh, db_hh, None)

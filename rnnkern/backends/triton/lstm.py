@@ -1,0 +1,404 @@
+"""LSTM (with and without projection): fused forward and backward kernels, launch wrappers.
+
+Legend: ``T`` time, ``B`` batch, ``H`` hidden, ``P`` state size (proj_size or H); gates i, f,
+g, o in torch.nn's order. Grid strategy and synchronisation: see :mod:`.common`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..base import BackwardResult, ForwardResult, Saved, empty
+from .common import (
+    bias_or_zeros,
+    choose_config,
+    dot_precision,
+    empty_saved,
+    grid_sync,
+    launch_grid,
+    lengths_or_full,
+    step_time,
+    sync_buffer,
+    tile_matmul,
+    weight_grads,
+)
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lstm_gate_preact(
+    gate: tl.constexpr,  # 0 i, 1 f, 2 g, 3 o
+    gx_rows,  # [BLOCK_B, 1] pointers to gx[t, b, 0]
+    h_prev_ptr,  # [B, P] float32 state slot
+    w_ptr,  # [4H, P] W_hh
+    b_ptr,  # [4H] b_hh
+    offs_b,  # [BLOCK_B]
+    mask_b,  # [BLOCK_B]
+    offs_h,  # [BLOCK_H]
+    mask_h,  # [BLOCK_H]
+    H,
+    P,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Pre-activation ``gx + h_prev W_gᵀ + b_g`` of one gate for a [BLOCK_B, BLOCK_H] tile."""
+    mask = mask_b[:, None] & mask_h[None, :]
+    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc = tile_matmul(
+        acc, h_prev_ptr, P, 1, offs_b, mask_b,
+        w_ptr + gate * H * P, 1, P, offs_h, mask_h, P, BLOCK_K, PRECISION,
+    )  # fmt: skip
+    gx = tl.load(gx_rows + gate * H + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + gate * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+    return acc + gx + b[None, :]
+
+
+@triton.jit
+def lstm_forward_kernel(
+    gx_ptr,  # [T, B, 4H] input dtype
+    w_ptr,  # [4H, P] input dtype (W_hh)
+    b_ptr,  # [4H] input dtype (b_hh, zeros when absent)
+    wr_ptr,  # [P, H] input dtype (W_hr; unused without HAS_PROJ)
+    len_ptr,  # [B] int64 valid lengths
+    y_ptr,  # [T, B, P] input dtype
+    hs_ptr,  # [T+1, B, P] float32 when save else [2, B, P]; slot 0 holds h0
+    cs_ptr,  # [T+1, B, H] float32 when save else [2, B, H]; slot 0 holds c0
+    gates_ptr,  # [T, B, 4H] float32 activated gates (written when save)
+    m_ptr,  # [B, H] float32 scratch o * tanh(c) (HAS_PROJ only)
+    sync_ptr,  # [cdiv(B, BLOCK_B)] int32 zeros (SPLIT only)
+    T,
+    B,
+    H,
+    P,
+    reverse,  # int 0/1
+    save,  # int 0/1
+    HAS_PROJ: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    lens = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
+    sync = sync_ptr + pid_b
+    arrivals = 0
+    for s in range(T):
+        t, valid = step_time(s, lens, reverse)
+        cur = tl.where(save != 0, s, s % 2).to(tl.int64)
+        nxt = tl.where(save != 0, s + 1, (s + 1) % 2).to(tl.int64)
+        h_prev_ptr = hs_ptr + cur * B * P
+        gx_rows = gx_ptr + (t[:, None] * B + offs_b[:, None]) * (4 * H)
+        for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
+            offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
+            mask = mask_b[:, None] & mask_h[None, :]
+            bh = offs_b[:, None] * H + offs_h[None, :]
+            i = tl.sigmoid(
+                _lstm_gate_preact(
+                    0,
+                    gx_rows,
+                    h_prev_ptr,
+                    w_ptr,
+                    b_ptr,
+                    offs_b,
+                    mask_b,
+                    offs_h,
+                    mask_h,
+                    H,
+                    P,
+                    BLOCK_B,
+                    BLOCK_H,
+                    BLOCK_K,
+                    PRECISION,
+                )  # fmt: skip
+            )
+            f = tl.sigmoid(
+                _lstm_gate_preact(
+                    1,
+                    gx_rows,
+                    h_prev_ptr,
+                    w_ptr,
+                    b_ptr,
+                    offs_b,
+                    mask_b,
+                    offs_h,
+                    mask_h,
+                    H,
+                    P,
+                    BLOCK_B,
+                    BLOCK_H,
+                    BLOCK_K,
+                    PRECISION,
+                )  # fmt: skip
+            )
+            g_pre = _lstm_gate_preact(
+                2, gx_rows, h_prev_ptr, w_ptr, b_ptr, offs_b, mask_b, offs_h, mask_h, H, P,
+                BLOCK_B, BLOCK_H, BLOCK_K, PRECISION,
+            )  # fmt: skip
+            g = 2.0 * tl.sigmoid(2.0 * g_pre) - 1.0  # tanh
+            o = tl.sigmoid(
+                _lstm_gate_preact(
+                    3,
+                    gx_rows,
+                    h_prev_ptr,
+                    w_ptr,
+                    b_ptr,
+                    offs_b,
+                    mask_b,
+                    offs_h,
+                    mask_h,
+                    H,
+                    P,
+                    BLOCK_B,
+                    BLOCK_H,
+                    BLOCK_K,
+                    PRECISION,
+                )  # fmt: skip
+            )
+            c_prev = tl.load(cs_ptr + cur * B * H + bh, mask=mask, other=0.0)
+            c_new = f * c_prev + i * g
+            m = o * (2.0 * tl.sigmoid(2.0 * c_new) - 1.0)
+            keep = valid[:, None] & mask
+            tl.store(cs_ptr + nxt * B * H + bh, tl.where(keep, c_new, c_prev), mask=mask)
+            gmask = mask & (offs_h * 0 + save != 0)[None, :]
+            g_rows = gates_ptr + (s * B + offs_b[:, None]).to(tl.int64) * (4 * H) + offs_h[None, :]
+            tl.store(g_rows, i, mask=gmask)
+            tl.store(g_rows + H, f, mask=gmask)
+            tl.store(g_rows + 2 * H, g, mask=gmask)
+            tl.store(g_rows + 3 * H, o, mask=gmask)
+            if HAS_PROJ:
+                tl.store(m_ptr + bh, m, mask=mask)
+            else:
+                h_prev = tl.load(h_prev_ptr + bh, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(hs_ptr + nxt * B * P + bh, tl.where(keep, m, h_prev), mask=mask)
+                y_rows = y_ptr + (t[:, None] * B + offs_b[:, None]) * P + offs_h[None, :]
+                tl.store(y_rows, tl.where(keep, m, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+        if HAS_PROJ:
+            arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+            for j in range(pid_h, tl.cdiv(P, BLOCK_H), n_split):
+                offs_p = j * BLOCK_H + tl.arange(0, BLOCK_H)
+                mask_p = offs_p < P
+                mask = mask_b[:, None] & mask_p[None, :]
+                bp = offs_b[:, None] * P + offs_p[None, :]
+                acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                acc = tile_matmul(
+                    acc, m_ptr, H, 1, offs_b, mask_b,
+                    wr_ptr, 1, H, offs_p, mask_p, H, BLOCK_K, PRECISION,
+                )  # fmt: skip
+                keep = valid[:, None] & mask
+                h_prev = tl.load(h_prev_ptr + bp, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(hs_ptr + nxt * B * P + bp, tl.where(keep, acc, h_prev), mask=mask)
+                y_rows = y_ptr + (t[:, None] * B + offs_b[:, None]) * P + offs_p[None, :]
+                tl.store(y_rows, tl.where(keep, acc, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+        arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+
+
+@triton.jit
+def lstm_backward_kernel(
+    w_ptr,  # [4H, P] input dtype (W_hh)
+    wr_ptr,  # [P, H] input dtype (W_hr; unused without HAS_PROJ)
+    len_ptr,  # [B] int64 valid lengths
+    dy_ptr,  # [T, B, P] dtype of y
+    gates_ptr,  # [T, B, 4H] float32 saved activated gates (processing order)
+    cs_ptr,  # [T+1, B, H] float32 saved cell states (processing order)
+    dh_ptr,  # [B, P] float32: dh_n in, dh0 out
+    dc_ptr,  # [B, H] float32: dc_n in, dc0 out
+    dgh_ptr,  # [T, B, 4H] float32 out: gradient of the pre-activations (processing order)
+    dgx_ptr,  # [T, B, 4H] dtype of gx out: the same in time order
+    dhp_ptr,  # [T, B, P] float32 out: gradient of h before W_hr (HAS_PROJ only)
+    sync_ptr,  # [cdiv(B, BLOCK_B)] int32 zeros (SPLIT only)
+    T,
+    B,
+    H,
+    P,
+    reverse,  # int 0/1
+    HAS_PROJ: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    lens = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
+    sync = sync_ptr + pid_b
+    arrivals = 0
+    for r in range(T):
+        s = T - 1 - r
+        t, valid = step_time(s, lens, reverse)
+        s64 = s.to(tl.int64)
+        if HAS_PROJ:
+            # phase 0 (P chunks): total gradient of h_s, masked, for W_hr and for phase 1.
+            for j in range(pid_h, tl.cdiv(P, BLOCK_H), n_split):
+                offs_p = j * BLOCK_H + tl.arange(0, BLOCK_H)
+                mask = mask_b[:, None] & (offs_p < P)[None, :]
+                bp = offs_b[:, None] * P + offs_p[None, :]
+                dh = tl.load(dh_ptr + bp, mask=mask, other=0.0)
+                dy_rows = dy_ptr + (t[:, None] * B + offs_b[:, None]) * P + offs_p[None, :]
+                dy = tl.load(dy_rows, mask=mask, other=0.0).to(tl.float32)
+                dtot = tl.where(valid[:, None], dh + dy, 0.0)
+                tl.store(dhp_ptr + s64 * B * P + bp, dtot, mask=mask)
+            arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+        # phase 1 (H chunks): gate derivatives of step s.
+        for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
+            offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
+            mask = mask_b[:, None] & mask_h[None, :]
+            bh = offs_b[:, None] * H + offs_h[None, :]
+            if HAS_PROJ:
+                dm = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                dm = tile_matmul(
+                    dm, dhp_ptr + s64 * B * P, P, 1, offs_b, mask_b,
+                    wr_ptr, H, 1, offs_h, mask_h, P, BLOCK_K, PRECISION,
+                )  # fmt: skip
+            else:
+                dy_rows = dy_ptr + (t[:, None] * B + offs_b[:, None]) * P + offs_h[None, :]
+                dy = tl.load(dy_rows, mask=mask, other=0.0).to(tl.float32)
+                dm = tl.load(dh_ptr + bh, mask=mask, other=0.0) + dy
+            g_rows = gates_ptr + (s64 * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
+            i = tl.load(g_rows, mask=mask, other=0.0)
+            f = tl.load(g_rows + H, mask=mask, other=0.0)
+            g = tl.load(g_rows + 2 * H, mask=mask, other=0.0)
+            o = tl.load(g_rows + 3 * H, mask=mask, other=0.0)
+            c_prev = tl.load(cs_ptr + s64 * B * H + bh, mask=mask, other=0.0)
+            c_new = tl.load(cs_ptr + (s64 + 1) * B * H + bh, mask=mask, other=0.0)
+            dc = tl.load(dc_ptr + bh, mask=mask, other=0.0)
+            tc = 2.0 * tl.sigmoid(2.0 * c_new) - 1.0
+            dct = dc + dm * o * (1.0 - tc * tc)
+            keep = valid[:, None]
+            di = tl.where(keep, dct * g * i * (1.0 - i), 0.0)
+            df = tl.where(keep, dct * c_prev * f * (1.0 - f), 0.0)
+            dg = tl.where(keep, dct * i * (1.0 - g * g), 0.0)
+            do = tl.where(keep, dm * tc * o * (1.0 - o), 0.0)
+            tl.store(dc_ptr + bh, tl.where(keep, dct * f, dc), mask=mask)
+            dgh_rows = dgh_ptr + (s64 * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
+            tl.store(dgh_rows, di, mask=mask)
+            tl.store(dgh_rows + H, df, mask=mask)
+            tl.store(dgh_rows + 2 * H, dg, mask=mask)
+            tl.store(dgh_rows + 3 * H, do, mask=mask)
+            dgx_rows = dgx_ptr + (t[:, None] * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
+            out_ty = dgx_ptr.dtype.element_ty
+            tl.store(dgx_rows, di.to(out_ty), mask=mask)
+            tl.store(dgx_rows + H, df.to(out_ty), mask=mask)
+            tl.store(dgx_rows + 2 * H, dg.to(out_ty), mask=mask)
+            tl.store(dgx_rows + 3 * H, do.to(out_ty), mask=mask)
+        arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+        # phase 2 (P chunks): dh_{s-1} = dgh_s @ W_hh where valid, else unchanged.
+        for j in range(pid_h, tl.cdiv(P, BLOCK_H), n_split):
+            offs_p = j * BLOCK_H + tl.arange(0, BLOCK_H)
+            mask_p = offs_p < P
+            mask = mask_b[:, None] & mask_p[None, :]
+            bp = offs_b[:, None] * P + offs_p[None, :]
+            acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            acc = tile_matmul(
+                acc, dgh_ptr + s64 * B * 4 * H, 4 * H, 1, offs_b, mask_b,
+                w_ptr, P, 1, offs_p, mask_p, 4 * H, BLOCK_K, PRECISION,
+            )  # fmt: skip
+            dh = tl.load(dh_ptr + bp, mask=mask, other=0.0)
+            tl.store(dh_ptr + bp, tl.where(valid[:, None], acc, dh), mask=mask)
+        # dh and dc are only ever touched by the program owning their chunk, but by other
+        # threads of it in the next phase.
+        tl.debug_barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# launch wrappers
+# ----------------------------------------------------------------------------------------------
+
+
+def lstm_forward(
+    gx: torch.Tensor,  # [T, B, 4H]
+    h0: torch.Tensor,  # [B, P] float32
+    c0: torch.Tensor,  # [B, H] float32
+    w_hh: torch.Tensor,  # [4H, P]
+    b_hh: torch.Tensor | None,  # [4H]
+    w_hr: torch.Tensor | None,  # [P, H]
+    lengths: torch.Tensor | None,  # [B] int64
+    reverse: bool,
+    save: bool,
+) -> ForwardResult:
+    """Fused LSTM layer forward; returns ``y [T, B, P]``, ``h_n [B, P]``, ``c_n [B, H]`` and,
+    when ``save``, ``Saved(hs [T+1, B, P], cs [T+1, B, H], gates [T, B, 4H])``."""
+    T, B, G4 = gx.shape
+    H, P = G4 // 4, w_hh.shape[1]
+    dev, f32 = gx.device, torch.float32
+    config, n_split = choose_config(B, max(H, P), dev)
+    slots = T + 1 if save else 2
+    hs = empty((slots, B, P), f32, dev)
+    cs = empty((slots, B, H), f32, dev)
+    hs[0] = h0
+    cs[0] = c0
+    gates = empty((T, B, 4 * H), f32, dev) if save else hs.new_empty(0)
+    m = empty((B, H), f32, dev) if w_hr is not None else hs.new_empty(0)
+    y = empty((T, B, P), gx.dtype, dev)
+    lens = lengths_or_full(lengths, T, B, dev)
+    grid = launch_grid(config, B, n_split)
+    lstm_forward_kernel[grid](
+        gx, w_hh, bias_or_zeros(b_hh, 4 * H, w_hh), w_hr if w_hr is not None else w_hh,
+        lens, y, hs, cs, gates, m, sync_buffer(grid[0], dev),
+        T, B, H, P, int(reverse), int(save),
+        HAS_PROJ=w_hr is not None, SPLIT=config.split, BLOCK_B=config.block_b,
+        BLOCK_H=config.block_h, BLOCK_K=config.block_k, PRECISION=dot_precision(gx.dtype),
+        num_warps=config.num_warps,
+    )  # fmt: skip
+    h_n, c_n = hs[T % slots].clone(), cs[T % slots].clone()
+    saved = Saved(hs, cs, gates) if save else empty_saved(hs)
+    return ForwardResult(y, h_n, c_n, saved)
+
+
+def lstm_backward(
+    saved: Saved,  # hs [T+1, B, P], cs [T+1, B, H], gates [T, B, 4H]
+    w_hh: torch.Tensor,  # [4H, P]
+    b_hh: torch.Tensor | None,  # [4H]
+    w_hr: torch.Tensor | None,  # [P, H]
+    lengths: torch.Tensor | None,  # [B] int64
+    reverse: bool,
+    dy: torch.Tensor,  # [T, B, P]
+    dh_n: torch.Tensor,  # [B, P] float32
+    dc_n: torch.Tensor,  # [B, H] float32
+) -> BackwardResult:
+    """Fused LSTM layer backward (explicit BPTT); weight gradients are float32 GEMMs after
+    the kernel. Returns ``dgx [T, B, 4H]``, ``dh0 [B, P]``, ``dc0 [B, H]``, ``dw_hh``,
+    ``db_hh``, ``dw_hr``."""
+    hs, cs, gates = saved
+    T, B, P = dy.shape
+    H = w_hh.shape[0] // 4
+    dev, f32 = dy.device, torch.float32
+    config, n_split = choose_config(B, max(H, P), dev)
+    dh = dh_n.to(f32).contiguous().clone()
+    dc = dc_n.to(f32).contiguous().clone()
+    dgh = empty((T, B, 4 * H), f32, dev)
+    dgx = empty((T, B, 4 * H), dy.dtype, dev)
+    dhp = empty((T, B, P), f32, dev) if w_hr is not None else dh.new_empty(0)
+    lens = lengths_or_full(lengths, T, B, dev)
+    grid = launch_grid(config, B, n_split)
+    lstm_backward_kernel[grid](
+        w_hh, w_hr if w_hr is not None else w_hh, lens, dy.contiguous(), gates, cs, dh, dc,
+        dgh, dgx, dhp, sync_buffer(grid[0], dev), T, B, H, P, int(reverse),
+        HAS_PROJ=w_hr is not None, SPLIT=config.split, BLOCK_B=config.block_b,
+        BLOCK_H=config.block_h, BLOCK_K=config.block_k, PRECISION=dot_precision(dy.dtype),
+        num_warps=config.num_warps,
+    )  # fmt: skip
+    dw_hh, db_hh = weight_grads(dgh, hs, w_hh, b_hh)
+    dw_hr = None
+    if w_hr is not None:
+        o = gates[:, :, 3 * H :]
+        m_all = (o * torch.tanh(cs[1:])).reshape(T * B, H)
+        dw_hr = (dhp.reshape(T * B, P).t() @ m_all).to(w_hr.dtype)
+    return BackwardResult(dgx, dh, dc, dw_hh, db_hh, dw_hr)

@@ -1,0 +1,218 @@
+"""Elman RNN (tanh or relu): fused forward and backward kernels, launch wrappers.
+
+Legend: ``T`` time, ``B`` batch, ``H`` hidden; ``h' = act(gx + W_hh h + b_hh)``. Grid strategy
+and synchronisation: see :mod:`.common`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..base import BackwardResult, ForwardResult, Saved, empty
+from .common import (
+    bias_or_zeros,
+    choose_config,
+    dot_precision,
+    empty_saved,
+    grid_sync,
+    launch_grid,
+    lengths_or_full,
+    step_time,
+    sync_buffer,
+    tile_matmul,
+    weight_grads,
+)
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def rnn_forward_kernel(
+    gx_ptr,  # [T, B, H] input dtype
+    w_ptr,  # [H, H] input dtype (W_hh)
+    b_ptr,  # [H] input dtype (b_hh, zeros when absent)
+    len_ptr,  # [B] int64 valid lengths
+    y_ptr,  # [T, B, H] input dtype
+    hs_ptr,  # [T+1, B, H] float32 when save else [2, B, H]; slot 0 holds h0
+    sync_ptr,  # [cdiv(B, BLOCK_B)] int32 zeros (SPLIT only)
+    T,
+    B,
+    H,
+    reverse,  # int 0/1
+    save,  # int 0/1
+    relu,  # int: 1 relu, 0 tanh
+    SPLIT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    lens = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
+    sync = sync_ptr + pid_b
+    arrivals = 0
+    for s in range(T):
+        t, valid = step_time(s, lens, reverse)
+        cur = tl.where(save != 0, s, s % 2).to(tl.int64)
+        nxt = tl.where(save != 0, s + 1, (s + 1) % 2).to(tl.int64)
+        h_prev_ptr = hs_ptr + cur * B * H
+        for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
+            offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
+            mask = mask_b[:, None] & mask_h[None, :]
+            bh = offs_b[:, None] * H + offs_h[None, :]
+            acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            acc = tile_matmul(
+                acc, h_prev_ptr, H, 1, offs_b, mask_b,
+                w_ptr, 1, H, offs_h, mask_h, H, BLOCK_K, PRECISION,
+            )  # fmt: skip
+            rows = (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
+            pre = acc + tl.load(gx_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+            pre += tl.load(b_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+            h_new = tl.where(relu != 0, tl.maximum(pre, 0.0), 2.0 * tl.sigmoid(2.0 * pre) - 1.0)
+            h_prev = tl.load(h_prev_ptr + bh, mask=mask, other=0.0, cache_modifier=".cg")
+            keep = valid[:, None] & mask
+            tl.store(hs_ptr + nxt * B * H + bh, tl.where(keep, h_new, h_prev), mask=mask)
+            tl.store(y_ptr + rows, tl.where(keep, h_new, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+        arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+
+
+@triton.jit
+def rnn_backward_kernel(
+    w_ptr,  # [H, H] input dtype (W_hh)
+    len_ptr,  # [B] int64 valid lengths
+    dy_ptr,  # [T, B, H] dtype of y
+    hs_ptr,  # [T+1, B, H] float32 saved states (processing order)
+    dh_ptr,  # [B, H] float32: dh_n in, dh0 out
+    dgh_ptr,  # [T, B, H] float32 out: gradient of the pre-activation (processing order)
+    dgx_ptr,  # [T, B, H] dtype of gx out: the same in time order
+    sync_ptr,  # [cdiv(B, BLOCK_B)] int32 zeros (SPLIT only)
+    T,
+    B,
+    H,
+    reverse,  # int 0/1
+    relu,  # int: 1 relu, 0 tanh
+    SPLIT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    lens = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
+    sync = sync_ptr + pid_b
+    arrivals = 0
+    for r in range(T):
+        s = T - 1 - r
+        t, valid = step_time(s, lens, reverse)
+        s64 = s.to(tl.int64)
+        keep = valid[:, None]
+        # phase 1: derivative of the pre-activation of step s.
+        for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
+            offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+            mask = mask_b[:, None] & (offs_h < H)[None, :]
+            bh = offs_b[:, None] * H + offs_h[None, :]
+            rows = (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
+            dtot = tl.load(dh_ptr + bh, mask=mask, other=0.0)
+            dtot += tl.load(dy_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+            h_new = tl.load(hs_ptr + (s64 + 1) * B * H + bh, mask=mask, other=0.0)
+            deriv = tl.where(relu != 0, (h_new > 0).to(tl.float32), 1.0 - h_new * h_new)
+            dpre = tl.where(keep, dtot * deriv, 0.0)
+            tl.store(dgh_ptr + s64 * B * H + bh, dpre, mask=mask)
+            tl.store(dgx_ptr + rows, dpre.to(dgx_ptr.dtype.element_ty), mask=mask)
+        arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+        # phase 2: dh_{s-1} = dgh_s @ W_hh where valid, else unchanged.
+        for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
+            offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
+            mask = mask_b[:, None] & mask_h[None, :]
+            bh = offs_b[:, None] * H + offs_h[None, :]
+            acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            acc = tile_matmul(
+                acc, dgh_ptr + s64 * B * H, H, 1, offs_b, mask_b,
+                w_ptr, H, 1, offs_h, mask_h, H, BLOCK_K, PRECISION,
+            )  # fmt: skip
+            dh = tl.load(dh_ptr + bh, mask=mask, other=0.0)
+            tl.store(dh_ptr + bh, tl.where(keep, acc, dh), mask=mask)
+        # dh is only touched by the program owning its chunk, but by other threads of it.
+        tl.debug_barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# launch wrappers
+# ----------------------------------------------------------------------------------------------
+
+
+def rnn_forward(
+    relu: bool,
+    gx: torch.Tensor,  # [T, B, H]
+    h0: torch.Tensor,  # [B, H] float32
+    w_hh: torch.Tensor,  # [H, H]
+    b_hh: torch.Tensor | None,  # [H]
+    lengths: torch.Tensor | None,  # [B] int64
+    reverse: bool,
+    save: bool,
+) -> ForwardResult:
+    """Fused Elman-RNN layer forward; returns ``y [T, B, H]``, ``h_n [B, H]`` and, when
+    ``save``, ``Saved(hs [T+1, B, H], [0], [0])``."""
+    T, B, H = gx.shape
+    dev, f32 = gx.device, torch.float32
+    config, n_split = choose_config(B, H, dev)
+    slots = T + 1 if save else 2
+    hs = empty((slots, B, H), f32, dev)
+    hs[0] = h0
+    y = empty((T, B, H), gx.dtype, dev)
+    lens = lengths_or_full(lengths, T, B, dev)
+    grid = launch_grid(config, B, n_split)
+    rnn_forward_kernel[grid](
+        gx, w_hh, bias_or_zeros(b_hh, H, w_hh), lens, y, hs, sync_buffer(grid[0], dev),
+        T, B, H, int(reverse), int(save), int(relu),
+        SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
+        BLOCK_K=config.block_k, PRECISION=dot_precision(gx.dtype), num_warps=config.num_warps,
+    )  # fmt: skip
+    h_n = hs[T % slots].clone()
+    saved = Saved(hs, hs.new_empty(0), hs.new_empty(0)) if save else empty_saved(hs)
+    return ForwardResult(y, h_n, hs.new_empty(0), saved)
+
+
+def rnn_backward(
+    relu: bool,
+    saved: Saved,  # hs [T+1, B, H]
+    w_hh: torch.Tensor,  # [H, H]
+    b_hh: torch.Tensor | None,  # [H]
+    lengths: torch.Tensor | None,  # [B] int64
+    reverse: bool,
+    dy: torch.Tensor,  # [T, B, H]
+    dh_n: torch.Tensor,  # [B, H] float32
+) -> BackwardResult:
+    """Fused Elman-RNN layer backward; returns ``dgx [T, B, H]``, ``dh0 [B, H]``, ``dw_hh``,
+    ``db_hh`` (weight gradients as float32 GEMMs after the kernel)."""
+    hs = saved.hs
+    T, B, H = dy.shape
+    dev, f32 = dy.device, torch.float32
+    config, n_split = choose_config(B, H, dev)
+    dh = dh_n.to(f32).contiguous().clone()
+    dgh = empty((T, B, H), f32, dev)
+    dgx = empty((T, B, H), dy.dtype, dev)
+    lens = lengths_or_full(lengths, T, B, dev)
+    grid = launch_grid(config, B, n_split)
+    rnn_backward_kernel[grid](
+        w_hh, lens, dy.contiguous(), hs, dh, dgh, dgx, sync_buffer(grid[0], dev),
+        T, B, H, int(reverse), int(relu),
+        SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
+        BLOCK_K=config.block_k, PRECISION=dot_precision(dy.dtype), num_warps=config.num_warps,
+    )  # fmt: skip
+    dw_hh, db_hh = weight_grads(dgh, hs, w_hh, b_hh)
+    return BackwardResult(dgx, dh, None, dw_hh, db_hh, None)

@@ -1,0 +1,287 @@
+"""Backend ``triton`` against ``reference``: outputs, final states, every gradient.
+
+Without a CUDA device the kernels run on CPU tensors through Triton's interpreter
+(``TRITON_INTERPRET=1``, set by ``tests/conftest.py`` before the backend is imported; set here
+too when this file runs alone), at small shapes; with a CUDA device the same tests run compiled
+on CUDA tensors, at more shapes (including the persistent split-hidden mode). Every buffer the
+backend allocates starts as NaN (conftest fixture), so an output element a kernel never writes
+fails the comparison.
+
+Tolerances.
+
+* float32: both sides round every product and sum to float32 (eps 1.2e-7) but sum in a different
+  order. Over these sizes (sums of at most 4*H + P <= ~1300 terms, T <= 24 steps, a backward
+  pass) the differences observed are a few 1e-7 relative to the largest magnitude, so
+  ``rtol=1e-5`` and ``atol=1e-5 * max(1, max|ref|)``: ~80 ulps, still 1000x below a real mistake
+  (a wrong gate or a missing term changes values at 1e-2).
+* bfloat16 / float16: the float64 reference on the same (already rounded) inputs is the truth.
+  Torch's own error in that dtype is measured with torch's two implementations run in that
+  dtype: torch.nn (its fused RNN kernels) and the ``reference`` backend (the contract's
+  roundings: ``gx``, ``y``, ``dgx`` in the 16-bit dtype); the larger of the two is the baseline.
+  The kernel's maximum error on every output and gradient must be at most ``K_LOW = 4`` times
+  that, plus a float32-rounding floor. Like cuDNN, the kernel rounds the recurrent matmul
+  operands (``h``, ``dgh``, weights) to the 16-bit dtype at every step, which the reference
+  does not; over 4 seeds x 5 cells x both dtypes the observed ratio peaks at 2.7 (max-abs errors
+  over a few hundred elements fluctuate ~2x between seeds), so 4 holds with margin while a real
+  mistake (a wrong term, a dropped rounding of state) shows up as 10x or more.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'triton>=3.6')")
+
+from rnnkern.backends import get_backend  # noqa: E402
+from rnnkern.backends.base import LayerConfig  # noqa: E402
+from rnnkern.backends.triton import BACKEND, common  # noqa: E402
+from rnnkern.functional import rnn_layer  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not common.INTERPRET:
+    pytest.skip(
+        "no CUDA device and rnnkern.backends.triton was imported before TRITON_INTERPRET=1 was "
+        "set; run with TRITON_INTERPRET=1",
+        allow_module_level=True,
+    )
+
+CELLS = ("lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu")
+K_LOW = 4.0
+NAMES = ("y", "h_n", "c_n", "x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+
+
+def _cell(name: str) -> str:
+    return "lstm" if name == "lstm_proj" else name
+
+
+def make_inputs(name, T, B, H, *, I=5, bias=True, dtype=torch.float32, seed=0):
+    """Random layer inputs in ``dtype`` (states: float32 values representable in ``dtype``)."""
+    cell = _cell(name)
+    G = {"lstm": 4, "gru": 3}.get(cell, 1)
+    P = max(1, H // 2) if name == "lstm_proj" else H
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)
+
+    inp = dict(
+        x=rnd(T, B, I, scale=1.0),
+        h0=rnd(B, P, scale=0.5).float(),
+        c0=rnd(B, H, scale=0.5).float() if cell == "lstm" else None,
+        w_ih=rnd(G * H, I, scale=1 / math.sqrt(I)),
+        w_hh=rnd(G * H, P, scale=1 / math.sqrt(P)),
+        b_ih=rnd(G * H, scale=0.1) if bias else None,
+        b_hh=rnd(G * H, scale=0.1) if bias else None,
+        w_hr=rnd(P, H, scale=1 / math.sqrt(H)) if name == "lstm_proj" else None,
+    )
+    return inp
+
+
+def run(name, inp, backend, lengths=None, reverse=False, grad=True, dtype=None, seed=1):
+    """Outputs and (when ``grad``) the gradients of every input, as a dict by :data:`NAMES`."""
+    cell = _cell(name)
+    leaves = {
+        k: (None if v is None else (v if dtype is None else v.to(dtype)).detach().clone())
+        for k, v in inp.items()
+    }
+    if grad:
+        for v in leaves.values():
+            if v is not None:
+                v.requires_grad_(True)
+    y, h_n, c_n = rnn_layer(
+        cell, leaves["x"], leaves["h0"], leaves["c0"], leaves["w_ih"], leaves["w_hh"],
+        leaves["b_ih"], leaves["b_hh"], leaves["w_hr"], lengths=lengths, reverse=reverse,
+        backend=backend,
+    )  # fmt: skip
+    out = dict(y=y, h_n=h_n, c_n=c_n)
+    if grad:
+        gen = torch.Generator().manual_seed(seed)
+        loss = 0
+        for t in (y, h_n, c_n):
+            if t is not None:
+                u = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device)
+                loss = loss + (t.double() * u).sum()
+        names = [k for k, v in leaves.items() if v is not None]
+        grads = torch.autograd.grad(loss, [leaves[k] for k in names])
+        out.update(zip(names, grads, strict=True))
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def assert_float32_close(got: dict, ref: dict) -> None:
+    assert got.keys() == ref.keys()
+    for k in ref:
+        r = ref[k].double()
+        atol = 1e-5 * max(1.0, r.abs().max().item()) if r.numel() else 0.0
+        torch.testing.assert_close(
+            got[k].double(), r, rtol=1e-5, atol=atol, msg=lambda m, k=k: f"{k}: {m}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# cases: (T, B, H, lengths, reverse, bias)
+# ----------------------------------------------------------------------------------------------
+
+CPU_CASES = {
+    "T1_B1_H1": (1, 1, 1, None, False, True),
+    "plain_H33": (4, 3, 33, None, False, True),
+    "lengths": (5, 3, 33, [5, 2, 4], False, True),
+    "reverse": (4, 2, 7, None, True, True),
+    "lengths_reverse": (5, 3, 33, [3, 5, 1], True, True),
+    "two_batch_tiles": (3, 33, 20, "random", True, True),
+    "no_bias": (3, 2, 9, None, False, False),
+}
+GPU_CASES = {
+    **CPU_CASES,
+    "H32_one_chunk": (8, 4, 32, None, False, True),
+    "H100_split": (12, 5, 100, "random", True, True),
+    "H256_B64_split": (16, 64, 256, "random", False, True),
+    "H500_B17": (6, 17, 500, None, True, True),
+    "B300_many_tiles": (5, 300, 64, "random", True, True),
+}
+CASES = GPU_CASES if DEVICE == "cuda" else CPU_CASES
+
+
+def _lengths(spec, T, B):
+    if spec is None:
+        return None
+    if spec == "random":
+        gen = torch.Generator().manual_seed(T * 1000 + B)
+        lens = torch.randint(1, T + 1, (B,), generator=gen)
+        lens[0] = T
+        return lens.to(DEVICE)
+    return torch.tensor(spec, dtype=torch.int64, device=DEVICE)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name", CELLS)
+def test_float32_matches_reference(name, case):
+    T, B, H, spec, reverse, bias = CASES[case]
+    if name == "lstm_proj" and H < 2:
+        pytest.skip("a projection needs proj_size < hidden_size, impossible with H=1")
+    inp = make_inputs(name, T, B, H, bias=bias)
+    lengths = _lengths(spec, T, B)
+    got = run(name, inp, "triton", lengths, reverse)
+    ref = run(name, inp, "reference", lengths, reverse)
+    assert_float32_close(got, ref)
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_inference_without_saving_matches_reference(name):
+    # No input requires grad: the forward runs with save=False (ping-pong state buffers).
+    T, B, H = 6, 3, 33
+    inp = make_inputs(name, T, B, H)
+    lengths = _lengths([6, 1, 4], T, B)
+    with torch.no_grad():
+        got = run(name, inp, "triton", lengths, True, grad=False)
+        ref = run(name, inp, "reference", lengths, True, grad=False)
+    assert_float32_close(got, ref)
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_saved_activations_follow_the_contract_layout(name):
+    # backward of one backend must be able to consume what the contract says forward saves.
+    cell = _cell(name)
+    inp = make_inputs(name, 4, 3, 10)
+    lengths = _lengths([4, 2, 3], 4, 3)
+    gx = torch.nn.functional.linear(inp["x"], inp["w_ih"], inp["b_ih"]).contiguous()
+    args = (cell, gx, inp["h0"], inp["c0"], inp["w_hh"], inp["b_hh"], inp["w_hr"], lengths, True)
+    got = BACKEND.forward(*args, True).saved
+    ref = get_backend("reference").forward(*args, True).saved
+    for g, r in zip(got, ref, strict=True):
+        assert g.shape == r.shape and g.dtype == r.dtype
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def _torch_module(name, inp, dtype):
+    """torch.nn's own layer holding ``inp``'s weights, in ``dtype``."""
+    I = inp["x"].shape[2]
+    H = inp["w_hh"].shape[0] // {"lstm": 4, "gru": 3}.get(_cell(name), 1)
+    kw = dict(bias=inp["b_ih"] is not None)
+    if name == "lstm_proj":
+        mod = torch.nn.LSTM(I, H, proj_size=inp["w_hr"].shape[0], **kw)
+    elif name == "lstm":
+        mod = torch.nn.LSTM(I, H, **kw)
+    elif name == "gru":
+        mod = torch.nn.GRU(I, H, **kw)
+    else:
+        mod = torch.nn.RNN(I, H, nonlinearity=name[4:], **kw)
+    with torch.no_grad():
+        for pname in ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr"):
+            if inp[pname] is not None:
+                getattr(mod, f"weight_{pname[2:]}_l0" if pname[0] == "w" else f"bias_{pname[2:]}_l0"
+                        ).copy_(inp[pname])  # fmt: skip
+    return mod.to(device=DEVICE, dtype=dtype)
+
+
+def _run_torch(name, inp, dtype, seed=1):
+    """torch.nn in ``dtype``: outputs and gradients named as :func:`run` names them."""
+    mod = _torch_module(name, inp, dtype)
+    x = inp["x"].to(dtype).detach().clone().requires_grad_(True)
+    h0 = inp["h0"].to(dtype).unsqueeze(0).detach().clone().requires_grad_(True)
+    if _cell(name) == "lstm":
+        c0 = inp["c0"].to(dtype).unsqueeze(0).detach().clone().requires_grad_(True)
+        y, (h_n, c_n) = mod(x, (h0, c0))
+        outs, leaves = [y, h_n[0], c_n[0]], {"x": x, "h0": h0, "c0": c0}
+    else:
+        y, h_n = mod(x, h0)
+        outs, leaves = [y, h_n[0]], {"x": x, "h0": h0}
+    gen = torch.Generator().manual_seed(seed)
+    loss = 0
+    for t in outs:
+        u = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device)
+        loss = loss + (t.double() * u).sum()
+    for pname in ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr"):
+        if inp[pname] is not None:
+            attr = f"weight_{pname[2:]}_l0" if pname[0] == "w" else f"bias_{pname[2:]}_l0"
+            leaves[pname] = getattr(mod, attr)
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    out = dict(zip(("y", "h_n", "c_n")[: len(outs)], outs, strict=True))
+    out.update({k: g.reshape(inp[k].shape) for k, g in zip(leaves, grads, strict=True)})
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", CELLS)
+def test_low_precision_within_k_times_torch_error(name, dtype):
+    T, B, H = (6, 3, 33) if DEVICE == "cpu" else (24, 16, 256)
+    inp = make_inputs(name, T, B, H, dtype=dtype)
+    truth = run(name, inp, "reference", dtype=torch.float64)
+    got = run(name, inp, "triton")
+    torch_nn = _run_torch(name, inp, dtype)
+    torch_ref = run(name, inp, "reference")
+    for k, r in truth.items():
+        err = (got[k].double() - r).abs().max().item()
+        err_torch = max((t[k].double() - r).abs().max().item() for t in (torch_nn, torch_ref))
+        # floor: float32 rounding of the largest value (the kernel's states are float32).
+        floor = 4 * torch.finfo(torch.float32).eps * max(1.0, r.abs().max().item())
+        assert err <= K_LOW * err_torch + floor, (
+            f"{k}: triton error {err:.3e} > {K_LOW} x torch's {err_torch:.3e} + {floor:.1e}"
+        )
+
+
+def test_supports_gives_reasons():
+    def cfg(**kw):
+        base = dict(cell="lstm", device_type=DEVICE, dtype=torch.float32, input_size=4,
+                    hidden_size=8, proj_size=0, batch_size=2, seq_len=3, has_lengths=False,
+                    needs_grad=True)  # fmt: skip
+        base.update(kw)
+        return LayerConfig(**base)
+
+    assert BACKEND.supports(cfg()) is True
+    reason = BACKEND.supports(cfg(dtype=torch.float64))
+    assert isinstance(reason, str) and "float64" in reason
+    reason = BACKEND.supports(cfg(device_type="mps"))
+    assert isinstance(reason, str) and "mps" in reason
+
+
+def test_float64_call_is_a_clear_error():
+    inp = make_inputs("gru", 2, 2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        run("gru", inp, "triton", grad=False)
