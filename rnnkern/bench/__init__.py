@@ -1,0 +1,1 @@
+"""Benchmarks run by ``rnnkern bench``: one module per suite, timed by :mod:`.runner`."""

@@ -1,0 +1,281 @@
+"""Benchmark runner: rnnkern beside its baseline in one process, medians, ratios, results files.
+
+A suite is a module in :mod:`rnnkern.bench` that defines ``cases(device, quick) -> list[Case]``.
+For every case the runner warms each implementation up, then times them *interleaved* (one
+run of each per round, in a shuffled order) so that a noisy, shared machine slows all of them
+alike, and reports medians and the ratio ``baseline median / implementation median`` (above 1
+means faster than the baseline). Results are written as JSON (every sample, machine, versions,
+commit) and a markdown table under ``benchmarks/results/``, one pair of files per suite and
+machine, each written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import json
+import os
+import pkgutil
+import platform
+import random
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+__all__ = ["Case", "measure", "run_suites", "suite_names", "write_results", "format_table"]
+
+
+@dataclasses.dataclass
+class Case:
+    """One shape of one benchmark, timed for several implementations side by side.
+
+    ``fns`` maps a label to a callable doing one complete timed run (no arguments). The
+    runner synchronises ``device`` around each call, so callables need not. ``baseline`` is the
+    label the ratios are taken against. ``work`` optionally maps a label to a count per run
+    (e.g. tokens, or bytes of weights read) and ``work_unit`` names it, for a rate column.
+    """
+
+    suite: str
+    name: str
+    params: dict
+    fns: dict[str, Callable[[], object]]
+    baseline: str
+    device: str = "cpu"
+    work: dict[str, float] = dataclasses.field(default_factory=dict)
+    work_unit: str = ""
+    notes: str = ""
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(case: Case, warmup: int = 3, repeats: int = 15, seed: int = 0) -> dict:
+    """Time every implementation of ``case``; returns per-label samples (seconds) and stats."""
+    rng = random.Random(seed)
+    labels = list(case.fns)
+    for _ in range(warmup):
+        for label in labels:
+            case.fns[label]()
+    _sync(case.device)
+    samples: dict[str, list[float]] = {label: [] for label in labels}
+    for _ in range(repeats):
+        order = labels[:]
+        rng.shuffle(order)
+        for label in order:
+            _sync(case.device)
+            t0 = time.perf_counter()
+            case.fns[label]()
+            _sync(case.device)
+            samples[label].append(time.perf_counter() - t0)
+    medians = {label: statistics.median(s) for label, s in samples.items()}
+    base = medians[case.baseline]
+    rows = {}
+    for label in labels:
+        row = {
+            "median_s": medians[label],
+            "min_s": min(samples[label]),
+            "samples_s": samples[label],
+            "ratio_vs_baseline": base / medians[label],
+        }
+        if label in case.work:
+            row["rate"] = case.work[label] / medians[label]
+        rows[label] = row
+    return {
+        "suite": case.suite,
+        "name": case.name,
+        "params": case.params,
+        "baseline": case.baseline,
+        "device": case.device,
+        "work_unit": case.work_unit,
+        "notes": case.notes,
+        "results": rows,
+    }
+
+
+def suite_names() -> list[str]:
+    """Modules of :mod:`rnnkern.bench` that define ``cases``."""
+    import rnnkern.bench as pkg
+
+    names = []
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name.startswith("_") or info.name == "runner":
+            continue
+        names.append(info.name)
+    return sorted(names)
+
+
+def _load_suite(name: str):
+    if name not in suite_names():
+        raise ValueError(f"suite must be one of {suite_names()}, got {name!r}")
+    module = importlib.import_module(f"rnnkern.bench.{name}")
+    if not hasattr(module, "cases"):
+        raise ValueError(f"rnnkern.bench.{name} defines no cases(device, quick)")
+    return module
+
+
+def run_suites(
+    names: list[str],
+    device: str = "cpu",
+    quick: bool = False,
+    repeats: int = 15,
+    warmup: int = 3,
+    progress: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Run the named suites' cases on ``device``; returns one record per case."""
+    records = []
+    for name in names:
+        for case in _load_suite(name).cases(device=device, quick=quick):
+            record = measure(case, warmup=warmup, repeats=repeats)
+            records.append(record)
+            if progress is not None:
+                progress(record)
+    return records
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def machine_info(device: str = "cpu") -> dict:
+    """Machine, versions and commit to store beside the numbers."""
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "commit": _git_commit(),
+    }
+    try:
+        import rnnkern
+
+        info["rnnkern"] = rnnkern.__version__
+    except ImportError:  # pragma: no cover - the runner lives inside rnnkern
+        pass
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_sms"] = props.multi_processor_count
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        try:
+            smi = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            )
+            info["driver"] = smi.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            info["driver"] = None
+    return info
+
+
+def machine_slug(info: dict, device: str) -> str:
+    """A short file-name-safe name of the machine the numbers came from."""
+    if device.startswith("cuda") and info.get("gpu"):
+        name = info["gpu"]
+    else:
+        name = f"cpu-{info['machine']}-{info['cpu_count']}cores"
+    return "".join(c.lower() if c.isalnum() else "-" for c in name).strip("-")
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.3f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
+def format_table(records: list[dict]) -> str:
+    """Markdown table: one row per case and implementation, with the ratio to the baseline."""
+    lines = [
+        "| suite | case | implementation | median | ratio vs baseline | rate |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rec in records:
+        for label, row in rec["results"].items():
+            is_base = label == rec["baseline"]
+            rate = ""
+            if "rate" in row:
+                rate = f"{row['rate']:.4g} {rec['work_unit']}/s"
+            lines.append(
+                f"| {rec['suite']} | {rec['name']} | {label}{' (baseline)' if is_base else ''} "
+                f"| {_fmt_time(row['median_s'])} | {row['ratio_vs_baseline']:.2f}x | {rate} |"
+            )
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_results(
+    records: list[dict], out_dir: str | Path, tag: str, device: str = "cpu", command: str = ""
+) -> tuple[Path, Path]:
+    """Write ``<tag>-<machine>.json`` and ``.md`` under ``out_dir``; returns both paths."""
+    info = machine_info(device)
+    slug = machine_slug(info, device)
+    out = Path(out_dir)
+    json_path = out / f"{tag}-{slug}.json"
+    md_path = out / f"{tag}-{slug}.md"
+    payload = {"machine": info, "command": command, "cases": records}
+    _atomic_write(json_path, json.dumps(payload, indent=1) + "\n")
+    header = [
+        f"# rnnkern benchmarks: {tag} on {slug}",
+        "",
+        f"Command: `{command}`" if command else "",
+        f"Date: {info['date']}; commit: {info['commit']}; torch {info['torch']}; "
+        f"triton {info.get('triton')}; {info['platform']}; {info['cpu_count']} CPUs"
+        + (
+            f"; GPU {info['gpu']}, driver {info.get('driver')}, CUDA {info.get('cuda')}"
+            if "gpu" in info
+            else ""
+        ),
+        "",
+        "Ratio = baseline median / implementation median (above 1: faster than the baseline); "
+        "implementations timed interleaved in one process.",
+        "",
+    ]
+    notes = [f"- {r['name']}: {r['notes']}" for r in records if r.get("notes")]
+    text = (
+        "\n".join(header)
+        + format_table(records)
+        + "\n"
+        + ("\n" + "\n".join(notes) + "\n" if notes else "")
+    )
+    _atomic_write(md_path, text)
+    return json_path, md_path

@@ -1,0 +1,126 @@
+"""The ``rnnkern`` command: bench, backends, and the music layer's train and generate."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import runner
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(
+            f"rnnkern bench: --device {args.device} asked for, but torch sees no CUDA device",
+            file=sys.stderr,
+        )
+        return 2
+    suites = args.suite or ["nn_modules"]
+    known = runner.suite_names()
+    unknown = [s for s in suites if s not in known]
+    if unknown:
+        print(f"rnnkern bench: unknown suite(s) {unknown}; choose from {known}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def progress(record: dict) -> None:
+        base = record["results"][record["baseline"]]["median_s"]
+        parts = [
+            f"{label} {row['median_s'] * 1e3:.3f} ms ({row['ratio_vs_baseline']:.2f}x)"
+            for label, row in record["results"].items()
+        ]
+        print(
+            f"[{record['suite']}] {record['name']}: baseline {base * 1e3:.3f} ms; "
+            + "; ".join(parts),
+            flush=True,
+        )
+
+    records = runner.run_suites(
+        suites,
+        device=args.device,
+        quick=args.quick,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        progress=progress,
+    )
+    print()
+    print(runner.format_table(records))
+    if not args.no_write:
+        command = "rnnkern " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        tag = "+".join(suites) + ("-quick" if args.quick else "")
+        paths = runner.write_results(records, args.out, tag, device=args.device, command=command)
+        print("\nwrote " + " and ".join(str(p) for p in paths))
+    return 0
+
+
+def _backends(args: argparse.Namespace) -> int:
+    from . import backends
+
+    for name in backends.KERNEL_BACKENDS:
+        reason = backends.unavailable_reason(name)
+        print(f"{name:10s} {'available' if reason is None else 'unavailable: ' + reason}")
+    print(f"{'torch':10s} available (torch.nn's own fused implementation)")
+    print(f"for device {args.device}: {', '.join(backends.available_backends(args.device))}")
+    return 0
+
+
+def _music_missing(error: ImportError):
+    def handler(args: argparse.Namespace) -> int:
+        print(
+            f"rnnkern {args.command}: the music layer needs its extra packages "
+            f"(pip install 'rnnkern[music]'): {error}",
+            file=sys.stderr,
+        )
+        return 2
+
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rnnkern", description="Fused RNN kernels for PyTorch: benchmarks and music."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="time rnnkern beside torch.nn on a list of shapes")
+    bench.add_argument(
+        "--suite", action="append", help="suite to run (repeatable); default nn_modules"
+    )
+    bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    bench.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    bench.add_argument("--repeats", type=int, default=15, help="timed rounds (default 15)")
+    bench.add_argument("--warmup", type=int, default=3, help="warm-up rounds (default 3)")
+    bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    bench.add_argument("--out", default="benchmarks/results", help="results folder")
+    bench.add_argument("--no-write", action="store_true", help="print only, write no files")
+    bench.set_defaults(func=_bench)
+
+    backends = sub.add_parser("backends", help="list backends and why any is unavailable")
+    backends.add_argument("--device", default="cpu")
+    backends.set_defaults(func=_backends)
+
+    try:
+        from .music import cli as music_cli
+    except ImportError as err:
+        for name in ("train", "generate"):
+            p = sub.add_parser(name, help=f"music: {name} (needs rnnkern[music])")
+            p.set_defaults(func=_music_missing(err))
+    else:
+        music_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "repeats", 1) is not None and getattr(args, "repeats", 1) < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
