@@ -8,8 +8,8 @@ are float32 rounding: different summation orders in the GEMMs and polynomial act
 (an error of order 1e-2 or more) fails. float64 results must match the float64 reference to
 1e-12 relative: sums of a few hundred float64 terms over at most 8 steps err by less than 1e-13.
 
-Every buffer the kernels write is filled with NaN first (``cpu.POISON``), so an element a kernel
-forgets to write fails the comparison.
+Every buffer the kernels write is filled with NaN first (tests/conftest.py poisons
+``backends.base.empty``), so an element a kernel forgets to write fails the comparison.
 """
 
 from __future__ import annotations
@@ -26,11 +26,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(cpu_backend, "POISON", True)
 
 
 def make_inputs(cell, T, B, I, H, proj, seed=0):

@@ -18,11 +18,17 @@ Legend: ``T`` time, ``B`` batch, ``H`` hidden, ``P`` state size (proj_size or H)
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .base import BackwardResult, ForwardResult, LayerConfig, Saved, gate_count, state_dtype
+from .base import (
+    BackwardResult,
+    ForwardResult,
+    LayerConfig,
+    Saved,
+    empty,
+    gate_count,
+    state_dtype,
+)
 from .reference import _gather_time, reversed_time_index
 
 try:
@@ -36,10 +42,6 @@ else:
 _CELL_CODE = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-# Debug switch for tests: fill every buffer the kernels write with NaN before the call, so an
-# element a kernel forgets to write shows up as NaN instead of stale memory.
-POISON = os.environ.get("RNNKERN_POISON", "") == "1"
-
 
 def build_hint() -> str:
     return (
@@ -51,9 +53,9 @@ def build_hint() -> str:
 
 
 def _alloc(shape, dtype) -> torch.Tensor:
-    if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype)
-    return torch.empty(shape, dtype=dtype)
+    # Through base.empty, so that tests' poison_allocations() fills every buffer the kernels
+    # write with NaN: an element a kernel forgets to write then fails loudly.
+    return empty(shape, dtype, "cpu")
 
 
 def _ptr(t: torch.Tensor | None) -> int:
