@@ -12,6 +12,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# cuDNN runs float32 RNNs in TF32 by default (10-bit mantissa, errors near 1e-3); comparisons
+# against it are of float32 arithmetic, so turn TF32 off for the whole suite.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 from rnnkern.backends.base import poison_allocations  # noqa: E402  (after the env setup)
 
 

@@ -14,6 +14,7 @@ differences are below 1e-5, so rtol 1e-4 / atol 2e-5.
 """
 
 import random
+import zlib
 
 import pytest
 import torch
@@ -76,7 +77,7 @@ def _ids(case):
     )
 
 
-def make_pair(case, backend="reference", dropout=0.0):
+def make_pair(case, backend="reference", dropout=0.0, device="cpu"):
     ours_cls, torch_cls = KINDS[case["kind"]]
     kw = dict(
         num_layers=case["num_layers"],
@@ -91,13 +92,22 @@ def make_pair(case, backend="reference", dropout=0.0):
     if case["kind"] == "RNN":
         kw["nonlinearity"] = case["nonlinearity"]
     torch.manual_seed(1234)
-    theirs = torch_cls(case["input_size"], case["hidden_size"], **kw)
+    theirs = torch_cls(case["input_size"], case["hidden_size"], **kw).to(device)
     torch.manual_seed(1234)
-    ours = ours_cls(case["input_size"], case["hidden_size"], backend=backend, **kw)
+    ours = ours_cls(case["input_size"], case["hidden_size"], backend=backend, **kw).to(device)
     return ours, theirs
 
 
-def make_input(case, gen):
+def make_input(case, gen, device="cpu"):
+    inp, B, batched = _make_input_cpu(case, gen)
+    if device == "cpu":
+        return inp, B, batched
+    if hasattr(inp, "batch_sizes"):
+        return inp.to(device), B, batched
+    return inp.to(device), B, batched
+
+
+def _make_input_cpu(case, gen):
     T, B, I, dt = case["T"], case["B"], case["input_size"], case["dtype"]
     kind = case["input_kind"]
     if kind == "unbatched":
@@ -113,14 +123,14 @@ def make_input(case, gen):
     return torch.randn(*shape, generator=gen, dtype=dt), B, True
 
 
-def make_state(case, B, batched, gen):
+def make_state(case, B, batched, gen, device="cpu"):
     D = 2 if case["bidirectional"] else 1
     H, P = case["hidden_size"], case["proj_size"] or case["hidden_size"]
     L = case["num_layers"]
     dt = case["dtype"]
 
     def r(*shape):
-        t = torch.randn(*shape, generator=gen, dtype=dt)
+        t = torch.randn(*shape, generator=gen, dtype=dt).to(device)
         return t if batched else t.squeeze(1)
 
     h = r(L * D, B, P)
@@ -176,19 +186,19 @@ def _clone_state(state):
     return _clone_leaf(state)
 
 
-def check_case(case, backend="reference", train=False, dropout=0.0):
-    gen = torch.Generator().manual_seed(hash(_ids(case)) % 2**31)
-    ours, theirs = make_pair(case, backend, dropout)
+def check_case(case, backend="reference", train=False, dropout=0.0, device="cpu"):
+    gen = torch.Generator().manual_seed(zlib.crc32(_ids(case).encode()))
+    ours, theirs = make_pair(case, backend, dropout, device)
     ours.train(train)
     theirs.train(train)
     for (n1, p1), (n2, p2) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2), f"init differs at {n1}"
-    inp, B, batched = make_input(case, gen)
-    state = make_state(case, B, batched, gen) if case["give_state"] else None
+    inp, B, batched = make_input(case, gen, device)
+    state = make_state(case, B, batched, gen, device) if case["give_state"] else None
     inp_a, inp_b = _clone_input(inp), _clone_input(inp)
     st_a, st_b = _clone_state(state), _clone_state(state)
     outs_b, _ = run_and_grad(theirs, inp_b, st_b, None)
-    grads_out = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs_b]
+    grads_out = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(device) for o in outs_b]
     outs_b, grads_b = run_and_grad(theirs, inp_b, st_b, grads_out)
     outs_a, grads_a = run_and_grad(ours, inp_a, st_a, grads_out)
     tol = TOL[case["dtype"]]
@@ -211,6 +221,16 @@ def check_case(case, backend="reference", train=False, dropout=0.0):
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_module_matches_torch_nn(case):
     check_case(case)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", CASES[::3], ids=_ids)
+def test_module_matches_cudnn_on_cuda(case):
+    """The same comparison on the GPU, where torch.nn runs cuDNN (TF32 off: see conftest)."""
+    check_case(case, device="cuda")
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
