@@ -1,0 +1,217 @@
+"""Compile every Triton kernel configuration the dispatcher can choose, ahead of time, no GPU.
+
+Usage::
+
+    python -m rnnkern.backends.triton.compile_check --arch sm_80,sm_90 [--kernels NAMES]
+        [--dtypes fp32,tf32,bf16,fp16] [--jobs N] [--json PATH]
+
+For each kernel x input dtype x launch configuration (:func:`.common.all_configs`) x kernel
+flag (LSTM projection) it runs ``triton.compile`` with an explicit ``GPUTarget("cuda", cap,
+32)``, runs ``ptxas -v`` on the PTX for registers and spills, reads the shared memory from the
+compiled metadata and compares it with the architecture's per-block limit. Prints one table row
+per configuration and exits non-zero on any compile failure or shared-memory overflow.
+``TRITON_INTERPRET`` must not be set (interpreted kernels cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+# Maximum shared memory per block (opt-in), bytes.
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+DTYPES = {"fp32": ("fp32", "ieee"), "tf32": ("fp32", "tf32"), "bf16": ("bf16", "ieee"),
+          "fp16": ("fp16", "ieee")}  # fmt: skip
+# kernel name -> (module, has a projection flag)
+KERNELS = {
+    "lstm_forward_kernel": ("lstm", True),
+    "lstm_backward_kernel": ("lstm", True),
+    "gru_forward_kernel": ("gru", False),
+    "gru_backward_kernel": ("gru", False),
+    "rnn_forward_kernel": ("rnn", False),
+    "rnn_backward_kernel": ("rnn", False),
+}
+# Pointer arguments in the input dtype; every other pointer is float32 state except these two.
+INPUT_DTYPE_PTRS = {"gx_ptr", "w_ptr", "b_ptr", "wr_ptr", "y_ptr", "dy_ptr", "dgx_ptr"}
+INT_PTRS = {"len_ptr": "*i64", "sync_ptr": "*i32"}
+
+
+@dataclass
+class Row:
+    arch: str
+    kernel: str
+    config: str
+    ok: bool
+    registers: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    shared: int | None = None
+    shared_limit: int | None = None
+    seconds: float = 0.0
+    error: str = ""
+
+
+def jobs(kernels, dtypes) -> list[tuple[str, str, dict]]:
+    """Every (kernel, dtype key, constexpr dict) the dispatcher can launch."""
+    from .common import all_configs
+
+    out = []
+    for kernel in kernels:
+        _, has_proj = KERNELS[kernel]
+        for dkey in dtypes:
+            for cfg in all_configs():
+                for proj in (False, True) if has_proj else (None,):
+                    constexprs = dict(
+                        SPLIT=cfg.split, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h,
+                        BLOCK_K=cfg.block_k, PRECISION=DTYPES[dkey][1],
+                    )  # fmt: skip
+                    if proj is not None:
+                        constexprs["HAS_PROJ"] = proj
+                    out.append((kernel, dkey, constexprs | {"num_warps": cfg.num_warps}))
+    return out
+
+
+def _ptxas(arch: int) -> str | None:
+    """The ptxas Triton itself assembles with (it accepts the PTX version Triton emits), else
+    the one on PATH."""
+    try:
+        from triton.backends.nvidia import compiler as nv
+
+        try:
+            return nv.get_ptxas(arch).path
+        except TypeError:  # Triton versions whose get_ptxas takes no argument
+            return nv.get_ptxas().path
+    except Exception:  # noqa: BLE001 - fall back to PATH; a missing ptxas fails the row
+        return shutil.which("ptxas")
+
+
+def compile_one(arch: int, kernel: str, dkey: str, constexprs: dict) -> Row:
+    """Compile one configuration for ``sm_<arch>``; never raises (errors go in the row)."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    consts = dict(constexprs)
+    num_warps = consts.pop("num_warps")
+    label = f"{dkey} " + " ".join(f"{k}={v}" for k, v in consts.items())
+    row = Row(f"sm_{arch}", kernel, label, False, shared_limit=SMEM_LIMIT.get(arch))
+    start = time.perf_counter()
+    try:
+        module = importlib.import_module(f"rnnkern.backends.triton.{KERNELS[kernel][0]}")
+        fn = getattr(module, kernel)
+        dtype = DTYPES[dkey][0]
+        signature = {}
+        for name in fn.arg_names:
+            if name in consts:
+                signature[name] = "constexpr"
+            elif name in INT_PTRS:
+                signature[name] = INT_PTRS[name]
+            elif name.endswith("_ptr"):
+                signature[name] = f"*{dtype}" if name in INPUT_DTYPE_PTRS else "*fp32"
+            else:
+                signature[name] = "i32"
+        src = ASTSource(fn=fn, signature=signature, constexprs=consts)
+        compiled = triton.compile(
+            src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
+        )
+        row.shared = int(compiled.metadata.shared)
+        ptx = compiled.asm["ptx"]
+        gpu_name = re.search(r"^\s*\.target\s+(\w+)", ptx, re.M).group(1)
+        ptxas = _ptxas(arch)
+        if ptxas is None:
+            raise RuntimeError("ptxas not found")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.ptx")
+            with open(path, "w") as f:
+                f.write(ptx)
+            res = subprocess.run(
+                [ptxas, "-v", f"--gpu-name={gpu_name}", path, "-o", os.path.join(tmp, "k.o")],
+                capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+        if res.returncode != 0:
+            raise RuntimeError(f"ptxas failed: {res.stderr.strip()[-500:]}")
+        info = res.stderr
+        regs = re.search(r"Used (\d+) registers", info)
+        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+        row.registers = int(regs.group(1)) if regs else None
+        if spill:
+            row.spill_stores, row.spill_loads = int(spill.group(1)), int(spill.group(2))
+        row.ok = row.shared_limit is None or row.shared <= row.shared_limit
+        if not row.ok:
+            row.error = f"shared memory {row.shared} B > limit {row.shared_limit} B"
+    except Exception as err:  # noqa: BLE001 - every failure is reported as a failed row
+        row.error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
+    row.seconds = time.perf_counter() - start
+    return row
+
+
+def _print_table(rows: list[Row]) -> None:
+    head = f"{'arch':6} {'kernel':22} {'configuration':60} {'regs':>5} {'spill st/ld':>12} "
+    head += f"{'smem/limit (B)':>16}  status"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        spill = "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
+        smem = "-" if r.shared is None else f"{r.shared}/{r.shared_limit}"
+        status = "ok" if r.ok else f"FAIL {r.error}"
+        regs = "-" if r.registers is None else str(r.registers)
+        print(f"{r.arch:6} {r.kernel:22} {r.config:60} {regs:>5} {spill:>12} {smem:>16}  {status}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sm_80,sm_90", help="comma list, e.g. sm_80,sm_90")
+    parser.add_argument("--kernels", default=",".join(KERNELS), help="comma list of kernels")
+    parser.add_argument(
+        "--dtypes", default=",".join(DTYPES), help="comma list: " + ",".join(DTYPES)
+    )
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
+        return 2
+    archs = []
+    for a in args.arch.split(","):
+        m = re.fullmatch(r"sm_(\d+)", a.strip())
+        if not m:
+            parser.error(f"--arch must be a comma list like sm_80,sm_90; got {a!r}")
+        archs.append(int(m.group(1)))
+    kernels = [k.strip() for k in args.kernels.split(",")]
+    for k in kernels:
+        if k not in KERNELS:
+            parser.error(f"--kernels: unknown kernel {k!r}; expected some of {', '.join(KERNELS)}")
+    dtypes = [d.strip() for d in args.dtypes.split(",")]
+    for d in dtypes:
+        if d not in DTYPES:
+            parser.error(f"--dtypes: unknown dtype {d!r}; expected some of {', '.join(DTYPES)}")
+    work = [(arch, *job) for arch in archs for job in jobs(kernels, dtypes)]
+    start = time.perf_counter()
+    if args.jobs > 1:
+        with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+            rows = list(pool.map(compile_one, *zip(*work, strict=True)))
+    else:
+        rows = [compile_one(*w) for w in work]
+    _print_table(rows)
+    failed = [r for r in rows if not r.ok]
+    total = time.perf_counter() - start
+    print(f"\n{len(rows)} configurations, {len(failed)} failed, {total:.0f} s wall")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""compile_check compiles Triton kernels ahead of time for a GPU architecture, with no GPU.
+
+A small subset here (one kernel, one dtype, sm_90: every launch configuration of it) so the
+suite stays fast; the full table is ``python -m rnnkern.backends.triton.compile_check --arch
+sm_80,sm_90``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'triton>=3.6')")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return subprocess.run(
+        [sys.executable, "-m", "rnnkern.backends.triton.compile_check", *args],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_compile_check_subset_compiles_and_reports_registers(tmp_path):
+    out = tmp_path / "rows.json"
+    res = _run("--arch", "sm_90", "--kernels", "rnn_forward_kernel", "--dtypes", "bf16",
+               "--jobs", "1", "--json", str(out))  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    import json
+
+    rows = json.loads(out.read_text())
+    # every launch configuration the dispatcher can choose: block_b in {16, 32} x split
+    assert len(rows) == 4
+    for row in rows:
+        assert row["ok"], row
+        assert row["arch"] == "sm_90" and row["registers"] > 0
+        assert 0 < row["shared"] <= row["shared_limit"]
+    assert "4 configurations, 0 failed" in res.stdout
+
+
+def test_compile_check_rejects_unknown_arguments():
+    res = _run("--arch", "sm_90", "--kernels", "no_such_kernel")
+    assert res.returncode != 0
+    assert "unknown kernel 'no_such_kernel'" in res.stderr
