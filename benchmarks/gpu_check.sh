@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: build, compile_check, the test suite on CUDA, then the Triton vs
+# cuDNN training benchmark; everything lands in one results directory; a summary table last.
+#
+#   benchmarks/gpu_check.sh [RESULTS_DIR]          (default: $RNNKERN_RESULTS or benchmarks/results)
+#
+# Environment knobs (all optional):
+#   GPU_CHECK_BUDGET_S   total wall budget in seconds (default 560: fits a 10-minute call)
+#   GPU_CHECK_STAGES     comma list of build,compile,tests,bench (default: all four)
+#   GPU_CHECK_GRID       quick (bounded subset, default) or full (the whole issue grid)
+#   GPU_CHECK_TESTS      pytest selection (default: tests/)
+#   PYTHON               interpreter (default: python3, or python if python3 is missing)
+#
+# Works from a plain copy of the repository (no pip install: PYTHONPATH=.) with no network.
+# Every stage runs under `timeout`; a stage that fails or times out is reported in the summary and
+# the next stage still runs. Exit status: 0 when every stage that ran passed.
+set -u -o pipefail
+
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${RNNKERN_RESULTS:-benchmarks/results}}"
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+BUDGET="${GPU_CHECK_BUDGET_S:-560}"
+STAGES=",${GPU_CHECK_STAGES:-build,compile,tests,bench},"
+GRID="${GPU_CHECK_GRID:-quick}"
+TESTS="${GPU_CHECK_TESTS:-tests/}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
+unset TRITON_INTERPRET
+START=$(date +%s)
+STATUS_FILE="$OUT_DIR/gpu_check_status.tsv"
+: >"$STATUS_FILE"
+
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+
+# run_stage NAME LIMIT_S CMD...: runs CMD under timeout, logs to OUT_DIR/NAME.log, records status.
+run_stage() {
+  local name=$1 limit=$2
+  shift 2
+  if [ "$limit" -lt 10 ]; then
+    printf '%s\tskipped\t0\tno time left in the budget\n' "$name" >>"$STATUS_FILE"
+    return
+  fi
+  echo "== $name (limit ${limit}s): $*"
+  local t0 rc
+  t0=$(date +%s)
+  timeout --signal=TERM --kill-after=15 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+  rc=$?
+  local dt=$(($(date +%s) - t0))
+  local what="exit $rc"
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && what="timed out after ${limit}s"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$([ $rc -eq 0 ] && echo ok || echo FAIL)" "$dt" "$what" \
+    >>"$STATUS_FILE"
+  tail -n 5 "$OUT_DIR/$name.log"
+}
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+  "$PY" -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
+  "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1
+  command -v nvcc >/dev/null && nvcc --version | tail -n 2
+} >"$OUT_DIR/environment.txt" 2>&1
+cat "$OUT_DIR/environment.txt"
+
+if [[ $STAGES == *,build,* ]]; then
+  # C++ (and CUDA, when nvcc is present) extensions in place; Triton needs no build.
+  run_stage build "$(($(left) < 150 ? $(left) : 150))" "$PY" setup.py build_ext --inplace
+fi
+if [[ $STAGES == *,compile,* ]]; then
+  run_stage compile_check "$(($(left) < 120 ? $(left) : 120))" "$PY" -m \
+    rnnkern.backends.triton.compile_check --arch sm_90 --dtypes fp32,bf16 --jobs 8 \
+    --json "$OUT_DIR/compile_check.json"
+fi
+if [[ $STAGES == *,tests,* ]]; then
+  run_stage tests "$(($(left) < 260 ? $(left) : 260))" "$PY" -m pytest $TESTS -q -rs \
+    -p no:cacheprovider --junitxml="$OUT_DIR/pytest.xml"
+fi
+if [[ $STAGES == *,bench,* ]]; then
+  BENCH_LIMIT=$(($(left) - 20))
+  run_stage bench "$BENCH_LIMIT" "$PY" -m rnnkern.bench.gpu_train --out "$OUT_DIR" \
+    --grid "$GRID" --budget-s "$((BENCH_LIMIT > 60 ? BENCH_LIMIT - 45 : 15))"
+fi
+
+echo
+echo "== summary ($(($(date +%s) - START)) s; results in $OUT_DIR)"
+"$PY" - "$OUT_DIR" <<'EOF'
+import glob, json, math, os, sys
+import xml.etree.ElementTree as ET
+out = sys.argv[1]
+lines = []
+for row in open(os.path.join(out, "gpu_check_status.tsv")):
+    name, status, secs, what = row.rstrip("\n").split("\t")
+    extra = ""
+    if name == "tests" and os.path.exists(os.path.join(out, "pytest.xml")):
+        s = ET.parse(os.path.join(out, "pytest.xml")).getroot()
+        s = s if s.tag == "testsuite" else s.find("testsuite")
+        extra = (f"{s.get('tests')} tests: {s.get('failures')} failed, {s.get('errors')} errors, "
+                 f"{s.get('skipped')} skipped")
+    if name == "compile_check" and os.path.exists(os.path.join(out, "compile_check.json")):
+        rows = json.load(open(os.path.join(out, "compile_check.json")))
+        spills = sum(1 for r in rows if (r.get("spill_stores") or 0) > 0)
+        extra = f"{len(rows)} configs, {sum(not r['ok'] for r in rows)} failed, {spills} spill"
+    lines.append(f"| {name} | {status} | {secs} s | {what} | {extra} |")
+print("| stage | status | time | exit | details |\n|---|---|---|---|---|")
+print("\n".join(lines))
+files = sorted(glob.glob(os.path.join(out, "gpu_train-*.json")))
+if files:
+    cases = json.load(open(files[-1]))["cases"]
+    groups = {}
+    for c in cases:
+        p = c["params"]
+        key = (p["cell"], "fwd+bwd" if p["train"] else "fwd", p["dtype"].removeprefix("torch."))
+        r = c["results"].get("rnnkern[triton]")
+        groups.setdefault(key, []).append(r["ratio_vs_baseline"] if r else None)
+    print("\n| cell | mode | dtype | shapes measured | not run | geomean triton speed vs cuDNN | min | max |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (cell, mode, dt), v in sorted(groups.items()):
+        m = [x for x in v if x]
+        if m:
+            gm = math.exp(sum(map(math.log, m)) / len(m))
+            print(f"| {cell} | {mode} | {dt} | {len(m)} | {len(v) - len(m)} | {gm:.2f}x | {min(m):.2f}x | {max(m):.2f}x |")
+        else:
+            print(f"| {cell} | {mode} | {dt} | 0 | {len(v)} | - | - | - |")
+    print(f"\nper-shape table: {files[-1][:-5]}.md")
+EOF
+! grep -q -P '\tFAIL\t' "$STATUS_FILE"

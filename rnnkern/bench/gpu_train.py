@@ -1,0 +1,166 @@
+"""Suite ``gpu_train``: rnnkern's Triton kernels beside torch.nn (cuDNN) on a GPU.
+
+Training (forward + backward with a fixed random upstream gradient) and forward-only, for LSTM
+and GRU, one layer, ``input_size == hidden_size``, in bfloat16 and float32 (TF32 off, so
+float32 is exact on both sides). For each shape both implementations run in the same process,
+interleaved by :func:`rnnkern.bench.runner.measure`; the ratio is cuDNN median / Triton median
+(above 1: Triton is faster).
+
+The full grid is B in {1, 16, 64, 256} x H in {128, 256, 512, 1024} x T in {256, 1024}; the
+quick grid (the default of ``main``) is a bounded subset that fits a few minutes. ``main``
+builds one case at a time (the largest needs ~20 GB), stops starting new cases when its time
+budget is spent (the cases left are written as explicitly skipped, not measured), and rewrites
+the JSON + markdown results after every case so a killed run keeps what it measured.
+
+    python -m rnnkern.bench.gpu_train --out DIR [--grid quick|full] [--budget-s SECONDS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+import rnnkern
+
+from .runner import Case, measure, write_results
+
+CELLS = ("LSTM", "GRU")
+DTYPES = (torch.bfloat16, torch.float32)
+FULL = dict(B=(1, 16, 64, 256), H=(128, 256, 512, 1024), T=(256, 1024))
+QUICK = dict(B=(1, 16, 64, 256), H=(128, 512, 1024), T=(256,))
+
+
+def shapes(grid: str) -> list[tuple[str, torch.dtype, int, int, int, bool]]:
+    """``(cell, dtype, B, H, T, train)`` in run order (bf16 first, small first)."""
+    g = QUICK if grid == "quick" else FULL
+    return [
+        (cell, dtype, B, H, T, train)
+        for dtype in DTYPES
+        for T in g["T"]
+        for H in g["H"]
+        for B in g["B"]
+        for cell in CELLS
+        for train in (True, False)
+    ]
+
+
+def _name(cell, dtype, B, H, T, train) -> str:
+    mode = "fwd+bwd" if train else "fwd"
+    return f"{cell} {mode} B={B} H={H} T={T} {str(dtype).removeprefix('torch.')}"
+
+
+def _step(module, x, dy, train: bool):
+    def run():
+        if train:
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            y, _ = module(x)
+            y.backward(dy)
+        else:
+            with torch.no_grad():
+                module(x)
+
+    return run
+
+
+def make_case(cell, dtype, B, H, T, train, device="cuda") -> Case:
+    """torch.nn (baseline) and rnnkern with backend ``triton`` sharing weights and data."""
+    gen = torch.Generator().manual_seed(B * 7919 + H * 31 + T)
+    torch.manual_seed(0)
+    base = getattr(torch.nn, cell)(H, H).to(device=device, dtype=dtype)
+    ours = getattr(rnnkern, cell)(H, H, backend="triton").to(device=device, dtype=dtype)
+    ours.load_state_dict(base.state_dict())
+    x = torch.randn(T, B, H, generator=gen).to(device=device, dtype=dtype)
+    x.requires_grad_(train)
+    dy = torch.randn(T, B, H, generator=gen).to(device=device, dtype=dtype)
+    fns = {"torch.nn": _step(base, x, dy, train), "rnnkern[triton]": _step(ours, x, dy, train)}
+    return Case(
+        suite="gpu_train",
+        name=_name(cell, dtype, B, H, T, train),
+        params=dict(cell=cell, batch=B, hidden=H, time=T, train=train, dtype=str(dtype)),
+        fns=fns,
+        baseline="torch.nn",
+        device=device,
+        work={label: float(T * B) for label in fns},
+        work_unit="tokens",
+    )
+
+
+def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
+    """Runner entry point. GPU only (on other devices: no cases). Every case's tensors are
+    allocated up front here, so use ``main`` (one case at a time) for the full grid."""
+    if not device.startswith("cuda"):
+        return []
+    return [make_case(*s, device=device) for s in shapes("quick" if quick else "full")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Triton vs cuDNN training benchmark")
+    parser.add_argument("--out", default="benchmarks/results", help="results directory")
+    parser.add_argument("--grid", choices=("quick", "full"), default="quick")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting cases after")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_train: no CUDA device; nothing measured")
+        return 2
+    # float32 must be exact on both sides: no TF32 in cuDNN nor in the Triton kernels.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    start = time.monotonic()
+    records: list[dict] = []
+    todo = shapes(args.grid)
+    command = "python -m rnnkern.bench.gpu_train " + " ".join(argv or sys.argv[1:])
+    for i, shape in enumerate(todo):
+        name = _name(*shape)
+        if time.monotonic() - start > args.budget_s:
+            for rest in todo[i:]:
+                records.append(_skipped(rest, f"not run: time budget of {args.budget_s:.0f} s"))
+            print(f"gpu_train: time budget spent; {len(todo) - i} cases not run")
+            break
+        case = None
+        try:
+            case = make_case(*shape)
+            rec = measure(case, warmup=args.warmup, repeats=args.repeats)
+        except torch.cuda.OutOfMemoryError as err:
+            rec = _skipped(shape, f"out of memory: {str(err).splitlines()[0][:200]}")
+        del case
+        torch.cuda.empty_cache()
+        records.append(rec)
+        res = rec["results"]
+        if res:
+            r = res["rnnkern[triton]"]
+            print(
+                f"[{time.monotonic() - start:6.0f}s] {name}: cuDNN "
+                f"{res['torch.nn']['median_s'] * 1e3:.3f} ms, triton {r['median_s'] * 1e3:.3f} ms"
+                f" ({r['ratio_vs_baseline']:.2f}x)",
+                flush=True,
+            )
+        else:
+            print(f"{name}: {rec['notes']}", flush=True)
+        write_results(records, args.out, "gpu_train", device="cuda", command=command)
+    write_results(records, args.out, "gpu_train", device="cuda", command=command)
+    return 0
+
+
+def _skipped(shape, why: str) -> dict:
+    cell, dtype, B, H, T, train = shape
+    return {
+        "suite": "gpu_train",
+        "name": _name(*shape),
+        "params": dict(cell=cell, batch=B, hidden=H, time=T, train=train, dtype=str(dtype)),
+        "baseline": "torch.nn",
+        "device": "cuda",
+        "work_unit": "tokens",
+        "notes": why,
+        "results": {},
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
