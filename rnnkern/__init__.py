@@ -6,6 +6,7 @@ state_dict and outputs, with the implementation chosen per call (``backend="auto
 
 from ._version import __version__
 from .backends import BackendUnavailableError, available_backends
+from .decode import Decoder
 from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, RNNInputError, explain
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "LSTMCell",
     "GRUCell",
     "RNNCell",
+    "Decoder",
     "explain",
 ]

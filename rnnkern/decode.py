@@ -1,0 +1,400 @@
+"""Fast decoding: ``rnnkern.Decoder`` packs a recurrent model once and steps B streams.
+
+``Decoder(rnn, embedding=None, head=None, weights="fp32", batch_size=1, backend="cpu")`` takes
+a unidirectional ``torch.nn`` or ``rnnkern`` LSTM / GRU / RNN (or one of their cells), an
+optional ``nn.Embedding`` feeding layer 0 and an optional output ``nn.Linear`` head, reads
+their weights by torch.nn's parameter names and packs them once:
+
+- ``weights="fp32"`` keeps float32 matrices; ``weights="bf16"`` stores the matrices that are
+  streamed every step (``W_hh``, ``W_ih`` of layers >= 1, ``W_hr``, the head) as bfloat16 and
+  accumulates in float32, halving the bytes a step reads.
+- With an embedding, layer 0's input projection becomes a table
+  ``embedding.weight @ W_ih0ᵀ + b_ih0`` (float32, computed in float64), so a token costs one
+  row lookup instead of a matrix-vector product.
+
+``backend="cpu"`` runs each step (all layers and the head) as one C++ call and ``generate`` as
+one C++ call for the whole loop, sampling with :mod:`rnnkern.sampling`'s rule; nothing is
+allocated per token. ``backend="torch"`` runs the same packed weights with torch ops (the
+reference backend's cell formulas, one step at a time) on any device, for machines without the
+extension; it is never chosen silently.
+
+Legend: ``B`` streams, ``L`` layers, ``I`` input size, ``H`` hidden, ``P`` state size
+(proj_size or H), ``G`` gates, ``V`` head outputs (vocabulary), ``S`` prime length.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from . import sampling
+from .backends.base import GATES
+
+__all__ = ["Decoder"]
+
+_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+_CELL_CODE = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+
+
+def _cell_of_module(rnn: torch.nn.Module) -> tuple[str, int, bool]:
+    """(cell name, layers, is a single-step cell module) of a supported recurrent module."""
+    mode = getattr(rnn, "mode", None)
+    if isinstance(mode, str) and mode in _MODES and hasattr(rnn, "weight_hh_l0"):
+        if getattr(rnn, "bidirectional", False):
+            raise ValueError(
+                "rnn must be unidirectional (a decoder steps forward in time), "
+                "got bidirectional=True"
+            )
+        return _MODES[mode], int(rnn.num_layers), False
+    if hasattr(rnn, "weight_hh") and hasattr(rnn, "weight_ih"):
+        name = type(rnn).__name__
+        if name.startswith("LSTM"):
+            return "lstm", 1, True
+        if name.startswith("GRU"):
+            return "gru", 1, True
+        if name.startswith("RNN"):
+            nonlinearity = getattr(rnn, "nonlinearity", "tanh")
+            return ("rnn_tanh" if nonlinearity == "tanh" else "rnn_relu"), 1, True
+    raise ValueError(
+        "rnn must be a torch.nn or rnnkern LSTM, GRU or RNN (or LSTMCell, GRUCell, RNNCell), "
+        f"got {type(rnn).__name__}"
+    )
+
+
+def _layer_params(rnn, l: int, is_cell: bool) -> tuple[Tensor, ...]:
+    """(W_ih, W_hh, b_ih, b_hh, W_hr) of layer ``l`` by torch.nn's parameter names."""
+    if is_cell:
+        return rnn.weight_ih, rnn.weight_hh, rnn.bias_ih, rnn.bias_hh, None
+    get = lambda name: getattr(rnn, f"{name}_l{l}", None)  # noqa: E731
+    return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("weight_hr")
+
+
+class Decoder:
+    """Packed weights and the state of ``B`` streams of a recurrent model, for generation.
+
+    Args:
+        rnn: unidirectional LSTM / GRU / RNN (torch.nn or rnnkern), or LSTMCell / GRUCell /
+            RNNCell.
+        embedding: optional ``nn.Embedding`` (``embedding_dim == input_size``) mapping token
+            ids to layer 0's input.
+        head: optional ``nn.Linear`` (``in_features == P``) producing logits ``[B, V]``.
+        weights: ``"fp32"`` or ``"bf16"`` storage of the streamed matrices.
+        batch_size: number of streams ``B`` (change it with :meth:`reset`).
+        backend: ``"cpu"`` (C++ kernels, CPU tensors) or ``"torch"`` (torch ops, any device).
+    """
+
+    def __init__(
+        self,
+        rnn: torch.nn.Module,
+        embedding: torch.nn.Embedding | None = None,
+        head: torch.nn.Linear | None = None,
+        weights: str = "fp32",
+        batch_size: int = 1,
+        backend: str = "cpu",
+    ) -> None:
+        if weights not in ("fp32", "bf16"):
+            raise ValueError(f"weights must be 'fp32' or 'bf16', got {weights!r}")
+        if backend not in ("cpu", "torch"):
+            raise ValueError(f"backend must be 'cpu' or 'torch', got {backend!r}")
+        cell, L, is_cell = _cell_of_module(rnn)
+        first = _layer_params(rnn, 0, is_cell)
+        device = first[1].device
+        if backend == "cpu":
+            from .backends import cpu as cpu_backend
+
+            if cpu_backend._cpu is None:
+                raise RuntimeError(cpu_backend.build_hint() + "; or pass backend='torch'")
+            if device.type != "cpu":
+                raise ValueError(
+                    f"backend 'cpu' needs the model on the CPU, got {device}; "
+                    "use backend='torch' for other devices"
+                )
+            self._cpu = cpu_backend._cpu
+        else:
+            self._cpu = None
+        self.cell, self.num_layers, self.backend, self.weights = cell, L, backend, weights
+        self.device = device
+        G = GATES[cell]
+        self.hidden_size = first[1].shape[0] // G
+        self.state_size = P = first[1].shape[1]
+        self.input_size = I = first[0].shape[1]
+
+        if embedding is not None:
+            if not isinstance(embedding, torch.nn.Embedding):
+                raise ValueError(f"embedding must be an nn.Embedding, got {type(embedding)}")
+            if embedding.embedding_dim != I:
+                raise ValueError(
+                    f"embedding.embedding_dim must equal the rnn's input_size {I}, "
+                    f"got {embedding.embedding_dim}"
+                )
+            if embedding.max_norm is not None:
+                raise ValueError("embedding.max_norm is not supported (it rewrites weights)")
+        if head is not None:
+            if not isinstance(head, torch.nn.Linear):
+                raise ValueError(f"head must be an nn.Linear, got {type(head)}")
+            if head.in_features != P:
+                raise ValueError(
+                    f"head.in_features must equal the rnn's output size {P}, got {head.in_features}"
+                )
+        self.vocab_in = embedding.num_embeddings if embedding is not None else 0
+        self.vocab_size = head.out_features if head is not None else 0
+
+        f32 = dict(dtype=torch.float32, device=device)
+        stream_dtype = torch.bfloat16 if weights == "bf16" else torch.float32
+        with torch.no_grad():
+
+            def packed(t: Tensor | None) -> Tensor | None:
+                return None if t is None else t.detach().to(stream_dtype).contiguous()
+
+            def bias(t: Tensor | None) -> Tensor | None:
+                return None if t is None else t.detach().to(**f32).contiguous()
+
+            self._layers = []
+            for l in range(L):
+                w_ih, w_hh, b_ih, b_hh, w_hr = _layer_params(rnn, l, is_cell)
+                self._layers.append(
+                    {
+                        "w_ih": None if (l == 0 and embedding is not None) else packed(w_ih),
+                        "w_hh": packed(w_hh),
+                        "b_ih": bias(b_ih),
+                        "b_hh": bias(b_hh),
+                        "w_hr": packed(w_hr),
+                    }
+                )
+            self._table = None
+            if embedding is not None:
+                w_ih0, _, b_ih0, _, _ = first
+                table = embedding.weight.detach().double() @ w_ih0.detach().double().t()
+                if b_ih0 is not None:
+                    table += b_ih0.detach().double()
+                self._table = table.to(**f32).contiguous()
+            self._head_w = packed(head.weight) if head is not None else None
+            self._head_b = bias(head.bias) if head is not None else None
+        self.reset(batch_size)
+
+    # ------------------------------------------------------------------------------ state
+    def reset(self, batch_size: int | None = None) -> None:
+        """Zero the state of every stream; with ``batch_size``, change the number of streams."""
+        if batch_size is not None:
+            if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+                raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+            if batch_size < 1:
+                raise ValueError(f"batch_size must be an int >= 1, got {batch_size}")
+            self.batch_size = int(batch_size)
+            self._allocate()
+        for t in (self._h, self._c):
+            if t is not None:
+                t.zero_()
+
+    def _allocate(self) -> None:
+        """State and scratch buffers for B streams (allocated here, never per token)."""
+        B, L, H, P = self.batch_size, self.num_layers, self.hidden_size, self.state_size
+        GH = GATES[self.cell] * H
+        f32 = dict(dtype=torch.float32, device=self.device)
+        self._h = torch.zeros(2, L, B, P, **f32)  # ping-pong: [parity] is the current state
+        self._parity = 0
+        self._c = torch.zeros(L, B, H, **f32) if self.cell == "lstm" else None
+        V = self.vocab_size
+        self._logits = torch.empty(B, V if V else P, **f32)
+        self._plan = None
+        if self._cpu is None:
+            return
+        self._gi = torch.empty(B, GH, **f32)
+        self._gh = torch.empty(B, GH, **f32)
+        self._m = torch.empty(B, H, **f32)
+        self._sample_w = torch.empty(B, max(V, 1), dtype=torch.float64)
+        self._sample_order = torch.empty(B, max(V, 1), dtype=torch.int32)
+
+        def ptr(t: Tensor | None) -> int:
+            return 0 if t is None else t.data_ptr()
+
+        lay = self._layers
+        self._plan = self._cpu.DecoderPlan(
+            _CELL_CODE[self.cell], L, B, self.input_size, H, P, V,
+            1 if self.weights == "bf16" else 0,
+            [ptr(d["w_ih"]) for d in lay], [ptr(d["w_hh"]) for d in lay],
+            [ptr(d["b_ih"]) for d in lay], [ptr(d["b_hh"]) for d in lay],
+            [ptr(d["w_hr"]) for d in lay],
+            ptr(self._table), self.vocab_in, ptr(self._head_w), ptr(self._head_b),
+            ptr(self._c), ptr(self._gi), ptr(self._gh), ptr(self._m), ptr(self._logits),
+        )  # fmt: skip
+
+    def get_state(self) -> Tensor | tuple[Tensor, Tensor]:
+        """A copy of the state: ``h [L, B, P]`` (and ``c [L, B, H]`` for LSTM), torch.nn's
+        ``h_n`` / ``(h_n, c_n)`` layout."""
+        h = self._h[self._parity].clone()
+        return (h, self._c.clone()) if self.cell == "lstm" else h
+
+    def set_state(self, state: Tensor | tuple[Tensor, Tensor]) -> None:
+        """Copy ``state`` (as returned by :meth:`get_state` or torch.nn) into the streams."""
+        L, B, H, P = self.num_layers, self.batch_size, self.hidden_size, self.state_size
+        if self.cell == "lstm":
+            if not (isinstance(state, (tuple, list)) and len(state) == 2):
+                raise ValueError("state must be a tuple (h [L, B, P], c [L, B, H]) for an LSTM")
+            h, c = state
+        else:
+            h, c = state, None
+        for name, t, shape in (("h", h, (L, B, P)), ("c", c, (L, B, H))):
+            if name == "c" and self.cell != "lstm":
+                continue
+            if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+                got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"state {name} must have shape {list(shape)}, got {got}")
+        self._h[self._parity].copy_(h)
+        if c is not None:
+            self._c.copy_(c)
+
+    # ------------------------------------------------------------------------------ steps
+    def _check_tokens(self, tokens: Tensor, name: str, shape: tuple[int, ...]) -> None:
+        if not isinstance(tokens, Tensor) or tuple(tokens.shape) != shape:
+            got = list(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ValueError(f"{name} must be a LongTensor of shape {list(shape)}, got {got}")
+        if tokens.dtype != torch.int64:
+            raise ValueError(f"{name} must have dtype torch.int64, got {tokens.dtype}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.vocab_in:
+            raise ValueError(
+                f"{name} must hold token ids in [0, {self.vocab_in}), got values in [{lo}, {hi}]"
+            )
+
+    def step(self, inputs: Tensor, out: Tensor | None = None) -> Tensor:
+        """Advance every stream by one step.
+
+        Args:
+            inputs: token ids ``LongTensor [B]`` (with an embedding) or ``[B, I]`` inputs.
+            out: optional float32 ``[B, V]`` (``[B, P]`` without a head) to write into; then
+                nothing is allocated.
+
+        Returns:
+            logits ``[B, V]`` (the top layer's output ``[B, P]`` without a head).
+        """
+        B = self.batch_size
+        if self._table is not None:
+            self._check_tokens(inputs, "tokens", (B,))
+            tokens, x = inputs.to(self.device).contiguous(), None
+        else:
+            I = self.input_size
+            if not isinstance(inputs, Tensor) or tuple(inputs.shape) != (B, I):
+                got = list(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
+                raise ValueError(f"inputs must be a float tensor of shape [{B}, {I}], got {got}")
+            tokens, x = None, inputs.to(device=self.device, dtype=torch.float32).contiguous()
+        width = self.vocab_size or self.state_size
+        if out is not None and (
+            not isinstance(out, Tensor)
+            or tuple(out.shape) != (B, width)
+            or out.dtype != torch.float32
+            or not out.is_contiguous()
+            or out.device != self.device
+        ):
+            raise ValueError(f"out must be a contiguous float32 tensor [{B}, {width}]")
+        h_cur, h_next = self._h[self._parity], self._h[1 - self._parity]
+        if self._plan is not None:
+            self._plan.step(
+                h_cur.data_ptr(), h_next.data_ptr(),
+                0 if tokens is None else tokens.data_ptr(), 0 if x is None else x.data_ptr(),
+                self._head_w is not None,
+            )  # fmt: skip
+        else:
+            self._torch_step(tokens, x, h_cur, h_next)
+        self._parity ^= 1
+        result = self._logits if self._head_w is not None else h_next[-1]
+        if out is None:
+            return result.clone()
+        out.copy_(result)
+        return out
+
+    def _torch_step(self, tokens, x, h_cur: Tensor, h_next: Tensor) -> None:
+        """One step with torch ops: the reference backend's formulas with T = 1."""
+        from .backends.reference import BACKEND as reference
+
+        inp = None
+        for l, d in enumerate(self._layers):
+            if l == 0 and self._table is not None:
+                gx = self._table[tokens]
+            else:
+                inp = x if l == 0 else h_next[l - 1]
+                gx = torch.nn.functional.linear(inp, d["w_ih"].float(), d["b_ih"])
+            c0 = self._c[l] if self._c is not None else None
+            w_hr = d["w_hr"].float() if d["w_hr"] is not None else None
+            r = reference.forward(
+                self.cell, gx.unsqueeze(0), h_cur[l], c0, d["w_hh"].float(), d["b_hh"], w_hr,
+                None, False, False,
+            )  # fmt: skip
+            h_next[l].copy_(r.h_n)
+            if self._c is not None:
+                self._c[l].copy_(r.c_n)
+        if self._head_w is not None:
+            torch.nn.functional.linear(h_next[-1], self._head_w.float(), self._head_b,
+                                       out=self._logits)  # fmt: skip
+
+    def generate(
+        self,
+        prime: Tensor,
+        steps: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> Tensor:
+        """Feed ``prime [B, S]`` then sample ``steps`` tokens per stream; one C++ call.
+
+        Token ``j`` of stream ``b`` is drawn by :func:`rnnkern.sampling.sample`'s rule with
+        ``uniform(seed, b, j)`` from the logits after the prime and tokens ``0 .. j-1``. The
+        state afterwards has consumed the prime and every sampled token but the last, so
+        ``generate(out[:, -1:], ...)`` continues the sequence.
+
+        Returns:
+            ``LongTensor [B, steps]``.
+        """
+        if self._table is None or self._head_w is None:
+            raise ValueError("generate needs an embedding (token input) and a head (logits)")
+        if self.vocab_size > self.vocab_in:
+            raise ValueError(
+                f"generate feeds sampled tokens back: head.out_features ({self.vocab_size}) must "
+                f"not exceed embedding.num_embeddings ({self.vocab_in})"
+            )
+        sampling.check_sampling_args(temperature, top_k, top_p)
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        seed = sampling._check_u64("seed", seed)
+        B = self.batch_size
+        if not isinstance(prime, Tensor) or prime.dim() != 2 or prime.shape[0] != B:
+            got = list(prime.shape) if isinstance(prime, Tensor) else type(prime).__name__
+            raise ValueError(
+                f"prime must be a LongTensor [B, S] with B = {B} streams (reset(batch_size=...) "
+                f"changes B) and S >= 1, got {got}"
+            )
+        if prime.shape[1] < 1:
+            raise ValueError(
+                f"prime must have at least one token per stream, got {list(prime.shape)}"
+            )
+        self._check_tokens(prime, "prime", tuple(prime.shape))
+        prime = prime.to(self.device).contiguous()
+        out = torch.empty(B, int(steps), dtype=torch.int64, device=self.device)
+        if self._plan is None:
+            return self._torch_generate(prime, out, temperature, top_k, top_p, seed)
+        model_steps, error_row = self._plan.generate(
+            self._h[self._parity].data_ptr(), self._h[1 - self._parity].data_ptr(),
+            prime.data_ptr(), prime.shape[1], int(steps), out.data_ptr(),
+            float(temperature), int(top_k), float(top_p), seed,
+            self._sample_w.data_ptr(), self._sample_order.data_ptr(),
+        )  # fmt: skip
+        self._parity ^= model_steps & 1
+        if error_row >= 0:
+            raise FloatingPointError(
+                f"generate: the logits of stream {error_row} became NaN or +inf "
+                "(the model's weights or state hold non-finite values)"
+            )
+        return out
+
+    def _torch_generate(self, prime, out, temperature, top_k, top_p, seed) -> Tensor:
+        for s in range(prime.shape[1]):
+            logits = self.step(prime[:, s])
+        steps = out.shape[1]
+        for j in range(steps):
+            out[:, j] = sampling.sample(logits, temperature, top_k, top_p, seed, j)
+            if j + 1 < steps:
+                logits = self.step(out[:, j])
+        return out

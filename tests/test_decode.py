@@ -1,0 +1,323 @@
+"""rnnkern.Decoder: step logits against torch.nn, state handling, generate, bad inputs.
+
+Logits are judged as in test_backend_cpu.py: against a float64 copy of the model, the decoder's
+error may be at most 3x torch.nn's own float32 error plus 8 float32 ulps of the largest logit
+(float32 rounding in a different summation order and 2-ulp polynomial activations). For
+``weights="bf16"`` the float64 copy has the same bfloat16-rounded matrices, so what remains to
+check is again float32 accumulation.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import rnnkern
+from rnnkern import sampling
+from rnnkern.backends import cpu as cpu_backend
+from rnnkern.decode import Decoder
+
+HAVE_CPU = cpu_backend._cpu is not None
+needs_cpu = pytest.mark.skipif(not HAVE_CPU, reason="rnnkern._cpu is not built")
+BACKENDS = [pytest.param("cpu", marks=needs_cpu), "torch"]
+
+V, E, H = 13, 6, 33
+
+
+def make_model(mode, layers, proj=0, seed=0, nonlinearity="tanh"):
+    torch.manual_seed(seed)
+    kw = {"proj_size": proj} if proj else {}
+    if mode == "RNN":
+        kw["nonlinearity"] = nonlinearity
+    rnn = getattr(torch.nn, mode)(E, H, num_layers=layers, **kw)
+    return rnn, torch.nn.Embedding(V, E), torch.nn.Linear(proj or H, V)
+
+
+def teacher_forced(rnn, emb, head, tokens, dtype):
+    rnn, emb, head = (copy.deepcopy(m).to(dtype) for m in (rnn, emb, head))
+    with torch.no_grad():
+        out, _ = rnn(emb(tokens))
+        return head(out).double()
+
+
+def round_streamed_to_bf16(rnn, head):
+    """Copies with the matrices the bf16 decoder streams rounded to bfloat16."""
+    rnn, head = copy.deepcopy(rnn), copy.deepcopy(head)
+    with torch.no_grad():
+        for name, p in rnn.named_parameters():
+            if name.startswith("weight") and name != "weight_ih_l0":
+                p.copy_(p.bfloat16().float())
+        head.weight.copy_(head.weight.bfloat16().float())
+    return rnn, head
+
+
+def assert_logits_close(got, ref32, gold):
+    eps = torch.finfo(torch.float32).eps
+    err, ref_err = float((got - gold).abs().max()), float((ref32 - gold).abs().max())
+    floor = 8 * eps * max(1.0, float(gold.abs().max()))
+    assert err <= 3 * ref_err + floor, f"error {err:.3g} vs torch.nn float32 {ref_err:.3g}"
+
+
+CASES = [
+    ("LSTM", 1, 0),
+    ("LSTM", 3, 0),
+    ("LSTM", 2, 7),
+    ("GRU", 1, 0),
+    ("GRU", 3, 0),
+    ("RNN", 2, 0),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+@pytest.mark.parametrize("mode,layers,proj", CASES)
+def test_step_matches_torch_nn(mode, layers, proj, weights, backend):
+    rnn, emb, head = make_model(mode, layers, proj)
+    T, B = 6, 3
+    tokens = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(1))
+    ref_rnn, ref_head = round_streamed_to_bf16(rnn, head) if weights == "bf16" else (rnn, head)
+    gold = teacher_forced(ref_rnn, emb, ref_head, tokens, torch.float64)
+    ref32 = teacher_forced(ref_rnn, emb, ref_head, tokens, torch.float32)
+    dec = Decoder(rnn, emb, head, weights=weights, batch_size=B, backend=backend)
+    got = torch.stack([dec.step(tokens[t]) for t in range(T)]).double()
+    assert got.shape == (T, B, V)
+    assert_logits_close(got, ref32, gold)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relu_rnn_and_inputs_without_embedding(backend):
+    torch.manual_seed(3)
+    rnn = torch.nn.RNN(E, H, num_layers=2, nonlinearity="relu")
+    T, B = 5, 4
+    x = torch.randn(T, B, E)
+    with torch.no_grad():
+        gold, _ = copy.deepcopy(rnn).double()(x.double())
+        ref32, _ = rnn(x)
+    dec = Decoder(rnn, batch_size=B, backend=backend)  # no head: step returns the top output
+    got = torch.stack([dec.step(x[t]) for t in range(T)]).double()
+    assert_logits_close(got, ref32.double(), gold)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell_type", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_modules(cell_type, backend):
+    torch.manual_seed(4)
+    cell = getattr(torch.nn, cell_type)(E, H)
+    B = 2
+    x = torch.randn(4, B, E)
+    dec = Decoder(cell, batch_size=B, backend=backend)
+    state = None
+    for t in range(4):
+        with torch.no_grad():
+            state = cell(x[t], state)
+        h = state[0] if cell_type == "LSTMCell" else state
+        # One step, float32 on both sides; errors are a few ulps of values <= 1.
+        torch.testing.assert_close(dec.step(x[t]), h, rtol=0, atol=1e-5)
+
+
+@needs_cpu
+def test_rnnkern_modules_are_accepted():
+    rnn, emb, head = make_model("LSTM", 2)
+    ours = rnnkern.LSTM(E, H, num_layers=2)
+    ours.load_state_dict(rnn.state_dict())
+    tokens = torch.randint(0, V, (4, 2), generator=torch.Generator().manual_seed(5))
+    a = Decoder(rnn, emb, head, batch_size=2)
+    b = Decoder(ours, emb, head, batch_size=2)
+    for t in range(4):
+        assert torch.equal(a.step(tokens[t]), b.step(tokens[t]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_get_set_reset(backend):
+    rnn, emb, head = make_model("LSTM", 2)
+    tokens = torch.randint(0, V, (6, 3), generator=torch.Generator().manual_seed(6))
+    dec = Decoder(rnn, emb, head, batch_size=3, backend=backend)
+    for t in range(3):
+        dec.step(tokens[t])
+    with torch.no_grad():
+        _, (h_n, c_n) = rnn(emb(tokens[:3]))
+    h, c = dec.get_state()
+    torch.testing.assert_close(h, h_n, rtol=0, atol=1e-5)  # float32 both sides, 3 steps
+    torch.testing.assert_close(c, c_n, rtol=0, atol=1e-5)
+    rest = [dec.step(tokens[t]) for t in range(3, 6)]
+    dec.reset()
+    assert dec.get_state()[0].abs().max() == 0
+    dec.set_state((h, c))
+    again = [dec.step(tokens[t]) for t in range(3, 6)]
+    for a, b in zip(rest, again, strict=True):
+        if backend == "cpu":
+            assert torch.equal(a, b)  # the C++ kernels do not depend on buffer addresses
+        else:
+            # torch's GEMM may pick another code path for another buffer alignment (the state
+            # ping-pongs between two buffers): float32 rounding only.
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    dec.reset(batch_size=5)
+    assert dec.get_state()[0].shape == (2, 5, H)
+    with pytest.raises(ValueError, match="state h must have shape"):
+        dec.set_state((h, c))
+
+
+def python_generate(dec, prime, steps, **kw):
+    """The generation loop written with Decoder.step and rnnkern.sampling.sample."""
+    for s in range(prime.shape[1]):
+        logits = dec.step(prime[:, s])
+    out = []
+    for j in range(steps):
+        tok = sampling.sample(logits, step=j, **kw)
+        out.append(tok)
+        if j + 1 < steps:
+            logits = dec.step(tok)
+    return torch.stack(out, dim=1)
+
+
+@needs_cpu
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0},
+        {"temperature": 0.7, "top_k": 5, "top_p": 1.0, "seed": 123},
+        {"temperature": 1.3, "top_k": 0, "top_p": 0.8, "seed": 2**64 - 1},
+        {"temperature": 1.0, "top_k": 4, "top_p": 0.9, "seed": 7},
+    ],
+)
+def test_generate_agrees_with_python_sampler(kw, weights):
+    # Same C++ step kernel on both sides, so the logits are bit-identical and the tokens must
+    # be identical (up to libm-vs-torch exp ulps, probability ~1e-14 per token).
+    rnn, emb, head = make_model("LSTM", 2, seed=8)
+    prime = torch.randint(0, V, (3, 4), generator=torch.Generator().manual_seed(9))
+    fast = Decoder(rnn, emb, head, weights=weights, batch_size=3)
+    slow = Decoder(rnn, emb, head, weights=weights, batch_size=3)
+    got = fast.generate(prime, 40, **kw)
+    expected = python_generate(slow, prime, 40, **kw)
+    assert got.dtype == torch.int64 and got.shape == (3, 40)
+    assert torch.equal(got, expected)
+    # Same state afterwards: the prime and every sampled token but the last were consumed.
+    for a, b in zip(fast.get_state(), slow.get_state(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generate_is_deterministic_and_seeded(backend):
+    rnn, emb, head = make_model("GRU", 2, seed=10)
+    prime = torch.randint(0, V, (2, 3), generator=torch.Generator().manual_seed(11))
+    dec = Decoder(rnn, emb, head, batch_size=2, backend=backend)
+    a = dec.generate(prime, 30, seed=5)
+    dec.reset()
+    b = dec.generate(prime, 30, seed=5)
+    dec.reset()
+    c = dec.generate(prime, 30, seed=6)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert int(a.min()) >= 0 and int(a.max()) < V
+
+
+@needs_cpu
+def test_cpp_sampler_matches_python_sampler():
+    _cpu = cpu_backend._cpu
+    g = torch.Generator().manual_seed(12)
+    for seed, stream, step in [(0, 0, 0), (1, 2, 3), (2**64 - 1, 5, 2**40), (99, 0, 7)]:
+        assert _cpu.uniform(seed, stream, step) == sampling.uniform(seed, stream, step)
+    B, Vs = 6, 50
+    settings = [(1.0, 0, 1.0), (0.5, 3, 1.0), (2.0, 0, 0.5), (1.0, 10, 0.95), (0.9, 1, 1.0)]
+    for trial in range(20):
+        logits = torch.randn(B, Vs, generator=g) * 3
+        if trial % 4 == 0:
+            logits = logits.round()  # many exact ties
+        if trial % 5 == 0:
+            logits[:, ::3] = float("-inf")
+        for temperature, top_k, top_p in settings:
+            out = torch.empty(B, dtype=torch.int64)
+            w = torch.empty(B, Vs, dtype=torch.float64)
+            order = torch.empty(B, Vs, dtype=torch.int32)
+            err = _cpu.sample_rows(
+                logits.data_ptr(), B, Vs, temperature, top_k, top_p, 17, trial,
+                out.data_ptr(), w.data_ptr(), order.data_ptr(),
+            )  # fmt: skip
+            assert err == -1
+            expected = sampling.sample(logits, temperature, top_k, top_p, 17, trial)
+            assert torch.equal(out, expected), (trial, temperature, top_k, top_p)
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+@pytest.fixture
+def decoder():
+    rnn, emb, head = make_model("LSTM", 1)
+    return Decoder(rnn, emb, head, batch_size=2, backend="cpu" if HAVE_CPU else "torch")
+
+
+def test_token_ids_out_of_range(decoder):
+    with pytest.raises(ValueError, match=r"tokens must hold token ids in \[0, 13\)"):
+        decoder.step(torch.tensor([0, V]))
+    with pytest.raises(ValueError, match="tokens must hold token ids"):
+        decoder.step(torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="prime must hold token ids"):
+        decoder.generate(torch.tensor([[1, 99], [0, 0]]), 3)
+
+
+def test_wrong_shapes_and_dtypes(decoder):
+    with pytest.raises(ValueError, match=r"tokens must be a LongTensor of shape \[2\]"):
+        decoder.step(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="tokens must have dtype torch.int64"):
+        decoder.step(torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"prime must be a LongTensor \[B, S\] with B = 2"):
+        decoder.generate(torch.tensor([1, 2]), 3)
+    with pytest.raises(ValueError, match="prime must be a LongTensor"):
+        decoder.generate(torch.zeros(3, 2, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="at least one token"):
+        decoder.generate(torch.zeros(2, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        decoder.generate(torch.zeros(2, 1, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="out must be a contiguous float32"):
+        decoder.step(torch.tensor([1, 2]), out=torch.empty(2, V, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -2.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.01}, "top_p"),
+        ({"top_k": -3}, "top_k"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_bad_sampling_arguments(decoder, kw, name):
+    with pytest.raises(ValueError, match=name):
+        decoder.generate(torch.zeros(2, 1, dtype=torch.long), 3, **kw)
+
+
+def test_bad_models():
+    rnn, emb, head = make_model("LSTM", 1)
+    with pytest.raises(ValueError, match="unidirectional"):
+        Decoder(torch.nn.LSTM(E, H, bidirectional=True), backend="torch")
+    with pytest.raises(ValueError, match="rnn must be a torch.nn or rnnkern LSTM"):
+        Decoder(torch.nn.Linear(3, 3), backend="torch")
+    with pytest.raises(ValueError, match="embedding_dim must equal"):
+        Decoder(rnn, torch.nn.Embedding(V, E + 1), head, backend="torch")
+    with pytest.raises(ValueError, match="head.in_features must equal"):
+        Decoder(rnn, emb, torch.nn.Linear(H + 1, V), backend="torch")
+    with pytest.raises(ValueError, match="weights must be 'fp32' or 'bf16'"):
+        Decoder(rnn, emb, head, weights="int8", backend="torch")
+    with pytest.raises(ValueError, match="backend must be 'cpu' or 'torch'"):
+        Decoder(rnn, emb, head, backend="cuda")
+    with pytest.raises(ValueError, match="generate needs an embedding"):
+        Decoder(rnn, backend="torch").generate(torch.zeros(1, 1, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="must not exceed embedding.num_embeddings"):
+        Decoder(rnn, emb, torch.nn.Linear(H, V + 1), backend="torch").generate(
+            torch.zeros(1, 1, dtype=torch.long), 2
+        )
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        Decoder(rnn, emb, head, batch_size=0, backend="torch")
+
+
+def test_missing_extension_is_an_error_not_a_fallback(monkeypatch):
+    rnn, emb, head = make_model("GRU", 1)
+    monkeypatch.setattr(cpu_backend, "_cpu", None)
+    with pytest.raises(RuntimeError, match="backend='torch'"):
+        Decoder(rnn, emb, head)
