@@ -161,7 +161,8 @@ def machine_info(device: str = "cpu") -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "commit": _git_commit(),
+        # A copy of the tree without .git (a GPU machine, a tarball) names its commit this way.
+        "commit": os.environ.get("RNNKERN_COMMIT") or _git_commit(),
     }
     try:
         import rnnkern
@@ -268,6 +269,7 @@ def write_results(
         "",
         "Ratio = baseline median / implementation median (above 1: faster than the baseline); "
         "implementations timed interleaved in one process.",
+        "",
         "",
     ]
     notes = [f"- {r['name']}: {r['notes']}" for r in records if r.get("notes")]
