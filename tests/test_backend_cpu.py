@@ -126,6 +126,25 @@ def test_every_instruction_set(isa, cell, proj):
         cpu_backend._cpu.set_isa(before)
 
 
+@pytest.mark.parametrize("cell,proj", CELL_CASES)
+def test_inference_without_saved_activations(cell, proj):
+    # Under no_grad the forward keeps h (and c) in a 2-slot ring instead of the saved layout;
+    # the result must be the same computation, bit for bit.
+    inputs = {
+        k: None if v is None else v.float().requires_grad_()
+        for k, v in make_inputs(cell, 6, 4, 5, 40, proj).items()
+    }
+    lengths = torch.tensor([6, 2, 5, 1])
+    with_grad = rnn_layer(cell, *(inputs[k] for k in NAMES), lengths=lengths, reverse=True,
+                          backend="cpu")  # fmt: skip
+    with torch.no_grad():
+        without = rnn_layer(cell, *(inputs[k] for k in NAMES), lengths=lengths, reverse=True,
+                            backend="cpu")  # fmt: skip
+    for a, b in zip(with_grad, without, strict=True):
+        assert (a is None and b is None) or torch.equal(a.detach(), b)
+    assert with_grad[0].requires_grad and not without[0].requires_grad
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs(dtype):
     check("lstm", 5, 4, 6, 24, 0, torch.tensor([5, 2, 4, 1]), False, dtype)

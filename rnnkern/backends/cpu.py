@@ -125,9 +125,8 @@ class CPUBackend:
         )  # fmt: skip
         if save:
             saved = Saved(hs, aux, gates)
-        else:
-            empty = torch.empty(0, dtype=S)
-            saved = Saved(empty, empty, empty)
+        else:  # three distinct tensors: outputs of a custom op must not alias each other
+            saved = Saved(*(torch.empty(0, dtype=S) for _ in range(3)))
         return ForwardResult(y.to(gx.dtype), h_n, c_n, saved)
 
     def backward(
