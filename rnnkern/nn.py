@@ -303,11 +303,10 @@ class _RNNBase(torch.nn.Module):
             self._check_input(input.data, packed=True)
             # Padded in the caller's batch order (pad_packed_sequence undoes the sort), so the
             # initial and final states need no permutation.
-            x, lengths = pad_packed_sequence(input)
-            lengths = lengths.to(device=x.device, dtype=torch.long)
+            x, lengths_cpu = pad_packed_sequence(input)
             batched = True
-            if int(lengths.min()) == x.shape[0]:
-                lengths = None
+            full = int(lengths_cpu.min()) == x.shape[0]
+            lengths = None if full else lengths_cpu.to(device=x.device, dtype=torch.long)
         else:
             self._check_input(input, packed=False)
             batched = input.dim() == 3
@@ -328,11 +327,12 @@ class _RNNBase(torch.nn.Module):
             y_sorted = (
                 y if input.sorted_indices is None else y.index_select(1, input.sorted_indices)
             )
-            data = pack_padded_sequence(
-                y_sorted,
-                torch.as_tensor([int(n) for n in _sorted_lengths(input)], dtype=torch.long),
-                enforce_sorted=True,
-            ).data
+            sorted_lengths = (
+                lengths_cpu
+                if input.sorted_indices is None
+                else lengths_cpu[input.sorted_indices.cpu()]
+            )
+            data = pack_padded_sequence(y_sorted, sorted_lengths, enforce_sorted=True).data
             out = PackedSequence(
                 data, input.batch_sizes, input.sorted_indices, input.unsorted_indices
             )
@@ -442,13 +442,6 @@ class _RNNBase(torch.nn.Module):
             return y, tuple(finals)
         result = impl(x, hx, *args, False)
         return result[0], tuple(result[1:])
-
-
-def _sorted_lengths(packed: PackedSequence) -> list[int]:
-    """Lengths of a PackedSequence's sequences in its sorted (decreasing) order."""
-    sizes = packed.batch_sizes.tolist()
-    B = sizes[0]
-    return [sum(1 for s in sizes if s > b) for b in range(B)]
 
 
 class LSTM(_RNNBase):
