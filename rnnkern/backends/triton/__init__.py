@@ -11,6 +11,8 @@ was imported (Triton's interpreter: same kernel source, programs run one after a
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..base import BackwardResult, ForwardResult, LayerConfig, Saved
@@ -31,6 +33,11 @@ def _interpret() -> bool:
     from . import common
 
     return common.INTERPRET
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on the tensor's GPU (Triton launches on the current device's current stream)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 class TritonBackend:
@@ -82,6 +89,10 @@ class TritonBackend:
 
     def forward(self, cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save) -> ForwardResult:
         self._check(cell, gx, w_hh)
+        with _on_device(gx):
+            return self._forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save)
+
+    def _forward(self, cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save):
         gx, h0, w_hh = gx.contiguous(), h0.float().contiguous(), w_hh.contiguous()
         w_hr = w_hr.contiguous() if w_hr is not None else None
         if cell == "lstm":
@@ -104,6 +115,10 @@ class TritonBackend:
         if saved.hs.numel() == 0:
             raise RuntimeError("triton backward called on a forward that ran with save=False")
         self._check(cell, dy, w_hh)
+        with _on_device(dy):
+            return self._backward(cell, saved, w_hh, b_hh, w_hr, lengths, reverse, dy, dh_n, dc_n)
+
+    def _backward(self, cell, saved, w_hh, b_hh, w_hr, lengths, reverse, dy, dh_n, dc_n):
         w_hh = w_hh.contiguous()
         if cell == "lstm":
             from .lstm import lstm_backward

@@ -216,9 +216,18 @@ def weight_grads(
     w_hh: torch.Tensor,  # [G*H, P]
     b_hh: torch.Tensor | None,  # [G*H]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``dW_hh [G*H, P]`` and ``db_hh [G*H]`` as one float32 GEMM / reduction over T*B."""
+    """``dW_hh [G*H, P]`` as one GEMM over T*B and ``db_hh [G*H]`` as a float32 reduction."""
     T, B, GH = dgh.shape
     P = hs.shape[2]
-    dw = (dgh.reshape(T * B, GH).t() @ hs[:T].reshape(T * B, P)).to(w_hh.dtype)
+    dw = gemm_tn(dgh.reshape(T * B, GH), hs[:T].reshape(T * B, P), w_hh.dtype)
     db = None if b_hh is None else dgh.sum(dim=(0, 1)).to(b_hh.dtype)
     return dw, db
+
+
+def gemm_tn(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``aᵀ @ b`` for ``a [N, M]``, ``b [N, K]`` (float32) as an ``[M, K]`` tensor of
+    ``out_dtype``. For 16-bit weights the operands are rounded to that dtype first (float32
+    accumulation, as cuDNN computes weight gradients); float32 stays float32."""
+    if out_dtype in (torch.float16, torch.bfloat16):
+        return a.to(out_dtype).t() @ b.to(out_dtype)
+    return (a.t() @ b).to(out_dtype)

@@ -57,7 +57,8 @@ def _gru_hidden_preact(
     return acc + b[None, :]
 
 
-@triton.jit
+# Sizes and flags are not specialised on (one compiled variant per dtype and configuration).
+@triton.jit(do_not_specialize=["T", "B", "H", "reverse", "save"])
 def gru_forward_kernel(
     gx_ptr,  # [T, B, 3H] input dtype
     w_ptr,  # [3H, H] input dtype (W_hh)
@@ -132,7 +133,8 @@ def gru_forward_kernel(
         arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
 
 
-@triton.jit
+# Sizes and flags are not specialised on (one compiled variant per dtype and configuration).
+@triton.jit(do_not_specialize=["T", "B", "H", "reverse"])
 def gru_backward_kernel(
     w_ptr,  # [3H, H] input dtype (W_hh)
     len_ptr,  # [B] int64 valid lengths

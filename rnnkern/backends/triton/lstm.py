@@ -16,6 +16,7 @@ from .common import (
     choose_config,
     dot_precision,
     empty_saved,
+    gemm_tn,
     grid_sync,
     launch_grid,
     lengths_or_full,
@@ -60,7 +61,8 @@ def _lstm_gate_preact(
     return acc + gx + b[None, :]
 
 
-@triton.jit
+# Sizes and flags are not specialised on (one compiled variant per dtype and configuration).
+@triton.jit(do_not_specialize=["T", "B", "H", "P", "reverse", "save"])
 def lstm_forward_kernel(
     gx_ptr,  # [T, B, 4H] input dtype
     w_ptr,  # [4H, P] input dtype (W_hh)
@@ -205,7 +207,8 @@ def lstm_forward_kernel(
         arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
 
 
-@triton.jit
+# Sizes and flags are not specialised on (one compiled variant per dtype and configuration).
+@triton.jit(do_not_specialize=["T", "B", "H", "P", "reverse"])
 def lstm_backward_kernel(
     w_ptr,  # [4H, P] input dtype (W_hh)
     wr_ptr,  # [P, H] input dtype (W_hr; unused without HAS_PROJ)
@@ -400,5 +403,5 @@ def lstm_backward(
     if w_hr is not None:
         o = gates[:, :, 3 * H :]
         m_all = (o * torch.tanh(cs[1:])).reshape(T * B, H)
-        dw_hr = (dhp.reshape(T * B, P).t() @ m_all).to(w_hr.dtype)
+        dw_hr = gemm_tn(dhp.reshape(T * B, P), m_all, w_hr.dtype)
     return BackwardResult(dgx, dh, dc, dw_hh, db_hh, dw_hr)

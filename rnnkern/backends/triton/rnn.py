@@ -30,7 +30,8 @@ from .common import (
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Sizes and flags are not specialised on (one compiled variant per dtype and configuration).
+@triton.jit(do_not_specialize=["T", "B", "H", "reverse", "save", "relu"])
 def rnn_forward_kernel(
     gx_ptr,  # [T, B, H] input dtype
     w_ptr,  # [H, H] input dtype (W_hh)
@@ -85,7 +86,8 @@ def rnn_forward_kernel(
         arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
 
 
-@triton.jit
+# Sizes and flags are not specialised on (one compiled variant per dtype and configuration).
+@triton.jit(do_not_specialize=["T", "B", "H", "reverse", "relu"])
 def rnn_backward_kernel(
     w_ptr,  # [H, H] input dtype (W_hh)
     len_ptr,  # [B] int64 valid lengths
