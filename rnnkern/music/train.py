@@ -1,0 +1,476 @@
+"""Training a music language model: data, teacher forcing, checkpoints, exact resume, DDP.
+
+One training step takes a batch of token windows ``x[B, T+1]``, feeds ``x[:, :-1]`` and scores
+the model's prediction of ``x[:, 1:]`` (teacher forcing) with cross-entropy, padding ignored.
+
+Determinism and resume: the order of windows in epoch ``e`` is a permutation drawn from a
+generator seeded with ``(seed, e)``, so it can be recomputed; checkpoints store the model,
+the optimizer, torch's RNG state (dropout), the epoch and the step within it. Resuming from a
+checkpoint continues exactly as the uninterrupted run would have.
+
+Under ``torchrun --nproc_per_node=N`` the model is wrapped in DistributedDataParallel
+(gloo on CPU, nccl on GPU); rank r takes batches r, r+N, ... of the same permutation, and
+rank 0 alone writes checkpoints, the loss curve and the progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .model import ModelConfig, MusicLM
+
+CHECKPOINT_FORMAT = "rnnkern-music-1"
+PAD = -100  # cross_entropy's ignore_index
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run (saved in every checkpoint)."""
+
+    data: list[str] = field(default_factory=lambda: ["music21"])
+    kind: str = "abc"  # abc | chars | performance
+    epochs: int = 10
+    batch_size: int = 32
+    window: int = 256  # longest training window in tokens; longer sequences are cut
+    optimizer: str = "adam"  # adam | rmsprop
+    lr: float = 2e-3
+    lr_decay: float = 0.97  # per epoch (folk-rnn decays its learning rate after each epoch)
+    clip: float = 5.0
+    val_fraction: float = 0.05
+    seed: int = 0
+    checkpoint_every: int = 200  # steps
+    max_steps: int = 0  # stop after this many steps in total (0: no limit); for tests and time
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("abc", "chars", "performance"):
+            raise ValueError(f"kind must be abc, chars or performance, got {self.kind!r}")
+        if self.optimizer not in ("adam", "rmsprop"):
+            raise ValueError(f"optimizer must be adam or rmsprop, got {self.optimizer!r}")
+        for name in ("epochs", "batch_size", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.window, int) or self.window < 2:
+            raise ValueError(f"window must be an integer >= 2, got {self.window!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if not self.lr > 0 or not self.clip > 0 or not 0 < self.lr_decay <= 1:
+            raise ValueError(
+                f"lr and clip must be > 0 and lr_decay in (0, 1], got lr={self.lr}, "
+                f"clip={self.clip}, lr_decay={self.lr_decay}"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown training config keys {sorted(unknown)}")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dataset:
+    """Token-id sequences and their vocabulary (token strings, in id order)."""
+
+    kind: str
+    tokens: list[str]
+    sequences: list[list[int]]
+    report: str = ""
+
+
+def load_dataset(kind: str, sources: Sequence[str], log: Callable[[str], None] = print) -> Dataset:
+    """Read and tokenize a corpus; rejected tunes or files are counted in ``report``."""
+    if kind == "abc":
+        from . import abc
+
+        corpus = abc.load_corpus(sources)
+        if not corpus.tunes:
+            raise ValueError(f"no tune of {list(sources)} could be tokenized:\n{corpus.report()}")
+        return Dataset(
+            kind,
+            list(abc.VOCABULARY),
+            [abc.encode(t.tokens) for t in corpus.tunes],
+            corpus.report(),
+        )
+    if kind == "chars":
+        from . import abc
+
+        tunes = abc.load_tunes(sources)
+        texts = [abc.tune_text_for_chars(t.text) for t in tunes]
+        vocab = abc.CharVocabulary.from_texts(texts)
+        return Dataset(
+            kind,
+            vocab.tokens,
+            [vocab.encode(t) for t in texts],
+            f"{len(texts)} tunes, {len(vocab.chars)} characters",
+        )
+    from . import performance
+
+    tokenizer = performance.PerformanceTokenizer()
+    sequences, report = performance.load_sequences(sources, tokenizer, log=log)
+    return Dataset(kind, tokenizer.tokens, sequences, report)
+
+
+def windows(sequences: Sequence[Sequence[int]], window: int) -> list[list[int]]:
+    """Cut sequences into pieces of at most ``window + 1`` ids overlapping by one id, so that
+    every next-token target of every sequence is scored exactly once."""
+    out = []
+    for seq in sequences:
+        if len(seq) < 2:
+            continue
+        for start in range(0, len(seq) - 1, window):
+            out.append(list(seq[start : start + window + 1]))
+    return out
+
+
+def split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of the training and validation sequences (a seeded shuffle, then a cut)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n_val == 0 and n > 1:
+        n_val = 1
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def batch_tensor(pieces: Sequence[Sequence[int]]) -> Tensor:
+    """Pad pieces to one int64 tensor ``[B, T+1]`` with PAD."""
+    width = max(len(p) for p in pieces)
+    out = torch.full((len(pieces), width), PAD, dtype=torch.long)
+    for i, p in enumerate(pieces):
+        out[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    return out
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches (lists of window indices) of one epoch, recomputable from (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def loss_on(model: nn.Module, batch: Tensor) -> tuple[Tensor, int]:
+    """Mean cross-entropy of the next-token predictions of ``batch [B, T+1]``, and the count."""
+    inputs = batch[:, :-1].clamp(min=0)  # pad positions feed token 0; their targets are ignored
+    targets = batch[:, 1:]
+    logits, _ = model(inputs)
+    count = int((targets != PAD).sum())
+    loss = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=PAD
+    )
+    return loss, count
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, pieces: Sequence[Sequence[int]], batch_size: int) -> float:
+    """Mean per-token cross-entropy (nats) over ``pieces``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(pieces), batch_size):
+        loss, n = loss_on(model, batch_tensor(pieces[i : i + batch_size]))
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path`` and move it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint or exported model, checking that it is one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a corrupt or foreign file
+        raise ValueError(f"{path} is not a readable rnnkern music model: {err}") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an rnnkern music model (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def model_from_checkpoint(state: dict, backend: str = "auto") -> MusicLM:
+    model = MusicLM(ModelConfig.from_dict(state["model_config"]), backend=backend)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model
+
+
+def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Write only what generation needs (weights, configs, vocabulary, validation loss)."""
+    state = load_checkpoint(checkpoint)
+    keep = ("format", "kind", "tokens", "model_config", "train_config", "model", "history")
+    slim = {k: state[k] for k in keep}
+    slim["history"] = {"val_loss": state["history"]["val_loss"]}
+    save_checkpoint(Path(out), slim)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress bar on stderr: epoch, step, loss, tokens/s."""
+
+    def __init__(self, total: int, enabled: bool, stream=sys.stderr) -> None:
+        self.total, self.enabled, self.stream = total, enabled, stream
+        self.last = 0.0
+
+    def update(self, epoch: int, step: int, loss: float, tokens_per_s: float) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.last < 0.5 and step != self.total:
+            return
+        self.last = now
+        width = 24
+        filled = int(width * step / max(self.total, 1))
+        bar = "#" * filled + "-" * (width - filled)
+        self.stream.write(
+            f"\repoch {epoch} [{bar}] {step}/{self.total} loss {loss:.3f} {tokens_per_s:,.0f} tok/s"
+        )
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), initialising the process group when run under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def train(
+    config: TrainConfig,
+    model_config: dict,
+    out_dir: str | os.PathLike,
+    resume: bool = True,
+    dataset: Dataset | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict:
+    """Train (or resume) a model in ``out_dir``; returns the final checkpoint state.
+
+    ``out_dir/checkpoint.pt`` is written every ``checkpoint_every`` steps and at each epoch's
+    end; ``out_dir/model.pt`` (weights only) and ``out_dir/loss.png`` at the end. With
+    ``resume`` and an existing checkpoint, training continues from it (its configs win; a
+    different ``config`` is an error, so that a resumed run is the run it claims to be).
+    """
+    out = Path(out_dir)
+    ckpt_path = out / "checkpoint.pt"
+    rank, world = _distributed()
+    is_main = rank == 0
+    say = log if is_main else (lambda _msg: None)
+
+    state = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+    if state is not None:
+        saved = TrainConfig.from_dict(state["train_config"])
+        if asdict(saved) | {"epochs": 0, "max_steps": 0} != asdict(config) | {
+            "epochs": 0,
+            "max_steps": 0,
+        }:
+            raise ValueError(
+                f"{ckpt_path} was trained with a different configuration:\n saved "
+                f"{asdict(saved)}\n given {asdict(config)}\n(epochs and max_steps may differ)"
+            )
+        model_config = state["model_config"]
+
+    if dataset is None:
+        dataset = load_dataset(config.kind, config.data, log=say)
+    say(dataset.report)
+    mc = ModelConfig.from_dict({**model_config, "vocab_size": len(dataset.tokens)})
+    train_idx, val_idx = split(len(dataset.sequences), config.val_fraction, config.seed)
+    train_pieces = windows([dataset.sequences[i] for i in train_idx], config.window)
+    val_pieces = windows([dataset.sequences[i] for i in val_idx], config.window)
+    if not train_pieces:
+        raise ValueError("no training data: every sequence is shorter than two tokens")
+
+    torch.manual_seed(config.seed)  # weights init and dropout
+    model = MusicLM(mc)
+    if config.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    else:
+        opt = torch.optim.RMSprop(model.parameters(), lr=config.lr)
+    history: dict = {"step": [], "train_loss": [], "val_epoch": [], "val_loss": []}
+    epoch, step_in_epoch, global_step = 0, 0, 0
+    if state is not None:
+        if state["tokens"] != dataset.tokens:
+            raise ValueError(f"{ckpt_path} has a different vocabulary than the data")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
+        global_step, history = state["global_step"], state["history"]
+        say(f"resumed from {ckpt_path} at epoch {epoch}, step {step_in_epoch}")
+    say(
+        f"{sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"{len(train_pieces)} training and {len(val_pieces)} validation windows"
+    )
+
+    ddp_model: nn.Module = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model)
+
+    def snapshot() -> dict:
+        rng = [torch.get_rng_state()]
+        if world > 1:
+            import torch.distributed as dist
+
+            rng = [torch.empty(0)] * world
+            dist.all_gather_object(rng, torch.get_rng_state())
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "kind": dataset.kind,
+            "tokens": dataset.tokens,
+            "model_config": mc.to_dict(),
+            "train_config": asdict(config),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "rng": rng,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "history": history,
+        }
+
+    def checkpoint() -> None:
+        snap = snapshot()  # every rank takes part in the gather
+        if is_main:
+            save_checkpoint(ckpt_path, snap)
+
+    model.train()
+    stopped = False
+    while epoch < config.epochs and not stopped:
+        for group in opt.param_groups:
+            group["lr"] = config.lr * config.lr_decay**epoch
+        batches = epoch_batches(len(train_pieces), config.batch_size, config.seed, epoch)
+        mine = batches[rank::world]
+        # every rank must take the same number of steps, or DDP's all-reduce would wait forever
+        n_steps = len(batches) // world
+        bar = Progress(n_steps, progress and is_main)
+        t0, tokens_seen = time.monotonic(), 0
+        while step_in_epoch < n_steps:
+            batch = batch_tensor([train_pieces[i] for i in mine[step_in_epoch]])
+            loss, count = loss_on(ddp_model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+            opt.step()
+            step_in_epoch += 1
+            global_step += 1
+            tokens_seen += count * world
+            history["step"].append(global_step)
+            history["train_loss"].append(float(loss.detach()))
+            bar.update(
+                epoch + 1,
+                step_in_epoch,
+                float(loss.detach()),
+                tokens_seen / (time.monotonic() - t0),
+            )
+            if global_step % config.checkpoint_every == 0:
+                checkpoint()
+            if config.max_steps and global_step >= config.max_steps:
+                stopped = True
+                break
+        bar.close()
+        if not stopped:
+            val = evaluate(model, val_pieces, config.batch_size) if val_pieces else math.nan
+            history["val_epoch"].append(epoch + 1)
+            history["val_loss"].append(val)
+            say(f"epoch {epoch + 1}: validation loss {val:.4f} nats/token")
+            epoch, step_in_epoch = epoch + 1, 0
+        checkpoint()
+
+    final = snapshot()
+    if is_main:
+        save_checkpoint(ckpt_path, final)
+        export_model(ckpt_path, out / "model.pt")
+        plot_losses(history, out / "loss.png")
+        atomic_write(
+            out / "history.json",
+            lambda tmp: Path(tmp).write_text(json.dumps(history)),
+        )
+    return final
+
+
+def plot_losses(history: dict, path: Path) -> None:
+    """Training loss per step (smoothed) and validation loss per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps, losses = history["step"], history["train_loss"]
+    if losses:
+        k = max(1, len(losses) // 100)
+        smooth = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
+                  for i in range(len(losses))]  # fmt: skip
+        ax.plot(steps, smooth, label="training (running mean)")
+    if history["val_loss"] and steps:
+        per_epoch = len(steps) / max(len(history["val_loss"]), 1)
+        ax.plot(
+            [e * per_epoch for e in history["val_epoch"]],
+            history["val_loss"],
+            "o-",
+            label="validation",
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
