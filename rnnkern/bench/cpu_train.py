@@ -1,0 +1,76 @@
+"""Suite ``cpu_train``: rnnkern.LSTM / GRU with backend ``cpu`` beside torch.nn on the CPU.
+
+One timed run is a forward + backward (``y.sum().backward()``, all parameter and input
+gradients) or a forward alone under ``no_grad``. The issue's target shape is LSTM 2x512,
+B=32, T=256; smaller shapes show where backend ``cpu`` wins or loses, for ``auto``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import rnnkern
+
+from .runner import Case
+
+SHAPES = [  # (cell, layers, batch, hidden, time)
+    ("LSTM", 2, 32, 512, 256),
+    ("LSTM", 1, 16, 256, 64),
+    ("GRU", 1, 16, 256, 64),
+    ("LSTM", 1, 1, 128, 64),
+]
+QUICK_SHAPES = [("LSTM", 1, 8, 128, 32), ("GRU", 1, 8, 128, 32)]
+
+
+def _run(module, x, train: bool):
+    def run():
+        if train:
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            y, _ = module(x)
+            y.sum().backward()
+        else:
+            with torch.no_grad():
+                module(x)
+
+    return run
+
+
+def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
+    if device != "cpu":
+        return []
+    from ..backends import cpu as cpu_backend
+
+    if cpu_backend._cpu is None:
+        raise RuntimeError("suite cpu_train: " + cpu_backend.build_hint())
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for cell, L, B, H, T in QUICK_SHAPES if quick else SHAPES:
+        for train in (True, False):
+            base = getattr(torch.nn, cell)(H, H, num_layers=L)
+            ours = getattr(rnnkern, cell)(H, H, num_layers=L, backend="cpu")
+            ours.load_state_dict(base.state_dict())
+            x = torch.randn(T, B, H, generator=gen).requires_grad_(train)
+            fns = {"torch.nn": _run(base, x, train), "rnnkern[cpu]": _run(ours, x, train)}
+            out.append(
+                Case(
+                    suite="cpu_train",
+                    name=f"{cell} {'fwd+bwd' if train else 'fwd'} L={L} B={B} H={H} T={T}",
+                    params=dict(
+                        cell=cell,
+                        layers=L,
+                        batch=B,
+                        hidden=H,
+                        time=T,
+                        train=train,
+                        isa=cpu_backend._cpu.isa(),
+                        threads=torch.get_num_threads(),
+                    ),  # fmt: skip
+                    fns=fns,
+                    baseline="torch.nn",
+                    work={label: float(T * B) for label in fns},
+                    work_unit="tokens",
+                    notes=f"kernels {cpu_backend._cpu.isa()}, {torch.get_num_threads()} threads",
+                )
+            )
+    return out
