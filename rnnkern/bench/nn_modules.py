@@ -38,6 +38,8 @@ def _implementations(device: str, quick: bool) -> list[str]:
             continue
         if name == "reference" and not (quick and device == "cpu"):
             continue
+        if name == "triton" and not device.startswith("cuda"):
+            continue  # Triton's CPU interpreter is a correctness tool, not something to time
         names.append(name)
     return names
 
