@@ -1,0 +1,138 @@
+"""``rnnkern train`` and ``rnnkern generate``: the music layer's command line.
+
+``register(subparsers)`` adds both subcommands to the ``rnnkern`` parser. Heavy imports
+(music21, pretty_midi, matplotlib) happen inside the handlers, so ``rnnkern --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).parent / "models" / "folk_lstm.pt"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**64), got {text}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train`` and ``generate`` subcommands to an argparse subparsers object."""
+    t = subparsers.add_parser(
+        "train",
+        help="train a music language model (ABC tunes, characters or MIDI performances)",
+        description="Train a music language model; runs under torchrun as DDP.",
+    )
+    t.add_argument("--data", action="append", default=None,
+                   help="music21 collection (oneills1850, ryansMammoth, airdsAirs, "
+                   "essenFolksong; 'music21' for all four; 'bach' for the chorales as MIDI) "
+                   "or a folder of .abc/.mid files; repeatable (default: music21)")  # fmt: skip
+    t.add_argument("--kind", choices=("abc", "chars", "performance"), default="abc",
+                   help="abc: folk-rnn v2 tokens; chars: folk-rnn v1 characters; "
+                   "performance: MIDI events (default abc)")  # fmt: skip
+    t.add_argument("--out", required=True, help="run folder (checkpoint.pt, model.pt, loss.png)")
+    t.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
+    t.add_argument("--hidden", type=_positive_int, default=256, help="hidden size (256)")
+    t.add_argument("--layers", type=_positive_int, default=2, help="layers (2)")
+    t.add_argument("--embedding", type=int, default=64, help="embedding size; 0: one-hot (64)")
+    t.add_argument("--dropout", type=float, default=0.3)
+    t.add_argument("--epochs", type=_positive_int, default=10)
+    t.add_argument("--batch-size", type=_positive_int, default=32)
+    t.add_argument("--window", type=_positive_int, default=256, help="tokens per window (256)")
+    t.add_argument("--optimizer", choices=("adam", "rmsprop"), default="adam")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--lr-decay", type=float, default=0.97, help="per epoch (0.97)")
+    t.add_argument("--clip", type=float, default=5.0, help="gradient norm clip (5)")
+    t.add_argument("--val-fraction", type=float, default=0.05)
+    t.add_argument("--seed", type=_seed, default=0)
+    t.add_argument("--checkpoint-every", type=_positive_int, default=200, help="steps (200)")
+    t.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: none)")
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    t.add_argument("--no-resume", action="store_true",
+                   help="start afresh even if OUT/checkpoint.pt exists")  # fmt: skip
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+
+    g = subparsers.add_parser(
+        "generate",
+        help="generate folk tunes (ABC) or performances (MIDI) from a trained model",
+        description="Generate tunes. With no --model, the bundled folk model is used.",
+    )
+    g.add_argument("--model", default=str(DEFAULT_MODEL), help="model file (default: bundled)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--seed", type=_seed, default=42)
+    g.add_argument("--meter", default=None, help="e.g. 6/8 or M:6/8 (default: the model picks)")
+    g.add_argument("--mode", default=None,
+                   help="maj, min, dor, mix or K:Cmaj ... (default: the model picks)")  # fmt: skip
+    g.add_argument("--prime", default=None,
+                   help="start of the tune body, ABC in C (e.g. 'c2 G E|') or tokens")  # fmt: skip
+    g.add_argument("--count", type=_positive_int, default=1, help="number of tunes (1)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+    g.add_argument("--max-tokens", type=_positive_int, default=1000,
+                   help="stop a tune after this many tokens (1000)")  # fmt: skip
+    g.add_argument("--midi", default=None, help="also write the tunes to this MIDI file")
+    g.add_argument("--tempo", type=float, default=120.0,
+                   help="MIDI tempo in quarter notes per minute (120)")  # fmt: skip
+    g.set_defaults(func=_generate)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .train import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        config = TrainConfig(
+            data=args.data or (["bach"] if args.kind == "performance" else ["music21"]),
+            kind=args.kind,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            window=args.window,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            lr_decay=args.lr_decay,
+            clip=args.clip,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
+            max_steps=args.max_steps,
+        )
+        model_config = {
+            "embedding_dim": args.embedding,
+            "hidden_size": args.hidden,
+            "num_layers": args.layers,
+            "cell": args.cell,
+            "dropout": args.dropout,
+        }
+        train(config, model_config, args.out, resume=not args.no_resume, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"rnnkern train: {err}", file=sys.stderr)
+        return 2
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 wrote the files
+        print(f"wrote {Path(args.out) / 'model.pt'} and {Path(args.out) / 'loss.png'}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import GenerateError, run_generate
+
+    try:
+        return run_generate(args)
+    except (GenerateError, ValueError, FileNotFoundError) as err:
+        print(f"rnnkern generate: {err}", file=sys.stderr)
+        return 2

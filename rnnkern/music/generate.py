@@ -1,0 +1,263 @@
+"""Generation from a trained music model with the project's one sampling rule.
+
+Stream ``b`` of a batch of ``count`` tunes draws its token at position ``t`` from
+``rnnkern.sampling.sample(..., seed, step=t)`` row ``b``, so the same model, seed and
+arguments give the same tunes on every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from rnnkern.sampling import check_sampling_args, sample
+
+from . import abc
+from .model import MusicLM
+from .train import atomic_write, load_checkpoint, model_from_checkpoint
+
+
+class GenerateError(ValueError):
+    """Bad generation arguments (a prime outside the vocabulary, an unknown meter, ...)."""
+
+
+def normalise_meter(meter: str) -> str:
+    """``6/8`` or ``M:6/8`` -> ``M:6/8``; other meters raise naming the allowed ones."""
+    token = meter.strip().replace(" ", "")
+    token = token if token.startswith("M:") else f"M:{token}"
+    if token not in abc.METER_TOKENS:
+        allowed = ", ".join(t[2:] for t in abc.METER_TOKENS)
+        raise GenerateError(f"--meter must be one of {allowed}; got {meter!r}")
+    return token
+
+
+def normalise_mode(mode: str) -> str:
+    """``dor``, ``Cdor``, ``K:Cdor``, ``minor`` ... -> ``K:Cdor``."""
+    text = mode.strip()
+    text = text[2:] if text.startswith("K:") else text
+    text = text[1:] if text[:1] == "C" else text
+    word = text.lower()[:3] if text.lower() != "m" else "m"
+    if word not in abc.MODE_NAMES:
+        raise GenerateError(f"--mode must be one of maj, min, dor, mix; got {mode!r}")
+    return abc.MODE_NAMES[word]
+
+
+def prime_tokens(prime: str, meter: str | None, mode: str | None) -> list[str]:
+    """Tokens of a prime given as folk-rnn tokens (``c 2 G E |``) or as ABC text in C.
+
+    Anything outside the vocabulary raises :class:`GenerateError` naming every such symbol.
+    """
+    pieces = prime.split()
+    if pieces and all(p in abc.TOKEN_TO_ID for p in pieces):
+        return [p for p in pieces if p not in abc.SPECIAL_TOKENS]
+    header = f"X:1\n{meter or 'M:4/4'}\nL:1/8\nK:{(mode or 'K:Cmaj')[2:]}\n"
+    try:
+        tune = abc.parse_tune(header + prime, first_line=0)
+        # The prime is already in C: spell it as written, without transposing.
+        return abc._spell_body(tune, 0, 0)
+    except abc.AbcError as err:
+        unknown = [p for p in pieces if p not in abc.TOKEN_TO_ID]
+        raise GenerateError(
+            f"--prime is neither vocabulary tokens (not in the vocabulary: {unknown}) nor ABC "
+            f"the tokenizer can represent: {err}"
+        ) from err
+
+
+@torch.no_grad()
+def sample_sequences(
+    model: MusicLM,
+    prefix: Sequence[int],
+    count: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    max_tokens: int = 1000,
+    end_id: int | None = 1,
+    forced: dict[int, int] | None = None,
+) -> list[list[int]]:
+    """Sample ``count`` sequences that start with ``prefix`` (ids, including <s>).
+
+    ``forced`` maps a position to the id it must hold (e.g. a chosen mode after a sampled
+    meter). A sequence ends after ``end_id`` or at ``max_tokens`` ids in total.
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    if not prefix:
+        raise GenerateError("the prefix must hold at least the start token")
+    forced = dict(forced or {})
+    model.eval()
+    seqs = [list(prefix) for _ in range(count)]
+    done = [False] * count
+    logits, state = model(torch.tensor(seqs, dtype=torch.long))
+    last = logits[:, -1, :]
+    position = len(prefix)
+    while position < max_tokens and not all(done):
+        if position in forced:
+            nxt = torch.full((count,), forced[position], dtype=torch.long)
+        else:
+            nxt = sample(last.float(), temperature, top_k, top_p, seed, position)
+        for b in range(count):
+            if not done[b]:
+                seqs[b].append(int(nxt[b]))
+                done[b] = end_id is not None and int(nxt[b]) == end_id
+        position += 1
+        logits, state = model(nxt.view(count, 1), state)
+        last = logits[:, -1, :]
+    return seqs
+
+
+def abc_tunes_to_midi(token_lists: Sequence[Sequence[str]], tempo: float, program: int = 40):
+    """Tunes one after another (a bar's rest between them) as a pretty_midi.PrettyMIDI.
+
+    ``tempo`` is in quarter notes per minute; program 40 is General MIDI's violin.
+    """
+    import pretty_midi
+
+    if not tempo > 0:
+        raise GenerateError(f"--tempo must be > 0 quarter notes per minute, got {tempo}")
+    seconds_per_eighth = 60.0 / tempo / 2
+    pm = pretty_midi.PrettyMIDI(initial_tempo=tempo)
+    inst = pretty_midi.Instrument(program=program, name="folk")
+    offset = 0.0
+    for tokens in token_lists:
+        sounding, _ = abc.interpret(tokens)
+        end = 0.0
+        for s in sounding:
+            start = offset + float(s.start) * seconds_per_eighth
+            stop = start + float(s.length) * seconds_per_eighth
+            for p in s.pitches:
+                inst.notes.append(pretty_midi.Note(velocity=80, pitch=p, start=start, end=stop))
+            end = max(end, stop)
+        meter, _, _ = abc.body_tokens(tokens)
+        offset = (
+            max(end, offset) + float(abc.meter_bar_length(meter or "M:4/4")) * seconds_per_eighth
+        )
+    pm.instruments.append(inst)
+    return pm
+
+
+def write_midi(pm, path: str | Path) -> None:
+    """Write a PrettyMIDI atomically."""
+    atomic_write(Path(path), lambda tmp: pm.write(tmp))
+
+
+def run_generate(args: argparse.Namespace, out=None) -> int:
+    """The ``rnnkern generate`` command: print ABC tunes, or write MIDI for performance models."""
+    out = out if out is not None else sys.stdout  # looked up per call, so it can be redirected
+    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    state = load_checkpoint(args.model)
+    model = model_from_checkpoint(state)
+    kind, tokens = state["kind"], state["tokens"]
+    if kind == "performance":
+        return _generate_performance(args, model, tokens, out)
+    if kind == "chars":
+        return _generate_chars(args, model, tokens, out)
+    if tokens != list(abc.VOCABULARY):
+        raise GenerateError(f"{args.model} has an ABC vocabulary that is not folk-rnn v2's")
+    meter = normalise_meter(args.meter) if args.meter else None
+    mode = normalise_mode(args.mode) if args.mode else None
+    prefix = ["<s>"]
+    forced: dict[int, int] = {}
+    if meter:
+        prefix.append(meter)
+    if mode:
+        if meter:
+            prefix.append(mode)
+        else:
+            forced[2] = abc.TOKEN_TO_ID[mode]  # the model picks the meter, then this mode
+    primed = prime_tokens(args.prime, meter, mode) if args.prime else []
+    if primed and not (meter and mode):
+        raise GenerateError("--prime needs --meter and --mode, which come before it in a tune")
+    prefix += primed
+    seqs = sample_sequences(
+        model,
+        abc.encode(prefix),
+        args.count,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        end_id=abc.TOKEN_TO_ID["</s>"],
+        forced=forced,
+    )
+    token_lists = [abc.decode(s) for s in seqs]
+    for i, toks in enumerate(token_lists):
+        title = f"rnnkern folk model, seed {args.seed}, tune {i + 1}"
+        if toks[-1] != "</s>":
+            title += f" (stopped at {args.max_tokens} tokens)"
+        out.write(abc.detokenize(toks, number=i + 1, title=title) + "\n")
+    if args.midi:
+        write_midi(abc_tunes_to_midi(token_lists, args.tempo), args.midi)
+        print(
+            f"wrote {args.midi}: {len(token_lists)} tune(s) at {args.tempo:g} quarter notes "
+            "per minute",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _generate_chars(args: argparse.Namespace, model: MusicLM, tokens: list[str], out) -> int:
+    if args.meter or args.mode:
+        raise GenerateError("--meter and --mode need a folk-rnn v2 (token) model, not characters")
+    vocab = abc.CharVocabulary(tokens[len(abc.SPECIAL_TOKENS) :])
+    prefix = [0] + (vocab.encode(args.prime)[1:-1] if args.prime else [])
+    seqs = sample_sequences(
+        model,
+        prefix,
+        args.count,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        end_id=1,
+    )
+    texts = [f"X:{i + 1}\n{vocab.decode(s)}\n" for i, s in enumerate(seqs)]
+    for text in texts:
+        out.write(text + "\n")
+    if args.midi:
+        readable, failed = [], []
+        for i, text in enumerate(texts):
+            try:
+                readable.append(abc.tokenize(text))
+            except abc.AbcError as err:
+                failed.append(f"tune {i + 1}: {err}")
+        if failed:
+            print("not written to MIDI:\n  " + "\n  ".join(failed), file=sys.stderr)
+        write_midi(abc_tunes_to_midi(readable, args.tempo), args.midi)
+        print(f"wrote {args.midi}: {len(readable)} of {len(texts)} tune(s)", file=sys.stderr)
+    return 0
+
+
+def _generate_performance(args: argparse.Namespace, model: MusicLM, tokens: list[str], out) -> int:
+    from .performance import PerformanceTokenizer
+
+    if args.meter or args.mode:
+        raise GenerateError("--meter and --mode apply to folk (ABC) models, not performances")
+    tokenizer = PerformanceTokenizer.from_tokens(tokens)
+    prefix = [tokenizer.start_id]
+    if args.prime:
+        prefix += tokenizer.ids_from_names(args.prime.split())
+    seqs = sample_sequences(
+        model,
+        prefix,
+        args.count,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        end_id=tokenizer.end_id,
+    )
+    path = args.midi or "performance.mid"
+    pm = tokenizer.decode_many([s for s in seqs], gap=2.0)
+    write_midi(pm, path)
+    notes = sum(len(i.notes) for i in pm.instruments)
+    out.write(f"wrote {path}: {len(seqs)} performance(s), {notes} notes\n")
+    return 0
