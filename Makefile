@@ -3,8 +3,9 @@
 # itself with its extras, which builds the C++ extension) and reinstalls when the build inputs
 # change.
 #
-#   make bench   the main job: rnnkern beside torch.nn on the default shapes
-#   make test    the test suite (what CI runs)
+#   make generate  the main job: folk tunes from the bundled model (ABC on stdout)
+#   make test      the test suite (what CI runs)
+#   make bench     rnnkern beside torch.nn on the default shapes
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +14,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.rnnkern-installed
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: bench test lint install clean
+.PHONY: generate bench test lint install clean
 
 $(STAMP): $(BUILD_INPUTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ $(STAMP): $(BUILD_INPUTS)
 	touch $@
 
 install: $(STAMP)
+
+generate: $(STAMP)
+	$(BIN)/rnnkern generate --count 2 --seed 1 --midi tunes.mid
 
 bench: $(STAMP)
 	$(BIN)/rnnkern bench
