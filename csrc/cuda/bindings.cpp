@@ -1,0 +1,106 @@
+// Python bindings of rnnkern._cuda. Tensors stay in Python: every buffer arrives as a device
+// address (tensor.data_ptr()) and the stream as torch.cuda.current_stream().cuda_stream, checked
+// by rnnkern/backends/cuda.py, so this file needs neither torch nor CUDA headers and is compiled
+// by the host C++ compiler; recurrence.cu (nvcc) holds the kernels and launchers (api.h).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "api.h"
+
+namespace py = pybind11;
+using namespace rnnkern_cuda;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+py::dict info_dict(const LaunchInfo& i) {
+  py::dict d;
+  d["blocks"] = i.blocks;
+  d["threads"] = i.threads;
+  d["units_per_block"] = i.units_per_block;
+  d["state_per_block"] = i.state_per_block;
+  d["batch_chunk"] = i.batch_chunk;
+  d["weights_in_smem"] = static_cast<bool>(i.weights_in_smem);
+  d["smem_bytes"] = i.smem_bytes;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "rnnkern CUDA kernels (persistent cooperative recurrences) on raw device buffers";
+
+  m.def(
+      "layer_forward",
+      [](int cell, int dtype, int T, int B, int H, int P, bool reverse, bool save, uintptr_t gx,
+         uintptr_t h0, uintptr_t c0, uintptr_t w_hh, uintptr_t b_hh, uintptr_t w_hr,
+         uintptr_t lengths, uintptr_t y, uintptr_t h_n, uintptr_t c_n, uintptr_t hs,
+         uintptr_t aux, uintptr_t gates, uintptr_t mbuf, uintptr_t sync, uintptr_t stream,
+         int64_t timeout_ns, bool debug) {
+        ForwardArgs a{cell, dtype, T, B, H, P, reverse ? 1 : 0, save ? 1 : 0,
+                      ptr<const void>(gx), ptr<const float>(h0), ptr<const float>(c0),
+                      ptr<const void>(w_hh), ptr<const void>(b_hh), ptr<const void>(w_hr),
+                      ptr<const int64_t>(lengths), ptr<void>(y), ptr<float>(h_n),
+                      ptr<float>(c_n), ptr<float>(hs), ptr<float>(aux), ptr<float>(gates),
+                      ptr<float>(mbuf), ptr<unsigned long long>(sync)};
+        LaunchInfo info;
+        {
+          py::gil_scoped_release release;
+          info = layer_forward(a, ptr<void>(stream), timeout_ns, debug);
+        }
+        return info_dict(info);
+      },
+      "Enqueue one layer's forward recurrence (see csrc/cuda/api.h: ForwardArgs).");
+
+  m.def(
+      "layer_backward",
+      [](int cell, int dtype, int T, int B, int H, int P, bool reverse, uintptr_t hs,
+         uintptr_t aux, uintptr_t gates, uintptr_t w_t, uintptr_t wr_t, uintptr_t lengths,
+         uintptr_t dy, uintptr_t dh_n, uintptr_t dc_n, uintptr_t dgx, uintptr_t dgh,
+         uintptr_t dh_proj, uintptr_t dh0, uintptr_t dc0, uintptr_t dpre, uintptr_t dht,
+         uintptr_t dloc, uintptr_t sync, uintptr_t stream, int64_t timeout_ns, bool debug) {
+        BackwardArgs a{cell, dtype, T, B, H, P, reverse ? 1 : 0,
+                       ptr<const float>(hs), ptr<const float>(aux), ptr<const float>(gates),
+                       ptr<const void>(w_t), ptr<const void>(wr_t), ptr<const int64_t>(lengths),
+                       ptr<const void>(dy), ptr<const float>(dh_n), ptr<const float>(dc_n),
+                       ptr<float>(dgx), ptr<float>(dgh), ptr<float>(dh_proj), ptr<float>(dh0),
+                       ptr<float>(dc0), ptr<float>(dpre), ptr<float>(dht), ptr<float>(dloc),
+                       ptr<unsigned long long>(sync)};
+        LaunchInfo info;
+        {
+          py::gil_scoped_release release;
+          info = layer_backward(a, ptr<void>(stream), timeout_ns, debug);
+        }
+        return info_dict(info);
+      },
+      "Enqueue one layer's backward recurrence (see csrc/cuda/api.h: BackwardArgs).");
+
+  m.def(
+      "plan",
+      [](bool backward, int cell, int dtype, int B, int H, int P, bool proj) {
+        return info_dict(backward ? plan_backward(cell, dtype, B, H, P, proj)
+                                  : plan_forward(cell, dtype, B, H, P, proj));
+      },
+      "The launch layout a call would use on the current device, without launching.");
+
+  m.def("device_info", [] {
+    const DeviceInfo d = device_info();
+    py::dict out;
+    out["device"] = d.device;
+    out["sms"] = d.sms;
+    out["smem_optin"] = d.smem_optin;
+    out["cooperative"] = static_cast<bool>(d.cooperative);
+    out["capability"] = py::make_tuple(d.major, d.minor);
+    return out;
+  });
+  m.def("dtype_compiled", &dtype_compiled, py::arg("dtype"));
+
+  m.attr("CELLS") = py::make_tuple("lstm", "gru", "rnn_tanh", "rnn_relu");
+  m.attr("ERR_BARRIER_TIMEOUT") = static_cast<unsigned long long>(kErrBarrierTimeout);
+  m.attr("ERR_BAD_LENGTH") = static_cast<unsigned long long>(kErrBadLength);
+}

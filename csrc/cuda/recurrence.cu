@@ -1,0 +1,813 @@
+// Persistent cooperative CUDA kernels for one recurrent layer, one direction: LSTM (with or
+// without projection), GRU, Elman RNN (tanh / relu); forward and backward through time.
+//
+// Legend for shapes: T time, B batch, H hidden, P state size (proj_size or H), G gates.
+//
+// Work split. One launch runs all T steps. The grid has at most one block per SM (cooperative
+// launch, so every block is resident and a grid-wide barrier cannot deadlock). Block k owns
+// hidden units [k*Hb, (k+1)*Hb) with all G of their gates, and state units [k*Pb, (k+1)*Pb)
+// (the same range when there is no projection). Its slice of the recurrent weights is copied
+// to shared memory once and stays there for all steps when it fits ("resident"); otherwise it
+// is read from global memory every step, where it lives in L2 after the first step.
+//
+// Per step (forward, no projection): stage h_{s-1} in shared memory a batch chunk at a time,
+// compute the block's G*Hb pre-activations for the chunk, apply the cell, write h_s for the
+// block's units, then one grid barrier (everybody needs all of h_s for the next step).
+// With projection a second phase computes h_s = W_hr m_s for the block's state units, so two
+// barriers per step. The backward is the mirror image: the pointwise part needs only the
+// block's own units of dh (one barrier after it: dh_{s-1} = dpre W_hh needs all of dpre), plus
+// one more barrier with projection (dm = W_hrᵀ dh needs all of dh).
+//
+// States and accumulation are float32 for every input dtype; weights stay in the input dtype
+// (half the shared memory for 16-bit inputs) and are converted on load.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "api.h"
+
+#ifndef RNNKERN_WITH_F16
+#define RNNKERN_WITH_F16 1
+#endif
+#ifndef RNNKERN_WITH_BF16
+#define RNNKERN_WITH_BF16 1
+#endif
+
+namespace rnnkern_cuda {
+namespace {
+
+constexpr int kThreads = 512;           // 16 warps: enough to cover smem latency in the matvecs
+constexpr int kWarps = kThreads / 32;
+constexpr int kBatchPerTask = 4;        // batch rows one warp task multiplies with one weight row
+constexpr int kMaxBatchChunk = 16;      // batch rows staged in shared memory at a time
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("rnnkern._cuda: ") + what + " failed: " +
+                             cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+}
+
+__host__ __device__ constexpr int gate_count(int cell) {
+  return cell == kLSTM ? 4 : cell == kGRU ? 3 : 1;
+}
+
+__host__ __device__ inline size_t align16(size_t bytes) { return (bytes + 15) & ~size_t(15); }
+
+// Dynamic shared memory of one block, the same arithmetic on host and device:
+//   x   [Bc][K] float   staged activations (h, m, dht or dpre rows of the current batch chunk)
+//   pre [Bc][C] float   the block's matvec results for the chunk
+//   w   w_elems  dtype  resident recurrent weight slice (only when resident)
+//   wr  wr_elems dtype  resident projection weight slice (only when resident)
+struct SmemLayout {
+  size_t x, pre, w, wr, total;
+};
+
+__host__ __device__ inline SmemLayout smem_layout(int K, int Bc, int C, size_t w_elems,
+                                                  size_t wr_elems, int elem_size, bool resident) {
+  SmemLayout l;
+  l.x = 0;
+  l.pre = align16(sizeof(float) * size_t(Bc) * K);
+  l.w = l.pre + align16(sizeof(float) * size_t(Bc) * C);
+  l.wr = l.w + (resident ? align16(elem_size * w_elems) : 0);
+  l.total = l.wr + (resident ? align16(elem_size * wr_elems) : 0);
+  return l;
+}
+
+// Everything a kernel needs besides the arguments: the work split and shared-memory plan.
+struct Plan {
+  int blocks;
+  int Hb;        // hidden units per block
+  int Pb;        // state units per block
+  int Bc;        // batch chunk
+  int resident;  // weights in shared memory
+  int K, C;      // shared-memory layout parameters (see smem_layout)
+  size_t w_elems, wr_elems;
+  size_t smem;
+  long long timeout_ns;
+};
+
+// ---------------------------------------------------------------------------------------------
+// device helpers
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<float>(float v) {
+  return v;
+}
+#if RNNKERN_WITH_F16
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) {
+  return __half2float(v);
+}
+#endif
+#if RNNKERN_WITH_BF16
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+#endif
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+#if RNNKERN_WITH_F16
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+#endif
+#if RNNKERN_WITH_BF16
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+#endif
+
+// Accurate expf / tanhf (no fast math): the float32 tests compare at ~1e-5.
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ unsigned long long load_acquire(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return static_cast<long long>(t);
+}
+
+// Grid-wide barrier on a monotonic arrival counter: the k-th barrier completes when the
+// counter reaches k * blocks (64 bits: no wrap-around for any realistic T). Co-residency of
+// all blocks is guaranteed by the cooperative launch. Returns false when the kernel must stop:
+// this block waited past the timeout (it then records kErrBarrierTimeout) or another block
+// already recorded an error. Every thread of the block gets the same answer.
+struct GridBarrier {
+  unsigned long long* arrivals;  // sync[0]
+  unsigned long long* error;     // sync[1]
+  unsigned long long blocks;
+  unsigned long long generation;  // barriers passed so far (meaningful in thread 0 only)
+  long long timeout_ns;          // <= 0: wait forever
+
+  __device__ bool wait() {
+    __shared__ int keep_going;
+    __syncthreads();  // all of this block's writes for the phase are issued
+    if (threadIdx.x == 0) {
+      ++generation;
+      const unsigned long long target = generation * blocks;
+      __threadfence();  // release: this block's writes are visible GPU-wide before it arrives
+      atomicAdd(arrivals, 1ULL);
+      int good = 1;
+      const long long start = global_ns();
+      unsigned int spins = 0;
+      while (load_acquire(arrivals) < target) {
+        if ((++spins & 255u) == 0) {
+          if (load_acquire(error) != kErrNone) {
+            good = 0;
+            break;
+          }
+          if (timeout_ns > 0 && global_ns() - start > timeout_ns) {
+            atomicCAS(error, 0ULL, static_cast<unsigned long long>(kErrBarrierTimeout));
+            good = 0;
+            break;
+          }
+        }
+      }
+      __threadfence();  // acquire for the block: other blocks' writes are seen after this
+      keep_going = good;
+    }
+    __syncthreads();
+    return keep_going != 0;
+  }
+};
+
+// Valid length of batch element b (lengths checked: a value outside [1, T] is recorded as an
+// error and clamped, so indexing stays in bounds).
+__device__ __forceinline__ int length_of(const int64_t* lengths, int b, int T,
+                                         unsigned long long* error) {
+  if (lengths == nullptr) return T;
+  const int64_t len = lengths[b];
+  if (len < 1 || len > T) {
+    atomicCAS(error, 0ULL, static_cast<unsigned long long>(kErrBadLength));
+    return len < 1 ? 1 : T;
+  }
+  return static_cast<int>(len);
+}
+
+// Time index of processing step s of an element of length len: s itself going forward and at
+// steps past the length (where outputs are zero and gradients pass through), len-1-s reversed.
+__device__ __forceinline__ int time_of(int s, int len, int reverse) {
+  return (reverse && s < len) ? len - 1 - s : s;
+}
+
+// Row r of a weight slice: base + (r / per_gate) * gate_stride + (r % per_gate) * row_len.
+template <typename T>
+struct Rows {
+  const T* base;
+  long long gate_stride;
+  int per_gate;
+  int row_len;
+  __device__ __forceinline__ const T* row(int r) const {
+    return base + (r / per_gate) * gate_stride + static_cast<long long>(r % per_gate) * row_len;
+  }
+};
+
+// out(bb, r, v) with v = sum_k x[bb*ldx + k] * W_r[k] for bb < nb, r < nrows.
+// x: [nb][ldx] float in shared memory; W_r: row r of `rows` (K elements, shared or global).
+// One warp per (row, group of 4 batch rows): each weight element is loaded once per 4 batch
+// rows; lanes stride over k (conflict-free shared loads), then a warp reduction.
+template <typename T, typename Out>
+__device__ __forceinline__ void block_matvec(const float* x, int ldx, int nb, int K, int nrows,
+                                             const Rows<T>& rows, Out out) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int groups = (nb + kBatchPerTask - 1) / kBatchPerTask;
+  for (int task = warp; task < nrows * groups; task += kWarps) {
+    const int r = task / groups;
+    const int bb0 = (task % groups) * kBatchPerTask;
+    const int nq = min(kBatchPerTask, nb - bb0);
+    const T* w = rows.row(r);
+    const float* x0 = x + static_cast<size_t>(bb0) * ldx;
+    float acc[kBatchPerTask] = {0.f, 0.f, 0.f, 0.f};
+    for (int k = lane; k < K; k += 32) {
+      const float wk = to_float(w[k]);
+#pragma unroll
+      for (int q = 0; q < kBatchPerTask; ++q)
+        if (q < nq) acc[q] = fmaf(wk, x0[q * ldx + k], acc[q]);
+    }
+#pragma unroll
+    for (int q = 0; q < kBatchPerTask; ++q) acc[q] = warp_sum(acc[q]);
+    if (lane == 0)
+      for (int q = 0; q < nq; ++q) out(bb0 + q, r, acc[q]);
+  }
+}
+
+// Copy rows [b0, b0+nb) of a [B][K] float matrix written by other blocks into shared memory.
+// __ldcg reads through L2 (never a stale L1 line from an earlier step).
+__device__ __forceinline__ void stage_rows(float* dst, const float* src, int b0, int nb, int K) {
+  const float* s = src + static_cast<size_t>(b0) * K;
+  for (int i = threadIdx.x; i < nb * K; i += kThreads) dst[i] = __ldcg(s + i);
+}
+
+// Copy a weight slice of `rows` (nrows rows of row_len) into a dense [nrows][row_len] array.
+template <typename T>
+__device__ void stage_weights(T* dst, const Rows<T>& rows, int nrows) {
+  const int n = rows.row_len;
+  for (long long i = threadIdx.x; i < static_cast<long long>(nrows) * n; i += kThreads) {
+    const int r = static_cast<int>(i / n);
+    dst[i] = rows.row(r)[i % n];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int CELL>
+__global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs a, Plan plan) {
+  constexpr int G = gate_count(CELL);
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int T_ = a.T, B = a.B, H = a.H, P = a.P, GH = G * H;
+  const bool proj = CELL == kLSTM && a.w_hr != nullptr;
+  const int Hb = plan.Hb, Pb = plan.Pb, Bc = plan.Bc;
+  const int j0 = blockIdx.x * Hb, nj = max(0, min(H, j0 + Hb) - j0);
+  const int p0 = blockIdx.x * Pb, np = max(0, min(P, p0 + Pb) - p0);
+  const SmemLayout L = smem_layout(plan.K, Bc, plan.C, plan.w_elems, plan.wr_elems,
+                                   sizeof(T), plan.resident);
+  float* x_s = reinterpret_cast<float*>(smem + L.x);    // [Bc][K]
+  float* pre_s = reinterpret_cast<float*>(smem + L.pre);  // [Bc][G*Hb]
+  const T* gx = static_cast<const T*>(a.gx);
+  const T* b_hh = static_cast<const T*>(a.b_hh);
+  T* y = static_cast<T*>(a.y);
+  GridBarrier bar{a.sync, a.sync + 1, gridDim.x, 0, plan.timeout_ns};
+
+  // W_hh rows of the block: gate g, unit jj -> row g*H + j0 + jj of w_hh [G*H, P].
+  Rows<T> w{static_cast<const T*>(a.w_hh) + static_cast<size_t>(j0) * P,
+            static_cast<long long>(H) * P, max(nj, 1), P};
+  // W_hr rows of the block's state units: p0 + pp of w_hr [P, H].
+  Rows<T> wr{static_cast<const T*>(a.w_hr) + static_cast<size_t>(p0) * H, 0, max(np, 1), H};
+  if (plan.resident) {
+    T* w_s = reinterpret_cast<T*>(smem + L.w);  // [G][nj][P]
+    stage_weights(w_s, w, G * nj);
+    w = Rows<T>{w_s, static_cast<long long>(nj) * P, max(nj, 1), P};
+    if (proj) {
+      T* wr_s = reinterpret_cast<T*>(smem + L.wr);  // [np][H]
+      stage_weights(wr_s, wr, np);
+      wr = Rows<T>{wr_s, 0, max(np, 1), H};
+    }
+  }
+
+  // State slots: with save, hs / aux are the saved sequences; without, 2-slot rings.
+  auto h_slot = [&](int s) { return a.hs + static_cast<size_t>(a.save ? s : (s & 1)) * B * P; };
+  auto c_slot = [&](int s) { return a.aux + static_cast<size_t>(a.save ? s : (s & 1)) * B * H; };
+  if (a.save) {  // slot 0 of the saved sequences is the initial state (own units only)
+    for (int i = threadIdx.x; i < B * np; i += kThreads)
+      a.hs[(i / np) * P + p0 + i % np] = a.h0[(i / np) * P + p0 + i % np];
+    if (CELL == kLSTM)
+      for (int i = threadIdx.x; i < B * nj; i += kThreads)
+        a.aux[(i / nj) * H + j0 + i % nj] = a.c0[(i / nj) * H + j0 + i % nj];
+  }
+  __syncthreads();
+
+  for (int s = 0; s < T_; ++s) {
+    const float* hp = s == 0 ? a.h0 : h_slot(s);  // [B, P] h_{s-1}, all units (other blocks')
+    float* hn = h_slot(s + 1);                    // [B, P] h_s: this block writes its units
+    const float* cp = CELL == kLSTM ? (s == 0 ? a.c0 : c_slot(s)) : nullptr;  // [B, H]
+    float* cn = CELL == kLSTM ? c_slot(s + 1) : nullptr;                      // [B, H]
+
+    // Phase A: gates of the block's hidden units.
+    if (nj > 0) {
+      for (int b0 = 0; b0 < B; b0 += Bc) {
+        const int nb = min(Bc, B - b0);
+        stage_rows(x_s, hp, b0, nb, P);
+        __syncthreads();
+        block_matvec<T>(x_s, P, nb, P, G * nj, w, [&](int bb, int r, float v) {
+          pre_s[bb * plan.C + (r / nj) * Hb + r % nj] = v;
+        });
+        __syncthreads();
+        for (int i = threadIdx.x; i < nb * nj; i += kThreads) {
+          const int bb = i / nj, jj = i % nj, b = b0 + bb, j = j0 + jj;
+          const int len = length_of(a.lengths, b, T_, bar.error);
+          const bool valid = s < len;
+          const int t = time_of(s, len, a.reverse);
+          const T* gxr = gx + (static_cast<size_t>(t) * B + b) * GH;
+          const float* pr = pre_s + bb * plan.C + jj;
+          float* gates = a.save && a.gates ? a.gates + (static_cast<size_t>(s) * B + b) * GH
+                                           : nullptr;
+          float gh[G];  // W_hh h + b_hh per gate
+#pragma unroll
+          for (int g = 0; g < G; ++g)
+            gh[g] = pr[g * Hb] + (b_hh ? to_float(b_hh[g * H + j]) : 0.f);
+          if (CELL == kLSTM) {
+            const float ig = sigmoid(to_float(gxr[j]) + gh[0]);
+            const float fg = sigmoid(to_float(gxr[H + j]) + gh[1]);
+            const float gg = tanhf(to_float(gxr[2 * H + j]) + gh[2]);
+            const float og = sigmoid(to_float(gxr[3 * H + j]) + gh[3]);
+            const float c_prev = __ldcg(cp + static_cast<size_t>(b) * H + j);
+            const float c_new = fmaf(fg, c_prev, ig * gg);
+            const float m = og * tanhf(c_new);
+            if (gates) {
+              gates[j] = ig;
+              gates[H + j] = fg;
+              gates[2 * H + j] = gg;
+              gates[3 * H + j] = og;
+            }
+            cn[static_cast<size_t>(b) * H + j] = valid ? c_new : c_prev;
+            if (proj) {
+              a.m[static_cast<size_t>(b) * H + j] = m;
+            } else {
+              const float h_prev = __ldcg(hp + static_cast<size_t>(b) * P + j);
+              hn[static_cast<size_t>(b) * P + j] = valid ? m : h_prev;
+              y[(static_cast<size_t>(t) * B + b) * P + j] = from_float<T>(valid ? m : 0.f);
+            }
+          } else {
+            float h_new;
+            if (CELL == kGRU) {
+              const float r = sigmoid(to_float(gxr[j]) + gh[0]);
+              const float z = sigmoid(to_float(gxr[H + j]) + gh[1]);
+              const float n = tanhf(fmaf(r, gh[2], to_float(gxr[2 * H + j])));
+              const float h_prev = __ldcg(hp + static_cast<size_t>(b) * P + j);
+              h_new = (1.f - z) * n + z * h_prev;
+              if (gates) {
+                gates[j] = r;
+                gates[H + j] = z;
+                gates[2 * H + j] = n;
+                a.aux[(static_cast<size_t>(s) * B + b) * H + j] = gh[2];
+              }
+            } else {
+              const float pre = to_float(gxr[j]) + gh[0];
+              h_new = CELL == kRNNTanh ? tanhf(pre) : fmaxf(pre, 0.f);
+            }
+            const float h_prev = __ldcg(hp + static_cast<size_t>(b) * P + j);
+            hn[static_cast<size_t>(b) * P + j] = valid ? h_new : h_prev;
+            y[(static_cast<size_t>(t) * B + b) * P + j] = from_float<T>(valid ? h_new : 0.f);
+          }
+        }
+        __syncthreads();  // x_s / pre_s are reused by the next chunk
+      }
+    }
+
+    // Phase B (projection): h_s = W_hr m_s for the block's state units; needs all of m_s.
+    if (proj) {
+      if (!bar.wait()) return;
+      if (np > 0) {
+        for (int b0 = 0; b0 < B; b0 += Bc) {
+          const int nb = min(Bc, B - b0);
+          stage_rows(x_s, a.m, b0, nb, H);
+          __syncthreads();
+          block_matvec<T>(x_s, H, nb, H, np, wr, [&](int bb, int pp, float v) {
+            const int b = b0 + bb, p = p0 + pp;
+            const int len = length_of(a.lengths, b, T_, bar.error);
+            const bool valid = s < len;
+            const int t = time_of(s, len, a.reverse);
+            const float h_prev = __ldcg(hp + static_cast<size_t>(b) * P + p);
+            hn[static_cast<size_t>(b) * P + p] = valid ? v : h_prev;
+            y[(static_cast<size_t>(t) * B + b) * P + p] = from_float<T>(valid ? v : 0.f);
+          });
+          __syncthreads();
+        }
+      }
+    }
+    if (!bar.wait()) return;  // h_s complete before anyone reads it in step s+1
+  }
+
+  // Final state: the block's own units of the last slot (written by this block).
+  const float* hT = h_slot(T_);
+  for (int i = threadIdx.x; i < B * np; i += kThreads)
+    a.h_n[(i / np) * P + p0 + i % np] = __ldcg(hT + (i / np) * P + p0 + i % np);
+  if (CELL == kLSTM) {
+    const float* cT = c_slot(T_);
+    for (int i = threadIdx.x; i < B * nj; i += kThreads)
+      a.c_n[(i / nj) * H + j0 + i % nj] = __ldcg(cT + (i / nj) * H + j0 + i % nj);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int CELL>
+__global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArgs a, Plan plan) {
+  constexpr int G = gate_count(CELL);
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int T_ = a.T, B = a.B, H = a.H, P = a.P, GH = G * H;
+  const bool proj = CELL == kLSTM && a.wr_t != nullptr;
+  const int Hb = plan.Hb, Pb = plan.Pb, Bc = plan.Bc;
+  const int j0 = blockIdx.x * Hb, nj = max(0, min(H, j0 + Hb) - j0);
+  const int p0 = blockIdx.x * Pb, np = max(0, min(P, p0 + Pb) - p0);
+  const SmemLayout L = smem_layout(plan.K, Bc, plan.C, plan.w_elems, plan.wr_elems,
+                                   sizeof(T), plan.resident);
+  float* x_s = reinterpret_cast<float*>(smem + L.x);      // [Bc][K]
+  float* pre_s = reinterpret_cast<float*>(smem + L.pre);  // [Bc][Hb] dm (projection)
+  const T* dy = static_cast<const T*>(a.dy);
+  GridBarrier bar{a.sync, a.sync + 1, gridDim.x, 0, plan.timeout_ns};
+
+  // Rows of W_hhᵀ [P, G*H] for the block's state units; rows of W_hrᵀ [H, P] for its units.
+  Rows<T> wt{static_cast<const T*>(a.w_t) + static_cast<size_t>(p0) * GH, 0, max(np, 1), GH};
+  Rows<T> wr{static_cast<const T*>(a.wr_t) + static_cast<size_t>(j0) * P, 0, max(nj, 1), P};
+  if (plan.resident) {
+    T* wt_s = reinterpret_cast<T*>(smem + L.w);  // [np][G*H]
+    stage_weights(wt_s, wt, np);
+    wt = Rows<T>{wt_s, 0, max(np, 1), GH};
+    if (proj) {
+      T* wr_s = reinterpret_cast<T*>(smem + L.wr);  // [nj][P]
+      stage_weights(wr_s, wr, nj);
+      wr = Rows<T>{wr_s, 0, max(nj, 1), P};
+    }
+  }
+
+  // The running gradients live in the outputs: dh0 [B, P] (own state units), dc0 [B, H].
+  for (int i = threadIdx.x; i < B * np; i += kThreads)
+    a.dh0[(i / np) * P + p0 + i % np] = a.dh_n[(i / np) * P + p0 + i % np];
+  if (CELL == kLSTM)
+    for (int i = threadIdx.x; i < B * nj; i += kThreads)
+      a.dc0[(i / nj) * H + j0 + i % nj] = a.dc_n[(i / nj) * H + j0 + i % nj];
+  __syncthreads();
+
+  for (int s = T_ - 1; s >= 0; --s) {
+    float* dpre = a.dpre + static_cast<size_t>(s & 1) * B * GH;  // [B, G*H] this step's slot
+
+    // Phase 0 (projection): dh_total = dh + dy_t for the block's state units, shared with all.
+    if (proj) {
+      for (int i = threadIdx.x; i < B * np; i += kThreads) {
+        const int b = i / np, p = p0 + i % np;
+        const int len = length_of(a.lengths, b, T_, bar.error);
+        const int t = time_of(s, len, a.reverse);
+        const float v = a.dh0[static_cast<size_t>(b) * P + p] +
+                        to_float(dy[(static_cast<size_t>(t) * B + b) * P + p]);
+        a.dht[static_cast<size_t>(b) * P + p] = v;
+        a.dh_proj[(static_cast<size_t>(t) * B + b) * P + p] = s < len ? v : 0.f;
+      }
+      if (!bar.wait()) return;
+    }
+
+    // Phase A: pointwise gradients of the block's hidden units -> dgx, dpre (and dgh, dloc).
+    if (nj > 0) {
+      for (int b0 = 0; b0 < B; b0 += Bc) {
+        const int nb = min(Bc, B - b0);
+        if (proj) {  // dm = dh_total W_hr for the block's units: needs all of dht
+          stage_rows(x_s, a.dht, b0, nb, P);
+          __syncthreads();
+          block_matvec<T>(x_s, P, nb, P, nj, wr,
+                          [&](int bb, int jj, float v) { pre_s[bb * plan.C + jj] = v; });
+          __syncthreads();
+        }
+        for (int i = threadIdx.x; i < nb * nj; i += kThreads) {
+          const int bb = i / nj, jj = i % nj, b = b0 + bb, j = j0 + jj;
+          const int len = length_of(a.lengths, b, T_, bar.error);
+          const bool valid = s < len;
+          const int t = time_of(s, len, a.reverse);
+          const size_t bh = static_cast<size_t>(b) * H + j;
+          const size_t row = static_cast<size_t>(s) * B + b;  // processing-order row
+          float* dgx = a.dgx + (static_cast<size_t>(t) * B + b) * GH;
+          float* dp = dpre + static_cast<size_t>(b) * GH;
+          if (CELL == kLSTM) {
+            const float dm = proj ? pre_s[bb * plan.C + jj]
+                                  : a.dh0[static_cast<size_t>(b) * P + j] +
+                                        to_float(dy[(static_cast<size_t>(t) * B + b) * P + j]);
+            const float* gt = a.gates + row * GH;
+            const float ig = gt[j], fg = gt[H + j], gg = gt[2 * H + j], og = gt[3 * H + j];
+            const float c_prev = a.aux[static_cast<size_t>(s) * B * H + bh];
+            const float tc = tanhf(a.aux[static_cast<size_t>(s + 1) * B * H + bh]);
+            const float dc = a.dc0[bh];
+            const float dc_total = dc + dm * og * (1.f - tc * tc);
+            float d[4];
+            d[0] = dc_total * gg * ig * (1.f - ig);
+            d[1] = dc_total * c_prev * fg * (1.f - fg);
+            d[2] = dc_total * ig * (1.f - gg * gg);
+            d[3] = dm * tc * og * (1.f - og);
+#pragma unroll
+            for (int g = 0; g < 4; ++g) {
+              const float v = valid ? d[g] : 0.f;
+              dgx[g * H + j] = v;
+              dp[g * H + j] = v;
+            }
+            a.dc0[bh] = valid ? dc_total * fg : dc;
+          } else if (CELL == kGRU) {
+            const float dh_total = a.dh0[static_cast<size_t>(b) * P + j] +
+                                   to_float(dy[(static_cast<size_t>(t) * B + b) * P + j]);
+            const float* gt = a.gates + row * GH;
+            const float r = gt[j], z = gt[H + j], n = gt[2 * H + j];
+            const float h_prev = a.hs[row * P + j];
+            const float hn = a.aux[row * H + j];
+            const float dn_pre = dh_total * (1.f - z) * (1.f - n * n);
+            const float dr_pre = dn_pre * hn * r * (1.f - r);
+            const float dz_pre = dh_total * (h_prev - n) * z * (1.f - z);
+            float* dgh = a.dgh + (static_cast<size_t>(t) * B + b) * GH;
+            const float vr = valid ? dr_pre : 0.f, vz = valid ? dz_pre : 0.f;
+            const float vn = valid ? dn_pre : 0.f;
+            dgx[j] = vr;
+            dgx[H + j] = vz;
+            dgx[2 * H + j] = vn;
+            dgh[j] = vr;
+            dgh[H + j] = vz;
+            dgh[2 * H + j] = vn * r;
+            dp[j] = vr;
+            dp[H + j] = vz;
+            dp[2 * H + j] = vn * r;
+            a.dloc[bh] = dh_total * z;
+          } else {
+            const float dh_total = a.dh0[static_cast<size_t>(b) * P + j] +
+                                   to_float(dy[(static_cast<size_t>(t) * B + b) * P + j]);
+            const float h_new = a.hs[(row + B) * P + j];  // hs[s + 1][b][j]
+            const float deriv = CELL == kRNNTanh ? 1.f - h_new * h_new : (h_new > 0.f ? 1.f : 0.f);
+            const float v = valid ? dh_total * deriv : 0.f;
+            dgx[j] = v;
+            dp[j] = v;
+          }
+        }
+        __syncthreads();  // x_s / pre_s are reused by the next chunk
+      }
+    }
+    if (!bar.wait()) return;  // dpre complete
+
+    // Phase B: dh_{s-1} = dpre W_hh (+ dh_total * z for the GRU) for the block's state units.
+    if (np > 0) {
+      for (int b0 = 0; b0 < B; b0 += Bc) {
+        const int nb = min(Bc, B - b0);
+        stage_rows(x_s, dpre, b0, nb, GH);
+        __syncthreads();
+        block_matvec<T>(x_s, GH, nb, GH, np, wt, [&](int bb, int pp, float v) {
+          const int b = b0 + bb, p = p0 + pp;
+          const int len = length_of(a.lengths, b, T_, bar.error);
+          if (s < len) {
+            const size_t bp = static_cast<size_t>(b) * P + p;
+            a.dh0[bp] = CELL == kGRU ? v + a.dloc[static_cast<size_t>(b) * H + p] : v;
+          }  // past the length dh passes through unchanged
+        });
+        __syncthreads();
+      }
+    }
+    // No barrier here: the next step's phases 0 / A read only this block's own dh and dc and
+    // write the other dpre slot; every block passed this step's barrier before anyone can
+    // reach the next one, which is when this slot is written again.
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// host side: plans and launches
+// ---------------------------------------------------------------------------------------------
+
+int elem_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+DeviceInfo query_device() {
+  DeviceInfo d{};
+  check(cudaGetDevice(&d.device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, d.device),
+        "cudaDeviceGetAttribute(MultiProcessorCount)");
+  check(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d.device),
+        "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  check(cudaDeviceGetAttribute(&d.cooperative, cudaDevAttrCooperativeLaunch, d.device),
+        "cudaDeviceGetAttribute(CooperativeLaunch)");
+  check(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, d.device),
+        "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+  check(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, d.device),
+        "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
+  return d;
+}
+
+// The work split and shared-memory plan for `sms` blocks at most and a shared-memory budget.
+// Forward: K = staged row length (P, or max(P, H) with projection), C = G*Hb,
+//          w = G*Hb*P (W_hh rows), wr = Pb*H (W_hr rows).
+// Backward: K = max(G*H, P), C = Hb, w = Pb*G*H (W_hhᵀ rows), wr = Hb*P (W_hrᵀ rows).
+Plan make_plan(bool backward, int cell, int dtype, int B, int H, int P, bool proj, int sms,
+               size_t budget) {
+  const int G = gate_count(cell);
+  Plan p{};
+  const int max_blocks = std::max(1, std::min(sms, std::max(H, P)));
+  p.Hb = (H + max_blocks - 1) / max_blocks;
+  p.blocks = (H + p.Hb - 1) / p.Hb;
+  // Without a projection the state units are the hidden units, and the backward relies on a
+  // block owning the same range of both (dh, dloc of its units are block-local).
+  p.Pb = proj ? (P + p.blocks - 1) / p.blocks : p.Hb;
+  if (backward) {
+    p.K = std::max(G * H, proj ? P : 0);
+    p.C = p.Hb;
+    p.w_elems = static_cast<size_t>(p.Pb) * G * H;
+    p.wr_elems = proj ? static_cast<size_t>(p.Hb) * P : 0;
+  } else {
+    p.K = proj ? std::max(P, H) : P;
+    p.C = G * p.Hb;
+    p.w_elems = static_cast<size_t>(G) * p.Hb * P;
+    p.wr_elems = proj ? static_cast<size_t>(p.Pb) * H : 0;
+  }
+  const int es = elem_size(dtype);
+  for (int resident = 1; resident >= 0; --resident) {
+    for (int bc = std::min(B, kMaxBatchChunk); bc >= 1; --bc) {
+      const SmemLayout l = smem_layout(p.K, bc, p.C, p.w_elems, p.wr_elems, es, resident);
+      if (l.total <= budget) {
+        p.Bc = bc;
+        p.resident = resident;
+        p.smem = l.total;
+        return p;
+      }
+    }
+  }
+  throw std::invalid_argument(
+      "rnnkern._cuda: this layer does not fit in shared memory even with the weights in L2 "
+      "(one batch row of " + std::to_string(p.K) + " float32 values and " +
+      std::to_string(p.C) + " results need more than " + std::to_string(budget) + " bytes)");
+}
+
+using KernelFn = void (*)(void);
+
+template <typename T>
+KernelFn pick_kernel(bool backward, int cell) {
+  if (backward) {
+    switch (cell) {
+      case kLSTM: return reinterpret_cast<KernelFn>(&layer_backward_kernel<T, kLSTM>);
+      case kGRU: return reinterpret_cast<KernelFn>(&layer_backward_kernel<T, kGRU>);
+      case kRNNTanh: return reinterpret_cast<KernelFn>(&layer_backward_kernel<T, kRNNTanh>);
+      case kRNNRelu: return reinterpret_cast<KernelFn>(&layer_backward_kernel<T, kRNNRelu>);
+    }
+  } else {
+    switch (cell) {
+      case kLSTM: return reinterpret_cast<KernelFn>(&layer_forward_kernel<T, kLSTM>);
+      case kGRU: return reinterpret_cast<KernelFn>(&layer_forward_kernel<T, kGRU>);
+      case kRNNTanh: return reinterpret_cast<KernelFn>(&layer_forward_kernel<T, kRNNTanh>);
+      case kRNNRelu: return reinterpret_cast<KernelFn>(&layer_forward_kernel<T, kRNNRelu>);
+    }
+  }
+  throw std::invalid_argument("rnnkern._cuda: unknown cell code " + std::to_string(cell));
+}
+
+KernelFn kernel_for(bool backward, int cell, int dtype) {
+  switch (dtype) {
+    case kFloat32: return pick_kernel<float>(backward, cell);
+#if RNNKERN_WITH_F16
+    case kFloat16: return pick_kernel<__half>(backward, cell);
+#endif
+#if RNNKERN_WITH_BF16
+    case kBFloat16: return pick_kernel<__nv_bfloat16>(backward, cell);
+#endif
+  }
+  throw std::invalid_argument("rnnkern._cuda: dtype code " + std::to_string(dtype) +
+                              " is not compiled into this build");
+}
+
+void check_shape(int cell, int T, int B, int H, int P) {
+  if (cell < kLSTM || cell > kRNNRelu)
+    throw std::invalid_argument("rnnkern._cuda: unknown cell code " + std::to_string(cell));
+  if (T < 1 || B < 1 || H < 1 || P < 1)
+    throw std::invalid_argument("rnnkern._cuda: T, B, H, P must be >= 1");
+  // Offsets are size_t, but per-row indices are int: keep every dimension product in range.
+  if (static_cast<int64_t>(gate_count(cell)) * H > (1 << 30) || static_cast<int64_t>(B) * P >
+      (1 << 30))
+    throw std::invalid_argument("rnnkern._cuda: layer too large for 32-bit row indices");
+}
+
+// Plan against the current device, including the cooperative-launch occupancy check.
+Plan plan_for(bool backward, int cell, int dtype, int B, int H, int P, bool proj,
+              KernelFn* kernel_out) {
+  const DeviceInfo dev = query_device();
+  if (!dev.cooperative)
+    throw std::runtime_error("rnnkern._cuda: device " + std::to_string(dev.device) +
+                             " does not support cooperative launches");
+  const KernelFn kernel = kernel_for(backward, cell, dtype);
+  cudaFuncAttributes attr{};
+  check(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)),
+        "cudaFuncGetAttributes");
+  const size_t budget = static_cast<size_t>(dev.smem_optin) - attr.sharedSizeBytes;
+  Plan p = make_plan(backward, cell, dtype, B, H, P, proj, dev.sms, budget);
+  check(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(p.smem)),
+        "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  int per_sm = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, reinterpret_cast<const void*>(kernel),
+                                                      kThreads, p.smem),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  if (per_sm < 1 || p.blocks > per_sm * dev.sms)
+    throw std::runtime_error("rnnkern._cuda: a cooperative launch of " +
+                             std::to_string(p.blocks) + " blocks with " +
+                             std::to_string(p.smem) + " bytes of shared memory cannot be "
+                             "co-resident (" + std::to_string(per_sm) + " per SM)");
+  if (kernel_out) *kernel_out = kernel;
+  return p;
+}
+
+LaunchInfo info_of(const Plan& p) {
+  return LaunchInfo{p.blocks, kThreads, p.Hb, p.Pb, p.Bc, p.resident,
+                    static_cast<int64_t>(p.smem)};
+}
+
+template <typename Args>
+LaunchInfo launch(bool backward, const Args& a, bool proj, void* stream, int64_t timeout_ns,
+                  bool debug) {
+  check_shape(a.cell, a.T, a.B, a.H, a.P);
+  if (a.sync == nullptr) throw std::invalid_argument("rnnkern._cuda: sync buffer is null");
+  KernelFn kernel = nullptr;
+  Plan p = plan_for(backward, a.cell, a.dtype, a.B, a.H, a.P, proj, &kernel);
+  p.timeout_ns = timeout_ns;
+  Args args = a;
+  void* params[] = {&args, &p};
+  check(cudaGetLastError(), "a CUDA call before the rnnkern launch");
+  check(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(p.blocks),
+                                    dim3(kThreads), params, p.smem,
+                                    static_cast<cudaStream_t>(stream)),
+        backward ? "cudaLaunchCooperativeKernel(layer_backward)"
+                 : "cudaLaunchCooperativeKernel(layer_forward)");
+  check(cudaGetLastError(), backward ? "layer_backward launch" : "layer_forward launch");
+  if (debug)
+    check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)),
+          backward ? "layer_backward (debug synchronise)" : "layer_forward (debug synchronise)");
+  return info_of(p);
+}
+
+}  // namespace
+
+LaunchInfo layer_forward(const ForwardArgs& a, void* stream, int64_t timeout_ns, bool debug) {
+  const bool proj = a.cell == kLSTM && a.w_hr != nullptr;
+  if (a.cell != kLSTM && a.P != a.H)
+    throw std::invalid_argument("rnnkern._cuda: P must equal H without an LSTM projection");
+  if (proj && a.m == nullptr)
+    throw std::invalid_argument("rnnkern._cuda: the projection needs the m scratch buffer");
+  if (a.save && a.cell != kRNNTanh && a.cell != kRNNRelu && a.gates == nullptr)
+    throw std::invalid_argument("rnnkern._cuda: save needs the gates buffer");
+  return launch(false, a, proj, stream, timeout_ns, debug);
+}
+
+LaunchInfo layer_backward(const BackwardArgs& a, void* stream, int64_t timeout_ns, bool debug) {
+  const bool proj = a.cell == kLSTM && a.wr_t != nullptr;
+  if (a.cell != kLSTM && a.P != a.H)
+    throw std::invalid_argument("rnnkern._cuda: P must equal H without an LSTM projection");
+  if (proj && (a.dht == nullptr || a.dh_proj == nullptr))
+    throw std::invalid_argument("rnnkern._cuda: the projection needs dht and dh_proj buffers");
+  if (a.cell == kGRU && (a.dgh == nullptr || a.dloc == nullptr))
+    throw std::invalid_argument("rnnkern._cuda: the GRU backward needs dgh and dloc buffers");
+  return launch(true, a, proj, stream, timeout_ns, debug);
+}
+
+LaunchInfo plan_forward(int cell, int dtype, int B, int H, int P, bool proj) {
+  return info_of(plan_for(false, cell, dtype, B, H, P, proj, nullptr));
+}
+
+LaunchInfo plan_backward(int cell, int dtype, int B, int H, int P, bool proj) {
+  return info_of(plan_for(true, cell, dtype, B, H, P, proj, nullptr));
+}
+
+DeviceInfo device_info() { return query_device(); }
+
+bool dtype_compiled(int dtype) {
+  return dtype == kFloat32 || (dtype == kFloat16 && RNNKERN_WITH_F16) ||
+         (dtype == kBFloat16 && RNNKERN_WITH_BF16);
+}
+
+}  // namespace rnnkern_cuda

@@ -1,0 +1,270 @@
+"""Backend ``cuda``: persistent cooperative CUDA kernels (``csrc/cuda``, module ``rnnkern._cuda``).
+
+One kernel launch runs all ``T`` steps of a layer: the grid has at most one block per SM, each
+block owns a slice of the hidden units (all gates of each) and keeps its slice of ``W_hh``
+resident in shared memory for the whole sequence when it fits (otherwise it reads the slice
+from global memory each step, where it stays in L2), and the blocks meet at one grid-wide
+barrier per step (two with an LSTM projection). The backward runs the sequential part of BPTT
+the same way (``dgx``, ``dh0``, ``dc0``); the weight gradients ``dW_hh = Σ dghᵀ h``, ``db_hh``
+and ``dW_hr`` are each one large GEMM over all ``T·B`` rows afterwards, done by torch.
+
+float32, float16 and bfloat16 inputs; states, saved activations and accumulation are float32.
+Outputs are allocated here (through :func:`rnnkern.backends.base.empty`) and the kernels get
+their device addresses and torch's current stream.
+
+Safety: the grid barrier gives up after ``RNNKERN_CUDA_BARRIER_TIMEOUT_S`` seconds (default 30;
+0 waits forever) instead of hanging, and every launch's status word is read back, so a deadlock
+or an out-of-range length becomes a Python exception. ``RNNKERN_CUDA_DEBUG=1`` also synchronises
+after each launch so that an asynchronous CUDA fault is reported by the launch that caused it.
+
+Legend: ``T`` time, ``B`` batch, ``H`` hidden, ``P`` state size (proj_size or H), ``G`` gates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from .base import (
+    BackwardResult,
+    ForwardResult,
+    LayerConfig,
+    Saved,
+    empty,
+    gate_count,
+)
+from .reference import _gather_time, reversed_time_index
+
+try:
+    from .. import _cuda
+except ImportError as err:  # the extension is optional; available() explains how to build it
+    _cuda = None
+    _IMPORT_ERROR = str(err)
+else:
+    _IMPORT_ERROR = ""
+
+_CELL_CODE = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_ERRORS = {
+    1: "a grid-wide barrier timed out (a kernel deadlock, or the GPU was preempted for longer "
+    "than RNNKERN_CUDA_BARRIER_TIMEOUT_S); the outputs of this call are invalid",
+    2: "lengths has a value outside [1, T]",
+}
+
+
+def build_hint() -> str:
+    """How to get ``rnnkern._cuda`` when it is missing."""
+    return (
+        "the CUDA extension rnnkern._cuda is not built"
+        + (f" ({_IMPORT_ERROR})" if _IMPORT_ERROR else "")
+        + "; build it on a machine with the CUDA toolkit (nvcc on PATH or CUDA_HOME set) with "
+        "`python setup.py build_ext --inplace` or `pip install .`; RNNKERN_CUDA_ARCHS chooses "
+        "the GPU targets (default sm_80,sm_90+PTX)"
+    )
+
+
+def _timeout_ns() -> int:
+    seconds = float(os.environ.get("RNNKERN_CUDA_BARRIER_TIMEOUT_S", "30"))
+    return int(seconds * 1e9) if seconds > 0 else 0
+
+
+def _debug() -> bool:
+    return os.environ.get("RNNKERN_CUDA_DEBUG") == "1"
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+class CUDABackend:
+    name = "cuda"
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple, bool | str] = {}
+        self.last_launch: dict | None = None  # layout of the latest launch (tests, benchmarks)
+
+    def available(self) -> bool | str:
+        if _cuda is None:
+            return build_hint()
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible (torch.cuda.is_available() is False)"
+        return True
+
+    def supports(self, config: LayerConfig) -> bool | str:
+        ok = self.available()
+        if ok is not True:
+            return ok
+        if config.cell not in _CELL_CODE:
+            return f"unknown cell {config.cell!r}"
+        if config.device_type != "cuda":
+            return f"backend 'cuda' runs on CUDA tensors, got device type {config.device_type!r}"
+        if config.dtype not in _DTYPE_CODE:
+            return (
+                f"dtype {config.dtype} is not supported by the CUDA kernels (float32, float16, "
+                "bfloat16); use backend 'reference' for float64"
+            )
+        if not _cuda.dtype_compiled(_DTYPE_CODE[config.dtype]):
+            return f"this build of rnnkern._cuda was compiled without {config.dtype}"
+        if config.proj_size and config.cell != "lstm":
+            return "projection is only defined for lstm"
+        P = config.proj_size or config.hidden_size
+        return self._fits(config.cell, config.dtype, config.batch_size, config.hidden_size, P,
+                          bool(config.proj_size))  # fmt: skip
+
+    def _fits(self, cell: str, dtype: torch.dtype, B: int, H: int, P: int, proj: bool):
+        """True when both kernels can be laid out on the current device, else the reason."""
+        key = (torch.cuda.current_device(), cell, dtype, min(B, 16), H, P, proj)
+        if key not in self._plans:
+            try:
+                for backward in (False, True):
+                    _cuda.plan(backward, _CELL_CODE[cell], _DTYPE_CODE[dtype], B, H, P, proj)
+            except (ValueError, RuntimeError) as err:
+                self._plans[key] = str(err)
+            else:
+                self._plans[key] = True
+        return self._plans[key]
+
+    def _check(self, cell: str, like: torch.Tensor, w_hh: torch.Tensor, w_hr) -> None:
+        """Raise a ValueError naming the reason when ``like [T, B, *]`` (gx or dy) with
+        ``w_hh [G*H, P]`` is not supported."""
+        if _cuda is None:
+            raise RuntimeError(build_hint())
+        T, B = like.shape[:2]
+        G = gate_count(cell)
+        H, P = w_hh.shape[0] // G, w_hh.shape[1]
+        proj = P if w_hr is not None else 0
+        config = LayerConfig(cell, like.device.type, like.dtype, 0, H, proj, B, T, False, False)
+        with torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext():
+            ok = self.supports(config)
+        if ok is not True:
+            raise ValueError(f"backend 'cuda' cannot run this layer: {ok}")
+
+    def _finish(self, sync: torch.Tensor, info: dict, what: str) -> None:
+        """Read the kernel's status word back (synchronises with the launch)."""
+        self.last_launch = info
+        code = int(sync[1].item())
+        if code:
+            raise RuntimeError(f"rnnkern._cuda {what}: {_ERRORS.get(code, f'error code {code}')}")
+
+    def forward(self, cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save) -> ForwardResult:
+        """Shapes and layout: see :mod:`rnnkern.backends.base`."""
+        self._check(cell, gx, w_hh, w_hr)
+        with torch.cuda.device(gx.device):
+            return self._forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save)
+
+    def _forward(self, cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save):
+        T, B, GH = gx.shape
+        dt, dev, f32 = gx.dtype, gx.device, torch.float32
+        H = GH // gate_count(cell)
+        P = w_hh.shape[1]
+        lstm, gru = cell == "lstm", cell == "gru"
+        proj = w_hr is not None
+        gx = gx.contiguous()  # [T, B, G*H]
+        w = w_hh.to(dt).contiguous()  # [G*H, P]
+        b = None if b_hh is None else b_hh.to(dt).contiguous()  # [G*H]
+        wr = w_hr.to(dt).contiguous() if proj else None  # [P, H]
+        h0 = h0.to(device=dev, dtype=f32).contiguous()  # [B, P]
+        c0 = c0.to(device=dev, dtype=f32).contiguous() if lstm else None  # [B, H]
+        lens = None if lengths is None else lengths.to(device=dev, dtype=torch.int64).contiguous()
+
+        y = empty((T, B, P), dt, dev)
+        h_n = empty((B, P), f32, dev)
+        c_n = empty((B, H), f32, dev) if lstm else torch.empty(0, dtype=f32, device=dev)
+        steps = T + 1 if save else 2  # without save, h (and c) live in 2-slot rings
+        hs = empty((steps, B, P), f32, dev)
+        aux = None
+        if lstm:
+            aux = empty((steps, B, H), f32, dev)
+        elif gru and save:
+            aux = empty((T, B, H), f32, dev)
+        gates = empty((T, B, GH), f32, dev) if save and (lstm or gru) else None
+        m = empty((B, H), f32, dev) if proj else None
+        sync = torch.zeros(2, dtype=torch.int64, device=dev)  # barrier arrivals, error code
+
+        info = _cuda.layer_forward(
+            _CELL_CODE[cell], _DTYPE_CODE[dt], T, B, H, P, bool(reverse), bool(save),
+            _ptr(gx), _ptr(h0), _ptr(c0), _ptr(w), _ptr(b), _ptr(wr), _ptr(lens),
+            _ptr(y), _ptr(h_n), _ptr(c_n if lstm else None), _ptr(hs), _ptr(aux), _ptr(gates),
+            _ptr(m), _ptr(sync), torch.cuda.current_stream(dev).cuda_stream,
+            _timeout_ns(), _debug(),
+        )  # fmt: skip
+        self._finish(sync, info, "layer_forward")
+        if save:
+            empty_f32 = torch.empty(0, dtype=f32, device=dev)
+            saved = Saved(hs, aux if aux is not None else empty_f32,
+                          gates if gates is not None else empty_f32.clone())  # fmt: skip
+        else:  # three distinct tensors: outputs of a custom op must not alias each other
+            saved = Saved(*(torch.empty(0, dtype=f32, device=dev) for _ in range(3)))
+        return ForwardResult(y, h_n, c_n, saved)
+
+    def backward(
+        self, cell, saved, w_hh, b_hh, w_hr, lengths, reverse, dy, dh_n, dc_n
+    ) -> BackwardResult:
+        """Shapes and layout: see :mod:`rnnkern.backends.base`."""
+        if saved.hs.numel() == 0:
+            raise RuntimeError("cuda backward called on a forward that ran with save=False")
+        self._check(cell, dy, w_hh, w_hr)
+        with torch.cuda.device(dy.device):
+            return self._backward(cell, saved, w_hh, b_hh, w_hr, lengths, reverse, dy, dh_n,
+                                  dc_n)  # fmt: skip
+
+    def _backward(self, cell, saved, w_hh, b_hh, w_hr, lengths, reverse, dy, dh_n, dc_n):
+        T, B, P = dy.shape
+        dt, dev, f32 = dy.dtype, dy.device, torch.float32
+        G = gate_count(cell)
+        GH = w_hh.shape[0]
+        H = GH // G
+        lstm, gru = cell == "lstm", cell == "gru"
+        proj = w_hr is not None
+        hs, aux, gates = (t.to(f32).contiguous() for t in saved)
+        if hs.shape != (T + 1, B, P):
+            raise ValueError(f"saved hs must have shape {[T + 1, B, P]}, got {list(hs.shape)}")
+        w_t = w_hh.to(dt).t().contiguous()  # [P, G*H]: a state unit's column is one row
+        wr_t = w_hr.to(dt).t().contiguous() if proj else None  # [H, P]
+        dy = dy.contiguous()  # [T, B, P]
+        dh_n = dh_n.to(f32).contiguous()  # [B, P]
+        dc_n = dc_n.to(f32).contiguous() if lstm else None  # [B, H]
+        lens = None if lengths is None else lengths.to(device=dev, dtype=torch.int64).contiguous()
+
+        dgx = empty((T, B, GH), f32, dev)
+        dgh = empty((T, B, GH), f32, dev) if gru else None
+        dh_proj = empty((T, B, P), f32, dev) if proj else None
+        dh0 = empty((B, P), f32, dev)
+        dc0 = empty((B, H), f32, dev) if lstm else None
+        dpre = empty((2, B, GH), f32, dev)
+        dht = empty((B, P), f32, dev) if proj else None
+        dloc = empty((B, H), f32, dev) if gru else None
+        sync = torch.zeros(2, dtype=torch.int64, device=dev)
+
+        info = _cuda.layer_backward(
+            _CELL_CODE[cell], _DTYPE_CODE[dt], T, B, H, P, bool(reverse),
+            _ptr(hs), _ptr(aux if (lstm or gru) else None), _ptr(gates if (lstm or gru) else None),
+            _ptr(w_t), _ptr(wr_t), _ptr(lens), _ptr(dy), _ptr(dh_n), _ptr(dc_n),
+            _ptr(dgx), _ptr(dgh), _ptr(dh_proj), _ptr(dh0), _ptr(dc0),
+            _ptr(dpre), _ptr(dht), _ptr(dloc), _ptr(sync),
+            torch.cuda.current_stream(dev).cuda_stream, _timeout_ns(), _debug(),
+        )  # fmt: skip
+        self._finish(sync, info, "layer_backward")
+
+        # Weight gradients: one GEMM each over all T*B rows. The kernel wrote dgx / dgh /
+        # dh_proj in time order; the saved states are in processing order, so reversed layers
+        # gather them to time order first (the index map is its own inverse).
+        h_prev = hs[:T]
+        index = reversed_time_index(lengths, T, B, dev) if reverse else None
+        if index is not None:
+            h_prev = _gather_time(h_prev, index)
+        dgh_t = dgh if gru else dgx
+        dw_hh = (dgh_t.reshape(T * B, GH).t() @ h_prev.reshape(T * B, P)).to(w_hh.dtype)
+        db_hh = None if b_hh is None else dgh_t.sum(dim=(0, 1)).to(b_hh.dtype)
+        dw_hr = None
+        if proj:
+            m_all = gates[:, :, 3 * H :] * aux[1:].tanh()  # o * tanh(c), processing order
+            if index is not None:
+                m_all = _gather_time(m_all, index)
+            dw_hr = (dh_proj.reshape(T * B, P).t() @ m_all.reshape(T * B, H)).to(w_hr.dtype)
+        return BackwardResult(dgx.to(dt), dh0, dc0, dw_hh, db_hh, dw_hr)
+
+
+BACKEND = CUDABackend()
