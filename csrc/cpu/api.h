@@ -45,8 +45,8 @@ struct BackwardArgs {
   const void* hs;          // [T+1, B, P] processing order
   const void* aux;         // lstm [T+1, B, H]; gru [T, B, H]; else null
   const void* gates;       // [T, B, G*H] (lstm/gru), else null
-  const void* w_hh_t;      // [P, G*H]  W_hh transposed
-  const void* w_hr_t;      // [H, P]    W_hr transposed, or null
+  const void* w_hh;        // [G*H, P]
+  const void* w_hr;        // [P, H] or null
   const int64_t* lengths;  // [B] or null
   int reverse;
   const void* dy;          // [T, B, P] time order
@@ -112,10 +112,15 @@ struct Kernels {
   void (*forward_f64)(const ForwardArgs&);
   void (*backward_f32)(const BackwardArgs&);
   void (*backward_f64)(const BackwardArgs&);
+  // The decoder's matrices packed for this instruction set (an opaque handle that only this
+  // table's decoder_step / generate read, freed by decoder_free).
+  void* (*decoder_pack)(const DecoderArgs&);
+  void (*decoder_free)(void*);
   // inputs: tokens [B] int64 (layer 0 through the table) or x [B, I] float32
-  void (*decoder_step)(const DecoderArgs&, const int64_t* tokens, const float* x, int with_head);
+  void (*decoder_step)(const DecoderArgs&, const void* packed, const int64_t* tokens,
+                       const float* x, int with_head);
   // returns the number of model steps taken (the h_cur/h_next parity advances by that much)
-  int64_t (*generate)(const DecoderArgs&, GenerateArgs&);
+  int64_t (*generate)(const DecoderArgs&, const void* packed, GenerateArgs&);
 };
 
 extern const Kernels kernels_generic;

@@ -61,13 +61,24 @@ T* ptr(uintptr_t address) {
 struct DecoderPlan {
   rnnkern_cpu::DecoderArgs args{};
   std::vector<uint64_t> w_ih, w_hh, b_ih, b_hh, w_hr;
+  // The matrices packed by the instruction set active when the plan was made; the plan keeps
+  // using that table, since the packed layout depends on its vector width.
+  const Kernels* isa = nullptr;
+  void* packed = nullptr;
+
+  DecoderPlan() = default;
+  DecoderPlan(const DecoderPlan&) = delete;
+  DecoderPlan& operator=(const DecoderPlan&) = delete;
+  ~DecoderPlan() {
+    if (packed) isa->decoder_free(packed);
+  }
 
   void step(uintptr_t h_cur, uintptr_t h_next, uintptr_t tokens, uintptr_t x, bool with_head) {
     rnnkern_cpu::DecoderArgs a = args;
     a.h_cur = ptr<float>(h_cur);
     a.h_next = ptr<float>(h_next);
     py::gil_scoped_release release;
-    kern().decoder_step(a, ptr<const int64_t>(tokens), ptr<const float>(x), with_head ? 1 : 0);
+    isa->decoder_step(a, packed, ptr<const int64_t>(tokens), ptr<const float>(x), with_head ? 1 : 0);
   }
 
   py::tuple generate(uintptr_t h_cur, uintptr_t h_next, uintptr_t prime, int prime_len,
@@ -90,7 +101,7 @@ struct DecoderPlan {
     int64_t model_steps;
     {
       py::gil_scoped_release release;
-      model_steps = kern().generate(a, g);
+      model_steps = isa->generate(a, packed, g);
     }
     return py::make_tuple(model_steps, g.error_row);
   }
@@ -133,7 +144,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.def(
       "layer_backward",
       [](int elem_size, int cell, int T, int B, int H, int P, uintptr_t hs, uintptr_t aux,
-         uintptr_t gates, uintptr_t w_hh_t, uintptr_t w_hr_t, uintptr_t lengths, bool reverse,
+         uintptr_t gates, uintptr_t w_hh, uintptr_t w_hr, uintptr_t lengths, bool reverse,
          uintptr_t dy, uintptr_t dh_n, uintptr_t dc_n, uintptr_t dgx, uintptr_t dgh,
          uintptr_t dh_proj, uintptr_t dh0, uintptr_t dc0, uintptr_t dh_ring, uintptr_t dh_total,
          uintptr_t dpre, uintptr_t dm) {
@@ -145,8 +156,8 @@ PYBIND11_MODULE(_cpu, m) {
                                     ptr<void>(hs),
                                     ptr<void>(aux),
                                     ptr<void>(gates),
-                                    ptr<void>(w_hh_t),
-                                    ptr<void>(w_hr_t),
+                                    ptr<void>(w_hh),
+                                    ptr<void>(w_hr),
                                     ptr<const int64_t>(lengths),
                                     reverse ? 1 : 0,
                                     ptr<void>(dy),
@@ -208,6 +219,11 @@ PYBIND11_MODULE(_cpu, m) {
         a.gh = ptr<float>(gh);
         a.m = ptr<float>(mbuf);
         a.logits = ptr<float>(logits);
+        plan->isa = &kern();
+        {
+          py::gil_scoped_release release;
+          plan->packed = plan->isa->decoder_pack(a);
+        }
         return plan;
       }))
       .def("step", &DecoderPlan::step, py::arg("h_cur"), py::arg("h_next"), py::arg("tokens"),

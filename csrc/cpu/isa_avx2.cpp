@@ -5,6 +5,7 @@
 #include <omp.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "api.h"
 
@@ -21,7 +22,7 @@ namespace avx2 {
 
 namespace rnnkern_cpu {
 const Kernels kernels_avx2 = {"avx2",         avx2::forward_f32,  avx2::forward_f64,
-                              avx2::backward_f32, avx2::backward_f64, avx2::decoder_step,
+                              avx2::backward_f32, avx2::backward_f64, avx2::decoder_pack, avx2::decoder_free, avx2::decoder_step,
                               avx2::generate};
 }  // namespace rnnkern_cpu
 #endif

@@ -2,6 +2,7 @@
 #include <omp.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "api.h"
 
@@ -14,5 +15,5 @@ namespace generic {
 
 const Kernels kernels_generic = {"generic",         generic::forward_f32,  generic::forward_f64,
                                  generic::backward_f32, generic::backward_f64,
-                                 generic::decoder_step, generic::generate};
+                                 generic::decoder_pack, generic::decoder_free, generic::decoder_step, generic::generate};
 }  // namespace rnnkern_cpu

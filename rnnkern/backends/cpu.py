@@ -142,8 +142,8 @@ class CPUBackend:
         H = GH // G
         lstm, gru = cell == "lstm", cell == "gru"
         proj = w_hr is not None
-        w_t = w_hh.to(S).t().contiguous()  # [P, G*H]: dh_prev = dpre @ W_hh reads rows of Wᵀ
-        wr_t = w_hr.to(S).t().contiguous() if proj else None  # [H, P]
+        w_w = _work(w_hh, S)  # [G*H, P]; the kernel packs it into panels of columns
+        wr_w = _work(w_hr, S) if proj else None  # [P, H]
         dy_w, dh_w = _work(dy, S), _work(dh_n, S)
         dc_w = _work(dc_n, S) if lstm else None
         lens = None if lengths is None else lengths.to(torch.int64).contiguous()
@@ -159,7 +159,7 @@ class CPUBackend:
 
         _cpu.layer_backward(
             S.itemsize, _CELL_CODE[cell], T, B, H, P,
-            _ptr(hs), _ptr(aux), _ptr(gates), _ptr(w_t), _ptr(wr_t), _ptr(lens), bool(reverse),
+            _ptr(hs), _ptr(aux), _ptr(gates), _ptr(w_w), _ptr(wr_w), _ptr(lens), bool(reverse),
             _ptr(dy_w), _ptr(dh_w), _ptr(dc_w),
             _ptr(dgx), _ptr(dgh), _ptr(dh_proj), _ptr(dh0), _ptr(dc0),
             _ptr(ring), _ptr(dht), _ptr(dpre), _ptr(dm),
