@@ -53,6 +53,14 @@ if DEVICE == "cpu" and not common.INTERPRET:
     )
 
 CELLS = ("lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu")
+
+
+@pytest.fixture(autouse=True)
+def check_grid_waits(monkeypatch):
+    """Every persistent-mode launch checks that no grid-wide wait timed out (CUDA only)."""
+    monkeypatch.setattr(common, "CHECK_GRID_SYNC", True)
+
+
 K_LOW = 4.0
 NAMES = ("y", "h_n", "c_n", "x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
 

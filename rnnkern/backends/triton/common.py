@@ -88,6 +88,14 @@ def tile_matmul(
     return acc
 
 
+# A program that has polled this many times without seeing its batch tile complete gives up
+# (seconds): the kernel then finishes with wrong values instead of hanging the GPU, and marks
+# its counter with SYNC_TIMEOUT_MARK, which check_grid_sync reports.
+MAX_SPINS = tl.constexpr(1 << 22)
+SYNC_TIMEOUT_MARK = 1 << 30
+_SYNC_TIMEOUT_MARK = tl.constexpr(SYNC_TIMEOUT_MARK)
+
+
 @triton.jit
 def grid_sync(
     sync_ptr,  # [] int32 counter of this batch tile, zero at launch
@@ -104,8 +112,13 @@ def grid_sync(
         tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
         target = arrivals + n_split
         seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
-        while seen < target:
+        spins = 0
+        while (seen < target) & (spins < MAX_SPINS):
             seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+            spins += 1
+        if seen < target:
+            # Timed out (programs not all resident): release everyone, never wait again.
+            tl.atomic_add(sync_ptr, _SYNC_TIMEOUT_MARK, sem="release", scope="gpu")
         tl.debug_barrier()
         arrivals = target
     return arrivals
@@ -206,6 +219,21 @@ def bias_or_zeros(b: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.T
 def sync_buffer(n_btiles: int, device) -> torch.Tensor:
     """Zeroed ``[n_btiles]`` int32 arrival counters for :func:`grid_sync`."""
     return torch.zeros(n_btiles, dtype=torch.int32, device=device)
+
+
+# When True, every launch in persistent mode is followed by a check (a device sync) that no
+# grid-wide wait timed out; the tests turn it on.
+CHECK_GRID_SYNC = False
+
+
+def check_grid_sync(sync: torch.Tensor, config: LaunchConfig) -> None:
+    """Raise if a grid-wide wait of the launch that used ``sync`` timed out (only when
+    :data:`CHECK_GRID_SYNC`; the check synchronises with the device)."""
+    if CHECK_GRID_SYNC and config.split and int(sync.max()) >= SYNC_TIMEOUT_MARK:
+        raise RuntimeError(
+            "rnnkern triton: a grid-wide wait timed out (not every program of the persistent "
+            "launch was resident); the results of this call are wrong"
+        )
 
 
 def launch_grid(config: LaunchConfig, batch: int, n_split: int) -> tuple[int, int]:

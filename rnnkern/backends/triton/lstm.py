@@ -13,6 +13,7 @@ import triton.language as tl
 from ..base import BackwardResult, ForwardResult, Saved, empty
 from .common import (
     bias_or_zeros,
+    check_grid_sync,
     choose_config,
     dot_precision,
     empty_saved,
@@ -352,14 +353,16 @@ def lstm_forward(
     y = empty((T, B, P), gx.dtype, dev)
     lens = lengths_or_full(lengths, T, B, dev)
     grid = launch_grid(config, B, n_split)
+    sync = sync_buffer(grid[0], dev)
     lstm_forward_kernel[grid](
         gx, w_hh, bias_or_zeros(b_hh, 4 * H, w_hh), w_hr if w_hr is not None else w_hh,
-        lens, y, hs, cs, gates, m, sync_buffer(grid[0], dev),
+        lens, y, hs, cs, gates, m, sync,
         T, B, H, P, int(reverse), int(save),
         HAS_PROJ=w_hr is not None, SPLIT=config.split, BLOCK_B=config.block_b,
         BLOCK_H=config.block_h, BLOCK_K=config.block_k, PRECISION=dot_precision(gx.dtype),
         num_warps=config.num_warps,
     )  # fmt: skip
+    check_grid_sync(sync, config)
     h_n, c_n = hs[T % slots].clone(), cs[T % slots].clone()
     saved = Saved(hs, cs, gates) if save else empty_saved(hs)
     return ForwardResult(y, h_n, c_n, saved)
@@ -391,13 +394,15 @@ def lstm_backward(
     dhp = empty((T, B, P), f32, dev) if w_hr is not None else dh.new_empty(0)
     lens = lengths_or_full(lengths, T, B, dev)
     grid = launch_grid(config, B, n_split)
+    sync = sync_buffer(grid[0], dev)
     lstm_backward_kernel[grid](
         w_hh, w_hr if w_hr is not None else w_hh, lens, dy.contiguous(), gates, cs, dh, dc,
-        dgh, dgx, dhp, sync_buffer(grid[0], dev), T, B, H, P, int(reverse),
+        dgh, dgx, dhp, sync, T, B, H, P, int(reverse),
         HAS_PROJ=w_hr is not None, SPLIT=config.split, BLOCK_B=config.block_b,
         BLOCK_H=config.block_h, BLOCK_K=config.block_k, PRECISION=dot_precision(dy.dtype),
         num_warps=config.num_warps,
     )  # fmt: skip
+    check_grid_sync(sync, config)
     dw_hh, db_hh = weight_grads(dgh, hs, w_hh, b_hh)
     dw_hr = None
     if w_hr is not None:

@@ -13,6 +13,7 @@ import triton.language as tl
 from ..base import BackwardResult, ForwardResult, Saved, empty
 from .common import (
     bias_or_zeros,
+    check_grid_sync,
     choose_config,
     dot_precision,
     empty_saved,
@@ -178,12 +179,14 @@ def rnn_forward(
     y = empty((T, B, H), gx.dtype, dev)
     lens = lengths_or_full(lengths, T, B, dev)
     grid = launch_grid(config, B, n_split)
+    sync = sync_buffer(grid[0], dev)
     rnn_forward_kernel[grid](
-        gx, w_hh, bias_or_zeros(b_hh, H, w_hh), lens, y, hs, sync_buffer(grid[0], dev),
+        gx, w_hh, bias_or_zeros(b_hh, H, w_hh), lens, y, hs, sync,
         T, B, H, int(reverse), int(save), int(relu),
         SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
         BLOCK_K=config.block_k, PRECISION=dot_precision(gx.dtype), num_warps=config.num_warps,
     )  # fmt: skip
+    check_grid_sync(sync, config)
     h_n = hs[T % slots].clone()
     saved = Saved(hs, hs.new_empty(0), hs.new_empty(0)) if save else empty_saved(hs)
     return ForwardResult(y, h_n, hs.new_empty(0), saved)
@@ -210,11 +213,13 @@ def rnn_backward(
     dgx = empty((T, B, H), dy.dtype, dev)
     lens = lengths_or_full(lengths, T, B, dev)
     grid = launch_grid(config, B, n_split)
+    sync = sync_buffer(grid[0], dev)
     rnn_backward_kernel[grid](
-        w_hh, lens, dy.contiguous(), hs, dh, dgh, dgx, sync_buffer(grid[0], dev),
+        w_hh, lens, dy.contiguous(), hs, dh, dgh, dgx, sync,
         T, B, H, int(reverse), int(relu),
         SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
         BLOCK_K=config.block_k, PRECISION=dot_precision(dy.dtype), num_warps=config.num_warps,
     )  # fmt: skip
+    check_grid_sync(sync, config)
     dw_hh, db_hh = weight_grads(dgh, hs, w_hh, b_hh)
     return BackwardResult(dgx, dh, None, dw_hh, db_hh, None)
