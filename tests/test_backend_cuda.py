@@ -133,27 +133,31 @@ def test_without_a_device_the_reason_is_given():
 # ----------------------------------------------------------------------------------------------
 
 _CANARY = r"""
+import itertools, os
 import torch
 from rnnkern.functional import rnn_layer
 torch.manual_seed(0)
-for cell, proj in (("lstm", 0), ("lstm", 3), ("gru", 0), ("rnn_tanh", 0), ("rnn_relu", 0)):
-    for (T, B, H) in ((3, 2, 7), (2, 3, 2048)):
-        G = {"lstm": 4, "gru": 3}.get(cell, 1)
-        P = proj or H
-        d = dict(device="cuda", requires_grad=True)
-        x = torch.randn(T, B, 5, **d)
-        h0 = torch.randn(B, P, **d)
-        c0 = torch.randn(B, H, **d) if cell == "lstm" else None
-        w_ih = torch.randn(G * H, 5, **d)
-        w_hh = (torch.randn(G * H, P, device="cuda") / P**0.5).requires_grad_()
-        w_hr = torch.randn(P, H, **d) if proj else None
-        lengths = torch.tensor([T] + [1] * (B - 1), device="cuda")
-        y, h, c = rnn_layer(cell, x, h0, c0, w_ih, w_hh, None, None, w_hr, lengths=lengths,
-                            reverse=True, backend="cuda")
-        loss = y.sum() + h.sum() + (c.sum() if c is not None else 0)
-        loss.backward()
-        torch.cuda.synchronize()
-        assert torch.isfinite(y).all() and torch.isfinite(x.grad).all(), (cell, proj, T, B, H)
+cells = (("lstm", 0), ("lstm", 3), ("gru", 0), ("rnn_tanh", 0), ("rnn_relu", 0))
+shapes = ((3, 2, 7), (2, 3, 2048), (3, 20, 64))
+for matvec, (cell, proj), (T, B, H) in itertools.product(("simple", "tiled"), cells, shapes):
+    os.environ["RNNKERN_CUDA_MATVEC"] = matvec
+    print("running", matvec, cell, "proj", proj, "T B H", T, B, H, flush=True)
+    G = {"lstm": 4, "gru": 3}.get(cell, 1)
+    P = proj or H
+    d = dict(device="cuda", requires_grad=True)
+    x = torch.randn(T, B, 5, **d)
+    h0 = torch.randn(B, P, **d)
+    c0 = torch.randn(B, H, **d) if cell == "lstm" else None
+    w_ih = torch.randn(G * H, 5, **d)
+    w_hh = (torch.randn(G * H, P, device="cuda") / P**0.5).requires_grad_()
+    w_hr = torch.randn(P, H, **d) if proj else None
+    lengths = torch.tensor([T] + [1] * (B - 1), device="cuda")
+    y, h, c = rnn_layer(cell, x, h0, c0, w_ih, w_hh, None, None, w_hr, lengths=lengths,
+                        reverse=True, backend="cuda")
+    loss = y.sum() + h.sum() + (c.sum() if c is not None else 0)
+    loss.backward()
+    torch.cuda.synchronize()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all(), (cell, proj, T, B, H)
 print("canary ok")
 """
 
@@ -282,6 +286,20 @@ def test_float32_matches_reference(cuda_ready, name, case):
     if case == "H2048_weights_in_L2" and _cell(name) in ("lstm", "gru"):
         # the streaming path ran (an RNN's slice, G=1, still fits in shared memory at H=2048)
         assert BACKEND.last_launch["weights_in_smem"] is False
+
+
+@gpu
+@pytest.mark.parametrize("case", ["lengths_reverse", "H256_B64", "H2048_weights_in_L2"])
+@pytest.mark.parametrize("name", CELLS)
+def test_simple_matvec_matches_reference(cuda_ready, monkeypatch, name, case):
+    # The one-row-per-warp matvec (RNNKERN_CUDA_MATVEC=simple) is kept as a cross-check of the
+    # default register-tiled split-K one: both must match the reference.
+    monkeypatch.setenv("RNNKERN_CUDA_MATVEC", "simple")
+    T, B, H, spec, reverse, bias = CASES[case]
+    inp = make_inputs(name, T, B, H, bias=bias)
+    lengths = _lengths(spec, T, B)
+    assert_float32_close(run(name, inp, "cuda", lengths, reverse),
+                         run(name, inp, "reference", lengths, reverse))  # fmt: skip
 
 
 @gpu

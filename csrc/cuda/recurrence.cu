@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -60,12 +61,17 @@ __host__ __device__ constexpr int gate_count(int cell) {
 __host__ __device__ inline size_t align16(size_t bytes) { return (bytes + 15) & ~size_t(15); }
 
 // Dynamic shared memory of one block, the same arithmetic on host and device:
-//   x   [Bc][K] float   staged activations (h, m, dht or dpre rows of the current batch chunk)
-//   pre [Bc][C] float   the block's matvec results for the chunk
-//   w   w_elems  dtype  resident recurrent weight slice (only when resident)
-//   wr  wr_elems dtype  resident projection weight slice (only when resident)
+//   x       [Bc][K] float  staged activations (h, m, dht or dpre rows of the batch chunk)
+//   pre     [Bc][C] float  the block's matvec results for the chunk
+//   partial [kPartial] float  split-K partial sums of the tiled matvec
+//   w       w_elems  dtype resident recurrent weight slice (only when resident)
+//   wr      wr_elems dtype resident projection weight slice (only when resident)
+constexpr int kTileRows = 4;    // weight rows per warp tile of the tiled matvec
+constexpr int kTileBatch = 8;   // batch rows per warp tile (kTileRows * kTileBatch == 32 lanes)
+constexpr int kPartial = kWarps * kTileRows * kTileBatch;
+
 struct SmemLayout {
-  size_t x, pre, w, wr, total;
+  size_t x, pre, partial, w, wr, total;
 };
 
 __host__ __device__ inline SmemLayout smem_layout(int K, int Bc, int C, size_t w_elems,
@@ -73,7 +79,8 @@ __host__ __device__ inline SmemLayout smem_layout(int K, int Bc, int C, size_t w
   SmemLayout l;
   l.x = 0;
   l.pre = align16(sizeof(float) * size_t(Bc) * K);
-  l.w = l.pre + align16(sizeof(float) * size_t(Bc) * C);
+  l.partial = l.pre + align16(sizeof(float) * size_t(Bc) * C);
+  l.w = l.partial + align16(sizeof(float) * kPartial);
   l.wr = l.w + (resident ? align16(elem_size * w_elems) : 0);
   l.total = l.wr + (resident ? align16(elem_size * wr_elems) : 0);
   return l;
@@ -87,6 +94,7 @@ struct Plan {
   int Bc;        // batch chunk
   int resident;  // weights in shared memory
   int K, C;      // shared-memory layout parameters (see smem_layout)
+  int tiled;     // 1: register-tiled split-K matvec (default); 0: the simple one (cross-check)
   size_t w_elems, wr_elems;
   size_t smem;
   long long timeout_ns;
@@ -259,6 +267,105 @@ __device__ __forceinline__ void block_matvec(const float* x, int ldx, int nb, in
   }
 }
 
+// Reduce 32 values across the 32 lanes of a warp so that lane l ends with the sum over lanes
+// of v[l] (31 shuffles instead of 32 * 5 for 32 separate butterflies): at each level a lane
+// keeps one half of its values, sends the other half to its partner and adds what it gets.
+template <int OFF>
+__device__ __forceinline__ void transpose_sum_level(float (&v)[32], int lane) {
+  const bool upper = (lane & OFF) != 0;
+#pragma unroll
+  for (int i = 0; i < OFF; ++i) {  // compile-time indices: v stays in registers
+    const float send = upper ? v[i] : v[i + OFF];
+    const float keep = upper ? v[i + OFF] : v[i];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFF);
+  }
+}
+
+__device__ __forceinline__ float warp_transpose_sum(float (&v)[32]) {
+  const int lane = threadIdx.x % 32;
+  transpose_sum_level<16>(v, lane);
+  transpose_sum_level<8>(v, lane);
+  transpose_sum_level<4>(v, lane);
+  transpose_sum_level<2>(v, lane);
+  transpose_sum_level<1>(v, lane);
+  return v[0];  // after the 5 levels, slot 0 of lane l holds the total of value index l
+}
+
+// Same contract as block_matvec, register-tiled: one warp task is a tile of kTileRows weight
+// rows x kTileBatch batch rows over a range of k (lanes stride k), so each k step loads 4
+// weights and 8 activations for 32 FMAs (block_matvec: 5 loads for 4). When the block has
+// fewer tiles than warps, k is split over up to 8 warps (ks); their partial sums go to
+// `partial` [ks][nrows][nb] and are added in a fixed order (deterministic results).
+// Called by every thread of the block (it synchronises when ks > 1).
+template <typename T, typename Out>
+__device__ __forceinline__ void block_matvec_tiled(const float* x, int ldx, int nb, int K,
+                                                   int nrows, const Rows<T>& rows,
+                                                   float* partial, Out out) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row_tiles = (nrows + kTileRows - 1) / kTileRows;
+  const int batch_tiles = (nb + kTileBatch - 1) / kTileBatch;
+  const int tiles = row_tiles * batch_tiles;
+  // ks * tiles <= kWarps whenever ks > 1, so ks * nrows * nb <= kWarps * 32 = kPartial.
+  const int ks = max(1, min(min(kWarps / tiles, 8), K / 64));
+  const int kchunk = ((K + ks - 1) / ks + 31) / 32 * 32;
+  for (int task = warp; task < tiles * ks; task += kWarps) {
+    const int tile = task % tiles, kk = task / tiles;
+    const int r0 = (tile / batch_tiles) * kTileRows;
+    const int bb0 = (tile % batch_tiles) * kTileBatch;
+    const int nr = min(kTileRows, nrows - r0), nq = min(kTileBatch, nb - bb0);
+    const int k_end = min(K, (kk + 1) * kchunk);
+    const T* w[kTileRows];
+#pragma unroll
+    for (int i = 0; i < kTileRows; ++i) w[i] = rows.row(min(r0 + i, nrows - 1));  // clamped
+    const float* x0 = x + static_cast<size_t>(bb0) * ldx;
+    float acc[kTileRows * kTileBatch];
+#pragma unroll
+    for (int i = 0; i < kTileRows * kTileBatch; ++i) acc[i] = 0.f;
+    for (int k = kk * kchunk + lane; k < k_end; k += 32) {
+      float wv[kTileRows];
+#pragma unroll
+      for (int i = 0; i < kTileRows; ++i) wv[i] = to_float(w[i][k]);
+#pragma unroll
+      for (int q = 0; q < kTileBatch; ++q) {
+        if (q < nq) {
+          const float xv = x0[q * ldx + k];
+#pragma unroll
+          for (int i = 0; i < kTileRows; ++i)
+            acc[i * kTileBatch + q] = fmaf(wv[i], xv, acc[i * kTileBatch + q]);
+        }
+      }
+    }
+    const float v = warp_transpose_sum(acc);  // lane l: row r0 + l / 8, batch bb0 + l % 8
+    const int i = lane / kTileBatch, q = lane % kTileBatch;
+    if (i < nr && q < nq) {
+      if (ks == 1)
+        out(bb0 + q, r0 + i, v);
+      else
+        partial[(kk * nrows + r0 + i) * nb + bb0 + q] = v;
+    }
+  }
+  if (ks > 1) {
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nrows * nb; idx += kThreads) {
+      const int r = idx / nb, bb = idx % nb;
+      float v = 0.f;
+      for (int kk = 0; kk < ks; ++kk) v += partial[(kk * nrows + r) * nb + bb];
+      out(bb, r, v);
+    }
+    __syncthreads();  // partial is reused by the next call
+  }
+}
+
+// Dispatch between the two matvecs (plan.tiled is uniform over the grid).
+template <typename T, typename Out>
+__device__ __forceinline__ void matvec(bool tiled, const float* x, int ldx, int nb, int K,
+                                       int nrows, const Rows<T>& rows, float* partial, Out out) {
+  if (tiled)
+    block_matvec_tiled<T>(x, ldx, nb, K, nrows, rows, partial, out);
+  else
+    block_matvec<T>(x, ldx, nb, K, nrows, rows, out);
+}
+
 // Copy rows [b0, b0+nb) of a [B][K] float matrix written by other blocks into shared memory.
 // __ldcg reads through L2 (never a stale L1 line from an earlier step).
 __device__ __forceinline__ void stage_rows(float* dst, const float* src, int b0, int nb, int K) {
@@ -293,6 +400,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
                                    sizeof(T), plan.resident);
   float* x_s = reinterpret_cast<float*>(smem + L.x);    // [Bc][K]
   float* pre_s = reinterpret_cast<float*>(smem + L.pre);  // [Bc][G*Hb]
+  float* part_s = reinterpret_cast<float*>(smem + L.partial);  // [kPartial] split-K sums
   const T* gx = static_cast<const T*>(a.gx);
   const T* b_hh = static_cast<const T*>(a.b_hh);
   T* y = static_cast<T*>(a.y);
@@ -338,7 +446,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
         const int nb = min(Bc, B - b0);
         stage_rows(x_s, hp, b0, nb, P);
         __syncthreads();
-        block_matvec<T>(x_s, P, nb, P, G * nj, w, [&](int bb, int r, float v) {
+        matvec<T>(plan.tiled, x_s, P, nb, P, G * nj, w, part_s, [&](int bb, int r, float v) {
           pre_s[bb * plan.C + (r / nj) * Hb + r % nj] = v;
         });
         __syncthreads();
@@ -412,7 +520,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
           const int nb = min(Bc, B - b0);
           stage_rows(x_s, a.m, b0, nb, H);
           __syncthreads();
-          block_matvec<T>(x_s, H, nb, H, np, wr, [&](int bb, int pp, float v) {
+          matvec<T>(plan.tiled, x_s, H, nb, H, np, wr, part_s, [&](int bb, int pp, float v) {
             const int b = b0 + bb, p = p0 + pp;
             const int len = length_of(a.lengths, b, T_, bar.error);
             const bool valid = s < len;
@@ -456,6 +564,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
                                    sizeof(T), plan.resident);
   float* x_s = reinterpret_cast<float*>(smem + L.x);      // [Bc][K]
   float* pre_s = reinterpret_cast<float*>(smem + L.pre);  // [Bc][Hb] dm (projection)
+  float* part_s = reinterpret_cast<float*>(smem + L.partial);  // [kPartial] split-K sums
   const T* dy = static_cast<const T*>(a.dy);
   GridBarrier bar{a.sync, a.sync + 1, gridDim.x, 0, plan.timeout_ns};
 
@@ -505,8 +614,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
         if (proj) {  // dm = dh_total W_hr for the block's units: needs all of dht
           stage_rows(x_s, a.dht, b0, nb, P);
           __syncthreads();
-          block_matvec<T>(x_s, P, nb, P, nj, wr,
-                          [&](int bb, int jj, float v) { pre_s[bb * plan.C + jj] = v; });
+          matvec<T>(plan.tiled, x_s, P, nb, P, nj, wr, part_s,
+                    [&](int bb, int jj, float v) { pre_s[bb * plan.C + jj] = v; });
           __syncthreads();
         }
         for (int i = threadIdx.x; i < nb * nj; i += kThreads) {
@@ -584,7 +693,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
         const int nb = min(Bc, B - b0);
         stage_rows(x_s, dpre, b0, nb, GH);
         __syncthreads();
-        block_matvec<T>(x_s, GH, nb, GH, np, wt, [&](int bb, int pp, float v) {
+        matvec<T>(plan.tiled, x_s, GH, nb, GH, np, wt, part_s, [&](int bb, int pp, float v) {
           const int b = b0 + bb, p = p0 + pp;
           const int len = length_of(a.lengths, b, T_, bar.error);
           if (s < len) {
@@ -648,6 +757,10 @@ Plan make_plan(bool backward, int cell, int dtype, int B, int H, int P, bool pro
     p.w_elems = static_cast<size_t>(G) * p.Hb * P;
     p.wr_elems = proj ? static_cast<size_t>(p.Pb) * H : 0;
   }
+  // RNNKERN_CUDA_MATVEC=simple selects the one-row-per-warp matvec (a cross-check of the
+  // tiled one; both must match the reference).
+  const char* mv = std::getenv("RNNKERN_CUDA_MATVEC");
+  p.tiled = (mv != nullptr && std::string(mv) == "simple") ? 0 : 1;
   const int es = elem_size(dtype);
   for (int resident = 1; resident >= 0; --resident) {
     for (int bc = std::min(B, kMaxBatchChunk); bc >= 1; --bc) {

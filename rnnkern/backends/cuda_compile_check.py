@@ -126,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['arch']} | {r['kernel']} | {r['cell']} | {r['dtype']} | {r['registers']} | "
               f"{r['spill_stores']} | {r['spill_loads']} | {r['stack']} |")  # fmt: skip
     spills = sum(1 for r in all_rows if (r["spill_stores"] or 0) > 0)
+    stack = sum(1 for r in all_rows if (r["stack"] or 0) > 0)
     bad = sum(1 for r in all_rows if not r["ok"])
     print(f"\n{len(all_rows)} kernels compiled for {', '.join(archs)}: {bad} failed, "
-          f"{spills} with spills")  # fmt: skip
+          f"{spills} with spills, {stack} with a stack frame (local memory)")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(all_rows, indent=1))
     return 1 if failed or bad else 0
