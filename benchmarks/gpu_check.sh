@@ -84,6 +84,13 @@ if [[ $STAGES == *,tests,* ]]; then
   run_stage tests "$TESTS_LIMIT" "$PY" -m pytest $TESTS -q -rs --durations=15 \
     -p no:cacheprovider --junitxml="$OUT_DIR/pytest.xml"
 fi
+if [[ $STAGES == *,cuda_bench,* || $STAGES == *,bench,* ]]; then
+  # CUDA backend (issue 5): the nn_modules quick suite times every backend available on the
+  # GPU (torch.nn/cuDNN, auto, cuda, triton) on the same shapes; at most 90 s. Runs before
+  # the bench stage, or alone with GPU_CHECK_STAGES=cuda_bench.
+  run_stage cuda_bench "$(($(left) < 90 ? $(left) : 90))" "$PY" -m rnnkern.cli bench \
+    --suite nn_modules --device cuda --quick --repeats 10 --out "$OUT_DIR"
+fi
 if [[ $STAGES == *,bench,* ]]; then
   BENCH_LIMIT=$(($(left) - 20))
   run_stage bench "$BENCH_LIMIT" "$PY" -m rnnkern.bench.gpu_train --out "$OUT_DIR" \
