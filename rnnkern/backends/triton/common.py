@@ -80,11 +80,23 @@ def tile_matmul(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        if UPCAST_DOT:
-            a = a.to(w.dtype).to(tl.float32)
-            acc = tl.dot(a, w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a.to(w.dtype), w, acc, input_precision=PRECISION)
+        acc = dot_acc(acc, a, w, PRECISION)
+    return acc
+
+
+@triton.jit
+def dot_acc(
+    acc,  # [M, N] float32
+    a,  # [M, K] float32
+    w,  # [K, N] weight dtype
+    PRECISION: tl.constexpr,  # "ieee" or "tf32" (float32 weights only)
+):
+    """``acc + a @ w`` with ``a`` rounded to the weight dtype, float32 accumulation."""
+    if UPCAST_DOT:
+        a = a.to(w.dtype).to(tl.float32)
+        acc = tl.dot(a, w.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=PRECISION)
     return acc
 
 

@@ -16,6 +16,7 @@ from .common import (
     bias_or_zeros,
     check_grid_sync,
     choose_config,
+    dot_acc,
     dot_precision,
     empty_saved,
     grid_sync,
@@ -33,8 +34,7 @@ from .common import (
 
 
 @triton.jit
-def _gru_hidden_preact(
-    gate: tl.constexpr,  # 0 r, 1 z, 2 n
+def _gru_hidden_preacts(
     h_prev_ptr,  # [B, H] float32 state slot
     w_ptr,  # [3H, H] W_hh
     b_ptr,  # [3H] b_hh
@@ -48,14 +48,30 @@ def _gru_hidden_preact(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Recurrent part ``h_prev W_gᵀ + b_g`` of one gate for a [BLOCK_B, BLOCK_H] tile."""
-    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc = tile_matmul(
-        acc, h_prev_ptr, H, 1, offs_b, mask_b,
-        w_ptr + gate * H * H, 1, H, offs_h, mask_h, H, BLOCK_K, PRECISION,
-    )  # fmt: skip
-    b = tl.load(b_ptr + gate * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)
-    return acc + b[None, :]
+    """Recurrent parts ``h_prev W_gᵀ + b_g`` of the r, z, n gates for a [BLOCK_B, BLOCK_H]
+    tile: one pass over ``H``, each ``h_prev`` tile loaded once for all three gates."""
+    acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_n = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < H
+        a = tl.load(
+            h_prev_ptr + offs_b[:, None] * H + offs_k[None, :],
+            mask=mask_b[:, None] & mask_k[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        w_rows = w_ptr + offs_h[None, :] * H + offs_k[:, None]  # [BLOCK_K, BLOCK_H] of W_rᵀ
+        w_mask = mask_k[:, None] & mask_h[None, :]
+        acc_r = dot_acc(acc_r, a, tl.load(w_rows, mask=w_mask, other=0.0), PRECISION)
+        acc_z = dot_acc(acc_z, a, tl.load(w_rows + H * H, mask=w_mask, other=0.0), PRECISION)
+        acc_n = dot_acc(acc_n, a, tl.load(w_rows + 2 * H * H, mask=w_mask, other=0.0), PRECISION)
+    b = b_ptr + offs_h
+    acc_r += tl.load(b, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    acc_z += tl.load(b + H, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    acc_n += tl.load(b + 2 * H, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    return acc_r, acc_z, acc_n
 
 
 # Sizes and flags are not specialised on (one compiled variant per dtype and configuration).
@@ -100,16 +116,8 @@ def gru_forward_kernel(
             mask_h = offs_h < H
             mask = mask_b[:, None] & mask_h[None, :]
             bh = offs_b[:, None] * H + offs_h[None, :]
-            hr = _gru_hidden_preact(
-                0, h_prev_ptr, w_ptr, b_ptr, offs_b, mask_b, offs_h, mask_h, H,
-                BLOCK_B, BLOCK_H, BLOCK_K, PRECISION,
-            )  # fmt: skip
-            hz = _gru_hidden_preact(
-                1, h_prev_ptr, w_ptr, b_ptr, offs_b, mask_b, offs_h, mask_h, H,
-                BLOCK_B, BLOCK_H, BLOCK_K, PRECISION,
-            )  # fmt: skip
-            hn = _gru_hidden_preact(
-                2, h_prev_ptr, w_ptr, b_ptr, offs_b, mask_b, offs_h, mask_h, H,
+            hr, hz, hn = _gru_hidden_preacts(
+                h_prev_ptr, w_ptr, b_ptr, offs_b, mask_b, offs_h, mask_h, H,
                 BLOCK_B, BLOCK_H, BLOCK_K, PRECISION,
             )  # fmt: skip
             gr = tl.load(gx_rows + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)

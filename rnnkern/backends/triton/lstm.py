@@ -15,6 +15,7 @@ from .common import (
     bias_or_zeros,
     check_grid_sync,
     choose_config,
+    dot_acc,
     dot_precision,
     empty_saved,
     gemm_tn,
@@ -33,8 +34,7 @@ from .common import (
 
 
 @triton.jit
-def _lstm_gate_preact(
-    gate: tl.constexpr,  # 0 i, 1 f, 2 g, 3 o
+def _lstm_preacts(
     gx_rows,  # [BLOCK_B, 1] pointers to gx[t, b, 0]
     h_prev_ptr,  # [B, P] float32 state slot
     w_ptr,  # [4H, P] W_hh
@@ -50,16 +50,39 @@ def _lstm_gate_preact(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Pre-activation ``gx + h_prev W_gᵀ + b_g`` of one gate for a [BLOCK_B, BLOCK_H] tile."""
+    """Pre-activations ``gx + h_prev W_gᵀ + b_g`` of the four gates for a [BLOCK_B, BLOCK_H]
+    tile: one pass over ``P``, each ``h_prev`` tile loaded once for all four gates."""
+    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, P, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < P
+        a = tl.load(
+            h_prev_ptr + offs_b[:, None] * P + offs_k[None, :],
+            mask=mask_b[:, None] & mask_k[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        w_rows = w_ptr + offs_h[None, :] * P + offs_k[:, None]  # [BLOCK_K, BLOCK_H] of W_iᵀ
+        w_mask = mask_k[:, None] & mask_h[None, :]
+        acc_i = dot_acc(acc_i, a, tl.load(w_rows, mask=w_mask, other=0.0), PRECISION)
+        acc_f = dot_acc(acc_f, a, tl.load(w_rows + H * P, mask=w_mask, other=0.0), PRECISION)
+        acc_g = dot_acc(acc_g, a, tl.load(w_rows + 2 * H * P, mask=w_mask, other=0.0), PRECISION)
+        acc_o = dot_acc(acc_o, a, tl.load(w_rows + 3 * H * P, mask=w_mask, other=0.0), PRECISION)
     mask = mask_b[:, None] & mask_h[None, :]
-    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc = tile_matmul(
-        acc, h_prev_ptr, P, 1, offs_b, mask_b,
-        w_ptr + gate * H * P, 1, P, offs_h, mask_h, P, BLOCK_K, PRECISION,
-    )  # fmt: skip
-    gx = tl.load(gx_rows + gate * H + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + gate * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)
-    return acc + gx + b[None, :]
+    gx = gx_rows + offs_h[None, :]
+    b = b_ptr + offs_h
+    acc_i += tl.load(gx, mask=mask, other=0.0).to(tl.float32)
+    acc_f += tl.load(gx + H, mask=mask, other=0.0).to(tl.float32)
+    acc_g += tl.load(gx + 2 * H, mask=mask, other=0.0).to(tl.float32)
+    acc_o += tl.load(gx + 3 * H, mask=mask, other=0.0).to(tl.float32)
+    acc_i += tl.load(b, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    acc_f += tl.load(b + H, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    acc_g += tl.load(b + 2 * H, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    acc_o += tl.load(b + 3 * H, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    return acc_i, acc_f, acc_g, acc_o
 
 
 # Sizes and flags are not specialised on (one compiled variant per dtype and configuration).
@@ -108,68 +131,14 @@ def lstm_forward_kernel(
             mask_h = offs_h < H
             mask = mask_b[:, None] & mask_h[None, :]
             bh = offs_b[:, None] * H + offs_h[None, :]
-            i = tl.sigmoid(
-                _lstm_gate_preact(
-                    0,
-                    gx_rows,
-                    h_prev_ptr,
-                    w_ptr,
-                    b_ptr,
-                    offs_b,
-                    mask_b,
-                    offs_h,
-                    mask_h,
-                    H,
-                    P,
-                    BLOCK_B,
-                    BLOCK_H,
-                    BLOCK_K,
-                    PRECISION,
-                )  # fmt: skip
-            )
-            f = tl.sigmoid(
-                _lstm_gate_preact(
-                    1,
-                    gx_rows,
-                    h_prev_ptr,
-                    w_ptr,
-                    b_ptr,
-                    offs_b,
-                    mask_b,
-                    offs_h,
-                    mask_h,
-                    H,
-                    P,
-                    BLOCK_B,
-                    BLOCK_H,
-                    BLOCK_K,
-                    PRECISION,
-                )  # fmt: skip
-            )
-            g_pre = _lstm_gate_preact(
-                2, gx_rows, h_prev_ptr, w_ptr, b_ptr, offs_b, mask_b, offs_h, mask_h, H, P,
+            pre_i, pre_f, pre_g, pre_o = _lstm_preacts(
+                gx_rows, h_prev_ptr, w_ptr, b_ptr, offs_b, mask_b, offs_h, mask_h, H, P,
                 BLOCK_B, BLOCK_H, BLOCK_K, PRECISION,
             )  # fmt: skip
-            g = 2.0 * tl.sigmoid(2.0 * g_pre) - 1.0  # tanh
-            o = tl.sigmoid(
-                _lstm_gate_preact(
-                    3,
-                    gx_rows,
-                    h_prev_ptr,
-                    w_ptr,
-                    b_ptr,
-                    offs_b,
-                    mask_b,
-                    offs_h,
-                    mask_h,
-                    H,
-                    P,
-                    BLOCK_B,
-                    BLOCK_H,
-                    BLOCK_K,
-                    PRECISION,
-                )  # fmt: skip
-            )
+            i = tl.sigmoid(pre_i)
+            f = tl.sigmoid(pre_f)
+            g = 2.0 * tl.sigmoid(2.0 * pre_g) - 1.0  # tanh
+            o = tl.sigmoid(pre_o)
             c_prev = tl.load(cs_ptr + cur * B * H + bh, mask=mask, other=0.0)
             c_new = f * c_prev + i * g
             m = o * (2.0 * tl.sigmoid(2.0 * c_new) - 1.0)
