@@ -43,6 +43,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import test_nn_parity  # sibling test module (pytest puts tests/ on sys.path)
 import torch
 
 from rnnkern.backends import cuda as cuda_backend
@@ -447,3 +448,16 @@ def test_length_out_of_range_is_reported_by_the_kernel(cuda_ready):
     with pytest.raises(RuntimeError, match=r"lengths has a value outside \[1, T\]"):
         BACKEND.forward("rnn_tanh", gx, inp["h0"], None, inp["w_hh"], inp["b_hh"], None, bad,
                         False, False)  # fmt: skip
+
+
+# The float32 cases of the module parity suite (float64 is not a CUDA-kernel dtype).
+MODULE_CASES = [c for c in test_nn_parity.CASES if c["dtype"] == torch.float32][::3]
+
+
+@gpu
+@pytest.mark.parametrize("case", MODULE_CASES, ids=test_nn_parity._ids)
+def test_modules_with_backend_cuda_match_cudnn(cuda_ready, case):
+    # Whole nn.Modules (layers, directions, projection, packed and unbatched inputs, given or
+    # default states) with every layer on backend "cuda", against torch.nn on cuDNN, with the
+    # module parity suite's float32 tolerance.
+    test_nn_parity.check_case(case, backend="cuda", device="cuda", train=True)
