@@ -368,9 +368,17 @@ __device__ __forceinline__ void matvec(bool tiled, const float* x, int ldx, int 
 
 // Copy rows [b0, b0+nb) of a [B][K] float matrix written by other blocks into shared memory.
 // __ldcg reads through L2 (never a stale L1 line from an earlier step).
+// 16-byte loads when the rows allow it (dst, the start of shared memory, is 16-byte aligned).
 __device__ __forceinline__ void stage_rows(float* dst, const float* src, int b0, int nb, int K) {
   const float* s = src + static_cast<size_t>(b0) * K;
-  for (int i = threadIdx.x; i < nb * K; i += kThreads) dst[i] = __ldcg(s + i);
+  const int n = nb * K;
+  if ((n & 3) == 0 && (reinterpret_cast<uintptr_t>(s) & 15) == 0) {
+    const float4* s4 = reinterpret_cast<const float4*>(s);
+    float4* d4 = reinterpret_cast<float4*>(dst);
+    for (int i = threadIdx.x; i < n / 4; i += kThreads) d4[i] = __ldcg(s4 + i);
+  } else {
+    for (int i = threadIdx.x; i < n; i += kThreads) dst[i] = __ldcg(s + i);
+  }
 }
 
 // Copy a weight slice of `rows` (nrows rows of row_len) into a dense [nrows][row_len] array.
