@@ -46,7 +46,10 @@ namespace {
 constexpr int kThreads = 512;           // 16 warps: enough to cover smem latency in the matvecs
 constexpr int kWarps = kThreads / 32;
 constexpr int kBatchPerTask = 4;        // batch rows one warp task multiplies with one weight row
-constexpr int kMaxBatchChunk = 16;      // batch rows staged in shared memory at a time
+// Batch rows staged in shared memory at a time (at most): every chunk costs a round of
+// staging, matvec and cell update with a block synchronisation between each, so larger is
+// better as long as the shared memory holds it (make_plan shrinks it to fit).
+constexpr int kMaxBatchChunk = 64;
 
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess)
