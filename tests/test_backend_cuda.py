@@ -254,9 +254,9 @@ CASES = {
     "lengths_reverse": (5, 3, 33, [3, 5, 1], True, True),
     "no_bias": (3, 2, 9, None, False, False),
     "H100_random_lengths": (12, 5, 100, "random", True, True),
-    "H256_B64": (16, 64, 256, "random", False, True),  # several shared-memory batch chunks
+    "H256_B64": (16, 64, 256, "random", False, True),  # split-K tiles, one 64-row chunk
     "H500_B17": (6, 17, 500, None, True, True),  # several units per block, odd everything
-    "B300": (4, 300, 64, "random", True, True),
+    "B300": (4, 300, 64, "random", True, True),  # several shared-memory batch chunks
     "H2048_weights_in_L2": (3, 3, 2048, [3, 1, 2], True, True),  # slice too big for smem
 }
 
