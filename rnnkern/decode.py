@@ -337,13 +337,15 @@ class Decoder:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int = 0,
+        first_step: int = 0,
     ) -> Tensor:
         """Feed ``prime [B, S]`` then sample ``steps`` tokens per stream; one C++ call.
 
         Token ``j`` of stream ``b`` is drawn by :func:`rnnkern.sampling.sample`'s rule with
-        ``uniform(seed, b, j)`` from the logits after the prime and tokens ``0 .. j-1``. The
-        state afterwards has consumed the prime and every sampled token but the last, so
-        ``generate(out[:, -1:], ...)`` continues the sequence.
+        ``uniform(seed, b, first_step + j)`` from the logits after the prime and tokens
+        ``0 .. j-1``. The state afterwards has consumed the prime and every sampled token but
+        the last, so ``generate(out[:, -1:], ..., first_step=first_step + steps)`` continues the
+        sequence with the same random numbers one long call would have used.
 
         Returns:
             ``LongTensor [B, steps]``.
@@ -359,6 +361,7 @@ class Decoder:
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         seed = sampling._check_u64("seed", seed)
+        first_step = sampling._check_u64("first_step", first_step)
         B = self.batch_size
         if not isinstance(prime, Tensor) or prime.dim() != 2 or prime.shape[0] != B:
             got = list(prime.shape) if isinstance(prime, Tensor) else type(prime).__name__
@@ -374,11 +377,11 @@ class Decoder:
         prime = prime.to(self.device).contiguous()
         out = torch.empty(B, int(steps), dtype=torch.int64, device=self.device)
         if self._plan is None:
-            return self._torch_generate(prime, out, temperature, top_k, top_p, seed)
+            return self._torch_generate(prime, out, temperature, top_k, top_p, seed, first_step)
         model_steps, error_row = self._plan.generate(
             self._h[self._parity].data_ptr(), self._h[1 - self._parity].data_ptr(),
             prime.data_ptr(), prime.shape[1], int(steps), out.data_ptr(),
-            float(temperature), int(top_k), float(top_p), seed,
+            float(temperature), int(top_k), float(top_p), seed, first_step,
             self._sample_w.data_ptr(), self._sample_order.data_ptr(),
         )  # fmt: skip
         self._parity ^= model_steps & 1
@@ -389,12 +392,12 @@ class Decoder:
             )
         return out
 
-    def _torch_generate(self, prime, out, temperature, top_k, top_p, seed) -> Tensor:
+    def _torch_generate(self, prime, out, temperature, top_k, top_p, seed, first_step) -> Tensor:
         for s in range(prime.shape[1]):
             logits = self.step(prime[:, s])
         steps = out.shape[1]
         for j in range(steps):
-            out[:, j] = sampling.sample(logits, temperature, top_k, top_p, seed, j)
+            out[:, j] = sampling.sample(logits, temperature, top_k, top_p, seed, first_step + j)
             if j + 1 < steps:
                 logits = self.step(out[:, j])
         return out

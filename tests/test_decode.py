@@ -214,6 +214,22 @@ def test_generate_is_deterministic_and_seeded(backend):
     assert int(a.min()) >= 0 and int(a.max()) < V
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generate_in_pieces_equals_one_call(backend):
+    """first_step numbers the random draws, so generation continued in several calls (as the
+    music layer does, stopping once every tune has ended) draws what one long call draws."""
+    rnn, emb, head = make_model("LSTM", 2, seed=13)
+    prime = torch.randint(0, V, (3, 2), generator=torch.Generator().manual_seed(14))
+    whole = Decoder(rnn, emb, head, batch_size=3, backend=backend)
+    expected = whole.generate(prime, 24, seed=3, first_step=5, top_k=6)
+    pieces = Decoder(rnn, emb, head, batch_size=3, backend=backend)
+    first = pieces.generate(prime, 10, seed=3, first_step=5, top_k=6)
+    rest = pieces.generate(first[:, -1:], 14, seed=3, first_step=15, top_k=6)
+    assert torch.equal(torch.cat([first, rest], dim=1), expected)
+    shifted = Decoder(rnn, emb, head, batch_size=3, backend=backend)
+    assert not torch.equal(shifted.generate(prime, 24, seed=3, top_k=6), expected)
+
+
 @needs_cpu
 def test_cpp_sampler_matches_python_sampler():
     _cpu = cpu_backend._cpu

@@ -94,6 +94,7 @@ struct GenerateArgs {
   double temperature, top_p;
   int64_t top_k;
   uint64_t seed;
+  uint64_t first_step;   // token j is drawn with uniform(seed, b, first_step + j)
   double* weights;       // scratch [B, V]
   int32_t* order;        // scratch [B, V]
   int error_row;         // out: -1, or a row whose logits were NaN / +inf

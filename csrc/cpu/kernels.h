@@ -1026,7 +1026,7 @@ int64_t generate_impl(const DecoderArgs& a, const DecoderPack& pk, GenerateArgs&
         const int64_t j = n - (Pp - 1);  // index of the token being sampled
         for (int b = tid; b < B; b += nt) {
           int64_t tok = sample_row(a.logits + (long)b * V, V, g.temperature, g.top_k, g.top_p,
-                                   g.seed, (uint64_t)b, (uint64_t)j, g.weights + (long)b * V,
+                                   g.seed, (uint64_t)b, g.first_step + (uint64_t)j, g.weights + (long)b * V,
                                    g.order + (long)b * V);
           if (tok < 0) {
 #pragma omp atomic write
