@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from rnnkern import Decoder, available_backends
 from rnnkern.sampling import check_sampling_args, sample
 
 from . import abc
@@ -67,6 +68,55 @@ def prime_tokens(prime: str, meter: str | None, mode: str | None) -> list[str]:
         ) from err
 
 
+def music_decoder(model: MusicLM, count: int) -> Decoder:
+    """A :class:`rnnkern.Decoder` over ``model``'s weights for ``count`` streams.
+
+    A one-hot model (no embedding) gets an identity embedding, which the decoder folds into
+    layer 0's input weights. The C++ decoder runs when the extension is built; without it the
+    decoder's torch backend runs the same steps and draws the same tokens, only slower, and
+    the command says so.
+    """
+    embedding = model.embedding
+    if embedding is None:
+        V = model.config.vocab_size
+        embedding = torch.nn.Embedding.from_pretrained(torch.eye(V, dtype=model.head.weight.dtype))
+    built = "cpu" in available_backends("cpu")
+    if not built:
+        print(
+            "rnnkern: the C++ extension is not built (`rnnkern backends` says why); decoding "
+            "with torch ops instead (same tunes, slower)",
+            file=sys.stderr,
+        )
+    return Decoder(
+        model.rnn, embedding, model.head, batch_size=count, backend="cpu" if built else "torch"
+    )
+
+
+@torch.no_grad()
+def sample_sequences_stepwise(
+    model: MusicLM,
+    prefix: Sequence[int],
+    count: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    steps: int = 50,
+) -> list[list[int]]:
+    """``steps`` tokens after ``prefix`` by stepping the nn.Module itself, one Python iteration
+    per token: the slow, obvious definition that :func:`sample_sequences` is tested against."""
+    model.eval()
+    seqs = [list(prefix) for _ in range(count)]
+    logits, state = model(torch.tensor(seqs, dtype=torch.long))
+    for position in range(len(prefix), len(prefix) + steps):
+        token = sample(logits[:, -1, :].float(), temperature, top_k, top_p, seed, position)
+        for b in range(count):
+            seqs[b].append(int(token[b]))
+        logits, state = model(token.view(count, 1), state)
+    return seqs
+
+
 @torch.no_grad()
 def sample_sequences(
     model: MusicLM,
@@ -80,34 +130,52 @@ def sample_sequences(
     max_tokens: int = 1000,
     end_id: int | None = 1,
     forced: dict[int, int] | None = None,
+    chunk: int = 128,
 ) -> list[list[int]]:
     """Sample ``count`` sequences that start with ``prefix`` (ids, including <s>).
 
-    ``forced`` maps a position to the id it must hold (e.g. a chosen mode after a sampled
-    meter). A sequence ends after ``end_id`` or at ``max_tokens`` ids in total.
+    The token at position ``t`` of sequence ``b`` is drawn by the project's sampling rule with
+    ``uniform(seed, b, t)``. ``forced`` maps a position to the id it must hold (e.g. a chosen
+    mode after a sampled meter). A sequence ends after ``end_id`` or at ``max_tokens`` ids in
+    total. Generation runs in :class:`rnnkern.Decoder` calls of up to ``chunk`` tokens (the
+    whole loop in C++ within a call), stopping after the call in which every sequence ended.
     """
     check_sampling_args(temperature, top_k, top_p)
     if not prefix:
         raise GenerateError("the prefix must hold at least the start token")
+    if not isinstance(count, int) or count < 1:
+        raise GenerateError(f"count must be an int >= 1, got {count!r}")
     forced = dict(forced or {})
     model.eval()
+    decoder = music_decoder(model, count)
     seqs = [list(prefix) for _ in range(count)]
     done = [False] * count
-    logits, state = model(torch.tensor(seqs, dtype=torch.long))
-    last = logits[:, -1, :]
+    # Tokens the sequences hold that the decoder has not consumed yet (generate consumes all
+    # of its prime and every token it samples but the last).
+    pending = torch.tensor([list(prefix)] * count, dtype=torch.long)
     position = len(prefix)
     while position < max_tokens and not all(done):
         if position in forced:
-            nxt = torch.full((count,), forced[position], dtype=torch.long)
-        else:
-            nxt = sample(last.float(), temperature, top_k, top_p, seed, position)
+            token = torch.full((count, 1), forced[position], dtype=torch.long)
+            for b in range(count):
+                if not done[b]:
+                    seqs[b].append(forced[position])
+                    done[b] = end_id is not None and forced[position] == end_id
+            pending = torch.cat([pending, token], dim=1)
+            position += 1
+            continue
+        stop = min([max_tokens, position + chunk] + [p for p in forced if p > position])
+        out = decoder.generate(
+            pending, stop - position, temperature, top_k, top_p, seed, first_step=position
+        )
         for b in range(count):
-            if not done[b]:
-                seqs[b].append(int(nxt[b]))
-                done[b] = end_id is not None and int(nxt[b]) == end_id
-        position += 1
-        logits, state = model(nxt.view(count, 1), state)
-        last = logits[:, -1, :]
+            for token in out[b].tolist():
+                if done[b]:
+                    break
+                seqs[b].append(token)
+                done[b] = end_id is not None and token == end_id
+        pending = out[:, -1:]
+        position = stop
     return seqs
 
 
