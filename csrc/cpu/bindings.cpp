@@ -6,9 +6,6 @@
 
 #include <cstdint>
 #include <cstdlib>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -54,23 +51,6 @@ const Kernels* active = nullptr;
 const Kernels& kern() {
   if (!active) active = default_isa();
   return *active;
-}
-
-// Fresh output buffers of tens of MB (the saved gates of a 512-unit LSTM over 256 steps of 32
-// rows are 67 MB) come from mmap in 4 KB pages, and touching them first costs a page fault per
-// page: 21 ms of a 23 ms first fill of 67 MB on the 2-core machine (2.5 ms once mapped).
-// Transparent huge pages are commonly in `madvise` mode, so the kernels ask for them on the
-// large buffers they are about to write (a hint: no effect where unsupported or already mapped).
-void advise_huge_pages(uintptr_t address, long bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const uintptr_t page = 4096, huge = 2u << 20;
-  if (!address || bytes < (long)(2 * huge)) return;
-  const uintptr_t lo = (address + page - 1) & ~(page - 1), hi = (address + bytes) & ~(page - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#else
-  (void)address;
-  (void)bytes;
-#endif
 }
 
 template <typename T>
@@ -157,13 +137,6 @@ PYBIND11_MODULE(_cpu, m) {
                                    ptr<void>(mbuf)};
         if (elem_size != 4 && elem_size != 8)
           throw std::invalid_argument("elem_size must be 4 (float32) or 8 (float64)");
-        const long TB = (long)T * B * elem_size, G = rnnkern_cpu::gate_count(cell);
-        advise_huge_pages(y, TB * P);
-        if (save) {
-          advise_huge_pages(hs, TB * P);
-          advise_huge_pages(aux, TB * H);
-          advise_huge_pages(gates, TB * G * H);
-        }
         py::gil_scoped_release release;
         (elem_size == 4 ? kern().forward_f32 : kern().forward_f64)(a);
       },
@@ -202,10 +175,6 @@ PYBIND11_MODULE(_cpu, m) {
                                     ptr<void>(dm)};
         if (elem_size != 4 && elem_size != 8)
           throw std::invalid_argument("elem_size must be 4 (float32) or 8 (float64)");
-        const long TB = (long)T * B * elem_size, G = rnnkern_cpu::gate_count(cell);
-        advise_huge_pages(dgx, TB * G * H);
-        advise_huge_pages(dgh, TB * G * H);
-        advise_huge_pages(dh_proj, TB * P);
         py::gil_scoped_release release;
         (elem_size == 4 ? kern().backward_f32 : kern().backward_f64)(a);
       },
