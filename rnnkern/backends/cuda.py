@@ -114,8 +114,10 @@ class CUDABackend:
                           bool(config.proj_size))  # fmt: skip
 
     def _fits(self, cell: str, dtype: torch.dtype, B: int, H: int, P: int, proj: bool):
-        """True when both kernels can be laid out on the current device, else the reason."""
-        key = (torch.cuda.current_device(), cell, dtype, min(B, 16), H, P, proj)
+        """True when both kernels can be laid out on the current device, else the reason.
+        Whether a layout exists does not depend on B (the batch is staged in chunks that
+        shrink to one row), so the answer is cached without it."""
+        key = (torch.cuda.current_device(), cell, dtype, H, P, proj)
         if key not in self._plans:
             try:
                 for backward in (False, True):
