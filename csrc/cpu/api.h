@@ -63,6 +63,16 @@ struct BackwardArgs {
   void* dm;                // scratch [B, H] (projection only), else null
 };
 
+// Weight gradient over all time steps: C [M, N] = Aᵀ Bm with A [K, M], Bm [K, N] (row-major,
+// element type of the layer), and db [M] = column sums of A when db is not null.
+struct WeightGradArgs {
+  int M, N, K;
+  const void* a;  // [K, M]
+  const void* b;  // [K, N]
+  void* c;        // [M, N]
+  void* db;       // [M] or null
+};
+
 // Packed decoder: L stacked unidirectional layers, an optional token table, an optional head.
 // Weights are float32 (wdtype 0) or bfloat16 bit patterns (wdtype 1); everything else float32.
 struct DecoderArgs {
@@ -113,6 +123,8 @@ struct Kernels {
   void (*forward_f64)(const ForwardArgs&);
   void (*backward_f32)(const BackwardArgs&);
   void (*backward_f64)(const BackwardArgs&);
+  void (*weight_grad_f32)(const WeightGradArgs&);
+  void (*weight_grad_f64)(const WeightGradArgs&);
   // The decoder's matrices packed for this instruction set (an opaque handle that only this
   // table's decoder_step / generate read, freed by decoder_free).
   void* (*decoder_pack)(const DecoderArgs&);

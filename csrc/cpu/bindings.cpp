@@ -180,6 +180,19 @@ PYBIND11_MODULE(_cpu, m) {
       },
       "One layer's backward recurrence on raw buffers (see csrc/cpu/api.h: BackwardArgs).");
 
+  m.def(
+      "weight_grad",
+      [](int elem_size, int M, int N, int K, uintptr_t a, uintptr_t b, uintptr_t c,
+         uintptr_t db) {
+        if (elem_size != 4 && elem_size != 8)
+          throw std::invalid_argument("elem_size must be 4 (float32) or 8 (float64)");
+        rnnkern_cpu::WeightGradArgs w{M, N, K, ptr<const void>(a), ptr<const void>(b),
+                                      ptr<void>(c), ptr<void>(db)};
+        py::gil_scoped_release release;
+        (elem_size == 4 ? kern().weight_grad_f32 : kern().weight_grad_f64)(w);
+      },
+      "C [M, N] = A^T B for A [K, M], B [K, N]; db [M] = column sums of A (csrc/cpu/api.h).");
+
   py::class_<DecoderPlan>(m, "DecoderPlan", "Packed decoder buffers (csrc/cpu/api.h: DecoderArgs)")
       .def(py::init([](int cell, int L, int B, int I, int H, int P, int V, int wdtype,
                        std::vector<uint64_t> w_ih, std::vector<uint64_t> w_hh,

@@ -1060,3 +1060,90 @@ void forward_f32(const ForwardArgs& a) { layer_forward<float>(a); }
 void forward_f64(const ForwardArgs& a) { layer_forward<double>(a); }
 void backward_f32(const BackwardArgs& a) { layer_backward<float>(a); }
 void backward_f64(const BackwardArgs& a) { layer_backward<double>(a); }
+
+// ---------------------------------------------------------------------------------------------
+// Weight gradient: C[m, n] = sum_k A[k, m] * Bm[k, n] (dW_hh = dghᵀ h over all T*B rows, and
+// dW_hr), db[m] = sum_k A[k, m] when db is given. A [K, M], Bm [K, N], C [M, N], row-major.
+// Cache-blocked around the panel microkernel (BLIS order): for each block of KC rows of k,
+// Bm's rows are packed into panels of 4 vectors (KC x 64 floats = 64 KB at KC = 256, read from
+// L2), and for each block of MC columns of A the block is transposed into MC x KC (96 KB), so
+// the microkernel's broadcasts read contiguous rows; C tiles are accumulated over the k blocks.
+// db is summed while packing A (every element of A is packed exactly once). M=2048, N=512,
+// K=8192 (dW_hh of LSTM H=512, B=32, T=256), 1 thread, 2-core AVX-512 machine: 99 ms
+// (173 GFLOP/s) against 177 ms for torch's a.t() @ b plus a.sum(0), interleaved medians.
+
+template <typename S>
+void weight_grad(const WeightGradArgs& a) {
+  typedef typename Vec<S>::type VT;
+  constexpr int L = Vec<S>::lanes, NV = 4, KC = 256, MC = 96;
+  const int M = a.M, N = a.N, K = a.K;
+  const S* A = (const S*)a.a;
+  const S* Bm = (const S*)a.b;
+  S* C = (S*)a.c;
+  S* db = (S*)a.db;
+  const PanelShape bs{1, N, KC, NV, L};
+  const int np = bs.panels(), nmb = (M + MC - 1) / MC;
+  S* bp = (S*)alloc_packed<S>((long)np * bs.panel_elems());
+  const int nth = (long)M * N * K >= (1L << 24) ? omp_get_max_threads() : 1;
+#pragma omp parallel num_threads(nth)
+  {
+    S* ap = (S*)alloc_packed<S>((long)MC * KC);
+    for (int k0 = 0; k0 < K; k0 += KC) {
+      const int kc = K - k0 < KC ? K - k0 : KC;
+      const PanelShape s{1, N, kc, NV, L};
+#pragma omp for schedule(static)
+      for (int q = 0; q < np; ++q)
+        pack_panel<S>(s, q, Bm + (long)k0 * N, N, false, bp + q * s.panel_elems());
+      // (implicit barrier: every thread reads all of Bm's panels below)
+#pragma omp for schedule(static)
+      for (int mb = 0; mb < nmb; ++mb) {
+        const int m0 = mb * MC, mc = M - m0 < MC ? M - m0 : MC;
+        // Transpose in strips of 8 rows of A, so that writes are 8 contiguous elements and
+        // the reads 8 sequential streams (one row at a time, writing a cache line per element,
+        // held the whole product at 130 GFLOP/s instead of 173).
+        int k = 0;
+        for (; k + 8 <= kc; k += 8) {
+          const S* row = A + (long)(k0 + k) * M + m0;
+          for (int i = 0; i < mc; ++i)
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) ap[(long)i * kc + k + j] = row[(long)j * M + i];
+        }
+        for (; k < kc; ++k) {
+          const S* row = A + (long)(k0 + k) * M + m0;
+          for (int i = 0; i < mc; ++i) ap[(long)i * kc + k] = row[i];
+        }
+        if (db) {
+          for (int i = 0; i < mc; ++i) {
+            S sum = k0 == 0 ? S(0) : db[m0 + i];
+            for (int k = 0; k < kc; ++k) sum += ap[(long)i * kc + k];
+            db[m0 + i] = sum;
+          }
+        }
+        for (int q = 0; q < np; ++q) {
+          panel_rows<NV, S, S>(mc, kc, ap, kc, bp + q * s.panel_elems(),
+                               [&](int r0, int mr, VT(*acc)[NV]) {
+            for (int v = 0; v < NV; ++v) {
+              const int n0 = (q * NV + v) * L, n = N - n0 < L ? N - n0 : L;
+              if (n <= 0) break;
+              for (int r = 0; r < mr; ++r) {
+                S* c = C + (long)(m0 + r0 + r) * N + n0;
+                VT t = acc[r][v];
+                if (n == L) {
+                  if (k0) t += load_vec<VT>(c);
+                  __builtin_memcpy(c, &t, sizeof t);
+                } else {
+                  for (int l = 0; l < n; ++l) c[l] = k0 ? c[l] + t[l] : t[l];
+                }
+              }
+            }
+          });
+        }
+      }
+    }
+    free(ap);
+  }
+  free(bp);
+}
+
+void weight_grad_f32(const WeightGradArgs& a) { weight_grad<float>(a); }
+void weight_grad_f64(const WeightGradArgs& a) { weight_grad<double>(a); }
