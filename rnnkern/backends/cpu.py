@@ -92,6 +92,39 @@ class CPUBackend:
             return f"backend 'cpu' supports float32/64 and float16/bfloat16, got {config.dtype}"
         return True
 
+    def faster_than_torch(self, config: LayerConfig) -> bool | str:
+        """True where backend ``cpu`` measured faster than torch.nn's own CPU path, else why not.
+
+        Measured forward+backward (``y.sum().backward()``) and forward alone, interleaved
+        medians, 1 thread, on a shared 2-core AVX-512 x86-64 (``rnnkern bench --suite cpu_train
+        --threads 1``; results in benchmarks/results/cpu_train-*), torch 2.13:
+
+        - GRU and RNN: torch.nn runs them as per-step ATen ops on the CPU (oneDNN's fused RNN is
+          used for LSTM only), and ``cpu`` wins everywhere measured: GRU 2x512 B=32 T=256
+          fwd+bwd 1.32x; GRU 1x256 B=16 T=64 1.62x (fwd 1.61x); GRU 1x128 B=1 T=64 3.96x
+          (fwd 2.27x); RNN-tanh 1x256 B=16 T=64 1.46x (fwd 1.81x); RNN-tanh 1x128 B=1 T=64 2.56x.
+        - LSTM float32 without projection: torch.nn runs oneDNN's fused LSTM (about 210 GFLOP/s
+          here), and its input-projection GEMMs, which rnnkern leaves to torch's MKL GEMM (AVX2
+          code on AMD CPUs, about 95 GFLOP/s), take half of ``cpu``'s time: 2x512 B=32 T=256
+          0.66x (fwd 0.55x), 1x256 B=16 T=64 0.62x (fwd 0.63x), 1x128 B=1 T=64 0.80x
+          (fwd 0.91x). torch.nn stays faster.
+        - LSTM with proj_size (oneDNN has none; torch.nn falls back to per-step ops): 1x256
+          proj 128 B=16 T=64 fwd+bwd 1.24x. LSTM float64 (oneDNN has none): 1x256 B=16 T=64
+          1.14x.
+        float16/bfloat16 inputs were not measured.
+        """
+        ok = self.supports(config)
+        if ok is not True:
+            return ok
+        if config.dtype not in (torch.float32, torch.float64):
+            return f"not measured against torch.nn for {config.dtype} inputs"
+        if config.cell != "lstm" or config.proj_size > 0 or config.dtype == torch.float64:
+            return True
+        return (
+            "torch.nn.LSTM runs oneDNN's fused LSTM on the CPU; backend 'cpu' measured 0.55-0.91x "
+            "of it (float32, no projection)"
+        )
+
     def _check(self, gx: torch.Tensor) -> None:
         if _cpu is None:
             raise RuntimeError(build_hint())
