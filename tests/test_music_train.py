@@ -53,18 +53,26 @@ def test_training_loss_falls(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic writes
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ),
+    ],
+)
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, device):
     data = tiny_dataset()
-    full = train(config(), SMALL_MODEL, tmp_path / "full", dataset=data, log=quiet,
-                 progress=False)  # fmt: skip
+    kw = dict(dataset=data, log=quiet, progress=False, device=device)
+    full = train(config(), SMALL_MODEL, tmp_path / "full", **kw)
     # Stop mid-epoch (step 7 of 14 per epoch), then resume from the checkpoint in a fresh call.
-    train(config(max_steps=7), SMALL_MODEL, tmp_path / "cut", dataset=data, log=quiet,
-          progress=False)  # fmt: skip
+    train(config(max_steps=7), SMALL_MODEL, tmp_path / "cut", **kw)
     cut = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert cut["global_step"] == 7 and cut["epoch"] == 0
     torch.manual_seed(1234)  # resume must not depend on the caller's RNG
-    resumed = train(config(), SMALL_MODEL, tmp_path / "cut", dataset=data, log=quiet,
-                    progress=False)  # fmt: skip
+    resumed = train(config(), SMALL_MODEL, tmp_path / "cut", **kw)
     assert resumed["global_step"] == full["global_step"]
     for name, tensor in full["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
@@ -96,7 +104,7 @@ def test_ddp_two_cpu_processes(tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         "--standalone", "-m", "rnnkern.cli", "train", "--data", str(folder), "--out",
         str(out), "--epochs", "2", "--batch-size", "2", "--hidden", "16", "--embedding", "8",
-        "--window", "32", "--val-fraction", "0.2", "--quiet",
+        "--window", "32", "--val-fraction", "0.2", "--quiet", "--device", "cpu",
     ]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -106,3 +114,17 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert state["global_step"] == 8 and state["epoch"] == 2
     assert len(state["rng"]) == 2
     assert all(torch.isfinite(torch.tensor(state["history"]["val_loss"])))
+
+
+def test_training_device_choice():
+    from rnnkern.music.train import training_device
+
+    assert training_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda, got 'gpu'"):
+        training_device("gpu")
+    if torch.cuda.is_available():
+        assert training_device("auto") == torch.device("cuda", 0)
+    else:
+        assert training_device("auto").type == "cpu"
+        with pytest.raises(ValueError, match="device cuda asked for, but this process"):
+            training_device("cuda")

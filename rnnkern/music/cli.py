@@ -60,6 +60,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--checkpoint-every", type=_positive_int, default=200, help="steps (200)")
     t.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: none)")
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    t.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: this process's GPU when each process has one (nccl under torchrun), else "
+        "the CPU (gloo)",
+    )
     t.add_argument("--no-resume", action="store_true",
                    help="start afresh even if OUT/checkpoint.pt exists")  # fmt: skip
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -119,7 +126,14 @@ def _train(args: argparse.Namespace) -> int:
             "cell": args.cell,
             "dropout": args.dropout,
         }
-        train(config, model_config, args.out, resume=not args.no_resume, progress=not args.quiet)
+        train(
+            config,
+            model_config,
+            args.out,
+            resume=not args.no_resume,
+            progress=not args.quiet,
+            device=args.device,
+        )
     except (ValueError, FileNotFoundError) as err:
         print(f"rnnkern train: {err}", file=sys.stderr)
         return 2

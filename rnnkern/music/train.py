@@ -177,13 +177,15 @@ def loss_on(model: nn.Module, batch: Tensor) -> tuple[Tensor, int]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, pieces: Sequence[Sequence[int]], batch_size: int) -> float:
+def evaluate(
+    model: nn.Module, pieces: Sequence[Sequence[int]], batch_size: int, device="cpu"
+) -> float:
     """Mean per-token cross-entropy (nats) over ``pieces``."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(pieces), batch_size):
-        loss, n = loss_on(model, batch_tensor(pieces[i : i + batch_size]))
+        loss, n = loss_on(model, batch_tensor(pieces[i : i + batch_size]).to(device))
         total += float(loss) * n
         count += n
     model.train(was_training)
@@ -280,15 +282,39 @@ class Progress:
             self.stream.flush()
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size), initialising the process group when run under torchrun."""
+def training_device(device: str = "auto") -> torch.device:
+    """The device this process trains on.
+
+    ``auto``: the process's own GPU (``cuda:LOCAL_RANK`` under torchrun) when there is one GPU
+    per process, else the CPU. ``cpu`` or ``cuda`` force it; ``cuda`` without a GPU for this
+    process is an error, not a silent CPU run.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "cpu" or (device == "auto" and local_rank >= gpus):
+        return torch.device("cpu")
+    if local_rank >= gpus:
+        raise ValueError(
+            f"device cuda asked for, but this process (local rank {local_rank}) has no GPU of "
+            f"its own ({gpus} visible)"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size), initialising the process group when run under torchrun: nccl for
+    processes on GPUs, gloo on CPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -300,6 +326,7 @@ def train(
     dataset: Dataset | None = None,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    device: str = "auto",
 ) -> dict:
     """Train (or resume) a model in ``out_dir``; returns the final checkpoint state.
 
@@ -310,7 +337,8 @@ def train(
     """
     out = Path(out_dir)
     ckpt_path = out / "checkpoint.pt"
-    rank, world = _distributed()
+    dev = training_device(device)
+    rank, world = _distributed(dev)
     is_main = rank == 0
     say = log if is_main else (lambda _msg: None)
 
@@ -338,7 +366,7 @@ def train(
         raise ValueError("no training data: every sequence is shorter than two tokens")
 
     torch.manual_seed(config.seed)  # weights init and dropout
-    model = MusicLM(mc)
+    model = MusicLM(mc).to(dev)
     if config.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     else:
@@ -351,6 +379,9 @@ def train(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        if dev.type == "cuda" and "cuda_rng" in state:  # dropout on a GPU draws from its RNG
+            cuda_rng = state["cuda_rng"]
+            torch.cuda.set_rng_state(cuda_rng[rank] if rank < len(cuda_rng) else cuda_rng[0], dev)
         epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
         global_step, history = state["global_step"], state["history"]
         say(f"resumed from {ckpt_path} at epoch {epoch}, step {step_in_epoch}")
@@ -361,15 +392,22 @@ def train(
 
     ddp_model: nn.Module = model
     if world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(model)
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
+
+    def gather(local: Tensor) -> list[Tensor]:
+        if world == 1:
+            return [local]
+        import torch.distributed as dist
+
+        out = [torch.empty(0)] * world
+        dist.all_gather_object(out, local)
+        return out
 
     def snapshot() -> dict:
-        rng = [torch.get_rng_state()]
-        if world > 1:
-            import torch.distributed as dist
-
-            rng = [torch.empty(0)] * world
-            dist.all_gather_object(rng, torch.get_rng_state())
+        rng = gather(torch.get_rng_state())
+        extra = {"cuda_rng": gather(torch.cuda.get_rng_state(dev))} if dev.type == "cuda" else {}
         return {
             "format": CHECKPOINT_FORMAT,
             "kind": dataset.kind,
@@ -383,6 +421,7 @@ def train(
             "step_in_epoch": step_in_epoch,
             "global_step": global_step,
             "history": history,
+            **extra,
         }
 
     def checkpoint() -> None:
@@ -402,7 +441,7 @@ def train(
         bar = Progress(n_steps, progress and is_main)
         t0, tokens_seen = time.monotonic(), 0
         while step_in_epoch < n_steps:
-            batch = batch_tensor([train_pieces[i] for i in mine[step_in_epoch]])
+            batch = batch_tensor([train_pieces[i] for i in mine[step_in_epoch]]).to(dev)
             loss, count = loss_on(ddp_model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -426,7 +465,7 @@ def train(
                 break
         bar.close()
         if not stopped:
-            val = evaluate(model, val_pieces, config.batch_size) if val_pieces else math.nan
+            val = evaluate(model, val_pieces, config.batch_size, dev) if val_pieces else math.nan
             history["val_epoch"].append(epoch + 1)
             history["val_loss"].append(val)
             say(f"epoch {epoch + 1}: validation loss {val:.4f} nats/token")
