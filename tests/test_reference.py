@@ -73,3 +73,24 @@ def test_outputs_past_length_are_zero_and_state_frozen():
     y_r, h_r, _ = rnn_layer("gru", *args, lengths=lengths, reverse=True)
     assert torch.all(y_r[2:, 0] == 0)
     torch.testing.assert_close(h_r[0], y_r[0, 0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("used", ["y", "h_n", "c_n"])
+def test_gradients_when_only_some_outputs_are_used(used):
+    """Outputs the loss does not touch reach backward as None (no zero tensors are
+    materialised); the gradients must equal those of zero upstream gradients on them."""
+    gen = torch.Generator().manual_seed(21)
+    args = _inputs("lstm", 4, 2, 3, 5, 5, True, False, gen)
+    y, h_n, c_n = rnn_layer("lstm", *args)
+    out = {"y": y, "h_n": h_n, "c_n": c_n}
+    weights = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in out.items()}
+    leaves = [a for a in args if a is not None]
+    grads = torch.autograd.grad((out[used] * weights[used]).sum(), leaves)
+    y2, h2, c2 = rnn_layer("lstm", *args)
+    full = sum(
+        (o * (weights[k] if k == used else torch.zeros_like(o))).sum()
+        for k, o in {"y": y2, "h_n": h2, "c_n": c2}.items()
+    )
+    expected = torch.autograd.grad(full, leaves)
+    for a, b in zip(grads, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
