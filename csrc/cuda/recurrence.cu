@@ -486,6 +486,19 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
     if (nj > 0) {
       for (int b0 = 0; b0 < B; b0 += Bc) {
         const int nb = min(Bc, B - b0);
+        // Prefetch the inputs of this thread's first cell update that do not depend on the
+        // matvec (its gx row and, for the LSTM, c_{s-1}, which this block wrote), so their
+        // global-memory latency overlaps the staging and the matvec.
+        float pf_gx[G];
+        float pf_c = 0.f;
+        if (threadIdx.x < nb * nj) {
+          const int b = b0 + threadIdx.x / nj, j = j0 + threadIdx.x % nj;
+          const int t = time_of(s, length_of(a.lengths, b, T_, bar.error), a.reverse);
+          const T* gxr = gx + (static_cast<size_t>(t) * B + b) * GH;
+#pragma unroll
+          for (int g = 0; g < G; ++g) pf_gx[g] = to_float(gxr[g * H + j]);
+          if (CELL == kLSTM) pf_c = __ldcg(cp + static_cast<size_t>(b) * H + j);
+        }
         stage_rows(x_s, hp, b0, nb, P);
         __syncthreads();
         matvec<T>(plan.tiled, x_s, P, nb, P, G * nj, w, part_s, [&](int bb, int r, float v) {
@@ -497,20 +510,30 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
           const int len = length_of(a.lengths, b, T_, bar.error);
           const bool valid = s < len;
           const int t = time_of(s, len, a.reverse);
-          const T* gxr = gx + (static_cast<size_t>(t) * B + b) * GH;
           const float* pr = pre_s + bb * plan.C + jj;
           float* gates = a.save && a.gates ? a.gates + (static_cast<size_t>(s) * B + b) * GH
                                            : nullptr;
+          float gxv[G];  // gx of this time step per gate
+          float c_prev = 0.f;
+          if (i == static_cast<int>(threadIdx.x)) {  // the prefetched item
+#pragma unroll
+            for (int g = 0; g < G; ++g) gxv[g] = pf_gx[g];
+            c_prev = pf_c;
+          } else {
+            const T* gxr = gx + (static_cast<size_t>(t) * B + b) * GH;
+#pragma unroll
+            for (int g = 0; g < G; ++g) gxv[g] = to_float(gxr[g * H + j]);
+            if (CELL == kLSTM) c_prev = __ldcg(cp + static_cast<size_t>(b) * H + j);
+          }
           float gh[G];  // W_hh h + b_hh per gate
 #pragma unroll
           for (int g = 0; g < G; ++g)
             gh[g] = pr[g * Hb] + (b_hh ? to_float(b_hh[g * H + j]) : 0.f);
           if (CELL == kLSTM) {
-            const float ig = sigmoid(to_float(gxr[j]) + gh[0]);
-            const float fg = sigmoid(to_float(gxr[H + j]) + gh[1]);
-            const float gg = tanhf(to_float(gxr[2 * H + j]) + gh[2]);
-            const float og = sigmoid(to_float(gxr[3 * H + j]) + gh[3]);
-            const float c_prev = __ldcg(cp + static_cast<size_t>(b) * H + j);
+            const float ig = sigmoid(gxv[0] + gh[0]);
+            const float fg = sigmoid(gxv[1] + gh[1]);
+            const float gg = tanhf(gxv[2] + gh[2]);
+            const float og = sigmoid(gxv[3] + gh[3]);
             const float c_new = fmaf(fg, c_prev, ig * gg);
             const float m = og * tanhf(c_new);
             if (gates) {
@@ -523,17 +546,17 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
             if (proj) {
               a.m[static_cast<size_t>(b) * H + j] = m;
             } else {
-              const float h_prev = __ldcg(hp + static_cast<size_t>(b) * P + j);
+              const float h_prev = x_s[bb * P + j];  // staged copy of h_{s-1}
               hn[static_cast<size_t>(b) * P + j] = valid ? m : h_prev;
               y[(static_cast<size_t>(t) * B + b) * P + j] = from_float<T>(valid ? m : 0.f);
             }
           } else {
             float h_new;
             if (CELL == kGRU) {
-              const float r = sigmoid(to_float(gxr[j]) + gh[0]);
-              const float z = sigmoid(to_float(gxr[H + j]) + gh[1]);
-              const float n = tanhf(fmaf(r, gh[2], to_float(gxr[2 * H + j])));
-              const float h_prev = __ldcg(hp + static_cast<size_t>(b) * P + j);
+              const float r = sigmoid(gxv[0] + gh[0]);
+              const float z = sigmoid(gxv[1] + gh[1]);
+              const float n = tanhf(fmaf(r, gh[2], gxv[2]));
+              const float h_prev = x_s[bb * P + j];  // staged copy of h_{s-1}
               h_new = (1.f - z) * n + z * h_prev;
               if (gates) {
                 gates[j] = r;
@@ -542,10 +565,10 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
                 a.aux[(static_cast<size_t>(s) * B + b) * H + j] = gh[2];
               }
             } else {
-              const float pre = to_float(gxr[j]) + gh[0];
+              const float pre = gxv[0] + gh[0];
               h_new = CELL == kRNNTanh ? tanhf(pre) : fmaxf(pre, 0.f);
             }
-            const float h_prev = __ldcg(hp + static_cast<size_t>(b) * P + j);
+            const float h_prev = x_s[bb * P + j];  // staged copy of h_{s-1}
             hn[static_cast<size_t>(b) * P + j] = valid ? h_new : h_prev;
             y[(static_cast<size_t>(t) * B + b) * P + j] = from_float<T>(valid ? h_new : 0.f);
           }
