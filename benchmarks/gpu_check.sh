@@ -86,10 +86,11 @@ if [[ $STAGES == *,tests,* ]]; then
 fi
 if [[ $STAGES == *,cuda_bench,* || $STAGES == *,bench,* ]]; then
   # CUDA backend (issue 5): the nn_modules quick suite times every backend available on the
-  # GPU (torch.nn/cuDNN, auto, cuda, triton) on the same shapes; at most 90 s. Runs before
-  # the bench stage, or alone with GPU_CHECK_STAGES=cuda_bench.
-  run_stage cuda_bench "$(($(left) < 90 ? $(left) : 90))" "$PY" -m rnnkern.cli bench \
-    --suite nn_modules --device cuda --quick --repeats 10 --out "$OUT_DIR"
+  # GPU (torch.nn/cuDNN, auto, cuda, triton) on the same shapes, and cuda_train times backend
+  # cuda against cuDNN on the issue's training grid; at most 180 s. Runs before the bench
+  # stage, or alone with GPU_CHECK_STAGES=cuda_bench.
+  run_stage cuda_bench "$(($(left) < 180 ? $(left) : 180))" "$PY" -m rnnkern.cli bench \
+    --suite nn_modules --suite cuda_train --device cuda --quick --repeats 10 --out "$OUT_DIR"
 fi
 if [[ $STAGES == *,bench,* ]]; then
   BENCH_LIMIT=$(($(left) - 20))

@@ -1,0 +1,81 @@
+"""Suite ``cuda_train``: backend ``cuda`` (csrc/cuda) beside torch.nn (cuDNN) on a GPU.
+
+The grid of issue 5's training target: LSTM and GRU, one layer, ``input_size == hidden_size``,
+B in {1, 16, 64} x H in {256, 512, 1024}, T = 256, float32 (TF32 off on both sides) and
+bfloat16. The quick grid is training only (forward + backward with a fixed random upstream
+gradient); the full grid adds forward-only. Both implementations hold the same weights and run
+interleaved in one process (:func:`rnnkern.bench.runner.measure`); the ratio is cuDNN median /
+cuda median (above 1: the CUDA backend is faster).
+
+    rnnkern bench --suite cuda_train --device cuda [--quick]
+"""
+
+from __future__ import annotations
+
+import torch
+
+import rnnkern
+
+from .runner import Case
+
+CELLS = ("LSTM", "GRU")
+DTYPES = (torch.float32, torch.bfloat16)
+BATCHES = (1, 16, 64)
+HIDDEN = (256, 512, 1024)
+T = 256
+
+
+def _step(module, x, dy, train: bool):
+    def run():
+        if train:
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            y, _ = module(x)
+            y.backward(dy)
+        else:
+            with torch.no_grad():
+                module(x)
+
+    return run
+
+
+def make_case(cell: str, dtype: torch.dtype, B: int, H: int, train: bool, device: str) -> Case:
+    """torch.nn (baseline) and rnnkern with backend ``cuda`` sharing weights and data:
+    x, dy ``[T, B, H]``."""
+    gen = torch.Generator().manual_seed(B * 7919 + H * 31 + T)
+    torch.manual_seed(0)
+    base = getattr(torch.nn, cell)(H, H).to(device=device, dtype=dtype)
+    ours = getattr(rnnkern, cell)(H, H, backend="cuda").to(device=device, dtype=dtype)
+    ours.load_state_dict(base.state_dict())
+    x = torch.randn(T, B, H, generator=gen).to(device=device, dtype=dtype)
+    x.requires_grad_(train)
+    dy = torch.randn(T, B, H, generator=gen).to(device=device, dtype=dtype)
+    mode = "fwd+bwd" if train else "fwd"
+    return Case(
+        suite="cuda_train",
+        name=f"{cell} {mode} B={B} H={H} T={T} {str(dtype).removeprefix('torch.')}",
+        params=dict(cell=cell, batch=B, hidden=H, time=T, train=train, dtype=str(dtype)),
+        fns={"torch.nn": _step(base, x, dy, train), "rnnkern[cuda]": _step(ours, x, dy, train)},
+        baseline="torch.nn",
+        device=device,
+        work={"torch.nn": float(T * B), "rnnkern[cuda]": float(T * B)},
+        work_unit="tokens",
+    )
+
+
+def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
+    """Runner entry point: CUDA only (no cases on other devices or without backend cuda)."""
+    if not device.startswith("cuda") or "cuda" not in rnnkern.available_backends(device):
+        return []
+    # float32 must be float32 on both sides: no TF32 in cuDNN nor in the weight-gradient GEMMs.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    modes = (True,) if quick else (True, False)
+    return [
+        make_case(cell, dtype, B, H, train, device)
+        for H in HIDDEN
+        for B in BATCHES
+        for dtype in DTYPES
+        for cell in CELLS
+        for train in modes
+    ]
