@@ -646,6 +646,9 @@ def decode(ids: Iterable[int]) -> list[str]:
 
 _MODE_ABC = {"K:Cmaj": "C", "K:Cmin": "Cm", "K:Cdor": "Cdor", "K:Cmix": "Cmix"}
 _GLUE_BEFORE = set(DURATION_TOKENS) | set(BROKEN_TOKENS) | {"]"}
+# A chord the tokens leave open is closed before these (the corpora hold rests, tuplets and
+# broken rhythms inside chords, but never a bar line or a second chord).
+_CHORD_ENDERS = set(BAR_TOKENS) | {"["}
 
 
 def body_tokens(tokens: Sequence[str]) -> tuple[str | None, str | None, list[str]]:
@@ -670,6 +673,10 @@ def detokenize(
     M:4/4 and K:C are the defaults). Tokens are separated by spaces except where ABC needs
     them joined: a note and its duration or broken rhythm, a tuplet mark and its first note,
     the inside of a chord, and a repeat end followed by an ending (``:|2``).
+
+    A model can emit unbalanced chord brackets, which ABC readers reject (music21: "Bad chord
+    indicator"), so a chord the tokens leave open is closed before the next bar line or ``[``
+    or at the end, and a ``]`` with no open chord is left out.
     """
     token_meter, token_mode, body = body_tokens(tokens)
     meter = token_meter or meter or "M:4/4"
@@ -680,9 +687,17 @@ def detokenize(
         raise ValueError(f"mode must be one of {MODE_TOKENS}, got {mode!r}")
     parts: list[str] = []
     glue_next = False
+    in_chord = False
     for token in body:
         if token not in TOKEN_TO_ID:
             raise AbcError("token is not in the vocabulary", None, token)
+        if token == "]" and not in_chord:
+            continue
+        if in_chord and token in _CHORD_ENDERS:
+            parts[-1] += "]"
+            in_chord = glue_next = False
+        if token in CHORD_TOKENS:
+            in_chord = token == "["
         if parts and token == "|2" and parts[-1] == ":|":
             parts[-1] = ":|2"
         elif parts and token == "|1" and parts[-1] == ":|":
@@ -697,6 +712,8 @@ def detokenize(
             or token == "["
             or (token in _NOTE_SET and _inside_chord(parts[-1]))
         )
+    if in_chord:
+        parts[-1] += "]"
     title = title or f"Tune {number}"
     header = f"X:{number}\nT:{title}\n{meter}\nL:1/8\nK:{_MODE_ABC[mode]}\n"
     return header + _wrap(parts) + "\n"
