@@ -160,6 +160,10 @@ __device__ __forceinline__ unsigned long long load_acquire(const unsigned long l
   return v;
 }
 
+__device__ __forceinline__ void red_release_add(unsigned long long* p, unsigned long long v) {
+  asm volatile("red.release.gpu.global.add.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
+}
+
 __device__ __forceinline__ long long global_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -184,8 +188,10 @@ struct GridBarrier {
     if (threadIdx.x == 0) {
       ++generation;
       const unsigned long long target = generation * blocks;
-      __threadfence();  // release: this block's writes are visible GPU-wide before it arrives
-      atomicAdd(arrivals, 1ULL);
+      // Release: the block's writes (ordered before this thread by __syncthreads) become
+      // visible GPU-wide before the arrival is counted; the spin below loads with acquire.
+      // (CUTLASS's GenericBarrier uses the same red.release / ld.acquire pair.)
+      red_release_add(arrivals, 1ULL);
       int good = 1;
       const long long start = global_ns();
       unsigned int spins = 0;
@@ -202,8 +208,7 @@ struct GridBarrier {
           }
         }
       }
-      __threadfence();  // acquire for the block: other blocks' writes are seen after this
-      keep_going = good;
+      keep_going = good;  // the acquire load above + __syncthreads order the block's reads
     }
     __syncthreads();
     return keep_going != 0;
