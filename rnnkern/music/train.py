@@ -334,6 +334,9 @@ def train(
     end; ``out_dir/model.pt`` (weights only) and ``out_dir/loss.png`` at the end. With
     ``resume`` and an existing checkpoint, training continues from it (its configs win; a
     different ``config`` is an error, so that a resumed run is the run it claims to be).
+    On the CPU a resumed run ends with the same weights as an uninterrupted one, bit for bit;
+    on a GPU only with ``torch.use_deterministic_algorithms(True)``, since the embedding's
+    backward accumulates with atomics there.
     """
     out = Path(out_dir)
     ckpt_path = out / "checkpoint.pt"
