@@ -11,7 +11,7 @@ import torch
 
 import rnnkern
 
-from .runner import Case
+from .runner import Case, module_step
 
 SHAPES = [  # (cell, layers, batch, hidden, time)
     ("LSTM", 2, 32, 512, 256),
@@ -20,20 +20,6 @@ SHAPES = [  # (cell, layers, batch, hidden, time)
     ("LSTM", 1, 1, 128, 64),
 ]
 QUICK_SHAPES = [("LSTM", 1, 8, 128, 32), ("GRU", 1, 8, 128, 32)]
-
-
-def _run(module, x, train: bool):
-    def run():
-        if train:
-            module.zero_grad(set_to_none=True)
-            x.grad = None
-            y, _ = module(x)
-            y.sum().backward()
-        else:
-            with torch.no_grad():
-                module(x)
-
-    return run
 
 
 def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
@@ -51,7 +37,10 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
             ours = getattr(rnnkern, cell)(H, H, num_layers=L, backend="cpu")
             ours.load_state_dict(base.state_dict())
             x = torch.randn(T, B, H, generator=gen).requires_grad_(train)
-            fns = {"torch.nn": _run(base, x, train), "rnnkern[cpu]": _run(ours, x, train)}
+            fns = {
+                "torch.nn": module_step(base, x, train),
+                "rnnkern[cpu]": module_step(ours, x, train),
+            }
             out.append(
                 Case(
                     suite="cpu_train",

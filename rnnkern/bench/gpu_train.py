@@ -25,7 +25,7 @@ import torch
 
 import rnnkern
 
-from .runner import Case, measure, write_results
+from .runner import Case, measure, module_step, write_results
 
 CELLS = ("LSTM", "GRU")
 DTYPES = (torch.bfloat16, torch.float32)
@@ -52,20 +52,6 @@ def _name(cell, dtype, B, H, T, train) -> str:
     return f"{cell} {mode} B={B} H={H} T={T} {str(dtype).removeprefix('torch.')}"
 
 
-def _step(module, x, dy, train: bool):
-    def run():
-        if train:
-            module.zero_grad(set_to_none=True)
-            x.grad = None
-            y, _ = module(x)
-            y.backward(dy)
-        else:
-            with torch.no_grad():
-                module(x)
-
-    return run
-
-
 def make_case(cell, dtype, B, H, T, train, device="cuda") -> Case:
     """torch.nn (baseline) and rnnkern with backend ``triton`` sharing weights and data."""
     gen = torch.Generator().manual_seed(B * 7919 + H * 31 + T)
@@ -76,7 +62,10 @@ def make_case(cell, dtype, B, H, T, train, device="cuda") -> Case:
     x = torch.randn(T, B, H, generator=gen).to(device=device, dtype=dtype)
     x.requires_grad_(train)
     dy = torch.randn(T, B, H, generator=gen).to(device=device, dtype=dtype)
-    fns = {"torch.nn": _step(base, x, dy, train), "rnnkern[triton]": _step(ours, x, dy, train)}
+    fns = {
+        "torch.nn": module_step(base, x, train, dy),
+        "rnnkern[triton]": module_step(ours, x, train, dy),
+    }
     return Case(
         suite="gpu_train",
         name=_name(cell, dtype, B, H, T, train),

@@ -12,7 +12,7 @@ import torch
 
 import rnnkern
 
-from .runner import Case
+from .runner import Case, module_step
 
 # (cell, layers, batch, hidden, time) shapes; CPU shapes are small enough for a 2-core machine.
 CPU_SHAPES = [
@@ -44,20 +44,6 @@ def _implementations(device: str, quick: bool) -> list[str]:
     return names
 
 
-def _step_fn(module, x, train: bool):
-    def run():
-        if train:
-            module.zero_grad(set_to_none=True)
-            x.grad = None
-            y, _ = module(x)
-            y.sum().backward()
-        else:
-            with torch.no_grad():
-                module(x)
-
-    return run
-
-
 def cases(device: str = "cpu", quick: bool = False, dtype=torch.float32) -> list[Case]:
     if device.startswith("cuda"):
         shapes = CUDA_QUICK_SHAPES if quick else CUDA_SHAPES
@@ -72,11 +58,11 @@ def cases(device: str = "cpu", quick: bool = False, dtype=torch.float32) -> list
             baseline = torch_cls(H, H, num_layers=L).to(device=device, dtype=dtype)
             x = torch.randn(T, B, H, generator=gen).to(device=device, dtype=dtype)
             x.requires_grad_(train)
-            fns = {"torch.nn": _step_fn(baseline, x, train)}
+            fns = {"torch.nn": module_step(baseline, x, train)}
             for impl in _implementations(device, quick):
                 module = ours_cls(H, H, num_layers=L, backend=impl).to(device=device, dtype=dtype)
                 module.load_state_dict(baseline.state_dict())
-                fns[f"rnnkern[{impl}]"] = _step_fn(module, x, train)
+                fns[f"rnnkern[{impl}]"] = module_step(module, x, train)
             tokens = float(T * B)
             out.append(
                 Case(

@@ -28,7 +28,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Case", "measure", "run_suites", "suite_names", "write_results", "format_table"]
+__all__ = [
+    "Case",
+    "measure",
+    "module_step",
+    "run_suites",
+    "suite_names",
+    "write_results",
+    "format_table",
+]
 
 
 @dataclasses.dataclass
@@ -50,6 +58,27 @@ class Case:
     work: dict[str, float] = dataclasses.field(default_factory=dict)
     work_unit: str = ""
     notes: str = ""
+
+
+def module_step(module: torch.nn.Module, x: torch.Tensor, train: bool, dy=None):
+    """A callable running one forward (``train=False``, under no_grad) or one forward and
+    backward of a recurrent module on ``x``; backward takes ``dy`` as the upstream gradient of
+    the output (``None``: the gradient of ``y.sum()``)."""
+
+    def run():
+        if train:
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            y, _ = module(x)
+            if dy is None:
+                y.sum().backward()
+            else:
+                y.backward(dy)
+        else:
+            with torch.no_grad():
+                module(x)
+
+    return run
 
 
 def _sync(device: str) -> None:
