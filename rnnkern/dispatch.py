@@ -4,8 +4,8 @@
 that support the configuration and are faster than torch.nn there, and otherwise runs
 torch.nn's own fused implementation (``torch``: cuDNN or oneDNN), so ``auto`` is never slower
 than the module it replaces. Where torch.nn's path cannot run (inside ``torch.compile``, where it
-would break the graph; backward in eval mode on cuDNN) and no fused kernel supports the call,
-``auto`` runs ``reference`` and warns once, saying why.
+would break the graph; backward in eval mode on cuDNN), ``auto`` runs the fastest fused kernel
+that supports the call, or ``reference`` when none does, and warns once, saying what and why.
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ def choose(requested: str, config: LayerConfig, training: bool, compiling: bool 
         return Choice(requested, "asked for by name")
 
     skipped: dict[str, str] = {}
+    slower: list[str] = []  # supported, but not measured faster than torch.nn
     for name in AUTO_ORDER.get(config.device_type, ()):
         ok = backends.supports(name, config)
         if ok is not True:
@@ -94,16 +95,24 @@ def choose(requested: str, config: LayerConfig, training: bool, compiling: bool 
         faster = _faster_than_torch(name, config)
         if faster is not True:
             skipped[name] = faster
+            slower.append(name)
             continue
         return Choice(name, "fastest fused kernel that supports this configuration", skipped)
     problem = _torch_path_problem(config, training, compiling)
     if problem is None:
         return Choice(TORCH, "no rnnkern kernel is faster here; torch.nn's fused path", skipped)
+    what = f"{config.cell} on {config.device_type} ({config.dtype})"
+    if slower:
+        name = slower[0]
+        _warn_once(
+            f"rnnkern: running backend {name!r} for {what}, which is slower than torch.nn there "
+            f"({skipped[name]}), because {problem}"
+        )
+        return Choice(name, f"{problem}; the fastest fused kernel that supports it", skipped)
     why = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no fused kernel for this device"
     _warn_once(
-        f"rnnkern: running the slow 'reference' backend for {config.cell} on "
-        f"{config.device_type} ({config.dtype}) because {problem} and no fused kernel "
-        f"applies ({why})"
+        f"rnnkern: running the slow 'reference' backend for {what} because {problem} and no "
+        f"fused kernel applies ({why})"
     )
     return Choice("reference", f"{problem}; no fused kernel applies", skipped)
 

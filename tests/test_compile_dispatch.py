@@ -15,11 +15,24 @@ def _outputs(out):
     return [y, *(h if isinstance(h, tuple) else (h,))]
 
 
+COMPILE_BACKENDS = [
+    "auto",
+    "reference",
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            "cpu" not in rnnkern.available_backends("cpu"), reason="the C++ extension is not built"
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
-def test_compile_fullgraph_forward_backward(kind):
+def test_compile_fullgraph_forward_backward(kind, backend):
     torch.manual_seed(0)
     kw = dict(proj_size=3) if kind == "LSTM" else {}
-    m = getattr(rnnkern, kind)(4, 6, num_layers=2, bidirectional=True, **kw)
+    m = getattr(rnnkern, kind)(4, 6, num_layers=2, bidirectional=True, backend=backend, **kw)
     torch._dynamo.reset()
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     x = torch.randn(5, 2, 4, requires_grad=True)
@@ -27,18 +40,25 @@ def test_compile_fullgraph_forward_backward(kind):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         outs_c = _outputs(compiled(x))
+        # The backend the compiled graph ran: auto picks a per-layer kernel under compile.
+        ran = dispatch.choose(backend, _config_of(m, x), True, compiling=True).backend
     upstream = [torch.randn(o.shape, generator=gens) for o in outs_c]
     sum((o * g).sum() for o, g in zip(outs_c, upstream, strict=True)).backward()
     grads_c = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
     x.grad = None
     m.zero_grad()
-    m.backend = "reference"
+    m.backend = ran
     outs_e = _outputs(m(x))
     sum((o * g).sum() for o, g in zip(outs_e, upstream, strict=True)).backward()
     grads_e = [x.grad] + [p.grad for p in m.parameters()]
-    # Same op, same backend, same order of operations: only the graph around it differs.
+    # The same op and backend eagerly and compiled: only the graph around the op differs
+    # (aot_eager runs the same kernels), so the results agree to float32 rounding.
     for a, b in zip(outs_c + grads_c, outs_e + grads_e, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _config_of(module, x):
+    return module._layer_config(x, x.shape[1], x.shape[0], False, [])
 
 
 def _config(**over):
@@ -119,3 +139,26 @@ def test_named_backends_agree(backend):
     x = torch.randn(4, 2, 3)
     for a, b in zip(_outputs(m(x)), _outputs(ref(x)), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _SlowKernel:
+    """A stand-in backend that supports everything and is measured slower than torch.nn."""
+
+    def supports(self, config):
+        return True
+
+    def faster_than_torch(self, config):
+        return "measured 0.5x torch.nn"
+
+
+def test_under_compile_a_slower_fused_kernel_beats_reference(monkeypatch):
+    from rnnkern import backends
+
+    monkeypatch.setattr(dispatch, "AUTO_ORDER", {"cpu": ("slow",)})
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(backends, "supports", lambda name, config: True)
+    monkeypatch.setattr(backends, "get_backend", lambda name: _SlowKernel())
+    assert dispatch.choose("auto", _config(), training=True).backend == "torch"
+    with pytest.warns(RuntimeWarning, match="backend 'slow'.*slower than torch.nn.*0.5x"):
+        choice = dispatch.choose("auto", _config(), training=True, compiling=True)
+    assert choice.backend == "slow"
