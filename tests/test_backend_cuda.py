@@ -123,10 +123,10 @@ def test_missing_extension_says_how_to_build(monkeypatch):
 
 @pytest.mark.skipif(HAVE_GPU, reason="a CUDA device is present: covered by the GPU tests")
 def test_without_a_device_the_reason_is_given():
-    config = LayerConfig("lstm", "cuda", torch.float32, 4, 8, 0, 2, 3, False, True)
-    reason = BACKEND.supports(config)
-    assert isinstance(reason, str)
-    assert ("no CUDA device" in reason) or ("not built" in reason)
+    config = LayerConfig("lstm", "cuda", torch.float32, 256, 256, 0, 16, 256, False, True)
+    for reason in (BACKEND.supports(config), BACKEND.faster_than_torch(config)):
+        assert isinstance(reason, str)
+        assert ("no CUDA device" in reason) or ("not built" in reason)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,6 +429,27 @@ def test_supports_gives_reasons(cuda_ready):
     assert isinstance(reason, str) and "'cpu'" in reason
     reason = BACKEND.supports(cfg(cell="gru", proj_size=4))
     assert isinstance(reason, str) and "projection" in reason
+
+
+@gpu
+def test_auto_takes_cuda_only_where_it_measured_faster(cuda_ready):
+    def cfg(**kw):
+        base = dict(cell="lstm", device_type="cuda", dtype=torch.float32, input_size=256,
+                    hidden_size=256, proj_size=0, batch_size=16, seq_len=256,
+                    has_lengths=False, needs_grad=True)  # fmt: skip
+        base.update(kw)
+        return LayerConfig(**base)
+
+    assert BACKEND.faster_than_torch(cfg()) is True
+    assert BACKEND.faster_than_torch(cfg(cell="gru", dtype=torch.bfloat16, hidden_size=512))
+    assert BACKEND.faster_than_torch(cfg(batch_size=1, hidden_size=1024)) is True
+    for slower in (cfg(batch_size=64), cfg(hidden_size=1024), cfg(seq_len=32),
+                   cfg(cell="rnn_tanh"), cfg(dtype=torch.float16), cfg(proj_size=128)):  # fmt: skip
+        assert isinstance(BACKEND.faster_than_torch(slower), str), slower
+    from rnnkern import dispatch
+
+    assert dispatch.choose("auto", cfg(), training=True).backend == "cuda"
+    assert dispatch.choose("auto", cfg(batch_size=64), training=True).backend != "cuda"
 
 
 @gpu

@@ -113,6 +113,44 @@ class CUDABackend:
         return self._fits(config.cell, config.dtype, config.batch_size, config.hidden_size, P,
                           bool(config.proj_size))  # fmt: skip
 
+    def faster_than_torch(self, config: LayerConfig) -> bool | str:
+        """True where backend ``cuda`` measured faster than torch.nn (cuDNN), else why not.
+
+        Measured on an NVIDIA H100 80GB HBM3 (torch 2.11 + CUDA 13.0, cuDNN 9.19, TF32 off),
+        one layer, input_size == hidden_size, T = 256, training step (forward + backward with a
+        fixed upstream gradient), interleaved medians (``rnnkern bench --suite cuda_train
+        --device cuda --quick``; results in benchmarks/results/nn_modules+cuda_train-quick-*):
+
+        - B = 1: faster for H in {256, 512, 1024}, LSTM and GRU, float32 and bfloat16:
+          1.41-2.11x.
+        - B = 16: faster for H in {256, 512}: 1.42-1.87x; at H = 1024 it is a wash
+          (0.89-1.10x), so torch.nn keeps it.
+        - B = 64: 1.21-1.34x at H = 256 except LSTM bfloat16 (0.99x); 0.24-0.89x at
+          H >= 512, where one block per SM does too much matvec work per step for its
+          shared-memory bandwidth. torch.nn keeps B > 16.
+        - Forward alone measured at two shapes: LSTM B=16 H=256 1.70x; GRU B=64 H=512 1.16x.
+
+        So: LSTM or GRU without projection, float32 or bfloat16, T >= 256, and either
+        B <= 16 with 256 <= H <= 512 or B = 1 with 256 <= H <= 1024. Elman RNNs, projections,
+        float16, shorter sequences and H < 256 were not measured.
+        """
+        ok = self.supports(config)
+        if ok is not True:
+            return ok
+        if config.cell not in ("lstm", "gru") or config.proj_size:
+            return "not measured against cuDNN for this cell (measured: LSTM and GRU, no proj)"
+        if config.dtype not in (torch.float32, torch.bfloat16):
+            return f"not measured against cuDNN for {config.dtype} inputs"
+        if config.seq_len < 256:
+            return "not measured against cuDNN for sequences shorter than 256 steps"
+        B, H = config.batch_size, config.hidden_size
+        if (B <= 16 and 256 <= H <= 512) or (B == 1 and 256 <= H <= 1024):
+            return True
+        return (
+            f"cuDNN measured as fast or faster at B={B}, H={H} (the cuda kernels win for "
+            "B <= 16 with H in [256, 512] and B = 1 with H in [256, 1024])"
+        )
+
     def _fits(self, cell: str, dtype: torch.dtype, B: int, H: int, P: int, proj: bool):
         """True when both kernels can be laid out on the current device, else the reason.
         Whether a layout exists does not depend on B (the batch is staged in chunks that
