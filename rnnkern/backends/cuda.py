@@ -121,11 +121,13 @@ class CUDABackend:
         fixed upstream gradient), interleaved medians (``rnnkern bench --suite cuda_train
         --device cuda --quick``; results in benchmarks/results/nn_modules+cuda_train-quick-*):
 
+        Ranges over the two runs (commits 797d39b and 3733e8f):
+
         - B = 1: faster for H in {256, 512, 1024}, LSTM and GRU, float32 and bfloat16:
-          1.41-2.11x.
-        - B = 16: faster for H in {256, 512}: 1.42-1.87x; at H = 1024 it is a wash
-          (0.89-1.10x), so torch.nn keeps it.
-        - B = 64: 1.21-1.34x at H = 256 except LSTM bfloat16 (0.99x); 0.24-0.89x at
+          1.41-2.17x.
+        - B = 16: faster for H in {256, 512}: 1.27-1.95x; at H = 1024 it is a wash
+          (0.86-1.14x), so torch.nn keeps it.
+        - B = 64: 1.13-1.34x at H = 256 except LSTM bfloat16 (0.94-0.99x); 0.24-0.91x at
           H >= 512, where one block per SM does too much matvec work per step for its
           shared-memory bandwidth. torch.nn keeps B > 16.
         - Forward alone measured at two shapes: LSTM B=16 H=256 1.70x; GRU B=64 H=512 1.16x.
