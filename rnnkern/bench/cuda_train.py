@@ -16,27 +16,13 @@ import torch
 
 import rnnkern
 
-from .runner import Case
+from .runner import Case, module_step
 
 CELLS = ("LSTM", "GRU")
 DTYPES = (torch.float32, torch.bfloat16)
 BATCHES = (1, 16, 64)
 HIDDEN = (256, 512, 1024)
 T = 256
-
-
-def _step(module, x, dy, train: bool):
-    def run():
-        if train:
-            module.zero_grad(set_to_none=True)
-            x.grad = None
-            y, _ = module(x)
-            y.backward(dy)
-        else:
-            with torch.no_grad():
-                module(x)
-
-    return run
 
 
 def make_case(cell: str, dtype: torch.dtype, B: int, H: int, train: bool, device: str) -> Case:
@@ -55,7 +41,10 @@ def make_case(cell: str, dtype: torch.dtype, B: int, H: int, train: bool, device
         suite="cuda_train",
         name=f"{cell} {mode} B={B} H={H} T={T} {str(dtype).removeprefix('torch.')}",
         params=dict(cell=cell, batch=B, hidden=H, time=T, train=train, dtype=str(dtype)),
-        fns={"torch.nn": _step(base, x, dy, train), "rnnkern[cuda]": _step(ours, x, dy, train)},
+        fns={
+            "torch.nn": module_step(base, x, train, dy),
+            "rnnkern[cuda]": module_step(ours, x, train, dy),
+        },
         baseline="torch.nn",
         device=device,
         work={"torch.nn": float(T * B), "rnnkern[cuda]": float(T * B)},
