@@ -147,6 +147,7 @@ class _RNNBase(torch.nn.Module):
                     setattr(self, name, Parameter(torch.empty(shape, **factory)))
                 self._flat_weights_names.extend(name for name, _ in shapes)
                 self._all_weights.append([name for name, _ in shapes])
+        self.flatten_parameters()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -163,7 +164,20 @@ class _RNNBase(torch.nn.Module):
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
     def flatten_parameters(self) -> None:
-        """Accepted for torch.nn compatibility; rnnkern keeps parameters as they are."""
+        """torch.nn's own: on CUDA, make the weights views into one buffer in cuDNN's layout.
+
+        Without it cuDNN (backend ``torch``) compacts the weights into a fresh buffer on every
+        call and warns so (seen in the H100 runs, where ``auto`` then ran at 0.87-0.96x
+        torch.nn). This module has the attributes torch's implementation reads (mode, sizes,
+        ``_flat_weights``), so it is reused rather than copied; elsewhere it does nothing.
+        """
+        torch.nn.RNNBase.flatten_parameters(self)
+
+    def _apply(self, fn, recurse=True):
+        # As torch.nn does: moving to a GPU re-flattens the weights for cuDNN.
+        result = super()._apply(fn, recurse)
+        self.flatten_parameters()
+        return result
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"

@@ -341,3 +341,18 @@ def test_module_to_double_and_repr():
     t = repr(torch.nn.LSTM(3, 4, num_layers=2, proj_size=2, bidirectional=True))
     assert r == t
     assert len(m.all_weights) == 4 and len(m.all_weights[0]) == 5
+
+
+@needs_cuda
+def test_cudnn_path_gets_flattened_weights():
+    """cuDNN copies and warns about weights that are not one contiguous buffer; rnnkern's
+    modules flatten them as torch.nn's do (on construction on the GPU and on .to/.cuda)."""
+    import warnings
+
+    for module in (
+        rnnkern.LSTM(8, 16, num_layers=2, bidirectional=True, backend="torch").cuda(),
+        rnnkern.GRU(8, 16, device="cuda", backend="torch"),
+    ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            module(torch.randn(5, 3, 8, device="cuda"))
