@@ -297,40 +297,42 @@ class _RNNBase(torch.nn.Module):
             needs_grad,
         )
 
-    def choose_backend(self, input, hx=None) -> Choice:
-        """Which backend a call with this input would run, and why the others were skipped."""
-        if isinstance(input, PackedSequence):
-            x, B, T, lengths = input.data, int(input.batch_sizes[0]), len(input.batch_sizes), 1
-        else:
-            x = input
-            batched = x.dim() == 3
-            B = (x.shape[0] if self.batch_first else x.shape[1]) if batched else 1
-            T = (x.shape[1] if self.batch_first else x.shape[0]) if batched else x.shape[0]
-            lengths = None
-        states = list(hx) if isinstance(hx, (tuple, list)) else ([hx] if hx is not None else [])
-        config = self._layer_config(x, B, T, lengths is not None, states)
-        return choose(self.backend, config, self.training)
+    def _prepare(self, input, hx):
+        """Check a call's arguments and bring the input to ``[T, B, I]``.
 
-    def forward(self, input, hx=None):
-        packed = isinstance(input, PackedSequence)
-        if packed:
+        Returns ``(x, lengths, lengths_cpu, batched, states, config)``: ``lengths`` is None
+        when every sequence has length ``T``; ``lengths_cpu`` holds a PackedSequence's lengths
+        in the caller's batch order (None for tensors).
+        """
+        lengths_cpu = None
+        lengths = None
+        if isinstance(input, PackedSequence):
             self._check_input(input.data, packed=True)
             # Padded in the caller's batch order (pad_packed_sequence undoes the sort), so the
             # initial and final states need no permutation.
             x, lengths_cpu = pad_packed_sequence(input)
             batched = True
-            full = int(lengths_cpu.min()) == x.shape[0]
-            lengths = None if full else lengths_cpu.to(device=x.device, dtype=torch.long)
+            if int(lengths_cpu.min()) != x.shape[0]:
+                lengths = lengths_cpu.to(device=x.device, dtype=torch.long)
         else:
             self._check_input(input, packed=False)
             batched = input.dim() == 3
             x = input if batched else input.unsqueeze(1 if not self.batch_first else 0)
             if self.batch_first:
                 x = x.transpose(0, 1)
-            lengths = None
         T, B, _ = x.shape
         states = self._check_state(hx, B, batched, x)
         config = self._layer_config(x, B, T, lengths is not None, states)
+        return x, lengths, lengths_cpu, batched, states, config
+
+    def choose_backend(self, input, hx=None) -> Choice:
+        """Which backend a call with these arguments would run, and why others were skipped."""
+        config = self._prepare(input, hx)[-1]
+        return choose(self.backend, config, self.training)
+
+    def forward(self, input, hx=None):
+        packed = isinstance(input, PackedSequence)
+        x, lengths, lengths_cpu, batched, states, config = self._prepare(input, hx)
         backend = select(self.backend, config, self.training)
         if backend == backends.TORCH:
             y, h_n = self._forward_torch(input, x, states, packed)
