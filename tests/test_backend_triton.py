@@ -289,6 +289,23 @@ def test_supports_gives_reasons():
     assert isinstance(reason, str) and "mps" in reason
 
 
+def test_faster_than_torch_follows_the_measured_table():
+    def cfg(**kw):
+        base = dict(cell="gru", device_type="cuda", dtype=torch.bfloat16, input_size=128,
+                    hidden_size=128, proj_size=0, batch_size=16, seq_len=256,
+                    has_lengths=False, needs_grad=True)  # fmt: skip
+        base.update(kw)
+        return LayerConfig(**base)
+
+    if BACKEND.supports(cfg()) is not True:
+        pytest.skip(f"triton cannot run CUDA configurations here: {BACKEND.supports(cfg())}")
+    assert BACKEND.faster_than_torch(cfg()) is True
+    assert BACKEND.faster_than_torch(cfg(cell="lstm", batch_size=256)) is True
+    for slower in (dict(hidden_size=512), dict(dtype=torch.float32), dict(seq_len=64),
+                   dict(cell="rnn_tanh"), dict(cell="lstm", proj_size=64)):  # fmt: skip
+        assert isinstance(BACKEND.faster_than_torch(cfg(**slower)), str), slower
+
+
 def test_float64_call_is_a_clear_error():
     inp = make_inputs("gru", 2, 2, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):

@@ -50,6 +50,41 @@ class TritonBackend:
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
         return True
 
+    def faster_than_torch(self, config: LayerConfig) -> bool | str:
+        """True where backend ``triton`` measured faster than torch.nn (cuDNN), else why not.
+
+        Measured on an NVIDIA H100 80GB HBM3 (torch 2.11 + CUDA 13.0, Triton 3.6, cuDNN 9.19,
+        TF32 off), one layer, input_size == hidden_size, T = 256, interleaved medians
+        (``python -m rnnkern.bench.gpu_train --grid quick``, commit 797d39b;
+        benchmarks/results/gpu_train-nvidia-h100-80gb-hbm3.md):
+
+        - bfloat16, H = 128, B in {1, 16, 64, 256}: LSTM and GRU, forward 1.15-2.30x and
+          training step 1.62-2.62x; cuDNN's per-step work dominates at this size.
+        - bfloat16, H = 512: 0.63-1.11x; H = 1024: 0.22-0.62x (the weights stream from L2
+          every step).
+        - float32: 0.07-0.58x everywhere (the dots run as IEEE float32, without tensor cores).
+
+        So: LSTM or GRU without projection, bfloat16, H <= 128, T >= 256, on CUDA. Elman RNNs,
+        projections, float16 and shorter sequences were not measured.
+        """
+        ok = self.supports(config)
+        if ok is not True:
+            return ok
+        if config.device_type != "cuda":
+            return "measured against torch.nn on CUDA only (the CPU runs Triton's interpreter)"
+        if config.cell not in ("lstm", "gru") or config.proj_size:
+            return "not measured against cuDNN for this cell (measured: LSTM and GRU, no proj)"
+        if config.dtype != torch.bfloat16:
+            return f"cuDNN measured faster or {config.dtype} not measured (triton wins in bf16)"
+        if config.seq_len < 256:
+            return "not measured against cuDNN for sequences shorter than 256 steps"
+        if config.hidden_size > 128:
+            return (
+                f"cuDNN measured as fast or faster at H={config.hidden_size} (triton wins at "
+                "H <= 128 in bfloat16)"
+            )
+        return True
+
     def supports(self, config: LayerConfig) -> bool | str:
         ok = self.available()
         if ok is not True:
