@@ -9,7 +9,7 @@
 #   GPU_CHECK_STAGES     comma list of build,compile,tests,bench (default: all four). Within
 #                        10-minute calls, run build,compile,tests in one call and bench in the
 #                        next (the tests compile ~50 kernel variants on their first CUDA run).
-#   GPU_CHECK_GRID       quick (bounded subset, default) or full (the whole issue grid)
+#   GPU_CHECK_GRID       quick (bounded subset, default) or full (the whole benchmark grid)
 #   GPU_CHECK_TESTS      pytest selection (default: tests/)
 #   PYTHON               interpreter (default: python3, or python if python3 is missing)
 #
@@ -85,9 +85,9 @@ if [[ $STAGES == *,tests,* ]]; then
     -p no:cacheprovider --junitxml="$OUT_DIR/pytest.xml"
 fi
 if [[ $STAGES == *,cuda_bench,* || $STAGES == *,bench,* ]]; then
-  # CUDA backend (issue 5): the nn_modules quick suite times every backend available on the
+  # CUDA backend: the nn_modules quick suite times every backend available on the
   # GPU (torch.nn/cuDNN, auto, cuda, triton) on the same shapes, and cuda_train times backend
-  # cuda against cuDNN on the issue's training grid; at most 180 s. Runs before the bench
+  # cuda against cuDNN on its training grid; at most 180 s. Runs before the bench
   # stage, or alone with GPU_CHECK_STAGES=cuda_bench.
   run_stage cuda_bench "$(($(left) < 180 ? $(left) : 180))" "$PY" -m rnnkern.cli bench \
     --suite nn_modules --suite cuda_train --device cuda --quick --repeats 10 --out "$OUT_DIR"

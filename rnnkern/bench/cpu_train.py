@@ -1,7 +1,7 @@
 """Suite ``cpu_train``: rnnkern.LSTM / GRU with backend ``cpu`` beside torch.nn on the CPU.
 
 One timed run is a forward + backward (``y.sum().backward()``, all parameter and input
-gradients) or a forward alone under ``no_grad``. The issue's target shape is LSTM 2x512,
+gradients) or a forward alone under ``no_grad``. The target shape is LSTM 2x512,
 B=32, T=256; smaller shapes show where backend ``cpu`` wins or loses, for ``auto``.
 """
 

@@ -1,6 +1,6 @@
 """Suite ``cuda_train``: backend ``cuda`` (csrc/cuda) beside torch.nn (cuDNN) on a GPU.
 
-The grid of issue 5's training target: LSTM and GRU, one layer, ``input_size == hidden_size``,
+The training grid: LSTM and GRU, one layer, ``input_size == hidden_size``,
 B in {1, 16, 64} x H in {256, 512, 1024}, T = 256, float32 (TF32 off on both sides) and
 bfloat16. The quick grid is training only (forward + backward with a fixed random upstream
 gradient); the full grid adds forward-only. Both implementations hold the same weights and run
