@@ -30,12 +30,11 @@ import torch
 from torch import Tensor
 
 from . import sampling
-from .backends.base import GATES
+from .backends.base import CELL_CODES, GATES
 
 __all__ = ["Decoder"]
 
 _MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
-_CELL_CODE = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 
 
 def _cell_of_module(rnn: torch.nn.Module) -> tuple[str, int, bool]:
@@ -212,7 +211,7 @@ class Decoder:
 
         lay = self._layers
         self._plan = self._cpu.DecoderPlan(
-            _CELL_CODE[self.cell], L, B, self.input_size, H, P, V,
+            CELL_CODES[self.cell], L, B, self.input_size, H, P, V,
             1 if self.weights == "bf16" else 0,
             [ptr(d["w_ih"]) for d in lay], [ptr(d["w_hh"]) for d in lay],
             [ptr(d["b_ih"]) for d in lay], [ptr(d["b_hh"]) for d in lay],

@@ -45,6 +45,9 @@ import torch
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+# The numbering the compiled kernels use for cells (``enum Cell`` in csrc/cpu/api.h and
+# csrc/cuda/api.h).
+CELL_CODES = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 
 
 def gate_count(cell: str) -> int:

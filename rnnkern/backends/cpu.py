@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .base import (
+    CELL_CODES,
     BackwardResult,
     ForwardResult,
     LayerConfig,
@@ -39,7 +40,6 @@ except ImportError as err:  # the extension is optional; available() explains ho
 else:
     _IMPORT_ERROR = ""
 
-_CELL_CODE = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -84,7 +84,7 @@ class CPUBackend:
         return True if _cpu is not None else build_hint()
 
     def supports(self, config: LayerConfig) -> bool | str:
-        if config.cell not in _CELL_CODE:
+        if config.cell not in CELL_CODES:
             return f"unknown cell {config.cell!r}"
         if config.device_type != "cpu":
             return f"backend 'cpu' runs on CPU tensors, got device type {config.device_type!r}"
@@ -161,7 +161,7 @@ class CPUBackend:
         m = _alloc((B, H), S) if wr_w is not None else None
 
         _cpu.layer_forward(
-            S.itemsize, _CELL_CODE[cell], T, B, H, P,
+            S.itemsize, CELL_CODES[cell], T, B, H, P,
             _ptr(gx_w), _ptr(h0_w), _ptr(c0_w), _ptr(w_w), _ptr(b_w), _ptr(wr_w), _ptr(lens),
             bool(reverse), bool(save),
             _ptr(y), _ptr(h_n), _ptr(c_n), _ptr(hs), _ptr(aux), _ptr(gates), _ptr(gh), _ptr(m),
@@ -201,7 +201,7 @@ class CPUBackend:
         dm = _alloc((B, H), S) if proj else None
 
         _cpu.layer_backward(
-            S.itemsize, _CELL_CODE[cell], T, B, H, P,
+            S.itemsize, CELL_CODES[cell], T, B, H, P,
             _ptr(hs), _ptr(aux), _ptr(gates), _ptr(w_w), _ptr(wr_w), _ptr(lens), bool(reverse),
             _ptr(dy_w), _ptr(dh_w), _ptr(dc_w),
             _ptr(dgx), _ptr(dgh), _ptr(dh_proj), _ptr(dh0), _ptr(dc0),

@@ -28,6 +28,7 @@ import os
 import torch
 
 from .base import (
+    CELL_CODES,
     BackwardResult,
     ForwardResult,
     LayerConfig,
@@ -45,7 +46,6 @@ except ImportError as err:  # the extension is optional; available() explains ho
 else:
     _IMPORT_ERROR = ""
 
-_CELL_CODE = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ERRORS = {
     1: "a grid-wide barrier timed out (a kernel deadlock, or the GPU was preempted for longer "
@@ -96,7 +96,7 @@ class CUDABackend:
         ok = self.available()
         if ok is not True:
             return ok
-        if config.cell not in _CELL_CODE:
+        if config.cell not in CELL_CODES:
             return f"unknown cell {config.cell!r}"
         if config.device_type != "cuda":
             return f"backend 'cuda' runs on CUDA tensors, got device type {config.device_type!r}"
@@ -161,7 +161,7 @@ class CUDABackend:
         if key not in self._plans:
             try:
                 for backward in (False, True):
-                    _cuda.plan(backward, _CELL_CODE[cell], _DTYPE_CODE[dtype], B, H, P, proj)
+                    _cuda.plan(backward, CELL_CODES[cell], _DTYPE_CODE[dtype], B, H, P, proj)
             except (ValueError, RuntimeError) as err:
                 self._plans[key] = str(err)
             else:
@@ -226,7 +226,7 @@ class CUDABackend:
         sync = torch.zeros(2, dtype=torch.int64, device=dev)  # barrier arrivals, error code
 
         info = _cuda.layer_forward(
-            _CELL_CODE[cell], _DTYPE_CODE[dt], T, B, H, P, bool(reverse), bool(save),
+            CELL_CODES[cell], _DTYPE_CODE[dt], T, B, H, P, bool(reverse), bool(save),
             _ptr(gx), _ptr(h0), _ptr(c0), _ptr(w), _ptr(b), _ptr(wr), _ptr(lens),
             _ptr(y), _ptr(h_n), _ptr(c_n if lstm else None), _ptr(hs), _ptr(aux), _ptr(gates),
             _ptr(m), _ptr(sync), torch.cuda.current_stream(dev).cuda_stream,
@@ -281,7 +281,7 @@ class CUDABackend:
         sync = torch.zeros(2, dtype=torch.int64, device=dev)
 
         info = _cuda.layer_backward(
-            _CELL_CODE[cell], _DTYPE_CODE[dt], T, B, H, P, bool(reverse),
+            CELL_CODES[cell], _DTYPE_CODE[dt], T, B, H, P, bool(reverse),
             _ptr(hs), _ptr(aux if (lstm or gru) else None), _ptr(gates if (lstm or gru) else None),
             _ptr(w_t), _ptr(wr_t), _ptr(lens), _ptr(dy), _ptr(dh_n), _ptr(dc_n),
             _ptr(dgx), _ptr(dgh), _ptr(dh_proj), _ptr(dh0), _ptr(dc0),
