@@ -4,7 +4,8 @@ The recurrence is registered with ``torch.library`` (``custom_op`` + ``register_
 ``register_autograd``): forward and backward are two opaque operators that every backend
 implements, so ``torch.compile(fullgraph=True)`` traces rnnkern RNNs without a graph break and
 backward runs in eval mode too. The input projection ``x @ W_ihᵀ + b_ih`` stays an ordinary
-torch GEMM around the operator, so ``dx`` and ``dW_ih`` come from torch's autograd.
+GEMM around the operator: torch's (``dx`` and ``dW_ih`` then come from torch's autograd), or the
+backend's own where it has one, as the operator ``rnnkern::linear`` (:func:`input_projection`).
 
 Legend: ``T`` time, ``B`` batch, ``I`` input size, ``H`` hidden, ``P`` state size (proj_size
 or H), ``G`` gates (LSTM 4, GRU 3, RNN 1).
@@ -18,7 +19,7 @@ from torch import Tensor
 from .backends import get_backend
 from .backends.base import CELLS, gate_count, state_dtype
 
-__all__ = ["rnn_layer"]
+__all__ = ["input_projection", "rnn_layer"]
 
 
 @torch.library.custom_op("rnnkern::layer_forward", mutates_args=())
@@ -174,6 +175,67 @@ def _backward(ctx, dy, dh_n, dc_n, _dhs, _daux, _dgates):
 _layer_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("rnnkern::linear", mutates_args=())
+def _linear(backend: str, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return get_backend(backend).linear(x, w, b)
+
+
+@_linear.register_fake
+def _linear_fake(backend, x, w, b):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("rnnkern::linear_backward", mutates_args=())
+def _linear_backward(
+    backend: str, dy: Tensor, x: Tensor, w: Tensor, need_dx: bool, need_dw: bool, need_db: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = get_backend(backend).linear_backward(dy, x, w, need_dx, need_dw, need_db)
+    # custom ops cannot return None: absent gradients travel as empty tensors.
+    return tuple(t if t is not None else dy.new_empty(0) for t in (dx, dw, db))
+
+
+@_linear_backward.register_fake
+def _linear_backward_fake(backend, dy, x, w, need_dx, need_dw, need_db):
+    return (
+        torch.empty_like(x) if need_dx else dy.new_empty(0),
+        torch.empty_like(w) if need_dw else dy.new_empty(0),
+        dy.new_empty(w.shape[0]) if need_db else dy.new_empty(0),
+    )
+
+
+def _linear_setup_context(ctx, inputs, output):
+    ctx.backend = inputs[0]
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _linear_autograd(ctx, dy):
+    x, w = ctx.saved_tensors
+    _, need_dx, need_dw, need_db = ctx.needs_input_grad
+    if dy is None or not (need_dx or need_dw or need_db):
+        return None, None, None, None
+    dx, dw, db = _linear_backward(
+        ctx.backend, dy.contiguous(), x, w, need_dx, need_dw, bool(need_db)
+    )
+    return None, dx if need_dx else None, dw if need_dw else None, db if need_db else None
+
+
+_linear.register_autograd(_linear_autograd, setup_context=_linear_setup_context)
+
+
+def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, backend: str) -> Tensor:
+    """``gx [T, B, G*H] = x [T, B, I] @ w_ihᵀ + b_ih``, contiguous, as one GEMM over all steps.
+
+    The GEMM is the backend's own where it offers one for this input (``linear_supported``,
+    see :class:`rnnkern.backends.base.OwnsLinear`), else torch's.
+    """
+    impl = get_backend(backend)
+    if getattr(impl, "linear_supported", None) is not None and impl.linear_supported(x):
+        T, B, I = x.shape
+        gx = _linear(backend, x.reshape(T * B, I).contiguous(), w_ih.contiguous(), b_ih)
+        return gx.view(T, B, -1)
+    return torch.nn.functional.linear(x, w_ih, b_ih).contiguous()
+
+
 def layer_recurrence(
     cell: str,
     gx: Tensor,
@@ -286,7 +348,7 @@ def rnn_layer(
             raise ValueError(f"lengths must lie in [1, {T}], got values in [{lo}, {hi}]")
         lengths = lengths.to(dev)
     acc = state_dtype(dt)
-    gx = torch.nn.functional.linear(x, w_ih, b_ih).contiguous()
+    gx = input_projection(x, w_ih, b_ih, backend)
     return layer_recurrence(
         cell,
         gx,

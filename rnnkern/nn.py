@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import backends
 from .backends.base import LayerConfig, state_dtype
 from .dispatch import Choice, choose, select
-from .functional import layer_recurrence
+from .functional import input_projection, layer_recurrence
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "explain"]
 
@@ -386,7 +386,7 @@ class _RNNBase(torch.nn.Module):
                 b_ih = getattr(self, names[2]) if self.bias else None
                 b_hh = getattr(self, names[3]) if self.bias else None
                 w_hr = getattr(self, names[-1]) if self.proj_size else None
-                gx = torch.nn.functional.linear(layer_in, w_ih, b_ih).contiguous()
+                gx = input_projection(layer_in, w_ih, b_ih, backend)
                 y, h_n, c_n = layer_recurrence(
                     self._cell,
                     gx,

@@ -32,9 +32,7 @@ def test_measure_interleaves_and_reports_ratio():
 
 
 def test_bench_command_writes_json_and_markdown(tmp_path):
-    code = cli.main(
-        ["bench", "--quick", "--repeats", "1", "--warmup", "1", "--out", str(tmp_path)]
-    )
+    code = cli.main(["bench", "--quick", "--repeats", "1", "--warmup", "1", "--out", str(tmp_path)])
     assert code == 0
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".md")

@@ -63,14 +63,18 @@ struct BackwardArgs {
   void* dm;                // scratch [B, H] (projection only), else null
 };
 
-// Weight gradient over all time steps: C [M, N] = Aᵀ Bm with A [K, M], Bm [K, N] (row-major,
-// element type of the layer), and db [M] = column sums of A when db is not null.
-struct WeightGradArgs {
+// The products around the recurrence (kernels.h: gemm): C [M, N] = A Bm (+ bias) and
+// rowsum [M] = sum over k of A when not null; element type of the layer. A[m, k] is
+// a[m * a_rs + k * a_cs] and Bm[k, n] is b[k * b_rs + n * b_cs]; C is row-major [M, N].
+struct GemmArgs {
   int M, N, K;
-  const void* a;  // [K, M]
-  const void* b;  // [K, N]
-  void* c;        // [M, N]
-  void* db;       // [M] or null
+  const void* a;     // A [M, K] by strides
+  long a_rs, a_cs;
+  const void* b;     // Bm [K, N] by strides
+  long b_rs, b_cs;
+  const void* bias;  // [N] or null
+  void* c;           // [M, N]
+  void* rowsum;      // [M] or null
 };
 
 // Packed decoder: L stacked unidirectional layers, an optional token table, an optional head.
@@ -123,8 +127,8 @@ struct Kernels {
   void (*forward_f64)(const ForwardArgs&);
   void (*backward_f32)(const BackwardArgs&);
   void (*backward_f64)(const BackwardArgs&);
-  void (*weight_grad_f32)(const WeightGradArgs&);
-  void (*weight_grad_f64)(const WeightGradArgs&);
+  void (*gemm_f32)(const GemmArgs&);
+  void (*gemm_f64)(const GemmArgs&);
   // The decoder's matrices packed for this instruction set (an opaque handle that only this
   // table's decoder_step / generate read, freed by decoder_free).
   void* (*decoder_pack)(const DecoderArgs&);

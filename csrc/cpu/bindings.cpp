@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "api.h"
+#include "buffer_pool.h"
 
 namespace py = pybind11;
 using rnnkern_cpu::Kernels;
@@ -108,6 +109,75 @@ struct DecoderPlan {
   }
 };
 
+// DLPack (v0.x ABI, the "dltensor" capsule every DLPack consumer accepts), declared here so
+// that the module needs no header beyond pybind11's.
+struct DLDevice {
+  int32_t device_type;  // 1: CPU
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;  // 2: float
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;  // null: compact row-major
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+
+struct PooledTensor {
+  DLManagedTensor managed;
+  std::vector<int64_t> shape;
+  size_t bytes;
+};
+
+void pooled_deleter(DLManagedTensor* m) {
+  auto* t = static_cast<PooledTensor*>(m->manager_ctx);
+  rnnkern_cpu::BufferPool::instance().release(m->dl_tensor.data, t->bytes);
+  delete t;
+}
+
+void unconsumed_capsule_destructor(PyObject* cap) {
+  if (PyCapsule_IsValid(cap, "dltensor")) {
+    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+    m->deleter(m);
+  }
+}
+
+py::capsule pooled_tensor(std::vector<int64_t> shape, int bits) {
+  size_t bytes = bits / 8;
+  for (int64_t n : shape) {
+    if (n < 0) throw std::invalid_argument("shape must be non-negative");
+    bytes *= size_t(n);
+  }
+  void* data = rnnkern_cpu::BufferPool::instance().acquire(bytes);
+  if (!data) throw std::bad_alloc();
+  auto* t = new PooledTensor{{}, std::move(shape), bytes};
+  DLTensor& d = t->managed.dl_tensor;
+  d.data = data;
+  d.device = {1, 0};
+  d.ndim = int32_t(t->shape.size());
+  d.dtype = {2, uint8_t(bits), 1};
+  d.shape = t->shape.data();
+  d.strides = nullptr;
+  d.byte_offset = 0;
+  t->managed.manager_ctx = t;
+  t->managed.deleter = pooled_deleter;
+  // A capsule nobody consumed still owns its buffer; a consumer renames it "used_dltensor"
+  // and calls the deleter itself.
+  return py::capsule(&t->managed, "dltensor", &unconsumed_capsule_destructor);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -121,6 +191,29 @@ PYBIND11_MODULE(_cpu, m) {
     return names;
   });
   m.def("set_isa", [](const std::string& name) { active = select_isa(name); }, py::arg("name"));
+
+  m.def(
+      "pooled_empty",
+      [](std::vector<int64_t> shape, int bits) {
+        if (bits != 32 && bits != 64) throw std::invalid_argument("bits must be 32 or 64");
+        return pooled_tensor(std::move(shape), bits);
+      },
+      py::arg("shape"), py::arg("bits"),
+      "An uninitialised float32/float64 buffer of `shape` from the caching pool, as a DLPack "
+      "capsule (torch.utils.dlpack.from_dlpack); freeing the tensor returns it to the pool.");
+  m.def("pool_trim", [] { rnnkern_cpu::BufferPool::instance().trim(); },
+        "Free every cached buffer of the pool.");
+  m.def("pool_set_limit", [](uint64_t bytes) { rnnkern_cpu::BufferPool::instance().set_limit(bytes); },
+        py::arg("bytes"), "Most bytes of freed buffers the pool keeps (0: keep none).");
+  m.def("pool_info", [] {
+    auto i = rnnkern_cpu::BufferPool::instance().info();
+    py::dict d;
+    d["cached_bytes"] = i.cached;
+    d["limit_bytes"] = i.limit;
+    d["hits"] = i.hits;
+    d["misses"] = i.misses;
+    return d;
+  });
 
   m.def(
       "layer_forward",
@@ -181,17 +274,21 @@ PYBIND11_MODULE(_cpu, m) {
       "One layer's backward recurrence on raw buffers (see csrc/cpu/api.h: BackwardArgs).");
 
   m.def(
-      "weight_grad",
-      [](int elem_size, int M, int N, int K, uintptr_t a, uintptr_t b, uintptr_t c,
-         uintptr_t db) {
+      "gemm",
+      [](int elem_size, int M, int N, int K, uintptr_t a, int64_t a_rs, int64_t a_cs, uintptr_t b,
+         int64_t b_rs, int64_t b_cs, uintptr_t bias, uintptr_t c, uintptr_t rowsum) {
         if (elem_size != 4 && elem_size != 8)
           throw std::invalid_argument("elem_size must be 4 (float32) or 8 (float64)");
-        rnnkern_cpu::WeightGradArgs w{M, N, K, ptr<const void>(a), ptr<const void>(b),
-                                      ptr<void>(c), ptr<void>(db)};
+        if (M < 0 || N < 0 || K < 0)
+          throw std::invalid_argument("M, N and K must be >= 0");
+        rnnkern_cpu::GemmArgs g{M, N, K, ptr<const void>(a), a_rs, a_cs, ptr<const void>(b),
+                                b_rs, b_cs, ptr<const void>(bias), ptr<void>(c),
+                                ptr<void>(rowsum)};
         py::gil_scoped_release release;
-        (elem_size == 4 ? kern().weight_grad_f32 : kern().weight_grad_f64)(w);
+        (elem_size == 4 ? kern().gemm_f32 : kern().gemm_f64)(g);
       },
-      "C [M, N] = A^T B for A [K, M], B [K, N]; db [M] = column sums of A (csrc/cpu/api.h).");
+      "C [M, N] = A Bm (+ bias [N]) with A, Bm given by element strides; rowsum [M] = A's row "
+      "sums (csrc/cpu/api.h: GemmArgs).");
 
   py::class_<DecoderPlan>(m, "DecoderPlan", "Packed decoder buffers (csrc/cpu/api.h: DecoderArgs)")
       .def(py::init([](int cell, int L, int B, int I, int H, int P, int V, int wdtype,

@@ -22,7 +22,7 @@ namespace avx2 {
 
 namespace rnnkern_cpu {
 const Kernels kernels_avx2 = {"avx2",         avx2::forward_f32,  avx2::forward_f64,
-                              avx2::backward_f32, avx2::backward_f64, avx2::weight_grad_f32, avx2::weight_grad_f64, avx2::decoder_pack, avx2::decoder_free, avx2::decoder_step,
+                              avx2::backward_f32, avx2::backward_f64, avx2::gemm_f32, avx2::gemm_f64, avx2::decoder_pack, avx2::decoder_free, avx2::decoder_step,
                               avx2::generate};
 }  // namespace rnnkern_cpu
 #endif

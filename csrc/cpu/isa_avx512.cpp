@@ -21,7 +21,7 @@ namespace avx512 {
 
 namespace rnnkern_cpu {
 const Kernels kernels_avx512 = {"avx512",         avx512::forward_f32,  avx512::forward_f64,
-                                avx512::backward_f32, avx512::backward_f64, avx512::weight_grad_f32, avx512::weight_grad_f64, avx512::decoder_pack, avx512::decoder_free, avx512::decoder_step,
+                                avx512::backward_f32, avx512::backward_f64, avx512::gemm_f32, avx512::gemm_f64, avx512::decoder_pack, avx512::decoder_free, avx512::decoder_step,
                                 avx512::generate};
 }  // namespace rnnkern_cpu
 #endif

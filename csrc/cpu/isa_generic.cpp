@@ -14,6 +14,6 @@ namespace generic {
 }  // namespace generic
 
 const Kernels kernels_generic = {"generic",         generic::forward_f32,  generic::forward_f64,
-                                 generic::backward_f32, generic::backward_f64, generic::weight_grad_f32, generic::weight_grad_f64,
+                                 generic::backward_f32, generic::backward_f64, generic::gemm_f32, generic::gemm_f64,
                                  generic::decoder_pack, generic::decoder_free, generic::decoder_step, generic::generate};
 }  // namespace rnnkern_cpu

@@ -1062,27 +1062,44 @@ void backward_f32(const BackwardArgs& a) { layer_backward<float>(a); }
 void backward_f64(const BackwardArgs& a) { layer_backward<double>(a); }
 
 // ---------------------------------------------------------------------------------------------
-// Weight gradient: C[m, n] = sum_k A[k, m] * Bm[k, n] (dW_hh = dghᵀ h over all T*B rows, and
-// dW_hr), db[m] = sum_k A[k, m] when db is given. A [K, M], Bm [K, N], C [M, N], row-major.
-// Cache-blocked around the panel microkernel (BLIS order): for each block of KC rows of k,
+// The large products around the recurrence: C[m, n] = sum_k A[m, k] * Bm[k, n] (+ bias[n]),
+// rowsum[m] = sum_k A[m, k] when asked, A and Bm given by strides (so a transpose is a stride,
+// not a copy). The layer uses it four ways, over all T*B rows at once:
+//   gx    = x @ W_ihᵀ + b_ih        A = x [TB, I],       Bm = W_ihᵀ (strides 1, I)
+//   dx    = dgx @ W_ih              A = dgx [TB, GH],    Bm = W_ih
+//   dW_ih = dgxᵀ @ x, db_ih         A = dgxᵀ (strides 1, GH), rowsum = db_ih; same for dW_hh, dW_hr
+// Cache-blocked around the panel microkernel (BLIS order): for each block of KC values of k,
 // Bm's rows are packed into panels of 4 vectors (KC x 64 floats = 64 KB at KC = 256, read from
-// L2), and for each block of MC columns of A the block is transposed into MC x KC (96 KB), so
-// the microkernel's broadcasts read contiguous rows; C tiles are accumulated over the k blocks.
-// db is summed while packing A (every element of A is packed exactly once). M=2048, N=512,
-// K=8192 (dW_hh of LSTM H=512, B=32, T=256), 1 thread, 2-core AVX-512 machine: 99 ms
-// (173 GFLOP/s) against 177 ms for torch's a.t() @ b plus a.sum(0), interleaved medians.
+// L2), and each block of MC rows of A is packed into MC x KC (96 KB) rows, so the microkernel's
+// broadcasts read contiguous memory; C tiles are accumulated over the k blocks. rowsum is
+// summed while packing A (every element of A is packed exactly once).
+// Why not torch's GEMM: torch's CPU GEMM is MKL, which runs its AVX2 code on AMD CPUs. 1 thread,
+// 2-core AVX-512 x86-64 (interleaved medians): dW_hh of LSTM H=512, B=32, T=256 (M=2048,
+// N=512, K=8192) 99 ms (173 GFLOP/s) against 177 ms for torch's a.t() @ b plus a.sum(0).
 
 template <typename S>
-void weight_grad(const WeightGradArgs& a) {
+void gemm(const GemmArgs& a) {
   typedef typename Vec<S>::type VT;
-  constexpr int L = Vec<S>::lanes, NV = 4, KC = 256, MC = 96;
+  constexpr int L = Vec<S>::lanes, NV = 4, MC = 96;
   const int M = a.M, N = a.N, K = a.K;
+  // One k block when K fits 512 (the 128 KB panels still stream from L2) spares C a second
+  // read-modify-write pass.
+  const int KC = K <= 512 ? (K > 0 ? K : 1) : 256;
   const S* A = (const S*)a.a;
   const S* Bm = (const S*)a.b;
+  const S* bias = (const S*)a.bias;
   S* C = (S*)a.c;
-  S* db = (S*)a.db;
+  S* rowsum = (S*)a.rowsum;
+  const long a_rs = a.a_rs, a_cs = a.a_cs, b_rs = a.b_rs, b_cs = a.b_cs;
   const PanelShape bs{1, N, KC, NV, L};
   const int np = bs.panels(), nmb = (M + MC - 1) / MC;
+  if (K == 0) {  // an empty sum: C = bias (or 0), rowsum = 0
+    for (int m = 0; m < M; ++m) {
+      for (int n = 0; n < N; ++n) C[(long)m * N + n] = bias ? bias[n] : S(0);
+      if (rowsum) rowsum[m] = S(0);
+    }
+    return;
+  }
   S* bp = (S*)alloc_packed<S>((long)np * bs.panel_elems());
   const int nth = (long)M * N * K >= (1L << 24) ? omp_get_max_threads() : 1;
 #pragma omp parallel num_threads(nth)
@@ -1092,31 +1109,48 @@ void weight_grad(const WeightGradArgs& a) {
       const int kc = K - k0 < KC ? K - k0 : KC;
       const PanelShape s{1, N, kc, NV, L};
 #pragma omp for schedule(static)
-      for (int q = 0; q < np; ++q)
-        pack_panel<S>(s, q, Bm + (long)k0 * N, N, false, bp + q * s.panel_elems());
+      for (int q = 0; q < np; ++q) {
+        S* dst = bp + q * s.panel_elems();
+        for (int v = 0; v < NV; ++v)
+          for (int l = 0; l < L; ++l) {
+            const int n = (q * NV + v) * L + l;
+            S* d = dst + v * L + l;
+            if (n >= N) {
+              for (int k = 0; k < kc; ++k) d[(long)k * NV * L] = S(0);
+            } else {
+              const S* src = Bm + (long)k0 * b_rs + (long)n * b_cs;
+              for (int k = 0; k < kc; ++k) d[(long)k * NV * L] = src[(long)k * b_rs];
+            }
+          }
+      }
       // (implicit barrier: every thread reads all of Bm's panels below)
 #pragma omp for schedule(static)
       for (int mb = 0; mb < nmb; ++mb) {
         const int m0 = mb * MC, mc = M - m0 < MC ? M - m0 : MC;
-        // Transpose in strips of 8 rows of A, so that writes are 8 contiguous elements and
-        // the reads 8 sequential streams (one row at a time, writing a cache line per element,
-        // held the whole product at 130 GFLOP/s instead of 173).
-        int k = 0;
-        for (; k + 8 <= kc; k += 8) {
-          const S* row = A + (long)(k0 + k) * M + m0;
-          for (int i = 0; i < mc; ++i)
+        const S* a0 = A + (long)m0 * a_rs + (long)k0 * a_cs;
+        if (a_cs == 1) {
+          for (int i = 0; i < mc; ++i) __builtin_memcpy(ap + (long)i * kc, a0 + i * a_rs, kc * sizeof(S));
+        } else {
+          // Transpose in strips of 8 values of k, so that writes are 8 contiguous elements and
+          // the reads 8 sequential streams (one k at a time, writing a cache line per element,
+          // held the whole product at 130 GFLOP/s instead of 173).
+          int k = 0;
+          for (; k + 8 <= kc; k += 8) {
+            const S* col = a0 + (long)k * a_cs;
+            for (int i = 0; i < mc; ++i)
 #pragma GCC unroll 8
-            for (int j = 0; j < 8; ++j) ap[(long)i * kc + k + j] = row[(long)j * M + i];
+              for (int j = 0; j < 8; ++j) ap[(long)i * kc + k + j] = col[(long)j * a_cs + i * a_rs];
+          }
+          for (; k < kc; ++k) {
+            const S* col = a0 + (long)k * a_cs;
+            for (int i = 0; i < mc; ++i) ap[(long)i * kc + k] = col[i * a_rs];
+          }
         }
-        for (; k < kc; ++k) {
-          const S* row = A + (long)(k0 + k) * M + m0;
-          for (int i = 0; i < mc; ++i) ap[(long)i * kc + k] = row[i];
-        }
-        if (db) {
+        if (rowsum) {
           for (int i = 0; i < mc; ++i) {
-            S sum = k0 == 0 ? S(0) : db[m0 + i];
+            S sum = k0 == 0 ? S(0) : rowsum[m0 + i];
             for (int k = 0; k < kc; ++k) sum += ap[(long)i * kc + k];
-            db[m0 + i] = sum;
+            rowsum[m0 + i] = sum;
           }
         }
         for (int q = 0; q < np; ++q) {
@@ -1125,9 +1159,16 @@ void weight_grad(const WeightGradArgs& a) {
             for (int v = 0; v < NV; ++v) {
               const int n0 = (q * NV + v) * L, n = N - n0 < L ? N - n0 : L;
               if (n <= 0) break;
+              VT b = VT{};
+              if (k0 == 0 && bias) {
+                if (n == L)
+                  b = load_vec<VT>(bias + n0);
+                else
+                  for (int l = 0; l < n; ++l) b[l] = bias[n0 + l];
+              }
               for (int r = 0; r < mr; ++r) {
                 S* c = C + (long)(m0 + r0 + r) * N + n0;
-                VT t = acc[r][v];
+                VT t = acc[r][v] + b;
                 if (n == L) {
                   if (k0) t += load_vec<VT>(c);
                   __builtin_memcpy(c, &t, sizeof t);
@@ -1145,5 +1186,5 @@ void weight_grad(const WeightGradArgs& a) {
   free(bp);
 }
 
-void weight_grad_f32(const WeightGradArgs& a) { weight_grad<float>(a); }
-void weight_grad_f64(const WeightGradArgs& a) { weight_grad<double>(a); }
+void gemm_f32(const GemmArgs& a) { gemm<float>(a); }
+void gemm_f64(const GemmArgs& a) { gemm<double>(a); }

@@ -4,9 +4,13 @@ Legend for shapes: ``T`` time steps, ``B`` batch, ``H`` hidden size, ``P`` size 
 recurrent state ``h`` (``proj_size`` when the LSTM has a projection, else ``H``), ``G`` gates
 per cell (LSTM 4: i, f, g, o; GRU 3: r, z, n; RNN 1).
 
-The input projection ``gx = x @ W_ihᵀ + b_ih`` is computed for all time steps at once by torch's
-GEMM before a backend is called, and ``dW_ih``, ``dx`` are GEMMs again after its backward, so a
-backend owns only the recurrence.
+The input projection ``gx = x @ W_ihᵀ + b_ih`` is computed for all time steps at once by one
+large GEMM before a backend is called, and ``dW_ih``, ``dx`` are GEMMs again after its backward,
+so a backend owns only the recurrence. That GEMM is torch's, unless the backend offers its own
+(the optional ``linear`` / ``linear_backward`` of :class:`Backend`, used through the
+``rnnkern::linear`` operator): backend ``cpu`` does, because torch's CPU GEMM (MKL) runs at
+about half the speed of the backend's on AMD processors and the projection is half of an
+LSTM's arithmetic.
 
 Dtypes: ``gx``, ``w_hh``, ``b_hh``, ``w_hr`` and the output ``y`` are in the input dtype
 (float32, float64, float16 or bfloat16). States, saved activations and all accumulation are in
@@ -70,7 +74,12 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     """A fresh output buffer. Backends allocate through this so that tests can fill every
     fresh allocation with NaN (:func:`poison_allocations`) and an element a kernel never
     writes fails loudly instead of reading as a plausible zero."""
-    t = torch.empty(shape, dtype=dtype, device=device)
+    return fresh(torch.empty(shape, dtype=dtype, device=device))
+
+
+def fresh(t: torch.Tensor) -> torch.Tensor:
+    """``t``, a buffer a backend just allocated by other means than :func:`empty`, filled
+    with NaN under :func:`poison_allocations`."""
     if _poison and t.is_floating_point():
         t.fill_(float("nan"))
     return t
@@ -167,3 +176,33 @@ class Backend(Protocol):
         dh_n: torch.Tensor,  # [B, P], state dtype
         dc_n: torch.Tensor | None,  # [B, H], state dtype (lstm only)
     ) -> BackwardResult: ...
+
+
+class OwnsLinear(Protocol):
+    """Optional part of a backend: its own GEMM for the input projection, ``rnnkern::linear``.
+
+    ``linear_supported(x)`` says whether it takes this input (dtype, device); ``linear`` and
+    ``linear_backward`` must then agree with ``torch.nn.functional.linear`` and its gradients
+    within the dtype's rounding.
+    """
+
+    def linear_supported(self, x: torch.Tensor) -> bool: ...
+
+    def linear(
+        self,
+        x: torch.Tensor,  # [M, K]
+        w: torch.Tensor,  # [N, K]
+        b: torch.Tensor | None,  # [N]
+    ) -> torch.Tensor: ...  # [M, N] = x @ wᵀ + b
+
+    def linear_backward(
+        self,
+        dy: torch.Tensor,  # [M, N]
+        x: torch.Tensor,  # [M, K]
+        w: torch.Tensor,  # [N, K]
+        need_dx: bool,
+        need_dw: bool,
+        need_db: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]: ...
+
+    # dx [M, K] = dy @ w, dw [N, K] = dyᵀ @ x, db [N] = dy.sum(0); None where not needed

@@ -18,7 +18,11 @@ Legend: ``T`` time, ``B`` batch, ``H`` hidden, ``P`` state size (proj_size or H)
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
+import torch.utils.dlpack
 
 from .base import (
     CELL_CODES,
@@ -27,6 +31,7 @@ from .base import (
     LayerConfig,
     Saved,
     empty,
+    fresh,
     gate_count,
     state_dtype,
 )
@@ -40,7 +45,8 @@ except ImportError as err:  # the extension is optional; available() explains ho
 else:
     _IMPORT_ERROR = ""
 
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_NATIVE = (torch.float32, torch.float64)  # what the kernels compute in
+_DTYPES = (*_NATIVE, torch.float16, torch.bfloat16)
 
 
 def build_hint() -> str:
@@ -52,10 +58,62 @@ def build_hint() -> str:
     )
 
 
+_POOL_MIN_BYTES = 1 << 20  # buffers from this size on come from the caching pool
+_CACHE_ENV = "RNNKERN_CPU_CACHE_MB"
+
+
 def _alloc(shape, dtype) -> torch.Tensor:
-    # Through base.empty, so that tests' poison_allocations() fills every buffer the kernels
-    # write with NaN: an element a kernel forgets to write then fails loudly.
+    """A fresh output buffer. Large float32/64 buffers come from the extension's caching pool
+    (``csrc/cpu/buffer_pool.h``: reused pages instead of page faults, 93 -> 58 ms for an LSTM
+    layer's forward at H=512, B=32, T=256); all go through ``base.fresh``/``base.empty``, so
+    that tests' poison_allocations() fills every buffer the kernels write with NaN and an
+    element a kernel forgets to write fails loudly."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if _cpu is not None and dtype in _NATIVE and nbytes >= _POOL_MIN_BYTES:
+        capsule = _cpu.pooled_empty([int(n) for n in shape], dtype.itemsize * 8)
+        return fresh(torch.utils.dlpack.from_dlpack(capsule))
     return empty(shape, dtype, "cpu")
+
+
+def set_cache_limit(megabytes: int) -> None:
+    """Keep at most ``megabytes`` MiB of freed output buffers for reuse (0 keeps none; default
+    1024, or the environment variable ``RNNKERN_CPU_CACHE_MB``)."""
+    if isinstance(megabytes, bool) or not isinstance(megabytes, int) or megabytes < 0:
+        raise ValueError(f"megabytes must be an int >= 0, got {megabytes!r}")
+    if _cpu is None:
+        raise RuntimeError(build_hint())
+    _cpu.pool_set_limit(megabytes << 20)
+
+
+def empty_cache() -> None:
+    """Free every output buffer backend ``cpu`` keeps for reuse (the CPU counterpart of
+    ``torch.cuda.empty_cache``)."""
+    if _cpu is not None:
+        _cpu.pool_trim()
+
+
+def cache_info() -> dict[str, int]:
+    """``cached_bytes``, ``limit_bytes``, ``hits`` and ``misses`` of the buffer cache."""
+    if _cpu is None:
+        raise RuntimeError(build_hint())
+    return dict(_cpu.pool_info())
+
+
+def _cache_limit_from_env() -> None:
+    value = os.environ.get(_CACHE_ENV, "").strip()
+    if not value:
+        return
+    try:
+        megabytes = int(value)
+    except ValueError:
+        megabytes = -1
+    if megabytes < 0:
+        raise ValueError(f"{_CACHE_ENV} must be a whole number of MiB >= 0, got {value!r}")
+    set_cache_limit(megabytes)
+
+
+if _cpu is not None:
+    _cache_limit_from_env()
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -67,14 +125,39 @@ def _work(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype).contiguous()
 
 
-def _weight_grad(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, db: torch.Tensor | None):
-    """``c = a.reshape(K, M)ᵀ @ b.reshape(K, N)`` and ``db = a.reshape(K, M).sum(0)`` with the
-    extension's blocked AVX-512/AVX2 product. torch's GEMM (MKL) runs its AVX2 code on AMD
-    CPUs: for dW_hh of LSTM H=512, B=32, T=256 (M=2048, N=512, K=8192, 1 thread, 2-core
-    AVX-512 machine) it and the bias sum took 177 ms (97 GFLOP/s), this 99 ms (173 GFLOP/s)."""
-    M, N = c.shape
-    K = a.numel() // M
-    _cpu.weight_grad(a.element_size(), M, N, K, _ptr(a), _ptr(b), _ptr(c), _ptr(db))
+def gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    rowsum: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out [M, N] = a [M, K] @ b [K, N] (+ bias [N])`` and ``rowsum [M] = a.sum(1)`` with the
+    extension's blocked AVX-512/AVX2 product (``gemm`` in csrc/cpu/kernels.h).
+
+    ``a`` and ``b`` may be any strided views (a transpose is a stride, not a copy); ``out``,
+    ``bias`` and ``rowsum`` are contiguous; all share one dtype, float32 or float64. Why not
+    torch's GEMM: on CPUs torch uses MKL, which runs its AVX2 code on AMD processors (about
+    90 GFLOP/s on one core of the 2-core AVX-512 machine the benchmarks ran on, against about
+    170 for this); see ``faster_than_torch``.
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    for name, t in (("b", b), ("out", out), ("bias", bias), ("rowsum", rowsum)):
+        if t is not None and (t.dtype != a.dtype or t.device.type != "cpu"):
+            raise ValueError(
+                f"gemm: {name} must be a CPU {a.dtype} tensor, got {t.dtype} on {t.device}"
+            )
+    if b.shape[0] != K or tuple(out.shape) != (M, N) or not out.is_contiguous():
+        raise ValueError(
+            f"gemm: shapes a {list(a.shape)}, b {list(b.shape)}, out {list(out.shape)} do not "
+            "make out = a @ b (out contiguous)"
+        )
+    _cpu.gemm(
+        a.element_size(), M, N, K, _ptr(a), a.stride(0), a.stride(1), _ptr(b), b.stride(0),
+        b.stride(1), _ptr(_work(bias, a.dtype)), _ptr(out), _ptr(rowsum),
+    )  # fmt: skip
+    return out
 
 
 class CPUBackend:
@@ -124,6 +207,28 @@ class CPUBackend:
             "torch.nn.LSTM runs oneDNN's fused LSTM on the CPU; backend 'cpu' measured 0.55-0.91x "
             "of it (float32, no projection)"
         )
+
+    # The input projection's GEMM (base.OwnsLinear). float16/bfloat16 stay with torch, whose
+    # oneDNN path handles them natively.
+    def linear_supported(self, x: torch.Tensor) -> bool:
+        return _cpu is not None and x.device.type == "cpu" and x.dtype in _NATIVE
+
+    def linear(self, x, w, b):
+        """``[M, K] @ [N, K]ᵀ + [N] -> [M, N]``."""
+        return gemm(x, w.t(), _alloc((x.shape[0], w.shape[0]), x.dtype), bias=b)
+
+    def linear_backward(self, dy, x, w, need_dx, need_dw, need_db):
+        """``dx = dy @ w``, ``dw = dyᵀ @ x``, ``db = dy.sum(0)`` (None where not needed)."""
+        M, N = dy.shape
+        dx = gemm(dy, w, _alloc(x.shape, x.dtype)) if need_dx else None
+        dw = db = None
+        if need_dw or need_db:
+            db = _alloc((N,), dy.dtype) if need_db else None
+            if need_dw:
+                dw = gemm(dy.t(), x, _alloc(w.shape, w.dtype), rowsum=db)
+            else:
+                db = dy.sum(0)
+        return dx, dw, db
 
     def _check(self, gx: torch.Tensor) -> None:
         if _cpu is None:
@@ -218,7 +323,7 @@ class CPUBackend:
         dgh_t = dgh if gru else dgx
         dw_hh = _alloc((GH, P), S)
         db_hh = None if b_hh is None else _alloc((GH,), S)
-        _weight_grad(dgh_t, h_prev, dw_hh, db_hh)
+        gemm(dgh_t.view(T * B, GH).t(), h_prev.view(T * B, P), dw_hh, rowsum=db_hh)
         dw_hh = dw_hh.to(w_hh.dtype)
         db_hh = None if db_hh is None else db_hh.to(b_hh.dtype)
         dw_hr = None
@@ -227,7 +332,7 @@ class CPUBackend:
             if index is not None:
                 m_all = _gather_time(m_all, index)
             dw_hr = _alloc((P, H), S)
-            _weight_grad(dh_proj, m_all.contiguous(), dw_hr, None)
+            gemm(dh_proj.view(T * B, P).t(), m_all.contiguous().view(T * B, H), dw_hr)
             dw_hr = dw_hr.to(w_hr.dtype)
         return BackwardResult(dgx.to(dy.dtype), dh0, dc0, dw_hh, db_hh, dw_hr)
 

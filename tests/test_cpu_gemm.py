@@ -1,0 +1,193 @@
+"""Backend ``cpu``'s own GEMM, the ``rnnkern::linear`` operator built on it, and the caching
+pool its large output buffers come from.
+
+float32 products are judged against float64 ones: the kernel's error may be at most 3x torch's
+float32 error on the same inputs plus 8 float32 ulps of the largest magnitude (the rule of
+tests/test_backend_cpu.py: both errors are float32 rounding of sums in different orders).
+float64 products must match torch's float64 to 1e-12 relative (sums of at most 1100 float64
+terms err by less than 1e-13).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rnnkern.backends import cpu as cpu_backend
+from rnnkern.functional import input_projection
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(
+    cpu_backend._cpu is None, reason="rnnkern._cpu is not built: " + cpu_backend.build_hint()
+)
+
+
+def assert_product_close(got, exact, torch_result):
+    """``got`` against the float64 ``exact``, with torch's own error in ``got.dtype`` as scale."""
+    assert got.shape == exact.shape
+    if exact.numel() == 0:
+        return
+    if got.dtype == torch.float64:
+        torch.testing.assert_close(got, exact, rtol=1e-12, atol=1e-12 * exact.abs().max().item())
+        return
+    ulp = torch.finfo(got.dtype).eps * exact.abs().max().item()
+    torch_err = (torch_result.double() - exact).abs().max().item()
+    err = (got.double() - exact).abs().max().item()
+    assert err <= 3 * torch_err + 8 * ulp, (err, torch_err, ulp)
+
+
+def strided(t, transposed):
+    """``t`` itself, or the same values in a column-major layout (a transposed view)."""
+    return t.t().contiguous().t() if transposed else t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "M, N, K",
+    # Edges of the blocking: one row; tails of the 6-row tiles and 64-column panels; K past one
+    # 512 block (one k block up to 512, then blocks of 256); K = 0 (C = bias).
+    [(1, 1, 1), (7, 13, 5), (97, 65, 513), (200, 130, 1100), (6, 64, 256), (5, 3, 0), (0, 4, 3)],
+)
+@pytest.mark.parametrize("a_t, b_t", [(False, False), (True, False), (False, True), (True, True)])
+def test_gemm_matches_torch(M, N, K, dtype, a_t, b_t):
+    g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
+    a = torch.randn(M, K, generator=g, dtype=torch.float64)
+    b = torch.randn(K, N, generator=g, dtype=torch.float64)
+    bias = torch.randn(N, generator=g, dtype=torch.float64)
+    out = torch.full((M, N), float("nan"), dtype=dtype)
+    rowsum = torch.full((M,), float("nan"), dtype=dtype)
+    cpu_backend.gemm(
+        strided(a.to(dtype), a_t), strided(b.to(dtype), b_t), out, bias=bias.to(dtype),
+        rowsum=rowsum,
+    )  # fmt: skip
+    assert_product_close(out, a @ b + bias, a.to(dtype) @ b.to(dtype) + bias.to(dtype))
+    assert_product_close(rowsum, a.sum(1), a.to(dtype).sum(1))
+
+
+def test_gemm_rejects_mismatched_operands():
+    a, b = torch.randn(4, 3), torch.randn(3, 5)
+    with pytest.raises(ValueError, match="do not make out = a @ b"):
+        cpu_backend.gemm(a, b, torch.empty(4, 4))
+    with pytest.raises(ValueError, match="do not make out = a @ b"):
+        cpu_backend.gemm(a, b, torch.empty(5, 4).t())  # out not contiguous
+    with pytest.raises(ValueError, match="b must be a CPU torch.float32 tensor"):
+        cpu_backend.gemm(a, b.double(), torch.empty(4, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_linear_op_matches_torch_linear(dtype, bias, x_grad):
+    """``input_projection`` with backend ``cpu`` runs ``rnnkern::linear``; its value and the
+    gradients of x, w and b are F.linear's, and dx is not computed when x needs none."""
+    g = torch.Generator().manual_seed(3)
+    T, B, I, GH = 9, 5, 70, 4 * 33
+    x64 = torch.randn(T, B, I, generator=g, dtype=torch.float64)
+    w64 = torch.randn(GH, I, generator=g, dtype=torch.float64) * I**-0.5
+    b64 = torch.randn(GH, generator=g, dtype=torch.float64) if bias else None
+    dy = torch.randn(T, B, GH, generator=g, dtype=torch.float64)
+
+    def grads(fn, dt):
+        x = x64.to(dt, copy=True).requires_grad_(x_grad)
+        w = w64.to(dt, copy=True).requires_grad_()
+        b = None if b64 is None else b64.to(dt, copy=True).requires_grad_()
+        y = fn(x, w, b)
+        y.backward(dy.to(dt))
+        return [y] + [t.grad for t in (x, w, b) if t is not None and t.requires_grad]
+
+    ours = grads(lambda x, w, b: input_projection(x, w, b, "cpu"), dtype)
+    exact = grads(torch.nn.functional.linear, torch.float64)
+    theirs = grads(torch.nn.functional.linear, dtype)
+    assert len(ours) == len(exact) == 2 + bias + x_grad
+    for got, ex, th in zip(ours, exact, theirs, strict=True):
+        assert got.dtype == dtype and got.shape == ex.shape
+        assert_product_close(got.reshape(ex.shape), ex, th)
+
+
+def test_linear_op_passes_opcheck():
+    x, w, b = torch.randn(12, 7), torch.randn(20, 7), torch.randn(20)
+    for args in ((x, w, b), (x.requires_grad_(), w.requires_grad_(), None)):
+        torch.library.opcheck(torch.ops.rnnkern.linear.default, ("cpu", *args))
+
+
+def test_half_inputs_use_torch_linear():
+    x = torch.randn(3, 2, 8, dtype=torch.bfloat16)
+    assert not cpu_backend.BACKEND.linear_supported(x)
+    assert cpu_backend.BACKEND.linear_supported(x.float())
+
+
+def test_pool_reuses_freed_buffers_and_honours_its_limit():
+    shape = (256, 1024)  # 1 MiB float32: the smallest size that comes from the pool
+    cpu_backend.empty_cache()
+    before = cpu_backend.cache_info()
+    a = cpu_backend._alloc(shape, torch.float32)
+    a.fill_(1.0)
+    address = a.data_ptr()
+    del a
+    assert cpu_backend.cache_info()["cached_bytes"] >= 1 << 20
+    b = cpu_backend._alloc(shape, torch.float32)
+    c = cpu_backend._alloc(shape, torch.float32)  # b is live: c must not alias it
+    assert b.data_ptr() == address and c.data_ptr() != address
+    b.fill_(2.0)
+    c.fill_(3.0)
+    assert b.eq(2.0).all() and c.eq(3.0).all()
+    info = cpu_backend.cache_info()
+    assert info["hits"] == before["hits"] + 1 and info["misses"] >= before["misses"] + 2
+    try:
+        cpu_backend.set_cache_limit(0)
+        del b, c
+        assert cpu_backend.cache_info()["cached_bytes"] == 0
+    finally:
+        cpu_backend.set_cache_limit(1024)
+
+
+def test_pool_keeps_buffers_that_outlive_the_training_step_intact():
+    """Saved activations from the pool survive later allocations (no buffer is handed out
+    twice): a forward whose graph stays alive while a second forward allocates gives outputs
+    and gradients bitwise equal to a run alone (the kernels are deterministic)."""
+    import rnnkern
+
+    torch.manual_seed(0)
+    lstm = rnnkern.LSTM(64, 128, backend="cpu")
+    x = torch.randn(40, 32, 64)  # gx is 40*32*512*4 B = 2.6 MB: pooled
+
+    def step(interleave: bool):
+        xi = x.clone().requires_grad_()
+        y, _ = lstm(xi)
+        if interleave:
+            y2, _ = lstm(x * 2)  # allocates while y's graph still holds its buffers
+            y2.sum().backward()
+        y.sum().backward()
+        return y.detach(), xi.grad
+
+    alone, interleaved = step(False), step(True)
+    assert all(torch.equal(a, b) for a, b in zip(alone, interleaved, strict=True))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "64"])
+def test_set_cache_limit_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="megabytes must be an int >= 0"):
+        cpu_backend.set_cache_limit(bad)
+
+
+def test_cache_size_environment_variable_is_checked():
+    code = "import rnnkern.backends.cpu"
+    env = {**os.environ, "RNNKERN_CPU_CACHE_MB": "lots"}
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert r.returncode != 0
+    assert "RNNKERN_CPU_CACHE_MB must be a whole number of MiB >= 0, got 'lots'" in r.stderr
+    env["RNNKERN_CPU_CACHE_MB"] = "16"
+    code += "; print(rnnkern.backends.cpu.cache_info()['limit_bytes'])"
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(16 << 20)
