@@ -229,7 +229,7 @@ def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, backend: str)
     see :class:`rnnkern.backends.base.OwnsLinear`), else torch's.
     """
     impl = get_backend(backend)
-    if getattr(impl, "linear_supported", None) is not None and impl.linear_supported(x):
+    if getattr(impl, "linear_supported", None) is not None and impl.linear_supported(x, w_ih):
         T, B, I = x.shape
         gx = _linear(backend, x.reshape(T * B, I).contiguous(), w_ih.contiguous(), b_ih)
         return gx.view(T, B, -1)

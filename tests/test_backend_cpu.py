@@ -177,6 +177,30 @@ def test_supports_gives_reasons():
     assert "int32" in cpu_backend.BACKEND.supports(ints)
 
 
+def test_faster_than_torch_follows_the_measured_grid():
+    """LSTM float32 goes to ``cpu`` only where benchmarks/results/cpu_dispatch-* measured it
+    faster than oneDNN (B*H >= 8192, H <= 512, T >= 128); other cells always."""
+    from rnnkern import dispatch
+
+    def cfg(cell="lstm", B=32, H=512, T=256, proj=0, dtype=torch.float32):
+        return LayerConfig(cell, "cpu", dtype, H, H, proj, B, T, False, True)
+
+    be = cpu_backend.BACKEND
+    for faster in (cfg(), cfg(B=64, H=128, T=128), cfg(B=16, H=512), cfg(H=256)):
+        assert be.faster_than_torch(faster) is True, faster
+    for slower in (cfg(B=16, H=256), cfg(B=4, H=512), cfg(H=1024), cfg(T=64)):
+        assert "oneDNN" in be.faster_than_torch(slower), slower
+        assert dispatch.choose("auto", slower, training=True).backend == "torch"
+    assert dispatch.choose("auto", cfg(), training=True).backend == "cpu"
+    for other in (
+        cfg(cell="gru", B=1, H=64, T=8),
+        cfg(B=1, T=8, proj=64),
+        cfg(dtype=torch.float64),
+    ):
+        assert be.faster_than_torch(other) is True, other
+    assert "not measured" in be.faster_than_torch(cfg(dtype=torch.bfloat16))
+
+
 def test_missing_extension_says_how_to_build(monkeypatch):
     monkeypatch.setattr(cpu_backend, "_cpu", None)
     reason = cpu_backend.CPUBackend().available()

@@ -48,6 +48,18 @@ def test_bench_rejects_unknown_suite(capsys):
     assert "unknown suite" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("suite", ["cpu_train", "cpu_dispatch"])
+def test_cpu_training_suites_run_quick(suite):
+    from rnnkern.backends import cpu
+
+    if cpu._cpu is None:
+        pytest.skip("rnnkern._cpu is not built: " + cpu.build_hint())
+    records = runner.run_suites([suite], device="cpu", quick=True, warmup=1, repeats=1)
+    assert records and all(r["suite"] == suite for r in records)
+    for record in records:
+        assert set(record["results"]) == {"torch.nn", "rnnkern[cpu]"}
+
+
 def test_bench_rejects_bad_repeats():
     with pytest.raises(SystemExit):
         cli.main(["bench", "--repeats", "0"])

@@ -87,7 +87,7 @@ def test_linear_op_matches_torch_linear(dtype, bias, x_grad):
     """``input_projection`` with backend ``cpu`` runs ``rnnkern::linear``; its value and the
     gradients of x, w and b are F.linear's, and dx is not computed when x needs none."""
     g = torch.Generator().manual_seed(3)
-    T, B, I, GH = 9, 5, 70, 4 * 33
+    T, B, I, GH = 33, 8, 130, 4 * 65  # 8.9M multiply-adds: above _OWN_LINEAR_MACS
     x64 = torch.randn(T, B, I, generator=g, dtype=torch.float64)
     w64 = torch.randn(GH, I, generator=g, dtype=torch.float64) * I**-0.5
     b64 = torch.randn(GH, generator=g, dtype=torch.float64) if bias else None
@@ -101,7 +101,12 @@ def test_linear_op_matches_torch_linear(dtype, bias, x_grad):
         y.backward(dy.to(dt))
         return [y] + [t.grad for t in (x, w, b) if t is not None and t.requires_grad]
 
-    ours = grads(lambda x, w, b: input_projection(x, w, b, "cpu"), dtype)
+    def projection(x, w, b):
+        gx = input_projection(x, w, b, "cpu")
+        assert "rnnkern_linear" in gx.grad_fn.next_functions[0][0].name()
+        return gx
+
+    ours = grads(projection, dtype)
     exact = grads(torch.nn.functional.linear, torch.float64)
     theirs = grads(torch.nn.functional.linear, dtype)
     assert len(ours) == len(exact) == 2 + bias + x_grad
@@ -116,10 +121,11 @@ def test_linear_op_passes_opcheck():
         torch.library.opcheck(torch.ops.rnnkern.linear.default, ("cpu", *args))
 
 
-def test_half_inputs_use_torch_linear():
-    x = torch.randn(3, 2, 8, dtype=torch.bfloat16)
-    assert not cpu_backend.BACKEND.linear_supported(x)
-    assert cpu_backend.BACKEND.linear_supported(x.float())
+def test_half_inputs_and_small_products_use_torch_linear():
+    x, w = torch.randn(64, 32, 128, dtype=torch.bfloat16), torch.randn(512, 128)
+    assert not cpu_backend.BACKEND.linear_supported(x, w)
+    assert cpu_backend.BACKEND.linear_supported(x.float(), w)
+    assert not cpu_backend.BACKEND.linear_supported(x[:, :1].float(), w)  # 4.2M multiply-adds
 
 
 def test_pool_reuses_freed_buffers_and_honours_its_limit():

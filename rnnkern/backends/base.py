@@ -181,12 +181,12 @@ class Backend(Protocol):
 class OwnsLinear(Protocol):
     """Optional part of a backend: its own GEMM for the input projection, ``rnnkern::linear``.
 
-    ``linear_supported(x)`` says whether it takes this input (dtype, device); ``linear`` and
-    ``linear_backward`` must then agree with ``torch.nn.functional.linear`` and its gradients
-    within the dtype's rounding.
+    ``linear_supported(x, w)`` says whether it takes this product (dtype, device, size);
+    ``linear`` and ``linear_backward`` must then agree with ``torch.nn.functional.linear`` and
+    its gradients within the dtype's rounding.
     """
 
-    def linear_supported(self, x: torch.Tensor) -> bool: ...
+    def linear_supported(self, x: torch.Tensor, w: torch.Tensor) -> bool: ...
 
     def linear(
         self,

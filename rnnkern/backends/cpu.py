@@ -58,6 +58,9 @@ def build_hint() -> str:
     )
 
 
+_OWN_LINEAR_MACS = (
+    1 << 23
+)  # smaller input projections stay with torch's GEMM (see linear_supported)
 _POOL_MIN_BYTES = 1 << 20  # buffers from this size on come from the caching pool
 _CACHE_ENV = "RNNKERN_CPU_CACHE_MB"
 
@@ -178,22 +181,25 @@ class CPUBackend:
     def faster_than_torch(self, config: LayerConfig) -> bool | str:
         """True where backend ``cpu`` measured faster than torch.nn's own CPU path, else why not.
 
-        Measured forward+backward (``y.sum().backward()``) and forward alone, interleaved
-        medians, 1 thread, on a shared 2-core AVX-512 x86-64 (``rnnkern bench --suite cpu_train
-        --threads 1``; results in benchmarks/results/cpu_train-*), torch 2.13:
+        Interleaved medians on a shared 2-core AVX-512 x86-64 (AMD), torch 2.13, 2 threads
+        (torch's default there); results in benchmarks/results/cpu_train-* and cpu_dispatch-*:
 
         - GRU and RNN: torch.nn runs them as per-step ATen ops on the CPU (oneDNN's fused RNN is
-          used for LSTM only), and ``cpu`` wins everywhere measured: GRU 2x512 B=32 T=256
-          fwd+bwd 1.32x; GRU 1x256 B=16 T=64 1.62x (fwd 1.61x); GRU 1x128 B=1 T=64 3.96x
-          (fwd 2.27x); RNN-tanh 1x256 B=16 T=64 1.46x (fwd 1.81x); RNN-tanh 1x128 B=1 T=64 2.56x.
-        - LSTM float32 without projection: torch.nn runs oneDNN's fused LSTM (about 210 GFLOP/s
-          here), and its input-projection GEMMs, which rnnkern leaves to torch's MKL GEMM (AVX2
-          code on AMD CPUs, about 95 GFLOP/s), take half of ``cpu``'s time: 2x512 B=32 T=256
-          0.66x (fwd 0.55x), 1x256 B=16 T=64 0.62x (fwd 0.63x), 1x128 B=1 T=64 0.80x
-          (fwd 0.91x). torch.nn stays faster.
+          used for LSTM only), and ``cpu`` wins everywhere measured: GRU 1x256 B=16 T=64
+          fwd+bwd 2.59x (fwd 2.42x); at 1 thread GRU 2x512 B=32 T=256 1.32x, GRU 1x128 B=1
+          T=64 3.96x, RNN-tanh 1x256 B=16 T=64 1.46x, RNN-tanh 1x128 B=1 T=64 2.56x.
+        - LSTM float32 without projection: torch.nn runs oneDNN's fused LSTM. With its own
+          GEMMs for the input projection, ``dx`` and the weight gradients (torch's MKL GEMM runs
+          AVX2 code on AMD CPUs at half the speed) and cached output buffers, ``cpu`` beats it
+          at the target shape, 2x512 B=32 T=256: fwd+bwd 1.19x, fwd 1.08x. Over the grid of
+          ``rnnkern bench --suite cpu_dispatch`` (1 layer, T=128, fwd+bwd) it is faster exactly
+          where B*H >= 8192 and H <= 512 (1.05-1.32x: B=64 H=128, B>=32 H=256, B>=16 H=512)
+          and slower elsewhere: smaller products leave the per-step barrier and call overheads
+          exposed (0.78-0.92x), and at H=1024 both are bound by reading W_hh (16 MB) from L3
+          every step (0.96-1.07x). Shorter sequences than T=128 were not measured.
         - LSTM with proj_size (oneDNN has none; torch.nn falls back to per-step ops): 1x256
           proj 128 B=16 T=64 fwd+bwd 1.24x. LSTM float64 (oneDNN has none): 1x256 B=16 T=64
-          1.14x.
+          1.14x (both at 1 thread).
         float16/bfloat16 inputs were not measured.
         """
         ok = self.supports(config)
@@ -203,15 +209,27 @@ class CPUBackend:
             return f"not measured against torch.nn for {config.dtype} inputs"
         if config.cell != "lstm" or config.proj_size > 0 or config.dtype == torch.float64:
             return True
+        B, H, T = config.batch_size, config.hidden_size, config.seq_len
+        if B * H >= 8192 and H <= 512 and T >= 128:
+            return True
         return (
-            "torch.nn.LSTM runs oneDNN's fused LSTM on the CPU; backend 'cpu' measured 0.55-0.91x "
-            "of it (float32, no projection)"
+            "torch.nn.LSTM runs oneDNN's fused LSTM on the CPU; backend 'cpu' measured faster "
+            f"only where batch*hidden >= 8192, hidden <= 512 and T >= 128 (got B={B}, H={H}, "
+            f"T={T})"
         )
 
     # The input projection's GEMM (base.OwnsLinear). float16/bfloat16 stay with torch, whose
-    # oneDNN path handles them natively.
-    def linear_supported(self, x: torch.Tensor) -> bool:
-        return _cpu is not None and x.device.type == "cpu" and x.dtype in _NATIVE
+    # oneDNN path handles them natively, and so do products below _OWN_LINEAR_MACS
+    # multiply-adds, where calling a custom operator costs more than the faster product saves:
+    # LSTM 1x128, B=1, T=64 fwd+bwd (4.2M multiply-adds per product) took 0.98 ms with the
+    # backend's GEMM against 0.88 ms with torch's (2 threads, 2-core AVX-512 x86-64).
+    def linear_supported(self, x: torch.Tensor, w: torch.Tensor) -> bool:
+        return (
+            _cpu is not None
+            and x.device.type == "cpu"
+            and x.dtype in _NATIVE
+            and x.numel() * w.shape[0] >= _OWN_LINEAR_MACS
+        )
 
     def linear(self, x, w, b):
         """``[M, K] @ [N, K]ᵀ + [N] -> [M, N]``."""

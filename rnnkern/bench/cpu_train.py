@@ -25,14 +25,20 @@ QUICK_SHAPES = [("LSTM", 1, 8, 128, 32), ("GRU", 1, 8, 128, 32)]
 def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
     if device != "cpu":
         return []
+    return training_cases("cpu_train", QUICK_SHAPES if quick else SHAPES, (True, False))
+
+
+def training_cases(suite: str, shapes, modes) -> list[Case]:
+    """torch.nn beside rnnkern[cpu] for each ``(cell, layers, batch, hidden, time)`` shape and
+    each mode in ``modes`` (True: forward + backward, False: forward under ``no_grad``)."""
     from ..backends import cpu as cpu_backend
 
     if cpu_backend._cpu is None:
-        raise RuntimeError("suite cpu_train: " + cpu_backend.build_hint())
+        raise RuntimeError(f"suite {suite}: " + cpu_backend.build_hint())
     gen = torch.Generator().manual_seed(0)
     out = []
-    for cell, L, B, H, T in QUICK_SHAPES if quick else SHAPES:
-        for train in (True, False):
+    for cell, L, B, H, T in shapes:
+        for train in modes:
             base = getattr(torch.nn, cell)(H, H, num_layers=L)
             ours = getattr(rnnkern, cell)(H, H, num_layers=L, backend="cpu")
             ours.load_state_dict(base.state_dict())
@@ -43,7 +49,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
             }
             out.append(
                 Case(
-                    suite="cpu_train",
+                    suite=suite,
                     name=f"{cell} {'fwd+bwd' if train else 'fwd'} L={L} B={B} H={H} T={T}",
                     params=dict(
                         cell=cell,
