@@ -191,12 +191,14 @@ class CPUBackend:
         - LSTM float32 without projection: torch.nn runs oneDNN's fused LSTM. With its own
           GEMMs for the input projection, ``dx`` and the weight gradients (torch's MKL GEMM runs
           AVX2 code on AMD CPUs at half the speed) and cached output buffers, ``cpu`` beats it
-          at the target shape, 2x512 B=32 T=256: fwd+bwd 1.19x, fwd 1.08x. Over the grid of
-          ``rnnkern bench --suite cpu_dispatch`` (1 layer, T=128, fwd+bwd) it is faster exactly
-          where B*H >= 8192 and H <= 512 (1.05-1.32x: B=64 H=128, B>=32 H=256, B>=16 H=512)
-          and slower elsewhere: smaller products leave the per-step barrier and call overheads
-          exposed (0.78-0.92x), and at H=1024 both are bound by reading W_hh (16 MB) from L3
-          every step (0.96-1.07x). Shorter sequences than T=128 were not measured.
+          at the target shape, 2x512 B=32 T=256: fwd+bwd 1.16-1.19x, fwd 1.08-1.09x. Over the
+          grid of ``rnnkern bench --suite cpu_dispatch`` (1 layer, T=128; two runs) training
+          (fwd+bwd) is faster exactly where B*H >= 8192 and H <= 512 (1.04-1.56x: B=64 H=128,
+          B>=32 H=256, B>=16 H=512) and slower elsewhere: smaller products leave the per-step
+          barrier and call overheads exposed (0.78-1.01x), and at H=1024 both are bound by
+          reading W_hh (16 MB) from L3 every step (0.87-1.07x). Forward alone is at parity
+          over the grid (0.87-1.15x, one outlier B=4 H=1024 1.83x), so inference stays with
+          torch.nn. Shorter sequences than T=128 were not measured.
         - LSTM with proj_size (oneDNN has none; torch.nn falls back to per-step ops): 1x256
           proj 128 B=16 T=64 fwd+bwd 1.24x. LSTM float64 (oneDNN has none): 1x256 B=16 T=64
           1.14x (both at 1 thread).
@@ -210,12 +212,12 @@ class CPUBackend:
         if config.cell != "lstm" or config.proj_size > 0 or config.dtype == torch.float64:
             return True
         B, H, T = config.batch_size, config.hidden_size, config.seq_len
-        if B * H >= 8192 and H <= 512 and T >= 128:
+        if config.needs_grad and B * H >= 8192 and H <= 512 and T >= 128:
             return True
         return (
             "torch.nn.LSTM runs oneDNN's fused LSTM on the CPU; backend 'cpu' measured faster "
-            f"only where batch*hidden >= 8192, hidden <= 512 and T >= 128 (got B={B}, H={H}, "
-            f"T={T})"
+            "only for training where batch*hidden >= 8192, hidden <= 512 and T >= 128 (got "
+            f"{'training' if config.needs_grad else 'inference'}, B={B}, H={H}, T={T})"
         )
 
     # The input projection's GEMM (base.OwnsLinear). float16/bfloat16 stay with torch, whose
