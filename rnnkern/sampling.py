@@ -34,6 +34,16 @@ Sampling rule, per row of logits ``[V]``
     when ``r`` falls within a few float64 ulps of a cumulative boundary: probability about
     ``V * 1e-16`` per token.
 
+Two forms of the rule
+    ``sample`` / ``uniforms`` take Python ints for ``seed`` and ``step`` and raise on bad
+    logits (they read values back to the host). ``sample_tensor`` / ``uniforms_tensor`` are
+    the on-device, CUDA-graph-capturable form of the same rule: ``seed`` and ``step`` are
+    int64 scalar tensors (``u64_tensor``), the generator is emulated with int64 tensor ops, and
+    bad rows are flagged in a returned mask instead of raised, so nothing syncs with the host
+    and ``torch.compile(fullgraph=True)`` sees one graph. Both forms share one implementation
+    of steps 1-5 (``_draw``) and agree token for token on the CPU; on CUDA ``cumsum`` is a
+    parallel scan, so sums may differ in the last bits from the sequential order stated above.
+
 Legend: ``B`` batch (streams), ``V`` vocabulary size.
 """
 
@@ -44,12 +54,33 @@ import numbers
 import torch
 from torch import Tensor
 
-__all__ = ["check_sampling_args", "uniform", "uniforms", "sample", "filter_mask"]
+__all__ = [
+    "check_sampling_args",
+    "uniform",
+    "uniforms",
+    "u64_tensor",
+    "uniforms_tensor",
+    "sample",
+    "sample_tensor",
+    "filter_mask",
+]
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _MUL1 = 0xBF58476D1CE4E5B9
 _MUL2 = 0x94D049BB133111EB
+
+
+def _as_i64(value: int) -> int:
+    """The int64 two's-complement reading of a u64 ``value`` (same 64 bits)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# The same constants as int64 scalars for the tensor form: torch's int64 + and * wrap modulo
+# 2**64, so with these the bit patterns are those of the u64 arithmetic above.
+_GOLDEN_I64 = _as_i64(_GOLDEN)
+_MUL1_I64 = _as_i64(_MUL1)
+_MUL2_I64 = _as_i64(_MUL2)
 
 
 def _mix(z: int) -> int:
@@ -81,6 +112,63 @@ def uniform(seed: int, stream: int, step: int) -> float:
 def uniforms(seed: int, step: int, batch: int) -> Tensor:
     """float64 ``[B]``: ``uniform(seed, b, step)`` for streams ``b = 0 .. batch - 1``."""
     return torch.tensor([uniform(seed, b, step) for b in range(batch)], dtype=torch.float64)
+
+
+def u64_tensor(value: int, device: torch.device | str | None = None, name: str = "value") -> Tensor:
+    """int64 0-dim tensor on ``device`` holding the u64 ``value`` as two's complement.
+
+    This is how ``seed`` and ``step`` are passed to :func:`uniforms_tensor` and
+    :func:`sample_tensor`. ``value`` must be an int in ``[0, 2**64)`` (``name`` is used in the
+    error message).
+    """
+    value = _check_u64(name, value)
+    return torch.tensor(_as_i64(value), dtype=torch.int64, device=device)
+
+
+def _shr(z: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 ``z`` read as u64: torch's ``>>`` on int64 is arithmetic
+    (copies the sign bit), so the ``bits`` high bits it fills are masked off."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix_tensor(z: Tensor) -> Tensor:
+    """:func:`_mix` on int64 tensors holding u64 bit patterns (elementwise, wraps mod 2**64)."""
+    z = z + _GOLDEN_I64
+    z = (z ^ _shr(z, 30)) * _MUL1_I64
+    z = (z ^ _shr(z, 27)) * _MUL2_I64
+    return z ^ _shr(z, 31)
+
+
+def _check_key_tensor(name: str, value, device: torch.device | None = None) -> None:
+    # Metadata checks only (dtype, shape, device): no value is read, so no host sync.
+    if not isinstance(value, Tensor) or value.dtype != torch.int64 or value.dim() != 0:
+        got = (
+            f"{value.dtype} tensor of shape {list(value.shape)}"
+            if isinstance(value, Tensor)
+            else type(value).__name__
+        )
+        raise TypeError(f"{name} must be an int64 0-dim tensor (see u64_tensor), got {got}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} must be on the device of logits ({device}), got {value.device}")
+
+
+def uniforms_tensor(seed: Tensor, step: Tensor, batch: int) -> Tensor:
+    """float64 ``[B]`` on ``seed``'s device: ``uniform(seed, b, step)`` for ``b < batch``,
+    bit for bit.
+
+    ``seed`` and ``step`` are int64 0-dim tensors holding u64 values as two's complement
+    (:func:`u64_tensor`). Only tensor ops, so it runs inside CUDA graph capture and
+    ``torch.compile(fullgraph=True)``; ``batch`` is a Python int (a static shape).
+    """
+    _check_key_tensor("seed", seed)
+    _check_key_tensor("step", step, seed.device)
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 0:
+        raise ValueError(f"batch must be an int >= 0, got {batch!r}")
+    stream = torch.arange(int(batch), dtype=torch.int64, device=seed.device)
+    z = _mix_tensor(_mix_tensor(_mix_tensor(seed) ^ stream) ^ step)
+    # The logical z >> 11 is below 2**53, so the float64 conversion is exact, and scaling by a
+    # power of two is exact: the same double as the Python int * float in uniform().
+    return _shr(z, 11).to(torch.float64) * (1.0 / (1 << 53))
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
@@ -128,6 +216,33 @@ def filter_mask(weights: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return mask
 
 
+def _draw(logits: Tensor, temperature: float, top_k: int, top_p: float, u: Tensor) -> Tensor:
+    """Steps 1-5 of the rule, shared by :func:`sample` and :func:`sample_tensor`.
+
+    ``logits`` ``[B, V]`` (finite or -inf, at least one finite per row), ``u`` float64 ``[B]``
+    on the same device. Returns int64 ``[B]``. Tensor ops only: no host sync.
+    """
+    B, V = logits.shape
+    weights = _weights(logits, temperature)
+    kept = weights * filter_mask(weights, top_k, top_p)  # x + 0.0 == x: zeros do not perturb sums
+    cum = kept.cumsum(dim=1)  # sequential float64 sum in ascending token id on CPU (step 5)
+    r = u.unsqueeze(1) * cum[:, -1:]
+    above = cum > r
+    first = above.to(torch.int8).argmax(dim=1)
+    # Rounding can leave no running sum above r; then the rule takes the last non-zero weight.
+    ids = torch.arange(V, device=logits.device).expand(B, V)
+    last_nonzero = torch.where(kept > 0, ids, -1).max(dim=1).values
+    return torch.where(above.any(dim=1), first, last_nonzero).to(torch.int64)
+
+
+def _check_logits(logits) -> None:
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] < 1:
+        got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a tensor [B, V] with V >= 1, got {got}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+
+
 def sample(
     logits: Tensor,
     temperature: float = 1.0,
@@ -144,23 +259,49 @@ def sample(
     check_sampling_args(temperature, top_k, top_p)
     _check_u64("seed", seed)
     _check_u64("step", step)
-    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] < 1:
-        got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise ValueError(f"logits must be a tensor [B, V] with V >= 1, got {got}")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    _check_logits(logits)
     if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
         raise ValueError("logits must not contain NaN or +inf")
     if bool(torch.isneginf(logits).all(dim=1).any()):
         raise ValueError("logits must have at least one entry > -inf in every row")
-    B, V = logits.shape
-    weights = _weights(logits, temperature)
-    kept = weights * filter_mask(weights, top_k, top_p)  # x + 0.0 == x: zeros do not perturb sums
-    cum = kept.cumsum(dim=1)  # sequential float64 sum in ascending token id (step 5)
-    r = uniforms(seed, step, B).to(logits.device).unsqueeze(1) * cum[:, -1:]
-    above = cum > r
-    first = above.to(torch.int8).argmax(dim=1)
-    # Rounding can leave no running sum above r; then the rule takes the last non-zero weight.
-    ids = torch.arange(V, device=logits.device).expand(B, V)
-    last_nonzero = torch.where(kept > 0, ids, -1).max(dim=1).values
-    return torch.where(above.any(dim=1), first, last_nonzero).to(torch.int64)
+    u = uniforms(seed, step, logits.shape[0]).to(logits.device)
+    return _draw(logits, temperature, top_k, top_p, u)
+
+
+def sample_tensor(
+    logits: Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: Tensor,
+    step: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """:func:`sample`'s rule with no host sync: for CUDA graphs and ``torch.compile``.
+
+    ``logits`` ``[B, V]`` floating point; ``seed`` and ``step`` int64 0-dim tensors on the
+    device of ``logits`` holding u64 values (:func:`u64_tensor`); ``temperature``, ``top_k``,
+    ``top_p`` Python numbers as for :func:`sample`. Row ``b`` uses
+    ``uniform(seed, b, step)``.
+
+    Returns ``(tokens, bad)``: int64 ``[B]`` and bool ``[B]``. ``bad[b]`` is True where row
+    ``b`` holds a NaN or +inf, or is all -inf (where :func:`sample` raises); its token is then
+    some id in ``[0, V)`` and meaningless. The other rows' tokens equal :func:`sample`'s on the
+    CPU. Raises ValueError / TypeError only for bad argument types, shapes or devices, checked
+    without reading tensor values.
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    _check_logits(logits)
+    _check_key_tensor("seed", seed, logits.device)
+    _check_key_tensor("step", step, logits.device)
+    bad = (
+        torch.isnan(logits).any(dim=1)
+        | torch.isposinf(logits).any(dim=1)
+        | torch.isneginf(logits).all(dim=1)
+    )
+    # Bad rows get all-zero logits (a uniform draw over [0, V)) so that no NaN reaches the sort
+    # and the sums; the rows are independent, so the healthy rows are unaffected.
+    safe = torch.where(
+        bad.unsqueeze(1), torch.zeros((), dtype=logits.dtype, device=logits.device), logits
+    )
+    u = uniforms_tensor(seed, step, logits.shape[0])
+    return _draw(safe, temperature, top_k, top_p, u), bad
