@@ -6,7 +6,8 @@
 #
 # Environment knobs (all optional):
 #   GPU_CHECK_BUDGET_S   total wall budget in seconds (default 560: fits a 10-minute call)
-#   GPU_CHECK_STAGES     comma list of build,compile,tests,bench (default: all four). Within
+#   GPU_CHECK_STAGES     comma list of build,compile,tests,bench (default: all four; bench also
+#                        runs cuda_bench and decode_bench, which can be named alone). Within
 #                        10-minute calls, run build,compile,tests in one call and bench in the
 #                        next (the tests compile ~50 kernel variants on their first CUDA run).
 #   GPU_CHECK_GRID       quick (bounded subset, default) or full (the whole benchmark grid)
@@ -91,6 +92,12 @@ if [[ $STAGES == *,cuda_bench,* || $STAGES == *,bench,* ]]; then
   # stage, or alone with GPU_CHECK_STAGES=cuda_bench.
   run_stage cuda_bench "$(($(left) < 180 ? $(left) : 180))" "$PY" -m rnnkern.cli bench \
     --suite nn_modules --suite cuda_train --device cuda --quick --repeats 10 --out "$OUT_DIR"
+fi
+if [[ $STAGES == *,decode_bench,* || $STAGES == *,bench,* ]]; then
+  # Decoder(backend="triton") generate (CUDA graphs, on-device sampling) against stepping
+  # cuDNN nn.LSTM, 3x512 V=137, B in {1, 64}; at most 120 s.
+  run_stage decode_bench "$(($(left) < 120 ? $(left) : 120))" "$PY" -m rnnkern.cli bench \
+    --suite gpu_decode --device cuda --repeats 10 --warmup 2 --out "$OUT_DIR"
 fi
 if [[ $STAGES == *,bench,* ]]; then
   BENCH_LIMIT=$(($(left) - 20))

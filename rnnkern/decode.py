@@ -14,9 +14,13 @@ their weights by torch.nn's parameter names and packs them once:
 
 ``backend="cpu"`` runs each step (all layers and the head) as one C++ call and ``generate`` as
 one C++ call for the whole loop, sampling with :mod:`rnnkern.sampling`'s rule; nothing is
-allocated per token. ``backend="torch"`` runs the same packed weights with torch ops (the
-reference backend's cell formulas, one step at a time) on any device, for machines without the
-extension; it is never chosen silently.
+allocated per token. ``backend="triton"`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``)
+runs each step as one Triton launch (:mod:`rnnkern.backends.triton.decode`) and samples on the
+device (:func:`rnnkern.sampling.sample_tensor`), so ``generate`` makes no host round trip per
+token; on CUDA each token's sample-and-step is replayed from a captured CUDA graph.
+``backend="torch"`` runs the same packed weights with torch ops (the reference backend's cell
+formulas, one step at a time) on any device, for machines without the extension; it is never
+chosen silently.
 
 Legend: ``B`` streams, ``L`` layers, ``I`` input size, ``H`` hidden, ``P`` state size
 (proj_size or H), ``G`` gates, ``V`` head outputs (vocabulary), ``S`` prime length.
@@ -81,7 +85,9 @@ class Decoder:
         head: optional ``nn.Linear`` (``in_features == P``) producing logits ``[B, V]``.
         weights: ``"fp32"`` or ``"bf16"`` storage of the streamed matrices.
         batch_size: number of streams ``B`` (change it with :meth:`reset`).
-        backend: ``"cpu"`` (C++ kernels, CPU tensors) or ``"torch"`` (torch ops, any device).
+        backend: ``"cpu"`` (C++ kernels, CPU tensors), ``"triton"`` (one Triton launch per
+            step, CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``) or ``"torch"``
+            (torch ops, any device).
     """
 
     def __init__(
@@ -95,11 +101,22 @@ class Decoder:
     ) -> None:
         if weights not in ("fp32", "bf16"):
             raise ValueError(f"weights must be 'fp32' or 'bf16', got {weights!r}")
-        if backend not in ("cpu", "torch"):
-            raise ValueError(f"backend must be 'cpu' or 'torch', got {backend!r}")
+        if backend not in ("cpu", "triton", "torch"):
+            raise ValueError(f"backend must be 'cpu', 'triton' or 'torch', got {backend!r}")
         cell, L, is_cell = _cell_of_module(rnn)
         first = _layer_params(rnn, 0, is_cell)
         device = first[1].device
+        self._triton = None
+        # backend "triton" on CUDA: replay each token's sample-and-step from a CUDA graph
+        # (RNNKERN_DECODE_CUDA_GRAPH=0 or setting this False runs every launch eagerly).
+        self.cuda_graphs = _cuda_graphs_enabled()
+        if backend == "triton":
+            self._triton = _triton_decode_module(device)
+            if first[4] is not None:
+                raise ValueError(
+                    "backend 'triton' does not decode LSTMs with proj_size yet; use backend "
+                    "'cpu' or 'torch'"
+                )
         if backend == "cpu":
             from .backends import cpu as cpu_backend
 
@@ -171,7 +188,33 @@ class Decoder:
                 self._table = table.to(**f32).contiguous()
             self._head_w = packed(head.weight) if head is not None else None
             self._head_b = bias(head.bias) if head is not None else None
+            if self._triton is not None:
+                self._stack_for_triton()
         self.reset(batch_size)
+
+    def _stack_for_triton(self) -> None:
+        """Stack the layers' matrices as the Triton step reads them ([L, GH, H] and friends,
+        zeros for absent biases); the per-layer entries become views, so nothing is stored
+        twice."""
+        lay = self._layers
+        GH = GATES[self.cell] * self.hidden_size
+        f32 = dict(dtype=torch.float32, device=self.device)
+        zeros = torch.zeros(GH, **f32)
+        self._w_hh_all = torch.stack([d["w_hh"] for d in lay])
+        upper = [d["w_ih"] for d in lay[1:]]
+        self._w_ih_upper = torch.stack(upper) if upper else self._w_hh_all[:1].clone()
+        self._b_ih_all = torch.stack([zeros if d["b_ih"] is None else d["b_ih"] for d in lay])
+        self._b_hh_all = torch.stack([zeros if d["b_hh"] is None else d["b_hh"] for d in lay])
+        for l, d in enumerate(lay):
+            d["w_hh"], d["b_ih"], d["b_hh"] = (
+                self._w_hh_all[l],
+                self._b_ih_all[l],
+                self._b_hh_all[l],
+            )
+            if l >= 1:
+                d["w_ih"] = self._w_ih_upper[l - 1]
+        if self._head_w is not None and self._head_b is None:
+            self._head_b = torch.zeros(self._head_w.shape[0], **f32)
 
     # ------------------------------------------------------------------------------ state
     def reset(self, batch_size: int | None = None) -> None:
@@ -198,6 +241,14 @@ class Decoder:
         V = self.vocab_size
         self._logits = torch.empty(B, V if V else P, **f32)
         self._plan = None
+        self._graphs = {}
+        if self._triton is not None:
+            lay = self._layers
+            self._triton_step = self._triton.DecodeStep(
+                self.cell, B, L, self.input_size, H, V,
+                self._table, lay[0]["w_ih"], self._w_ih_upper, self._w_hh_all,
+                self._b_ih_all, self._b_hh_all, self._head_w, self._head_b,
+            )  # fmt: skip
         if self._cpu is None:
             return
         self._gi = torch.empty(B, GH, **f32)
@@ -295,6 +346,15 @@ class Decoder:
                 0 if tokens is None else tokens.data_ptr(), 0 if x is None else x.data_ptr(),
                 self._head_w is not None,
             )  # fmt: skip
+        elif self._triton is not None:
+            self._triton_step(
+                tokens,
+                x,
+                h_cur,
+                h_next,
+                self._c,
+                self._logits if self._head_w is not None else None,
+            )
         else:
             self._torch_step(tokens, x, h_cur, h_next)
         self._parity ^= 1
@@ -375,6 +435,8 @@ class Decoder:
         self._check_tokens(prime, "prime", tuple(prime.shape))
         prime = prime.to(self.device).contiguous()
         out = torch.empty(B, int(steps), dtype=torch.int64, device=self.device)
+        if self._triton is not None:
+            return self._device_generate(prime, out, temperature, top_k, top_p, seed, first_step)
         if self._plan is None:
             return self._torch_generate(prime, out, temperature, top_k, top_p, seed, first_step)
         model_steps, error_row = self._plan.generate(
@@ -400,3 +462,106 @@ class Decoder:
             if j + 1 < steps:
                 logits = self.step(out[:, j])
         return out
+
+    # ------------------------------------------------------------------------------ device loop
+    def _triton_advance(self, tokens: Tensor) -> None:
+        """One step from token ids already on the device: no checks, no host synchronisation."""
+        h = self._h
+        self._triton_step(tokens, None, h[self._parity], h[1 - self._parity], self._c, self._logits)
+        self._parity ^= 1
+
+    def _device_generate(self, prime, out, temperature, top_k, top_p, seed, first_step) -> Tensor:
+        """``generate`` on the device: the prime, then per token one sample (on the device,
+        by the rule of :mod:`rnnkern.sampling`) and one step, with no host round trip; the
+        only synchronisation is the check for non-finite logits at the end. On CUDA each
+        token's sample-and-step is one replay of a captured CUDA graph."""
+        B, S = prime.shape
+        steps = out.shape[1]
+        dev = self.device
+        for s in range(S):
+            self._triton_advance(prime[:, s].contiguous())
+        seed_t = sampling.u64_tensor(seed, dev)
+        step_t = sampling.u64_tensor(first_step, dev)
+        bad = torch.zeros(B, dtype=torch.bool, device=dev)
+        use_graph = dev.type == "cuda" and self.cuda_graphs
+        for j in range(steps):
+            if j + 1 < steps and use_graph and j > 0:
+                # j > 0: the first token ran eagerly, which compiled and warmed every kernel.
+                graph, tok, flag = self._graph(temperature, top_k, top_p, seed_t, step_t)
+                graph.replay()
+                self._parity ^= 1
+                out[:, j].copy_(tok)
+                bad |= flag
+                continue
+            tok, flag = sampling.sample_tensor(
+                self._logits, temperature, top_k, top_p, seed_t, step_t
+            )
+            step_t += 1  # uint64 counter held as int64: wraps exactly as 2**64 arithmetic
+            out[:, j].copy_(tok)
+            bad |= flag
+            if j + 1 < steps:
+                self._triton_advance(tok)
+        if self._triton_step.n_split > 1:
+            self._triton_step.check_sync()
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise FloatingPointError(
+                f"generate: the logits of stream {row} became NaN or +inf "
+                "(the model's weights or state hold non-finite values)"
+            )
+        return out
+
+    def _graph(self, temperature, top_k, top_p, seed_t: Tensor, step_t: Tensor):
+        """The CUDA graph of one sample-and-step from the current parity, captured on first
+        use for these sampling arguments: reads ``self._logits``, ``seed_t``, ``step_t``;
+        writes the sampled tokens into its own buffer, advances ``step_t`` and the state."""
+        key = (self._parity, float(temperature), int(top_k), float(top_p))
+        entry = self._graphs.get(key)
+        if entry is not None:
+            graph, tok, flag, seed_buf, step_buf = entry
+            seed_buf.copy_(seed_t)
+            step_buf.copy_(step_t)
+        else:
+            seed_buf, step_buf = seed_t.clone(), step_t.clone()
+            graph = torch.cuda.CUDAGraph()
+            parity = self._parity
+            h = self._h
+            with torch.cuda.graph(graph):
+                tok, flag = sampling.sample_tensor(
+                    self._logits, temperature, top_k, top_p, seed_buf, step_buf
+                )
+                step_buf += 1
+                self._triton_step(tok, None, h[parity], h[1 - parity], self._c, self._logits)
+            self._graphs[key] = (graph, tok, flag, seed_buf, step_buf)
+        # After the replay the caller's counter must have advanced as the graph's did.
+        step_t += 1
+        return graph, tok, flag
+
+
+def _cuda_graphs_enabled() -> bool:
+    """``RNNKERN_DECODE_CUDA_GRAPH=0`` turns graph capture off (every launch eager)."""
+    import os
+
+    value = os.environ.get("RNNKERN_DECODE_CUDA_GRAPH", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"RNNKERN_DECODE_CUDA_GRAPH must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def _triton_decode_module(device: torch.device):
+    """:mod:`rnnkern.backends.triton.decode`, or a clear error why backend 'triton' cannot
+    decode on ``device``."""
+    try:
+        from .backends.triton import decode as triton_decode
+    except ImportError as err:
+        raise RuntimeError(
+            f"backend 'triton' needs Triton (pip install 'rnnkern[triton]'): {err}"
+        ) from None
+    from .backends.triton.common import INTERPRET
+
+    if device.type == "cuda" or (device.type == "cpu" and INTERPRET):
+        return triton_decode
+    raise ValueError(
+        f"backend 'triton' decodes CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+        f"got the model on {device}"
+    )

@@ -21,7 +21,21 @@ from rnnkern.decode import Decoder
 
 HAVE_CPU = cpu_backend._cpu is not None
 needs_cpu = pytest.mark.skipif(not HAVE_CPU, reason="rnnkern._cpu is not built")
-BACKENDS = [pytest.param("cpu", marks=needs_cpu), "torch"]
+try:  # backend "triton" runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (conftest.py)
+    from rnnkern.backends.triton import common as triton_common
+
+    HAVE_TRITON = triton_common.INTERPRET or torch.cuda.is_available()
+except ImportError:
+    HAVE_TRITON = False
+needs_triton = pytest.mark.skipif(
+    not HAVE_TRITON, reason="backend 'triton' needs Triton and CUDA or TRITON_INTERPRET=1"
+)
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = [
+    pytest.param("cpu", marks=needs_cpu),
+    "torch",
+    pytest.param("triton", marks=needs_triton),
+]
 
 V, E, H = 13, 6, 33
 
@@ -33,6 +47,16 @@ def make_model(mode, layers, proj=0, seed=0, nonlinearity="tanh"):
         kw["nonlinearity"] = nonlinearity
     rnn = getattr(torch.nn, mode)(E, H, num_layers=layers, **kw)
     return rnn, torch.nn.Embedding(V, E), torch.nn.Linear(proj or H, V)
+
+
+def make_decoder(backend, rnn, emb=None, head=None, **kw):
+    """A Decoder of copies of the modules on the device its backend runs on (Triton: CUDA, or
+    the CPU under the interpreter); step() and generate() move their inputs there."""
+    if backend == "triton":
+        rnn, emb, head = (
+            None if m is None else copy.deepcopy(m).to(TRITON_DEVICE) for m in (rnn, emb, head)
+        )
+    return Decoder(rnn, emb, head, backend=backend, **kw)
 
 
 def teacher_forced(rnn, emb, head, tokens, dtype):
@@ -74,14 +98,16 @@ CASES = [
 @pytest.mark.parametrize("weights", ["fp32", "bf16"])
 @pytest.mark.parametrize("mode,layers,proj", CASES)
 def test_step_matches_torch_nn(mode, layers, proj, weights, backend):
+    if backend == "triton" and proj:
+        pytest.skip("backend 'triton' does not decode LSTM projections (its error is tested)")
     rnn, emb, head = make_model(mode, layers, proj)
     T, B = 6, 3
     tokens = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(1))
     ref_rnn, ref_head = round_streamed_to_bf16(rnn, head) if weights == "bf16" else (rnn, head)
     gold = teacher_forced(ref_rnn, emb, ref_head, tokens, torch.float64)
     ref32 = teacher_forced(ref_rnn, emb, ref_head, tokens, torch.float32)
-    dec = Decoder(rnn, emb, head, weights=weights, batch_size=B, backend=backend)
-    got = torch.stack([dec.step(tokens[t]) for t in range(T)]).double()
+    dec = make_decoder(backend, rnn, emb, head, weights=weights, batch_size=B)
+    got = torch.stack([dec.step(tokens[t]) for t in range(T)]).double().cpu()
     assert got.shape == (T, B, V)
     assert_logits_close(got, ref32, gold)
 
@@ -95,8 +121,8 @@ def test_relu_rnn_and_inputs_without_embedding(backend):
     with torch.no_grad():
         gold, _ = copy.deepcopy(rnn).double()(x.double())
         ref32, _ = rnn(x)
-    dec = Decoder(rnn, batch_size=B, backend=backend)  # no head: step returns the top output
-    got = torch.stack([dec.step(x[t]) for t in range(T)]).double()
+    dec = make_decoder(backend, rnn, batch_size=B)  # no head: step returns the top output
+    got = torch.stack([dec.step(x[t]) for t in range(T)]).double().cpu()
     assert_logits_close(got, ref32.double(), gold)
 
 
@@ -107,14 +133,14 @@ def test_cell_modules(cell_type, backend):
     cell = getattr(torch.nn, cell_type)(E, H)
     B = 2
     x = torch.randn(4, B, E)
-    dec = Decoder(cell, batch_size=B, backend=backend)
+    dec = make_decoder(backend, cell, batch_size=B)
     state = None
     for t in range(4):
         with torch.no_grad():
             state = cell(x[t], state)
         h = state[0] if cell_type == "LSTMCell" else state
         # One step, float32 on both sides; errors are a few ulps of values <= 1.
-        torch.testing.assert_close(dec.step(x[t]), h, rtol=0, atol=1e-5)
+        torch.testing.assert_close(dec.step(x[t]).cpu(), h, rtol=0, atol=1e-5)
 
 
 @needs_cpu
@@ -133,12 +159,12 @@ def test_rnnkern_modules_are_accepted():
 def test_state_get_set_reset(backend):
     rnn, emb, head = make_model("LSTM", 2)
     tokens = torch.randint(0, V, (6, 3), generator=torch.Generator().manual_seed(6))
-    dec = Decoder(rnn, emb, head, batch_size=3, backend=backend)
+    dec = make_decoder(backend, rnn, emb, head, batch_size=3)
     for t in range(3):
         dec.step(tokens[t])
     with torch.no_grad():
         _, (h_n, c_n) = rnn(emb(tokens[:3]))
-    h, c = dec.get_state()
+    h, c = (t.cpu() for t in dec.get_state())
     torch.testing.assert_close(h, h_n, rtol=0, atol=1e-5)  # float32 both sides, 3 steps
     torch.testing.assert_close(c, c_n, rtol=0, atol=1e-5)
     rest = [dec.step(tokens[t]) for t in range(3, 6)]
@@ -147,8 +173,8 @@ def test_state_get_set_reset(backend):
     dec.set_state((h, c))
     again = [dec.step(tokens[t]) for t in range(3, 6)]
     for a, b in zip(rest, again, strict=True):
-        if backend == "cpu":
-            assert torch.equal(a, b)  # the C++ kernels do not depend on buffer addresses
+        if backend in ("cpu", "triton"):
+            assert torch.equal(a, b)  # the kernels do not depend on buffer addresses
         else:
             # torch's GEMM may pick another code path for another buffer alignment (the state
             # ping-pongs between two buffers): float32 rounding only.
@@ -203,7 +229,7 @@ def test_generate_agrees_with_python_sampler(kw, weights):
 def test_generate_is_deterministic_and_seeded(backend):
     rnn, emb, head = make_model("GRU", 2, seed=10)
     prime = torch.randint(0, V, (2, 3), generator=torch.Generator().manual_seed(11))
-    dec = Decoder(rnn, emb, head, batch_size=2, backend=backend)
+    dec = make_decoder(backend, rnn, emb, head, batch_size=2)
     a = dec.generate(prime, 30, seed=5)
     dec.reset()
     b = dec.generate(prime, 30, seed=5)
@@ -220,13 +246,13 @@ def test_generate_in_pieces_equals_one_call(backend):
     music layer does, stopping once every tune has ended) draws what one long call draws."""
     rnn, emb, head = make_model("LSTM", 2, seed=13)
     prime = torch.randint(0, V, (3, 2), generator=torch.Generator().manual_seed(14))
-    whole = Decoder(rnn, emb, head, batch_size=3, backend=backend)
+    whole = make_decoder(backend, rnn, emb, head, batch_size=3)
     expected = whole.generate(prime, 24, seed=3, first_step=5, top_k=6)
-    pieces = Decoder(rnn, emb, head, batch_size=3, backend=backend)
+    pieces = make_decoder(backend, rnn, emb, head, batch_size=3)
     first = pieces.generate(prime, 10, seed=3, first_step=5, top_k=6)
     rest = pieces.generate(first[:, -1:], 14, seed=3, first_step=15, top_k=6)
     assert torch.equal(torch.cat([first, rest], dim=1), expected)
-    shifted = Decoder(rnn, emb, head, batch_size=3, backend=backend)
+    shifted = make_decoder(backend, rnn, emb, head, batch_size=3)
     assert not torch.equal(shifted.generate(prime, 24, seed=3, top_k=6), expected)
 
 
@@ -320,7 +346,7 @@ def test_bad_models():
         Decoder(rnn, emb, torch.nn.Linear(H + 1, V), backend="torch")
     with pytest.raises(ValueError, match="weights must be 'fp32' or 'bf16'"):
         Decoder(rnn, emb, head, weights="int8", backend="torch")
-    with pytest.raises(ValueError, match="backend must be 'cpu' or 'torch'"):
+    with pytest.raises(ValueError, match="backend must be 'cpu', 'triton' or 'torch'"):
         Decoder(rnn, emb, head, backend="cuda")
     with pytest.raises(ValueError, match="generate needs an embedding"):
         Decoder(rnn, backend="torch").generate(torch.zeros(1, 1, dtype=torch.long), 2)
@@ -330,6 +356,50 @@ def test_bad_models():
         )
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         Decoder(rnn, emb, head, batch_size=0, backend="torch")
+
+
+@needs_cpu
+@needs_triton
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0},
+        {"temperature": 0.8, "top_k": 5, "top_p": 0.9, "seed": 2**64 - 1},
+    ],
+)
+def test_triton_generates_the_cpu_decoders_tune(kw, weights):
+    """Same seed, same tokens on backends 'triton' (on-device sampling) and 'cpu' (C++). Their
+    logits differ by float32 rounding (about 1e-7 relative), which changes a token only when a
+    uniform falls that close to a cumulative boundary (about 1e-6 per token); the seeds are
+    fixed, so the outcome does not vary between runs."""
+    rnn, emb, head = make_model("LSTM", 3, seed=15)
+    prime = torch.randint(0, V, (3, 4), generator=torch.Generator().manual_seed(16))
+    cpu = Decoder(rnn, emb, head, weights=weights, batch_size=3, backend="cpu")
+    gpu = make_decoder("triton", rnn, emb, head, weights=weights, batch_size=3)
+    expected = cpu.generate(prime, 40, **kw)
+    got = gpu.generate(prime, 40, **kw)
+    assert got.dtype == torch.int64 and got.device.type == TRITON_DEVICE
+    assert torch.equal(got.cpu(), expected)
+    for a, b in zip(gpu.get_state(), cpu.get_state(), strict=True):
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-5)  # float32, 43 steps
+
+
+@needs_triton
+def test_triton_errors():
+    rnn, emb, head = make_model("LSTM", 2, proj=7)
+    with pytest.raises(ValueError, match="backend 'triton' does not decode LSTMs with proj_size"):
+        make_decoder("triton", rnn, emb, head)
+    from rnnkern.decode import _triton_decode_module
+
+    with pytest.raises(ValueError, match="backend 'triton' decodes CUDA tensors"):
+        _triton_decode_module(torch.device("meta"))
+    rnn, emb, head = make_model("GRU", 1, seed=17)
+    with torch.no_grad():
+        head.bias[3] = float("nan")
+    dec = make_decoder("triton", rnn, emb, head, batch_size=2)
+    with pytest.raises(FloatingPointError, match="logits of stream 0 became NaN"):
+        dec.generate(torch.zeros(2, 1, dtype=torch.long), 3)
 
 
 def test_missing_extension_is_an_error_not_a_fallback(monkeypatch):

@@ -27,10 +27,11 @@ from .runner import Case
 V, E, H, L = 137, 128, 512, 3
 
 
-def _model(seed: int = 0):
+def _model(seed: int = 0, device: str = "cpu"):
     torch.manual_seed(seed)
     rnn = torch.nn.LSTM(E, H, num_layers=L).eval()
-    return rnn, torch.nn.Embedding(V, E), torch.nn.Linear(H, V)
+    modules = rnn, torch.nn.Embedding(V, E), torch.nn.Linear(H, V)
+    return tuple(m.to(device) for m in modules)
 
 
 def _sample_torch(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -38,11 +39,14 @@ def _sample_torch(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def _lstm_steps(rnn, emb, head, B: int, n: int):
-    gen = torch.Generator().manual_seed(0)
+    """One ``nn.LSTM`` call per token with the carried state (cuDNN on CUDA, oneDNN on the
+    CPU), then softmax + ``torch.multinomial``, on the model's device."""
+    device = rnn.weight_hh_l0.device
+    gen = torch.Generator(device=device).manual_seed(0)
 
     @torch.no_grad()
     def run():
-        tok = torch.zeros(B, dtype=torch.long)
+        tok = torch.zeros(B, dtype=torch.long, device=device)
         state = None
         for _ in range(n):
             out, state = rnn(emb(tok).unsqueeze(0), state)
@@ -90,7 +94,7 @@ def _python_steps(dec, B: int, n: int):
 
 
 def _generate(dec, B: int, n: int):
-    prime = torch.zeros(B, 1, dtype=torch.long)
+    prime = torch.zeros(B, 1, dtype=torch.long, device=dec.device)
 
     def run():
         dec.reset()

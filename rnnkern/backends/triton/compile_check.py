@@ -5,11 +5,12 @@ Usage::
     python -m rnnkern.backends.triton.compile_check --arch sm_80,sm_90 [--kernels NAMES]
         [--dtypes fp32,tf32,bf16,fp16] [--jobs N] [--json PATH]
 
-For each kernel x input dtype x launch configuration (:func:`.common.all_configs`) x kernel
-flag (LSTM projection) it runs ``triton.compile`` with an explicit ``GPUTarget("cuda", cap,
-32)``, runs ``ptxas -v`` on the PTX for registers and spills, reads the shared memory from the
-compiled metadata and compares it with the architecture's per-block limit. Prints one table row
-per configuration and exits non-zero on any compile failure or shared-memory overflow.
+For each kernel x input dtype x launch configuration (:func:`.common.all_configs`; for the
+decode step :func:`.decode.all_configs`) x kernel flag (LSTM projection) it runs
+``triton.compile`` with an explicit ``GPUTarget("cuda", cap, 32)``, runs ``ptxas -v`` on the
+PTX for registers and spills, reads the shared memory from the compiled metadata and compares
+it with the architecture's per-block limit. Prints one table row per configuration and exits
+non-zero on any compile failure or shared-memory overflow.
 ``TRITON_INTERPRET`` must not be set (interpreted kernels cannot be compiled).
 """
 
@@ -39,10 +40,13 @@ KERNELS = {
     "gru_backward_kernel": ("gru", False),
     "rnn_forward_kernel": ("rnn", False),
     "rnn_backward_kernel": ("rnn", False),
+    "decode_step_kernel": ("decode", False),
 }
 # Pointer arguments in the input dtype; every other pointer is float32 state except these two.
 INPUT_DTYPE_PTRS = {"gx_ptr", "w_ptr", "b_ptr", "wr_ptr", "y_ptr", "dy_ptr", "dgx_ptr"}
-INT_PTRS = {"len_ptr": "*i64", "sync_ptr": "*i32"}
+INT_PTRS = {"len_ptr": "*i64", "sync_ptr": "*i32", "tok_ptr": "*i64"}
+# The decode step's pointers in the weight dtype (its states, tables and biases are float32).
+DECODE_WEIGHT_PTRS = {"w_ih0_ptr", "w_ih_ptr", "w_hh_ptr", "head_w_ptr"}
 
 
 @dataclass
@@ -66,6 +70,14 @@ def jobs(kernels, dtypes) -> list[tuple[str, str, dict]]:
 
     out = []
     for kernel in kernels:
+        if kernel == "decode_step_kernel":
+            from .decode import all_configs as decode_configs
+
+            # Weights are float32 or bfloat16 (Decoder weights="fp32" / "bf16"); products run
+            # in IEEE float32 whatever the dtype, so tf32 and fp16 add nothing to check.
+            for dkey in (d for d in dtypes if d in ("fp32", "bf16")):
+                out.extend((kernel, dkey, c) for c in decode_configs())
+            continue
         _, has_proj = KERNELS[kernel]
         for dkey in dtypes:
             for cfg in all_configs():
@@ -118,7 +130,8 @@ def compile_one(arch: int, kernel: str, dkey: str, constexprs: dict) -> Row:
             elif name in INT_PTRS:
                 signature[name] = INT_PTRS[name]
             elif name.endswith("_ptr"):
-                signature[name] = f"*{dtype}" if name in INPUT_DTYPE_PTRS else "*fp32"
+                typed = DECODE_WEIGHT_PTRS if kernel == "decode_step_kernel" else INPUT_DTYPE_PTRS
+                signature[name] = f"*{dtype}" if name in typed else "*fp32"
             else:
                 signature[name] = "i32"
         src = ASTSource(fn=fn, signature=signature, constexprs=consts)

@@ -1,0 +1,55 @@
+"""Suite ``gpu_decode``: generating tokens with ``rnnkern.Decoder(backend="triton")`` beside
+stepping torch.nn.LSTM (cuDNN) on a CUDA device.
+
+Model as suite ``cpu_decode`` (folk-rnn's size: 3-layer 512-unit LSTM, V = 137). One timed run
+generates ``N`` tokens per stream, sampling each from the logits and feeding it back:
+
+- ``torch.nn.LSTM step`` (baseline): one cuDNN ``nn.LSTM`` call per token with the carried
+  state, then softmax + ``torch.multinomial`` on the device;
+- ``rnnkern triton generate fp32`` / ``bf16``: one :meth:`rnnkern.Decoder.generate` call
+  (one Triton launch per step, sampling on the device, each token replayed from a CUDA graph);
+- ``rnnkern triton generate fp32, eager``: the same with CUDA graphs off (what the graph saves).
+
+B in {1, 64} (the issue's decode shapes); ``--quick``: B = 1 and fewer tokens.
+"""
+
+from __future__ import annotations
+
+from .cpu_decode import E, H, L, V, _generate, _lstm_steps, _model
+from .runner import Case
+
+
+def cases(device: str = "cuda", quick: bool = False) -> list[Case]:
+    if not device.startswith("cuda"):
+        return []
+    from ..decode import Decoder
+
+    rnn, emb, head = _model(device=device)
+    n = 16 if quick else 128  # tokens per stream per timed run
+    out = []
+    for B in (1,) if quick else (1, 64):
+        eager = Decoder(rnn, emb, head, batch_size=B, backend="triton")
+        eager.cuda_graphs = False
+        fns = {
+            "torch.nn.LSTM step": _lstm_steps(rnn, emb, head, B, n),
+            "rnnkern triton generate fp32": _generate(
+                Decoder(rnn, emb, head, batch_size=B, backend="triton"), B, n
+            ),
+            "rnnkern triton generate bf16": _generate(
+                Decoder(rnn, emb, head, weights="bf16", batch_size=B, backend="triton"), B, n
+            ),
+            "rnnkern triton generate fp32, eager": _generate(eager, B, n),
+        }
+        out.append(
+            Case(
+                suite="gpu_decode",
+                name=f"decode LSTM {L}x{H} E={E} V={V} B={B}, {n} tokens/stream",
+                params=dict(layers=L, hidden=H, vocab=V, batch=B, tokens=n),
+                fns=fns,
+                baseline="torch.nn.LSTM step",
+                work={label: float(B * n) for label in fns},
+                work_unit="tokens",
+                device=device,
+            )
+        )
+    return out
