@@ -176,6 +176,23 @@ def test_pool_keeps_buffers_that_outlive_the_training_step_intact():
     assert all(torch.equal(a, b) for a, b in zip(alone, interleaved, strict=True))
 
 
+def test_pool_reuses_larger_blocks_up_to_twice_the_size():
+    """Batches of varying length ask for a different size every step: a freed block serves
+    requests down to half its size, not smaller ones (which would strand most of it)."""
+    cpu_backend.empty_cache()
+    mib = 1 << 18  # float32 elements per MiB
+    a = cpu_backend._alloc((4 * mib,), torch.float32)
+    address = a.data_ptr()
+    del a
+    b = cpu_backend._alloc((5 * mib // 2,), torch.float32)  # 2.5 MiB from the 4 MiB block
+    assert b.data_ptr() == address
+    b.fill_(1.0)
+    del b
+    c = cpu_backend._alloc((3 * mib // 2,), torch.float32)  # 1.5 MiB: a fresh block
+    assert c.data_ptr() != address
+    cpu_backend.empty_cache()
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "64"])
 def test_set_cache_limit_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="megabytes must be an int >= 0"):

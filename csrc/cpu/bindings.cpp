@@ -138,12 +138,12 @@ struct DLManagedTensor {
 struct PooledTensor {
   DLManagedTensor managed;
   std::vector<int64_t> shape;
-  size_t bytes;
+  size_t capacity;  // bytes of the block (at least the tensor's)
 };
 
 void pooled_deleter(DLManagedTensor* m) {
   auto* t = static_cast<PooledTensor*>(m->manager_ctx);
-  rnnkern_cpu::BufferPool::instance().release(m->dl_tensor.data, t->bytes);
+  rnnkern_cpu::BufferPool::instance().release(m->dl_tensor.data, t->capacity);
   delete t;
 }
 
@@ -160,9 +160,10 @@ py::capsule pooled_tensor(std::vector<int64_t> shape, int bits) {
     if (n < 0) throw std::invalid_argument("shape must be non-negative");
     bytes *= size_t(n);
   }
-  void* data = rnnkern_cpu::BufferPool::instance().acquire(bytes);
+  size_t capacity = 0;
+  void* data = rnnkern_cpu::BufferPool::instance().acquire(bytes, &capacity);
   if (!data) throw std::bad_alloc();
-  auto* t = new PooledTensor{{}, std::move(shape), bytes};
+  auto* t = new PooledTensor{{}, std::move(shape), capacity};
   DLTensor& d = t->managed.dl_tensor;
   d.data = data;
   d.device = {1, 0};

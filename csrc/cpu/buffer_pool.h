@@ -8,7 +8,7 @@
 // 53 ms). Asking for transparent huge pages instead was no cure: 91 ms at 1 thread but 163 ms at
 // 2 threads (the second thread waits at the per-step barrier while the first zeroes 2 MB).
 // As CUDA's caching allocator does, freed blocks are kept (up to a byte limit) and handed out
-// again for a request of the same size class.
+// again for a request of the same size or up to half as large.
 //
 // Blocks are whole multiples of 64 KB, 4 KB-aligned. The pool is thread-safe (torch may free a
 // tensor on any thread) and never destroyed, so tensors that outlive the module at interpreter
@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <iterator>
 #include <map>
 #include <mutex>
 
@@ -34,35 +35,48 @@ class BufferPool {
 
   static size_t size_class(size_t bytes) { return (bytes + kGranule - 1) / kGranule * kGranule; }
 
-  // A block of at least `bytes` bytes (nullptr if the system is out of memory).
-  void* acquire(size_t bytes) {
+  // A block of at least `bytes` bytes and its capacity (nullptr if out of memory). Best fit
+  // among cached blocks of up to twice the size, so that batches of varying sequence length
+  // (a different size every step) still reuse the pages of earlier, longer ones.
+  void* acquire(size_t bytes, size_t* capacity) {
     const size_t size = size_class(bytes ? bytes : 1);
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto it = free_.find(size);
-      if (it != free_.end()) {
+      auto it = free_.lower_bound(size);
+      if (it != free_.end() && it->first <= 2 * size) {
         void* p = it->second;
+        *capacity = it->first;
+        cached_ -= it->first;
         free_.erase(it);
-        cached_ -= size;
         ++hits_;
         return p;
       }
       ++misses_;
     }
+    *capacity = size;
     return std::aligned_alloc(4096, size);
   }
 
-  void release(void* p, size_t bytes) {
-    const size_t size = size_class(bytes ? bytes : 1);
+  // Return a block of `capacity` bytes (as acquire reported it). Past the limit the largest
+  // cached blocks are freed first, which keeps the pool's many small blocks.
+  void release(void* p, size_t capacity) {
+    std::multimap<size_t, void*> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (cached_ + size <= limit_) {
-        free_.emplace(size, p);
-        cached_ += size;
-        return;
+      if (capacity > limit_) {
+        evicted.emplace(capacity, p);
+      } else {
+        free_.emplace(capacity, p);
+        cached_ += capacity;
+        while (cached_ > limit_) {
+          auto last = std::prev(free_.end());
+          cached_ -= last->first;
+          evicted.insert(*last);
+          free_.erase(last);
+        }
       }
     }
-    std::free(p);
+    for (auto& kv : evicted) std::free(kv.second);
   }
 
   // Free every cached block.
