@@ -112,11 +112,6 @@ class Decoder:
         self.cuda_graphs = _cuda_graphs_enabled()
         if backend == "triton":
             self._triton = _triton_decode_module(device)
-            if first[4] is not None:
-                raise ValueError(
-                    "backend 'triton' does not decode LSTMs with proj_size yet; use backend "
-                    "'cpu' or 'torch'"
-                )
         if backend == "cpu":
             from .backends import cpu as cpu_backend
 
@@ -205,6 +200,11 @@ class Decoder:
         self._w_ih_upper = torch.stack(upper) if upper else self._w_hh_all[:1].clone()
         self._b_ih_all = torch.stack([zeros if d["b_ih"] is None else d["b_ih"] for d in lay])
         self._b_hh_all = torch.stack([zeros if d["b_hh"] is None else d["b_hh"] for d in lay])
+        self._w_hr_all = None
+        if lay[0]["w_hr"] is not None:
+            self._w_hr_all = torch.stack([d["w_hr"] for d in lay])
+            for l, d in enumerate(lay):
+                d["w_hr"] = self._w_hr_all[l]
         for l, d in enumerate(lay):
             d["w_hh"], d["b_ih"], d["b_hh"] = (
                 self._w_hh_all[l],
@@ -245,9 +245,9 @@ class Decoder:
         if self._triton is not None:
             lay = self._layers
             self._triton_step = self._triton.DecodeStep(
-                self.cell, B, L, self.input_size, H, V,
+                self.cell, B, L, self.input_size, H, P, V,
                 self._table, lay[0]["w_ih"], self._w_ih_upper, self._w_hh_all,
-                self._b_ih_all, self._b_hh_all, self._head_w, self._head_b,
+                self._b_ih_all, self._b_hh_all, self._w_hr_all, self._head_w, self._head_b,
             )  # fmt: skip
         if self._cpu is None:
             return

@@ -98,8 +98,6 @@ CASES = [
 @pytest.mark.parametrize("weights", ["fp32", "bf16"])
 @pytest.mark.parametrize("mode,layers,proj", CASES)
 def test_step_matches_torch_nn(mode, layers, proj, weights, backend):
-    if backend == "triton" and proj:
-        pytest.skip("backend 'triton' does not decode LSTM projections (its error is tested)")
     rnn, emb, head = make_model(mode, layers, proj)
     T, B = 6, 3
     tokens = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(1))
@@ -408,9 +406,6 @@ def test_triton_cuda_graph_generate_equals_eager():
 
 @needs_triton
 def test_triton_errors():
-    rnn, emb, head = make_model("LSTM", 2, proj=7)
-    with pytest.raises(ValueError, match="backend 'triton' does not decode LSTMs with proj_size"):
-        make_decoder("triton", rnn, emb, head)
     from rnnkern.decode import _triton_decode_module
 
     with pytest.raises(ValueError, match="backend 'triton' decodes CUDA tensors"):

@@ -1,15 +1,17 @@
 """Decode step: every layer of one step of a stacked LSTM / GRU / RNN and the output head in one
 launch, for ``rnnkern.Decoder(backend="triton")``.
 
-Legend: ``B`` streams, ``L`` layers, ``I`` input size of layer 0, ``H`` hidden, ``G`` gates
-(LSTM 4: i f g o; GRU 3: r z n; RNN 1), ``GH = G * H``, ``V`` head outputs.
+Legend: ``B`` streams, ``L`` layers, ``I`` input size of layer 0, ``H`` hidden, ``P`` state
+size (proj_size of an LSTM with projection, else H), ``G`` gates (LSTM 4: i f g o; GRU 3: r z
+n; RNN 1), ``GH = G * H``, ``V`` head outputs.
 
 Grid ``(cdiv(B, BLOCK_B), n_split)``, as the training kernels (:mod:`.common`): program
 ``(i, j)`` owns stream rows ``i*BLOCK_B ...`` and hidden chunks ``j, j + n_split, ...`` of
 ``BLOCK_H`` units (every gate of them), then head chunks of ``BLOCK_V`` outputs. Layer ``l``
 reads the whole new state of layer ``l - 1`` and the head the whole new top state, so the
-programs of a batch tile meet at one grid-wide wait after every layer (``SPLIT``, compiled
-GPUs only); under the interpreter one program per batch tile does everything (``SPLIT=False``).
+programs of a batch tile meet at one grid-wide wait after every layer, and one more before an
+LSTM projection ``h = W_hr (o * tanh c)`` (``SPLIT``, compiled GPUs only); under the
+interpreter one program per batch tile does everything (``SPLIT=False``).
 
 The state is updated in place: ``h_next`` is the Decoder's other ping-pong slot, and ``c`` is
 overwritten by the program owning each unit (nothing else reads a unit's cell during a step).
@@ -54,11 +56,14 @@ def block_b(batch: int) -> int:
 
 def all_configs() -> list[dict]:
     """Every constexpr combination :class:`DecodeStep` can launch (for compile_check): each
-    cell, with or without the token table and the head, every batch tile, both grid modes."""
+    cell (LSTM with and without projection), with or without the token table and the head,
+    every batch tile, both grid modes."""
+    lstm = CELL_CODES["lstm"]
+    cells = [(c, False) for c in sorted(set(CELL_CODES.values()))] + [(lstm, True)]
     return [
-        dict(CELL=cell, HAS_TABLE=table, HAS_HEAD=head, SPLIT=split, BLOCK_B=bb,
+        dict(CELL=cell, HAS_TABLE=table, HAS_HEAD=head, HAS_PROJ=proj, SPLIT=split, BLOCK_B=bb,
              BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps(bb))
-        for cell in sorted(set(CELL_CODES.values()))
+        for cell, proj in cells
         for table, head in ((True, True), (False, False), (False, True), (True, False))
         for bb in (16, 32)
         for split in (False, True)
@@ -110,14 +115,15 @@ def _gate(
     b_in_ptr,  # [GH] float32 b_ih of the layer
     tok,  # [BLOCK_B] int64 token ids (USE_TABLE only)
     table_ptr,  # [vocab, GH] float32 embedding @ W_ih0ᵀ + b_ih0 (USE_TABLE only)
-    h_ptr,  # [B, H] float32 state of the layer before the step
-    w_h_ptr,  # [GH, H] W_hh of the layer
+    h_ptr,  # [B, P] float32 state of the layer before the step
+    w_h_ptr,  # [GH, P] W_hh of the layer
     b_h_ptr,  # [GH] float32 b_hh of the layer
     offs_b,
     mask_b,
     offs_h,
     mask_h,
     H,
+    P,
     GH,
     USE_TABLE: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -138,7 +144,7 @@ def _gate(
         gi = _rows_times_weight(gi, in_ptr, offs_b, mask_b, w_in_ptr, rows, mask_h, K_in, BLOCK_K)
         gi += tl.load(b_in_ptr + rows, mask=mask_h, other=0.0)[None, :]
     gh = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    gh = _rows_times_weight(gh, h_ptr, offs_b, mask_b, w_h_ptr, rows, mask_h, H, BLOCK_K)
+    gh = _rows_times_weight(gh, h_ptr, offs_b, mask_b, w_h_ptr, rows, mask_h, P, BLOCK_K)
     gh += tl.load(b_h_ptr + rows, mask=mask_h, other=0.0)[None, :]
     return gi, gh
 
@@ -156,64 +162,69 @@ def _layer(
     b_in_ptr,  # [GH] float32
     tok,  # [BLOCK_B] int64
     table_ptr,  # [vocab, GH] float32
-    h_ptr,  # [B, H] float32 state before the step
-    w_h_ptr,  # [GH, H]
+    h_ptr,  # [B, P] float32 state before the step
+    w_h_ptr,  # [GH, P]
     b_h_ptr,  # [GH] float32
-    h_out_ptr,  # [B, H] float32 state after the step
+    h_out_ptr,  # [B, P] float32 state after the step (without HAS_PROJ)
     c_ptr,  # [B, H] float32 cell state, updated in place (LSTM only)
+    m_ptr,  # [B, H] float32 o * tanh(c), the projection's input (HAS_PROJ only)
     offs_b,
     mask_b,
     pid_h,
     n_split,
     H,
+    P,
     CELL: tl.constexpr,
     USE_TABLE: tl.constexpr,
+    HAS_PROJ: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One layer's step for this program's hidden chunks (torch.nn's cell formulas)."""
+    """One layer's step for this program's hidden chunks (torch.nn's cell formulas). With a
+    projection the chunks' ``m = o * tanh(c)`` go to ``m_ptr`` and :func:`_project` makes h.
+    Without one ``P == H``."""
     G = 4 if CELL == 0 else (3 if CELL == 1 else 1)
     GH = G * H
     for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
         offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
         mask = mask_b[:, None] & mask_h[None, :]
-        bh = offs_b[:, None] * H + offs_h[None, :]
+        bh = offs_b[:, None] * H + offs_h[None, :]  # c and m; h too, as P == H without HAS_PROJ
         # Each gate is activated as soon as it is computed, so at most two pre-activation
         # tiles are live (fewer registers: compile_check).
         gi, gh = _gate(
             0, in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, h_ptr, w_h_ptr, b_h_ptr,
-            offs_b, mask_b, offs_h, mask_h, H, GH, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
+            offs_b, mask_b, offs_h, mask_h, H, P, GH, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
         )  # fmt: skip
         if CELL == 0:  # LSTM: i, f, g, o
             i = tl.sigmoid(gi + gh)
             gi, gh = _gate(
                 1, in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, h_ptr, w_h_ptr, b_h_ptr,
-                offs_b, mask_b, offs_h, mask_h, H, GH, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
+                offs_b, mask_b, offs_h, mask_h, H, P, GH, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
             )  # fmt: skip
             c_new = tl.sigmoid(gi + gh) * tl.load(c_ptr + bh, mask=mask, other=0.0)
             gi, gh = _gate(
                 2, in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, h_ptr, w_h_ptr, b_h_ptr,
-                offs_b, mask_b, offs_h, mask_h, H, GH, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
+                offs_b, mask_b, offs_h, mask_h, H, P, GH, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
             )  # fmt: skip
             c_new += i * _tanh(gi + gh)
             tl.store(c_ptr + bh, c_new, mask=mask)
             gi, gh = _gate(
                 3, in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, h_ptr, w_h_ptr, b_h_ptr,
-                offs_b, mask_b, offs_h, mask_h, H, GH, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
+                offs_b, mask_b, offs_h, mask_h, H, P, GH, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
             )  # fmt: skip
-            h_new = tl.sigmoid(gi + gh) * _tanh(c_new)
+            h_new = tl.sigmoid(gi + gh) * _tanh(c_new)  # m with a projection
         elif CELL == 1:  # GRU: r, z, n
             r = tl.sigmoid(gi + gh)
             gi, gh = _gate(
                 1, in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, h_ptr, w_h_ptr, b_h_ptr,
-                offs_b, mask_b, offs_h, mask_h, H, GH, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
+                offs_b, mask_b, offs_h, mask_h, H, P, GH, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
             )  # fmt: skip
             z = tl.sigmoid(gi + gh)
             gi, gh = _gate(
                 2, in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, h_ptr, w_h_ptr, b_h_ptr,
-                offs_b, mask_b, offs_h, mask_h, H, GH, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
+                offs_b, mask_b, offs_h, mask_h, H, P, GH, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
             )  # fmt: skip
             n = _tanh(gi + r * gh)
             h_prev = tl.load(h_ptr + bh, mask=mask, other=0.0)
@@ -222,24 +233,57 @@ def _layer(
             h_new = _tanh(gi + gh)
         else:  # RNN relu
             h_new = tl.maximum(gi + gh, 0.0)
-        tl.store(h_out_ptr + bh, h_new, mask=mask)
+        if HAS_PROJ:
+            tl.store(m_ptr + bh, h_new, mask=mask)
+        else:
+            tl.store(h_out_ptr + bh, h_new, mask=mask)
+
+
+@triton.jit
+def _project(
+    m_ptr,  # [B, H] float32
+    w_hr_ptr,  # [P, H] W_hr of the layer
+    h_out_ptr,  # [B, P] float32 state after the step
+    offs_b,
+    mask_b,
+    pid_h,
+    n_split,
+    H,
+    P,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """LSTM projection ``h = m W_hrᵀ`` for this program's chunks of ``P``."""
+    for j in range(pid_h, tl.cdiv(P, BLOCK_H), n_split):
+        offs_p = j * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_p = offs_p < P
+        acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        acc = _rows_times_weight(acc, m_ptr, offs_b, mask_b, w_hr_ptr, offs_p, mask_p, H, BLOCK_K)
+        tl.store(
+            h_out_ptr + offs_b[:, None] * P + offs_p[None, :],
+            acc,
+            mask=mask_b[:, None] & mask_p[None, :],
+        )
 
 
 # Sizes are not specialised on (one compiled variant per cell, weight dtype and configuration).
-@triton.jit(do_not_specialize=["B", "L", "I", "H", "V"])
+@triton.jit(do_not_specialize=["B", "L", "I", "H", "P", "V"])
 def decode_step_kernel(
     tok_ptr,  # [B] int64 token ids (HAS_TABLE)
     x_ptr,  # [B, I] float32 inputs of layer 0 (without HAS_TABLE)
     table_ptr,  # [vocab, GH] float32 embedding @ W_ih0ᵀ + b_ih0 (HAS_TABLE)
     w_ih0_ptr,  # [GH, I] weight dtype, W_ih of layer 0 (without HAS_TABLE)
-    w_ih_ptr,  # [L - 1, GH, H] weight dtype, W_ih of layers 1 .. L-1
-    w_hh_ptr,  # [L, GH, H] weight dtype
+    w_ih_ptr,  # [L - 1, GH, P] weight dtype, W_ih of layers 1 .. L-1
+    w_hh_ptr,  # [L, GH, P] weight dtype
     b_ih_ptr,  # [L, GH] float32 (zeros when the model has no bias)
     b_hh_ptr,  # [L, GH] float32
-    h_cur_ptr,  # [L, B, H] float32 state before the step
-    h_next_ptr,  # [L, B, H] float32 state after the step
+    w_hr_ptr,  # [L, P, H] weight dtype (HAS_PROJ)
+    h_cur_ptr,  # [L, B, P] float32 state before the step
+    h_next_ptr,  # [L, B, P] float32 state after the step
     c_ptr,  # [L, B, H] float32 cell state, updated in place (LSTM)
-    head_w_ptr,  # [V, H] weight dtype (HAS_HEAD)
+    m_ptr,  # [B, H] float32 scratch (HAS_PROJ)
+    head_w_ptr,  # [V, P] weight dtype (HAS_HEAD)
     head_b_ptr,  # [V] float32 (HAS_HEAD; zeros when the head has no bias)
     logits_ptr,  # [B, V] float32 (HAS_HEAD)
     sync_ptr,  # [cdiv(B, BLOCK_B)] int32 zeros (SPLIT)
@@ -247,10 +291,12 @@ def decode_step_kernel(
     L,
     I,
     H,
+    P,  # state size: proj_size with HAS_PROJ, else H
     V,
     CELL: tl.constexpr,  # rnnkern.backends.base.CELL_CODES
     HAS_TABLE: tl.constexpr,
     HAS_HEAD: tl.constexpr,
+    HAS_PROJ: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -269,30 +315,38 @@ def decode_step_kernel(
     else:
         tok = offs_b.to(tl.int64)  # unused
     sync = sync_ptr + pid_b
+    BP = B * P
     BH = B * H
-    # Layer 0: its input comes from the table or from x.
-    _layer(
-        x_ptr, I, w_ih0_ptr, b_ih_ptr, tok, table_ptr, h_cur_ptr, w_hh_ptr, b_hh_ptr,
-        h_next_ptr, c_ptr, offs_b, mask_b, pid_h, n_split, H,
-        CELL, HAS_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
-    )  # fmt: skip
-    arrivals = grid_sync(sync, 0, n_split, SPLIT)
-    for l in range(1, L):
-        _layer(
-            h_next_ptr + (l - 1) * BH, H, w_ih_ptr + (l - 1) * GH * H, b_ih_ptr + l * GH, tok,
-            table_ptr, h_cur_ptr + l * BH, w_hh_ptr + l * GH * H, b_hh_ptr + l * GH,
-            h_next_ptr + l * BH, c_ptr + l * BH, offs_b, mask_b, pid_h, n_split, H,
-            CELL, False, BLOCK_B, BLOCK_H, BLOCK_K,
-        )  # fmt: skip
-        arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+    arrivals = 0
+    for l in range(0, L):
+        if l == 0:  # input from the table or from x
+            _layer(
+                x_ptr, I, w_ih0_ptr, b_ih_ptr, tok, table_ptr, h_cur_ptr, w_hh_ptr, b_hh_ptr,
+                h_next_ptr, c_ptr, m_ptr, offs_b, mask_b, pid_h, n_split, H, P,
+                CELL, HAS_TABLE, HAS_PROJ, BLOCK_B, BLOCK_H, BLOCK_K,
+            )  # fmt: skip
+        else:  # input: the new state of the layer below
+            _layer(
+                h_next_ptr + (l - 1) * BP, P, w_ih_ptr + (l - 1) * GH * P, b_ih_ptr + l * GH,
+                tok, table_ptr, h_cur_ptr + l * BP, w_hh_ptr + l * GH * P, b_hh_ptr + l * GH,
+                h_next_ptr + l * BP, c_ptr + l * BH, m_ptr, offs_b, mask_b, pid_h, n_split,
+                H, P, CELL, False, HAS_PROJ, BLOCK_B, BLOCK_H, BLOCK_K,
+            )  # fmt: skip
+        if HAS_PROJ:
+            arrivals = grid_sync(sync, arrivals, n_split, SPLIT)  # every m of the layer
+            _project(
+                m_ptr, w_hr_ptr + l * P * H, h_next_ptr + l * BP, offs_b, mask_b, pid_h,
+                n_split, H, P, BLOCK_B, BLOCK_H, BLOCK_K,
+            )  # fmt: skip
+        arrivals = grid_sync(sync, arrivals, n_split, SPLIT)  # the layer's whole new state
     if HAS_HEAD:
-        top = h_next_ptr + (L - 1) * BH
+        top = h_next_ptr + (L - 1) * BP
         for j in range(pid_h, tl.cdiv(V, BLOCK_V), n_split):
             offs_v = j * BLOCK_V + tl.arange(0, BLOCK_V)
             mask_v = offs_v < V
             acc = tl.zeros((BLOCK_B, BLOCK_V), dtype=tl.float32)
             acc = _rows_times_weight(
-                acc, top, offs_b, mask_b, head_w_ptr, offs_v, mask_v, H, BLOCK_K
+                acc, top, offs_b, mask_b, head_w_ptr, offs_v, mask_v, P, BLOCK_K
             )
             acc += tl.load(head_b_ptr + offs_v, mask=mask_v, other=0.0)[None, :]
             tl.store(
@@ -320,21 +374,23 @@ class DecodeStep:
     L: int
     I: int
     H: int
+    P: int  # proj_size of an LSTM with projection, else H
     V: int
     table: torch.Tensor | None  # [vocab, GH] float32
     w_ih0: torch.Tensor | None  # [GH, I] weight dtype (None with a table)
-    w_ih: torch.Tensor  # [max(L - 1, 1), GH, H] weight dtype
-    w_hh: torch.Tensor  # [L, GH, H] weight dtype
+    w_ih: torch.Tensor  # [max(L - 1, 1), GH, P] weight dtype
+    w_hh: torch.Tensor  # [L, GH, P] weight dtype
     b_ih: torch.Tensor  # [L, GH] float32
     b_hh: torch.Tensor  # [L, GH] float32
-    head_w: torch.Tensor | None  # [V, H] weight dtype
+    w_hr: torch.Tensor | None  # [L, P, H] weight dtype (LSTM projection)
+    head_w: torch.Tensor | None  # [V, P] weight dtype
     head_b: torch.Tensor | None  # [V] float32
 
     def __post_init__(self) -> None:
         device = self.w_hh.device
         self.block_b = block_b(self.B)
         n_btiles = triton.cdiv(self.B, self.block_b)
-        n_chunks = triton.cdiv(max(self.H, self.V), BLOCK_H)
+        n_chunks = triton.cdiv(max(self.H, self.P, self.V), BLOCK_H)
         self.n_split = 1
         if device.type == "cuda" and not INTERPRET and n_chunks > 1:
             sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -344,13 +400,18 @@ class DecodeStep:
         self.sync = torch.zeros(n_btiles, dtype=torch.int32, device=device)
         self._dummy = torch.zeros(1, dtype=torch.float32, device=device)
         self._dummy_tok = torch.zeros(1, dtype=torch.int64, device=device)
+        self.m = (
+            torch.empty(self.B, self.H, dtype=torch.float32, device=device)
+            if self.w_hr is not None
+            else None
+        )
 
     def __call__(
         self,
         tokens: torch.Tensor | None,  # [B] int64 (with a table)
         x: torch.Tensor | None,  # [B, I] float32 (without a table)
-        h_cur: torch.Tensor,  # [L, B, H] float32
-        h_next: torch.Tensor,  # [L, B, H] float32, written
+        h_cur: torch.Tensor,  # [L, B, P] float32
+        h_next: torch.Tensor,  # [L, B, P] float32, written
         c: torch.Tensor | None,  # [L, B, H] float32, updated (LSTM)
         logits: torch.Tensor | None,  # [B, V] float32, written (with a head)
     ) -> None:
@@ -365,14 +426,16 @@ class DecodeStep:
             self.table if self.table is not None else d,
             self.w_ih0 if self.w_ih0 is not None else self.w_hh,
             self.w_ih, self.w_hh, self.b_ih, self.b_hh,
+            self.w_hr if self.w_hr is not None else self.w_hh,
             h_cur, h_next, c if c is not None else d,
+            self.m if self.m is not None else d,
             self.head_w if self.head_w is not None else self.w_hh,
             self.head_b if self.head_b is not None else d,
             logits if logits is not None else d,
             self.sync,
-            self.B, self.L, self.I, self.H, self.V,
+            self.B, self.L, self.I, self.H, self.P, self.V,
             CELL=CELL_CODES[self.cell], HAS_TABLE=self.table is not None,
-            HAS_HEAD=self.head_w is not None, SPLIT=split,
+            HAS_HEAD=self.head_w is not None, HAS_PROJ=self.w_hr is not None, SPLIT=split,
             BLOCK_B=self.block_b, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V,
             num_warps=num_warps(self.block_b),
         )  # fmt: skip
