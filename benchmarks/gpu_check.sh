@@ -73,7 +73,7 @@ if [[ $STAGES == *,build,* ]]; then
   run_stage build "$(($(left) < 150 ? $(left) : 150))" "$PY" setup.py build_ext --inplace
 fi
 if [[ $STAGES == *,compile,* ]]; then
-  run_stage compile_check "$(($(left) < 120 ? $(left) : 120))" "$PY" -m \
+  run_stage compile_check "$(($(left) < 150 ? $(left) : 150))" "$PY" -m \
     rnnkern.backends.triton.compile_check --arch sm_90 --dtypes fp32,bf16 --jobs 8 \
     --json "$OUT_DIR/compile_check.json"
 fi
