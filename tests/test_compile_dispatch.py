@@ -57,6 +57,44 @@ def test_compile_fullgraph_forward_backward(kind, backend):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.skipif(
+    "cpu" not in rnnkern.available_backends("cpu"), reason="the C++ extension is not built"
+)
+def test_compile_fullgraph_through_the_cpu_backends_own_gemm(monkeypatch):
+    """At this size (40*8*128*384 = 15.7M multiply-adds per input projection) backend cpu
+    runs the projection as the ``rnnkern::linear`` operator, which must trace without a graph
+    break and give the eager values and gradients."""
+    from rnnkern.backends import cpu as cpu_backend
+
+    calls = []
+    linear, linear_backward = cpu_backend.CPUBackend.linear, cpu_backend.CPUBackend.linear_backward
+    monkeypatch.setattr(
+        cpu_backend.CPUBackend, "linear", lambda *a: calls.append("fwd") or linear(*a)
+    )
+    monkeypatch.setattr(
+        cpu_backend.CPUBackend,
+        "linear_backward",
+        lambda *a: calls.append("bwd") or linear_backward(*a),
+    )
+    torch.manual_seed(0)
+    m = rnnkern.GRU(128, 128, num_layers=2, backend="cpu")
+    x = torch.randn(40, 8, 128, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    y_c, h_c = compiled(x)
+    (y_c.square().sum() + h_c.sum()).backward()
+    assert calls.count("fwd") == 2 and calls.count("bwd") == 2, calls
+    grads_c = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+    x.grad = None
+    m.zero_grad()
+    y_e, h_e = m(x)
+    (y_e.square().sum() + h_e.sum()).backward()
+    grads_e = [x.grad] + [p.grad for p in m.parameters()]
+    # Same kernels eagerly and compiled (aot_eager): float32 rounding at most.
+    for a, b in zip([y_c, h_c, *grads_c], [y_e, h_e, *grads_e], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def _config_of(module, x):
     return module._layer_config(x, x.shape[1], x.shape[0], False, [])
 
