@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.allocator == "no-trim" and os.environ.get(_ALLOCATOR_ENV) != "no-trim":
+        return _reexec_without_trimming(args.argv)  # before anything allocates much
     import torch
 
     from .bench import runner
@@ -50,11 +53,38 @@ def _bench(args: argparse.Namespace) -> int:
     print()
     print(runner.format_table(records))
     if not args.no_write:
-        command = "rnnkern " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        command = "rnnkern " + " ".join(shlex.quote(a) for a in args.argv)
         tag = "+".join(suites) + ("-quick" if args.quick else "")
+        tag += "-notrim" if args.allocator == "no-trim" else ""
         paths = runner.write_results(records, args.out, tag, device=args.device, command=command)
         print("\nwrote " + " and ".join(str(p) for p in paths))
     return 0
+
+
+# glibc returns freed memory to the system (heap trimming, mmap for large blocks), so a
+# baseline that allocates large buffers every call (oneDNN's LSTM re-orders its weights on every
+# call) pays page faults, and how many depends on what the process allocated before: stepping
+# nn.LSTM 3x512 took 1.6 ms per token in a fresh process and 6-7 ms after importing any large
+# extension (rnnkern._cpu, triton). "--allocator no-trim" re-runs the benchmark with glibc told
+# to keep freed memory, which gives such baselines their best case.
+_ALLOCATOR_ENV = "RNNKERN_BENCH_ALLOCATOR"
+_NO_TRIM = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),  # glibc's largest: blocks up to 32 MiB on the heap
+    "MALLOC_TRIM_THRESHOLD_": str(16 << 30),  # never give the heap's top back
+    "MALLOC_TOP_PAD_": str(256 << 20),
+}
+
+
+def _reexec_without_trimming(argv: list[str]) -> int:
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        print("rnnkern bench: --allocator no-trim needs glibc", file=sys.stderr)
+        return 2
+    env = {**os.environ, **_NO_TRIM, _ALLOCATOR_ENV: "no-trim"}
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "rnnkern.cli", *argv], env)
+    return 0  # not reached
 
 
 def _backends(args: argparse.Namespace) -> int:
@@ -97,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     bench.add_argument("--out", default="benchmarks/results", help="results folder")
     bench.add_argument("--no-write", action="store_true", help="print only, write no files")
+    bench.add_argument(
+        "--allocator",
+        choices=("default", "no-trim"),
+        default="default",
+        help="no-trim: run with glibc keeping freed memory (the best case for baselines that "
+        "allocate every call; results get a -notrim suffix)",
+    )
     bench.set_defaults(func=_bench)
 
     backends = sub.add_parser("backends", help="list backends and why any is unavailable")
@@ -116,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if getattr(args, "repeats", 1) is not None and getattr(args, "repeats", 1) < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     return int(args.func(args) or 0)

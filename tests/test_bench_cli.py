@@ -69,3 +69,28 @@ def test_backends_command_lists_reference(capsys):
     assert cli.main(["backends"]) == 0
     out = capsys.readouterr().out
     assert "reference  available" in out
+
+
+def test_bench_no_trim_allocator_reruns_with_glibc_keeping_memory(tmp_path):
+    """--allocator no-trim re-executes the benchmark with glibc's trimming off and says so in
+    the file name and the recorded command."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("--allocator no-trim needs glibc")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("RNNKERN_BENCH_ALLOCATOR", None)
+    code = "import os, sys; from rnnkern import cli; sys.exit(cli.main(sys.argv[1:]))"
+    args = ["bench", "--suite", "nn_modules", "--quick", "--repeats", "1", "--warmup", "1",
+            "--allocator", "no-trim", "--out", str(tmp_path)]  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = [p for p in tmp_path.iterdir() if p.suffix == ".md"]
+    assert len(md) == 1 and "-notrim" in md[0].name
+    assert "--allocator no-trim" in md[0].read_text()

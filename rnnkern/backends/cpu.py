@@ -198,7 +198,11 @@ class CPUBackend:
           barrier and call overheads exposed (0.78-1.01x), and at H=1024 both are bound by
           reading W_hh (16 MB) from L3 every step (0.87-1.07x). Forward alone is at parity
           over the grid (0.87-1.15x, one outlier B=4 H=1024 1.83x), so inference stays with
-          torch.nn. Shorter sequences than T=128 were not measured.
+          torch.nn. Shorter sequences than T=128 were not measured. Part of the training
+          advantage is memory: glibc gives freed memory back, so oneDNN's buffers are fresh
+          pages every call while ``cpu`` reuses its own (caching pool). With glibc told to keep
+          freed memory (``rnnkern bench --allocator no-trim``, torch.nn's best case) the target
+          shape is at parity: fwd+bwd 1.01x, fwd 0.91x (cpu_train-notrim-*).
         - LSTM with proj_size (oneDNN has none; torch.nn falls back to per-step ops): 1x256
           proj 128 B=16 T=64 fwd+bwd 1.24x. LSTM float64 (oneDNN has none): 1x256 B=16 T=64
           1.14x (both at 1 thread).
