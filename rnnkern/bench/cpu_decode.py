@@ -12,7 +12,8 @@ logits and feeding it back:
 - ``rnnkern step fp32``: :meth:`Decoder.step` per token from Python plus
   :func:`rnnkern.sampling.sample` (what a Python loop around the fused step costs).
 
-A second case per batch size reports the weight bandwidth: the bytes of the matrices a decoding
+At B = 1 a second case generates 256 tokens per timed run (the steady state; see ``cases``), and
+a third reports the weight bandwidth: the bytes of the matrices a decoding
 step streams (``W_hh`` of layer 0, ``W_ih`` and ``W_hh`` of layers 1-2, the head; layer 0's
 input projection is a table lookup) per second, beside ``torch.mv`` over a float32 matrix of
 the same bytes (the floor a plain matrix-vector product reaches on this machine).
@@ -146,6 +147,38 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                 notes=f"rnnkern kernels: {isa}, {threads} threads",
             )
         )
+        if B == 1 and not quick:
+            # Steady state: with 32 tokens per timed run every run starts with the decoder's
+            # 20 MB of fp32 weights evicted from the (shared, 32 MB) L3 by the interleaved
+            # baselines' re-ordered weight copies; 256 tokens, a whole tune rather than a
+            # phrase, measure the rate a generation loop settles at.
+            long_n = 256
+            steady = {
+                "torch.nn.LSTM step": _lstm_steps(rnn, emb, head, B, long_n),
+                "torch.nn.LSTMCell step": _cell_steps(rnn, emb, head, B, long_n),
+                "rnnkern generate fp32": _generate(dec32, B, long_n),
+                "rnnkern generate bf16": _generate(dec16, B, long_n),
+            }
+            out.append(
+                Case(
+                    suite="cpu_decode",
+                    name=f"decode LSTM {L}x{H} V={V} B=1, {long_n} tokens/stream (steady state)",
+                    params=dict(
+                        layers=L,
+                        hidden=H,
+                        vocab=V,
+                        batch=1,
+                        tokens=long_n,
+                        isa=isa,
+                        threads=threads,
+                    ),  # fmt: skip
+                    fns=steady,
+                    baseline="torch.nn.LSTM step",
+                    work={label: float(long_n) for label in steady},
+                    work_unit="tokens",
+                    notes=f"rnnkern kernels: {isa}, {threads} threads",
+                )
+            )
         # Bandwidth: the same decoder runs beside a plain matrix-vector product over as many
         # float32 bytes as one fp32 step streams (B = 1 only: at B = 16 the step is compute-bound).
         if B == 1:
