@@ -244,3 +244,42 @@ def test_lstm_training_with_own_gemm_matches_torch_nn():
     )
     for g, e, t in zip(got, exact, th, strict=True):
         assert_product_close(g, e, t)
+
+
+def test_pool_and_kernels_from_two_python_threads_at_once():
+    """Two threads training at once share the pool (acquire/release under its lock) and each
+    runs its own OpenMP teams: results are bitwise those of the same steps run one by one."""
+    import threading
+
+    import rnnkern
+
+    def make(seed):
+        torch.manual_seed(seed)
+        # gates [80, 16, 288] float32 = 1.5 MB: from the pool
+        return rnnkern.GRU(64, 96, num_layers=2, backend="cpu"), torch.randn(80, 16, 64)
+
+    def step(model, x):
+        x = x.clone().requires_grad_()
+        y, _ = model(x)
+        y.square().sum().backward()
+        return [y.detach(), x.grad] + [p.grad.clone() for p in model.parameters()]
+
+    jobs = [make(1), make(2)]
+    alone = [step(m, x) for m, x in jobs]
+    for m, _ in jobs:
+        m.zero_grad(set_to_none=True)
+    together: list = [None, None]
+
+    def run(i):
+        m, x = jobs[i]
+        for _ in range(3):  # several rounds, so that buffers go back and forth through the pool
+            m.zero_grad(set_to_none=True)
+            together[i] = step(m, x)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together, strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
