@@ -5,7 +5,9 @@ owning a range of hidden units (all their gates), one barrier per step. Per step
 recurrent product ``h @ W_hhᵀ`` with register-tiled vector code and the cell's pointwise update
 in the same pass. The backward runs the sequential part of BPTT the same way (``dgx``, ``dh0``,
 ``dc0``); the weight gradients ``dW_hh = Σ dghᵀ h``, ``db_hh`` and ``dW_hr`` are each one large
-GEMM over all ``T·B`` rows afterwards, done by torch.
+GEMM over all ``T·B`` rows afterwards, by the extension's own GEMM (:func:`gemm`), which also
+serves the input projection (``linear``, ``linear_backward``). Large output buffers come from
+the extension's caching pool (:func:`_alloc`).
 
 Instruction sets are chosen at run time (AVX-512, AVX2+FMA or portable vectors; the
 environment variable ``RNNKERN_CPU_ISA`` or :func:`rnnkern._cpu.set_isa` forces one).
@@ -58,9 +60,8 @@ def build_hint() -> str:
     )
 
 
-_OWN_LINEAR_MACS = (
-    1 << 23
-)  # smaller input projections stay with torch's GEMM (see linear_supported)
+# Smaller input projections (multiply-adds) stay with torch's GEMM: see linear_supported.
+_OWN_LINEAR_MACS = 1 << 23
 _POOL_MIN_BYTES = 1 << 20  # buffers from this size on come from the caching pool
 _CACHE_ENV = "RNNKERN_CPU_CACHE_MB"
 
@@ -141,8 +142,8 @@ def gemm(
     ``a`` and ``b`` may be any strided views (a transpose is a stride, not a copy); ``out``,
     ``bias`` and ``rowsum`` are contiguous; all share one dtype, float32 or float64. Why not
     torch's GEMM: on CPUs torch uses MKL, which runs its AVX2 code on AMD processors (about
-    90 GFLOP/s on one core of the 2-core AVX-512 machine the benchmarks ran on, against about
-    170 for this); see ``faster_than_torch``.
+    90 GFLOP/s on one core of the 2-core AVX-512 machine the benchmarks ran on, against
+    170-240 for this, depending on the shape); see ``faster_than_torch``.
     """
     M, K = a.shape
     N = b.shape[1]
