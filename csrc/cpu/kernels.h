@@ -1111,17 +1111,26 @@ void gemm(const GemmArgs& a) {
 #pragma omp for schedule(static)
       for (int q = 0; q < np; ++q) {
         S* dst = bp + q * s.panel_elems();
-        for (int v = 0; v < NV; ++v)
-          for (int l = 0; l < L; ++l) {
-            const int n = (q * NV + v) * L + l;
-            S* d = dst + v * L + l;
-            if (n >= N) {
-              for (int k = 0; k < kc; ++k) d[(long)k * NV * L] = S(0);
-            } else {
-              const S* src = Bm + (long)k0 * b_rs + (long)n * b_cs;
-              for (int k = 0; k < kc; ++k) d[(long)k * NV * L] = src[(long)k * b_rs];
-            }
+        const int n0 = q * NV * L, width = N - n0 < NV * L ? N - n0 : NV * L;
+        if (b_cs == 1) {  // rows of Bm are contiguous: a panel row is one copy
+          for (int k = 0; k < kc; ++k) {
+            S* d = dst + (long)k * NV * L;
+            __builtin_memcpy(d, Bm + (long)(k0 + k) * b_rs + n0, width * sizeof(S));
+            for (int c = width; c < NV * L; ++c) d[c] = S(0);
           }
+        } else {
+          for (int v = 0; v < NV; ++v)
+            for (int l = 0; l < L; ++l) {
+              const int n = n0 + v * L + l;
+              S* d = dst + v * L + l;
+              if (n >= N) {
+                for (int k = 0; k < kc; ++k) d[(long)k * NV * L] = S(0);
+              } else {
+                const S* src = Bm + (long)k0 * b_rs + (long)n * b_cs;
+                for (int k = 0; k < kc; ++k) d[(long)k * NV * L] = src[(long)k * b_rs];
+              }
+            }
+        }
       }
       // (implicit barrier: every thread reads all of Bm's panels below)
 #pragma omp for schedule(static)
