@@ -243,6 +243,11 @@ class Decoder:
         self._plan = None
         self._graphs = {}
         if self._triton is not None:
+            # generate's random-number key on the device (seed, index of the next draw), one
+            # pair per decoder: the eager loop and every captured graph read and advance these
+            # in place, so a token costs no copies of it.
+            self._seed = torch.zeros((), dtype=torch.int64, device=self.device)
+            self._draw = torch.zeros((), dtype=torch.int64, device=self.device)
             lay = self._layers
             self._triton_step = self._triton.DecodeStep(
                 self.cell, B, L, self.input_size, H, P, V,
@@ -475,32 +480,29 @@ class Decoder:
         by the rule of :mod:`rnnkern.sampling`) and one step, with no host round trip; the
         only synchronisation is the check for non-finite logits at the end. On CUDA each
         token's sample-and-step is one replay of a captured CUDA graph."""
-        B, S = prime.shape
-        steps = out.shape[1]
+        B, steps = prime.shape[0], out.shape[1]
         dev = self.device
-        for s in range(S):
-            self._triton_advance(prime[:, s].contiguous())
-        seed_t = sampling.u64_tensor(seed, dev)
-        step_t = sampling.u64_tensor(first_step, dev)
+        for column in prime.t().contiguous():  # one copy, then a contiguous [B] row per step
+            self._triton_advance(column)
+        self._seed.copy_(sampling.u64_tensor(seed, dev))
+        self._draw.copy_(sampling.u64_tensor(first_step, dev))
         bad = torch.zeros(B, dtype=torch.bool, device=dev)
         use_graph = dev.type == "cuda" and self.cuda_graphs
         for j in range(steps):
             if j + 1 < steps and use_graph and j > 0:
                 # j > 0: the first token ran eagerly, which compiled and warmed every kernel.
-                graph, tok, flag = self._graph(temperature, top_k, top_p, seed_t, step_t)
+                graph, tok, flag = self._graph(temperature, top_k, top_p)
                 graph.replay()
                 self._parity ^= 1
-                out[:, j].copy_(tok)
-                bad |= flag
-                continue
-            tok, flag = sampling.sample_tensor(
-                self._logits, temperature, top_k, top_p, seed_t, step_t
-            )
-            step_t += 1  # uint64 counter held as int64: wraps exactly as 2**64 arithmetic
+            else:
+                tok, flag = sampling.sample_tensor(
+                    self._logits, temperature, top_k, top_p, self._seed, self._draw
+                )
+                self._draw += 1  # uint64 counter held as int64: wraps as 2**64 arithmetic does
+                if j + 1 < steps:
+                    self._triton_advance(tok)
             out[:, j].copy_(tok)
             bad |= flag
-            if j + 1 < steps:
-                self._triton_advance(tok)
         if self._triton_step.n_split > 1:
             self._triton_step.check_sync()
         if bool(bad.any()):
@@ -511,31 +513,23 @@ class Decoder:
             )
         return out
 
-    def _graph(self, temperature, top_k, top_p, seed_t: Tensor, step_t: Tensor):
+    def _graph(self, temperature, top_k, top_p):
         """The CUDA graph of one sample-and-step from the current parity, captured on first
-        use for these sampling arguments: reads ``self._logits``, ``seed_t``, ``step_t``;
-        writes the sampled tokens into its own buffer, advances ``step_t`` and the state."""
+        use for these sampling arguments: reads ``self._logits``, ``self._seed`` and
+        ``self._draw``; writes the sampled tokens (and bad-row flags) into buffers of its own,
+        advances ``self._draw`` and the state. Returns the graph and those two buffers."""
         key = (self._parity, float(temperature), int(top_k), float(top_p))
-        entry = self._graphs.get(key)
-        if entry is not None:
-            graph, tok, flag, seed_buf, step_buf = entry
-            seed_buf.copy_(seed_t)
-            step_buf.copy_(step_t)
-        else:
-            seed_buf, step_buf = seed_t.clone(), step_t.clone()
+        if key not in self._graphs:
             graph = torch.cuda.CUDAGraph()
-            parity = self._parity
-            h = self._h
+            h, parity = self._h, self._parity
             with torch.cuda.graph(graph):
                 tok, flag = sampling.sample_tensor(
-                    self._logits, temperature, top_k, top_p, seed_buf, step_buf
+                    self._logits, temperature, top_k, top_p, self._seed, self._draw
                 )
-                step_buf += 1
+                self._draw += 1
                 self._triton_step(tok, None, h[parity], h[1 - parity], self._c, self._logits)
-            self._graphs[key] = (graph, tok, flag, seed_buf, step_buf)
-        # After the replay the caller's counter must have advanced as the graph's did.
-        step_t += 1
-        return graph, tok, flag
+            self._graphs[key] = (graph, tok, flag)
+        return self._graphs[key]
 
 
 def _cuda_graphs_enabled() -> bool:
