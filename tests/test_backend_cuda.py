@@ -45,6 +45,7 @@ from pathlib import Path
 import pytest
 import test_nn_parity  # sibling test module (pytest puts tests/ on sys.path)
 import torch
+from tolerances import assert_float32_close
 
 from rnnkern.backends import cuda as cuda_backend
 from rnnkern.backends import get_backend
@@ -233,16 +234,6 @@ def run(name, inp, backend, lengths=None, reverse=False, grad=True, dtype=None, 
         grads = torch.autograd.grad(loss, [leaves[k] for k in names])
         out.update(zip(names, grads, strict=True))
     return {k: v for k, v in out.items() if v is not None}
-
-
-def assert_float32_close(got: dict, ref: dict) -> None:
-    assert got.keys() == ref.keys()
-    for k in ref:
-        r = ref[k].double()
-        atol = 1e-5 * max(1.0, r.abs().max().item()) if r.numel() else 0.0
-        torch.testing.assert_close(
-            got[k].double(), r, rtol=1e-5, atol=atol, msg=lambda m, k=k: f"{k}: {m}"
-        )
 
 
 # (T, B, H, lengths, reverse, bias)

@@ -39,6 +39,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'triton>=3.6')")
 
+from tolerances import assert_float32_close
+
 from rnnkern.backends import get_backend  # noqa: E402
 from rnnkern.backends.base import LayerConfig  # noqa: E402
 from rnnkern.backends.triton import BACKEND, common  # noqa: E402
@@ -120,16 +122,6 @@ def run(name, inp, backend, lengths=None, reverse=False, grad=True, dtype=None, 
         grads = torch.autograd.grad(loss, [leaves[k] for k in names])
         out.update(zip(names, grads, strict=True))
     return {k: v for k, v in out.items() if v is not None}
-
-
-def assert_float32_close(got: dict, ref: dict) -> None:
-    assert got.keys() == ref.keys()
-    for k in ref:
-        r = ref[k].double()
-        atol = 1e-5 * max(1.0, r.abs().max().item()) if r.numel() else 0.0
-        torch.testing.assert_close(
-            got[k].double(), r, rtol=1e-5, atol=atol, msg=lambda m, k=k: f"{k}: {m}"
-        )
 
 
 # ----------------------------------------------------------------------------------------------

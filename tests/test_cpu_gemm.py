@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerances import assert_within_float32_error
 
 from rnnkern.backends import cpu as cpu_backend
 from rnnkern.functional import input_projection
@@ -36,10 +37,7 @@ def assert_product_close(got, exact, torch_result):
     if got.dtype == torch.float64:
         torch.testing.assert_close(got, exact, rtol=1e-12, atol=1e-12 * exact.abs().max().item())
         return
-    ulp = torch.finfo(got.dtype).eps * exact.abs().max().item()
-    torch_err = (torch_result.double() - exact).abs().max().item()
-    err = (got.double() - exact).abs().max().item()
-    assert err <= 3 * torch_err + 8 * ulp, (err, torch_err, ulp)
+    assert_within_float32_error(got, exact, torch_result, floor_min=0.0)
 
 
 def strided(t, transposed):

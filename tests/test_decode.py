@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from tolerances import assert_within_float32_error
 
 import rnnkern
 from rnnkern import sampling
@@ -78,10 +79,7 @@ def round_streamed_to_bf16(rnn, head):
 
 
 def assert_logits_close(got, ref32, gold):
-    eps = torch.finfo(torch.float32).eps
-    err, ref_err = float((got - gold).abs().max()), float((ref32 - gold).abs().max())
-    floor = 8 * eps * max(1.0, float(gold.abs().max()))
-    assert err <= 3 * ref_err + floor, f"error {err:.3g} vs torch.nn float32 {ref_err:.3g}"
+    assert_within_float32_error(got, gold, ref32, "logits")
 
 
 CASES = [
