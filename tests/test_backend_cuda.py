@@ -35,22 +35,22 @@ Tolerances.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import layer_cases  # sibling test modules (pytest puts tests/ on sys.path)
 import pytest
-import test_nn_parity  # sibling test module (pytest puts tests/ on sys.path)
+import test_nn_parity
 import torch
+from layer_cases import cell_of, run
 from tolerances import assert_float32_close
 
 from rnnkern.backends import cuda as cuda_backend
 from rnnkern.backends import get_backend
 from rnnkern.backends.base import LayerConfig
-from rnnkern.functional import rnn_layer
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND = cuda_backend.BACKEND
@@ -180,60 +180,8 @@ def cuda_ready():
     yield
 
 
-def _cell(name: str) -> str:
-    return "lstm" if name == "lstm_proj" else name
-
-
-def make_inputs(name, T, B, H, *, I=5, bias=True, dtype=torch.float32, seed=0):
-    """Random layer inputs in ``dtype`` on the GPU (states float32, representable in dtype)."""
-    cell = _cell(name)
-    G = {"lstm": 4, "gru": 3}.get(cell, 1)
-    P = max(1, H // 2) if name == "lstm_proj" else H
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale):
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to("cuda")
-
-    return dict(
-        x=rnd(T, B, I, scale=1.0),
-        h0=rnd(B, P, scale=0.5).float(),
-        c0=rnd(B, H, scale=0.5).float() if cell == "lstm" else None,
-        w_ih=rnd(G * H, I, scale=1 / math.sqrt(I)),
-        w_hh=rnd(G * H, P, scale=1 / math.sqrt(P)),
-        b_ih=rnd(G * H, scale=0.1) if bias else None,
-        b_hh=rnd(G * H, scale=0.1) if bias else None,
-        w_hr=rnd(P, H, scale=1 / math.sqrt(H)) if name == "lstm_proj" else None,
-    )
-
-
-def run(name, inp, backend, lengths=None, reverse=False, grad=True, dtype=None, seed=1):
-    """Outputs and (with ``grad``) the gradients of every input under random upstream
-    gradients on every output, by name."""
-    leaves = {
-        k: (None if v is None else (v if dtype is None else v.to(dtype)).detach().clone())
-        for k, v in inp.items()
-    }
-    if grad:
-        for v in leaves.values():
-            if v is not None:
-                v.requires_grad_(True)
-    y, h_n, c_n = rnn_layer(
-        _cell(name), leaves["x"], leaves["h0"], leaves["c0"], leaves["w_ih"], leaves["w_hh"],
-        leaves["b_ih"], leaves["b_hh"], leaves["w_hr"], lengths=lengths, reverse=reverse,
-        backend=backend,
-    )  # fmt: skip
-    out = dict(y=y, h_n=h_n, c_n=c_n)
-    if grad:
-        gen = torch.Generator().manual_seed(seed)
-        loss = 0
-        for t in (y, h_n, c_n):
-            if t is not None:
-                u = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device)
-                loss = loss + (t.double() * u).sum()
-        names = [k for k, v in leaves.items() if v is not None]
-        grads = torch.autograd.grad(loss, [leaves[k] for k in names])
-        out.update(zip(names, grads, strict=True))
-    return {k: v for k, v in out.items() if v is not None}
+def make_inputs(name, T, B, H, **kw):
+    return layer_cases.make_inputs(name, T, B, H, device="cuda", **kw)
 
 
 # (T, B, H, lengths, reverse, bias)
@@ -275,7 +223,7 @@ def test_float32_matches_reference(cuda_ready, name, case):
     got = run(name, inp, "cuda", lengths, reverse)
     ref = run(name, inp, "reference", lengths, reverse)
     assert_float32_close(got, ref)
-    if case == "H2048_weights_in_L2" and _cell(name) in ("lstm", "gru"):
+    if case == "H2048_weights_in_L2" and cell_of(name) in ("lstm", "gru"):
         # the streaming path ran (an RNN's slice, G=1, still fits in shared memory at H=2048)
         assert BACKEND.last_launch["weights_in_smem"] is False
 
@@ -321,7 +269,7 @@ def test_inference_without_saving_matches_reference(cuda_ready, name):
 def test_saved_activations_follow_the_contract_layout(cuda_ready, name):
     # What forward saves must be exactly what the contract says (another backend's backward
     # may consume it), including the steps past each length.
-    cell = _cell(name)
+    cell = cell_of(name)
     inp = make_inputs(name, 4, 3, 10)
     lengths = _lengths([4, 2, 3], 4, 3)
     gx = torch.nn.functional.linear(inp["x"], inp["w_ih"], inp["b_ih"]).contiguous()
@@ -336,7 +284,7 @@ def test_saved_activations_follow_the_contract_layout(cuda_ready, name):
 def _torch_module(name, inp, dtype):
     """torch.nn's own layer holding ``inp``'s weights, in ``dtype``."""
     I = inp["x"].shape[2]
-    H = inp["w_hh"].shape[0] // {"lstm": 4, "gru": 3}.get(_cell(name), 1)
+    H = inp["w_hh"].shape[0] // {"lstm": 4, "gru": 3}.get(cell_of(name), 1)
     kw = dict(bias=inp["b_ih"] is not None)
     if name == "lstm_proj":
         mod = torch.nn.LSTM(I, H, proj_size=inp["w_hr"].shape[0], **kw)
@@ -361,7 +309,7 @@ def _run_torch(name, inp, dtype, seed=1):
     mod = _torch_module(name, inp, dtype)
     x = inp["x"].to(dtype).detach().clone().requires_grad_(True)
     h0 = inp["h0"].to(dtype).unsqueeze(0).detach().clone().requires_grad_(True)
-    if _cell(name) == "lstm":
+    if cell_of(name) == "lstm":
         c0 = inp["c0"].to(dtype).unsqueeze(0).detach().clone().requires_grad_(True)
         y, (h_n, c_n) = mod(x, (h0, c0))
         outs, leaves = [y, h_n[0], c_n[0]], {"x": x, "h0": h0, "c0": c0}
