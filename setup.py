@@ -19,7 +19,14 @@ from setuptools.command.build_ext import build_ext
 
 CUDA_EXT = "rnnkern._cuda"
 CUDA_SOURCES = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-CUDA_HEADERS = sorted(glob.glob(os.path.join("csrc", "cuda", "*.h")))
+# Headers the compiled sources include: csrc/common holds what the CPU and CUDA code share
+# (the sampling rule), so a change there rebuilds both extensions.
+COMMON_HEADERS = sorted(glob.glob(os.path.join("csrc", "common", "*.h")))
+CUDA_HEADERS = sorted(
+    glob.glob(os.path.join("csrc", "cuda", "*.h"))
+    + glob.glob(os.path.join("csrc", "cuda", "*.cuh"))
+    + COMMON_HEADERS
+)
 DEFAULT_CUDA_ARCHS = "sm_80,sm_90+PTX"
 
 
@@ -136,6 +143,7 @@ def extensions():
                 "rnnkern._cpu",
                 cpu_sources,
                 cxx_std=17,
+                depends=sorted(glob.glob(os.path.join("csrc", "cpu", "*.h"))) + COMMON_HEADERS,
                 # -ffp-contract=fast lets GCC fuse a*b+c into FMA under -std=c++17 (ISO mode
                 # turns contraction off); -Wno-psabi silences notes about vector-argument ABI
                 # changes between the ISA-specific copies, which never call each other.
