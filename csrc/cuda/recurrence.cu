@@ -21,47 +21,15 @@
 // States and accumulation are float32 for every input dtype; weights stay in the input dtype
 // (half the shared memory for 16-bit inputs) and are converted on load.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <cstdint>
-#include <cstdlib>
-#include <stdexcept>
-#include <string>
-
-#include "api.h"
-
-#ifndef RNNKERN_WITH_F16
-#define RNNKERN_WITH_F16 1
-#endif
-#ifndef RNNKERN_WITH_BF16
-#define RNNKERN_WITH_BF16 1
-#endif
+#include "device_common.cuh"
 
 namespace rnnkern_cuda {
 namespace {
 
-constexpr int kThreads = 512;           // 16 warps: enough to cover smem latency in the matvecs
-constexpr int kWarps = kThreads / 32;
-constexpr int kBatchPerTask = 4;        // batch rows one warp task multiplies with one weight row
 // Batch rows staged in shared memory at a time (at most): every chunk costs a round of
 // staging, matvec and cell update with a block synchronisation between each, so larger is
 // better as long as the shared memory holds it (make_plan shrinks it to fit).
 constexpr int kMaxBatchChunk = 64;
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("rnnkern._cuda: ") + what + " failed: " +
-                             cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
-}
-
-__host__ __device__ constexpr int gate_count(int cell) {
-  return cell == kLSTM ? 4 : cell == kGRU ? 3 : 1;
-}
-
-__host__ __device__ inline size_t align16(size_t bytes) { return (bytes + 15) & ~size_t(15); }
 
 // Dynamic shared memory of one block, the same arithmetic on host and device:
 //   x       [Bc][K] float  staged activations (h, m, dht or dpre rows of the batch chunk)
@@ -69,9 +37,6 @@ __host__ __device__ inline size_t align16(size_t bytes) { return (bytes + 15) & 
 //   partial [kPartial] float  split-K partial sums of the tiled matvec
 //   w       w_elems  dtype resident recurrent weight slice (only when resident)
 //   wr      wr_elems dtype resident projection weight slice (only when resident)
-constexpr int kTileRows = 4;    // weight rows per warp tile of the tiled matvec
-constexpr int kTileBatch = 8;   // batch rows per warp tile (kTileRows * kTileBatch == 32 lanes)
-constexpr int kPartial = kWarps * kTileRows * kTileBatch;
 
 struct SmemLayout {
   size_t x, pre, partial, w, wr, total;
@@ -104,117 +69,6 @@ struct Plan {
 };
 
 // ---------------------------------------------------------------------------------------------
-// device helpers
-// ---------------------------------------------------------------------------------------------
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) {
-  return v;
-}
-#if RNNKERN_WITH_F16
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) {
-  return __half2float(v);
-}
-#endif
-#if RNNKERN_WITH_BF16
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-#endif
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-#if RNNKERN_WITH_F16
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-#endif
-#if RNNKERN_WITH_BF16
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-#endif
-
-// Accurate expf / tanhf (no fast math): the float32 tests compare at ~1e-5.
-__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ unsigned long long load_acquire(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void red_release_add(unsigned long long* p, unsigned long long v) {
-  asm volatile("red.release.gpu.global.add.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ long long global_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return static_cast<long long>(t);
-}
-
-// Grid-wide barrier on a monotonic arrival counter: the k-th barrier completes when the
-// counter reaches k * blocks (64 bits: no wrap-around for any realistic T). Co-residency of
-// all blocks is guaranteed by the cooperative launch. Returns false when the kernel must stop:
-// this block waited past the timeout (it then records kErrBarrierTimeout) or another block
-// already recorded an error. Every thread of the block gets the same answer.
-struct GridBarrier {
-  unsigned long long* arrivals;  // sync[0]
-  unsigned long long* error;     // sync[1]
-  unsigned long long blocks;
-  unsigned long long generation;  // barriers passed so far (meaningful in thread 0 only)
-  long long timeout_ns;          // <= 0: wait forever
-
-  __device__ bool wait() {
-    __shared__ int keep_going;
-    __syncthreads();  // all of this block's writes for the phase are issued
-    if (threadIdx.x == 0) {
-      ++generation;
-      const unsigned long long target = generation * blocks;
-      // Release: the block's writes (ordered before this thread by __syncthreads) become
-      // visible GPU-wide before the arrival is counted; the spin below loads with acquire.
-      // (CUTLASS's GenericBarrier uses the same red.release / ld.acquire pair.)
-      red_release_add(arrivals, 1ULL);
-      int good = 1;
-      const long long start = global_ns();
-      unsigned int spins = 0;
-      while (load_acquire(arrivals) < target) {
-        if ((++spins & 255u) == 0) {
-          if (load_acquire(error) != kErrNone) {
-            good = 0;
-            break;
-          }
-          if (timeout_ns > 0 && global_ns() - start > timeout_ns) {
-            atomicCAS(error, 0ULL, static_cast<unsigned long long>(kErrBarrierTimeout));
-            good = 0;
-            break;
-          }
-        }
-      }
-      keep_going = good;  // the acquire load above + __syncthreads order the block's reads
-    }
-    __syncthreads();
-    return keep_going != 0;
-  }
-};
-
 // Valid length of batch element b (lengths checked: a value outside [1, T] is recorded as an
 // error and clamped, so indexing stays in bounds).
 __device__ __forceinline__ int length_of(const int64_t* lengths, int b, int T,
@@ -232,202 +86,6 @@ __device__ __forceinline__ int length_of(const int64_t* lengths, int b, int T,
 // steps past the length (where outputs are zero and gradients pass through), len-1-s reversed.
 __device__ __forceinline__ int time_of(int s, int len, int reverse) {
   return (reverse && s < len) ? len - 1 - s : s;
-}
-
-// Row r of a weight slice: base + (r / per_gate) * gate_stride + (r % per_gate) * row_len.
-template <typename T>
-struct Rows {
-  const T* base;
-  long long gate_stride;
-  int per_gate;
-  int row_len;
-  __device__ __forceinline__ const T* row(int r) const {
-    return base + (r / per_gate) * gate_stride + static_cast<long long>(r % per_gate) * row_len;
-  }
-};
-
-// out(bb, r, v) with v = sum_k x[bb*ldx + k] * W_r[k] for bb < nb, r < nrows.
-// x: [nb][ldx] float in shared memory; W_r: row r of `rows` (K elements, shared or global).
-// One warp per (row, group of 4 batch rows): each weight element is loaded once per 4 batch
-// rows; lanes stride over k (conflict-free shared loads), then a warp reduction.
-template <typename T, typename Out>
-__device__ __forceinline__ void block_matvec(const float* x, int ldx, int nb, int K, int nrows,
-                                             const Rows<T>& rows, Out out) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int groups = (nb + kBatchPerTask - 1) / kBatchPerTask;
-  for (int task = warp; task < nrows * groups; task += kWarps) {
-    const int r = task / groups;
-    const int bb0 = (task % groups) * kBatchPerTask;
-    const int nq = min(kBatchPerTask, nb - bb0);
-    const T* w = rows.row(r);
-    const float* x0 = x + static_cast<size_t>(bb0) * ldx;
-    float acc[kBatchPerTask] = {0.f, 0.f, 0.f, 0.f};
-    for (int k = lane; k < K; k += 32) {
-      const float wk = to_float(w[k]);
-#pragma unroll
-      for (int q = 0; q < kBatchPerTask; ++q)
-        if (q < nq) acc[q] = fmaf(wk, x0[q * ldx + k], acc[q]);
-    }
-#pragma unroll
-    for (int q = 0; q < kBatchPerTask; ++q) acc[q] = warp_sum(acc[q]);
-    if (lane == 0)
-      for (int q = 0; q < nq; ++q) out(bb0 + q, r, acc[q]);
-  }
-}
-
-// Reduce 32 values across the 32 lanes of a warp so that lane l ends with the sum over lanes
-// of v[l] (31 shuffles instead of 32 * 5 for 32 separate butterflies): at each level a lane
-// keeps one half of its values, sends the other half to its partner and adds what it gets.
-template <int OFF>
-__device__ __forceinline__ void transpose_sum_level(float (&v)[32], int lane) {
-  const bool upper = (lane & OFF) != 0;
-#pragma unroll
-  for (int i = 0; i < OFF; ++i) {  // compile-time indices: v stays in registers
-    const float send = upper ? v[i] : v[i + OFF];
-    const float keep = upper ? v[i + OFF] : v[i];
-    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFF);
-  }
-}
-
-__device__ __forceinline__ float warp_transpose_sum(float (&v)[32]) {
-  const int lane = threadIdx.x % 32;
-  transpose_sum_level<16>(v, lane);
-  transpose_sum_level<8>(v, lane);
-  transpose_sum_level<4>(v, lane);
-  transpose_sum_level<2>(v, lane);
-  transpose_sum_level<1>(v, lane);
-  return v[0];  // after the 5 levels, slot 0 of lane l holds the total of value index l
-}
-
-// Same contract as block_matvec, register-tiled: one warp task is a tile of kTileRows weight
-// rows x kTileBatch batch rows over a range of k (lanes stride k), so each k step loads 4
-// weights and 8 activations for 32 FMAs (block_matvec: 5 loads for 4). When the block has
-// fewer tiles than warps, k is split over up to 8 warps (ks); their partial sums go to
-// `partial` [ks][nrows][nb] and are added in a fixed order (deterministic results).
-// Called by every thread of the block (it synchronises when ks > 1).
-template <typename T, typename Out>
-__device__ __forceinline__ void block_matvec_tiled(const float* x, int ldx, int nb, int K,
-                                                   int nrows, const Rows<T>& rows,
-                                                   float* partial, Out out) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row_tiles = (nrows + kTileRows - 1) / kTileRows;
-  const int batch_tiles = (nb + kTileBatch - 1) / kTileBatch;
-  const int tiles = row_tiles * batch_tiles;
-  // ks * tiles <= kWarps whenever ks > 1, so ks * nrows * nb <= kWarps * 32 = kPartial.
-  const int ks = max(1, min(min(kWarps / tiles, 8), K / 64));
-  const int kchunk = ((K + ks - 1) / ks + 31) / 32 * 32;
-  for (int task = warp; task < tiles * ks; task += kWarps) {
-    const int tile = task % tiles, kk = task / tiles;
-    const int r0 = (tile / batch_tiles) * kTileRows;
-    const int bb0 = (tile % batch_tiles) * kTileBatch;
-    const int nr = min(kTileRows, nrows - r0), nq = min(kTileBatch, nb - bb0);
-    const int k_end = min(K, (kk + 1) * kchunk);
-    const T* w[kTileRows];
-#pragma unroll
-    for (int i = 0; i < kTileRows; ++i) w[i] = rows.row(min(r0 + i, nrows - 1));  // clamped
-    const float* x0 = x + static_cast<size_t>(bb0) * ldx;
-    float acc[kTileRows * kTileBatch];
-#pragma unroll
-    for (int i = 0; i < kTileRows * kTileBatch; ++i) acc[i] = 0.f;
-    for (int k = kk * kchunk + lane; k < k_end; k += 32) {
-      float wv[kTileRows];
-#pragma unroll
-      for (int i = 0; i < kTileRows; ++i) wv[i] = to_float(w[i][k]);
-#pragma unroll
-      for (int q = 0; q < kTileBatch; ++q) {
-        if (q < nq) {
-          const float xv = x0[q * ldx + k];
-#pragma unroll
-          for (int i = 0; i < kTileRows; ++i)
-            acc[i * kTileBatch + q] = fmaf(wv[i], xv, acc[i * kTileBatch + q]);
-        }
-      }
-    }
-    const float v = warp_transpose_sum(acc);  // lane l: row r0 + l / 8, batch bb0 + l % 8
-    const int i = lane / kTileBatch, q = lane % kTileBatch;
-    if (i < nr && q < nq) {
-      if (ks == 1)
-        out(bb0 + q, r0 + i, v);
-      else
-        partial[(kk * nrows + r0 + i) * nb + bb0 + q] = v;
-    }
-  }
-  if (ks > 1) {
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < nrows * nb; idx += kThreads) {
-      const int r = idx / nb, bb = idx % nb;
-      float v = 0.f;
-      for (int kk = 0; kk < ks; ++kk) v += partial[(kk * nrows + r) * nb + bb];
-      out(bb, r, v);
-    }
-    __syncthreads();  // partial is reused by the next call
-  }
-}
-
-// Dispatch between the two matvecs (plan.tiled is uniform over the grid).
-template <typename T, typename Out>
-__device__ __forceinline__ void matvec(bool tiled, const float* x, int ldx, int nb, int K,
-                                       int nrows, const Rows<T>& rows, float* partial, Out out) {
-  if (tiled)
-    block_matvec_tiled<T>(x, ldx, nb, K, nrows, rows, partial, out);
-  else
-    block_matvec<T>(x, ldx, nb, K, nrows, rows, out);
-}
-
-// Copy rows [b0, b0+nb) of a [B][K] float matrix written by other blocks into shared memory.
-// __ldcg reads through L2 (never a stale L1 line from an earlier step).
-// 16-byte loads when the rows allow it (dst, the start of shared memory, is 16-byte aligned).
-// kStageUnroll loads are issued before their stores: a plain loop would wait out one L2
-// round trip (~0.5-1 us) per iteration, and a 64-row chunk takes a few dozen iterations.
-constexpr int kStageUnroll = 8;
-
-__device__ __forceinline__ void stage_rows(float* dst, const float* src, int b0, int nb, int K) {
-  const float* s = src + static_cast<size_t>(b0) * K;
-  const int n = nb * K;
-  if ((n & 3) == 0 && (reinterpret_cast<uintptr_t>(s) & 15) == 0) {
-    const float4* s4 = reinterpret_cast<const float4*>(s);
-    float4* d4 = reinterpret_cast<float4*>(dst);
-    const int n4 = n / 4;
-    int i = threadIdx.x;
-    for (; i + (kStageUnroll - 1) * kThreads < n4; i += kStageUnroll * kThreads) {
-      float4 v[kStageUnroll];
-#pragma unroll
-      for (int u = 0; u < kStageUnroll; ++u) v[u] = __ldcg(s4 + i + u * kThreads);
-#pragma unroll
-      for (int u = 0; u < kStageUnroll; ++u) d4[i + u * kThreads] = v[u];
-    }
-    for (; i < n4; i += kThreads) d4[i] = __ldcg(s4 + i);
-  } else {
-    int i = threadIdx.x;
-    for (; i + (kStageUnroll - 1) * kThreads < n; i += kStageUnroll * kThreads) {
-      float v[kStageUnroll];
-#pragma unroll
-      for (int u = 0; u < kStageUnroll; ++u) v[u] = __ldcg(s + i + u * kThreads);
-#pragma unroll
-      for (int u = 0; u < kStageUnroll; ++u) dst[i + u * kThreads] = v[u];
-    }
-    for (; i < n; i += kThreads) dst[i] = __ldcg(s + i);
-  }
-}
-
-// Copy a weight slice of `rows` (nrows rows of row_len) into a dense [nrows][row_len] array.
-// Once per launch; unrolled like stage_rows so the loads of one thread overlap.
-template <typename T>
-__device__ void stage_weights(T* dst, const Rows<T>& rows, int nrows) {
-  const int n = rows.row_len;
-  const long long total = static_cast<long long>(nrows) * n;
-  long long i = threadIdx.x;
-  for (; i + (kStageUnroll - 1) * kThreads < total; i += kStageUnroll * kThreads) {
-    T v[kStageUnroll];
-#pragma unroll
-    for (int u = 0; u < kStageUnroll; ++u) {
-      const long long e = i + u * kThreads;
-      v[u] = rows.row(static_cast<int>(e / n))[e % n];
-    }
-#pragma unroll
-    for (int u = 0; u < kStageUnroll; ++u) dst[i + u * kThreads] = v[u];
-  }
-  for (; i < total; i += kThreads) dst[i] = rows.row(static_cast<int>(i / n))[i % n];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -783,24 +441,6 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
 // ---------------------------------------------------------------------------------------------
 // host side: plans and launches
 // ---------------------------------------------------------------------------------------------
-
-int elem_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
-
-DeviceInfo query_device() {
-  DeviceInfo d{};
-  check(cudaGetDevice(&d.device), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, d.device),
-        "cudaDeviceGetAttribute(MultiProcessorCount)");
-  check(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d.device),
-        "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
-  check(cudaDeviceGetAttribute(&d.cooperative, cudaDevAttrCooperativeLaunch, d.device),
-        "cudaDeviceGetAttribute(CooperativeLaunch)");
-  check(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, d.device),
-        "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
-  check(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, d.device),
-        "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
-  return d;
-}
 
 // The work split and shared-memory plan for `sms` blocks at most and a shared-memory budget.
 // Forward: K = staged row length (P, or max(P, H) with projection), C = G*Hb,
