@@ -93,6 +93,44 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 // Accurate expf / tanhf (no fast math): the float32 tests compare at ~1e-5.
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
+// One step of the cell of one hidden unit, the formulas of every forward kernel here:
+// gx / gh are the input and recurrent parts of the G pre-activations (biases included);
+// c_prev is the unit's cell (LSTM) and h_prev its previous state (GRU). Returns the activated
+// gates (LSTM i, f, g, o; GRU r, z, n), the new cell (LSTM) and the unit's output h (LSTM:
+// o * tanh(c), before any projection).
+template <int CELL>
+struct CellStep {
+  float gate[gate_count(CELL)];
+  float c, h;
+};
+
+template <int CELL>
+__device__ __forceinline__ CellStep<CELL> cell_step(const float (&gx)[gate_count(CELL)],
+                                                    const float (&gh)[gate_count(CELL)],
+                                                    float c_prev, float h_prev) {
+  CellStep<CELL> s;
+  if (CELL == kLSTM) {
+    s.gate[0] = sigmoid(gx[0] + gh[0]);
+    s.gate[1] = sigmoid(gx[1] + gh[1]);
+    s.gate[2] = tanhf(gx[2] + gh[2]);
+    s.gate[3] = sigmoid(gx[3] + gh[3]);
+    s.c = fmaf(s.gate[1], c_prev, s.gate[0] * s.gate[2]);
+    s.h = s.gate[3] * tanhf(s.c);
+  } else if (CELL == kGRU) {
+    s.gate[0] = sigmoid(gx[0] + gh[0]);
+    s.gate[1] = sigmoid(gx[1] + gh[1]);
+    s.gate[2] = tanhf(fmaf(s.gate[0], gh[2], gx[2]));  // n = tanh(gx_n + r * (W_hn h + b_hn))
+    s.c = 0.f;
+    s.h = (1.f - s.gate[1]) * s.gate[2] + s.gate[1] * h_prev;
+  } else {
+    const float pre = gx[0] + gh[0];
+    s.gate[0] = CELL == kRNNTanh ? tanhf(pre) : fmaxf(pre, 0.f);
+    s.c = 0.f;
+    s.h = s.gate[0];
+  }
+  return s;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -192,49 +192,23 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
 #pragma unroll
           for (int g = 0; g < G; ++g)
             gh[g] = pr[g * Hb] + (b_hh ? to_float(b_hh[g * H + j]) : 0.f);
-          if (CELL == kLSTM) {
-            const float ig = sigmoid(gxv[0] + gh[0]);
-            const float fg = sigmoid(gxv[1] + gh[1]);
-            const float gg = tanhf(gxv[2] + gh[2]);
-            const float og = sigmoid(gxv[3] + gh[3]);
-            const float c_new = fmaf(fg, c_prev, ig * gg);
-            const float m = og * tanhf(c_new);
-            if (gates) {
-              gates[j] = ig;
-              gates[H + j] = fg;
-              gates[2 * H + j] = gg;
-              gates[3 * H + j] = og;
-            }
-            cn[static_cast<size_t>(b) * H + j] = valid ? c_new : c_prev;
-            if (proj) {
-              a.m[static_cast<size_t>(b) * H + j] = m;
-            } else {
-              const float h_prev = x_s[bb * P + j];  // staged copy of h_{s-1}
-              hn[static_cast<size_t>(b) * P + j] = valid ? m : h_prev;
-              y[(static_cast<size_t>(t) * B + b) * P + j] = from_float<T>(valid ? m : 0.f);
-            }
-          } else {
-            float h_new;
-            if (CELL == kGRU) {
-              const float r = sigmoid(gxv[0] + gh[0]);
-              const float z = sigmoid(gxv[1] + gh[1]);
-              const float n = tanhf(fmaf(r, gh[2], gxv[2]));
-              const float h_prev = x_s[bb * P + j];  // staged copy of h_{s-1}
-              h_new = (1.f - z) * n + z * h_prev;
-              if (gates) {
-                gates[j] = r;
-                gates[H + j] = z;
-                gates[2 * H + j] = n;
-                a.aux[(static_cast<size_t>(s) * B + b) * H + j] = gh[2];
-              }
-            } else {
-              const float pre = gxv[0] + gh[0];
-              h_new = CELL == kRNNTanh ? tanhf(pre) : fmaxf(pre, 0.f);
-            }
-            const float h_prev = x_s[bb * P + j];  // staged copy of h_{s-1}
-            hn[static_cast<size_t>(b) * P + j] = valid ? h_new : h_prev;
-            y[(static_cast<size_t>(t) * B + b) * P + j] = from_float<T>(valid ? h_new : 0.f);
+          // h_prev: the staged copy of h_{s-1} (no projection here, so P == H).
+          const float h_prev = proj ? 0.f : x_s[bb * P + j];
+          const CellStep<CELL> cs = cell_step<CELL>(gxv, gh, c_prev, h_prev);
+          if (gates) {
+#pragma unroll
+            for (int g = 0; g < G; ++g) gates[g * H + j] = cs.gate[g];
           }
+          if (CELL == kLSTM) {
+            cn[static_cast<size_t>(b) * H + j] = valid ? cs.c : c_prev;
+            if (proj) {
+              a.m[static_cast<size_t>(b) * H + j] = cs.h;
+              continue;
+            }
+          }
+          if (CELL == kGRU && gates) a.aux[(static_cast<size_t>(s) * B + b) * H + j] = gh[2];
+          hn[static_cast<size_t>(b) * P + j] = valid ? cs.h : h_prev;
+          y[(static_cast<size_t>(t) * B + b) * P + j] = from_float<T>(valid ? cs.h : 0.f);
         }
         __syncthreads();  // x_s / pre_s are reused by the next chunk
       }
