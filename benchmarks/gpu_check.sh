@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: build, compile_check, the test suite on CUDA, then the Triton vs
-# cuDNN training benchmark; everything lands in one results directory; a summary table last.
+# One command for a GPU machine: build, compile_check, the test suite on CUDA, then the benchmarks
+# against cuDNN (Triton and CUDA training; decoding with the Triton and CUDA Decoder backends);
+# everything lands in one results directory; a summary table last.
 #
 #   benchmarks/gpu_check.sh [RESULTS_DIR]          (default: $RNNKERN_RESULTS or benchmarks/results)
 #

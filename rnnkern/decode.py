@@ -18,6 +18,9 @@ allocated per token. ``backend="triton"`` (CUDA, or CPU tensors under ``TRITON_I
 runs each step as one Triton launch (:mod:`rnnkern.backends.triton.decode`) and samples on the
 device (:func:`rnnkern.sampling.sample_tensor`), so ``generate`` makes no host round trip per
 token; on CUDA each token's sample-and-step is replayed from a captured CUDA graph.
+``backend="cuda"`` (CUDA tensors, extension ``rnnkern._cuda``) runs ``generate`` as one
+persistent kernel for all tokens (:mod:`rnnkern.backends.cuda_decode`): layers, head, sampling
+by the C++ decoder's own rule code and the token feedback, with no launch per token.
 ``backend="torch"`` runs the same packed weights with torch ops (the reference backend's cell
 formulas, one step at a time) on any device, for machines without the extension; it is never
 chosen silently.
@@ -86,8 +89,9 @@ class Decoder:
         weights: ``"fp32"`` or ``"bf16"`` storage of the streamed matrices.
         batch_size: number of streams ``B`` (change it with :meth:`reset`).
         backend: ``"cpu"`` (C++ kernels, CPU tensors), ``"triton"`` (one Triton launch per
-            step, CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``) or ``"torch"``
-            (torch ops, any device).
+            step, CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``), ``"cuda"`` (one
+            CUDA launch per ``generate`` call, CUDA tensors) or ``"torch"`` (torch ops, any
+            device).
     """
 
     def __init__(
@@ -101,8 +105,8 @@ class Decoder:
     ) -> None:
         if weights not in ("fp32", "bf16"):
             raise ValueError(f"weights must be 'fp32' or 'bf16', got {weights!r}")
-        if backend not in ("cpu", "triton", "torch"):
-            raise ValueError(f"backend must be 'cpu', 'triton' or 'torch', got {backend!r}")
+        if backend not in ("cpu", "triton", "cuda", "torch"):
+            raise ValueError(f"backend must be 'cpu', 'triton', 'cuda' or 'torch', got {backend!r}")
         cell, L, is_cell = _cell_of_module(rnn)
         first = _layer_params(rnn, 0, is_cell)
         device = first[1].device
@@ -112,6 +116,13 @@ class Decoder:
         self.cuda_graphs = _cuda_graphs_enabled()
         if backend == "triton":
             self._triton = _triton_decode_module(device)
+        self._cuda = None
+        if backend == "cuda":
+            from .backends import cuda_decode
+
+            reason = cuda_decode.unavailable_reason(device)
+            if reason is not None:
+                raise RuntimeError(f"Decoder(backend='cuda'): {reason}")
         if backend == "cpu":
             from .backends import cpu as cpu_backend
 
@@ -185,6 +196,13 @@ class Decoder:
             self._head_b = bias(head.bias) if head is not None else None
             if self._triton is not None:
                 self._stack_for_triton()
+            if backend == "cuda":
+                from .backends.cuda_decode import CudaDecode
+
+                self._cuda = CudaDecode(
+                    cell, self._layers, self._table, self._head_w, self._head_b, I,
+                    self.hidden_size, P, device,
+                )  # fmt: skip
         self.reset(batch_size)
 
     def _stack_for_triton(self) -> None:
@@ -254,11 +272,11 @@ class Decoder:
                 self._table, lay[0]["w_ih"], self._w_ih_upper, self._w_hh_all,
                 self._b_ih_all, self._b_hh_all, self._w_hr_all, self._head_w, self._head_b,
             )  # fmt: skip
+        self._m = torch.empty(B, H, **f32)  # the projection's input o * tanh(c)
         if self._cpu is None:
             return
         self._gi = torch.empty(B, GH, **f32)
         self._gh = torch.empty(B, GH, **f32)
-        self._m = torch.empty(B, H, **f32)
         self._sample_w = torch.empty(B, max(V, 1), dtype=torch.float64)
         self._sample_order = torch.empty(B, max(V, 1), dtype=torch.int32)
 
@@ -279,6 +297,8 @@ class Decoder:
     def get_state(self) -> Tensor | tuple[Tensor, Tensor]:
         """A copy of the state: ``h [L, B, P]`` (and ``c [L, B, H]`` for LSTM), torch.nn's
         ``h_n`` / ``(h_n, c_n)`` layout."""
+        if self._cuda is not None:
+            self._cuda.check()  # errors of earlier steps surface here
         h = self._h[self._parity].clone()
         return (h, self._c.clone()) if self.cell == "lstm" else h
 
@@ -350,6 +370,11 @@ class Decoder:
                 h_cur.data_ptr(), h_next.data_ptr(),
                 0 if tokens is None else tokens.data_ptr(), 0 if x is None else x.data_ptr(),
                 self._head_w is not None,
+            )  # fmt: skip
+        elif self._cuda is not None:
+            self._cuda.run(
+                h=self._h, parity=self._parity, c=self._c, m=self._m, logits=self._logits,
+                prime=None if tokens is None else tokens.view(B, 1), x=x,
             )  # fmt: skip
         elif self._triton is not None:
             self._triton_step(
@@ -442,6 +467,16 @@ class Decoder:
         out = torch.empty(B, int(steps), dtype=torch.int64, device=self.device)
         if self._triton is not None:
             return self._device_generate(prime, out, temperature, top_k, top_p, seed, first_step)
+        if self._cuda is not None:
+            self._cuda.check()  # an error of an earlier step is not this call's
+            model_steps = self._cuda.run(
+                h=self._h, parity=self._parity, c=self._c, m=self._m, logits=self._logits,
+                prime=prime, steps=int(steps), out=out,
+                sampling=(temperature, top_k, top_p, seed, first_step),
+            )  # fmt: skip
+            self._parity ^= model_steps & 1
+            self._cuda.check()
+            return out
         if self._plan is None:
             return self._torch_generate(prime, out, temperature, top_k, top_p, seed, first_step)
         model_steps, error_row = self._plan.generate(

@@ -32,10 +32,21 @@ needs_triton = pytest.mark.skipif(
     not HAVE_TRITON, reason="backend 'triton' needs Triton and CUDA or TRITON_INTERPRET=1"
 )
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+try:  # backend "cuda" needs the extension rnnkern._cuda (built where nvcc is) and a device
+    from rnnkern.backends import cuda_decode
+
+    CUDA_DECODE_REASON = cuda_decode.unavailable_reason(torch.device("cuda"))
+    HAVE_CUDA_EXT = cuda_decode._cuda is not None
+except ImportError as err:
+    CUDA_DECODE_REASON, HAVE_CUDA_EXT = str(err), False
+needs_cuda_decode = pytest.mark.skipif(
+    CUDA_DECODE_REASON is not None, reason=f"backend 'cuda': {CUDA_DECODE_REASON}"
+)
 BACKENDS = [
     pytest.param("cpu", marks=needs_cpu),
     "torch",
     pytest.param("triton", marks=needs_triton),
+    pytest.param("cuda", marks=needs_cuda_decode),
 ]
 
 V, E, H = 13, 6, 33
@@ -53,9 +64,10 @@ def make_model(mode, layers, proj=0, seed=0, nonlinearity="tanh"):
 def make_decoder(backend, rnn, emb=None, head=None, **kw):
     """A Decoder of copies of the modules on the device its backend runs on (Triton: CUDA, or
     the CPU under the interpreter); step() and generate() move their inputs there."""
-    if backend == "triton":
+    device = {"triton": TRITON_DEVICE, "cuda": "cuda"}.get(backend)
+    if device is not None:
         rnn, emb, head = (
-            None if m is None else copy.deepcopy(m).to(TRITON_DEVICE) for m in (rnn, emb, head)
+            None if m is None else copy.deepcopy(m).to(device) for m in (rnn, emb, head)
         )
     return Decoder(rnn, emb, head, backend=backend, **kw)
 
@@ -169,7 +181,7 @@ def test_state_get_set_reset(backend):
     dec.set_state((h, c))
     again = [dec.step(tokens[t]) for t in range(3, 6)]
     for a, b in zip(rest, again, strict=True):
-        if backend in ("cpu", "triton"):
+        if backend in ("cpu", "triton", "cuda"):
             assert torch.equal(a, b)  # the kernels do not depend on buffer addresses
         else:
             # torch's GEMM may pick another code path for another buffer alignment (the state
@@ -342,8 +354,14 @@ def test_bad_models():
         Decoder(rnn, emb, torch.nn.Linear(H + 1, V), backend="torch")
     with pytest.raises(ValueError, match="weights must be 'fp32' or 'bf16'"):
         Decoder(rnn, emb, head, weights="int8", backend="torch")
-    with pytest.raises(ValueError, match="backend must be 'cpu', 'triton' or 'torch'"):
-        Decoder(rnn, emb, head, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be 'cpu', 'triton', 'cuda' or 'torch'"):
+        Decoder(rnn, emb, head, backend="tpu")
+    if HAVE_CUDA_EXT:  # built: the model's device is what is wrong
+        with pytest.raises(RuntimeError, match="backend 'cuda' decodes models on a CUDA device"):
+            Decoder(rnn, emb, head, backend="cuda")
+    else:
+        with pytest.raises(RuntimeError, match="rnnkern._cuda is not built"):
+            Decoder(rnn, emb, head, backend="cuda")
     with pytest.raises(ValueError, match="generate needs an embedding"):
         Decoder(rnn, backend="torch").generate(torch.zeros(1, 1, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="must not exceed embedding.num_embeddings"):
@@ -355,7 +373,10 @@ def test_bad_models():
 
 
 @needs_cpu
-@needs_triton
+@pytest.mark.parametrize(
+    "backend",
+    [pytest.param("triton", marks=needs_triton), pytest.param("cuda", marks=needs_cuda_decode)],
+)
 @pytest.mark.parametrize("weights", ["fp32", "bf16"])
 @pytest.mark.parametrize(
     "kw",
@@ -364,18 +385,20 @@ def test_bad_models():
         {"temperature": 0.8, "top_k": 5, "top_p": 0.9, "seed": 2**64 - 1},
     ],
 )
-def test_triton_generates_the_cpu_decoders_tune(kw, weights):
-    """Same seed, same tokens on backends 'triton' (on-device sampling) and 'cpu' (C++). Their
-    logits differ by float32 rounding (about 1e-7 relative), which changes a token only when a
-    uniform falls that close to a cumulative boundary (about 1e-6 per token); the seeds are
-    fixed, so the outcome does not vary between runs."""
+def test_device_backends_generate_the_cpu_decoders_tune(kw, weights, backend):
+    """Same seed, same tokens on backends 'triton' (on-device sampling), 'cuda' (one kernel,
+    the C++ rule's code on the device) and 'cpu' (C++). Their logits differ by float32
+    rounding (about 1e-7 relative), which changes a token only when a uniform falls that close
+    to a cumulative boundary (about 1e-6 per token); the seeds are fixed, so the outcome does
+    not vary between runs."""
     rnn, emb, head = make_model("LSTM", 3, seed=15)
     prime = torch.randint(0, V, (3, 4), generator=torch.Generator().manual_seed(16))
     cpu = Decoder(rnn, emb, head, weights=weights, batch_size=3, backend="cpu")
-    gpu = make_decoder("triton", rnn, emb, head, weights=weights, batch_size=3)
+    gpu = make_decoder(backend, rnn, emb, head, weights=weights, batch_size=3)
     expected = cpu.generate(prime, 40, **kw)
     got = gpu.generate(prime, 40, **kw)
-    assert got.dtype == torch.int64 and got.device.type == TRITON_DEVICE
+    assert got.dtype == torch.int64
+    assert got.device.type == (TRITON_DEVICE if backend == "triton" else "cuda")
     assert torch.equal(got.cpu(), expected)
     for a, b in zip(gpu.get_state(), cpu.get_state(), strict=True):
         torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-5)  # float32, 43 steps
@@ -421,3 +444,92 @@ def test_missing_extension_is_an_error_not_a_fallback(monkeypatch):
     monkeypatch.setattr(cpu_backend, "_cpu", None)
     with pytest.raises(RuntimeError, match="backend='torch'"):
         Decoder(rnn, emb, head)
+
+
+# ---------------------------------------------------------------------------------- cuda
+
+
+@needs_cuda_decode
+@pytest.mark.parametrize("mode,layers,proj", [("LSTM", 3, 0), ("LSTM", 2, 7), ("GRU", 2, 0)])
+def test_cuda_generate_state_matches_stepping(mode, layers, proj):
+    """One launch for the prime and every token leaves the state and logits that stepping the
+    same tokens one launch at a time leaves (the same kernel code per step)."""
+    rnn, emb, head = make_model(mode, layers, proj, seed=20)
+    prime = torch.randint(0, V, (4, 3), generator=torch.Generator().manual_seed(21))
+    whole = make_decoder("cuda", rnn, emb, head, batch_size=4)
+    out = whole.generate(prime, 25, seed=9, top_p=0.9)
+    stepped = make_decoder("cuda", rnn, emb, head, batch_size=4)
+    tokens = torch.cat([prime, out[:, :-1].cpu()], dim=1)
+    for t in range(tokens.shape[1]):
+        logits = stepped.step(tokens[:, t])
+    assert torch.equal(logits, whole._logits)
+    for a, b in zip(whole.get_state(), stepped.get_state(), strict=True):
+        assert torch.equal(a, b)
+    assert whole._cuda.last_launch["blocks"] >= 1
+
+
+@needs_cuda_decode
+def test_cuda_weights_in_l2_generate_the_cpu_decoders_tune():
+    """A model too large for shared memory reads its weight slices from global memory (L2)
+    instead; its tokens equal the CPU decoder's as for small models (fixed seeds, see
+    test_device_backends_generate_the_cpu_decoders_tune)."""
+    torch.manual_seed(22)
+    Hl = 1024
+    rnn = torch.nn.LSTM(E, Hl, num_layers=2)
+    emb, head = torch.nn.Embedding(V, E), torch.nn.Linear(Hl, V)
+    prime = torch.randint(0, V, (2, 3), generator=torch.Generator().manual_seed(23))
+    gpu = make_decoder("cuda", rnn, emb, head, batch_size=2)
+    got = gpu.generate(prime, 20, seed=4)
+    assert not gpu._cuda.last_launch["weights_in_smem"]
+    if HAVE_CPU:
+        cpu = Decoder(rnn, emb, head, batch_size=2, backend="cpu")
+        assert torch.equal(got.cpu(), cpu.generate(prime, 20, seed=4))
+
+
+@needs_cuda_decode
+def test_cuda_non_finite_logits_raise():
+    rnn, emb, head = make_model("GRU", 1, seed=17)
+    with torch.no_grad():
+        head.bias[3] = float("nan")
+    dec = make_decoder("cuda", rnn, emb, head, batch_size=2)
+    with pytest.raises(FloatingPointError, match="logits of stream 0 became NaN"):
+        dec.generate(torch.zeros(2, 1, dtype=torch.long), 3)
+    with torch.no_grad():  # the error was reported once and cleared
+        dec._head_b[3] = 0.0
+    assert dec.generate(torch.zeros(2, 1, dtype=torch.long), 3).shape == (2, 3)
+
+
+@pytest.mark.skipif(
+    not HAVE_CUDA_EXT,
+    reason="rnnkern._cuda is not built (nvcc was not found at install time)",
+)
+def test_cuda_generate_plan_without_a_gpu():
+    """The launch planner's arithmetic (host code) for an H100-like device (132 SMs, 227 KB of
+    shared memory per block): folk-rnn's 3x512 LSTM keeps every weight slice on chip, in fp32
+    and in bf16; a 3x1024 LSTM (80 MB of fp32 weights) reads them through L2; too large a
+    vocabulary is a clear error."""
+    from rnnkern import _cuda
+
+    args = dict(
+        cell=0, wdtype=0, proj=0, L=3, B=1, I=512, H=512, P=512, V=137, vocab_in=137, layers=1,
+        table=1, head_w=1, head_b=1, h=1, parity=0, c=1, m=0, logits=1, feed=1, prime=1, x=0,
+        steps=16, out=1, temperature=1.0, top_k=0, top_p=1.0, seed=0, first_step=0, sync=1,
+    )  # fmt: skip
+    budget = 227 * 1024
+    fp32 = _cuda.plan_generate_on(args, 132, budget)
+    # 128 blocks of 4 units: W_hh0 (16 x 512) + 2 x (W_ih, W_hh) (16 x 512 each) + 2 head
+    # rows, fp32: 32 + 128 + 4 KB of weights
+    assert (fp32["blocks"], fp32["units_per_block"], fp32["head_per_block"]) == (128, 4, 2)
+    assert fp32["weights_in_smem"] and fp32["smem_bytes"] >= (32 + 128 + 4) * 1024
+    bf16 = _cuda.plan_generate_on(dict(args, wdtype=2), 132, budget)
+    assert bf16["weights_in_smem"] and bf16["smem_bytes"] < fp32["smem_bytes"] - 80 * 1024
+    b64 = _cuda.plan_generate_on(dict(args, B=64), 132, budget)
+    assert b64["weights_in_smem"] and b64["sample_warps"] == 16 and b64["smem_bytes"] <= budget
+    big = _cuda.plan_generate_on(dict(args, I=1024, H=1024, P=1024), 132, budget)
+    assert not big["weights_in_smem"] and big["units_per_block"] == 8
+    with pytest.raises(ValueError, match="vocabulary of 20000 needs 320000 bytes"):
+        _cuda.plan_generate_on(dict(args, V=20000, vocab_in=20000), 132, budget)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        _cuda.plan_generate_on(dict(args, temperature=0.0), 132, budget)
+    with pytest.raises(ValueError, match="sampling needs a token table"):
+        _cuda.plan_generate_on(dict(args, table=0, x=1), 132, budget)

@@ -46,9 +46,13 @@ RNNKERN_HD bool scaled_logit(float logit, double temperature, double* z) {
 // Step 1, second half: the unnormalised weight exp(z - max z).
 RNNKERN_HD double weight_of(double z, double z_max) { return exp(z - z_max); }
 
-// Step 2: token x ranks before token y (weight descending, the lower id first on ties).
+// Step 2: token x (weight wx) ranks before token y (weight wy): weight descending, the lower
+// id first on ties.
+RNNKERN_HD bool ranks_before(double wx, int32_t x, double wy, int32_t y) {
+  return wx > wy || (wx == wy && x < y);
+}
 RNNKERN_HD bool ranks_before(const double* w, int32_t x, int32_t y) {
-  return w[x] > w[y] || (w[x] == w[y] && x < y);
+  return ranks_before(w[x], x, w[y], y);
 }
 
 // Steps 3-4: `order` holds the first `keep` tokens of the ranking (keep = top_k when top-k is

@@ -21,6 +21,8 @@ enum KernelError : unsigned long long {
   kErrNone = 0,
   kErrBarrierTimeout = 1,  // a grid barrier waited longer than the timeout (deadlock guard)
   kErrBadLength = 2,       // lengths[b] outside [1, T]
+  kErrNonFinite = 3,       // generate: a row of logits held NaN or +inf (sync[2]: the row)
+  kErrBadToken = 4,        // generate: a prime token outside [0, vocab_in) (sync[2]: the row)
 };
 
 struct ForwardArgs {
@@ -65,6 +67,57 @@ struct BackwardArgs {
   unsigned long long* sync; // [2] zeroed before the launch
 };
 
+// The matrices of one layer for generation, as the Decoder packs them (device addresses; an
+// array of L of these lives in device memory). wdtype is the element type of the matrices.
+struct LayerWeights {
+  const void* w_ih;   // [G*H, K] wdtype, K = I for layer 0 (unused with a token table), else P
+  const void* w_hh;   // [G*H, P] wdtype
+  const float* b_ih;  // [G*H] or null
+  const float* b_hh;  // [G*H] or null
+  const void* w_hr;   // [P, H] wdtype (lstm projection) or null
+};
+
+// Whole-sequence generation in one launch (generate.cu): `feed` model steps on given inputs,
+// then `steps` sampled tokens, each fed back as the next step's input. Model steps run:
+// feed + steps - 1 (feed when steps == 0), so the state afterwards has consumed the fed inputs
+// and every sampled token but the last, as rnnkern.Decoder.generate specifies.
+struct GenerateArgs {
+  int cell, wdtype;             // wdtype: kFloat32 or kBFloat16 (the streamed matrices)
+  int proj;                     // 1: LSTM with projection (every layer has w_hr)
+  int L, B, I, H, P, V;         // V: head outputs (0: no head, nothing sampled)
+  int vocab_in;                 // rows of `table` (0: no table; layer 0 reads x)
+  const LayerWeights* layers;   // [L] in device memory
+  const float* table;           // [vocab_in, G*H] float32: embedding @ W_ih0ᵀ + b_ih0, or null
+  const void* head_w;           // [V, P] wdtype or null
+  const float* head_b;          // [V] or null
+  float* h;                     // [2, L, B, P] ping-pong; slot `parity` is the state on entry,
+  int parity;                   //   slot parity ^ (model steps & 1) the state on exit
+  float* c;                     // [L, B, H] lstm cell state, in place; else null
+  float* m;                     // [B, H] scratch for the projection; else null
+  float* logits;                // [B, V] out: the logits of the last model step (V > 0)
+  int feed;                     // model steps on given inputs (>= 1)
+  const int64_t* prime;         // [B, feed] token ids (with a table); else null
+  const float* x;               // [B, I] layer-0 input (no table, feed == 1); else null
+  int steps;                    // tokens to sample (0: none; needs a table and a head)
+  int64_t* out;                 // [B, steps] sampled tokens
+  double temperature, top_p;    // the sampling rule of rnnkern/sampling.py
+  int top_k;
+  uint64_t seed, first_step;    // token j of stream b: uniform(seed, b, first_step + j)
+  unsigned long long* sync;     // [3]: barrier arrivals (zeroed by the launcher), error code,
+                                //   row of the error (both zero before the first launch)
+};
+
+struct GenerateInfo {
+  int blocks, threads;
+  int units_per_block;    // hidden units (all their gates) per block, every layer
+  int state_per_block;    // projection outputs per block
+  int head_per_block;     // head rows (logits) per block
+  int batch_chunk;        // batch rows staged at a time in the matrix-vector products
+  int sample_warps;       // streams each block samples at a time (one warp each)
+  int weights_in_smem;    // 1: every matrix slice resident in shared memory; 0: read via L2
+  int64_t smem_bytes;
+};
+
 // How a launch was laid out (returned to Python for tests and benchmark reports).
 struct LaunchInfo {
   int blocks;           // grid size (at most one block per SM)
@@ -88,6 +141,16 @@ LaunchInfo layer_backward(const BackwardArgs& a, void* stream, int64_t timeout_n
 // The plan a launch would use, without launching (tests, supports()).
 LaunchInfo plan_forward(int cell, int dtype, int B, int H, int P, bool proj);
 LaunchInfo plan_backward(int cell, int dtype, int B, int H, int P, bool proj);
+// Enqueues one cooperative launch on `stream` (it first zeroes sync[0] there); returns the
+// number of model steps it runs. Errors found by the kernel go to sync[1] / sync[2], read by
+// the caller.
+int64_t generate(const GenerateArgs& a, void* stream, int64_t timeout_ns, bool debug,
+                 GenerateInfo* info);
+// The layout a generate launch with these arguments would use, without launching.
+GenerateInfo plan_generate(const GenerateArgs& a);
+// The same planning arithmetic for a hypothetical device (`sms` multiprocessors, `smem_budget`
+// bytes of dynamic shared memory per block): host code only, no CUDA call (tests without a GPU).
+GenerateInfo plan_generate_on(const GenerateArgs& a, int sms, int64_t smem_budget);
 DeviceInfo device_info();
 // Which dtypes this build instantiated (the compile check may build a subset).
 bool dtype_compiled(int dtype);

@@ -30,6 +30,59 @@ py::dict info_dict(const LaunchInfo& i) {
   return d;
 }
 
+py::dict generate_info_dict(const GenerateInfo& i) {
+  py::dict d;
+  d["blocks"] = i.blocks;
+  d["threads"] = i.threads;
+  d["units_per_block"] = i.units_per_block;
+  d["state_per_block"] = i.state_per_block;
+  d["head_per_block"] = i.head_per_block;
+  d["batch_chunk"] = i.batch_chunk;
+  d["sample_warps"] = i.sample_warps;
+  d["weights_in_smem"] = static_cast<bool>(i.weights_in_smem);
+  d["smem_bytes"] = i.smem_bytes;
+  return d;
+}
+
+// GenerateArgs from Python: model geometry and buffers as a dict of ints / floats (device
+// addresses for buffers; 0 for null), the keys being the field names of GenerateArgs.
+GenerateArgs generate_args(const py::dict& d) {
+  auto i = [&](const char* k) { return d[k].cast<int>(); };
+  auto p = [&](const char* k) { return d[k].cast<uintptr_t>(); };
+  GenerateArgs a{};
+  a.cell = i("cell");
+  a.wdtype = i("wdtype");
+  a.proj = i("proj");
+  a.L = i("L");
+  a.B = i("B");
+  a.I = i("I");
+  a.H = i("H");
+  a.P = i("P");
+  a.V = i("V");
+  a.vocab_in = i("vocab_in");
+  a.layers = ptr<const LayerWeights>(p("layers"));
+  a.table = ptr<const float>(p("table"));
+  a.head_w = ptr<const void>(p("head_w"));
+  a.head_b = ptr<const float>(p("head_b"));
+  a.h = ptr<float>(p("h"));
+  a.parity = i("parity");
+  a.c = ptr<float>(p("c"));
+  a.m = ptr<float>(p("m"));
+  a.logits = ptr<float>(p("logits"));
+  a.feed = i("feed");
+  a.prime = ptr<const int64_t>(p("prime"));
+  a.x = ptr<const float>(p("x"));
+  a.steps = i("steps");
+  a.out = ptr<int64_t>(p("out"));
+  a.temperature = d["temperature"].cast<double>();
+  a.top_p = d["top_p"].cast<double>();
+  a.top_k = i("top_k");
+  a.seed = d["seed"].cast<uint64_t>();
+  a.first_step = d["first_step"].cast<uint64_t>();
+  a.sync = ptr<unsigned long long>(p("sync"));
+  return a;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -88,6 +141,34 @@ PYBIND11_MODULE(_cuda, m) {
       },
       "The launch layout a call would use on the current device, without launching.");
 
+  m.def(
+      "generate",
+      [](const py::dict& args, uintptr_t stream, int64_t timeout_ns, bool debug) {
+        const GenerateArgs a = generate_args(args);
+        GenerateInfo info{};
+        int64_t model_steps;
+        {
+          py::gil_scoped_release release;
+          model_steps = generate(a, ptr<void>(stream), timeout_ns, debug, &info);
+        }
+        return py::make_tuple(model_steps, generate_info_dict(info));
+      },
+      py::arg("args"), py::arg("stream"), py::arg("timeout_ns"), py::arg("debug"),
+      "Enqueue whole-sequence generation (see csrc/cuda/api.h: GenerateArgs; `args` holds its "
+      "fields by name, buffers as device addresses). Returns (model steps run, layout).");
+  m.def(
+      "plan_generate",
+      [](const py::dict& args) { return generate_info_dict(plan_generate(generate_args(args))); },
+      py::arg("args"), "The layout a generate launch would use, without launching.");
+  m.def(
+      "plan_generate_on",
+      [](const py::dict& args, int sms, int64_t smem_budget) {
+        return generate_info_dict(plan_generate_on(generate_args(args), sms, smem_budget));
+      },
+      py::arg("args"), py::arg("sms"), py::arg("smem_budget"),
+      "The generate layout for a device with `sms` SMs and `smem_budget` bytes of shared "
+      "memory per block (host arithmetic only: works without a GPU).");
+
   m.def("device_info", [] {
     const DeviceInfo d = device_info();
     py::dict out;
@@ -103,4 +184,6 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("CELLS") = py::make_tuple("lstm", "gru", "rnn_tanh", "rnn_relu");
   m.attr("ERR_BARRIER_TIMEOUT") = static_cast<unsigned long long>(kErrBarrierTimeout);
   m.attr("ERR_BAD_LENGTH") = static_cast<unsigned long long>(kErrBadLength);
+  m.attr("ERR_NON_FINITE") = static_cast<unsigned long long>(kErrNonFinite);
+  m.attr("ERR_BAD_TOKEN") = static_cast<unsigned long long>(kErrBadToken);
 }

@@ -5,8 +5,10 @@ stack per kernel and architecture (the kernels run 512 threads per block with
 
     python -m rnnkern.backends.cuda_compile_check [--arch sm_80,sm_90] [--subset] [--json F]
 
-``--subset`` compiles one representative configuration per kernel (float32 only: every cell's
-forward and backward), which is what the fast test runs; the default compiles every dtype.
+Kernels: the training layers (``recurrence.cu``: forward and backward per cell and dtype) and
+whole-sequence generation (``generate.cu``: per cell and weight dtype). ``--subset`` compiles
+one representative configuration per kernel (float32 only: every cell's forward, backward and
+generation), which is what the fast test runs; the default compiles every dtype.
 """
 
 from __future__ import annotations
@@ -22,13 +24,18 @@ import tempfile
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
-KERNEL_SOURCES = ("recurrence.cu",)
+KERNEL_SOURCES = ("recurrence.cu", "generate.cu")
 CELLS = {"0": "lstm", "1": "gru", "2": "rnn_tanh", "3": "rnn_relu"}
 DTYPES = {"f": "float32", "6__half": "float16", "13__nv_bfloat16": "bfloat16"}
 MAX_REGISTERS = 128  # 65536 registers per SM / 512 threads
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
-_NAME = re.compile(r"(layer_(?:forward|backward)_kernel)I(f|6__half|13__nv_bfloat16)Li(\d)E")
+_NAME = re.compile(
+    r"(layer_(?:forward|backward)_kernel|generate_kernel)I(f|6__half|13__nv_bfloat16)Li(\d)E"
+)
+# Kernels per architecture: training forward + backward for 3 dtypes (--subset: float32) and
+# generation for 2 weight dtypes (float32, bfloat16; --subset: float32), 4 cells each.
+EXPECTED = {"full": (3 * 2 + 2) * 4, "subset": (1 * 2 + 1) * 4}
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
 
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ok:
             failed.append(arch)
             print(f"== compile FAILED for {arch}:\n{log}", file=sys.stderr)
-        expected = (1 if args.subset else 3) * 2 * len(CELLS)
+        expected = EXPECTED["subset" if args.subset else "full"]
         if ok and len(rows) != expected:
             failed.append(arch)
             print(f"== {arch}: expected {expected} kernels in the ptxas report, got {len(rows)}",

@@ -1,5 +1,5 @@
-"""Suite ``gpu_decode``: generating tokens with ``rnnkern.Decoder(backend="triton")`` beside
-stepping torch.nn.LSTM (cuDNN) on a CUDA device.
+"""Suite ``gpu_decode``: generating tokens with ``rnnkern.Decoder`` (backends ``cuda`` and
+``triton``) beside stepping torch.nn.LSTM (cuDNN) on a CUDA device.
 
 Model as suite ``cpu_decode`` (folk-rnn's size: 3-layer 512-unit LSTM, V = 137). One timed run
 generates ``N`` tokens per stream, sampling each from the logits and feeding it back:
@@ -8,12 +8,18 @@ generates ``N`` tokens per stream, sampling each from the logits and feeding it 
   state, then softmax + ``torch.multinomial`` on the device;
 - ``rnnkern triton generate fp32`` / ``bf16``: one :meth:`rnnkern.Decoder.generate` call
   (one Triton launch per step, sampling on the device, each token replayed from a CUDA graph);
-- ``rnnkern triton generate fp32, eager``: the same with CUDA graphs off (what the graph saves).
+- ``rnnkern triton generate fp32, eager``: the same with CUDA graphs off (what the graph saves);
+- ``rnnkern cuda generate fp32`` / ``bf16``: one :meth:`rnnkern.Decoder.generate` call that is
+  one kernel launch for all tokens (present when ``rnnkern._cuda`` is built).
 
 B in {1, 64} (the issue's decode shapes); ``--quick``: B = 1 and fewer tokens.
 """
 
 from __future__ import annotations
+
+import sys
+
+from torch import device as torch_device
 
 from .cpu_decode import E, H, L, V, _generate, _lstm_steps, _model
 from .runner import Case
@@ -22,9 +28,13 @@ from .runner import Case
 def cases(device: str = "cuda", quick: bool = False) -> list[Case]:
     if not device.startswith("cuda"):
         return []
+    from ..backends import cuda_decode
     from ..decode import Decoder
 
     rnn, emb, head = _model(device=device)
+    cuda_reason = cuda_decode.unavailable_reason(torch_device(device))
+    if cuda_reason is not None:
+        print(f"gpu_decode: no 'rnnkern cuda generate' rows: {cuda_reason}", file=sys.stderr)
     n = 16 if quick else 128  # tokens per stream per timed run
     out = []
     for B in (1,) if quick else (1, 64):
@@ -40,6 +50,11 @@ def cases(device: str = "cuda", quick: bool = False) -> list[Case]:
             ),
             "rnnkern triton generate fp32, eager": _generate(eager, B, n),
         }
+        if cuda_reason is None:
+            for weights in ("fp32", "bf16"):
+                fns[f"rnnkern cuda generate {weights}"] = _generate(
+                    Decoder(rnn, emb, head, weights=weights, batch_size=B, backend="cuda"), B, n
+                )
         out.append(
             Case(
                 suite="gpu_decode",

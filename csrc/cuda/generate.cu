@@ -1,0 +1,569 @@
+// Whole-sequence generation in one launch: for B streams and n tokens, every layer of a stacked
+// LSTM (with or without projection) / GRU / Elman RNN, the output head, the sampling rule of
+// rnnkern/sampling.py (csrc/common/sampling_rule.h) and the feedback of each sampled token
+// through the token table, all in one persistent cooperative kernel (rnnkern.Decoder with
+// backend="cuda").
+//
+// Legend: B streams, L layers, I input size of layer 0, H hidden, P state size (proj_size or
+// H), G gates, V head outputs (vocabulary).
+//
+// Work split (as the training kernels, recurrence.cu). The grid has at most one block per SM.
+// Block k owns hidden units [k*Hb, (k+1)*Hb) of every layer with all G of their gates, state
+// units [k*Pb, ...) of every projection and head rows [k*Vb, ...). Its slices of every matrix
+// are copied to shared memory once per launch and stay there for all tokens when they fit
+// ("resident": 3x512 LSTM, V=137, fp32 on 128 blocks: 164 KB per block); otherwise they are read
+// from global memory every step, where they live in L2.
+//
+// One model step: for each layer, the block's G*Hb pre-activations (input part from the token
+// table or the layer below, recurrent part from the layer's previous state), the cell, the
+// block's units of the new state, then one grid-wide barrier (the next layer reads all of
+// it; an LSTM projection adds one before h = W_hr m). Then the head writes the block's logits
+// and one barrier. Sampling needs no further barrier: every block samples every stream itself
+// from the same logits with the same code, so all blocks hold the same tokens (bit-identical
+// inputs, deterministic arithmetic) and go on to the next step's token-table lookups directly.
+// Per token: L + 1 barriers (2L + 1 with projection).
+//
+// The state is a ping-pong pair per layer (h[parity], h[parity ^ 1]): a block may still read a
+// layer's previous state while another block writes that layer's new one. The cell state c of
+// a unit is read and written only by its owning block, in place.
+//
+// Numerics are the CPU decoder's: float32 state and accumulation, bfloat16 weights widened to
+// float32, the token table in float32; sampling in float64 by the shared rule.
+
+#include <cfloat>
+
+#include "../common/sampling_rule.h"
+#include "device_common.cuh"
+
+namespace rnnkern_cuda {
+namespace {
+
+// Batch rows staged per matrix-vector product (at most); the planner shrinks it to fit.
+constexpr int kGenMaxBatchChunk = 64;
+
+// Everything the kernel needs besides the arguments: work split and shared-memory layout (byte
+// offsets into the dynamic shared memory; computed on the host by make_generate_plan).
+struct GenPlan {
+  int blocks, Hb, Pb, Vb;
+  int Bc;        // batch chunk of the matrix-vector products
+  int Bs;        // warps sampling at once (one stream each)
+  int Kx;        // row length of the staged layer input (I, P or H)
+  int resident;  // matrix slices in shared memory
+  size_t off_toks;     // [B] int64 tokens of the current step
+  size_t off_partial;  // [kPartial] float split-K partial sums
+  size_t off_x;        // [Bc][Kx] float staged input rows (layer input, or m)
+  size_t off_h;        // [Bc][P] float staged previous-state rows (or the top state for the head)
+  size_t off_pre_i;    // [Bc][G*Hb] float input part of the pre-activations
+  size_t off_pre_h;    // [Bc][G*Hb] float recurrent part
+  size_t off_samp;     // Bs sampling slots (overlay the four above: never live together)
+  size_t samp_slot;    // bytes of one slot: w [V] double, rank [V] int, order [V] int
+  size_t off_weights;  // resident slices, layer by layer (see SliceBytes)
+  size_t off_head;     // resident head slice [Vb][P]
+  size_t smem;
+  long long timeout_ns;
+};
+
+// Bytes of layer l's resident matrix slices (each 16-byte aligned): W_ih rows [G*Hb][K] (none
+// for layer 0 with a token table), W_hh rows [G*Hb][P], W_hr rows [Pb][H] (projection).
+struct SliceBytes {
+  size_t wi, wh, wr;
+};
+
+__host__ __device__ inline SliceBytes slice_bytes(int l, bool table, int G, int Hb, int Pb,
+                                                  int I, int H, int P, bool proj, int es) {
+  const size_t rows = static_cast<size_t>(G) * Hb;
+  SliceBytes s;
+  s.wi = (l == 0 && table) ? 0 : align16(es * rows * (l == 0 ? I : P));
+  s.wh = align16(es * rows * P);
+  s.wr = proj ? align16(es * static_cast<size_t>(Pb) * H) : 0;
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// sampling: one warp per stream, the rule of csrc/common/sampling_rule.h
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ double warp_max(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// The token of one stream from its logits row [V] (global memory, written by other blocks),
+// or -1 when the row holds NaN or +inf or only -inf. Called by all 32 lanes of a warp; every
+// lane returns the same value. w / rank / order: the warp's scratch [V] in shared memory.
+// The parallel parts (weights, ranks) compute per token what the sequential rule does; the
+// sums run on lane 0 in the rule's order, so the token is the C++ decoder's bit for bit up to
+// exp's last bit.
+__device__ int64_t warp_sample(const float* logits, int V, double temperature, int top_k,
+                               double top_p, uint64_t seed, uint64_t stream, uint64_t step,
+                               double* w, int32_t* rank, int32_t* order) {
+  using namespace rnnkern_rule;
+  const int lane = threadIdx.x % 32;
+  bool ok = true;
+  double z_max = -HUGE_VAL;
+  for (int v = lane; v < V; v += 32) {
+    double z;
+    ok = scaled_logit(__ldcg(logits + v), temperature, &z) && ok;
+    w[v] = z;
+    z_max = fmax(z_max, z);
+  }
+  ok = __all_sync(0xffffffffu, ok);
+  z_max = warp_max(z_max);
+  if (!ok || z_max == -HUGE_VAL) return -1;
+  for (int v = lane; v < V; v += 32) w[v] = weight_of(w[v], z_max);
+  __syncwarp();
+
+  const bool by_k = top_k > 0 && top_k < V, by_p = top_p < 1.0;
+  if (by_k || by_p) {
+    // rank[v] = how many tokens rank before v (a permutation of 0..V-1: ranks_before is a
+    // strict total order); order is its inverse. A lane holds up to 4 tokens per pass, and
+    // every lane reads w[u] at the same u (a shared-memory broadcast).
+    constexpr int kPer = 4;
+    for (int v0 = 0; v0 < V; v0 += 32 * kPer) {
+      int vv[kPer], r[kPer];
+      double wv[kPer];
+#pragma unroll
+      for (int q = 0; q < kPer; ++q) {
+        vv[q] = v0 + q * 32 + lane;
+        wv[q] = vv[q] < V ? w[vv[q]] : 0.0;
+        r[q] = 0;
+      }
+      for (int u = 0; u < V; ++u) {
+        const double wu = w[u];
+#pragma unroll
+        for (int q = 0; q < kPer; ++q) r[q] += ranks_before(wu, u, wv[q], vv[q]) ? 1 : 0;
+      }
+#pragma unroll
+      for (int q = 0; q < kPer; ++q) {
+        if (vv[q] < V) {
+          rank[vv[q]] = r[q];
+          order[r[q]] = vv[q];
+        }
+      }
+    }
+    __syncwarp();
+    long long last = 0;
+    if (lane == 0) last = last_kept(w, order, by_k ? top_k : V, top_p);
+    last = __shfl_sync(0xffffffffu, last, 0);
+    for (int v = lane; v < V; v += 32)
+      if (rank[v] > last) w[v] = 0.0;
+    __syncwarp();
+  }
+  long long tok = 0;
+  if (lane == 0) tok = inverse_cdf(w, V, uniform(seed, stream, step));
+  tok = __shfl_sync(0xffffffffu, tok, 0);
+  __syncwarp();  // the slot is reused by this warp's next stream
+  return tok;
+}
+
+// ---------------------------------------------------------------------------------------------
+// the kernel
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ LayerWeights load_layer(const LayerWeights* p) {
+  LayerWeights lw;
+  lw.w_ih = reinterpret_cast<const void*>(__ldg(reinterpret_cast<const long long*>(&p->w_ih)));
+  lw.w_hh = reinterpret_cast<const void*>(__ldg(reinterpret_cast<const long long*>(&p->w_hh)));
+  lw.b_ih = reinterpret_cast<const float*>(__ldg(reinterpret_cast<const long long*>(&p->b_ih)));
+  lw.b_hh = reinterpret_cast<const float*>(__ldg(reinterpret_cast<const long long*>(&p->b_hh)));
+  lw.w_hr = reinterpret_cast<const void*>(__ldg(reinterpret_cast<const long long*>(&p->w_hr)));
+  return lw;
+}
+
+// Records the first error of the launch (block 0 only: every block finds the same one).
+__device__ __forceinline__ void record_error(unsigned long long* sync, unsigned long long code,
+                                             int row) {
+  if (atomicCAS(sync + 1, 0ULL, code) == 0ULL) sync[2] = static_cast<unsigned long long>(row);
+}
+
+template <typename W, int CELL>
+__global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, GenPlan plan) {
+  constexpr int G = gate_count(CELL);
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int B = a.B, L = a.L, I = a.I, H = a.H, P = a.P, V = a.V, GH = G * H;
+  const bool table = a.table != nullptr;
+  const int Hb = plan.Hb, Pb = plan.Pb, Vb = plan.Vb, Bc = plan.Bc, C = G * Hb;
+  const int j0 = blockIdx.x * Hb, nj = max(0, min(H, j0 + Hb) - j0);
+  const int p0 = blockIdx.x * Pb, np = max(0, min(P, p0 + Pb) - p0);
+  const int v0 = blockIdx.x * Vb, nv = max(0, min(V, v0 + Vb) - v0);
+  const bool proj = CELL == kLSTM && a.proj != 0;
+  const int es = static_cast<int>(sizeof(W));
+  int64_t* toks = reinterpret_cast<int64_t*>(smem + plan.off_toks);
+  float* part = reinterpret_cast<float*>(smem + plan.off_partial);
+  float* xs = reinterpret_cast<float*>(smem + plan.off_x);
+  float* hs = reinterpret_cast<float*>(smem + plan.off_h);
+  float* pre_i = reinterpret_cast<float*>(smem + plan.off_pre_i);
+  float* pre_h = reinterpret_cast<float*>(smem + plan.off_pre_h);
+  GridBarrier bar{a.sync, a.sync + 1, gridDim.x, 0, plan.timeout_ns};
+  __shared__ int bad_row;
+
+  // Row sets of the block's slices of layer l: W_ih (K = I for layer 0, else P), W_hh, W_hr.
+  struct LayerRows {
+    Rows<W> wi, wh, wr;
+  };
+  auto global_rows = [&](int l, const LayerWeights& lw) {
+    const int K = l == 0 ? I : P;
+    LayerRows r;
+    r.wi = Rows<W>{static_cast<const W*>(lw.w_ih) + static_cast<size_t>(j0) * K,
+                   static_cast<long long>(H) * K, max(nj, 1), K};
+    r.wh = Rows<W>{static_cast<const W*>(lw.w_hh) + static_cast<size_t>(j0) * P,
+                   static_cast<long long>(H) * P, max(nj, 1), P};
+    r.wr = Rows<W>{static_cast<const W*>(lw.w_hr) + static_cast<size_t>(p0) * H, 0, max(np, 1),
+                   H};
+    return r;
+  };
+  // Resident copies are dense, [G][nj][K], [G][nj][P] and [np][H], from byte offset `off`
+  // (advanced past the layer's slices).
+  auto resident_rows = [&](int l, size_t& off) {
+    const int K = l == 0 ? I : P;
+    const SliceBytes sb = slice_bytes(l, table, G, Hb, Pb, I, H, P, proj, es);
+    LayerRows r;
+    r.wi = Rows<W>{reinterpret_cast<const W*>(smem + off), static_cast<long long>(nj) * K,
+                   max(nj, 1), K};
+    r.wh = Rows<W>{reinterpret_cast<const W*>(smem + off + sb.wi),
+                   static_cast<long long>(nj) * P, max(nj, 1), P};
+    r.wr = Rows<W>{reinterpret_cast<const W*>(smem + off + sb.wi + sb.wh), 0, max(np, 1), H};
+    off += sb.wi + sb.wh + sb.wr;
+    return r;
+  };
+  const Rows<W> head_global{
+      V > 0 ? static_cast<const W*>(a.head_w) + static_cast<size_t>(v0) * P : nullptr, 0,
+      max(nv, 1), P};
+  const Rows<W> head_rows =
+      plan.resident ? Rows<W>{reinterpret_cast<const W*>(smem + plan.off_head), 0, max(nv, 1), P}
+                    : head_global;
+
+  if (plan.resident) {  // copy the block's slices in once; they stay for every token
+    size_t off = plan.off_weights;
+    for (int l = 0; l < L; ++l) {
+      const LayerRows src = global_rows(l, load_layer(a.layers + l));
+      const LayerRows dst = resident_rows(l, off);
+      if (!(l == 0 && table)) stage_weights(const_cast<W*>(dst.wi.base), src.wi, G * nj);
+      stage_weights(const_cast<W*>(dst.wh.base), src.wh, G * nj);
+      if (proj) stage_weights(const_cast<W*>(dst.wr.base), src.wr, np);
+    }
+    if (V > 0) stage_weights(const_cast<W*>(head_rows.base), head_global, nv);
+    __syncthreads();
+  }
+
+  const int steps = a.steps;
+  const int model_steps = a.feed + (steps > 0 ? steps - 1 : 0);
+  int cur = a.parity;
+  for (int n = 0; n < model_steps; ++n) {
+    const int nxt = cur ^ 1;
+    // Tokens of this step: the prime's column n, else the tokens sampled after step n - 1
+    // (already in toks).
+    if (table && n < a.feed) {
+      if (threadIdx.x == 0) bad_row = B;
+      __syncthreads();
+      for (int b = threadIdx.x; b < B; b += kThreads) {
+        int64_t t = a.prime[static_cast<size_t>(b) * a.feed + n];
+        if (t < 0 || t >= a.vocab_in) {
+          atomicMin(&bad_row, b);
+          t = 0;
+        }
+        toks[b] = t;
+      }
+      __syncthreads();
+      if (bad_row < B) {
+        if (blockIdx.x == 0 && threadIdx.x == 0) record_error(a.sync, kErrBadToken, bad_row);
+        return;  // uniform: every block read the same prime
+      }
+    }
+
+    // ---- layers
+    size_t off = plan.off_weights;
+    for (int l = 0; l < L; ++l) {
+      const LayerWeights lw = load_layer(a.layers + l);
+      const LayerRows rows = plan.resident ? resident_rows(l, off) : global_rows(l, lw);
+      const int K = (l == 0 && table) ? 0 : (l == 0 ? I : P);  // staged input length
+      const float* h_prev = a.h + (static_cast<size_t>(cur) * L + l) * B * P;
+      float* h_next = a.h + (static_cast<size_t>(nxt) * L + l) * B * P;
+      const float* x_in = l == 0 ? a.x : a.h + (static_cast<size_t>(nxt) * L + l - 1) * B * P;
+      float* c = CELL == kLSTM ? a.c + static_cast<size_t>(l) * B * H : nullptr;
+      if (nj > 0) {
+        for (int b0 = 0; b0 < B; b0 += Bc) {
+          const int nb = min(Bc, B - b0);
+          stage_rows(hs, h_prev, b0, nb, P);
+          if (K > 0) stage_rows(xs, x_in, b0, nb, K);
+          __syncthreads();
+          block_matvec_tiled<W>(hs, P, nb, P, G * nj, rows.wh, part, [&](int bb, int r, float v) {
+            pre_h[bb * C + (r / nj) * Hb + r % nj] = v;
+          });
+          if (K > 0)
+            block_matvec_tiled<W>(xs, K, nb, K, G * nj, rows.wi, part,
+                                  [&](int bb, int r, float v) {
+                                    pre_i[bb * C + (r / nj) * Hb + r % nj] = v;
+                                  });
+          __syncthreads();
+          for (int i = threadIdx.x; i < nb * nj; i += kThreads) {
+            const int bb = i / nj, jj = i % nj, b = b0 + bb, j = j0 + jj;
+            float gx[G], gh[G];
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+              gh[g] = pre_h[bb * C + g * Hb + jj] + (lw.b_hh ? __ldg(lw.b_hh + g * H + j) : 0.f);
+              gx[g] = K == 0 ? __ldg(a.table + static_cast<size_t>(toks[b]) * GH + g * H + j)
+                             : pre_i[bb * C + g * Hb + jj] +
+                                   (lw.b_ih ? __ldg(lw.b_ih + g * H + j) : 0.f);
+            }
+            const float c_prev = CELL == kLSTM ? c[static_cast<size_t>(b) * H + j] : 0.f;
+            const float hp = proj ? 0.f : hs[bb * P + j];  // without projection P == H
+            const CellStep<CELL> cs = cell_step<CELL>(gx, gh, c_prev, hp);
+            if (CELL == kLSTM) c[static_cast<size_t>(b) * H + j] = cs.c;
+            if (proj)
+              a.m[static_cast<size_t>(b) * H + j] = cs.h;
+            else
+              h_next[static_cast<size_t>(b) * P + j] = cs.h;
+          }
+          __syncthreads();  // hs, xs and pre are reused by the next chunk
+        }
+      }
+      if (proj) {  // h = W_hr m for the block's state units; needs all of m
+        if (!bar.wait()) return;
+        if (np > 0) {
+          for (int b0 = 0; b0 < B; b0 += Bc) {
+            const int nb = min(Bc, B - b0);
+            stage_rows(xs, a.m, b0, nb, H);
+            __syncthreads();
+            block_matvec_tiled<W>(xs, H, nb, H, np, rows.wr, part, [&](int bb, int pp, float v) {
+              h_next[static_cast<size_t>(b0 + bb) * P + p0 + pp] = v;
+            });
+            __syncthreads();
+          }
+        }
+      }
+      if (!bar.wait()) return;  // the next layer (and the head) read all of h_next
+    }
+    cur = nxt;
+
+    // ---- head and sampling (after the last fed step, and after every sampled token's step)
+    if (V == 0 || n < a.feed - 1) continue;
+    const float* h_top = a.h + (static_cast<size_t>(cur) * L + L - 1) * B * P;
+    if (nv > 0) {
+      for (int b0 = 0; b0 < B; b0 += Bc) {
+        const int nb = min(Bc, B - b0);
+        stage_rows(hs, h_top, b0, nb, P);
+        __syncthreads();
+        block_matvec_tiled<W>(hs, P, nb, P, nv, head_rows, part, [&](int bb, int vv, float v) {
+          a.logits[static_cast<size_t>(b0 + bb) * V + v0 + vv] =
+              v + (a.head_b ? __ldg(a.head_b + v0 + vv) : 0.f);
+        });
+        __syncthreads();
+      }
+    }
+    if (steps == 0) continue;  // logits only (Decoder.step): the launch's end publishes them
+    if (!bar.wait()) return;   // every block samples from all of the logits
+    const int j = n - (a.feed - 1);  // index of the token being sampled
+    if (threadIdx.x == 0) bad_row = B;
+    __syncthreads();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (warp < plan.Bs) {
+      unsigned char* slot = smem + plan.off_samp + plan.samp_slot * warp;
+      double* w = reinterpret_cast<double*>(slot);
+      int32_t* rank = reinterpret_cast<int32_t*>(slot + sizeof(double) * V);
+      int32_t* order = rank + V;
+      for (int b = warp; b < B; b += plan.Bs) {
+        const int64_t tok = warp_sample(a.logits + static_cast<size_t>(b) * V, V,
+                                        a.temperature, a.top_k, a.top_p, a.seed,
+                                        static_cast<uint64_t>(b),
+                                        a.first_step + static_cast<uint64_t>(j), w, rank, order);
+        if (lane == 0) {
+          if (tok < 0) {
+            atomicMin(&bad_row, b);
+          } else {
+            toks[b] = tok;
+            if (blockIdx.x == 0) a.out[static_cast<size_t>(b) * steps + j] = tok;
+          }
+        }
+      }
+    }
+    __syncthreads();
+    if (bad_row < B) {  // uniform: every block sampled the same logits
+      if (blockIdx.x == 0 && threadIdx.x == 0) record_error(a.sync, kErrNonFinite, bad_row);
+      return;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// host side
+// ---------------------------------------------------------------------------------------------
+
+GenPlan make_generate_plan(const GenerateArgs& a, bool proj, int sms, size_t budget) {
+  const int G = gate_count(a.cell);
+  const bool table = a.table != nullptr, sampling = a.steps > 0;
+  GenPlan p{};
+  const int max_blocks = std::max(1, std::min(sms, a.H));
+  p.Hb = (a.H + max_blocks - 1) / max_blocks;
+  p.blocks = (a.H + p.Hb - 1) / p.Hb;
+  p.Pb = proj ? (a.P + p.blocks - 1) / p.blocks : p.Hb;
+  p.Vb = a.V > 0 ? (a.V + p.blocks - 1) / p.blocks : 0;
+  p.Kx = std::max({table ? 0 : a.I, a.L > 1 ? a.P : 0, proj ? a.H : 0, 1});
+  const int es = elem_size(a.wdtype);
+  size_t weights = 0;
+  for (int l = 0; l < a.L; ++l) {
+    const SliceBytes s = slice_bytes(l, table, G, p.Hb, p.Pb, a.I, a.H, a.P, proj, es);
+    weights += s.wi + s.wh + s.wr;
+  }
+  const size_t head = align16(static_cast<size_t>(es) * p.Vb * a.P);
+  p.samp_slot = align16(16 * static_cast<size_t>(a.V));  // 8 + 4 + 4 bytes per token
+  const int C = G * p.Hb;
+  for (int resident = 1; resident >= 0; --resident) {
+    for (int bc = std::min(a.B, kGenMaxBatchChunk); bc >= 1; --bc) {
+      const size_t x = align16(4 * static_cast<size_t>(bc) * p.Kx);
+      const size_t h = align16(4 * static_cast<size_t>(bc) * a.P);
+      const size_t pre = align16(4 * static_cast<size_t>(bc) * C);
+      const size_t region = std::max(x + h + 2 * pre, sampling ? p.samp_slot : 0);
+      p.off_toks = 0;
+      p.off_partial = align16(8 * static_cast<size_t>(a.B));
+      p.off_x = p.off_partial + align16(sizeof(float) * kPartial);
+      p.off_h = p.off_x + x;
+      p.off_pre_i = p.off_h + h;
+      p.off_pre_h = p.off_pre_i + pre;
+      p.off_samp = p.off_x;
+      p.off_weights = p.off_x + region;
+      p.off_head = p.off_weights + weights;
+      p.smem = resident ? p.off_head + head : p.off_weights;
+      if (p.smem <= budget) {
+        p.Bc = bc;
+        p.resident = resident;
+        p.Bs = sampling ? static_cast<int>(std::min<size_t>(std::min(a.B, kWarps),
+                                                            region / p.samp_slot))
+                        : 0;
+        return p;
+      }
+    }
+  }
+  throw std::invalid_argument(
+      "rnnkern._cuda: generation does not fit in shared memory even with the weights in L2 "
+      "(B = " + std::to_string(a.B) + " streams, a vocabulary of " + std::to_string(a.V) +
+      " needs " + std::to_string(p.samp_slot) + " bytes per sampled stream, budget " +
+      std::to_string(budget) + " bytes); use Decoder(..., backend=\"triton\")");
+}
+
+using GenKernel = void (*)(GenerateArgs, GenPlan);
+
+template <typename W>
+GenKernel pick_generate(int cell) {
+  switch (cell) {
+    case kLSTM: return &generate_kernel<W, kLSTM>;
+    case kGRU: return &generate_kernel<W, kGRU>;
+    case kRNNTanh: return &generate_kernel<W, kRNNTanh>;
+    case kRNNRelu: return &generate_kernel<W, kRNNRelu>;
+  }
+  throw std::invalid_argument("rnnkern._cuda: unknown cell code " + std::to_string(cell));
+}
+
+GenKernel generate_kernel_for(int cell, int wdtype) {
+  switch (wdtype) {
+    case kFloat32: return pick_generate<float>(cell);
+#if RNNKERN_WITH_BF16
+    case kBFloat16: return pick_generate<__nv_bfloat16>(cell);
+#endif
+  }
+  throw std::invalid_argument("rnnkern._cuda: generate weights must be float32 or bfloat16 "
+                              "(and compiled into this build), got dtype code " +
+                              std::to_string(wdtype));
+}
+
+void check_generate_args(const GenerateArgs& a, bool proj) {
+  auto fail = [](const std::string& what) {
+    throw std::invalid_argument("rnnkern._cuda generate: " + what);
+  };
+  if (a.cell < kLSTM || a.cell > kRNNRelu) fail("unknown cell code " + std::to_string(a.cell));
+  if (a.L < 1 || a.B < 1 || a.H < 1 || a.P < 1 || a.I < 1 || a.V < 0)
+    fail("L, B, I, H, P must be >= 1 and V >= 0");
+  if (static_cast<int64_t>(gate_count(a.cell)) * a.H > (1 << 30) ||
+      static_cast<int64_t>(a.B) * a.P > (1 << 30) || static_cast<int64_t>(a.B) * a.H > (1 << 30))
+    fail("model too large for 32-bit row indices");
+  if (a.proj && a.cell != kLSTM) fail("a projection is only defined for the LSTM");
+  if (!proj && a.P != a.H) fail("P must equal H without an LSTM projection");
+  if (a.layers == nullptr || a.h == nullptr || a.sync == nullptr) fail("null buffer");
+  if (a.cell == kLSTM && a.c == nullptr) fail("the LSTM needs the cell-state buffer c");
+  if (proj && a.m == nullptr) fail("the projection needs the m scratch buffer");
+  if (a.feed < 1) fail("feed must be >= 1");
+  if (a.table != nullptr ? a.prime == nullptr : (a.x == nullptr || a.feed != 1))
+    fail("inputs: token ids with a table, or x for exactly one step without one");
+  if (a.V > 0 && (a.head_w == nullptr || a.logits == nullptr)) fail("head without buffers");
+  if (a.steps < 0) fail("steps must be >= 0");
+  if (a.steps > 0 &&
+      (a.table == nullptr || a.V == 0 || a.V > a.vocab_in || a.out == nullptr))
+    fail("sampling needs a token table, a head with V <= vocab_in and an output buffer");
+  if (a.steps > 0 && !(a.temperature > 0.0 && a.temperature <= DBL_MAX))
+    fail("temperature must be a finite number > 0");
+  if (a.steps > 0 && !(a.top_p > 0.0 && a.top_p <= 1.0)) fail("top_p must be in (0, 1]");
+  if (a.top_k < 0) fail("top_k must be >= 0");
+}
+
+struct Prepared {
+  GenKernel kernel;
+  GenPlan plan;
+};
+
+Prepared prepare(const GenerateArgs& a) {
+  const bool proj = a.cell == kLSTM && a.proj != 0;
+  check_generate_args(a, proj);
+  const DeviceInfo dev = query_device();
+  if (!dev.cooperative)
+    throw std::runtime_error("rnnkern._cuda: device " + std::to_string(dev.device) +
+                             " does not support cooperative launches");
+  const GenKernel kernel = generate_kernel_for(a.cell, a.wdtype);
+  cudaFuncAttributes attr{};
+  check(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)),
+        "cudaFuncGetAttributes(generate)");
+  const size_t budget = static_cast<size_t>(dev.smem_optin) - attr.sharedSizeBytes;
+  GenPlan p = make_generate_plan(a, proj, dev.sms, budget);
+  check(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(p.smem)),
+        "cudaFuncSetAttribute(generate, MaxDynamicSharedMemorySize)");
+  int per_sm = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, reinterpret_cast<const void*>(kernel), kThreads, p.smem),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor(generate)");
+  if (per_sm < 1 || p.blocks > per_sm * dev.sms)
+    throw std::runtime_error("rnnkern._cuda: a cooperative generate launch of " +
+                             std::to_string(p.blocks) + " blocks with " +
+                             std::to_string(p.smem) + " bytes of shared memory cannot be "
+                             "co-resident (" + std::to_string(per_sm) + " per SM)");
+  return Prepared{kernel, p};
+}
+
+GenerateInfo info_of(const GenPlan& p) {
+  return GenerateInfo{p.blocks, kThreads, p.Hb, p.Pb, p.Vb, p.Bc, p.Bs, p.resident,
+                      static_cast<int64_t>(p.smem)};
+}
+
+}  // namespace
+
+int64_t generate(const GenerateArgs& a, void* stream, int64_t timeout_ns, bool debug,
+                 GenerateInfo* info) {
+  Prepared pr = prepare(a);
+  pr.plan.timeout_ns = timeout_ns;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  check(cudaGetLastError(), "a CUDA call before the rnnkern generate launch");
+  check(cudaMemsetAsync(a.sync, 0, sizeof(unsigned long long), s), "cudaMemsetAsync(sync)");
+  GenerateArgs args = a;
+  void* params[] = {&args, &pr.plan};
+  check(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(pr.kernel),
+                                    dim3(pr.plan.blocks), dim3(kThreads), params, pr.plan.smem, s),
+        "cudaLaunchCooperativeKernel(generate)");
+  check(cudaGetLastError(), "generate launch");
+  if (debug) check(cudaStreamSynchronize(s), "generate (debug synchronise)");
+  if (info) *info = info_of(pr.plan);
+  return a.feed + (a.steps > 0 ? a.steps - 1 : 0);
+}
+
+GenerateInfo plan_generate(const GenerateArgs& a) { return info_of(prepare(a).plan); }
+
+GenerateInfo plan_generate_on(const GenerateArgs& a, int sms, int64_t smem_budget) {
+  const bool proj = a.cell == kLSTM && a.proj != 0;
+  check_generate_args(a, proj);
+  generate_kernel_for(a.cell, a.wdtype);  // the weight dtype is compiled in
+  if (sms < 1 || smem_budget < 1)
+    throw std::invalid_argument("rnnkern._cuda: sms and smem_budget must be >= 1");
+  return info_of(make_generate_plan(a, proj, sms, static_cast<size_t>(smem_budget)));
+}
+
+}  // namespace rnnkern_cuda

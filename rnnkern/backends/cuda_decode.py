@@ -1,0 +1,162 @@
+"""``rnnkern.Decoder(backend="cuda")``: whole-sequence generation in one CUDA launch.
+
+The kernel (``csrc/cuda/generate.cu``, module ``rnnkern._cuda``) runs, for ``n`` tokens and
+``B`` streams, every layer, the output head, the sampling rule of :mod:`rnnkern.sampling`
+(``csrc/common/sampling_rule.h``, the C++ decoder's own code) and the feedback of each token
+through the token table, in one persistent cooperative launch: no host round trip and no launch
+per token. :class:`CudaDecode` holds what the launches share (the layer table in device memory,
+the status words) and turns the kernel's status into Python exceptions.
+
+Status. ``sync`` is int64 ``[3]`` on the device: barrier arrivals (zeroed by the launcher before
+each launch), error code, row. :meth:`CudaDecode.check` reads it back (a host synchronisation),
+raises and clears it; ``Decoder.generate`` and ``Decoder.get_state`` call it, ``Decoder.step``
+only with ``RNNKERN_CUDA_DEBUG=1`` (a step should not wait for the device), so an error in a
+step surfaces at the next ``generate`` or ``get_state``.
+
+Legend: ``B`` streams, ``L`` layers, ``I`` input size, ``H`` hidden, ``P`` state size, ``V``
+head outputs, ``S`` fed steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import CELL_CODES
+from .cuda import _ERRORS, _cuda, _debug, _timeout_ns, build_hint
+
+_WDTYPE = {torch.float32: 0, torch.bfloat16: 2}  # csrc/cuda/api.h DType
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why backend ``cuda`` cannot decode a model on ``device``, or None when it can."""
+    if _cuda is None:
+        return build_hint()
+    if device.type != "cuda":
+        return f"backend 'cuda' decodes models on a CUDA device, got the model on {device}"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible (torch.cuda.is_available() is False)"
+    return None
+
+
+def _ptr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+class CudaDecode:
+    """The packed model's geometry and buffers as ``csrc/cuda/api.h``'s ``GenerateArgs`` reads
+    them; ``layers`` / ``table`` / ``head_w`` / ``head_b`` are the Decoder's packed tensors
+    (kept alive by the Decoder)."""
+
+    def __init__(
+        self,
+        cell: str,
+        layers: list[dict],
+        table: Tensor | None,
+        head_w: Tensor | None,
+        head_b: Tensor | None,
+        I: int,
+        H: int,
+        P: int,
+        device: torch.device,
+    ) -> None:
+        reason = unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(reason)
+        streamed = layers[0]["w_hh"].dtype
+        if streamed not in _WDTYPE:
+            raise ValueError(f"backend 'cuda' decodes float32 or bfloat16 weights, got {streamed}")
+        # One LayerWeights (five device addresses, csrc/cuda/api.h) per layer, in device memory.
+        keys = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+        self._layer_table = torch.tensor(
+            [[_ptr(d[k]) for k in keys] for d in layers], dtype=torch.int64, device=device
+        )
+        self._sync = torch.zeros(3, dtype=torch.int64, device=device)
+        self.device = device
+        self.last_launch: dict | None = None  # layout of the latest launch (tests, benchmarks)
+        self._base = dict(
+            cell=CELL_CODES[cell],
+            wdtype=_WDTYPE[streamed],
+            proj=int(layers[0]["w_hr"] is not None),
+            L=len(layers),
+            I=I,
+            H=H,
+            P=P,
+            V=0 if head_w is None else head_w.shape[0],
+            vocab_in=0 if table is None else table.shape[0],
+            layers=self._layer_table.data_ptr(),
+            table=_ptr(table),
+            head_w=_ptr(head_w),
+            head_b=_ptr(head_b),
+            sync=self._sync.data_ptr(),
+        )
+
+    def _args(self, B, h, parity, c, m, logits, feed, prime, x, steps, out, sampling) -> dict:
+        temperature, top_k, top_p, seed, first_step = sampling
+        return dict(
+            self._base,
+            B=B,
+            h=_ptr(h),
+            parity=parity,
+            c=_ptr(c),
+            m=_ptr(m),
+            logits=_ptr(logits) if self._base["V"] else 0,
+            feed=feed,
+            prime=_ptr(prime),
+            x=_ptr(x),
+            steps=steps,
+            out=_ptr(out),
+            temperature=float(temperature),
+            top_k=int(top_k),
+            top_p=float(top_p),
+            seed=int(seed),
+            first_step=int(first_step),
+        )
+
+    def run(
+        self,
+        h: Tensor,
+        parity: int,
+        c: Tensor | None,
+        m: Tensor | None,
+        logits: Tensor,
+        *,
+        prime: Tensor | None = None,
+        x: Tensor | None = None,
+        steps: int = 0,
+        out: Tensor | None = None,
+        sampling: tuple = (1.0, 0, 1.0, 0, 0),
+    ) -> int:
+        """Enqueue one launch on torch's current stream: feed ``prime [B, S]`` (token ids) or
+        ``x [B, I]`` (one step), then sample ``steps`` tokens into ``out [B, steps]`` with
+        ``sampling = (temperature, top_k, top_p, seed, first_step)``. ``h`` is the Decoder's
+        ``[2, L, B, P]`` ping-pong state with slot ``parity`` current. Returns the number of
+        model steps run (the new parity is ``parity ^ (model_steps & 1)``). Arguments are
+        checked by the Decoder; the launcher checks them again (a ValueError here is a bug)."""
+        B = h.shape[2]
+        feed = prime.shape[1] if prime is not None else 1
+        args = self._args(B, h, parity, c, m, logits, feed, prime, x, steps, out, sampling)
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        model_steps, info = _cuda.generate(args, stream, _timeout_ns(), _debug())
+        self.last_launch = info
+        if _debug():
+            self.check()
+        return int(model_steps)
+
+    def check(self) -> None:
+        """Raise the error the kernel recorded since the last check, if any (and clear it).
+        Reads the status back, so it waits for the launches enqueued so far."""
+        code, row = (int(v) for v in self._sync[1:].tolist())
+        if code == 0:
+            return
+        self._sync[1:].zero_()
+        if code == int(_cuda.ERR_NON_FINITE):
+            raise FloatingPointError(
+                f"generate: the logits of stream {row} became NaN or +inf "
+                "(the model's weights or state hold non-finite values)"
+            )
+        if code == int(_cuda.ERR_BAD_TOKEN):
+            raise ValueError(f"a token id of stream {row} is outside the embedding's range")
+        raise RuntimeError(
+            "rnnkern._cuda generate: " + _ERRORS.get(code, f"unknown error code {code}")
+        )
