@@ -146,6 +146,7 @@ __device__ int64_t warp_sample(const float* logits, int V, double temperature, i
     long long last = 0;
     if (lane == 0) last = last_kept(w, order, by_k ? top_k : V, top_p);
     last = __shfl_sync(0xffffffffu, last, 0);
+    __syncwarp();  // lane 0's reads of w are ordered before the writes below
     for (int v = lane; v < V; v += 32)
       if (rank[v] > last) w[v] = 0.0;
     __syncwarp();
@@ -171,7 +172,7 @@ __device__ __forceinline__ LayerWeights load_layer(const LayerWeights* p) {
   return lw;
 }
 
-// Records the first error of the launch (block 0 only: every block finds the same one).
+// Records the first error of the launch (the first writer wins; sync[2] is its row).
 __device__ __forceinline__ void record_error(unsigned long long* sync, unsigned long long code,
                                              int row) {
   if (atomicCAS(sync + 1, 0ULL, code) == 0ULL) sync[2] = static_cast<unsigned long long>(row);
@@ -196,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
   float* pre_i = reinterpret_cast<float*>(smem + plan.off_pre_i);
   float* pre_h = reinterpret_cast<float*>(smem + plan.off_pre_h);
   GridBarrier bar{a.sync, a.sync + 1, gridDim.x, 0, plan.timeout_ns};
-  __shared__ int bad_row;
+  const bool reporter = blockIdx.x == 0;  // every block finds the same errors; one reports
 
   // Row sets of the block's slices of layer l: W_ih (K = I for layer 0, else P), W_hh, W_hr.
   struct LayerRows {
@@ -205,12 +206,14 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
   auto global_rows = [&](int l, const LayerWeights& lw) {
     const int K = l == 0 ? I : P;
     LayerRows r;
-    r.wi = Rows<W>{static_cast<const W*>(lw.w_ih) + static_cast<size_t>(j0) * K,
+    // (w_ih of layer 0 with a token table and w_hr without a projection are null, never read)
+    const W* wi = static_cast<const W*>(lw.w_ih);
+    const W* wr = static_cast<const W*>(lw.w_hr);
+    r.wi = Rows<W>{wi ? wi + static_cast<size_t>(j0) * K : nullptr,
                    static_cast<long long>(H) * K, max(nj, 1), K};
     r.wh = Rows<W>{static_cast<const W*>(lw.w_hh) + static_cast<size_t>(j0) * P,
                    static_cast<long long>(H) * P, max(nj, 1), P};
-    r.wr = Rows<W>{static_cast<const W*>(lw.w_hr) + static_cast<size_t>(p0) * H, 0, max(np, 1),
-                   H};
+    r.wr = Rows<W>{wr ? wr + static_cast<size_t>(p0) * H : nullptr, 0, max(np, 1), H};
     return r;
   };
   // Resident copies are dense, [G][nj][K], [G][nj][P] and [np][H], from byte offset `off`
@@ -228,7 +231,7 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
     return r;
   };
   const Rows<W> head_global{
-      V > 0 ? static_cast<const W*>(a.head_w) + static_cast<size_t>(v0) * P : nullptr, 0,
+      nv > 0 ? static_cast<const W*>(a.head_w) + static_cast<size_t>(v0) * P : nullptr, 0,
       max(nv, 1), P};
   const Rows<W> head_rows =
       plan.resident ? Rows<W>{reinterpret_cast<const W*>(smem + plan.off_head), 0, max(nv, 1), P}
@@ -254,22 +257,18 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
     const int nxt = cur ^ 1;
     // Tokens of this step: the prime's column n, else the tokens sampled after step n - 1
     // (already in toks).
+    // A token outside the table (the Decoder checks the prime first) is reported and
+    // replaced by 0, and generation goes on, as the C++ decoder does with a failed sample.
     if (table && n < a.feed) {
-      if (threadIdx.x == 0) bad_row = B;
-      __syncthreads();
       for (int b = threadIdx.x; b < B; b += kThreads) {
         int64_t t = a.prime[static_cast<size_t>(b) * a.feed + n];
         if (t < 0 || t >= a.vocab_in) {
-          atomicMin(&bad_row, b);
+          if (reporter) record_error(a.sync, kErrBadToken, b);
           t = 0;
         }
         toks[b] = t;
       }
       __syncthreads();
-      if (bad_row < B) {
-        if (blockIdx.x == 0 && threadIdx.x == 0) record_error(a.sync, kErrBadToken, bad_row);
-        return;  // uniform: every block read the same prime
-      }
     }
 
     // ---- layers
@@ -355,8 +354,6 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
     if (steps == 0) continue;  // logits only (Decoder.step): the launch's end publishes them
     if (!bar.wait()) return;   // every block samples from all of the logits
     const int j = n - (a.feed - 1);  // index of the token being sampled
-    if (threadIdx.x == 0) bad_row = B;
-    __syncthreads();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (warp < plan.Bs) {
       unsigned char* slot = smem + plan.off_samp + plan.samp_slot * warp;
@@ -369,20 +366,15 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
                                         static_cast<uint64_t>(b),
                                         a.first_step + static_cast<uint64_t>(j), w, rank, order);
         if (lane == 0) {
-          if (tok < 0) {
-            atomicMin(&bad_row, b);
-          } else {
-            toks[b] = tok;
-            if (blockIdx.x == 0) a.out[static_cast<size_t>(b) * steps + j] = tok;
-          }
+          // Non-finite logits: reported, and the stream goes on with token 0 (as in the C++
+          // decoder; the Decoder raises after the launch).
+          if (tok < 0 && reporter) record_error(a.sync, kErrNonFinite, b);
+          toks[b] = tok < 0 ? 0 : tok;
+          if (reporter) a.out[static_cast<size_t>(b) * steps + j] = tok < 0 ? 0 : tok;
         }
       }
     }
-    __syncthreads();
-    if (bad_row < B) {  // uniform: every block sampled the same logits
-      if (blockIdx.x == 0 && threadIdx.x == 0) record_error(a.sync, kErrNonFinite, bad_row);
-      return;
-    }
+    __syncthreads();  // toks are read by the next step; the slots overlay the staging buffers
   }
 }
 
@@ -409,29 +401,38 @@ GenPlan make_generate_plan(const GenerateArgs& a, bool proj, int sms, size_t bud
   const size_t head = align16(static_cast<size_t>(es) * p.Vb * a.P);
   p.samp_slot = align16(16 * static_cast<size_t>(a.V));  // 8 + 4 + 4 bytes per token
   const int C = G * p.Hb;
-  for (int resident = 1; resident >= 0; --resident) {
-    for (int bc = std::min(a.B, kGenMaxBatchChunk); bc >= 1; --bc) {
-      const size_t x = align16(4 * static_cast<size_t>(bc) * p.Kx);
-      const size_t h = align16(4 * static_cast<size_t>(bc) * a.P);
-      const size_t pre = align16(4 * static_cast<size_t>(bc) * C);
-      const size_t region = std::max(x + h + 2 * pre, sampling ? p.samp_slot : 0);
-      p.off_toks = 0;
-      p.off_partial = align16(8 * static_cast<size_t>(a.B));
-      p.off_x = p.off_partial + align16(sizeof(float) * kPartial);
-      p.off_h = p.off_x + x;
-      p.off_pre_i = p.off_h + h;
-      p.off_pre_h = p.off_pre_i + pre;
-      p.off_samp = p.off_x;
-      p.off_weights = p.off_x + region;
-      p.off_head = p.off_weights + weights;
-      p.smem = resident ? p.off_head + head : p.off_weights;
-      if (p.smem <= budget) {
-        p.Bc = bc;
-        p.resident = resident;
-        p.Bs = sampling ? static_cast<int>(std::min<size_t>(std::min(a.B, kWarps),
-                                                            region / p.samp_slot))
-                        : 0;
-        return p;
+  const int model_steps = a.feed + (a.steps > 0 ? a.steps - 1 : 0);
+  // Copying the slices in costs about what reading them once does, so a launch of one model
+  // step (Decoder.step) reads them from global memory.
+  const int first_resident = model_steps > 1 ? 1 : 0;
+  // Preferences, in order: weights resident; as many warps sampling at once as fit (each
+  // needs a 16 V-byte slot); the largest batch chunk.
+  const int all_warps = std::min(a.B, kWarps);
+  for (int resident = first_resident; resident >= 0; --resident) {
+    for (int want_bs = sampling ? all_warps : 1; want_bs >= 1; --want_bs) {
+      for (int bc = std::min(a.B, kGenMaxBatchChunk); bc >= 1; --bc) {
+        const size_t x = align16(4 * static_cast<size_t>(bc) * p.Kx);
+        const size_t h = align16(4 * static_cast<size_t>(bc) * a.P);
+        const size_t pre = align16(4 * static_cast<size_t>(bc) * C);
+        const size_t region = std::max(x + h + 2 * pre, sampling ? p.samp_slot * want_bs : 0);
+        p.off_toks = 0;
+        p.off_partial = align16(8 * static_cast<size_t>(a.B));
+        p.off_x = p.off_partial + align16(sizeof(float) * kPartial);
+        p.off_h = p.off_x + x;
+        p.off_pre_i = p.off_h + h;
+        p.off_pre_h = p.off_pre_i + pre;
+        p.off_samp = p.off_x;
+        p.off_weights = p.off_x + region;
+        p.off_head = p.off_weights + weights;
+        p.smem = resident ? p.off_head + head : p.off_weights;
+        if (p.smem <= budget) {
+          p.Bc = bc;
+          p.resident = resident;
+          p.Bs = sampling ? static_cast<int>(
+                                std::min<size_t>(all_warps, region / p.samp_slot))
+                          : 0;
+          return p;
+        }
       }
     }
   }

@@ -107,7 +107,8 @@ class CudaDecode:
             steps=steps,
             out=_ptr(out),
             temperature=float(temperature),
-            top_k=int(top_k),
+            # top_k >= V is top-k off, as is V itself (and V fits the kernel's int)
+            top_k=min(int(top_k), max(self._base["V"], 1)),
             top_p=float(top_p),
             seed=int(seed),
             first_step=int(first_step),
@@ -136,8 +137,9 @@ class CudaDecode:
         B = h.shape[2]
         feed = prime.shape[1] if prime is not None else 1
         args = self._args(B, h, parity, c, m, logits, feed, prime, x, steps, out, sampling)
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        model_steps, info = _cuda.generate(args, stream, _timeout_ns(), _debug())
+        with torch.cuda.device(self.device):  # the launcher works on the current device
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            model_steps, info = _cuda.generate(args, stream, _timeout_ns(), _debug())
         self.last_launch = info
         if _debug():
             self.check()
