@@ -469,6 +469,32 @@ def test_cuda_generate_state_matches_stepping(mode, layers, proj):
 
 
 @needs_cuda_decode
+@pytest.mark.parametrize(
+    "mode,layers,proj,hidden,batch",
+    [("LSTM", 3, 0, H, 3), ("LSTM", 2, 7, H, 2), ("GRU", 2, 0, 512, 40), ("RNN", 1, 0, H, 1)],
+)
+def test_cuda_sync_modes_agree_bit_for_bit(mode, layers, proj, hidden, batch):
+    """Flag-carrying words and grid barriers order the same arithmetic: identical tokens,
+    logits and state. 40 streams of a 512-unit GRU take several batch chunks per layer."""
+    torch.manual_seed(24)
+    kw = {"proj_size": proj} if proj else {}
+    rnn = getattr(torch.nn, mode)(E, hidden, num_layers=layers, **kw)
+    emb, head = torch.nn.Embedding(V, E), torch.nn.Linear(proj or hidden, V)
+    prime = torch.randint(0, V, (batch, 3), generator=torch.Generator().manual_seed(25))
+    results = []
+    for sync in ("flags", "barrier"):
+        dec = make_decoder("cuda", rnn, emb, head, batch_size=batch)
+        dec._cuda.sync = sync
+        tokens = dec.generate(prime, 12, seed=8, top_k=7)
+        tokens2 = dec.generate(tokens[:, -1:], 5, seed=8, first_step=12)  # tags continue
+        logits = dec.step(tokens2[:, -1])
+        assert dec._cuda.last_launch["sync"] == sync
+        results.append((tokens, tokens2, logits, *dec.get_state()))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_cuda_decode
 def test_cuda_weights_in_l2_generate_the_cpu_decoders_tune():
     """A model too large for shared memory reads its weight slices from global memory (L2)
     instead; its tokens equal the CPU decoder's as for small models (fixed seeds, see
@@ -514,6 +540,7 @@ def test_cuda_generate_plan_without_a_gpu():
         cell=0, wdtype=0, proj=0, L=3, B=1, I=512, H=512, P=512, V=137, vocab_in=137, layers=1,
         table=1, head_w=1, head_b=1, h=1, parity=0, c=1, m=0, logits=1, feed=1, prime=1, x=0,
         steps=16, out=1, temperature=1.0, top_k=0, top_p=1.0, seed=0, first_step=0, sync=1,
+        flags=0, tag_base=0, xh=0, xm=0, xl=0,
     )  # fmt: skip
     budget = 227 * 1024
     fp32 = _cuda.plan_generate_on(args, 132, budget)
@@ -539,3 +566,11 @@ def test_cuda_generate_plan_without_a_gpu():
         _cuda.plan_generate_on(dict(args, temperature=0.0), 132, budget)
     with pytest.raises(ValueError, match="sampling needs a token table"):
         _cuda.plan_generate_on(dict(args, table=0, x=1), 132, budget)
+    # flags mode: 16 model steps x 7 phases of fresh tags below 2^32, and exchange buffers
+    flagged = dict(args, flags=1, tag_base=1, xh=1, xl=1)
+    assert _cuda.plan_generate_on(flagged, 132, budget)["sync"] == "flags"
+    assert fp32["sync"] == "barrier"
+    with pytest.raises(ValueError, match=r"tags tag_base .. tag_base \+ 112 must lie in"):
+        _cuda.plan_generate_on(dict(flagged, tag_base=2**32 - 100), 132, budget)
+    with pytest.raises(ValueError, match="flags mode needs the exchange buffers"):
+        _cuda.plan_generate_on(dict(flagged, xl=0), 132, budget)

@@ -105,6 +105,15 @@ struct GenerateArgs {
   uint64_t seed, first_step;    // token j of stream b: uniform(seed, b, first_step + j)
   unsigned long long* sync;     // [3]: barrier arrivals (zeroed by the launcher), error code,
                                 //   row of the error (both zero before the first launch)
+  // How blocks wait for each other's results (generate.cu explains both): 0 grid barriers,
+  // 1 flag-carrying words. Flags mode exchanges through these u64 words {float, tag}:
+  int flags;
+  uint64_t tag_base;            // tags tag_base .. tag_base + model steps * (2L + 1) - 1 are
+                                //   this launch's: >= 1, below 2^32, never used before on
+                                //   these buffers (zeroed at allocation)
+  unsigned long long* xh;       // [2, L, B, P] states (flags mode)
+  unsigned long long* xm;       // [L, B, H] projection inputs (flags mode, projection)
+  unsigned long long* xl;       // [B, V] logits (flags mode, V > 0)
 };
 
 struct GenerateInfo {
@@ -115,6 +124,7 @@ struct GenerateInfo {
   int batch_chunk;        // batch rows staged at a time in the matrix-vector products
   int sample_warps;       // streams each block samples at a time (one warp each)
   int weights_in_smem;    // 1: every matrix slice resident in shared memory; 0: read via L2
+  int flags;              // 1: flag-carrying exchange; 0: grid barriers
   int64_t smem_bytes;
 };
 

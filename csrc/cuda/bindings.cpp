@@ -40,6 +40,7 @@ py::dict generate_info_dict(const GenerateInfo& i) {
   d["batch_chunk"] = i.batch_chunk;
   d["sample_warps"] = i.sample_warps;
   d["weights_in_smem"] = static_cast<bool>(i.weights_in_smem);
+  d["sync"] = i.flags ? "flags" : "barrier";
   d["smem_bytes"] = i.smem_bytes;
   return d;
 }
@@ -80,6 +81,11 @@ GenerateArgs generate_args(const py::dict& d) {
   a.seed = d["seed"].cast<uint64_t>();
   a.first_step = d["first_step"].cast<uint64_t>();
   a.sync = ptr<unsigned long long>(p("sync"));
+  a.flags = i("flags");
+  a.tag_base = d["tag_base"].cast<uint64_t>();
+  a.xh = ptr<unsigned long long>(p("xh"));
+  a.xm = ptr<unsigned long long>(p("xm"));
+  a.xl = ptr<unsigned long long>(p("xl"));
   return a;
 }
 

@@ -14,18 +14,30 @@
 // ("resident": 3x512 LSTM, V=137, fp32 on 128 blocks: 164 KB per block); otherwise they are read
 // from global memory every step, where they live in L2.
 //
-// One model step: for each layer, the block's G*Hb pre-activations (input part from the token
-// table or the layer below, recurrent part from the layer's previous state), the cell, the
-// block's units of the new state, then one grid-wide barrier (the next layer reads all of
-// it; an LSTM projection adds one before h = W_hr m). Then the head writes the block's logits
-// and one barrier. Sampling needs no further barrier: every block samples every stream itself
-// from the same logits with the same code, so all blocks hold the same tokens (bit-identical
-// inputs, deterministic arithmetic) and go on to the next step's token-table lookups directly.
-// Per token: L + 1 barriers (2L + 1 with projection).
+// One model step: for each layer, the block's G*Hb pre-activations (recurrent part from the
+// layer's previous state, then input part from the token table or the layer below), the cell,
+// the block's units of the new state; the next layer needs all of it (an LSTM projection first
+// needs all of m = o * tanh(c) for h = W_hr m). Then the head writes the block's logits.
+// Sampling needs no further exchange: every block samples every stream itself from the same
+// logits with the same code, so all blocks hold the same tokens (bit-identical inputs,
+// deterministic arithmetic) and go on to the next step's token-table lookups directly.
 //
-// The state is a ping-pong pair per layer (h[parity], h[parity ^ 1]): a block may still read a
-// layer's previous state while another block writes that layer's new one. The cell state c of
-// a unit is read and written only by its owning block, in place.
+// Two ways to wait for the other blocks' results, the same arithmetic in the same order
+// (bit-identical results):
+// - barrier: a grid-wide barrier after every layer (and projection input) and after the head,
+//   then plain float loads through L2. L + 1 barriers per token (2L + 1 with projection).
+// - flags (default): every exchanged value is also written as a 64-bit word {float, tag of
+//   the phase that wrote it} and readers spin on exactly the words they need (see
+//   stage_words). No barrier at all, one L2 round trip per exchange instead of three, and a
+//   block computes a layer's recurrent part while the layer below is still being finished.
+//
+// The state is a ping-pong pair per layer (h[parity], h[parity ^ 1], and the same for the
+// exchange words): a block may still read a layer's previous state while another block
+// writes that layer's new one. That is the only reuse hazard without barriers: any block
+// writing a slot for step n has read values every block wrote in step n - 1 after finishing
+// its reads of that slot's step n - 2 contents (each block runs its phases in order); m gets
+// one buffer per layer for the same reason. The cell state c of a unit is read and written
+// only by its owning block, in place.
 //
 // Numerics are the CPU decoder's: float32 state and accumulation, bfloat16 weights widened to
 // float32, the token table in float32; sampling in float64 by the shared rule.
@@ -49,6 +61,7 @@ struct GenPlan {
   int Bs;        // warps sampling at once (one stream each)
   int Kx;        // row length of the staged layer input (I, P or H)
   int resident;  // matrix slices in shared memory
+  int flags;     // exchange through flag-carrying words instead of grid barriers
   size_t off_toks;     // [B] int64 tokens of the current step
   size_t off_partial;  // [kPartial] float split-K partial sums
   size_t off_x;        // [Bc][Kx] float staged input rows (layer input, or m)
@@ -89,22 +102,23 @@ __device__ __forceinline__ double warp_max(double v) {
   return v;
 }
 
-// The token of one stream from its logits row [V] (global memory, written by other blocks),
-// or -1 when the row holds NaN or +inf or only -inf. Called by all 32 lanes of a warp; every
+// The token of one stream from its logits row (logit(v) for v < V: written by other blocks,
+// read through L2), or -1 when the row holds NaN or +inf or only -inf. Called by all 32 lanes of a warp; every
 // lane returns the same value. w / rank / order: the warp's scratch [V] in shared memory.
 // The parallel parts (weights, ranks) compute per token what the sequential rule does; the
 // sums run on lane 0 in the rule's order, so the token is the C++ decoder's bit for bit up to
 // exp's last bit.
-__device__ int64_t warp_sample(const float* logits, int V, double temperature, int top_k,
-                               double top_p, uint64_t seed, uint64_t stream, uint64_t step,
-                               double* w, int32_t* rank, int32_t* order) {
+template <typename Logit>
+__device__ int64_t warp_sample(Logit logit, int V, double temperature, int top_k, double top_p,
+                               uint64_t seed, uint64_t stream, uint64_t step, double* w,
+                               int32_t* rank, int32_t* order) {
   using namespace rnnkern_rule;
   const int lane = threadIdx.x % 32;
   bool ok = true;
   double z_max = -HUGE_VAL;
   for (int v = lane; v < V; v += 32) {
     double z;
-    ok = scaled_logit(__ldcg(logits + v), temperature, &z) && ok;
+    ok = scaled_logit(logit(v), temperature, &z) && ok;
     w[v] = z;
     z_max = fmax(z_max, z);
   }
@@ -176,6 +190,75 @@ __device__ __forceinline__ LayerWeights load_layer(const LayerWeights* p) {
 __device__ __forceinline__ void record_error(unsigned long long* sync, unsigned long long code,
                                              int row) {
   if (atomicCAS(sync + 1, 0ULL, code) == 0ULL) sync[2] = static_cast<unsigned long long>(row);
+}
+
+// ---- flag-carrying exchange ("flags" mode): values other blocks read travel as 64-bit words
+// {float bits, 32-bit tag of the phase that wrote them}. One aligned 64-bit store writes both,
+// and one 64-bit load reads both, so a reader that sees the tag it waits for sees that phase's
+// value: no barrier and no fence (NCCL's LL protocol works the same way). A reader waits for
+// exactly the producers of what it reads, one L2 round trip after they write, instead of a
+// grid-wide barrier (two round trips) followed by the load (a third).
+
+__device__ __forceinline__ unsigned long long ld_relaxed(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_relaxed(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ unsigned long long tagged(float v, uint32_t tag) {
+  return (static_cast<unsigned long long>(tag) << 32) | __float_as_uint(v);
+}
+
+// The value of word *p once it carries `tag`; NaN when the launch must stop instead (another
+// block recorded an error, or this wait passed the timeout: then it records
+// kErrBarrierTimeout), with *failed set.
+__device__ __forceinline__ float wait_word(const unsigned long long* p, unsigned long long w,
+                                           uint32_t tag, unsigned long long* sync,
+                                           long long timeout_ns, bool* failed) {
+  if (static_cast<uint32_t>(w >> 32) != tag) {
+    const long long start = global_ns();
+    unsigned int spins = 0;
+    do {
+      if ((++spins & 255u) == 0) {
+        if (load_acquire(sync + 1) != kErrNone ||
+            (timeout_ns > 0 && global_ns() - start > timeout_ns)) {
+          atomicCAS(sync + 1, 0ULL, static_cast<unsigned long long>(kErrBarrierTimeout));
+          *failed = true;
+          return __int_as_float(0x7fc00000);
+        }
+      }
+      w = ld_relaxed(p);
+    } while (static_cast<uint32_t>(w >> 32) != tag);
+  }
+  return __uint_as_float(static_cast<uint32_t>(w));
+}
+
+// stage_rows for exchanged words: rows [b0, b0+nb) of src [B][K] into dst [nb][K] floats once
+// every word carries `tag`. Called by every thread; returns false (in every thread) when the
+// launch must stop. kStageUnroll loads are issued before the first wait, as in stage_rows.
+__device__ bool stage_words(float* dst, const unsigned long long* src, int b0, int nb, int K,
+                            uint32_t tag, unsigned long long* sync, long long timeout_ns) {
+  const unsigned long long* s = src + static_cast<size_t>(b0) * K;
+  const int n = nb * K;
+  bool failed = false;
+  for (int i0 = threadIdx.x; i0 < n; i0 += kStageUnroll * kThreads) {
+    unsigned long long w[kStageUnroll];
+#pragma unroll
+    for (int u = 0; u < kStageUnroll; ++u) {
+      const int i = i0 + u * kThreads;
+      w[u] = i < n ? ld_relaxed(s + i) : 0ULL;
+    }
+#pragma unroll
+    for (int u = 0; u < kStageUnroll; ++u) {
+      const int i = i0 + u * kThreads;
+      if (i < n && !failed) dst[i] = wait_word(s + i, w[u], tag, sync, timeout_ns, &failed);
+    }
+  }
+  return __syncthreads_or(failed) == 0;
 }
 
 template <typename W, int CELL>
@@ -252,6 +335,25 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
 
   const int steps = a.steps;
   const int model_steps = a.feed + (steps > 0 ? steps - 1 : 0);
+  const bool flags = plan.flags != 0;
+  // Tag of what phase i of model step n writes (flags mode): i = 2l for layer l's new state,
+  // 2l + 1 for its projection input m, 2L for the logits. The host never reuses a tag within
+  // the lifetime of the exchange buffers and never uses 0 (their initial value).
+  const int phases = 2 * L + 1;
+  auto tag_of = [&](int n, int i) {
+    return static_cast<uint32_t>(a.tag_base + static_cast<uint64_t>(n) * phases + i);
+  };
+  // Rows of data written during this launch by other blocks: exchanged words (flags mode), or
+  // floats behind the grid barrier that preceded (barrier mode).
+  auto stage_exchanged = [&](float* dst, const float* plain, const unsigned long long* words,
+                             int b0, int nb, int K, uint32_t tag) {
+    if (flags) return stage_words(dst, words, b0, nb, K, tag, a.sync, plan.timeout_ns);
+    stage_rows(dst, plain, b0, nb, K);
+    return true;
+  };
+  // Barrier mode: every block meets here. Flags mode: nothing (readers wait for their words).
+  auto meet = [&]() { return flags ? true : bar.wait(); };
+
   int cur = a.parity;
   for (int n = 0; n < model_steps; ++n) {
     const int nxt = cur ^ 1;
@@ -277,24 +379,36 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
       const LayerWeights lw = load_layer(a.layers + l);
       const LayerRows rows = plan.resident ? resident_rows(l, off) : global_rows(l, lw);
       const int K = (l == 0 && table) ? 0 : (l == 0 ? I : P);  // staged input length
-      const float* h_prev = a.h + (static_cast<size_t>(cur) * L + l) * B * P;
-      float* h_next = a.h + (static_cast<size_t>(nxt) * L + l) * B * P;
-      const float* x_in = l == 0 ? a.x : a.h + (static_cast<size_t>(nxt) * L + l - 1) * B * P;
+      const size_t slot_prev = (static_cast<size_t>(cur) * L + l) * B * P;
+      const size_t slot_next = (static_cast<size_t>(nxt) * L + l) * B * P;
+      const size_t slot_below = (static_cast<size_t>(nxt) * L + l - 1) * B * P;  // l >= 1
+      float* h_next = a.h + slot_next;
       float* c = CELL == kLSTM ? a.c + static_cast<size_t>(l) * B * H : nullptr;
+      const uint32_t tag_out = tag_of(n, 2 * l);
       if (nj > 0) {
         for (int b0 = 0; b0 < B; b0 += Bc) {
           const int nb = min(Bc, B - b0);
-          stage_rows(hs, h_prev, b0, nb, P);
-          if (K > 0) stage_rows(xs, x_in, b0, nb, K);
+          // The recurrent part first: it needs only the previous step's state (from before
+          // the launch at n = 0), so in flags mode it runs while the layer below finishes.
+          bool ok = n == 0 ? (stage_rows(hs, a.h + slot_prev, b0, nb, P), true)
+                           : stage_exchanged(hs, a.h + slot_prev, a.xh + slot_prev, b0, nb, P,
+                                             tag_of(n - 1, 2 * l));
+          if (!ok) return;
           __syncthreads();
           block_matvec_tiled<W>(hs, P, nb, P, G * nj, rows.wh, part, [&](int bb, int r, float v) {
             pre_h[bb * C + (r / nj) * Hb + r % nj] = v;
           });
-          if (K > 0)
+          if (K > 0) {
+            ok = l == 0 ? (stage_rows(xs, a.x, b0, nb, K), true)
+                        : stage_exchanged(xs, a.h + slot_below, a.xh + slot_below, b0, nb, K,
+                                          tag_of(n, 2 * (l - 1)));
+            if (!ok) return;
+            __syncthreads();
             block_matvec_tiled<W>(xs, K, nb, K, G * nj, rows.wi, part,
                                   [&](int bb, int r, float v) {
                                     pre_i[bb * C + (r / nj) * Hb + r % nj] = v;
                                   });
+          }
           __syncthreads();
           for (int i = threadIdx.x; i < nb * nj; i += kThreads) {
             const int bb = i / nj, jj = i % nj, b = b0 + bb, j = j0 + jj;
@@ -310,59 +424,81 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
             const float hp = proj ? 0.f : hs[bb * P + j];  // without projection P == H
             const CellStep<CELL> cs = cell_step<CELL>(gx, gh, c_prev, hp);
             if (CELL == kLSTM) c[static_cast<size_t>(b) * H + j] = cs.c;
-            if (proj)
-              a.m[static_cast<size_t>(b) * H + j] = cs.h;
-            else
-              h_next[static_cast<size_t>(b) * P + j] = cs.h;
+            if (proj) {
+              const size_t bj = static_cast<size_t>(b) * H + j;
+              if (flags)
+                st_relaxed(a.xm + static_cast<size_t>(l) * B * H + bj, tagged(cs.h, tag_of(n, 2 * l + 1)));
+              else
+                a.m[bj] = cs.h;
+            } else {
+              const size_t bj = static_cast<size_t>(b) * P + j;
+              h_next[bj] = cs.h;
+              if (flags) st_relaxed(a.xh + slot_next + bj, tagged(cs.h, tag_out));
+            }
           }
           __syncthreads();  // hs, xs and pre are reused by the next chunk
         }
       }
       if (proj) {  // h = W_hr m for the block's state units; needs all of m
-        if (!bar.wait()) return;
+        if (!meet()) return;
         if (np > 0) {
+          const size_t m_slot = static_cast<size_t>(l) * B * H;
           for (int b0 = 0; b0 < B; b0 += Bc) {
             const int nb = min(Bc, B - b0);
-            stage_rows(xs, a.m, b0, nb, H);
+            if (!stage_exchanged(xs, a.m, a.xm + m_slot, b0, nb, H, tag_of(n, 2 * l + 1)))
+              return;
             __syncthreads();
             block_matvec_tiled<W>(xs, H, nb, H, np, rows.wr, part, [&](int bb, int pp, float v) {
-              h_next[static_cast<size_t>(b0 + bb) * P + p0 + pp] = v;
+              const size_t bp = static_cast<size_t>(b0 + bb) * P + p0 + pp;
+              h_next[bp] = v;
+              if (flags) st_relaxed(a.xh + slot_next + bp, tagged(v, tag_out));
             });
             __syncthreads();
           }
         }
       }
-      if (!bar.wait()) return;  // the next layer (and the head) read all of h_next
+      if (!meet()) return;  // the next layer (and the head) read all of h_next
     }
     cur = nxt;
 
     // ---- head and sampling (after the last fed step, and after every sampled token's step)
     if (V == 0 || n < a.feed - 1) continue;
-    const float* h_top = a.h + (static_cast<size_t>(cur) * L + L - 1) * B * P;
+    const size_t slot_top = (static_cast<size_t>(cur) * L + L - 1) * B * P;
+    const uint32_t tag_logits = tag_of(n, 2 * L);
     if (nv > 0) {
       for (int b0 = 0; b0 < B; b0 += Bc) {
         const int nb = min(Bc, B - b0);
-        stage_rows(hs, h_top, b0, nb, P);
+        if (!stage_exchanged(hs, a.h + slot_top, a.xh + slot_top, b0, nb, P,
+                             tag_of(n, 2 * (L - 1))))
+          return;
         __syncthreads();
         block_matvec_tiled<W>(hs, P, nb, P, nv, head_rows, part, [&](int bb, int vv, float v) {
-          a.logits[static_cast<size_t>(b0 + bb) * V + v0 + vv] =
-              v + (a.head_b ? __ldg(a.head_b + v0 + vv) : 0.f);
+          const size_t bv = static_cast<size_t>(b0 + bb) * V + v0 + vv;
+          const float logit = v + (a.head_b ? __ldg(a.head_b + v0 + vv) : 0.f);
+          a.logits[bv] = logit;
+          if (flags) st_relaxed(a.xl + bv, tagged(logit, tag_logits));
         });
         __syncthreads();
       }
     }
     if (steps == 0) continue;  // logits only (Decoder.step): the launch's end publishes them
-    if (!bar.wait()) return;   // every block samples from all of the logits
+    if (!meet()) return;       // every block samples from all of the logits
     const int j = n - (a.feed - 1);  // index of the token being sampled
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    bool failed = false;
     if (warp < plan.Bs) {
       unsigned char* slot = smem + plan.off_samp + plan.samp_slot * warp;
       double* w = reinterpret_cast<double*>(slot);
       int32_t* rank = reinterpret_cast<int32_t*>(slot + sizeof(double) * V);
       int32_t* order = rank + V;
       for (int b = warp; b < B; b += plan.Bs) {
-        const int64_t tok = warp_sample(a.logits + static_cast<size_t>(b) * V, V,
-                                        a.temperature, a.top_k, a.top_p, a.seed,
+        const size_t row = static_cast<size_t>(b) * V;
+        auto logit = [&](int v) {
+          if (!flags) return __ldcg(a.logits + row + v);
+          const unsigned long long* p = a.xl + row + v;
+          return wait_word(p, ld_relaxed(p), tag_logits, a.sync, plan.timeout_ns, &failed);
+        };
+        const int64_t tok = warp_sample(logit, V, a.temperature, a.top_k, a.top_p, a.seed,
                                         static_cast<uint64_t>(b),
                                         a.first_step + static_cast<uint64_t>(j), w, rank, order);
         if (lane == 0) {
@@ -374,7 +510,8 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
         }
       }
     }
-    __syncthreads();  // toks are read by the next step; the slots overlay the staging buffers
+    // toks are read by the next step; the slots overlay the staging buffers
+    if (__syncthreads_or(failed)) return;
   }
 }
 
@@ -386,6 +523,7 @@ GenPlan make_generate_plan(const GenerateArgs& a, bool proj, int sms, size_t bud
   const int G = gate_count(a.cell);
   const bool table = a.table != nullptr, sampling = a.steps > 0;
   GenPlan p{};
+  p.flags = a.flags != 0;
   const int max_blocks = std::max(1, std::min(sms, a.H));
   p.Hb = (a.H + max_blocks - 1) / max_blocks;
   p.blocks = (a.H + p.Hb - 1) / p.Hb;
@@ -495,6 +633,15 @@ void check_generate_args(const GenerateArgs& a, bool proj) {
     fail("temperature must be a finite number > 0");
   if (a.steps > 0 && !(a.top_p > 0.0 && a.top_p <= 1.0)) fail("top_p must be in (0, 1]");
   if (a.top_k < 0) fail("top_k must be >= 0");
+  if (a.flags) {
+    const uint64_t tags = (static_cast<uint64_t>(a.feed) + std::max(a.steps - 1, 0)) *
+                          (2 * static_cast<uint64_t>(a.L) + 1);
+    if (a.tag_base < 1 || a.tag_base + tags > (1ULL << 32))
+      fail("flags mode: tags tag_base .. tag_base + " + std::to_string(tags) +
+           " must lie in [1, 2^32)");
+    if (a.xh == nullptr || (proj && a.xm == nullptr) || (a.V > 0 && a.xl == nullptr))
+      fail("flags mode needs the exchange buffers xh (and xm with a projection, xl with a head)");
+  }
 }
 
 struct Prepared {
@@ -532,7 +679,7 @@ Prepared prepare(const GenerateArgs& a) {
 }
 
 GenerateInfo info_of(const GenPlan& p) {
-  return GenerateInfo{p.blocks, kThreads, p.Hb, p.Pb, p.Vb, p.Bc, p.Bs, p.resident,
+  return GenerateInfo{p.blocks, kThreads, p.Hb, p.Pb, p.Vb, p.Bc, p.Bs, p.resident, p.flags,
                       static_cast<int64_t>(p.smem)};
 }
 

@@ -13,11 +13,21 @@ raises and clears it; ``Decoder.generate`` and ``Decoder.get_state`` call it, ``
 only with ``RNNKERN_CUDA_DEBUG=1`` (a step should not wait for the device), so an error in a
 step surfaces at the next ``generate`` or ``get_state``.
 
+Synchronisation. Blocks wait for each other's results in one of two ways
+(``RNNKERN_CUDA_GENERATE_SYNC`` or :attr:`CudaDecode.sync`): ``"flags"`` (default) exchanges
+every value other blocks read as a 64-bit word carrying the tag of the phase that wrote it, so
+a block waits only for the words it reads (the exchange buffers and the running tag live here);
+``"barrier"`` meets at a grid-wide barrier after every layer and the head and reads plain
+floats. Both give bit-identical results (the same arithmetic in the same order); the second is
+the simpler cross-check of the first.
+
 Legend: ``B`` streams, ``L`` layers, ``I`` input size, ``H`` hidden, ``P`` state size, ``V``
 head outputs, ``S`` fed steps.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -26,6 +36,15 @@ from .base import CELL_CODES
 from .cuda import _ERRORS, _cuda, _debug, _timeout_ns, build_hint
 
 _WDTYPE = {torch.float32: 0, torch.bfloat16: 2}  # csrc/cuda/api.h DType
+_SYNC_MODES = ("flags", "barrier")
+_TAG_LIMIT = 1 << 32  # tags are 32 bits; 0 is the exchange buffers' initial value
+
+
+def _sync_mode_from_env() -> str:
+    mode = os.environ.get("RNNKERN_CUDA_GENERATE_SYNC", "flags")
+    if mode not in _SYNC_MODES:
+        raise ValueError(f"RNNKERN_CUDA_GENERATE_SYNC must be 'flags' or 'barrier', got {mode!r}")
+    return mode
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -73,6 +92,11 @@ class CudaDecode:
         )
         self._sync = torch.zeros(3, dtype=torch.int64, device=device)
         self.device = device
+        self.sync = _sync_mode_from_env()  # "flags" or "barrier" (module docstring)
+        self._exchange_batch = 0  # the batch size the exchange buffers were made for
+        self._xh = self._xm = self._xl = None
+        self._tag_base = 1
+        self._geometry = (len(layers), P, H, layers[0]["w_hr"] is not None)
         self.last_launch: dict | None = None  # layout of the latest launch (tests, benchmarks)
         self._base = dict(
             cell=CELL_CODES[cell],
@@ -112,7 +136,30 @@ class CudaDecode:
             top_p=float(top_p),
             seed=int(seed),
             first_step=int(first_step),
+            flags=0,
+            tag_base=0,
+            xh=0,
+            xm=0,
+            xl=0,
         )
+
+    def _prepare_exchange(self, B: int, tags: int) -> None:
+        """Exchange buffers for ``B`` streams, and room for ``tags`` fresh tags: the buffers
+        are zeroed (tag 0 is never used) when made, and when the 32-bit tags run out."""
+        if tags >= _TAG_LIMIT - 1:
+            raise ValueError(
+                f"one generate call of backend 'cuda' runs at most {_TAG_LIMIT - 2} model phases "
+                f"(steps x (2 x layers + 1)), got {tags}: split it (first_step continues the "
+                "random numbers)"
+            )
+        if self._exchange_batch != B or self._tag_base + tags > _TAG_LIMIT:
+            L, P, H, proj = self._geometry
+            V = self._base["V"]
+            z = dict(dtype=torch.int64, device=self.device)
+            self._xh = torch.zeros(2, L, B, P, **z)
+            self._xm = torch.zeros(L, B, H, **z) if proj else None
+            self._xl = torch.zeros(B, V, **z) if V else None
+            self._exchange_batch, self._tag_base = B, 1
 
     def run(
         self,
@@ -134,12 +181,22 @@ class CudaDecode:
         ``[2, L, B, P]`` ping-pong state with slot ``parity`` current. Returns the number of
         model steps run (the new parity is ``parity ^ (model_steps & 1)``). Arguments are
         checked by the Decoder; the launcher checks them again (a ValueError here is a bug)."""
+        if self.sync not in _SYNC_MODES:
+            raise ValueError(f"sync must be 'flags' or 'barrier', got {self.sync!r}")
         B = h.shape[2]
         feed = prime.shape[1] if prime is not None else 1
         args = self._args(B, h, parity, c, m, logits, feed, prime, x, steps, out, sampling)
+        flags = self.sync == "flags"
+        tags = (feed + max(steps - 1, 0)) * (2 * self._base["L"] + 1)
+        if flags:
+            self._prepare_exchange(B, tags)
+            args.update(flags=1, tag_base=self._tag_base, xh=_ptr(self._xh), xm=_ptr(self._xm),
+                        xl=_ptr(self._xl))  # fmt: skip
         with torch.cuda.device(self.device):  # the launcher works on the current device
             stream = torch.cuda.current_stream(self.device).cuda_stream
             model_steps, info = _cuda.generate(args, stream, _timeout_ns(), _debug())
+        if flags:
+            self._tag_base += tags
         self.last_launch = info
         if _debug():
             self.check()

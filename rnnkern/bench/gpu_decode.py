@@ -10,7 +10,9 @@ generates ``N`` tokens per stream, sampling each from the logits and feeding it 
   (one Triton launch per step, sampling on the device, each token replayed from a CUDA graph);
 - ``rnnkern triton generate fp32, eager``: the same with CUDA graphs off (what the graph saves);
 - ``rnnkern cuda generate fp32`` / ``bf16``: one :meth:`rnnkern.Decoder.generate` call that is
-  one kernel launch for all tokens (present when ``rnnkern._cuda`` is built).
+  one kernel launch for all tokens (present when ``rnnkern._cuda`` is built);
+- ``rnnkern cuda generate fp32, barriers``: the same with grid barriers instead of
+  flag-carrying words between the blocks (what the flags save).
 
 B in {1, 64} (the issue's decode shapes); ``--quick``: B = 1 and fewer tokens.
 """
@@ -55,6 +57,9 @@ def cases(device: str = "cuda", quick: bool = False) -> list[Case]:
                 fns[f"rnnkern cuda generate {weights}"] = _generate(
                     Decoder(rnn, emb, head, weights=weights, batch_size=B, backend="cuda"), B, n
                 )
+            barriers = Decoder(rnn, emb, head, batch_size=B, backend="cuda")
+            barriers._cuda.sync = "barrier"
+            fns["rnnkern cuda generate fp32, barriers"] = _generate(barriers, B, n)
         out.append(
             Case(
                 suite="gpu_decode",
