@@ -416,5 +416,33 @@ DeviceInfo query_device() {
   return d;
 }
 
+// Shared memory a cooperative kernel may use per block on `dev`: the opt-in maximum less the
+// kernel's static shared memory.
+size_t dynamic_smem_budget(const void* kernel, const DeviceInfo& dev, const char* what) {
+  if (!dev.cooperative)
+    throw std::runtime_error("rnnkern._cuda: device " + std::to_string(dev.device) +
+                             " does not support cooperative launches");
+  cudaFuncAttributes attr{};
+  check(cudaFuncGetAttributes(&attr, kernel), what);
+  return static_cast<size_t>(dev.smem_optin) - attr.sharedSizeBytes;
+}
+
+// Lets `kernel` use `smem` bytes of dynamic shared memory and checks that `blocks` blocks of
+// kThreads threads can all be resident at once (what a cooperative launch requires).
+void allow_cooperative(const void* kernel, int blocks, size_t smem, const DeviceInfo& dev,
+                       const std::string& what) {
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem)),
+        ("cudaFuncSetAttribute(" + what + ", MaxDynamicSharedMemorySize)").c_str());
+  int per_sm = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem),
+        ("cudaOccupancyMaxActiveBlocksPerMultiprocessor(" + what + ")").c_str());
+  if (per_sm < 1 || blocks > per_sm * dev.sms)
+    throw std::runtime_error("rnnkern._cuda: a cooperative " + what + " launch of " +
+                             std::to_string(blocks) + " blocks with " + std::to_string(smem) +
+                             " bytes of shared memory cannot be co-resident (" +
+                             std::to_string(per_sm) + " per SM)");
+}
+
 }  // namespace
 }  // namespace rnnkern_cuda

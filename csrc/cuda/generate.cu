@@ -653,28 +653,11 @@ Prepared prepare(const GenerateArgs& a) {
   const bool proj = a.cell == kLSTM && a.proj != 0;
   check_generate_args(a, proj);
   const DeviceInfo dev = query_device();
-  if (!dev.cooperative)
-    throw std::runtime_error("rnnkern._cuda: device " + std::to_string(dev.device) +
-                             " does not support cooperative launches");
   const GenKernel kernel = generate_kernel_for(a.cell, a.wdtype);
-  cudaFuncAttributes attr{};
-  check(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)),
-        "cudaFuncGetAttributes(generate)");
-  const size_t budget = static_cast<size_t>(dev.smem_optin) - attr.sharedSizeBytes;
+  const void* k = reinterpret_cast<const void*>(kernel);
+  const size_t budget = dynamic_smem_budget(k, dev, "cudaFuncGetAttributes(generate)");
   GenPlan p = make_generate_plan(a, proj, dev.sms, budget);
-  check(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                             cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(p.smem)),
-        "cudaFuncSetAttribute(generate, MaxDynamicSharedMemorySize)");
-  int per_sm = 0;
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, reinterpret_cast<const void*>(kernel), kThreads, p.smem),
-        "cudaOccupancyMaxActiveBlocksPerMultiprocessor(generate)");
-  if (per_sm < 1 || p.blocks > per_sm * dev.sms)
-    throw std::runtime_error("rnnkern._cuda: a cooperative generate launch of " +
-                             std::to_string(p.blocks) + " blocks with " +
-                             std::to_string(p.smem) + " bytes of shared memory cannot be "
-                             "co-resident (" + std::to_string(per_sm) + " per SM)");
+  allow_cooperative(k, p.blocks, p.smem, dev, "generate");
   return Prepared{kernel, p};
 }
 

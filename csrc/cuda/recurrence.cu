@@ -514,28 +514,12 @@ void check_shape(int cell, int T, int B, int H, int P) {
 Plan plan_for(bool backward, int cell, int dtype, int B, int H, int P, bool proj,
               KernelFn* kernel_out) {
   const DeviceInfo dev = query_device();
-  if (!dev.cooperative)
-    throw std::runtime_error("rnnkern._cuda: device " + std::to_string(dev.device) +
-                             " does not support cooperative launches");
   const KernelFn kernel = kernel_for(backward, cell, dtype);
-  cudaFuncAttributes attr{};
-  check(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)),
-        "cudaFuncGetAttributes");
-  const size_t budget = static_cast<size_t>(dev.smem_optin) - attr.sharedSizeBytes;
+  const void* k = reinterpret_cast<const void*>(kernel);
+  const char* what = backward ? "layer_backward" : "layer_forward";
+  const size_t budget = dynamic_smem_budget(k, dev, "cudaFuncGetAttributes");
   Plan p = make_plan(backward, cell, dtype, B, H, P, proj, dev.sms, budget);
-  check(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                             cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(p.smem)),
-        "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-  int per_sm = 0;
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, reinterpret_cast<const void*>(kernel),
-                                                      kThreads, p.smem),
-        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  if (per_sm < 1 || p.blocks > per_sm * dev.sms)
-    throw std::runtime_error("rnnkern._cuda: a cooperative launch of " +
-                             std::to_string(p.blocks) + " blocks with " +
-                             std::to_string(p.smem) + " bytes of shared memory cannot be "
-                             "co-resident (" + std::to_string(per_sm) + " per SM)");
+  allow_cooperative(k, p.blocks, p.smem, dev, what);
   if (kernel_out) *kernel_out = kernel;
   return p;
 }
