@@ -514,12 +514,20 @@ def test_cuda_weights_in_l2_generate_the_cpu_decoders_tune():
 
 @needs_cuda_decode
 def test_cuda_non_finite_logits_raise():
+    """Non-finite logits are reported after the launch; as in the C++ decoder the streams go on
+    with token 0, so the state afterwards is the C++ decoder's."""
     rnn, emb, head = make_model("GRU", 1, seed=17)
     with torch.no_grad():
         head.bias[3] = float("nan")
     dec = make_decoder("cuda", rnn, emb, head, batch_size=2)
-    with pytest.raises(FloatingPointError, match="logits of stream 0 became NaN"):
-        dec.generate(torch.zeros(2, 1, dtype=torch.long), 3)
+    prime = torch.tensor([[1, 2], [3, 4]])
+    with pytest.raises(FloatingPointError, match="logits of stream [01] became NaN"):
+        dec.generate(prime, 3)
+    if HAVE_CPU:
+        cpu = Decoder(rnn, emb, head, batch_size=2, backend="cpu")
+        with pytest.raises(FloatingPointError):
+            cpu.generate(prime, 3)
+        torch.testing.assert_close(dec.get_state().cpu(), cpu.get_state(), rtol=0, atol=1e-5)
     with torch.no_grad():  # the error was reported once and cleared
         dec._head_b[3] = 0.0
     assert dec.generate(torch.zeros(2, 1, dtype=torch.long), 3).shape == (2, 3)

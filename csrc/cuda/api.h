@@ -21,8 +21,8 @@ enum KernelError : unsigned long long {
   kErrNone = 0,
   kErrBarrierTimeout = 1,  // a grid barrier waited longer than the timeout (deadlock guard)
   kErrBadLength = 2,       // lengths[b] outside [1, T]
-  kErrNonFinite = 3,       // generate: a row of logits held NaN or +inf (sync[2]: the row)
-  kErrBadToken = 4,        // generate: a prime token outside [0, vocab_in) (sync[2]: the row)
+  kErrNonFinite = 3,       // generate: a row of logits held NaN or +inf (not fatal, see below)
+  kErrBadToken = 4,        // generate: a prime token outside [0, vocab_in) (not fatal)
 };
 
 struct ForwardArgs {
@@ -103,8 +103,12 @@ struct GenerateArgs {
   double temperature, top_p;    // the sampling rule of rnnkern/sampling.py
   int top_k;
   uint64_t seed, first_step;    // token j of stream b: uniform(seed, b, first_step + j)
-  unsigned long long* sync;     // [3]: barrier arrivals (zeroed by the launcher), error code,
-                                //   row of the error (both zero before the first launch)
+  unsigned long long* sync;     // [4]: [0] barrier arrivals (zeroed by the launcher);
+                                //   [1] abort: a fatal error (a wait past the timeout), which
+                                //   stops every block; [2] the first non-fatal error (the
+                                //   streams went on with token 0), [3] its row. [1..3] are
+                                //   zero before the first launch and cleared by the caller
+                                //   once it has reported them.
   // How blocks wait for each other's results (generate.cu explains both): 0 grid barriers,
   // 1 flag-carrying words. Flags mode exchanges through these u64 words {float, tag}:
   int flags;
@@ -152,8 +156,8 @@ LaunchInfo layer_backward(const BackwardArgs& a, void* stream, int64_t timeout_n
 LaunchInfo plan_forward(int cell, int dtype, int B, int H, int P, bool proj);
 LaunchInfo plan_backward(int cell, int dtype, int B, int H, int P, bool proj);
 // Enqueues one cooperative launch on `stream` (it first zeroes sync[0] there); returns the
-// number of model steps it runs. Errors found by the kernel go to sync[1] / sync[2], read by
-// the caller.
+// number of model steps it runs. Errors found by the kernel go to sync[1..3], read by the
+// caller.
 int64_t generate(const GenerateArgs& a, void* stream, int64_t timeout_ns, bool debug,
                  GenerateInfo* info);
 // The layout a generate launch with these arguments would use, without launching.

@@ -186,10 +186,10 @@ __device__ __forceinline__ LayerWeights load_layer(const LayerWeights* p) {
   return lw;
 }
 
-// Records the first error of the launch (the first writer wins; sync[2] is its row).
+// Records the first non-fatal error (the first writer wins; sync[3] is its row).
 __device__ __forceinline__ void record_error(unsigned long long* sync, unsigned long long code,
                                              int row) {
-  if (atomicCAS(sync + 1, 0ULL, code) == 0ULL) sync[2] = static_cast<unsigned long long>(row);
+  if (atomicCAS(sync + 2, 0ULL, code) == 0ULL) sync[3] = static_cast<unsigned long long>(row);
 }
 
 // ---- flag-carrying exchange ("flags" mode): values other blocks read travel as 64-bit words
@@ -214,8 +214,8 @@ __device__ __forceinline__ unsigned long long tagged(float v, uint32_t tag) {
 }
 
 // The value of word *p once it carries `tag`; NaN when the launch must stop instead (another
-// block recorded an error, or this wait passed the timeout: then it records
-// kErrBarrierTimeout), with *failed set.
+// block aborted it, or this wait passed the timeout: then it aborts it with
+// kErrBarrierTimeout in sync[1]), with *failed set.
 __device__ __forceinline__ float wait_word(const unsigned long long* p, unsigned long long w,
                                            uint32_t tag, unsigned long long* sync,
                                            long long timeout_ns, bool* failed) {
@@ -224,7 +224,7 @@ __device__ __forceinline__ float wait_word(const unsigned long long* p, unsigned
     unsigned int spins = 0;
     do {
       if ((++spins & 255u) == 0) {
-        if (load_acquire(sync + 1) != kErrNone ||
+        if (ld_relaxed(sync + 1) != kErrNone ||
             (timeout_ns > 0 && global_ns() - start > timeout_ns)) {
           atomicCAS(sync + 1, 0ULL, static_cast<unsigned long long>(kErrBarrierTimeout));
           *failed = true;
@@ -259,6 +259,30 @@ __device__ bool stage_words(float* dst, const unsigned long long* src, int b0, i
     }
   }
   return __syncthreads_or(failed) == 0;
+}
+
+// One warp: the V words at src into dst[v] (each float widened to double, exactly) once they
+// carry `tag`. Returns true (in every lane) when the launch must stop.
+__device__ bool warp_stage_words(double* dst, const unsigned long long* src, int V, uint32_t tag,
+                                 unsigned long long* sync, long long timeout_ns) {
+  const int lane = threadIdx.x % 32;
+  bool failed = false;
+  for (int v0 = lane; v0 < V; v0 += kStageUnroll * 32) {
+    unsigned long long w[kStageUnroll];
+#pragma unroll
+    for (int u = 0; u < kStageUnroll; ++u) {
+      const int v = v0 + u * 32;
+      w[u] = v < V ? ld_relaxed(src + v) : 0ULL;
+    }
+#pragma unroll
+    for (int u = 0; u < kStageUnroll; ++u) {
+      const int v = v0 + u * 32;
+      if (v < V && !failed) dst[v] = wait_word(src + v, w[u], tag, sync, timeout_ns, &failed);
+    }
+  }
+  const bool any = __any_sync(0xffffffffu, failed);
+  __syncwarp();
+  return any;
 }
 
 template <typename W, int CELL>
@@ -493,10 +517,12 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
       int32_t* order = rank + V;
       for (int b = warp; b < B; b += plan.Bs) {
         const size_t row = static_cast<size_t>(b) * V;
+        // Flags mode: the row's words go to the slot first, several loads in flight per
+        // lane (as in stage_words), then the rule reads them from there.
+        if (flags) failed = warp_stage_words(w, a.xl + row, V, tag_logits, a.sync,
+                                             plan.timeout_ns) || failed;
         auto logit = [&](int v) {
-          if (!flags) return __ldcg(a.logits + row + v);
-          const unsigned long long* p = a.xl + row + v;
-          return wait_word(p, ld_relaxed(p), tag_logits, a.sync, plan.timeout_ns, &failed);
+          return flags ? static_cast<float>(w[v]) : __ldcg(a.logits + row + v);
         };
         const int64_t tok = warp_sample(logit, V, a.temperature, a.top_k, a.top_p, a.seed,
                                         static_cast<uint64_t>(b),
@@ -528,6 +554,8 @@ GenPlan make_generate_plan(const GenerateArgs& a, bool proj, int sms, size_t bud
   p.Hb = (a.H + max_blocks - 1) / max_blocks;
   p.blocks = (a.H + p.Hb - 1) / p.Hb;
   p.Pb = proj ? (a.P + p.blocks - 1) / p.blocks : p.Hb;
+  // Every block owns at least one hidden unit ((blocks - 1) * Hb < H): in flags mode every
+  // block's words are waited for, and its phases pace the others (generate.cu, top).
   p.Vb = a.V > 0 ? (a.V + p.blocks - 1) / p.blocks : 0;
   p.Kx = std::max({table ? 0 : a.I, a.L > 1 ? a.P : 0, proj ? a.H : 0, 1});
   const int es = elem_size(a.wdtype);

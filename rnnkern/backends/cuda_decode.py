@@ -7,11 +7,14 @@ through the token table, in one persistent cooperative launch: no host round tri
 per token. :class:`CudaDecode` holds what the launches share (the layer table in device memory,
 the status words) and turns the kernel's status into Python exceptions.
 
-Status. ``sync`` is int64 ``[3]`` on the device: barrier arrivals (zeroed by the launcher before
-each launch), error code, row. :meth:`CudaDecode.check` reads it back (a host synchronisation),
-raises and clears it; ``Decoder.generate`` and ``Decoder.get_state`` call it, ``Decoder.step``
-only with ``RNNKERN_CUDA_DEBUG=1`` (a step should not wait for the device), so an error in a
-step surfaces at the next ``generate`` or ``get_state``.
+Status. ``sync`` is int64 ``[4]`` on the device: barrier arrivals (zeroed by the launcher before
+each launch); abort (a wait past ``RNNKERN_CUDA_BARRIER_TIMEOUT_S``, which stops every block
+and every later launch until reported); the first non-fatal error (non-finite logits or a bad
+token: the stream went on with token 0, as in the C++ decoder) and its row.
+:meth:`CudaDecode.check` reads it back (a host synchronisation), raises and clears it;
+``Decoder.generate`` and ``Decoder.get_state`` call it, ``Decoder.step`` only with
+``RNNKERN_CUDA_DEBUG=1`` (a step should not wait for the device), so an error in a step
+surfaces at the next ``generate`` or ``get_state``.
 
 Synchronisation. Blocks wait for each other's results in one of two ways
 (``RNNKERN_CUDA_GENERATE_SYNC`` or :attr:`CudaDecode.sync`): ``"flags"`` (default) exchanges
@@ -90,7 +93,7 @@ class CudaDecode:
         self._layer_table = torch.tensor(
             [[_ptr(d[k]) for k in keys] for d in layers], dtype=torch.int64, device=device
         )
-        self._sync = torch.zeros(3, dtype=torch.int64, device=device)
+        self._sync = torch.zeros(4, dtype=torch.int64, device=device)
         self.device = device
         self.sync = _sync_mode_from_env()  # "flags" or "barrier" (module docstring)
         self._exchange_batch = 0  # the batch size the exchange buffers were made for
@@ -188,15 +191,17 @@ class CudaDecode:
         args = self._args(B, h, parity, c, m, logits, feed, prime, x, steps, out, sampling)
         flags = self.sync == "flags"
         tags = (feed + max(steps - 1, 0)) * (2 * self._base["L"] + 1)
+        stream = torch.cuda.current_stream(self.device)
         if flags:
             self._prepare_exchange(B, tags)
             args.update(flags=1, tag_base=self._tag_base, xh=_ptr(self._xh), xm=_ptr(self._xm),
                         xl=_ptr(self._xl))  # fmt: skip
+            self._tag_base += tags  # spent even if the launch fails: never reused
+            for t in (self._xh, self._xm, self._xl):
+                if t is not None:  # in use on this stream until the launch ends
+                    t.record_stream(stream)
         with torch.cuda.device(self.device):  # the launcher works on the current device
-            stream = torch.cuda.current_stream(self.device).cuda_stream
-            model_steps, info = _cuda.generate(args, stream, _timeout_ns(), _debug())
-        if flags:
-            self._tag_base += tags
+            model_steps, info = _cuda.generate(args, stream.cuda_stream, _timeout_ns(), _debug())
         self.last_launch = info
         if _debug():
             self.check()
@@ -205,10 +210,14 @@ class CudaDecode:
     def check(self) -> None:
         """Raise the error the kernel recorded since the last check, if any (and clear it).
         Reads the status back, so it waits for the launches enqueued so far."""
-        code, row = (int(v) for v in self._sync[1:].tolist())
-        if code == 0:
+        _, abort, code, row = self._sync.tolist()
+        if abort == 0 and code == 0:
             return
         self._sync[1:].zero_()
+        if abort:
+            raise RuntimeError(
+                "rnnkern._cuda generate: " + _ERRORS.get(abort, f"unknown error code {abort}")
+            )
         if code == int(_cuda.ERR_NON_FINITE):
             raise FloatingPointError(
                 f"generate: the logits of stream {row} became NaN or +inf "
