@@ -582,3 +582,29 @@ def test_cuda_generate_plan_without_a_gpu():
         _cuda.plan_generate_on(dict(flagged, tag_base=2**32 - 100), 132, budget)
     with pytest.raises(ValueError, match="flags mode needs the exchange buffers"):
         _cuda.plan_generate_on(dict(flagged, xl=0), 132, budget)
+
+
+@pytest.mark.skipif(not HAVE_CUDA_EXT, reason="rnnkern._cuda is not built (no nvcc at install)")
+def test_cuda_exchange_tags_are_never_reused():
+    """Host side of flags mode (no GPU needed: the buffers are made on the CPU here): each
+    launch spends fresh 32-bit tags; when they would run out, or the batch size changes, the
+    exchange buffers are zeroed again and tags restart at 1 (0 is the buffers' initial value);
+    one launch needing more tags than exist is an error that says how to split it."""
+    from rnnkern.backends.cuda_decode import CudaDecode
+
+    dec = CudaDecode.__new__(CudaDecode)  # geometry only: L=2, P=H=5, no projection, V=7
+    dec.device, dec._geometry, dec._base = torch.device("cpu"), (2, 5, 5, False), {"V": 7, "L": 2}
+    dec._exchange_batch, dec._xh, dec._xm, dec._xl, dec._tag_base = 0, None, None, None, 1
+    dec._prepare_exchange(3, 50)
+    assert dec._xh.shape == (2, 2, 3, 5) and dec._xl.shape == (3, 7) and dec._xm is None
+    dec._xh.fill_(123)
+    dec._tag_base = 2**32 - 60
+    dec._prepare_exchange(3, 50)  # 50 more tags still fit below 2^32: buffers kept
+    assert dec._tag_base == 2**32 - 60 and int(dec._xh.max()) == 123
+    dec._prepare_exchange(3, 61)  # would pass 2^32: fresh zeroed buffers, tags from 1
+    assert dec._tag_base == 1 and int(dec._xh.abs().max()) == 0
+    dec._xh.fill_(123)
+    dec._prepare_exchange(4, 5)  # another batch size: new buffers
+    assert dec._xh.shape == (2, 2, 4, 5) and int(dec._xh.abs().max()) == 0
+    with pytest.raises(ValueError, match="split it"):
+        dec._prepare_exchange(4, 2**32)
