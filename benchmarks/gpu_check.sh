@@ -7,10 +7,12 @@
 #
 # Environment knobs (all optional):
 #   GPU_CHECK_BUDGET_S   total wall budget in seconds (default 560: fits a 10-minute call)
-#   GPU_CHECK_STAGES     comma list of build,compile,tests,bench (default: all four; bench also
-#                        runs cuda_bench and decode_bench, which can be named alone). Within
-#                        10-minute calls, run build,compile,tests in one call and bench in the
-#                        next (the tests compile ~50 kernel variants on their first CUDA run).
+#   GPU_CHECK_STAGES     comma list of build,compile,decode,tests,bench (default: all five;
+#                        decode runs tests/test_decode.py first, so the decoders' results come
+#                        back even when the long tests run out of time; bench also runs
+#                        cuda_bench and decode_bench, which can be named alone). Within
+#                        10-minute calls, run build,compile,decode,tests in one call and bench
+#                        in the next (the tests compile ~50 kernel variants on their first run).
 #   GPU_CHECK_GRID       quick (bounded subset, default) or full (the whole benchmark grid)
 #   GPU_CHECK_TESTS      pytest selection (default: tests/)
 #   PYTHON               interpreter (default: python3, or python if python3 is missing)
@@ -25,12 +27,14 @@ OUT_DIR="${1:-${RNNKERN_RESULTS:-benchmarks/results}}"
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 BUDGET="${GPU_CHECK_BUDGET_S:-560}"
-STAGES=",${GPU_CHECK_STAGES:-build,compile,tests,bench},"
+STAGES=",${GPU_CHECK_STAGES:-build,compile,decode,tests,bench},"
 GRID="${GPU_CHECK_GRID:-quick}"
 TESTS="${GPU_CHECK_TESTS:-tests/}"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
+# A kernel deadlock must cost seconds, not the 30 s default per wait, across many tests.
+export RNNKERN_CUDA_BARRIER_TIMEOUT_S="${RNNKERN_CUDA_BARRIER_TIMEOUT_S:-10}"
 unset TRITON_INTERPRET
 START=$(date +%s)
 STATUS_FILE="$OUT_DIR/gpu_check_status.tsv"
@@ -78,13 +82,22 @@ if [[ $STAGES == *,compile,* ]]; then
     rnnkern.backends.triton.compile_check --arch sm_90 --dtypes fp32,bf16 --jobs 8 \
     --json "$OUT_DIR/compile_check.json"
 fi
+TEST_DECODE=tests/test_decode.py
+if [[ $STAGES == *,decode,* ]]; then
+  # The Decoder on the GPU (backends triton and cuda against torch.nn and the C++ decoder),
+  # before the long suite; at most 180 s.
+  run_stage decode "$(($(left) < 180 ? $(left) : 180))" "$PY" -m pytest "$TEST_DECODE" -q -rs \
+    --durations=10 -p no:cacheprovider --junitxml="$OUT_DIR/pytest-decode.xml"
+fi
 if [[ $STAGES == *,tests,* ]]; then
+  SKIP_DECODE=()
+  [[ $STAGES == *,decode,* ]] && SKIP_DECODE=(--ignore="$TEST_DECODE")
   # The first CUDA run compiles every kernel variant the tests use (~50, a few seconds each).
   # With the bench stage in the same call the tests get at most 300 s; alone, all that is left.
   if [[ $STAGES == *,bench,* ]]; then TESTS_LIMIT=$(($(left) < 300 ? $(left) : 300)); else
     TESTS_LIMIT=$(($(left) - 10)); fi
-  run_stage tests "$TESTS_LIMIT" "$PY" -m pytest $TESTS -q -rs --durations=15 \
-    -p no:cacheprovider --junitxml="$OUT_DIR/pytest.xml"
+  run_stage tests "$TESTS_LIMIT" "$PY" -m pytest $TESTS ${SKIP_DECODE[@]+"${SKIP_DECODE[@]}"} -q -rs \
+    --durations=15 -p no:cacheprovider --junitxml="$OUT_DIR/pytest.xml"
 fi
 if [[ $STAGES == *,cuda_bench,* || $STAGES == *,bench,* ]]; then
   # CUDA backend: the nn_modules quick suite times every backend available on the
@@ -95,8 +108,8 @@ if [[ $STAGES == *,cuda_bench,* || $STAGES == *,bench,* ]]; then
     --suite nn_modules --suite cuda_train --device cuda --quick --repeats 10 --out "$OUT_DIR"
 fi
 if [[ $STAGES == *,decode_bench,* || $STAGES == *,bench,* ]]; then
-  # Decoder(backend="triton") generate (CUDA graphs, on-device sampling) against stepping
-  # cuDNN nn.LSTM, 3x512 V=137, B in {1, 64}; at most 120 s.
+  # Decoder generate, backends triton (CUDA graphs, on-device sampling) and cuda (one launch),
+  # against stepping cuDNN nn.LSTM, 3x512 V=137, B in {1, 64}; at most 120 s.
   run_stage decode_bench "$(($(left) < 120 ? $(left) : 120))" "$PY" -m rnnkern.cli bench \
     --suite gpu_decode --device cuda --repeats 10 --warmup 2 --out "$OUT_DIR"
 fi
@@ -116,8 +129,9 @@ lines = []
 for row in open(os.path.join(out, "gpu_check_status.tsv")):
     name, status, secs, what = row.rstrip("\n").split("\t")
     extra = ""
-    if name == "tests" and os.path.exists(os.path.join(out, "pytest.xml")):
-        s = ET.parse(os.path.join(out, "pytest.xml")).getroot()
+    xml = {"tests": "pytest.xml", "decode": "pytest-decode.xml"}.get(name)
+    if xml and os.path.exists(os.path.join(out, xml)):
+        s = ET.parse(os.path.join(out, xml)).getroot()
         s = s if s.tag == "testsuite" else s.find("testsuite")
         extra = (f"{s.get('tests')} tests: {s.get('failures')} failed, {s.get('errors')} errors, "
                  f"{s.get('skipped')} skipped")
