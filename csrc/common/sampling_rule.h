@@ -70,6 +70,17 @@ RNNKERN_HD int64_t last_kept(const double* w, const int32_t* order, int64_t keep
   return keep - 1;
 }
 
+// Step 5's running sums, for callers that search them in parallel: cum[v] = w[0] + ... + w[v]
+// summed in ascending id, exactly the sums inverse_cdf forms (cum[V-1] is its total), so the
+// first v with cum[v] > u * cum[V-1] is inverse_cdf's token whenever one exists.
+RNNKERN_HD void running_sums(const double* w, int64_t V, double* cum) {
+  double run = 0.0;
+  for (int64_t v = 0; v < V; ++v) {
+    run += w[v];
+    cum[v] = run;
+  }
+}
+
 // Step 5: inverse CDF in ascending id over the weights (dropped tokens hold 0.0, and
 // x + 0.0 == x, so they change no sum). u is uniform(seed, stream, step).
 RNNKERN_HD int64_t inverse_cdf(const double* w, int64_t V, double u) {

@@ -69,7 +69,7 @@ struct GenPlan {
   size_t off_pre_i;    // [Bc][G*Hb] float input part of the pre-activations
   size_t off_pre_h;    // [Bc][G*Hb] float recurrent part
   size_t off_samp;     // Bs sampling slots (overlay the four above: never live together)
-  size_t samp_slot;    // bytes of one slot: w [V] double, rank [V] int, order [V] int
+  size_t samp_slot;    // bytes of one slot: w, cum [V] double; rank, order [V] int
   size_t off_weights;  // resident slices, layer by layer (see SliceBytes)
   size_t off_head;     // resident head slice [Vb][P]
   size_t smem;
@@ -103,15 +103,15 @@ __device__ __forceinline__ double warp_max(double v) {
 }
 
 // The token of one stream from its logits row (logit(v) for v < V: written by other blocks,
-// read through L2), or -1 when the row holds NaN or +inf or only -inf. Called by all 32 lanes of a warp; every
-// lane returns the same value. w / rank / order: the warp's scratch [V] in shared memory.
-// The parallel parts (weights, ranks) compute per token what the sequential rule does; the
-// sums run on lane 0 in the rule's order, so the token is the C++ decoder's bit for bit up to
-// exp's last bit.
+// read through L2), or -1 when the row holds NaN or +inf or only -inf. Called by all 32 lanes
+// of a warp; every lane returns the same value. w, cum / rank, order: the warp's scratch [V]
+// in shared memory. The parallel parts (weights, ranks, searches) compute per token what the
+// sequential rule does; the sums run on lane 0 in the rule's order, so the token is the C++
+// decoder's bit for bit up to exp's last bit.
 template <typename Logit>
 __device__ int64_t warp_sample(Logit logit, int V, double temperature, int top_k, double top_p,
                                uint64_t seed, uint64_t stream, uint64_t step, double* w,
-                               int32_t* rank, int32_t* order) {
+                               double* cum, int32_t* rank, int32_t* order) {
   using namespace rnnkern_rule;
   const int lane = threadIdx.x % 32;
   bool ok = true;
@@ -165,9 +165,22 @@ __device__ int64_t warp_sample(Logit logit, int V, double temperature, int top_k
       if (rank[v] > last) w[v] = 0.0;
     __syncwarp();
   }
-  long long tok = 0;
-  if (lane == 0) tok = inverse_cdf(w, V, uniform(seed, stream, step));
-  tok = __shfl_sync(0xffffffffu, tok, 0);
+  // 5. inverse CDF: lane 0 forms the running sums (sequential: the rule's order, the one
+  // dependent chain left), then the warp searches them: the first id whose running sum
+  // exceeds r (always a kept id: a dropped one adds 0.0), else, when rounding leaves none,
+  // the last id with a non-zero weight; inverse_cdf's token, found 32 ids per step.
+  if (lane == 0) running_sums(w, V, cum);
+  __syncwarp();
+  const double r = uniform(seed, stream, step) * cum[V - 1];
+  long long tok = -1;
+  for (int v0 = 0; v0 < V && tok < 0; v0 += 32) {
+    const unsigned hit = __ballot_sync(0xffffffffu, v0 + lane < V && cum[v0 + lane] > r);
+    if (hit) tok = v0 + __ffs(hit) - 1;
+  }
+  for (int v0 = (V - 1) / 32 * 32; v0 >= 0 && tok < 0; v0 -= 32) {
+    const unsigned nz = __ballot_sync(0xffffffffu, v0 + lane < V && w[v0 + lane] > 0.0);
+    if (nz) tok = v0 + 31 - __clz(nz);
+  }
   __syncwarp();  // the slot is reused by this warp's next stream
   return tok;
 }
@@ -513,7 +526,8 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
     if (warp < plan.Bs) {
       unsigned char* slot = smem + plan.off_samp + plan.samp_slot * warp;
       double* w = reinterpret_cast<double*>(slot);
-      int32_t* rank = reinterpret_cast<int32_t*>(slot + sizeof(double) * V);
+      double* cum = w + V;
+      int32_t* rank = reinterpret_cast<int32_t*>(cum + V);
       int32_t* order = rank + V;
       for (int b = warp; b < B; b += plan.Bs) {
         const size_t row = static_cast<size_t>(b) * V;
@@ -526,7 +540,8 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
         };
         const int64_t tok = warp_sample(logit, V, a.temperature, a.top_k, a.top_p, a.seed,
                                         static_cast<uint64_t>(b),
-                                        a.first_step + static_cast<uint64_t>(j), w, rank, order);
+                                        a.first_step + static_cast<uint64_t>(j), w, cum, rank,
+                                        order);
         if (lane == 0) {
           // Non-finite logits: reported, and the stream goes on with token 0 (as in the C++
           // decoder; the Decoder raises after the launch).
@@ -565,7 +580,7 @@ GenPlan make_generate_plan(const GenerateArgs& a, bool proj, int sms, size_t bud
     weights += s.wi + s.wh + s.wr;
   }
   const size_t head = align16(static_cast<size_t>(es) * p.Vb * a.P);
-  p.samp_slot = align16(16 * static_cast<size_t>(a.V));  // 8 + 4 + 4 bytes per token
+  p.samp_slot = align16(24 * static_cast<size_t>(a.V));  // 8 + 8 + 4 + 4 bytes per token
   const int C = G * p.Hb;
   const int model_steps = a.feed + (a.steps > 0 ? a.steps - 1 : 0);
   // Copying the slices in costs about what reading them once does, so a launch of one model
