@@ -474,8 +474,10 @@ def test_cuda_generate_state_matches_stepping(mode, layers, proj):
     [("LSTM", 3, 0, H, 3), ("LSTM", 2, 7, H, 2), ("GRU", 2, 0, 512, 40), ("RNN", 1, 0, H, 1)],
 )
 def test_cuda_sync_modes_agree_bit_for_bit(mode, layers, proj, hidden, batch):
-    """Flag-carrying words and grid barriers order the same arithmetic: identical tokens,
-    logits and state. 40 streams of a 512-unit GRU take several batch chunks per layer."""
+    """Flag-carrying words and grid barriers order the same arithmetic, and a recurrent part
+    formed a step early is the same product of the same values: identical tokens, logits and
+    state. 40 streams of a 512-unit GRU take several batch chunks per layer (nothing
+    carried)."""
     torch.manual_seed(24)
     kw = {"proj_size": proj} if proj else {}
     rnn = getattr(torch.nn, mode)(E, hidden, num_layers=layers, **kw)
@@ -483,15 +485,19 @@ def test_cuda_sync_modes_agree_bit_for_bit(mode, layers, proj, hidden, batch):
     prime = torch.randint(0, V, (batch, 3), generator=torch.Generator().manual_seed(25))
     results = []
     for sync in ("flags", "barrier"):
-        dec = make_decoder("cuda", rnn, emb, head, batch_size=batch)
-        dec._cuda.sync = sync
-        tokens = dec.generate(prime, 12, seed=8, top_k=7)
-        tokens2 = dec.generate(tokens[:, -1:], 5, seed=8, first_step=12)  # tags continue
-        logits = dec.step(tokens2[:, -1])
-        assert dec._cuda.last_launch["sync"] == sync
-        results.append((tokens, tokens2, logits, *dec.get_state()))
-    for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b)
+        for carry in (True, False):
+            dec = make_decoder("cuda", rnn, emb, head, batch_size=batch)
+            dec._cuda.sync, dec._cuda.carry = sync, carry
+            tokens = dec.generate(prime, 12, seed=8, top_k=7)
+            launch = dec._cuda.last_launch
+            assert launch["sync"] == sync
+            assert launch["carry"] == (carry and batch <= launch["batch_chunk"])
+            tokens2 = dec.generate(tokens[:, -1:], 5, seed=8, first_step=12)  # tags continue
+            logits = dec.step(tokens2[:, -1])
+            results.append((tokens, tokens2, logits, *dec.get_state()))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
 
 
 @needs_cuda_decode
@@ -548,7 +554,7 @@ def test_cuda_generate_plan_without_a_gpu():
         cell=0, wdtype=0, proj=0, L=3, B=1, I=512, H=512, P=512, V=137, vocab_in=137, layers=1,
         table=1, head_w=1, head_b=1, h=1, parity=0, c=1, m=0, logits=1, feed=1, prime=1, x=0,
         steps=16, out=1, temperature=1.0, top_k=0, top_p=1.0, seed=0, first_step=0, sync=1,
-        flags=0, tag_base=0, xh=0, xm=0, xl=0,
+        flags=0, carry=1, tag_base=0, xh=0, xm=0, xl=0,
     )  # fmt: skip
     budget = 227 * 1024
     fp32 = _cuda.plan_generate_on(args, 132, budget)
@@ -562,6 +568,9 @@ def test_cuda_generate_plan_without_a_gpu():
     assert b64["weights_in_smem"] and b64["sample_warps"] == 16 and b64["smem_bytes"] <= budget
     step = _cuda.plan_generate_on(dict(args, steps=0), 132, budget)  # Decoder.step
     assert not step["weights_in_smem"]  # one model step: copying in would cost a full read
+    assert not step["carry"] and fp32["carry"] and bf16["carry"]
+    assert not b64["carry"]  # 64 streams take several batch chunks: nothing carried
+    assert not _cuda.plan_generate_on(dict(args, carry=0), 132, budget)["carry"]
     wide = _cuda.plan_generate_on(dict(args, B=32, V=1000, vocab_in=1000), 132, budget)
     # a 24 KB sampling slot per warp: beside the resident weights there is room for a few
     assert wide["weights_in_smem"] and 1 < wide["sample_warps"] < 16

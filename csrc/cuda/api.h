@@ -112,6 +112,7 @@ struct GenerateArgs {
   // How blocks wait for each other's results (generate.cu explains both): 0 grid barriers,
   // 1 flag-carrying words. Flags mode exchanges through these u64 words {float, tag}:
   int flags;
+  int carry;                    // 1: allow forming recurrent parts a step early (generate.cu)
   uint64_t tag_base;            // tags tag_base .. tag_base + model steps * (2L + 1) - 1 are
                                 //   this launch's: >= 1, below 2^32, never used before on
                                 //   these buffers (zeroed at allocation)
@@ -129,6 +130,7 @@ struct GenerateInfo {
   int sample_warps;       // streams each block samples at a time (one warp each)
   int weights_in_smem;    // 1: every matrix slice resident in shared memory; 0: read via L2
   int flags;              // 1: flag-carrying exchange; 0: grid barriers
+  int carry;              // 1: recurrent parts carried a step early
   int64_t smem_bytes;
 };
 

@@ -41,6 +41,7 @@ py::dict generate_info_dict(const GenerateInfo& i) {
   d["sample_warps"] = i.sample_warps;
   d["weights_in_smem"] = static_cast<bool>(i.weights_in_smem);
   d["sync"] = i.flags ? "flags" : "barrier";
+  d["carry"] = static_cast<bool>(i.carry);
   d["smem_bytes"] = i.smem_bytes;
   return d;
 }
@@ -82,6 +83,7 @@ GenerateArgs generate_args(const py::dict& d) {
   a.first_step = d["first_step"].cast<uint64_t>();
   a.sync = ptr<unsigned long long>(p("sync"));
   a.flags = i("flags");
+  a.carry = i("carry");
   a.tag_base = d["tag_base"].cast<uint64_t>();
   a.xh = ptr<unsigned long long>(p("xh"));
   a.xm = ptr<unsigned long long>(p("xm"));

@@ -62,6 +62,7 @@ struct GenPlan {
   int Kx;        // row length of the staged layer input (I, P or H)
   int resident;  // matrix slices in shared memory
   int flags;     // exchange through flag-carrying words instead of grid barriers
+  int carry;     // recurrent parts formed a step early (one batch chunk; see the kernel)
   size_t off_toks;     // [B] int64 tokens of the current step
   size_t off_partial;  // [kPartial] float split-K partial sums
   size_t off_x;        // [Bc][Kx] float staged input rows (layer input, or m)
@@ -70,6 +71,7 @@ struct GenPlan {
   size_t off_pre_h;    // [Bc][G*Hb] float recurrent part
   size_t off_samp;     // Bs sampling slots (overlay the four above: never live together)
   size_t samp_slot;    // bytes of one slot: w, cum [V] double; rank, order [V] int
+  size_t off_carry;    // [L][B][G*Hb] float carried recurrent parts (carry)
   size_t off_weights;  // resident slices, layer by layer (see SliceBytes)
   size_t off_head;     // resident head slice [Vb][P]
   size_t smem;
@@ -298,7 +300,7 @@ __device__ bool warp_stage_words(double* dst, const unsigned long long* src, int
   return any;
 }
 
-template <typename W, int CELL>
+template <typename W, int CELL, bool PROJ>
 __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, GenPlan plan) {
   constexpr int G = gate_count(CELL);
   extern __shared__ __align__(16) unsigned char smem[];
@@ -308,7 +310,7 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
   const int j0 = blockIdx.x * Hb, nj = max(0, min(H, j0 + Hb) - j0);
   const int p0 = blockIdx.x * Pb, np = max(0, min(P, p0 + Pb) - p0);
   const int v0 = blockIdx.x * Vb, nv = max(0, min(V, v0 + Vb) - v0);
-  const bool proj = CELL == kLSTM && a.proj != 0;
+  constexpr bool proj = CELL == kLSTM && PROJ;
   const int es = static_cast<int>(sizeof(W));
   int64_t* toks = reinterpret_cast<int64_t*>(smem + plan.off_toks);
   float* part = reinterpret_cast<float*>(smem + plan.off_partial);
@@ -391,9 +393,28 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
   // Barrier mode: every block meets here. Flags mode: nothing (readers wait for their words).
   auto meet = [&]() { return flags ? true : bar.wait(); };
 
+  // Carry (plan.carry: one batch chunk, B <= Bc): a layer's recurrent part for step n + 1,
+  // W_hh_l h_l(n), is formed at step n where h_l(n) is staged anyway (as the input of layer
+  // l + 1, or of the head for the top layer), after the work that others wait for. Step n + 1
+  // then starts layer l from it: no staging and no matrix-vector product before its cell
+  // (layer 0 only needs the token). The same products of the same staged values: the results
+  // are bit-identical to forming them at step n + 1.
+  const bool carry = plan.carry != 0;
+  float* carry_s = reinterpret_cast<float*>(smem + plan.off_carry);  // [L][B][G*Hb]
+  unsigned carried = 0, carrying = 0;  // bit l: carry_s[l] holds W_hh_l h_l(step - 1)
+  auto carried_part = [&](int l) { return carry_s + static_cast<size_t>(l) * B * C; };
+
+  // W_hh rows of layer l whose resident slices start at byte offset `at` (for carrying).
+  auto hh_rows = [&](int l, size_t at) {
+    return plan.resident ? resident_rows(l, at).wh : global_rows(l, load_layer(a.layers + l)).wh;
+  };
+
   int cur = a.parity;
+  size_t at_below = 0;  // resident offset of the layer below the current one (then: the top)
   for (int n = 0; n < model_steps; ++n) {
     const int nxt = cur ^ 1;
+    carried = carrying;
+    carrying = 0;
     // Tokens of this step: the prime's column n, else the tokens sampled after step n - 1
     // (already in toks).
     // A token outside the table (the Decoder checks the prime first) is reported and
@@ -414,6 +435,7 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
     size_t off = plan.off_weights;
     for (int l = 0; l < L; ++l) {
       const LayerWeights lw = load_layer(a.layers + l);
+      const size_t at = off;
       const LayerRows rows = plan.resident ? resident_rows(l, off) : global_rows(l, lw);
       const int K = (l == 0 && table) ? 0 : (l == 0 ? I : P);  // staged input length
       const size_t slot_prev = (static_cast<size_t>(cur) * L + l) * B * P;
@@ -422,59 +444,74 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
       float* h_next = a.h + slot_next;
       float* c = CELL == kLSTM ? a.c + static_cast<size_t>(l) * B * H : nullptr;
       const uint32_t tag_out = tag_of(n, 2 * l);
-      if (nj > 0) {
-        for (int b0 = 0; b0 < B; b0 += Bc) {
-          const int nb = min(Bc, B - b0);
+      const bool have = (carried >> l) & 1u;  // recurrent part carried from step n - 1
+      const float* rec = have ? carried_part(l) : pre_h;  // [nb][G*Hb]
+      for (int b0 = 0; b0 < B; b0 += Bc) {  // (every block owns units: nj > 0)
+        const int nb = min(Bc, B - b0);
+        if (!have) {
           // The recurrent part first: it needs only the previous step's state (from before
           // the launch at n = 0), so in flags mode it runs while the layer below finishes.
-          bool ok = n == 0 ? (stage_rows(hs, a.h + slot_prev, b0, nb, P), true)
-                           : stage_exchanged(hs, a.h + slot_prev, a.xh + slot_prev, b0, nb, P,
-                                             tag_of(n - 1, 2 * l));
+          const bool ok = n == 0 ? (stage_rows(hs, a.h + slot_prev, b0, nb, P), true)
+                                 : stage_exchanged(hs, a.h + slot_prev, a.xh + slot_prev, b0, nb,
+                                                   P, tag_of(n - 1, 2 * l));
           if (!ok) return;
           __syncthreads();
           block_matvec_tiled<W>(hs, P, nb, P, G * nj, rows.wh, part, [&](int bb, int r, float v) {
             pre_h[bb * C + (r / nj) * Hb + r % nj] = v;
           });
-          if (K > 0) {
-            ok = l == 0 ? (stage_rows(xs, a.x, b0, nb, K), true)
-                        : stage_exchanged(xs, a.h + slot_below, a.xh + slot_below, b0, nb, K,
-                                          tag_of(n, 2 * (l - 1)));
-            if (!ok) return;
-            __syncthreads();
-            block_matvec_tiled<W>(xs, K, nb, K, G * nj, rows.wi, part,
-                                  [&](int bb, int r, float v) {
-                                    pre_i[bb * C + (r / nj) * Hb + r % nj] = v;
-                                  });
-          }
-          __syncthreads();
-          for (int i = threadIdx.x; i < nb * nj; i += kThreads) {
-            const int bb = i / nj, jj = i % nj, b = b0 + bb, j = j0 + jj;
-            float gx[G], gh[G];
-#pragma unroll
-            for (int g = 0; g < G; ++g) {
-              gh[g] = pre_h[bb * C + g * Hb + jj] + (lw.b_hh ? __ldg(lw.b_hh + g * H + j) : 0.f);
-              gx[g] = K == 0 ? __ldg(a.table + static_cast<size_t>(toks[b]) * GH + g * H + j)
-                             : pre_i[bb * C + g * Hb + jj] +
-                                   (lw.b_ih ? __ldg(lw.b_ih + g * H + j) : 0.f);
-            }
-            const float c_prev = CELL == kLSTM ? c[static_cast<size_t>(b) * H + j] : 0.f;
-            const float hp = proj ? 0.f : hs[bb * P + j];  // without projection P == H
-            const CellStep<CELL> cs = cell_step<CELL>(gx, gh, c_prev, hp);
-            if (CELL == kLSTM) c[static_cast<size_t>(b) * H + j] = cs.c;
-            if (proj) {
-              const size_t bj = static_cast<size_t>(b) * H + j;
-              if (flags)
-                st_relaxed(a.xm + static_cast<size_t>(l) * B * H + bj, tagged(cs.h, tag_of(n, 2 * l + 1)));
-              else
-                a.m[bj] = cs.h;
-            } else {
-              const size_t bj = static_cast<size_t>(b) * P + j;
-              h_next[bj] = cs.h;
-              if (flags) st_relaxed(a.xh + slot_next + bj, tagged(cs.h, tag_out));
-            }
-          }
-          __syncthreads();  // hs, xs and pre are reused by the next chunk
         }
+        if (K > 0) {
+          const bool ok = l == 0 ? (stage_rows(xs, a.x, b0, nb, K), true)
+                                 : stage_exchanged(xs, a.h + slot_below, a.xh + slot_below, b0,
+                                                   nb, K, tag_of(n, 2 * (l - 1)));
+          if (!ok) return;
+          __syncthreads();
+          block_matvec_tiled<W>(xs, K, nb, K, G * nj, rows.wi, part,
+                                [&](int bb, int r, float v) {
+                                  pre_i[bb * C + (r / nj) * Hb + r % nj] = v;
+                                });
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < nb * nj; i += kThreads) {
+          const int bb = i / nj, jj = i % nj, b = b0 + bb, j = j0 + jj;
+          float gx[G], gh[G];
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            gh[g] = rec[bb * C + g * Hb + jj] + (lw.b_hh ? __ldg(lw.b_hh + g * H + j) : 0.f);
+            gx[g] = K == 0 ? __ldg(a.table + static_cast<size_t>(toks[b]) * GH + g * H + j)
+                           : pre_i[bb * C + g * Hb + jj] +
+                                 (lw.b_ih ? __ldg(lw.b_ih + g * H + j) : 0.f);
+          }
+          const float c_prev = CELL == kLSTM ? c[static_cast<size_t>(b) * H + j] : 0.f;
+          // The unit's previous state (GRU): staged, or when carried, this block's own write
+          // of step n - 1 (without a projection a unit's state is its owner's).
+          const float hp = CELL != kGRU ? 0.f
+                           : have       ? a.h[slot_prev + static_cast<size_t>(b) * P + j]
+                                        : hs[bb * P + j];
+          const CellStep<CELL> cs = cell_step<CELL>(gx, gh, c_prev, hp);
+          if (CELL == kLSTM) c[static_cast<size_t>(b) * H + j] = cs.c;
+          if (proj) {
+            const size_t bj = static_cast<size_t>(b) * H + j;
+            if (flags)
+              st_relaxed(a.xm + static_cast<size_t>(l) * B * H + bj,
+                         tagged(cs.h, tag_of(n, 2 * l + 1)));
+            else
+              a.m[bj] = cs.h;
+          } else {
+            const size_t bj = static_cast<size_t>(b) * P + j;
+            h_next[bj] = cs.h;
+            if (flags) st_relaxed(a.xh + slot_next + bj, tagged(cs.h, tag_out));
+          }
+        }
+        __syncthreads();  // hs, xs and pre are reused by the next chunk
+      }
+      if (carry && l >= 1) {  // xs holds h_{l-1}(n) of every stream: carry layer l - 1
+        block_matvec_tiled<W>(xs, P, B, P, G * nj, hh_rows(l - 1, at_below), part,
+                              [&](int bb, int r, float v) {
+                                carried_part(l - 1)[bb * C + (r / nj) * Hb + r % nj] = v;
+                              });
+        carrying |= 1u << (l - 1);
+        __syncthreads();  // xs is staged again next
       }
       if (proj) {  // h = W_hr m for the block's state units; needs all of m
         if (!meet()) return;
@@ -495,6 +532,7 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
         }
       }
       if (!meet()) return;  // the next layer (and the head) read all of h_next
+      at_below = at;
     }
     cur = nxt;
 
@@ -502,19 +540,27 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
     if (V == 0 || n < a.feed - 1) continue;
     const size_t slot_top = (static_cast<size_t>(cur) * L + L - 1) * B * P;
     const uint32_t tag_logits = tag_of(n, 2 * L);
-    if (nv > 0) {
+    if (nv > 0 || carry) {  // with carry every block stages the top state, for its own part
       for (int b0 = 0; b0 < B; b0 += Bc) {
         const int nb = min(Bc, B - b0);
         if (!stage_exchanged(hs, a.h + slot_top, a.xh + slot_top, b0, nb, P,
                              tag_of(n, 2 * (L - 1))))
           return;
         __syncthreads();
-        block_matvec_tiled<W>(hs, P, nb, P, nv, head_rows, part, [&](int bb, int vv, float v) {
-          const size_t bv = static_cast<size_t>(b0 + bb) * V + v0 + vv;
-          const float logit = v + (a.head_b ? __ldg(a.head_b + v0 + vv) : 0.f);
-          a.logits[bv] = logit;
-          if (flags) st_relaxed(a.xl + bv, tagged(logit, tag_logits));
-        });
+        if (nv > 0)
+          block_matvec_tiled<W>(hs, P, nb, P, nv, head_rows, part, [&](int bb, int vv, float v) {
+            const size_t bv = static_cast<size_t>(b0 + bb) * V + v0 + vv;
+            const float logit = v + (a.head_b ? __ldg(a.head_b + v0 + vv) : 0.f);
+            a.logits[bv] = logit;
+            if (flags) st_relaxed(a.xl + bv, tagged(logit, tag_logits));
+          });
+        if (carry) {  // one chunk: hs holds h_{L-1}(n) of every stream
+          block_matvec_tiled<W>(hs, P, B, P, G * nj, hh_rows(L - 1, at_below), part,
+                                [&](int bb, int r, float v) {
+                                  carried_part(L - 1)[bb * C + (r / nj) * Hb + r % nj] = v;
+                                });
+          carrying |= 1u << (L - 1);
+        }
         __syncthreads();
       }
     }
@@ -586,33 +632,44 @@ GenPlan make_generate_plan(const GenerateArgs& a, bool proj, int sms, size_t bud
   // Copying the slices in costs about what reading them once does, so a launch of one model
   // step (Decoder.step) reads them from global memory.
   const int first_resident = model_steps > 1 ? 1 : 0;
-  // Preferences, in order: weights resident; as many warps sampling at once as fit (each
-  // needs a 16 V-byte slot); the largest batch chunk.
+  // Carrying recurrent parts needs the whole batch in one chunk, a second step to use them,
+  // and a bit per layer.
+  const int first_carry = a.carry && model_steps > 1 && a.L <= 32 ? 1 : 0;
+  // Preferences, in order: weights resident; carried recurrent parts; as many warps sampling
+  // at once as fit (each needs a 24 V-byte slot); the largest batch chunk.
   const int all_warps = std::min(a.B, kWarps);
   for (int resident = first_resident; resident >= 0; --resident) {
-    for (int want_bs = sampling ? all_warps : 1; want_bs >= 1; --want_bs) {
-      for (int bc = std::min(a.B, kGenMaxBatchChunk); bc >= 1; --bc) {
-        const size_t x = align16(4 * static_cast<size_t>(bc) * p.Kx);
-        const size_t h = align16(4 * static_cast<size_t>(bc) * a.P);
-        const size_t pre = align16(4 * static_cast<size_t>(bc) * C);
-        const size_t region = std::max(x + h + 2 * pre, sampling ? p.samp_slot * want_bs : 0);
-        p.off_toks = 0;
-        p.off_partial = align16(8 * static_cast<size_t>(a.B));
-        p.off_x = p.off_partial + align16(sizeof(float) * kPartial);
-        p.off_h = p.off_x + x;
-        p.off_pre_i = p.off_h + h;
-        p.off_pre_h = p.off_pre_i + pre;
-        p.off_samp = p.off_x;
-        p.off_weights = p.off_x + region;
-        p.off_head = p.off_weights + weights;
-        p.smem = resident ? p.off_head + head : p.off_weights;
-        if (p.smem <= budget) {
-          p.Bc = bc;
-          p.resident = resident;
-          p.Bs = sampling ? static_cast<int>(
-                                std::min<size_t>(all_warps, region / p.samp_slot))
-                          : 0;
-          return p;
+    for (int carry = first_carry; carry >= 0; --carry) {
+      for (int want_bs = sampling ? all_warps : 1; want_bs >= 1; --want_bs) {
+        const int max_bc = std::min(a.B, kGenMaxBatchChunk);
+        for (int bc = max_bc; bc >= (carry ? a.B : 1); --bc) {
+          const size_t x = align16(4 * static_cast<size_t>(bc) * p.Kx);
+          const size_t h = align16(4 * static_cast<size_t>(bc) * a.P);
+          const size_t pre = align16(4 * static_cast<size_t>(bc) * C);
+          const size_t region =
+              std::max(x + h + 2 * pre, sampling ? p.samp_slot * want_bs : 0);
+          const size_t carried =
+              carry ? align16(4 * static_cast<size_t>(a.L) * a.B * C) : 0;
+          p.off_toks = 0;
+          p.off_partial = align16(8 * static_cast<size_t>(a.B));
+          p.off_x = p.off_partial + align16(sizeof(float) * kPartial);
+          p.off_h = p.off_x + x;
+          p.off_pre_i = p.off_h + h;
+          p.off_pre_h = p.off_pre_i + pre;
+          p.off_samp = p.off_x;
+          p.off_carry = p.off_x + region;  // not overlaid: carried across the sampling
+          p.off_weights = p.off_carry + carried;
+          p.off_head = p.off_weights + weights;
+          p.smem = resident ? p.off_head + head : p.off_weights;
+          if (p.smem <= budget) {
+            p.Bc = bc;
+            p.resident = resident;
+            p.carry = carry;
+            p.Bs = sampling ? static_cast<int>(
+                                  std::min<size_t>(all_warps, region / p.samp_slot))
+                            : 0;
+            return p;
+          }
         }
       }
     }
@@ -627,21 +684,21 @@ GenPlan make_generate_plan(const GenerateArgs& a, bool proj, int sms, size_t bud
 using GenKernel = void (*)(GenerateArgs, GenPlan);
 
 template <typename W>
-GenKernel pick_generate(int cell) {
+GenKernel pick_generate(int cell, bool proj) {
   switch (cell) {
-    case kLSTM: return &generate_kernel<W, kLSTM>;
-    case kGRU: return &generate_kernel<W, kGRU>;
-    case kRNNTanh: return &generate_kernel<W, kRNNTanh>;
-    case kRNNRelu: return &generate_kernel<W, kRNNRelu>;
+    case kLSTM: return proj ? &generate_kernel<W, kLSTM, true> : &generate_kernel<W, kLSTM, false>;
+    case kGRU: return &generate_kernel<W, kGRU, false>;
+    case kRNNTanh: return &generate_kernel<W, kRNNTanh, false>;
+    case kRNNRelu: return &generate_kernel<W, kRNNRelu, false>;
   }
   throw std::invalid_argument("rnnkern._cuda: unknown cell code " + std::to_string(cell));
 }
 
-GenKernel generate_kernel_for(int cell, int wdtype) {
+GenKernel generate_kernel_for(int cell, int wdtype, bool proj) {
   switch (wdtype) {
-    case kFloat32: return pick_generate<float>(cell);
+    case kFloat32: return pick_generate<float>(cell, proj);
 #if RNNKERN_WITH_BF16
-    case kBFloat16: return pick_generate<__nv_bfloat16>(cell);
+    case kBFloat16: return pick_generate<__nv_bfloat16>(cell, proj);
 #endif
   }
   throw std::invalid_argument("rnnkern._cuda: generate weights must be float32 or bfloat16 "
@@ -696,7 +753,7 @@ Prepared prepare(const GenerateArgs& a) {
   const bool proj = a.cell == kLSTM && a.proj != 0;
   check_generate_args(a, proj);
   const DeviceInfo dev = query_device();
-  const GenKernel kernel = generate_kernel_for(a.cell, a.wdtype);
+  const GenKernel kernel = generate_kernel_for(a.cell, a.wdtype, proj);
   const void* k = reinterpret_cast<const void*>(kernel);
   const size_t budget = dynamic_smem_budget(k, dev, "cudaFuncGetAttributes(generate)");
   GenPlan p = make_generate_plan(a, proj, dev.sms, budget);
@@ -706,7 +763,7 @@ Prepared prepare(const GenerateArgs& a) {
 
 GenerateInfo info_of(const GenPlan& p) {
   return GenerateInfo{p.blocks, kThreads, p.Hb, p.Pb, p.Vb, p.Bc, p.Bs, p.resident, p.flags,
-                      static_cast<int64_t>(p.smem)};
+                      p.carry, static_cast<int64_t>(p.smem)};
 }
 
 }  // namespace
@@ -734,7 +791,7 @@ GenerateInfo plan_generate(const GenerateArgs& a) { return info_of(prepare(a).pl
 GenerateInfo plan_generate_on(const GenerateArgs& a, int sms, int64_t smem_budget) {
   const bool proj = a.cell == kLSTM && a.proj != 0;
   check_generate_args(a, proj);
-  generate_kernel_for(a.cell, a.wdtype);  // the weight dtype is compiled in
+  generate_kernel_for(a.cell, a.wdtype, proj);  // the weight dtype is compiled in
   if (sms < 1 || smem_budget < 1)
     throw std::invalid_argument("rnnkern._cuda: sms and smem_budget must be >= 1");
   return info_of(make_generate_plan(a, proj, sms, static_cast<size_t>(smem_budget)));

@@ -32,10 +32,12 @@ MAX_REGISTERS = 128  # 65536 registers per SM / 512 threads
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
 _NAME = re.compile(
     r"(layer_(?:forward|backward)_kernel|generate_kernel)I(f|6__half|13__nv_bfloat16)Li(\d)E"
+    r"(?:Lb(\d)E)?"
 )
-# Kernels per architecture: training forward + backward for 3 dtypes (--subset: float32) and
-# generation for 2 weight dtypes (float32, bfloat16; --subset: float32), 4 cells each.
-EXPECTED = {"full": (3 * 2 + 2) * 4, "subset": (1 * 2 + 1) * 4}
+# Kernels per architecture: training forward + backward of 4 cells for 3 dtypes (--subset:
+# float32) and generation of 5 (the 4 cells and the LSTM with projection, a variant of its
+# own) for 2 weight dtypes (float32, bfloat16; --subset: float32).
+EXPECTED = {"full": 3 * 2 * 4 + 2 * 5, "subset": 2 * 4 + 5}
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
 
@@ -59,7 +61,9 @@ def parse_ptxas(log: str) -> list[dict]:
             current = {
                 "kernel": name.group(1) if name else m.group(1),
                 "dtype": DTYPES.get(name.group(2), "?") if name else "?",
-                "cell": CELLS.get(name.group(3), "?") if name else "?",
+                "cell": (CELLS.get(name.group(3), "?") + ("_proj" if name.group(4) == "1" else ""))
+                if name
+                else "?",
                 "arch": m.group(2),
                 "registers": None,
                 "stack": None,

@@ -22,7 +22,8 @@ every value other blocks read as a 64-bit word carrying the tag of the phase tha
 a block waits only for the words it reads (the exchange buffers and the running tag live here);
 ``"barrier"`` meets at a grid-wide barrier after every layer and the head and reads plain
 floats. Both give bit-identical results (the same arithmetic in the same order); the second is
-the simpler cross-check of the first.
+the simpler cross-check of the first. ``RNNKERN_CUDA_GENERATE_CARRY=0`` (or
+:attr:`CudaDecode.carry`) likewise turns off forming recurrent parts a step early.
 
 Legend: ``B`` streams, ``L`` layers, ``I`` input size, ``H`` hidden, ``P`` state size, ``V``
 head outputs, ``S`` fed steps.
@@ -41,6 +42,13 @@ from .cuda import _ERRORS, _cuda, _debug, _timeout_ns, build_hint
 _WDTYPE = {torch.float32: 0, torch.bfloat16: 2}  # csrc/cuda/api.h DType
 _SYNC_MODES = ("flags", "barrier")
 _TAG_LIMIT = 1 << 32  # tags are 32 bits; 0 is the exchange buffers' initial value
+
+
+def _carry_from_env() -> bool:
+    value = os.environ.get("RNNKERN_CUDA_GENERATE_CARRY", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"RNNKERN_CUDA_GENERATE_CARRY must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def _sync_mode_from_env() -> str:
@@ -96,6 +104,9 @@ class CudaDecode:
         self._sync = torch.zeros(4, dtype=torch.int64, device=device)
         self.device = device
         self.sync = _sync_mode_from_env()  # "flags" or "barrier" (module docstring)
+        # Form each layer's recurrent part a step early where the plan allows (csrc/cuda/
+        # generate.cu); False is the cross-check (bit-identical results).
+        self.carry = _carry_from_env()
         self._exchange_batch = 0  # the batch size the exchange buffers were made for
         self._xh = self._xm = self._xl = None
         self._tag_base = 1
@@ -140,6 +151,7 @@ class CudaDecode:
             seed=int(seed),
             first_step=int(first_step),
             flags=0,
+            carry=int(self.carry),
             tag_base=0,
             xh=0,
             xm=0,
