@@ -471,7 +471,13 @@ def test_cuda_generate_state_matches_stepping(mode, layers, proj):
 @needs_cuda_decode
 @pytest.mark.parametrize(
     "mode,layers,proj,hidden,batch",
-    [("LSTM", 3, 0, H, 3), ("LSTM", 2, 7, H, 2), ("GRU", 2, 0, 512, 40), ("RNN", 1, 0, H, 1)],
+    [
+        ("LSTM", 3, 0, H, 3),
+        ("LSTM", 2, 7, H, 2),
+        ("GRU", 1, 0, H, 2),  # the top layer carried through the head; the GRU reads its h
+        ("GRU", 2, 0, 512, 40),
+        ("RNN", 1, 0, H, 1),
+    ],
 )
 def test_cuda_sync_modes_agree_bit_for_bit(mode, layers, proj, hidden, batch):
     """Flag-carrying words and grid barriers order the same arithmetic, and a recurrent part
@@ -491,7 +497,9 @@ def test_cuda_sync_modes_agree_bit_for_bit(mode, layers, proj, hidden, batch):
             tokens = dec.generate(prime, 12, seed=8, top_k=7)
             launch = dec._cuda.last_launch
             assert launch["sync"] == sync
-            assert launch["carry"] == (carry and batch <= launch["batch_chunk"])
+            assert launch["carry"] <= carry
+            if batch <= 3:  # small models: everything fits, carry is taken when allowed
+                assert launch["carry"] == carry
             tokens2 = dec.generate(tokens[:, -1:], 5, seed=8, first_step=12)  # tags continue
             logits = dec.step(tokens2[:, -1])
             results.append((tokens, tokens2, logits, *dec.get_state()))

@@ -28,15 +28,22 @@
 //   then plain float loads through L2. L + 1 barriers per token (2L + 1 with projection).
 // - flags (default): every exchanged value is also written as a 64-bit word {float, tag of
 //   the phase that wrote it} and readers spin on exactly the words they need (see
-//   stage_words). No barrier at all, one L2 round trip per exchange instead of three, and a
-//   block computes a layer's recurrent part while the layer below is still being finished.
+//   stage_words). No barrier at all, and one L2 round trip per exchange instead of three.
+//
+// Carry (when the batch is one chunk): layer l's recurrent part for step n + 1,
+// W_hh_l h_l(n), is formed at step n right after the block has staged h_l(n) anyway (as layer
+// l + 1's input, or the head's for the top layer: with carry every block stages it, also
+// those that own no head rows), after the work the others wait for. Step n + 1 then starts
+// layer l from it: layer 0 needs only the token, and no layer waits for its previous state.
 //
 // The state is a ping-pong pair per layer (h[parity], h[parity ^ 1], and the same for the
 // exchange words): a block may still read a layer's previous state while another block
 // writes that layer's new one. That is the only reuse hazard without barriers: any block
 // writing a slot for step n has read values every block wrote in step n - 1 after finishing
 // its reads of that slot's step n - 2 contents (each block runs its phases in order); m gets
-// one buffer per layer for the same reason. The cell state c of a unit is read and written
+// one buffer per layer for the same reason. With carry, a block that skips staging h_l(n) at
+// step n + 1 has staged it from every block at step n, which keeps that argument whole: it is
+// why blocks without head rows still stage the top state. The cell state c of a unit is read and written
 // only by its owning block, in place.
 //
 // Numerics are the CPU decoder's: float32 state and accumulation, bfloat16 weights widened to
@@ -415,6 +422,7 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
     const int nxt = cur ^ 1;
     carried = carrying;
     carrying = 0;
+    const bool carry_now = carry && n + 1 < model_steps;  // the last step has no successor
     // Tokens of this step: the prime's column n, else the tokens sampled after step n - 1
     // (already in toks).
     // A token outside the table (the Decoder checks the prime first) is reported and
@@ -505,7 +513,7 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
         }
         __syncthreads();  // hs, xs and pre are reused by the next chunk
       }
-      if (carry && l >= 1) {  // xs holds h_{l-1}(n) of every stream: carry layer l - 1
+      if (carry_now && l >= 1) {  // xs holds h_{l-1}(n) of every stream: carry layer l - 1
         block_matvec_tiled<W>(xs, P, B, P, G * nj, hh_rows(l - 1, at_below), part,
                               [&](int bb, int r, float v) {
                                 carried_part(l - 1)[bb * C + (r / nj) * Hb + r % nj] = v;
@@ -540,7 +548,7 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
     if (V == 0 || n < a.feed - 1) continue;
     const size_t slot_top = (static_cast<size_t>(cur) * L + L - 1) * B * P;
     const uint32_t tag_logits = tag_of(n, 2 * L);
-    if (nv > 0 || carry) {  // with carry every block stages the top state, for its own part
+    if (nv > 0 || carry_now) {  // with carry every block stages the top state (top comment)
       for (int b0 = 0; b0 < B; b0 += Bc) {
         const int nb = min(Bc, B - b0);
         if (!stage_exchanged(hs, a.h + slot_top, a.xh + slot_top, b0, nb, P,
@@ -554,7 +562,7 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
             a.logits[bv] = logit;
             if (flags) st_relaxed(a.xl + bv, tagged(logit, tag_logits));
           });
-        if (carry) {  // one chunk: hs holds h_{L-1}(n) of every stream
+        if (carry_now) {  // one chunk: hs holds h_{L-1}(n) of every stream
           block_matvec_tiled<W>(hs, P, B, P, G * nj, hh_rows(L - 1, at_below), part,
                                 [&](int bb, int r, float v) {
                                   carried_part(L - 1)[bb * C + (r / nj) * Hb + r % nj] = v;
@@ -634,7 +642,7 @@ GenPlan make_generate_plan(const GenerateArgs& a, bool proj, int sms, size_t bud
   const int first_resident = model_steps > 1 ? 1 : 0;
   // Carrying recurrent parts needs the whole batch in one chunk, a second step to use them,
   // and a bit per layer.
-  const int first_carry = a.carry && model_steps > 1 && a.L <= 32 ? 1 : 0;
+  const int first_carry = a.carry && model_steps > 1 && a.L <= 32 && a.B <= kGenMaxBatchChunk;
   // Preferences, in order: weights resident; carried recurrent parts; as many warps sampling
   // at once as fit (each needs a 24 V-byte slot); the largest batch chunk.
   const int all_warps = std::min(a.B, kWarps);
