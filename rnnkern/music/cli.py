@@ -90,6 +90,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
     g.add_argument("--max-tokens", type=_positive_int, default=1000,
                    help="stop a tune after this many tokens (1000)")  # fmt: skip
+    g.add_argument("--decoder", choices=("auto", "cpu", "torch", "triton", "cuda"),
+                   default="auto",
+                   help="decoder backend: auto (C++ if built, else torch), cpu, torch, or "
+                   "triton / cuda on a CUDA device (the same tunes up to float rounding)",
+                   )  # fmt: skip
     g.add_argument("--midi", default=None, help="also write the tunes to this MIDI file")
     g.add_argument("--tempo", type=float, default=120.0,
                    help="MIDI tempo in quarter notes per minute (120)")  # fmt: skip

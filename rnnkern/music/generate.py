@@ -8,6 +8,7 @@ arguments give the same tunes on every run.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,28 +69,46 @@ def prime_tokens(prime: str, meter: str | None, mode: str | None) -> list[str]:
         ) from err
 
 
-def music_decoder(model: MusicLM, count: int) -> Decoder:
+DECODERS = ("auto", "cpu", "torch", "triton", "cuda")
+
+
+def music_decoder(model: MusicLM, count: int, decoder: str = "auto") -> Decoder:
     """A :class:`rnnkern.Decoder` over ``model``'s weights for ``count`` streams.
 
     A one-hot model (no embedding) gets an identity embedding, which the decoder folds into
-    layer 0's input weights. The C++ decoder runs when the extension is built; without it the
-    decoder's torch backend runs the same steps and draws the same tokens, only slower, and
-    the command says so.
+    layer 0's input weights. ``decoder`` picks the Decoder backend: ``"auto"`` takes the C++
+    decoder when the extension is built, else the decoder's torch backend (the same steps and
+    the same tokens, only slower, and the command says so); ``"cpu"`` / ``"torch"`` run on the
+    CPU; ``"triton"`` / ``"cuda"`` run a copy of the model on the CUDA device. A backend that
+    cannot run here is a GenerateError saying why. Every backend draws by the same rule and
+    generator, so the tunes are the same up to float rounding of near-ties.
     """
+    if decoder not in DECODERS:
+        raise GenerateError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     embedding = model.embedding
     if embedding is None:
         V = model.config.vocab_size
         embedding = torch.nn.Embedding.from_pretrained(torch.eye(V, dtype=model.head.weight.dtype))
-    built = "cpu" in available_backends("cpu")
-    if not built:
-        print(
-            "rnnkern: the C++ extension is not built (`rnnkern backends` says why); decoding "
-            "with torch ops instead (same tunes, slower)",
-            file=sys.stderr,
-        )
-    return Decoder(
-        model.rnn, embedding, model.head, batch_size=count, backend="cpu" if built else "torch"
-    )
+    rnn, head = model.rnn, model.head
+    if decoder == "auto":
+        decoder = "cpu" if "cpu" in available_backends("cpu") else "torch"
+        if decoder == "torch":
+            print(
+                "rnnkern: the C++ extension is not built (`rnnkern backends` says why); "
+                "decoding with torch ops instead (same tunes, slower)",
+                file=sys.stderr,
+            )
+    elif decoder in ("triton", "cuda"):
+        if not torch.cuda.is_available():
+            raise GenerateError(
+                f"--decoder {decoder} runs on a CUDA device, and none is visible "
+                "(torch.cuda.is_available() is False); use --decoder cpu"
+            )
+        rnn, embedding, head = (copy.deepcopy(m).cuda() for m in (rnn, embedding, head))
+    try:
+        return Decoder(rnn, embedding, head, batch_size=count, backend=decoder)
+    except RuntimeError as err:  # a backend that is not built: the reason, as a clear error
+        raise GenerateError(f"--decoder {decoder}: {err}") from err
 
 
 @torch.no_grad()
@@ -131,6 +150,7 @@ def sample_sequences(
     end_id: int | None = 1,
     forced: dict[int, int] | None = None,
     chunk: int = 128,
+    decoder: str = "auto",
 ) -> list[list[int]]:
     """Sample ``count`` sequences that start with ``prefix`` (ids, including <s>).
 
@@ -139,6 +159,7 @@ def sample_sequences(
     mode after a sampled meter). A sequence ends after ``end_id`` or at ``max_tokens`` ids in
     total. Generation runs in :class:`rnnkern.Decoder` calls of up to ``chunk`` tokens (the
     whole loop in C++ within a call), stopping after the call in which every sequence ended.
+    ``decoder`` picks the Decoder backend (:func:`music_decoder`).
     """
     check_sampling_args(temperature, top_k, top_p)
     if not prefix:
@@ -147,7 +168,7 @@ def sample_sequences(
         raise GenerateError(f"count must be an int >= 1, got {count!r}")
     forced = dict(forced or {})
     model.eval()
-    decoder = music_decoder(model, count)
+    dec = music_decoder(model, count, decoder)
     seqs = [list(prefix) for _ in range(count)]
     done = [False] * count
     # Tokens the sequences hold that the decoder has not consumed yet (generate consumes all
@@ -156,7 +177,9 @@ def sample_sequences(
     position = len(prefix)
     while position < max_tokens and not all(done):
         if position in forced:
-            token = torch.full((count, 1), forced[position], dtype=torch.long)
+            token = torch.full(
+                (count, 1), forced[position], dtype=torch.long, device=pending.device
+            )
             for b in range(count):
                 if not done[b]:
                     seqs[b].append(forced[position])
@@ -165,7 +188,7 @@ def sample_sequences(
             position += 1
             continue
         stop = min([max_tokens, position + chunk] + [p for p in forced if p > position])
-        out = decoder.generate(
+        out = dec.generate(
             pending, stop - position, temperature, top_k, top_p, seed, first_step=position
         )
         for b in range(count):
@@ -249,6 +272,7 @@ def run_generate(args: argparse.Namespace, out=None) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        decoder=getattr(args, "decoder", "auto"),
         seed=args.seed,
         max_tokens=args.max_tokens,
         end_id=abc.TOKEN_TO_ID["</s>"],
@@ -282,6 +306,7 @@ def _generate_chars(args: argparse.Namespace, model: MusicLM, tokens: list[str],
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        decoder=getattr(args, "decoder", "auto"),
         seed=args.seed,
         max_tokens=args.max_tokens,
         end_id=1,
@@ -319,6 +344,7 @@ def _generate_performance(args: argparse.Namespace, model: MusicLM, tokens: list
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        decoder=getattr(args, "decoder", "auto"),
         seed=args.seed,
         max_tokens=args.max_tokens,
         end_id=tokenizer.end_id,
