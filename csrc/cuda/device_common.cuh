@@ -12,8 +12,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "api.h"
 
@@ -416,27 +419,80 @@ DeviceInfo query_device() {
   return d;
 }
 
+// Launch preparation is cached per device and kernel: each query is a host API call of a few
+// microseconds, and there are about ten per launch, while a decoding step's kernel runs for
+// about as long on the GPU. Device attributes and a kernel's static shared memory do not
+// change within a process; the dynamic shared-memory attribute only ever grows.
+struct KernelState {
+  size_t static_smem = 0;
+  size_t smem_allowed = 0;           // the largest dynamic size set so far
+  std::map<size_t, int> per_sm;      // occupancy (blocks per SM) by dynamic size
+};
+
+struct LaunchCache {
+  std::mutex mutex;
+  std::map<int, DeviceInfo> devices;
+  std::map<std::pair<int, const void*>, KernelState> kernels;
+};
+
+LaunchCache& launch_cache() {
+  static LaunchCache cache;
+  return cache;
+}
+
+// The current device's attributes (queried once per device).
+DeviceInfo current_device() {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  LaunchCache& c = launch_cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  auto it = c.devices.find(device);
+  if (it == c.devices.end()) it = c.devices.emplace(device, query_device()).first;
+  return it->second;
+}
+
 // Shared memory a cooperative kernel may use per block on `dev`: the opt-in maximum less the
 // kernel's static shared memory.
 size_t dynamic_smem_budget(const void* kernel, const DeviceInfo& dev, const char* what) {
   if (!dev.cooperative)
     throw std::runtime_error("rnnkern._cuda: device " + std::to_string(dev.device) +
                              " does not support cooperative launches");
-  cudaFuncAttributes attr{};
-  check(cudaFuncGetAttributes(&attr, kernel), what);
-  return static_cast<size_t>(dev.smem_optin) - attr.sharedSizeBytes;
+  LaunchCache& c = launch_cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  auto key = std::make_pair(dev.device, kernel);
+  auto it = c.kernels.find(key);
+  if (it == c.kernels.end()) {
+    cudaFuncAttributes attr{};
+    check(cudaFuncGetAttributes(&attr, kernel), what);
+    KernelState state;
+    state.static_smem = attr.sharedSizeBytes;
+    it = c.kernels.emplace(key, state).first;
+  }
+  return static_cast<size_t>(dev.smem_optin) - it->second.static_smem;
 }
 
 // Lets `kernel` use `smem` bytes of dynamic shared memory and checks that `blocks` blocks of
 // kThreads threads can all be resident at once (what a cooperative launch requires).
+// dynamic_smem_budget must have been called for the kernel first.
 void allow_cooperative(const void* kernel, int blocks, size_t smem, const DeviceInfo& dev,
                        const std::string& what) {
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem)),
-        ("cudaFuncSetAttribute(" + what + ", MaxDynamicSharedMemorySize)").c_str());
-  int per_sm = 0;
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem),
-        ("cudaOccupancyMaxActiveBlocksPerMultiprocessor(" + what + ")").c_str());
+  LaunchCache& c = launch_cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  KernelState& k = c.kernels[std::make_pair(dev.device, kernel)];
+  if (smem > k.smem_allowed) {
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem)),
+          ("cudaFuncSetAttribute(" + what + ", MaxDynamicSharedMemorySize)").c_str());
+    k.smem_allowed = smem;
+  }
+  auto it = k.per_sm.find(smem);
+  if (it == k.per_sm.end()) {
+    int per_sm = 0;
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem),
+          ("cudaOccupancyMaxActiveBlocksPerMultiprocessor(" + what + ")").c_str());
+    it = k.per_sm.emplace(smem, per_sm).first;
+  }
+  const int per_sm = it->second;
   if (per_sm < 1 || blocks > per_sm * dev.sms)
     throw std::runtime_error("rnnkern._cuda: a cooperative " + what + " launch of " +
                              std::to_string(blocks) + " blocks with " + std::to_string(smem) +

@@ -760,7 +760,7 @@ struct Prepared {
 Prepared prepare(const GenerateArgs& a) {
   const bool proj = a.cell == kLSTM && a.proj != 0;
   check_generate_args(a, proj);
-  const DeviceInfo dev = query_device();
+  const DeviceInfo dev = current_device();
   const GenKernel kernel = generate_kernel_for(a.cell, a.wdtype, proj);
   const void* k = reinterpret_cast<const void*>(kernel);
   const size_t budget = dynamic_smem_budget(k, dev, "cudaFuncGetAttributes(generate)");

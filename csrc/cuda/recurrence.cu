@@ -513,7 +513,7 @@ void check_shape(int cell, int T, int B, int H, int P) {
 // Plan against the current device, including the cooperative-launch occupancy check.
 Plan plan_for(bool backward, int cell, int dtype, int B, int H, int P, bool proj,
               KernelFn* kernel_out) {
-  const DeviceInfo dev = query_device();
+  const DeviceInfo dev = current_device();
   const KernelFn kernel = kernel_for(backward, cell, dtype);
   const void* k = reinterpret_cast<const void*>(kernel);
   const char* what = backward ? "layer_backward" : "layer_forward";
