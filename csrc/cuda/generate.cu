@@ -43,8 +43,8 @@
 // its reads of that slot's step n - 2 contents (each block runs its phases in order); m gets
 // one buffer per layer for the same reason. With carry, a block that skips staging h_l(n) at
 // step n + 1 has staged it from every block at step n, which keeps that argument whole: it is
-// why blocks without head rows still stage the top state. The cell state c of a unit is read and written
-// only by its owning block, in place.
+// why blocks without head rows still stage the top state. The cell state c of a unit is read
+// and written only by its owning block, in place.
 //
 // Numerics are the CPU decoder's: float32 state and accumulation, bfloat16 weights widened to
 // float32, the token table in float32; sampling in float64 by the shared rule.
