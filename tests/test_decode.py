@@ -625,3 +625,17 @@ def test_cuda_exchange_tags_are_never_reused():
     assert dec._xh.shape == (2, 2, 4, 5) and int(dec._xh.abs().max()) == 0
     with pytest.raises(ValueError, match="split it"):
         dec._prepare_exchange(4, 2**32)
+
+
+def test_cuda_decode_settings_from_the_environment(monkeypatch):
+    from rnnkern.backends import cuda_decode as cd
+
+    monkeypatch.setenv("RNNKERN_CUDA_GENERATE_SYNC", "barrier")
+    monkeypatch.setenv("RNNKERN_CUDA_GENERATE_CARRY", "0")
+    assert cd._sync_mode_from_env() == "barrier" and cd._carry_from_env() is False
+    monkeypatch.setenv("RNNKERN_CUDA_GENERATE_SYNC", "spin")
+    with pytest.raises(ValueError, match="RNNKERN_CUDA_GENERATE_SYNC must be 'flags' or"):
+        cd._sync_mode_from_env()
+    monkeypatch.setenv("RNNKERN_CUDA_GENERATE_CARRY", "yes")
+    with pytest.raises(ValueError, match="RNNKERN_CUDA_GENERATE_CARRY must be 0 or 1"):
+        cd._carry_from_env()

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .base import CELL_CODES
-from .cuda import _ERRORS, _cuda, _debug, _timeout_ns, build_hint
+from .cuda import _ERRORS, _cuda, _debug, _ptr, _timeout_ns, build_hint
 
 _WDTYPE = {torch.float32: 0, torch.bfloat16: 2}  # csrc/cuda/api.h DType
 _SYNC_MODES = ("flags", "barrier")
@@ -67,10 +67,6 @@ def unavailable_reason(device: torch.device) -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device is visible (torch.cuda.is_available() is False)"
     return None
-
-
-def _ptr(t: Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
 
 
 class CudaDecode:
