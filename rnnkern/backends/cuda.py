@@ -14,14 +14,20 @@ their device addresses and torch's current stream.
 
 Safety: the grid barrier gives up after ``RNNKERN_CUDA_BARRIER_TIMEOUT_S`` seconds (default 30;
 0 waits forever) instead of hanging, and every launch's status word is read back, so a deadlock
-or an out-of-range length becomes a Python exception. ``RNNKERN_CUDA_DEBUG=1`` also synchronises
-after each launch so that an asynchronous CUDA fault is reported by the launch that caused it.
+or an out-of-range length becomes a Python exception. The read-back does not stall the host: the
+word is copied to pinned memory behind the launch, and the next call into the backend raises the
+error of any launch that has finished by then (:meth:`CUDABackend.synchronize` waits for all of
+them); ``rnn_layer`` checks lengths on the host before any launch, so what remains is the
+deadlock guard. ``RNNKERN_CUDA_DEBUG=1`` checks each launch at once, synchronising after it so
+that an asynchronous CUDA fault is also reported by the launch that caused it. Under CUDA graph
+capture nothing is read back (a captured launch has no status to read until it is replayed).
 
 Legend: ``T`` time, ``B`` batch, ``H`` hidden, ``P`` state size (proj_size or H), ``G`` gates.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 
@@ -84,6 +90,8 @@ class CUDABackend:
     def __init__(self) -> None:
         self._plans: dict[tuple, bool | str] = {}
         self.last_launch: dict | None = None  # layout of the latest launch (tests, benchmarks)
+        # Status words on their way back: (event after the copy, pinned copy, device word, what)
+        self._pending: collections.deque = collections.deque()
 
     def available(self) -> bool | str:
         if _cuda is None:
@@ -184,14 +192,44 @@ class CUDABackend:
             raise ValueError(f"backend 'cuda' cannot run this layer: {ok}")
 
     def _finish(self, sync: torch.Tensor, info: dict, what: str) -> None:
-        """Read the kernel's status word back (synchronises with the launch)."""
+        """Start reading the kernel's status word back (see the module docstring), and raise
+        the error of any earlier launch that has finished."""
         self.last_launch = info
-        code = int(sync[1].item())
+        if _debug():
+            self._raise_if_error(int(sync[1].item()), what)
+            return
+        if torch.cuda.is_current_stream_capturing():
+            return
+        host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+        host.copy_(sync[1:2], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._pending.append((done, host, sync, what))
+        self.poll()
+
+    @staticmethod
+    def _raise_if_error(code: int, what: str) -> None:
         if code:
             raise RuntimeError(f"rnnkern._cuda {what}: {_ERRORS.get(code, f'error code {code}')}")
 
+    def poll(self, wait: bool = False) -> None:
+        """Raise the first error among the launches whose status has come back (with ``wait``,
+        after waiting for all of them); each status is reported once."""
+        while self._pending:
+            done, host, _, what = self._pending[0]
+            if not wait and not done.query():
+                return
+            done.synchronize()
+            self._pending.popleft()
+            self._raise_if_error(int(host[0]), what)
+
+    def synchronize(self) -> None:
+        """Wait for every launch so far and raise the first error any of them recorded."""
+        self.poll(wait=True)
+
     def forward(self, cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save) -> ForwardResult:
         """Shapes and layout: see :mod:`rnnkern.backends.base`."""
+        self.poll()
         self._check(cell, gx, w_hh, w_hr)
         with torch.cuda.device(gx.device):
             return self._forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save)
@@ -247,6 +285,7 @@ class CUDABackend:
         """Shapes and layout: see :mod:`rnnkern.backends.base`."""
         if saved.hs.numel() == 0:
             raise RuntimeError("cuda backward called on a forward that ran with save=False")
+        self.poll()
         self._check(cell, dy, w_hh, w_hr)
         with torch.cuda.device(dy.device):
             return self._backward(cell, saved, w_hh, b_hh, w_hr, lengths, reverse, dy, dh_n,
