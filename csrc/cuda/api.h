@@ -113,6 +113,8 @@ struct GenerateArgs {
   // 1 flag-carrying words. Flags mode exchanges through these u64 words {float, tag}:
   int flags;
   int carry;                    // 1: allow forming recurrent parts a step early (generate.cu)
+  int spin_sleep_ns;            // flags mode: pause between polls of a word not yet written
+                                //   (0: poll back to back; a knob to measure L2 contention)
   uint64_t tag_base;            // tags tag_base .. tag_base + model steps * (2L + 1) - 1 are
                                 //   this launch's: >= 1, below 2^32, never used before on
                                 //   these buffers (zeroed at allocation)

@@ -84,6 +84,7 @@ GenerateArgs generate_args(const py::dict& d) {
   a.sync = ptr<unsigned long long>(p("sync"));
   a.flags = i("flags");
   a.carry = i("carry");
+  a.spin_sleep_ns = i("spin_sleep_ns");
   a.tag_base = d["tag_base"].cast<uint64_t>();
   a.xh = ptr<unsigned long long>(p("xh"));
   a.xm = ptr<unsigned long long>(p("xm"));

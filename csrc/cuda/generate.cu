@@ -235,16 +235,26 @@ __device__ __forceinline__ unsigned long long tagged(float v, uint32_t tag) {
   return (static_cast<unsigned long long>(tag) << 32) | __float_as_uint(v);
 }
 
+// How a wait behaves: the status words, the timeout, and an optional pause between polls
+// (GenerateArgs::spin_sleep_ns; 0: poll back to back).
+struct Waiter {
+  unsigned long long* sync;
+  long long timeout_ns;
+  unsigned int sleep_ns;
+};
+
 // The value of word *p once it carries `tag`; NaN when the launch must stop instead (another
 // block aborted it, or this wait passed the timeout: then it aborts it with
 // kErrBarrierTimeout in sync[1]), with *failed set.
 __device__ __forceinline__ float wait_word(const unsigned long long* p, unsigned long long w,
-                                           uint32_t tag, unsigned long long* sync,
-                                           long long timeout_ns, bool* failed) {
+                                           uint32_t tag, const Waiter& wt, bool* failed) {
   if (static_cast<uint32_t>(w >> 32) != tag) {
+    unsigned long long* sync = wt.sync;
+    const long long timeout_ns = wt.timeout_ns;
     const long long start = global_ns();
     unsigned int spins = 0;
     do {
+      if (wt.sleep_ns) __nanosleep(wt.sleep_ns);
       if ((++spins & 255u) == 0) {
         if (ld_relaxed(sync + 1) != kErrNone ||
             (timeout_ns > 0 && global_ns() - start > timeout_ns)) {
@@ -263,7 +273,7 @@ __device__ __forceinline__ float wait_word(const unsigned long long* p, unsigned
 // every word carries `tag`. Called by every thread; returns false (in every thread) when the
 // launch must stop. kStageUnroll loads are issued before the first wait, as in stage_rows.
 __device__ bool stage_words(float* dst, const unsigned long long* src, int b0, int nb, int K,
-                            uint32_t tag, unsigned long long* sync, long long timeout_ns) {
+                            uint32_t tag, const Waiter& wt) {
   const unsigned long long* s = src + static_cast<size_t>(b0) * K;
   const int n = nb * K;
   bool failed = false;
@@ -277,7 +287,7 @@ __device__ bool stage_words(float* dst, const unsigned long long* src, int b0, i
 #pragma unroll
     for (int u = 0; u < kStageUnroll; ++u) {
       const int i = i0 + u * kThreads;
-      if (i < n && !failed) dst[i] = wait_word(s + i, w[u], tag, sync, timeout_ns, &failed);
+      if (i < n && !failed) dst[i] = wait_word(s + i, w[u], tag, wt, &failed);
     }
   }
   return __syncthreads_or(failed) == 0;
@@ -286,7 +296,7 @@ __device__ bool stage_words(float* dst, const unsigned long long* src, int b0, i
 // One warp: the V words at src into dst[v] (each float widened to double, exactly) once they
 // carry `tag`. Returns true (in every lane) when the launch must stop.
 __device__ bool warp_stage_words(double* dst, const unsigned long long* src, int V, uint32_t tag,
-                                 unsigned long long* sync, long long timeout_ns) {
+                                 const Waiter& wt) {
   const int lane = threadIdx.x % 32;
   bool failed = false;
   for (int v0 = lane; v0 < V; v0 += kStageUnroll * 32) {
@@ -299,7 +309,7 @@ __device__ bool warp_stage_words(double* dst, const unsigned long long* src, int
 #pragma unroll
     for (int u = 0; u < kStageUnroll; ++u) {
       const int v = v0 + u * 32;
-      if (v < V && !failed) dst[v] = wait_word(src + v, w[u], tag, sync, timeout_ns, &failed);
+      if (v < V && !failed) dst[v] = wait_word(src + v, w[u], tag, wt, &failed);
     }
   }
   const bool any = __any_sync(0xffffffffu, failed);
@@ -382,6 +392,7 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
   const int steps = a.steps;
   const int model_steps = a.feed + (steps > 0 ? steps - 1 : 0);
   const bool flags = plan.flags != 0;
+  const Waiter waiter{a.sync, plan.timeout_ns, static_cast<unsigned int>(a.spin_sleep_ns)};
   // Tag of what phase i of model step n writes (flags mode): i = 2l for layer l's new state,
   // 2l + 1 for its projection input m, 2L for the logits. The host never reuses a tag within
   // the lifetime of the exchange buffers and never uses 0 (their initial value).
@@ -393,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
   // floats behind the grid barrier that preceded (barrier mode).
   auto stage_exchanged = [&](float* dst, const float* plain, const unsigned long long* words,
                              int b0, int nb, int K, uint32_t tag) {
-    if (flags) return stage_words(dst, words, b0, nb, K, tag, a.sync, plan.timeout_ns);
+    if (flags) return stage_words(dst, words, b0, nb, K, tag, waiter);
     stage_rows(dst, plain, b0, nb, K);
     return true;
   };
@@ -587,8 +598,7 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
         const size_t row = static_cast<size_t>(b) * V;
         // Flags mode: the row's words go to the slot first, several loads in flight per
         // lane (as in stage_words), then the rule reads them from there.
-        if (flags) failed = warp_stage_words(w, a.xl + row, V, tag_logits, a.sync,
-                                             plan.timeout_ns) || failed;
+        if (flags) failed = warp_stage_words(w, a.xl + row, V, tag_logits, waiter) || failed;
         auto logit = [&](int v) {
           return flags ? static_cast<float>(w[v]) : __ldcg(a.logits + row + v);
         };
@@ -741,6 +751,8 @@ void check_generate_args(const GenerateArgs& a, bool proj) {
     fail("temperature must be a finite number > 0");
   if (a.steps > 0 && !(a.top_p > 0.0 && a.top_p <= 1.0)) fail("top_p must be in (0, 1]");
   if (a.top_k < 0) fail("top_k must be >= 0");
+  if (a.spin_sleep_ns < 0 || a.spin_sleep_ns > 1000000)
+    fail("spin_sleep_ns must be in [0, 1000000]");
   if (a.flags) {
     const uint64_t tags = (static_cast<uint64_t>(a.feed) + std::max(a.steps - 1, 0)) *
                           (2 * static_cast<uint64_t>(a.L) + 1);

@@ -23,7 +23,9 @@ a block waits only for the words it reads (the exchange buffers and the running 
 ``"barrier"`` meets at a grid-wide barrier after every layer and the head and reads plain
 floats. Both give bit-identical results (the same arithmetic in the same order); the second is
 the simpler cross-check of the first. ``RNNKERN_CUDA_GENERATE_CARRY=0`` (or
-:attr:`CudaDecode.carry`) likewise turns off forming recurrent parts a step early.
+:attr:`CudaDecode.carry`) likewise turns off forming recurrent parts a step early, and
+``RNNKERN_CUDA_GENERATE_SPIN_SLEEP_NS`` (:attr:`CudaDecode.spin_sleep_ns`, default 0) pauses
+between polls in flags mode.
 
 Legend: ``B`` streams, ``L`` layers, ``I`` input size, ``H`` hidden, ``P`` state size, ``V``
 head outputs, ``S`` fed steps.
@@ -49,6 +51,15 @@ def _carry_from_env() -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"RNNKERN_CUDA_GENERATE_CARRY must be 0 or 1, got {value!r}")
     return value == "1"
+
+
+def _spin_sleep_from_env() -> int:
+    value = os.environ.get("RNNKERN_CUDA_GENERATE_SPIN_SLEEP_NS", "0")
+    if not value.isdigit() or int(value) > 1_000_000:
+        raise ValueError(
+            f"RNNKERN_CUDA_GENERATE_SPIN_SLEEP_NS must be an int in [0, 1000000], got {value!r}"
+        )
+    return int(value)
 
 
 def _sync_mode_from_env() -> str:
@@ -103,6 +114,9 @@ class CudaDecode:
         # Form each layer's recurrent part a step early where the plan allows (csrc/cuda/
         # generate.cu); False is the cross-check (bit-identical results).
         self.carry = _carry_from_env()
+        # Flags mode: nanoseconds to pause between polls of a word not yet written (0: poll back
+        # to back). A knob for measuring whether polling slows the producers down.
+        self.spin_sleep_ns = _spin_sleep_from_env()
         self._exchange_batch = 0  # the batch size the exchange buffers were made for
         self._xh = self._xm = self._xl = None
         self._tag_base = 1
@@ -148,6 +162,7 @@ class CudaDecode:
             first_step=int(first_step),
             flags=0,
             carry=int(self.carry),
+            spin_sleep_ns=int(self.spin_sleep_ns),
             tag_base=0,
             xh=0,
             xm=0,

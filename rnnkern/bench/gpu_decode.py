@@ -12,7 +12,9 @@ generates ``N`` tokens per stream, sampling each from the logits and feeding it 
 - ``rnnkern cuda generate fp32`` / ``bf16``: one :meth:`rnnkern.Decoder.generate` call that is
   one kernel launch for all tokens (present when ``rnnkern._cuda`` is built);
 - ``rnnkern cuda generate fp32, barriers``: the same with grid barriers instead of
-  flag-carrying words between the blocks (what the flags save).
+  flag-carrying words between the blocks (what the flags save);
+- ``rnnkern cuda generate fp32, 100 ns between polls``: flags with a pause between polls of a
+  word not yet written (whether back-to-back polling slows the writers).
 
 B in {1, 64} (the issue's decode shapes); ``--quick``: B = 1 and fewer tokens.
 """
@@ -60,6 +62,9 @@ def cases(device: str = "cuda", quick: bool = False) -> list[Case]:
             barriers = Decoder(rnn, emb, head, batch_size=B, backend="cuda")
             barriers._cuda.sync = "barrier"
             fns["rnnkern cuda generate fp32, barriers"] = _generate(barriers, B, n)
+            pausing = Decoder(rnn, emb, head, batch_size=B, backend="cuda")
+            pausing._cuda.spin_sleep_ns = 100
+            fns["rnnkern cuda generate fp32, 100 ns between polls"] = _generate(pausing, B, n)
         out.append(
             Case(
                 suite="gpu_decode",
