@@ -42,6 +42,7 @@ from .backends.base import CELL_CODES, GATES
 __all__ = ["Decoder"]
 
 _MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+BACKENDS = ("cpu", "triton", "cuda", "torch")  # Decoder(backend=...)
 
 
 def _cell_of_module(rnn: torch.nn.Module) -> tuple[str, int, bool]:
@@ -105,7 +106,7 @@ class Decoder:
     ) -> None:
         if weights not in ("fp32", "bf16"):
             raise ValueError(f"weights must be 'fp32' or 'bf16', got {weights!r}")
-        if backend not in ("cpu", "triton", "cuda", "torch"):
+        if backend not in BACKENDS:
             raise ValueError(f"backend must be 'cpu', 'triton', 'cuda' or 'torch', got {backend!r}")
         cell, L, is_cell = _cell_of_module(rnn)
         first = _layer_params(rnn, 0, is_cell)
@@ -342,6 +343,10 @@ class Decoder:
             out: optional float32 ``[B, V]`` (``[B, P]`` without a head) to write into; then
                 nothing is allocated.
 
+        On backend ``"cuda"`` a step does not wait for the device: an error the kernel
+        recorded (a wait past the timeout) is raised by the next :meth:`generate` or
+        :meth:`get_state`, or at once with ``RNNKERN_CUDA_DEBUG=1``.
+
         Returns:
             logits ``[B, V]`` (the top layer's output ``[B, P]`` without a head).
         """
@@ -388,11 +393,19 @@ class Decoder:
         else:
             self._torch_step(tokens, x, h_cur, h_next)
         self._parity ^= 1
+        if self._cuda is not None and self._cuda_debug():
+            self._cuda.check()  # otherwise errors of steps surface at generate / get_state
         result = self._logits if self._head_w is not None else h_next[-1]
         if out is None:
             return result.clone()
         out.copy_(result)
         return out
+
+    @staticmethod
+    def _cuda_debug() -> bool:
+        from .backends.cuda_decode import debug
+
+        return debug()
 
     def _torch_step(self, tokens, x, h_cur: Tensor, h_next: Tensor) -> None:
         """One step with torch ops: the reference backend's formulas with T = 1."""

@@ -601,7 +601,6 @@ def test_cuda_generate_plan_without_a_gpu():
         _cuda.plan_generate_on(dict(flagged, xl=0), 132, budget)
 
 
-@pytest.mark.skipif(not HAVE_CUDA_EXT, reason="rnnkern._cuda is not built (no nvcc at install)")
 def test_cuda_exchange_tags_are_never_reused():
     """Host side of flags mode (no GPU needed: the buffers are made on the CPU here): each
     launch spends fresh 32-bit tags; when they would run out, or the batch size changes, the

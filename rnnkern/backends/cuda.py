@@ -16,9 +16,10 @@ Safety: the grid barrier gives up after ``RNNKERN_CUDA_BARRIER_TIMEOUT_S`` secon
 0 waits forever) instead of hanging, and every launch's status word is read back, so a deadlock
 or an out-of-range length becomes a Python exception. The read-back does not stall the host: the
 word is copied to pinned memory behind the launch, and the next call into the backend raises the
-error of any launch that has finished by then (:meth:`CUDABackend.synchronize` waits for all of
-them); ``rnn_layer`` checks lengths on the host before any launch, so what remains is the
-deadlock guard. ``RNNKERN_CUDA_DEBUG=1`` checks each launch at once, synchronising after it so
+error of any launch that has finished by then; ``BACKEND.synchronize()`` waits for all of them
+and raises (call it after the last launch whose errors matter, e.g. at the end of training).
+``rnn_layer`` checks lengths on the host before any launch, so what remains is the deadlock
+guard. ``RNNKERN_CUDA_DEBUG=1`` checks each launch at once, synchronising after it so
 that an asynchronous CUDA fault is also reported by the launch that caused it. Under CUDA graph
 capture nothing is read back (a captured launch has no status to read until it is replayed).
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import threading
 
 import torch
 
@@ -92,6 +94,7 @@ class CUDABackend:
         self.last_launch: dict | None = None  # layout of the latest launch (tests, benchmarks)
         # Status words on their way back: (event after the copy, pinned copy, device word, what)
         self._pending: collections.deque = collections.deque()
+        self._pending_lock = threading.Lock()  # autograd runs a thread per device
 
     def available(self) -> bool | str:
         if _cuda is None:
@@ -204,7 +207,8 @@ class CUDABackend:
         host.copy_(sync[1:2], non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        self._pending.append((done, host, sync, what))
+        with self._pending_lock:
+            self._pending.append((done, host, sync, what))
         self.poll()
 
     @staticmethod
@@ -214,13 +218,19 @@ class CUDABackend:
 
     def poll(self, wait: bool = False) -> None:
         """Raise the first error among the launches whose status has come back (with ``wait``,
-        after waiting for all of them); each status is reported once."""
-        while self._pending:
-            done, host, _, what = self._pending[0]
-            if not wait and not done.query():
-                return
+        after waiting for all of them); each status is reported once. Does nothing while the
+        current stream is being captured into a CUDA graph (no event may be queried then)."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return
+        while True:
+            with self._pending_lock:
+                if not self._pending:
+                    return
+                done, host, _, what = self._pending[0]
+                if not wait and not done.query():
+                    return
+                self._pending.popleft()
             done.synchronize()
-            self._pending.popleft()
             self._raise_if_error(int(host[0]), what)
 
     def synchronize(self) -> None:

@@ -14,7 +14,8 @@ token: the stream went on with token 0, as in the C++ decoder) and its row.
 :meth:`CudaDecode.check` reads it back (a host synchronisation), raises and clears it;
 ``Decoder.generate`` and ``Decoder.get_state`` call it, ``Decoder.step`` only with
 ``RNNKERN_CUDA_DEBUG=1`` (a step should not wait for the device), so an error in a step
-surfaces at the next ``generate`` or ``get_state``.
+surfaces at the next ``generate`` or ``get_state``. The callers check after they have moved
+their state's parity past the launch, so the state stays consistent with the kernel's.
 
 Synchronisation. Blocks wait for each other's results in one of two ways
 (``RNNKERN_CUDA_GENERATE_SYNC`` or :attr:`CudaDecode.sync`): ``"flags"`` (default) exchanges
@@ -40,6 +41,8 @@ from torch import Tensor
 
 from .base import CELL_CODES
 from .cuda import _ERRORS, _cuda, _debug, _ptr, _timeout_ns, build_hint
+
+debug = _debug  # RNNKERN_CUDA_DEBUG=1: check every launch (the Decoder asks this)
 
 _WDTYPE = {torch.float32: 0, torch.bfloat16: 2}  # csrc/cuda/api.h DType
 _SYNC_MODES = ("flags", "barrier")
@@ -226,8 +229,6 @@ class CudaDecode:
         with torch.cuda.device(self.device):  # the launcher works on the current device
             model_steps, info = _cuda.generate(args, stream.cuda_stream, _timeout_ns(), _debug())
         self.last_launch = info
-        if _debug():
-            self.check()
         return int(model_steps)
 
     def check(self) -> None:

@@ -90,7 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
     g.add_argument("--max-tokens", type=_positive_int, default=1000,
                    help="stop a tune after this many tokens (1000)")  # fmt: skip
-    g.add_argument("--decoder", choices=("auto", "cpu", "torch", "triton", "cuda"),
+    from rnnkern.decode import BACKENDS as DECODER_BACKENDS
+
+    g.add_argument("--decoder", choices=("auto", *DECODER_BACKENDS),
                    default="auto",
                    help="decoder backend: auto (C++ if built, else torch), cpu, torch, or "
                    "triton / cuda on a CUDA device (the same tunes up to float rounding)",

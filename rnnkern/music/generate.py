@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from rnnkern import Decoder, available_backends
+from rnnkern.decode import BACKENDS as DECODER_BACKENDS
 from rnnkern.sampling import check_sampling_args, sample
 
 from . import abc
@@ -69,7 +70,7 @@ def prime_tokens(prime: str, meter: str | None, mode: str | None) -> list[str]:
         ) from err
 
 
-DECODERS = ("auto", "cpu", "torch", "triton", "cuda")
+DECODERS = ("auto", *DECODER_BACKENDS)  # auto: the C++ decoder if built, else torch
 
 
 def music_decoder(model: MusicLM, count: int, decoder: str = "auto") -> Decoder:
@@ -104,8 +105,9 @@ def music_decoder(model: MusicLM, count: int, decoder: str = "auto") -> Decoder:
                 f"--decoder {decoder} runs on a CUDA device, and none is visible "
                 "(torch.cuda.is_available() is False); use --decoder cpu"
             )
-        rnn, embedding, head = (copy.deepcopy(m).cuda() for m in (rnn, embedding, head))
     try:
+        if decoder in ("triton", "cuda"):
+            rnn, embedding, head = (copy.deepcopy(m).cuda() for m in (rnn, embedding, head))
         return Decoder(rnn, embedding, head, batch_size=count, backend=decoder)
     except RuntimeError as err:  # a backend that is not built: the reason, as a clear error
         raise GenerateError(f"--decoder {decoder}: {err}") from err
@@ -191,8 +193,9 @@ def sample_sequences(
         out = dec.generate(
             pending, stop - position, temperature, top_k, top_p, seed, first_step=position
         )
+        rows = out.tolist()  # one copy from the decoder's device
         for b in range(count):
-            for token in out[b].tolist():
+            for token in rows[b]:
                 if done[b]:
                     break
                 seqs[b].append(token)
