@@ -425,3 +425,42 @@ def test_modules_with_backend_cuda_match_cudnn(cuda_ready, case):
     # default states) with every layer on backend "cuda", against torch.nn on cuDNN, with the
     # module parity suite's float32 tolerance.
     test_nn_parity.check_case(case, backend="cuda", device="cuda", train=True)
+
+
+class _FakeEvent:
+    """Stands in for a CUDA event in the host-side bookkeeping test."""
+
+    def __init__(self, done: bool) -> None:
+        self.done, self.waited = done, False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited, self.done = True, True
+
+
+def test_deferred_status_reports_each_error_once_in_launch_order(monkeypatch):
+    """The training backend's status words come back behind the launches (no host stall):
+    poll() raises the first error among the launches that have finished, each once and in
+    launch order, stops at the first unfinished one, and waits for all with synchronize();
+    under graph capture it does nothing. Host logic only: fake events, CPU status copies."""
+    from rnnkern.backends.cuda import CUDABackend
+
+    backend = CUDABackend()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fine, late = _FakeEvent(True), _FakeEvent(False)
+    for event, code, what in ((fine, 0, "a"), (_FakeEvent(True), 2, "b"), (late, 1, "c")):
+        backend._pending.append((event, torch.tensor([code]), None, what))
+    with pytest.raises(RuntimeError, match=r"rnnkern._cuda b: lengths has a value outside"):
+        backend.poll()
+    backend.poll()  # "c" has not finished: nothing to report, nothing waited for
+    assert len(backend._pending) == 1 and not late.waited
+    with pytest.raises(RuntimeError, match="rnnkern._cuda c: a grid-wide barrier timed out"):
+        backend.synchronize()
+    assert late.waited and not backend._pending
+    backend._pending.append((_FakeEvent(True), torch.tensor([1]), None, "d"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    backend.poll(wait=True)  # capturing: no event may be queried
+    assert len(backend._pending) == 1

@@ -643,3 +643,28 @@ def test_cuda_decode_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("RNNKERN_CUDA_GENERATE_SPIN_SLEEP_NS", "-5")
     with pytest.raises(ValueError, match="SPIN_SLEEP_NS must be an int in"):
         cd._spin_sleep_from_env()
+
+
+@pytest.mark.skipif(not HAVE_CUDA_EXT, reason="rnnkern._cuda is not built (no nvcc at install)")
+def test_cuda_decode_status_words_become_exceptions():
+    """CudaDecode.check decodes the kernel's status words ([arrivals, abort, error, row]) on
+    the host: each error is raised once, as its own exception type, then cleared."""
+    from rnnkern import _cuda
+    from rnnkern.backends.cuda_decode import CudaDecode
+
+    dec = CudaDecode.__new__(CudaDecode)
+    dec._sync = torch.zeros(4, dtype=torch.int64)
+    dec.check()  # nothing recorded
+    dec._sync.copy_(torch.tensor([7, 0, int(_cuda.ERR_NON_FINITE), 2]))
+    with pytest.raises(FloatingPointError, match="logits of stream 2 became NaN or"):
+        dec.check()
+    assert dec._sync[1:].tolist() == [0, 0, 0]
+    dec.check()  # reported once
+    dec._sync.copy_(torch.tensor([0, 0, int(_cuda.ERR_BAD_TOKEN), 1]))
+    with pytest.raises(ValueError, match="token id of stream 1 is outside"):
+        dec.check()
+    # an abort (a wait past the timeout) is fatal and reported before anything else
+    dec._sync.copy_(torch.tensor([0, int(_cuda.ERR_BARRIER_TIMEOUT), int(_cuda.ERR_NON_FINITE), 0]))
+    with pytest.raises(RuntimeError, match="timed out"):
+        dec.check()
+    dec.check()
