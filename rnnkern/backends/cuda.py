@@ -56,8 +56,9 @@ else:
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ERRORS = {
-    1: "a grid-wide barrier timed out (a kernel deadlock, or the GPU was preempted for longer "
-    "than RNNKERN_CUDA_BARRIER_TIMEOUT_S); the outputs of this call are invalid",
+    1: "a wait for other blocks (a grid-wide barrier, or a value another block writes) timed "
+    "out (a kernel deadlock, or the GPU was preempted for longer than "
+    "RNNKERN_CUDA_BARRIER_TIMEOUT_S); the outputs of this call are invalid",
     2: "lengths has a value outside [1, T]",
 }
 
