@@ -267,6 +267,12 @@ class Decoder:
             # in place, so a token costs no copies of it.
             self._seed = torch.zeros((), dtype=torch.int64, device=self.device)
             self._draw = torch.zeros((), dtype=torch.int64, device=self.device)
+            # Where sample-and-step records its results, also from inside the graphs: column
+            # self._col of self._tokens [B, capacity] (grown, and the graphs re-captured, when a
+            # call asks for more), and the bad-row flags; generate copies the tokens out once.
+            self._col = torch.zeros((), dtype=torch.int64, device=self.device)
+            self._tokens = torch.empty(B, 0, dtype=torch.int64, device=self.device)
+            self._bad = torch.zeros(B, dtype=torch.bool, device=self.device)
             lay = self._layers
             self._triton_step = self._triton.DecodeStep(
                 self.cell, B, L, self.input_size, H, P, V,
@@ -534,49 +540,58 @@ class Decoder:
             self._triton_advance(column)
         self._seed.copy_(sampling.u64_tensor(seed, dev))
         self._draw.copy_(sampling.u64_tensor(first_step, dev))
-        bad = torch.zeros(B, dtype=torch.bool, device=dev)
+        if self._tokens.shape[1] < steps:
+            capacity = max(steps, 2 * self._tokens.shape[1])
+            self._tokens = torch.empty(B, capacity, dtype=torch.int64, device=dev)
+            self._graphs.clear()  # they write into the old buffer
+        self._col.zero_()
+        self._bad.zero_()
         use_graph = dev.type == "cuda" and self.cuda_graphs
         for j in range(steps):
             if j + 1 < steps and use_graph and j > 0:
                 # j > 0: the first token ran eagerly, which compiled and warmed every kernel.
-                graph, tok, flag = self._graph(temperature, top_k, top_p)
-                graph.replay()
+                self._graph(temperature, top_k, top_p).replay()
                 self._parity ^= 1
             else:
-                tok, flag = sampling.sample_tensor(
-                    self._logits, temperature, top_k, top_p, self._seed, self._draw
-                )
-                self._draw += 1  # uint64 counter held as int64: wraps as 2**64 arithmetic does
+                tok = self._sample_and_record(temperature, top_k, top_p)
                 if j + 1 < steps:
                     self._triton_advance(tok)
-            out[:, j].copy_(tok)
-            bad |= flag
+        out.copy_(self._tokens[:, :steps])
         if self._triton_step.n_split > 1:
             self._triton_step.check_sync()
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0, 0])
+        if bool(self._bad.any()):
+            row = int(self._bad.nonzero()[0, 0])
             raise FloatingPointError(
                 f"generate: the logits of stream {row} became NaN or +inf "
                 "(the model's weights or state hold non-finite values)"
             )
         return out
 
-    def _graph(self, temperature, top_k, top_p):
+    def _sample_and_record(self, temperature, top_k, top_p) -> Tensor:
+        """Sample ``[B]`` tokens from ``self._logits`` with the draw ``self._draw`` (then
+        advanced), record them in column ``self._col`` of ``self._tokens`` (then advanced) and
+        their bad-row flags in ``self._bad``; device ops only, so a graph can capture it."""
+        tok, flag = sampling.sample_tensor(
+            self._logits, temperature, top_k, top_p, self._seed, self._draw
+        )
+        self._draw += 1  # uint64 counter held as int64: wraps as 2**64 arithmetic does
+        self._tokens.index_copy_(1, self._col.view(1), tok.view(-1, 1))
+        self._col += 1
+        self._bad |= flag
+        return tok
+
+    def _graph(self, temperature, top_k, top_p) -> torch.cuda.CUDAGraph:
         """The CUDA graph of one sample-and-step from the current parity, captured on first
-        use for these sampling arguments: reads ``self._logits``, ``self._seed`` and
-        ``self._draw``; writes the sampled tokens (and bad-row flags) into buffers of its own,
-        advances ``self._draw`` and the state. Returns the graph and those two buffers."""
+        use for these sampling arguments: :meth:`_sample_and_record`, then the step on the
+        sampled tokens. A token costs one replay and nothing else."""
         key = (self._parity, float(temperature), int(top_k), float(top_p))
         if key not in self._graphs:
             graph = torch.cuda.CUDAGraph()
             h, parity = self._h, self._parity
             with torch.cuda.graph(graph):
-                tok, flag = sampling.sample_tensor(
-                    self._logits, temperature, top_k, top_p, self._seed, self._draw
-                )
-                self._draw += 1
+                tok = self._sample_and_record(temperature, top_k, top_p)
                 self._triton_step(tok, None, h[parity], h[1 - parity], self._c, self._logits)
-            self._graphs[key] = (graph, tok, flag)
+            self._graphs[key] = graph
         return self._graphs[key]
 
 
