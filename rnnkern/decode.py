@@ -399,19 +399,13 @@ class Decoder:
         else:
             self._torch_step(tokens, x, h_cur, h_next)
         self._parity ^= 1
-        if self._cuda is not None and self._cuda_debug():
+        if self._cuda is not None and self._cuda.debug:
             self._cuda.check()  # otherwise errors of steps surface at generate / get_state
         result = self._logits if self._head_w is not None else h_next[-1]
         if out is None:
             return result.clone()
         out.copy_(result)
         return out
-
-    @staticmethod
-    def _cuda_debug() -> bool:
-        from .backends.cuda_decode import debug
-
-        return debug()
 
     def _torch_step(self, tokens, x, h_cur: Tensor, h_next: Tensor) -> None:
         """One step with torch ops: the reference backend's formulas with T = 1."""

@@ -164,10 +164,9 @@ LaunchInfo plan_backward(int cell, int dtype, int B, int H, int P, bool proj);
 // caller.
 int64_t generate(const GenerateArgs& a, void* stream, int64_t timeout_ns, bool debug,
                  GenerateInfo* info);
-// The layout a generate launch with these arguments would use, without launching.
-GenerateInfo plan_generate(const GenerateArgs& a);
-// The same planning arithmetic for a hypothetical device (`sms` multiprocessors, `smem_budget`
-// bytes of dynamic shared memory per block): host code only, no CUDA call (tests without a GPU).
+// The layout a generate launch with these arguments would use on a device with `sms`
+// multiprocessors and `smem_budget` bytes of dynamic shared memory per block: host code only,
+// no CUDA call (tests without a GPU; GenerateInfo of a real launch comes from generate()).
 GenerateInfo plan_generate_on(const GenerateArgs& a, int sms, int64_t smem_budget);
 DeviceInfo device_info();
 // Which dtypes this build instantiated (the compile check may build a subset).

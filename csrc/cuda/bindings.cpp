@@ -166,10 +166,6 @@ PYBIND11_MODULE(_cuda, m) {
       "Enqueue whole-sequence generation (see csrc/cuda/api.h: GenerateArgs; `args` holds its "
       "fields by name, buffers as device addresses). Returns (model steps run, layout).");
   m.def(
-      "plan_generate",
-      [](const py::dict& args) { return generate_info_dict(plan_generate(generate_args(args))); },
-      py::arg("args"), "The layout a generate launch would use, without launching.");
-  m.def(
       "plan_generate_on",
       [](const py::dict& args, int sms, int64_t smem_budget) {
         return generate_info_dict(plan_generate_on(generate_args(args), sms, smem_budget));

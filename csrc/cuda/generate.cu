@@ -806,8 +806,6 @@ int64_t generate(const GenerateArgs& a, void* stream, int64_t timeout_ns, bool d
   return a.feed + (a.steps > 0 ? a.steps - 1 : 0);
 }
 
-GenerateInfo plan_generate(const GenerateArgs& a) { return info_of(prepare(a).plan); }
-
 GenerateInfo plan_generate_on(const GenerateArgs& a, int sms, int64_t smem_budget) {
   const bool proj = a.cell == kLSTM && a.proj != 0;
   check_generate_args(a, proj);

@@ -42,8 +42,6 @@ from torch import Tensor
 from .base import CELL_CODES
 from .cuda import _ERRORS, _cuda, _debug, _ptr, _timeout_ns, build_hint
 
-debug = _debug  # RNNKERN_CUDA_DEBUG=1: check every launch (the Decoder asks this)
-
 _WDTYPE = {torch.float32: 0, torch.bfloat16: 2}  # csrc/cuda/api.h DType
 _SYNC_MODES = ("flags", "barrier")
 _TAG_LIMIT = 1 << 32  # tags are 32 bits; 0 is the exchange buffers' initial value
@@ -230,6 +228,11 @@ class CudaDecode:
             model_steps, info = _cuda.generate(args, stream.cuda_stream, _timeout_ns(), _debug())
         self.last_launch = info
         return int(model_steps)
+
+    @property
+    def debug(self) -> bool:
+        """``RNNKERN_CUDA_DEBUG=1``: the Decoder checks every launch at once."""
+        return _debug()
 
     def check(self) -> None:
         """Raise the error the kernel recorded since the last check, if any (and clear it).
