@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from rnnkern.backends.base import LayerConfig
 from rnnkern.functional import rnn_layer
 
 
@@ -71,3 +72,13 @@ def run(name, inp, backend, lengths=None, reverse=False, grad=True, dtype=None, 
         grads = torch.autograd.grad(loss, [leaves[k] for k in names])
         out.update(zip(names, grads, strict=True))
     return {k: v for k, v in out.items() if v is not None}
+
+
+def layer_config(**over) -> LayerConfig:
+    """A LayerConfig of a small float32 LSTM layer on the CPU, with ``over`` changed
+    (``functools.partial(layer_config, device_type="cuda", ...)`` for other defaults)."""
+    base = dict(cell="lstm", device_type="cpu", dtype=torch.float32, input_size=4,
+                hidden_size=8, proj_size=0, batch_size=2, seq_len=3, has_lengths=False,
+                needs_grad=True)  # fmt: skip
+    base.update(over)
+    return LayerConfig(**base)

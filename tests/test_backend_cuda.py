@@ -35,6 +35,7 @@ Tolerances.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -45,7 +46,7 @@ import layer_cases  # sibling test modules (pytest puts tests/ on sys.path)
 import pytest
 import test_nn_parity
 import torch
-from layer_cases import cell_of, run
+from layer_cases import cell_of, layer_config, run
 from tolerances import assert_float32_close
 
 from rnnkern.backends import cuda as cuda_backend
@@ -355,12 +356,7 @@ def test_low_precision_within_k_times_torch_error(cuda_ready, name, dtype):
 
 @gpu
 def test_supports_gives_reasons(cuda_ready):
-    def cfg(**kw):
-        base = dict(cell="lstm", device_type="cuda", dtype=torch.float32, input_size=4,
-                    hidden_size=8, proj_size=0, batch_size=2, seq_len=3, has_lengths=False,
-                    needs_grad=True)  # fmt: skip
-        base.update(kw)
-        return LayerConfig(**base)
+    cfg = functools.partial(layer_config, device_type="cuda")
 
     assert BACKEND.supports(cfg()) is True
     assert BACKEND.supports(cfg(dtype=torch.bfloat16, proj_size=4)) is True
@@ -374,12 +370,8 @@ def test_supports_gives_reasons(cuda_ready):
 
 @gpu
 def test_auto_takes_cuda_only_where_it_measured_faster(cuda_ready):
-    def cfg(**kw):
-        base = dict(cell="lstm", device_type="cuda", dtype=torch.float32, input_size=256,
-                    hidden_size=256, proj_size=0, batch_size=16, seq_len=256,
-                    has_lengths=False, needs_grad=True)  # fmt: skip
-        base.update(kw)
-        return LayerConfig(**base)
+    cfg = functools.partial(layer_config, device_type="cuda", input_size=256, hidden_size=256,
+                            batch_size=16, seq_len=256)  # fmt: skip
 
     assert BACKEND.faster_than_torch(cfg()) is True
     assert BACKEND.faster_than_torch(cfg(cell="gru", dtype=torch.bfloat16, hidden_size=512))

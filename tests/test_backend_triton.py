@@ -28,6 +28,7 @@ Tolerances.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -39,11 +40,10 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="triton is not installed (pip install 'triton>=3.6')")
 
 import layer_cases  # noqa: E402  (shared with test_backend_cuda.py)
-from layer_cases import cell_of, run  # noqa: E402
+from layer_cases import cell_of, layer_config, run  # noqa: E402
 from tolerances import assert_float32_close
 
 from rnnkern.backends import get_backend  # noqa: E402
-from rnnkern.backends.base import LayerConfig  # noqa: E402
 from rnnkern.backends.triton import BACKEND, common  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -214,12 +214,7 @@ def test_low_precision_within_k_times_torch_error(name, dtype):
 
 
 def test_supports_gives_reasons():
-    def cfg(**kw):
-        base = dict(cell="lstm", device_type=DEVICE, dtype=torch.float32, input_size=4,
-                    hidden_size=8, proj_size=0, batch_size=2, seq_len=3, has_lengths=False,
-                    needs_grad=True)  # fmt: skip
-        base.update(kw)
-        return LayerConfig(**base)
+    cfg = functools.partial(layer_config, device_type=DEVICE)
 
     assert BACKEND.supports(cfg()) is True
     reason = BACKEND.supports(cfg(dtype=torch.float64))
@@ -229,12 +224,9 @@ def test_supports_gives_reasons():
 
 
 def test_faster_than_torch_follows_the_measured_table():
-    def cfg(**kw):
-        base = dict(cell="gru", device_type="cuda", dtype=torch.bfloat16, input_size=128,
-                    hidden_size=128, proj_size=0, batch_size=16, seq_len=256,
-                    has_lengths=False, needs_grad=True)  # fmt: skip
-        base.update(kw)
-        return LayerConfig(**base)
+    cfg = functools.partial(layer_config, cell="gru", device_type="cuda",
+                            dtype=torch.bfloat16, input_size=128, hidden_size=128,
+                            batch_size=16, seq_len=256)  # fmt: skip
 
     if BACKEND.supports(cfg()) is not True:
         pytest.skip(f"triton cannot run CUDA configurations here: {BACKEND.supports(cfg())}")

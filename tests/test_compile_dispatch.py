@@ -4,10 +4,10 @@ import warnings
 
 import pytest
 import torch
+from layer_cases import layer_config
 
 import rnnkern
 from rnnkern import dispatch
-from rnnkern.backends.base import LayerConfig
 
 
 def _outputs(out):
@@ -99,26 +99,9 @@ def _config_of(module, x):
     return module._layer_config(x, x.shape[1], x.shape[0], False, [])
 
 
-def _config(**over):
-    base = dict(
-        cell="lstm",
-        device_type="cpu",
-        dtype=torch.float32,
-        input_size=4,
-        hidden_size=8,
-        proj_size=0,
-        batch_size=2,
-        seq_len=3,
-        has_lengths=False,
-        needs_grad=True,
-    )
-    base.update(over)
-    return LayerConfig(**base)
-
-
 def test_auto_prefers_torch_path_when_no_kernel_is_faster(monkeypatch):
     monkeypatch.setattr(dispatch, "AUTO_ORDER", {"cpu": ()})
-    choice = dispatch.choose("auto", _config(), training=True)
+    choice = dispatch.choose("auto", layer_config(), training=True)
     assert choice.backend == "torch"
 
 
@@ -126,27 +109,27 @@ def test_auto_under_compile_without_kernel_warns_once(monkeypatch):
     monkeypatch.setattr(dispatch, "AUTO_ORDER", {"cpu": ()})
     monkeypatch.setattr(dispatch, "_warned", set())
     with pytest.warns(RuntimeWarning, match="slow 'reference' backend.*torch.compile"):
-        choice = dispatch.choose("auto", _config(), training=True, compiling=True)
+        choice = dispatch.choose("auto", layer_config(), training=True, compiling=True)
     assert choice.backend == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        dispatch.choose("auto", _config(), training=True, compiling=True)
+        dispatch.choose("auto", layer_config(), training=True, compiling=True)
 
 
 def test_eval_backward_on_cuda_avoids_cudnn(monkeypatch):
     monkeypatch.setattr(dispatch, "AUTO_ORDER", {"cuda": ()})
     monkeypatch.setattr(dispatch, "_warned", set())
     with pytest.warns(RuntimeWarning, match="eval mode"):
-        choice = dispatch.choose("auto", _config(device_type="cuda"), training=False)
+        choice = dispatch.choose("auto", layer_config(device_type="cuda"), training=False)
     assert choice.backend == "reference"
 
 
 def test_environment_variable_forces_backend(monkeypatch):
     monkeypatch.setenv("RNNKERN_BACKEND", "reference")
-    assert dispatch.choose("torch", _config(), training=True).backend == "reference"
+    assert dispatch.choose("torch", layer_config(), training=True).backend == "reference"
     monkeypatch.setenv("RNNKERN_BACKEND", "warp")
     with pytest.raises(ValueError, match="RNNKERN_BACKEND.*got 'warp'"):
-        dispatch.choose("auto", _config(), training=True)
+        dispatch.choose("auto", layer_config(), training=True)
 
 
 def test_environment_variable_reaches_module(monkeypatch):
@@ -160,7 +143,7 @@ def test_environment_variable_reaches_module(monkeypatch):
 
 def test_torch_backend_by_name_under_compile_is_an_error():
     with pytest.raises(rnnkern.BackendUnavailableError, match="torch.compile"):
-        dispatch.choose("torch", _config(), training=True, compiling=True)
+        dispatch.choose("torch", layer_config(), training=True, compiling=True)
 
 
 def test_available_backends_lists_reference_and_torch():
@@ -196,7 +179,7 @@ def test_under_compile_a_slower_fused_kernel_beats_reference(monkeypatch):
     monkeypatch.setattr(dispatch, "_warned", set())
     monkeypatch.setattr(backends, "supports", lambda name, config: True)
     monkeypatch.setattr(backends, "get_backend", lambda name: _SlowKernel())
-    assert dispatch.choose("auto", _config(), training=True).backend == "torch"
+    assert dispatch.choose("auto", layer_config(), training=True).backend == "torch"
     with pytest.warns(RuntimeWarning, match="backend 'slow'.*slower than torch.nn.*0.5x"):
-        choice = dispatch.choose("auto", _config(), training=True, compiling=True)
+        choice = dispatch.choose("auto", layer_config(), training=True, compiling=True)
     assert choice.backend == "slow"
