@@ -279,7 +279,10 @@ class Decoder:
                 self._table, lay[0]["w_ih"], self._w_ih_upper, self._w_hh_all,
                 self._b_ih_all, self._b_hh_all, self._w_hr_all, self._head_w, self._head_b,
             )  # fmt: skip
-        self._m = torch.empty(B, H, **f32)  # the projection's input o * tanh(c)
+        # the projection's input o * tanh(c), for the C++ and CUDA kernels (Triton's step
+        # keeps its own)
+        uses_m = self._cpu is not None or self._cuda is not None
+        self._m = torch.empty(B, H, **f32) if uses_m else None
         if self._cpu is None:
             return
         self._gi = torch.empty(B, GH, **f32)
