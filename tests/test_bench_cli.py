@@ -94,3 +94,28 @@ def test_bench_no_trim_allocator_reruns_with_glibc_keeping_memory(tmp_path):
     md = [p for p in tmp_path.iterdir() if p.suffix == ".md"]
     assert len(md) == 1 and "-notrim" in md[0].name
     assert "--allocator no-trim" in md[0].read_text()
+
+
+def test_commit_is_marked_when_tracked_code_differs_from_head(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "benchmarks" / "results" / "r.md").write_text("old\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-q", "-m", "c")
+    monkeypatch.chdir(tmp_path)
+    head = runner._git_commit()
+    assert head is not None and len(head) == 40
+    (tmp_path / "benchmarks" / "results" / "r.md").write_text("new results\n")
+    assert runner._git_commit() == head  # results written by the run itself do not count
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert runner._git_commit() == head + "+modified"

@@ -16,7 +16,9 @@ At B = 1 a second case generates 256 tokens per timed run (the steady state; see
 a third reports the weight bandwidth: the bytes of the matrices a decoding
 step streams (``W_hh`` of layer 0, ``W_ih`` and ``W_hh`` of layers 1-2, the head; layer 0's
 input projection is a table lookup) per second, beside ``torch.mv`` over a float32 matrix of
-the same bytes (the floor a plain matrix-vector product reaches on this machine).
+the same bytes (what a plain matrix-vector product reaches on this machine) and ``torch.sum``
+over those bytes (reading them and nothing else: the floor of a float32 step at B = 1, since
+every weight is read once per token and cannot be reused before the next token is known).
 """
 
 from __future__ import annotations
@@ -190,8 +192,13 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                 for _ in range(n):
                     torch.mv(w, x)
 
+            def read(w=w):
+                for _ in range(n):
+                    w.sum()
+
             bw = {
                 "torch.mv fp32 (same bytes)": mv,
+                "torch.sum fp32 (same bytes, read only)": read,
                 "rnnkern generate fp32": fns["rnnkern generate fp32"],
                 "rnnkern generate bf16": fns["rnnkern generate bf16"],
             }
@@ -204,6 +211,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                     baseline="torch.mv fp32 (same bytes)",
                     work={
                         "torch.mv fp32 (same bytes)": float(n * rows * H * 4),
+                        "torch.sum fp32 (same bytes, read only)": float(n * rows * H * 4),
                         "rnnkern generate fp32": float(n * streamed_bytes(4)),
                         "rnnkern generate bf16": float(n * streamed_bytes(2)),
                     },

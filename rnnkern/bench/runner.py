@@ -170,13 +170,23 @@ def run_suites(
 
 
 def _git_commit() -> str | None:
+    """HEAD, with ``+modified`` when tracked files other than the results differ from it (the
+    numbers then come from code that no commit holds)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
         )
+        diff = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD", "--", ".", ":(exclude)benchmarks/results"],
+            capture_output=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    head = out.stdout.strip()
+    if not head:
+        return None
+    return head + ("+modified" if diff.returncode == 1 else "")
 
 
 def machine_info(device: str = "cpu") -> dict:
