@@ -10,7 +10,11 @@ logits and feeding it back:
 - ``rnnkern generate fp32`` / ``bf16``: one :meth:`rnnkern.Decoder.generate` call for all
   ``N`` tokens (sampling in C++);
 - ``rnnkern step fp32``: :meth:`Decoder.step` per token from Python plus
-  :func:`rnnkern.sampling.sample` (what a Python loop around the fused step costs).
+  :func:`rnnkern.sampling.sample` (what a Python loop around the fused step costs);
+- ``onnxruntime LSTM step``: one ONNX Runtime session run per token (embedding, its fused
+  LSTM operator for each layer, head; weights pre-packed when the session is created; see
+  :mod:`.onnxrt`) with the carried state, same sampling as the torch.nn rows. Present when
+  ``onnxruntime`` and ``onnx`` are installed; the case's note says when it is not.
 
 At B = 1 a second case generates 256 tokens per timed run (the steady state; see ``cases``), and
 a third reports the weight bandwidth: the bytes of the matrices a decoding
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from . import onnxrt
 from .runner import Case
 
 V, E, H, L = 137, 128, 512, 3
@@ -82,6 +87,24 @@ def _cell_steps(rnn, emb, head, B: int, n: int):
     return run
 
 
+def _ort_steps(session, B: int, n: int):
+    """One ONNX Runtime run per token with the carried state, then the torch.nn rows'
+    sampling (the logits come back as a NumPy array, wrapped without a copy)."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(0)
+
+    def run():
+        tok = np.zeros(B, dtype=np.int64)
+        h = np.zeros((L, B, H), dtype=np.float32)
+        c = np.zeros((L, B, H), dtype=np.float32)
+        for _ in range(n):
+            logits, h, c = session.run(None, {"tokens": tok, "h": h, "c": c})
+            tok = _sample_torch(torch.from_numpy(logits), gen).numpy()
+
+    return run
+
+
 def _python_steps(dec, B: int, n: int):
     from ..sampling import sample
 
@@ -122,6 +145,9 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
         raise RuntimeError("suite cpu_decode: " + cpu_backend.build_hint())
     rnn, emb, head = _model()
     n = 8 if quick else 32  # tokens per stream per timed run
+    ort = onnxrt.decode_session(rnn, emb, head) if onnxrt.available() else None
+    ort_label = "onnxruntime LSTM step"
+    ort_note = "" if ort is not None else f"; no {ort_label} row: {onnxrt.install_hint()}"
     out = []
     for B in (1,) if quick else (1, 16):
         dec32 = Decoder(rnn, emb, head, weights="fp32", batch_size=B)
@@ -133,6 +159,8 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
             "rnnkern generate fp32": _generate(dec32, B, n),
             "rnnkern generate bf16": _generate(dec16, B, n),
         }
+        if ort is not None:
+            fns[ort_label] = _ort_steps(ort, B, n)
         isa = cpu_backend._cpu.isa()
         threads = torch.get_num_threads()
         out.append(
@@ -146,7 +174,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                 baseline="torch.nn.LSTM step",
                 work={label: float(B * n) for label in fns},
                 work_unit="tokens",
-                notes=f"rnnkern kernels: {isa}, {threads} threads",
+                notes=f"rnnkern kernels: {isa}, {threads} threads{ort_note}",
             )
         )
         if B == 1 and not quick:
@@ -161,6 +189,8 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                 "rnnkern generate fp32": _generate(dec32, B, long_n),
                 "rnnkern generate bf16": _generate(dec16, B, long_n),
             }
+            if ort is not None:
+                steady[ort_label] = _ort_steps(ort, B, long_n)
             out.append(
                 Case(
                     suite="cpu_decode",
@@ -178,7 +208,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                     baseline="torch.nn.LSTM step",
                     work={label: float(long_n) for label in steady},
                     work_unit="tokens",
-                    notes=f"rnnkern kernels: {isa}, {threads} threads",
+                    notes=f"rnnkern kernels: {isa}, {threads} threads{ort_note}",
                 )
             )
         # Bandwidth: the same decoder runs beside a plain matrix-vector product over as many

@@ -3,6 +3,8 @@
 One timed run is a forward + backward (``y.sum().backward()``, all parameter and input
 gradients) or a forward alone under ``no_grad``. The target shape is LSTM 2x512,
 B=32, T=256; smaller shapes show where backend ``cpu`` wins or loses, for ``auto``.
+Forward-only cases also time ONNX Runtime's LSTM / GRU operators on the same weights
+(:mod:`.onnxrt`; inference only) when ``onnxruntime`` and ``onnx`` are installed.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 
 import rnnkern
 
+from . import onnxrt
 from .runner import Case, module_step
 
 SHAPES = [  # (cell, layers, batch, hidden, time)
@@ -25,12 +28,20 @@ QUICK_SHAPES = [("LSTM", 1, 8, 128, 32), ("GRU", 1, 8, 128, 32)]
 def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
     if device != "cpu":
         return []
-    return training_cases("cpu_train", QUICK_SHAPES if quick else SHAPES, (True, False))
+    shapes = QUICK_SHAPES if quick else SHAPES
+    return training_cases("cpu_train", shapes, (True, False), with_onnxruntime=True)
 
 
-def training_cases(suite: str, shapes, modes) -> list[Case]:
+def _ort_forward(rnn: torch.nn.RNNBase, x: torch.Tensor):
+    session = onnxrt.sequence_session(rnn)
+    feed = {"x": x.detach().numpy()}
+    return lambda: session.run(["y"], feed)
+
+
+def training_cases(suite: str, shapes, modes, with_onnxruntime: bool = False) -> list[Case]:
     """torch.nn beside rnnkern[cpu] for each ``(cell, layers, batch, hidden, time)`` shape and
-    each mode in ``modes`` (True: forward + backward, False: forward under ``no_grad``)."""
+    each mode in ``modes`` (True: forward + backward, False: forward under ``no_grad``);
+    with ``with_onnxruntime``, forward-only cases time ONNX Runtime too where installed."""
     from ..backends import cpu as cpu_backend
 
     if cpu_backend._cpu is None:
@@ -47,6 +58,12 @@ def training_cases(suite: str, shapes, modes) -> list[Case]:
                 "torch.nn": module_step(base, x, train),
                 "rnnkern[cpu]": module_step(ours, x, train),
             }
+            notes = f"kernels {cpu_backend._cpu.isa()}, {torch.get_num_threads()} threads"
+            if with_onnxruntime and not train:
+                if onnxrt.available():
+                    fns["onnxruntime"] = _ort_forward(base, x)
+                else:
+                    notes += f"; no onnxruntime row: {onnxrt.install_hint()}"
             out.append(
                 Case(
                     suite=suite,
@@ -65,7 +82,7 @@ def training_cases(suite: str, shapes, modes) -> list[Case]:
                     baseline="torch.nn",
                     work={label: float(T * B) for label in fns},
                     work_unit="tokens",
-                    notes=f"kernels {cpu_backend._cpu.isa()}, {torch.get_num_threads()} threads",
+                    notes=notes,
                 )
             )
     return out
