@@ -509,6 +509,54 @@ class Decoder:
             )
         return out
 
+    def sample(
+        self,
+        logits: Tensor,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        step: int = 0,
+    ) -> Tensor:
+        """Draw one token per stream from ``logits [B, V]``: the sampler :meth:`generate` runs,
+        for a loop written around :meth:`step` (one that edits the logits between steps, say).
+
+        Row ``b`` is drawn by :func:`rnnkern.sampling.sample`'s rule with
+        ``uniform(seed, b, step)``, so ``sample(step(tok), ..., step=j)`` in a loop gives
+        :meth:`generate`'s tokens. On backend ``"cpu"`` float32 CPU logits go to the C++
+        sampler (6.5 us per call at B=1, V=137, against 106 us for
+        :func:`rnnkern.sampling.sample`); other logits and backends use
+        :func:`rnnkern.sampling.sample` itself. Raises ValueError for bad arguments or for a
+        row with NaN / +inf or with every entry -inf.
+
+        Returns:
+            ``LongTensor [B]`` on the logits' device.
+        """
+        B, V = self.batch_size, self.vocab_size
+        if not V:
+            raise ValueError("sample needs a head (the decoder has no logits to sample from)")
+        if not isinstance(logits, Tensor) or tuple(logits.shape) != (B, V):
+            got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"logits must be a float tensor [{B}, {V}], got {got}")
+        fast = self._plan is not None and logits.dtype == torch.float32 and not logits.is_cuda
+        if not fast or logits.device.type != "cpu":
+            return sampling.sample(logits, temperature, top_k, top_p, seed, step)
+        sampling.check_sampling_args(temperature, top_k, top_p)
+        seed = sampling._check_u64("seed", seed)
+        step = sampling._check_u64("step", step)
+        logits = logits.contiguous()
+        out = torch.empty(B, dtype=torch.int64)
+        bad = self._cpu.sample_rows(
+            logits.data_ptr(), B, V, float(temperature), int(top_k), float(top_p), seed, step,
+            out.data_ptr(), self._sample_w.data_ptr(), self._sample_order.data_ptr(),
+        )  # fmt: skip
+        if bad >= 0:
+            row = logits[bad]
+            if bool(torch.isnan(row).any()) or bool(torch.isposinf(row).any()):
+                raise ValueError(f"logits must not contain NaN or +inf (row {bad} does)")
+            raise ValueError(f"logits must have at least one entry > -inf in every row (row {bad})")
+        return out
+
     def _torch_generate(self, prime, out, temperature, top_k, top_p, seed, first_step) -> Tensor:
         for s in range(prime.shape[1]):
             logits = self.step(prime[:, s])

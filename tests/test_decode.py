@@ -264,6 +264,71 @@ def test_generate_in_pieces_equals_one_call(backend):
     assert not torch.equal(shifted.generate(prime, 24, seed=3, top_k=6), expected)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_and_sample_loop_is_generate(backend):
+    """Decoder.sample is generate's sampler: a Python loop of step + sample draws its tokens."""
+    rnn, emb, head = make_model("LSTM", 2, seed=15)
+    prime = torch.randint(0, V, (3, 2), generator=torch.Generator().manual_seed(16))
+    kw = dict(temperature=0.8, top_k=5, top_p=0.95, seed=4)
+    expected = make_decoder(backend, rnn, emb, head, batch_size=3).generate(prime, 20, **kw)
+    dec = make_decoder(backend, rnn, emb, head, batch_size=3)
+    for s in range(prime.shape[1]):
+        logits = dec.step(prime[:, s])
+    tokens = []
+    for j in range(20):
+        tokens.append(dec.sample(logits, step=j, **kw))
+        logits = dec.step(tokens[-1])
+    assert torch.equal(torch.stack(tokens, dim=1).cpu(), expected.cpu())
+
+
+@needs_cpu
+def test_decoder_sample_is_the_python_sampler():
+    """The C++ path of Decoder.sample against the rule's Python reference, with exact ties,
+    -inf entries, top-k and top-p (float32 logits), and float64 logits (which Decoder.sample
+    hands to the reference itself)."""
+    rnn, emb, head = make_model("GRU", 1, seed=17)
+    dec = Decoder(rnn, emb, head, batch_size=4)
+    g = torch.Generator().manual_seed(18)
+    settings = [(1.0, 0, 1.0), (0.5, 3, 1.0), (2.0, 0, 0.5), (1.0, 6, 0.9)]
+    for trial in range(25):
+        logits = torch.randn(4, V, generator=g) * 3
+        if trial % 3 == 0:
+            logits = logits.round()  # many exact ties
+        if trial % 4 == 0:
+            logits[:, ::2] = float("-inf")
+        for temperature, top_k, top_p in settings:
+            args = (temperature, top_k, top_p, 2**63 + trial, 3 * trial)
+            expected = sampling.sample(logits, *args)
+            assert torch.equal(dec.sample(logits, *args), expected), (trial, args)
+            assert torch.equal(dec.sample(logits.double(), *args), expected), (trial, args)
+
+
+def test_decoder_sample_errors(decoder):
+    logits = torch.zeros(2, V)
+    shape_error = rf"logits must be a float tensor \[2, {V}\], got \[2, 4\]"
+    with pytest.raises(ValueError, match=shape_error):
+        decoder.sample(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="logits must be a float tensor"):
+        decoder.sample([[0.0] * V] * 2)
+    bad = logits.clone()
+    bad[1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or \+inf \(row 1 does\)"):
+        decoder.sample(bad)
+    bad = logits.clone()
+    bad[0] = float("-inf")
+    with pytest.raises(ValueError, match=r"at least one entry > -inf in every row \(row 0\)"):
+        decoder.sample(bad)
+    with pytest.raises(ValueError, match="temperature"):
+        decoder.sample(logits, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        decoder.sample(logits, top_p=1.5)
+    with pytest.raises(ValueError, match="step"):
+        decoder.sample(logits, step=-1)
+    rnn, emb, _ = make_model("LSTM", 1)
+    with pytest.raises(ValueError, match="sample needs a head"):
+        Decoder(rnn, emb, batch_size=2, backend="torch").sample(logits)
+
+
 @needs_cpu
 def test_cpp_sampler_matches_python_sampler():
     _cpu = cpu_backend._cpu

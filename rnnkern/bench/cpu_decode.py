@@ -9,8 +9,8 @@ logits and feeding it back:
 - ``torch.nn.LSTMCell step``: three ``nn.LSTMCell`` calls per token, same sampling;
 - ``rnnkern generate fp32`` / ``bf16``: one :meth:`rnnkern.Decoder.generate` call for all
   ``N`` tokens (sampling in C++);
-- ``rnnkern step fp32``: :meth:`Decoder.step` per token from Python plus
-  :func:`rnnkern.sampling.sample` (what a Python loop around the fused step costs);
+- ``rnnkern step fp32``: :meth:`Decoder.step` then :meth:`Decoder.sample` per token from
+  Python (what a Python loop around the fused step costs);
 - ``onnxruntime LSTM step``: one ONNX Runtime session run per token (embedding, its fused
   LSTM operator for each layer, head; weights pre-packed when the session is created; see
   :mod:`.onnxrt`) with the carried state, same sampling as the torch.nn rows. Present when
@@ -106,15 +106,13 @@ def _ort_steps(session, B: int, n: int):
 
 
 def _python_steps(dec, B: int, n: int):
-    from ..sampling import sample
-
     out = torch.empty(B, V)
 
     def run():
         dec.reset()
         tok = torch.zeros(B, dtype=torch.long)
         for j in range(n):
-            tok = sample(dec.step(tok, out=out), seed=0, step=j)
+            tok = dec.sample(dec.step(tok, out=out), seed=0, step=j)
 
     return run
 
