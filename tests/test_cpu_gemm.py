@@ -48,9 +48,13 @@ def strided(t, transposed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
     "M, N, K",
-    # Edges of the blocking: one row; tails of the 6-row tiles and 64-column panels; K past one
-    # 512 block (one k block up to 512, then blocks of 256); K = 0 (C = bias).
-    [(1, 1, 1), (7, 13, 5), (97, 65, 513), (200, 130, 1100), (6, 64, 256), (5, 3, 0), (0, 4, 3)],
+    # Edges of the blocking: one row; tails of the 6-row tiles and 64-column panels; one k
+    # block up to K = 2048, then blocks of 1024 with a partial last one (K = 2500); K = 0
+    # (C = bias).
+    [
+        (1, 1, 1), (7, 13, 5), (97, 65, 513), (200, 130, 1100), (6, 64, 256), (30, 70, 2500),
+        (5, 3, 0), (0, 4, 3),
+    ],  # fmt: skip
 )
 @pytest.mark.parametrize("a_t, b_t", [(False, False), (True, False), (False, True), (True, True)])
 def test_gemm_matches_torch(M, N, K, dtype, a_t, b_t):
