@@ -52,9 +52,15 @@ def strided(t, transposed):
     # block up to K = 2048, then blocks of 1024 with a partial last one (K = 2500); K = 0
     # (C = bias).
     [
-        (1, 1, 1), (7, 13, 5), (97, 65, 513), (200, 130, 1100), (6, 64, 256), (30, 70, 2500),
-        (5, 3, 0), (0, 4, 3),
-    ],  # fmt: skip
+        (1, 1, 1),
+        (7, 13, 5),
+        (97, 65, 513),
+        (200, 130, 1100),
+        (6, 64, 256),
+        (30, 70, 2500),
+        (5, 3, 0),
+        (0, 4, 3),
+    ],
 )
 @pytest.mark.parametrize("a_t, b_t", [(False, False), (True, False), (False, True), (True, True)])
 def test_gemm_matches_torch(M, N, K, dtype, a_t, b_t):
