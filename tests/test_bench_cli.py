@@ -127,3 +127,14 @@ def test_commit_is_marked_when_tracked_code_differs_from_head(tmp_path, monkeypa
     assert runner._git_commit() == head  # results written by the run itself do not count
     (tmp_path / "code.py").write_text("a = 2\n")
     assert runner._git_commit() == head + "+modified"
+
+
+def test_cpu_model_names_family_and_model():
+    text = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+        "model name\t: AMD EPYC\n\nprocessor\t: 1\nmodel name\t: other\n"
+    )
+    assert runner.cpu_model_of(text) == "AMD EPYC (family 25, model 17)"
+    assert runner.cpu_model_of("processor\t: 0\nmodel name\t: Neoverse-V2\n") == "Neoverse-V2"
+    assert runner.cpu_model_of("processor\t: 0\n") is None
+    assert "cpu_model" in runner.machine_info()

@@ -204,6 +204,13 @@ class CPUBackend:
           pages every call while ``cpu`` reuses its own (caching pool). With glibc told to keep
           freed memory (``rnnkern bench --allocator no-trim``, torch.nn's best case) the target
           shape is at parity: fwd+bwd 1.01x, fwd 0.91x (cpu_train-notrim-*).
+          Those figures are from an AMD Zen 5. On a Zen 4 (half the FMA width; cpu_dispatch-*
+          at 4549fdd, one run of 5 repeats) the rule's region measured 0.98-1.19x (B=32 H=256
+          0.98x, B=16 H=512 1.00x, the others 1.03-1.19x) and the rest 0.77-0.97x, except
+          H=1024, where ``cpu`` was faster (fwd+bwd 1.10-1.29x, fwd 1.07-1.67x). The rule is
+          kept: at H=1024 the two machines disagree (0.87-1.07x on the Zen 5), and where it
+          picks ``cpu`` neither measured it more than 2% slower. The target shape on the Zen 4:
+          fwd+bwd 1.03-1.12x, no-trim 1.00-1.04x.
         - LSTM with proj_size (oneDNN has none; torch.nn falls back to per-step ops): 1x256
           proj 128 B=16 T=64 fwd+bwd 1.24x. LSTM float64 (oneDNN has none): 1x256 B=16 T=64
           1.14x (both at 1 thread).

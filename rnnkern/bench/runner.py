@@ -189,6 +189,33 @@ def _git_commit() -> str | None:
     return head + ("+modified" if diff.returncode == 1 else "")
 
 
+def cpu_model() -> str | None:
+    """The CPU's model as Linux reports it, with family and model numbers (a VM may name only
+    the vendor's line, e.g. "AMD EPYC": the numbers still tell its generation apart), or None
+    elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return cpu_model_of(f.read(65536))
+    except OSError:
+        return None
+
+
+def cpu_model_of(text: str) -> str | None:
+    """:func:`cpu_model` from the text of ``/proc/cpuinfo``."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name")
+    if not name:
+        return None
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
 def machine_info(device: str = "cpu") -> dict:
     """Machine, versions and commit to store beside the numbers."""
     info = {
@@ -196,6 +223,7 @@ def machine_info(device: str = "cpu") -> dict:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor() or None,
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -300,6 +328,7 @@ def write_results(
         f"Command: `{command}`" if command else "",
         f"Date: {info['date']}; commit: {info['commit']}; torch {info['torch']}; "
         f"triton {info.get('triton')}; {info['platform']}; {info['cpu_count']} CPUs"
+        + (f" ({info['cpu_model']})" if info.get("cpu_model") else "")
         + (
             f"; GPU {info['gpu']}, driver {info.get('driver')}, CUDA {info.get('cuda')}"
             if "gpu" in info
