@@ -77,3 +77,15 @@ def test_unsupported_modules_are_rejected(kw):
 def test_not_a_recurrent_module_is_rejected():
     with pytest.raises(TypeError, match="rnn must be a torch.nn.LSTM, GRU or RNN"):
         onnxrt.sequence_session(torch.nn.Linear(3, 4))
+
+
+def test_old_or_missing_versions_are_reported(monkeypatch):
+    import onnxruntime
+
+    assert onnxrt.unavailable_reason() is None
+    monkeypatch.setattr(onnxruntime, "__version__", "1.12.0")
+    assert onnxrt.unavailable_reason() == "onnxruntime 1.12.0 is older than 1.16"
+    assert not onnxrt.available()
+    assert "onnxruntime 1.12.0 is older than 1.16: the ONNX Runtime baseline needs" in (
+        onnxrt.install_hint()
+    )

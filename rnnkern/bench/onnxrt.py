@@ -32,18 +32,47 @@ _GATE_ORDER = {"LSTM": (0, 3, 1, 2), "GRU": (1, 0, 2), "RNN_TANH": (0,), "RNN_RE
 _OPSET = 17
 
 
-def available() -> bool:
-    """True when both ``onnx`` (graph building) and ``onnxruntime`` import."""
+# The oldest releases the graphs were checked with (opset 17 needs onnxruntime >= 1.13;
+# session.force_spinning_stop is older still).
+MIN_VERSIONS = {"onnxruntime": (1, 16), "onnx": (1, 14)}
+
+
+def _version(module) -> tuple[int, ...]:
+    parts = []
+    for piece in module.__version__.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def unavailable_reason() -> str | None:
+    """None when ``onnx`` (graph building) and ``onnxruntime`` import in versions new enough,
+    else what is missing."""
     try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        import onnx
+        import onnxruntime
+    except ImportError as err:
+        return f"{err.name} is not installed"
+    for module in (onnxruntime, onnx):
+        need = MIN_VERSIONS[module.__name__]
+        if _version(module) < need:
+            return (
+                f"{module.__name__} {module.__version__} is older than {'.'.join(map(str, need))}"
+            )
+    return None
+
+
+def available() -> bool:
+    """True when the baseline can run (see :func:`unavailable_reason`)."""
+    return unavailable_reason() is None
 
 
 def install_hint() -> str:
-    return "ONNX Runtime baseline needs `pip install onnxruntime onnx` (or rnnkern's dev extra)"
+    """Why the baseline is missing and how to get it."""
+    return (
+        f"{unavailable_reason() or 'installed'}: the ONNX Runtime baseline needs "
+        "`pip install 'onnxruntime>=1.16' 'onnx>=1.14'` (or rnnkern's dev extra)"
+    )
 
 
 def _mode(rnn: torch.nn.RNNBase) -> str:
