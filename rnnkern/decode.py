@@ -538,8 +538,7 @@ class Decoder:
         if not isinstance(logits, Tensor) or tuple(logits.shape) != (B, V):
             got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise ValueError(f"logits must be a float tensor [{B}, {V}], got {got}")
-        fast = self._plan is not None and logits.dtype == torch.float32 and not logits.is_cuda
-        if not fast or logits.device.type != "cpu":
+        if self._plan is None or logits.dtype != torch.float32 or logits.device.type != "cpu":
             return sampling.sample(logits, temperature, top_k, top_p, seed, step)
         sampling.check_sampling_args(temperature, top_k, top_p)
         seed = sampling._check_u64("seed", seed)
