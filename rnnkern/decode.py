@@ -262,17 +262,23 @@ class Decoder:
         self._plan = None
         self._graphs = {}
         if self._triton is not None:
-            # generate's random-number key on the device (seed, index of the next draw), one
-            # pair per decoder: the eager loop and every captured graph read and advance these
-            # in place, so a token costs no copies of it.
-            self._seed = torch.zeros((), dtype=torch.int64, device=self.device)
-            self._draw = torch.zeros((), dtype=torch.int64, device=self.device)
-            # Where sample-and-step records its results, also from inside the graphs: column
-            # self._col of self._tokens [B, capacity] (grown, and the graphs re-captured, when a
-            # call asks for more), and the bad-row flags; generate copies the tokens out once.
+            # Where sample-and-step finds its draws and records its results, also from inside
+            # the graphs: token j of a generate call uses row j of self._u [capacity, B] (the
+            # call's uniforms, filled once per call) and goes to column j of self._tokens
+            # [B, capacity] and to self._last [B] (the next step's input); j is the device
+            # counter self._col. The buffers grow, and the graphs are re-captured, when a call
+            # asks for more; generate copies the tokens out once. self._bad: bad-row flags.
             self._col = torch.zeros((), dtype=torch.int64, device=self.device)
+            self._u = torch.empty(0, B, dtype=torch.float64, device=self.device)
             self._tokens = torch.empty(B, 0, dtype=torch.int64, device=self.device)
-            self._bad = torch.zeros(B, dtype=torch.bool, device=self.device)
+            self._last = torch.empty(B, dtype=torch.int64, device=self.device)
+            self._bad = torch.zeros(B, dtype=torch.int8, device=self.device)
+            self._params = torch.zeros(2, dtype=torch.float64, device=self.device)
+            from .backends.triton import sampling as triton_sampling
+
+            # One Triton launch per token's sampling where the vocabulary allows, else the
+            # rule in torch ops (sampling.sample_with_uniforms).
+            self._triton_sample = triton_sampling if triton_sampling.supports(V) else None
             lay = self._layers
             self._triton_step = self._triton.DecodeStep(
                 self.cell, B, L, self.input_size, H, P, V,
@@ -582,12 +588,13 @@ class Decoder:
         dev = self.device
         for column in prime.t().contiguous():  # one copy, then a contiguous [B] row per step
             self._triton_advance(column)
-        self._seed.copy_(sampling.u64_tensor(seed, dev))
-        self._draw.copy_(sampling.u64_tensor(first_step, dev))
         if self._tokens.shape[1] < steps:
             capacity = max(steps, 2 * self._tokens.shape[1])
             self._tokens = torch.empty(B, capacity, dtype=torch.int64, device=dev)
-            self._graphs.clear()  # they write into the old buffer
+            self._u = torch.empty(capacity, B, dtype=torch.float64, device=dev)
+            self._graphs.clear()  # they read and write the old buffers
+        self._u[:steps].copy_(sampling.uniforms_table(seed, first_step, steps, B, dev))
+        self._params.copy_(torch.tensor([float(temperature), float(top_p)], dtype=torch.float64))
         self._col.zero_()
         self._bad.zero_()
         use_graph = dev.type == "cuda" and self.cuda_graphs
@@ -612,17 +619,23 @@ class Decoder:
         return out
 
     def _sample_and_record(self, temperature, top_k, top_p) -> Tensor:
-        """Sample ``[B]`` tokens from ``self._logits`` with the draw ``self._draw`` (then
-        advanced), record them in column ``self._col`` of ``self._tokens`` (then advanced) and
-        their bad-row flags in ``self._bad``; device ops only, so a graph can capture it."""
-        tok, flag = sampling.sample_tensor(
-            self._logits, temperature, top_k, top_p, self._seed, self._draw
-        )
-        self._draw += 1  # uint64 counter held as int64: wraps as 2**64 arithmetic does
-        self._tokens.index_copy_(1, self._col.view(1), tok.view(-1, 1))
+        """Sample ``[B]`` tokens from ``self._logits`` with the draws of row ``self._col`` of
+        ``self._u``, record them in that column of ``self._tokens`` and in ``self._last``
+        (returned), flag bad rows in ``self._bad``, then advance ``self._col``; device ops
+        only, so a graph can capture it."""
+        if self._triton_sample is not None:
+            self._triton_sample.sample_rows(
+                self._logits, self._u, self._col, self._tokens, self._last, self._bad,
+                self._params, top_k, top_p,
+            )  # fmt: skip
+        else:
+            u = self._u.index_select(0, self._col.view(1)).view(-1)
+            tok, flag = sampling.sample_with_uniforms(self._logits, temperature, top_k, top_p, u)
+            self._tokens.index_copy_(1, self._col.view(1), tok.view(-1, 1))
+            self._last.copy_(tok)
+            self._bad |= flag.to(torch.int8)
         self._col += 1
-        self._bad |= flag
-        return tok
+        return self._last
 
     def _graph(self, temperature, top_k, top_p) -> torch.cuda.CUDAGraph:
         """The CUDA graph of one sample-and-step from the current parity, captured on first

@@ -60,6 +60,7 @@ __all__ = [
     "uniforms",
     "u64_tensor",
     "uniforms_tensor",
+    "uniforms_table",
     "sample",
     "sample_tensor",
     "filter_mask",
@@ -168,6 +169,25 @@ def uniforms_tensor(seed: Tensor, step: Tensor, batch: int) -> Tensor:
     z = _mix_tensor(_mix_tensor(_mix_tensor(seed) ^ stream) ^ step)
     # The logical z >> 11 is below 2**53, so the float64 conversion is exact, and scaling by a
     # power of two is exact: the same double as the Python int * float in uniform().
+    return _shr(z, 11).to(torch.float64) * (1.0 / (1 << 53))
+
+
+def uniforms_table(
+    seed: int, first_step: int, steps: int, batch: int, device: torch.device | str | None = None
+) -> Tensor:
+    """float64 ``[steps, B]`` on ``device``: row ``j`` is ``uniform(seed, b, first_step + j)``
+    for ``b < batch`` (the step wraps modulo 2**64), bit for bit; a few tensor ops for all of
+    them, so a device generation loop can look its draws up by column."""
+    seed = _check_u64("seed", seed)
+    first_step = _check_u64("first_step", first_step)
+    for name, value in (("steps", steps), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    seed_t = u64_tensor(seed, device)
+    stream = torch.arange(int(batch), dtype=torch.int64, device=seed_t.device)
+    # int64 addition wraps modulo 2**64, as the u64 step counter does.
+    step = torch.arange(int(steps), dtype=torch.int64, device=seed_t.device) + _as_i64(first_step)
+    z = _mix_tensor(_mix_tensor(_mix_tensor(seed_t) ^ stream).unsqueeze(0) ^ step.unsqueeze(1))
     return _shr(z, 11).to(torch.float64) * (1.0 / (1 << 53))
 
 
@@ -293,6 +313,15 @@ def sample_tensor(
     _check_logits(logits)
     _check_key_tensor("seed", seed, logits.device)
     _check_key_tensor("step", step, logits.device)
+    u = uniforms_tensor(seed, step, logits.shape[0])
+    return sample_with_uniforms(logits, temperature, top_k, top_p, u)
+
+
+def sample_with_uniforms(
+    logits: Tensor, temperature: float, top_k: int, top_p: float, u: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`sample_tensor` with the rows' uniforms given: float64 ``u [B]`` on the logits'
+    device (a row of :func:`uniforms_table`). Arguments are assumed checked."""
     bad = (
         torch.isnan(logits).any(dim=1)
         | torch.isposinf(logits).any(dim=1)
@@ -303,5 +332,4 @@ def sample_tensor(
     safe = torch.where(
         bad.unsqueeze(1), torch.zeros((), dtype=logits.dtype, device=logits.device), logits
     )
-    u = uniforms_tensor(seed, step, logits.shape[0])
     return _draw(safe, temperature, top_k, top_p, u), bad

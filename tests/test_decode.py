@@ -329,6 +329,65 @@ def test_decoder_sample_errors(decoder):
         Decoder(rnn, emb, batch_size=2, backend="torch").sample(logits)
 
 
+@needs_triton
+@pytest.mark.parametrize("V", [137, 17, 1000])
+def test_triton_sampler_is_the_rule(V):
+    """The Triton Decoder's one-launch sampler against the rule's reference, token for token
+    (exact ties, -inf entries, top-k / top-p, bad rows flagged), on every vocabulary width it
+    compiles for a row (one lane block, several ranking chunks, a partial last chunk)."""
+    from rnnkern.backends.triton import sampling as triton_sampling
+
+    g = torch.Generator().manual_seed(V)
+    B, C = 3, 4
+    settings = [(1.0, 0, 1.0), (0.5, 3, 1.0), (2.0, 0, 0.5), (0.7, 6, 0.9)]
+    for trial in range(4 if V < 1000 else 1):
+        logits = torch.randn(B, V, generator=g) * 3
+        if trial % 2 == 0:
+            logits = logits.round()  # many exact ties
+        if trial % 3 == 0:
+            logits[:, ::2] = float("-inf")
+        if trial == 1:
+            logits[1, 5] = float("nan")
+            logits[2] = float("-inf")
+        for temperature, top_k, top_p in settings:
+            dev = TRITON_DEVICE
+            u = sampling.uniforms_table(5, 9 * trial, C, B, dev)
+            col = torch.tensor(2, device=dev)
+            tokens = torch.full((B, C), -1, dtype=torch.int64, device=dev)
+            last = torch.full((B,), -1, dtype=torch.int64, device=dev)
+            bad = torch.zeros(B, dtype=torch.int8, device=dev)
+            params = torch.tensor([temperature, top_p], dtype=torch.float64, device=dev)
+            triton_sampling.sample_rows(
+                logits.to(dev), u, col, tokens, last, bad, params, top_k, top_p
+            )
+            expected, flagged = sampling.sample_tensor(
+                logits, temperature, top_k, top_p, sampling.u64_tensor(5),
+                sampling.u64_tensor(9 * trial + 2),
+            )  # fmt: skip
+            tokens, last, bad = tokens.cpu(), last.cpu(), bad.cpu()
+            assert torch.equal(bad.bool(), flagged)
+            assert torch.equal(tokens[:, 2], last)
+            assert (tokens[:, [0, 1, 3]] == -1).all()  # only column col is written
+            good = ~flagged
+            assert torch.equal(last[good], expected[good]), (trial, temperature, top_k, top_p)
+
+
+@needs_triton
+def test_triton_decoder_over_the_kernels_vocabulary_uses_the_rule_in_torch_ops(monkeypatch):
+    """Vocabularies wider than the sampling kernel takes sample with the torch-op form of the
+    rule from the same uniforms table: the CPU decoder's tune either way."""
+    from rnnkern.backends.triton import sampling as triton_sampling
+
+    rnn, emb, head = make_model("LSTM", 2, seed=26)
+    prime = torch.randint(0, V, (2, 3), generator=torch.Generator().manual_seed(27))
+    kw = dict(temperature=0.9, top_k=5, top_p=0.9, seed=8)
+    expected = make_decoder("torch", rnn, emb, head, batch_size=2).generate(prime, 12, **kw)
+    monkeypatch.setattr(triton_sampling, "MAX_VOCAB", V - 1)
+    dec = make_decoder("triton", rnn, emb, head, batch_size=2)
+    assert dec._triton_sample is None
+    assert torch.equal(dec.generate(prime, 12, **kw).cpu(), expected)
+
+
 @needs_cpu
 def test_cpp_sampler_matches_python_sampler():
     _cpu = cpu_backend._cpu

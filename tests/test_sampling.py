@@ -269,3 +269,17 @@ def test_sample_tensor_captures_in_a_cuda_graph():
         eager, _ = sampling.sample_tensor(logits, *args, seed, step)
         assert torch.equal(tokens, eager) and not bad.any()
         assert torch.equal(u.cpu(), sampling.uniforms(s, t, 8))
+
+
+def test_uniforms_table_is_uniform_bit_for_bit():
+    seed, first = 2**64 - 1, 2**64 - 3  # the step counter wraps past 2**64 - 1
+    table = sampling.uniforms_table(seed, first, 6, 4)
+    assert table.dtype == torch.float64 and table.shape == (6, 4)
+    for j in range(6):
+        for b in range(4):
+            assert table[j, b].item() == sampling.uniform(seed, b, (first + j) % 2**64)
+    assert sampling.uniforms_table(0, 0, 0, 3).shape == (0, 3)
+    with pytest.raises(ValueError, match="steps must be an int >= 0"):
+        sampling.uniforms_table(0, 0, -1, 3)
+    with pytest.raises(ValueError, match="first_step must be an int in"):
+        sampling.uniforms_table(0, -5, 2, 3)

@@ -47,6 +47,22 @@ def test_compile_check_subset_compiles_and_reports_registers(tmp_path):
     assert "4 configurations, 0 failed" in res.stdout
 
 
+def test_compile_check_covers_the_decoders_sampler(tmp_path):
+    """The Triton Decoder's sampling kernel: every variant compile_check lists, for sm_90, with
+    no spills (rows of float64 ranking chunks once spilled kilobytes; see sampling.CHUNK_ELEMS)."""
+    out = tmp_path / "rows.json"
+    res = _run("--arch", "sm_90", "--kernels", "sample_rows_kernel", "--jobs", "1",
+               "--json", str(out))  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    import json
+
+    rows = json.loads(out.read_text())
+    assert len(rows) == 16  # 4 vocabulary widths x top-k on/off x top-p on/off
+    for row in rows:
+        assert row["ok"], row
+        assert row["registers"] > 0 and row["spill_stores"] == 0, row
+
+
 def test_compile_check_rejects_unknown_arguments():
     res = _run("--arch", "sm_90", "--kernels", "no_such_kernel")
     assert res.returncode != 0

@@ -41,12 +41,16 @@ KERNELS = {
     "rnn_forward_kernel": ("rnn", False),
     "rnn_backward_kernel": ("rnn", False),
     "decode_step_kernel": ("decode", False),
+    "sample_rows_kernel": ("sampling", False),
 }
 # Pointer arguments in the input dtype; every other pointer is float32 state except these two.
 INPUT_DTYPE_PTRS = {"gx_ptr", "w_ptr", "b_ptr", "wr_ptr", "y_ptr", "dy_ptr", "dgx_ptr"}
 INT_PTRS = {"len_ptr": "*i64", "sync_ptr": "*i32", "tok_ptr": "*i64"}
 # The decode step's pointers in the weight dtype (its states, tables and biases are float32).
 DECODE_WEIGHT_PTRS = {"w_ih0_ptr", "w_ih_ptr", "w_hh_ptr", "head_w_ptr"}
+# The sampler's arguments that are not float32 pointers or int32 scalars.
+SAMPLING_TYPES = {"u_ptr": "*fp64", "col_ptr": "*i64", "tokens_ptr": "*i64",
+                  "last_ptr": "*i64", "bad_ptr": "*i8", "params_ptr": "*fp64"}  # fmt: skip
 
 
 @dataclass
@@ -77,6 +81,12 @@ def jobs(kernels, dtypes) -> list[tuple[str, str, dict]]:
             # in IEEE float32 whatever the dtype, so tf32 and fp16 add nothing to check.
             for dkey in (d for d in dtypes if d in ("fp32", "bf16")):
                 out.extend((kernel, dkey, c) for c in decode_configs())
+            continue
+        if kernel == "sample_rows_kernel":
+            from .sampling import all_configs as sampling_configs
+
+            # float32 logits whatever the weights: one dtype.
+            out.extend((kernel, "fp32", c) for c in sampling_configs())
             continue
         _, has_proj = KERNELS[kernel]
         for dkey in dtypes:
@@ -127,6 +137,8 @@ def compile_one(arch: int, kernel: str, dkey: str, constexprs: dict) -> Row:
         for name in fn.arg_names:
             if name in consts:
                 signature[name] = "constexpr"
+            elif kernel == "sample_rows_kernel" and name in SAMPLING_TYPES:
+                signature[name] = SAMPLING_TYPES[name]
             elif name in INT_PTRS:
                 signature[name] = INT_PTRS[name]
             elif name.endswith("_ptr"):
