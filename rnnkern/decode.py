@@ -115,6 +115,9 @@ class Decoder:
         # backend "triton" on CUDA: replay each token's sample-and-step from a CUDA graph
         # (RNNKERN_DECODE_CUDA_GRAPH=0 or setting this False runs every launch eagerly).
         self.cuda_graphs = _cuda_graphs_enabled()
+        # backend "triton": sample each token with one Triton launch (vocabularies up to 1024);
+        # False samples with the rule in torch ops (to measure what the launch saves).
+        self.fused_sampling = True
         if backend == "triton":
             self._triton = _triton_decode_module(device)
         self._cuda = None
@@ -623,7 +626,7 @@ class Decoder:
         ``self._u``, record them in that column of ``self._tokens`` and in ``self._last``
         (returned), flag bad rows in ``self._bad``, then advance ``self._col``; device ops
         only, so a graph can capture it."""
-        if self._triton_sample is not None:
+        if self.fused_sampling and self._triton_sample is not None:
             self._triton_sample.sample_rows(
                 self._logits, self._u, self._col, self._tokens, self._last, self._bad,
                 self._params, top_k, top_p,
@@ -641,7 +644,7 @@ class Decoder:
         """The CUDA graph of one sample-and-step from the current parity, captured on first
         use for these sampling arguments: :meth:`_sample_and_record`, then the step on the
         sampled tokens. A token costs one replay and nothing else."""
-        key = (self._parity, float(temperature), int(top_k), float(top_p))
+        key = (self._parity, float(temperature), int(top_k), float(top_p), self.fused_sampling)
         if key not in self._graphs:
             graph = torch.cuda.CUDAGraph()
             h, parity = self._h, self._parity

@@ -382,6 +382,9 @@ def test_triton_decoder_over_the_kernels_vocabulary_uses_the_rule_in_torch_ops(m
     prime = torch.randint(0, V, (2, 3), generator=torch.Generator().manual_seed(27))
     kw = dict(temperature=0.9, top_k=5, top_p=0.9, seed=8)
     expected = make_decoder("torch", rnn, emb, head, batch_size=2).generate(prime, 12, **kw)
+    unfused = make_decoder("triton", rnn, emb, head, batch_size=2)
+    unfused.fused_sampling = False  # the same path, chosen (as gpu_decode's comparison row)
+    assert torch.equal(unfused.generate(prime, 12, **kw).cpu(), expected)
     monkeypatch.setattr(triton_sampling, "MAX_VOCAB", V - 1)
     dec = make_decoder("triton", rnn, emb, head, batch_size=2)
     assert dec._triton_sample is None

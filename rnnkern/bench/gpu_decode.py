@@ -9,6 +9,8 @@ generates ``N`` tokens per stream, sampling each from the logits and feeding it 
 - ``rnnkern triton generate fp32`` / ``bf16``: one :meth:`rnnkern.Decoder.generate` call
   (one Triton launch per step, sampling on the device, each token replayed from a CUDA graph);
 - ``rnnkern triton generate fp32, eager``: the same with CUDA graphs off (what the graph saves);
+- ``rnnkern triton generate fp32, sampling in torch ops``: the same with ``fused_sampling``
+  off, the sampling rule as 72-84 torch ops per token (what the one-launch sampler saves);
 - ``rnnkern cuda generate fp32`` / ``bf16``: one :meth:`rnnkern.Decoder.generate` call that is
   one kernel launch for all tokens (present when ``rnnkern._cuda`` is built);
 - ``rnnkern cuda generate fp32, barriers``: the same with grid barriers instead of
@@ -44,6 +46,8 @@ def cases(device: str = "cuda", quick: bool = False) -> list[Case]:
     for B in (1,) if quick else (1, 64):
         eager = Decoder(rnn, emb, head, batch_size=B, backend="triton")
         eager.cuda_graphs = False
+        unfused = Decoder(rnn, emb, head, batch_size=B, backend="triton")
+        unfused.fused_sampling = False
         fns = {
             "torch.nn.LSTM step": _lstm_steps(rnn, emb, head, B, n),
             "rnnkern triton generate fp32": _generate(
@@ -53,6 +57,7 @@ def cases(device: str = "cuda", quick: bool = False) -> list[Case]:
                 Decoder(rnn, emb, head, weights="bf16", batch_size=B, backend="triton"), B, n
             ),
             "rnnkern triton generate fp32, eager": _generate(eager, B, n),
+            "rnnkern triton generate fp32, sampling in torch ops": _generate(unfused, B, n),
         }
         if cuda_reason is None:
             for weights in ("fp32", "bf16"):
