@@ -559,10 +559,7 @@ class Decoder:
             out.data_ptr(), self._sample_w.data_ptr(), self._sample_order.data_ptr(),
         )  # fmt: skip
         if bad >= 0:
-            row = logits[bad]
-            if bool(torch.isnan(row).any()) or bool(torch.isposinf(row).any()):
-                raise ValueError(f"logits must not contain NaN or +inf (row {bad} does)")
-            raise ValueError(f"logits must have at least one entry > -inf in every row (row {bad})")
+            sampling.check_finite_rows(logits)  # raises, naming the row
         return out
 
     def _torch_generate(self, prime, out, temperature, top_k, top_p, seed, first_step) -> Tensor:

@@ -166,6 +166,11 @@ def uniforms_tensor(seed: Tensor, step: Tensor, batch: int) -> Tensor:
     if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 0:
         raise ValueError(f"batch must be an int >= 0, got {batch!r}")
     stream = torch.arange(int(batch), dtype=torch.int64, device=seed.device)
+    return _uniforms_of(seed, stream, step)
+
+
+def _uniforms_of(seed: Tensor, stream: Tensor, step: Tensor) -> Tensor:
+    """``uniform`` on int64 tensors holding u64 bit patterns, broadcast over their shapes."""
     z = _mix_tensor(_mix_tensor(_mix_tensor(seed) ^ stream) ^ step)
     # The logical z >> 11 is below 2**53, so the float64 conversion is exact, and scaling by a
     # power of two is exact: the same double as the Python int * float in uniform().
@@ -187,8 +192,7 @@ def uniforms_table(
     stream = torch.arange(int(batch), dtype=torch.int64, device=seed_t.device)
     # int64 addition wraps modulo 2**64, as the u64 step counter does.
     step = torch.arange(int(steps), dtype=torch.int64, device=seed_t.device) + _as_i64(first_step)
-    z = _mix_tensor(_mix_tensor(_mix_tensor(seed_t) ^ stream).unsqueeze(0) ^ step.unsqueeze(1))
-    return _shr(z, 11).to(torch.float64) * (1.0 / (1 << 53))
+    return _uniforms_of(seed_t, stream.unsqueeze(0), step.unsqueeze(1))
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
@@ -263,6 +267,19 @@ def _check_logits(logits) -> None:
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
 
 
+def check_finite_rows(logits: Tensor) -> None:
+    """Raise ValueError naming the first row of ``logits [B, V]`` that holds NaN or +inf, or
+    whose every entry is -inf (rows the rule cannot draw from)."""
+    nonfinite = torch.isnan(logits).any(dim=1) | torch.isposinf(logits).any(dim=1)
+    if bool(nonfinite.any()):
+        row = int(nonfinite.nonzero()[0, 0])
+        raise ValueError(f"logits must not contain NaN or +inf (row {row} does)")
+    empty = torch.isneginf(logits).all(dim=1)
+    if bool(empty.any()):
+        row = int(empty.nonzero()[0, 0])
+        raise ValueError(f"logits must have at least one entry > -inf in every row (row {row})")
+
+
 def sample(
     logits: Tensor,
     temperature: float = 1.0,
@@ -280,10 +297,7 @@ def sample(
     _check_u64("seed", seed)
     _check_u64("step", step)
     _check_logits(logits)
-    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
-        raise ValueError("logits must not contain NaN or +inf")
-    if bool(torch.isneginf(logits).all(dim=1).any()):
-        raise ValueError("logits must have at least one entry > -inf in every row")
+    check_finite_rows(logits)
     u = uniforms(seed, step, logits.shape[0]).to(logits.device)
     return _draw(logits, temperature, top_k, top_p, u)
 

@@ -48,9 +48,12 @@ INPUT_DTYPE_PTRS = {"gx_ptr", "w_ptr", "b_ptr", "wr_ptr", "y_ptr", "dy_ptr", "dg
 INT_PTRS = {"len_ptr": "*i64", "sync_ptr": "*i32", "tok_ptr": "*i64"}
 # The decode step's pointers in the weight dtype (its states, tables and biases are float32).
 DECODE_WEIGHT_PTRS = {"w_ih0_ptr", "w_ih_ptr", "w_hh_ptr", "head_w_ptr"}
-# The sampler's arguments that are not float32 pointers or int32 scalars.
-SAMPLING_TYPES = {"u_ptr": "*fp64", "col_ptr": "*i64", "tokens_ptr": "*i64",
-                  "last_ptr": "*i64", "bad_ptr": "*i8", "params_ptr": "*fp64"}  # fmt: skip
+# Per kernel, the arguments that are not covered by the rules above (float32 pointers, int32
+# scalars): the decoder's sampler.
+ARG_TYPES = {
+    "sample_rows_kernel": {"u_ptr": "*fp64", "col_ptr": "*i64", "tokens_ptr": "*i64",
+                           "last_ptr": "*i64", "bad_ptr": "*i8", "params_ptr": "*fp64"},
+}  # fmt: skip
 
 
 @dataclass
@@ -137,8 +140,8 @@ def compile_one(arch: int, kernel: str, dkey: str, constexprs: dict) -> Row:
         for name in fn.arg_names:
             if name in consts:
                 signature[name] = "constexpr"
-            elif kernel == "sample_rows_kernel" and name in SAMPLING_TYPES:
-                signature[name] = SAMPLING_TYPES[name]
+            elif name in ARG_TYPES.get(kernel, {}):
+                signature[name] = ARG_TYPES[kernel][name]
             elif name in INT_PTRS:
                 signature[name] = INT_PTRS[name]
             elif name.endswith("_ptr"):

@@ -50,11 +50,15 @@ def block_j(block_v: int) -> int:
 
 
 @triton.jit
-def _weights(logits_ptr, offs, valid, bad, m, temperature):
-    """``e = exp(z - m)`` at ``offs`` (0 outside the row); ``z = 0`` on a bad row."""
-    x = tl.load(logits_ptr + offs, mask=valid, other=float("-inf")).to(tl.float64)
-    z = tl.where(bad, 0.0, x / temperature)
-    z = tl.where(valid, z, float("-inf"))
+def _scaled(x, valid, bad, temperature):
+    """Step 1's ``z = float64(x) / temperature`` (-inf outside the row; 0 on a bad row)."""
+    z = tl.where(bad, 0.0, x.to(tl.float64) / temperature)
+    return tl.where(valid, z, float("-inf"))
+
+
+@triton.jit
+def _weights(z, valid, m):
+    """Step 1's ``e = exp(z - m)`` (0 outside the row)."""
     return tl.where(valid, tl.exp(z - m), 0.0)
 
 
@@ -88,10 +92,9 @@ def sample_rows_kernel(
     x = tl.load(row + offs, mask=valid, other=float("-inf"))
     nonfinite = (x != x) | (x == float("inf"))
     bad = (tl.max(nonfinite.to(tl.int32), axis=0) > 0) | (tl.max(x, axis=0) == float("-inf"))
-    z = tl.where(bad, 0.0, x.to(tl.float64) / temperature)
-    z = tl.where(valid, z, float("-inf"))
+    z = _scaled(x, valid, bad, temperature)
     m = tl.max(z, axis=0)
-    e = tl.where(valid, tl.exp(z - m), 0.0)
+    e = _weights(z, valid, m)
     keep = valid
     if USE_K or USE_P:
         rank = tl.zeros((BLOCK_V,), dtype=tl.int32)
@@ -99,7 +102,8 @@ def sample_rows_kernel(
         for j0 in range(0, V, BLOCK_J):
             offs_j = j0 + tl.arange(0, BLOCK_J)
             valid_j = offs_j < V
-            e_j = _weights(row, offs_j, valid_j, bad, m, temperature)
+            x_j = tl.load(row + offs_j, mask=valid_j, other=float("-inf"))
+            e_j = _weights(_scaled(x_j, valid_j, bad, temperature), valid_j, m)
             first = (e_j[None, :] > e[:, None]) | (
                 (e_j[None, :] == e[:, None]) & (offs_j[None, :] < offs[:, None])
             )
