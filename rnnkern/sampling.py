@@ -63,6 +63,7 @@ __all__ = [
     "uniforms_table",
     "sample",
     "sample_tensor",
+    "check_finite_rows",
     "filter_mask",
 ]
 
