@@ -138,3 +138,40 @@ def test_cpu_model_names_family_and_model():
     assert runner.cpu_model_of("processor\t: 0\nmodel name\t: Neoverse-V2\n") == "Neoverse-V2"
     assert runner.cpu_model_of("processor\t: 0\n") is None
     assert "cpu_model" in runner.machine_info()
+
+
+def test_cuda_runs_make_float32_exact_on_every_side(monkeypatch):
+    """cuDNN's RNNs take TF32 products for float32 by default; a CUDA run turns that off (and
+    TF32 in cuBLAS and in rnnkern's kernels) before any case is built, whichever suite comes
+    first, and the results header says how float32 ran."""
+    import types
+
+    import torch
+
+    # (torch's flag objects intercept attribute access, so no monkeypatch.setattr for them)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    precision = torch.get_float32_matmul_precision()
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda p: seen.append(p))
+    seen: list[str] = []
+    flags = []
+
+    def cases(device, quick):
+        flags.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return []
+
+    monkeypatch.setattr(runner, "_load_suite", lambda name: types.SimpleNamespace(cases=cases))
+    try:
+        runner.run_suites(["any"], device="cpu")
+        assert flags == [(True, True)] and seen == []  # CPU runs leave the flags alone
+        runner.run_suites(["any"], device="cuda")
+        assert flags[-1] == (False, False) and seen == ["highest"]
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert runner._float32_math({"cudnn": False, "cublas": False, "rnnkern": False}) == (
+        "exact (TF32 off everywhere)"
+    )
+    assert runner._float32_math({"cudnn": True, "cublas": False, "rnnkern": True}) == (
+        "TF32 allowed in cudnn, rnnkern"
+    )

@@ -16,7 +16,7 @@ import torch
 
 import rnnkern
 
-from .runner import Case, module_step
+from .runner import Case, exact_float32, module_step
 
 CELLS = ("LSTM", "GRU")
 DTYPES = (torch.float32, torch.bfloat16)
@@ -56,9 +56,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
     """Runner entry point: CUDA only (no cases on other devices or without backend cuda)."""
     if not device.startswith("cuda") or "cuda" not in rnnkern.available_backends(device):
         return []
-    # float32 must be float32 on both sides: no TF32 in cuDNN nor in the weight-gradient GEMMs.
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    exact_float32()  # float32 exact on both sides (TF32 off in cuDNN and cuBLAS)
     modes = (True,) if quick else (True, False)
     return [
         make_case(cell, dtype, B, H, train, device)

@@ -25,7 +25,7 @@ import torch
 
 import rnnkern
 
-from .runner import Case, measure, module_step, write_results
+from .runner import Case, exact_float32, measure, module_step, write_results
 
 CELLS = ("LSTM", "GRU")
 DTYPES = (torch.bfloat16, torch.float32)
@@ -97,10 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("gpu_train: no CUDA device; nothing measured")
         return 2
-    # float32 must be exact on both sides: no TF32 in cuDNN nor in the Triton kernels.
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+    exact_float32()  # float32 exact on both sides (no TF32 in cuDNN nor in the Triton kernels)
     start = time.monotonic()
     records: list[dict] = []
     todo = shapes(args.grid)

@@ -150,6 +150,18 @@ def _load_suite(name: str):
     return module
 
 
+def exact_float32() -> None:
+    """Make float32 exact float32 on every side of a GPU comparison. cuDNN's RNNs take TF32
+    tensor-core products for float32 by default (``torch.backends.cudnn.rnn.fp32_precision``
+    is "tf32" in torch 2.9+, ``torch.backends.cudnn.allow_tf32`` True before), while rnnkern's
+    kernels compute IEEE float32 unless ``torch.set_float32_matmul_precision`` allows TF32: the
+    baseline would be timed at lower precision. Turns TF32 off in cuDNN and cuBLAS and sets the
+    matmul precision to "highest"; :func:`machine_info` records the flags with the results."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
 def run_suites(
     names: list[str],
     device: str = "cpu",
@@ -158,7 +170,10 @@ def run_suites(
     warmup: int = 3,
     progress: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Run the named suites' cases on ``device``; returns one record per case."""
+    """Run the named suites' cases on ``device``; returns one record per case. On CUDA,
+    float32 is exact on every side (:func:`exact_float32`)."""
+    if device.startswith("cuda"):
+        exact_float32()
     records = []
     for name in names:
         for case in _load_suite(name).cases(device=device, quick=quick):
@@ -249,6 +264,11 @@ def machine_info(device: str = "cpu") -> dict:
         info["gpu_sms"] = props.multi_processor_count
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
+        info["float32_tf32"] = {  # False everywhere after exact_float32()
+            "cudnn": bool(torch.backends.cudnn.allow_tf32),
+            "cublas": bool(torch.backends.cuda.matmul.allow_tf32),
+            "rnnkern": torch.get_float32_matmul_precision() != "highest",
+        }
         try:
             smi = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -311,6 +331,12 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def _float32_math(tf32: dict) -> str:
+    """How float32 products ran, from :func:`machine_info`'s ``float32_tf32`` flags."""
+    allowed = [name for name, on in tf32.items() if on]
+    return "TF32 allowed in " + ", ".join(allowed) if allowed else "exact (TF32 off everywhere)"
+
+
 def write_results(
     records: list[dict], out_dir: str | Path, tag: str, device: str = "cpu", command: str = ""
 ) -> tuple[Path, Path]:
@@ -333,7 +359,8 @@ def write_results(
             f"; GPU {info['gpu']}, driver {info.get('driver')}, CUDA {info.get('cuda')}"
             if "gpu" in info
             else ""
-        ),
+        )
+        + (f"; float32 {_float32_math(info['float32_tf32'])}" if "float32_tf32" in info else ""),
         "",
         "Ratio = baseline median / implementation median (above 1: faster than the baseline); "
         "implementations timed interleaved in one process.",
