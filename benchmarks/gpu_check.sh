@@ -78,9 +78,10 @@ if [[ $STAGES == *,build,* ]]; then
   run_stage build "$(($(left) < 150 ? $(left) : 150))" "$PY" setup.py build_ext --inplace
 fi
 if [[ $STAGES == *,compile,* ]]; then
+  # ~400 configurations (the decode step has 320), a few seconds each: one job per core.
   run_stage compile_check "$(($(left) < 150 ? $(left) : 150))" "$PY" -m \
-    rnnkern.backends.triton.compile_check --arch sm_90 --dtypes fp32,bf16 --jobs 8 \
-    --json "$OUT_DIR/compile_check.json"
+    rnnkern.backends.triton.compile_check --arch sm_90 --dtypes fp32,bf16 \
+    --jobs "$(nproc 2>/dev/null || echo 8)" --json "$OUT_DIR/compile_check.json"
 fi
 TEST_DECODE=tests/test_decode.py
 if [[ $STAGES == *,decode,* ]]; then

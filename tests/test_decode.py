@@ -120,6 +120,42 @@ def test_step_matches_torch_nn(mode, layers, proj, weights, backend):
     assert_logits_close(got, ref32, gold)
 
 
+@needs_triton
+@pytest.mark.parametrize("tiling", ["tile", "gemv, the GPU's chunks"])
+@pytest.mark.parametrize("mode,layers,proj", [*CASES, ("RNN-relu, no embedding or head", 2, 0)])
+def test_triton_step_in_each_tiling(mode, layers, proj, tiling, monkeypatch):
+    """The Triton step multiplies by tl.dot on 16-row tiles (more than GEMV_MAX_ROWS streams)
+    or by broadcast products summed over k (fewer); both, at 3 streams. Under the interpreter
+    GEMV mode takes 16-unit chunks to save time; here it takes the GPU's narrow ones, so
+    chunks end inside a gate (H = 33 is not a multiple of 4) as they do on the GPU."""
+    from rnnkern.backends.triton import decode as triton_decode
+
+    if tiling == "tile":
+        monkeypatch.setattr(triton_decode, "GEMV_MAX_ROWS", 0)
+    else:
+        monkeypatch.setattr(triton_decode, "INTERPRET_GEMV_CHUNK", None)
+    T, B = 4, 3
+    if mode.startswith("RNN-relu"):
+        torch.manual_seed(3)
+        rnn, emb, head = torch.nn.RNN(E, H, num_layers=layers, nonlinearity="relu"), None, None
+        x = torch.randn(T, B, E)
+        with torch.no_grad():
+            gold, _ = copy.deepcopy(rnn).double()(x.double())
+            ref32, _ = rnn(x)
+        ref32 = ref32.double()
+    else:
+        rnn, emb, head = make_model(mode, layers, proj)
+        x = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(1))
+        gold = teacher_forced(rnn, emb, head, x, torch.float64)
+        ref32 = teacher_forced(rnn, emb, head, x, torch.float32)
+    dec = make_decoder("triton", rnn, emb, head, batch_size=B)
+    geometry = dec._triton_step.tiling
+    assert geometry.gemv == (tiling != "tile")
+    assert geometry.block_h == (16 if tiling == "tile" else triton_decode.GEMV["block_h"])
+    got = torch.stack([dec.step(x[t]) for t in range(T)]).double().cpu()
+    assert_logits_close(got, ref32, gold)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_relu_rnn_and_inputs_without_embedding(backend):
     torch.manual_seed(3)

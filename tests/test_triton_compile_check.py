@@ -63,7 +63,31 @@ def test_compile_check_covers_the_decoders_sampler(tmp_path):
         assert row["registers"] > 0 and row["spill_stores"] == 0, row
 
 
+def test_compile_check_covers_the_decoders_gemv_step(tmp_path):
+    """The Triton Decoder's step in GEMV mode (up to 4 streams; B = 1 is the latency target),
+    for an LSTM with token table and head as Decoder(nn.LSTM, Embedding, Linear) builds it:
+    compiles for sm_90 in both grid modes and weight dtypes, without spills."""
+    out = tmp_path / "rows.json"
+    res = _run("--arch", "sm_90", "--kernels", "decode_step_kernel", "--dtypes", "fp32,bf16",
+               "--where", "GEMV=True,CELL=0,HAS_TABLE=True,HAS_HEAD=True,HAS_PROJ=False",
+               "--jobs", "2", "--json", str(out))  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    import json
+
+    rows = json.loads(out.read_text())
+    assert len(rows) == 8  # 2 weight dtypes x 1 or 4 rows x both grid modes
+    for row in rows:
+        assert row["ok"] and "GEMV=True" in row["config"], row
+        assert row["registers"] > 0 and row["spill_stores"] == 0, row
+
+
 def test_compile_check_rejects_unknown_arguments():
     res = _run("--arch", "sm_90", "--kernels", "no_such_kernel")
     assert res.returncode != 0
     assert "unknown kernel 'no_such_kernel'" in res.stderr
+    res = _run("--arch", "sm_90", "--kernels", "decode_step_kernel", "--where", "GEMV")
+    assert res.returncode != 0
+    assert "--where must be a comma list of NAME=VALUE; got 'GEMV'" in res.stderr
+    res = _run("--arch", "sm_90", "--kernels", "rnn_forward_kernel", "--where", "GEMV=True")
+    assert res.returncode != 0
+    assert "no configuration of rnn_forward_kernel matches --where GEMV=True" in res.stderr

@@ -11,6 +11,9 @@ generates ``N`` tokens per stream, sampling each from the logits and feeding it 
 - ``rnnkern triton generate fp32, eager``: the same with CUDA graphs off (what the graph saves);
 - ``rnnkern triton generate fp32, sampling in torch ops``: the same with ``fused_sampling``
   off, the sampling rule as 72-84 torch ops per token (what the one-launch sampler saves);
+- ``rnnkern triton generate fp32, tl.dot tiles`` (B=1 only): the step multiplying 16-row
+  tiles by ``tl.dot`` instead of GEMV mode (what GEMV mode saves; see
+  :mod:`rnnkern.backends.triton.decode`);
 - ``rnnkern cuda generate fp32`` / ``bf16``: one :meth:`rnnkern.Decoder.generate` call that is
   one kernel launch for all tokens (present when ``rnnkern._cuda`` is built);
 - ``rnnkern cuda generate fp32, barriers``: the same with grid barriers instead of
@@ -23,6 +26,7 @@ B in {1, 64} (the issue's decode shapes); ``--quick``: B = 1 and fewer tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from torch import device as torch_device
@@ -59,6 +63,10 @@ def cases(device: str = "cuda", quick: bool = False) -> list[Case]:
             "rnnkern triton generate fp32, eager": _generate(eager, B, n),
             "rnnkern triton generate fp32, sampling in torch ops": _generate(unfused, B, n),
         }
+        dot = Decoder(rnn, emb, head, batch_size=B, backend="triton")
+        if dot._triton_step.tiling.gemv:
+            dot._triton_step = dataclasses.replace(dot._triton_step, gemv=False)
+            fns["rnnkern triton generate fp32, tl.dot tiles"] = _generate(dot, B, n)
         if cuda_reason is None:
             for weights in ("fp32", "bf16"):
                 fns[f"rnnkern cuda generate {weights}"] = _generate(

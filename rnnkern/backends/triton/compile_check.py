@@ -3,7 +3,7 @@
 Usage::
 
     python -m rnnkern.backends.triton.compile_check --arch sm_80,sm_90 [--kernels NAMES]
-        [--dtypes fp32,tf32,bf16,fp16] [--jobs N] [--json PATH]
+        [--dtypes fp32,tf32,bf16,fp16] [--where NAME=VALUE,...] [--jobs N] [--json PATH]
 
 For each kernel x input dtype x launch configuration (:func:`.common.all_configs`; for the
 decode step :func:`.decode.all_configs`) x kernel flag (LSTM projection) it runs
@@ -179,9 +179,19 @@ def compile_one(arch: int, kernel: str, dkey: str, constexprs: dict) -> Row:
         if not row.ok:
             row.error = f"shared memory {row.shared} B > limit {row.shared_limit} B"
     except Exception as err:  # noqa: BLE001 - every failure is reported as a failed row
-        row.error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
+        row.error = _error_text(err)
     row.seconds = time.perf_counter() - start
     return row
+
+
+def _error_text(err: BaseException) -> str:
+    """The innermost cause of a compile error and its message: Triton wraps the error of a
+    nested ``@triton.jit`` call in one CompilationError per call level, each ending with a
+    source excerpt and a caret line."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip(" ^")]
+    return f"{type(err).__name__}: {(lines[-1] if lines else '')[:300]}"
 
 
 def _print_table(rows: list[Row]) -> None:
@@ -204,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dtypes", default=",".join(DTYPES), help="comma list: " + ",".join(DTYPES)
     )
+    parser.add_argument(
+        "--where",
+        default="",
+        help="only configurations with these constexpr values, e.g. GEMV=True,CELL=0",
+    )
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -224,7 +239,20 @@ def main(argv: list[str] | None = None) -> int:
     for d in dtypes:
         if d not in DTYPES:
             parser.error(f"--dtypes: unknown dtype {d!r}; expected some of {', '.join(DTYPES)}")
-    work = [(arch, *job) for arch in archs for job in jobs(kernels, dtypes)]
+    where = {}
+    for item in filter(None, (w.strip() for w in args.where.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            parser.error(f"--where must be a comma list of NAME=VALUE; got {item!r}")
+        where[key.strip()] = value.strip()
+    selected = [
+        job
+        for job in jobs(kernels, dtypes)
+        if all(k in job[2] and str(job[2][k]) == v for k, v in where.items())
+    ]
+    if not selected:
+        parser.error(f"no configuration of {args.kernels} matches --where {args.where}")
+    work = [(arch, *job) for arch in archs for job in selected]
     start = time.perf_counter()
     if args.jobs > 1:
         with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:

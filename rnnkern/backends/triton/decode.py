@@ -13,14 +13,20 @@ programs of a batch tile meet at one grid-wide wait after every layer, and one m
 LSTM projection ``h = W_hr (o * tanh c)`` (``SPLIT``, compiled GPUs only); under the
 interpreter one program per batch tile does everything (``SPLIT=False``).
 
+Two ways to multiply a tile by its weights (:class:`Tiling`): up to :data:`GEMV_MAX_ROWS`
+streams, GEMV mode (products broadcast over a ``[rows, units, k]`` block and summed over k,
+4-unit chunks, so a 512-unit layer spreads over 128 programs); more streams, ``tl.dot`` on 16-
+or 32-row tiles. Either way one pass over k loads the tiles of every gate before using any,
+so each program waits for one round of loads per k block rather than one per gate.
+
 The state is updated in place: ``h_next`` is the Decoder's other ping-pong slot, and ``c`` is
 overwritten by the program owning each unit (nothing else reads a unit's cell during a step).
 
 Numerics are the CPU decoder's, so the same seed gives the same tokens on both up to float
 rounding: float32 state and accumulation, and bfloat16 weights (``weights="bf16"``) widened to
-float32 before the product (``tl.dot`` in IEEE float32). Rounding the state to bfloat16 for
-tensor-core products would move logits by about 0.4% and with them tokens; a decode step is
-bound by reading the weights once, which it does either way.
+float32 before the product (IEEE float32 products in both modes). Rounding the state to
+bfloat16 for tensor-core products would move logits by about 0.4% and with them tokens; a
+decode step is bound by reading the weights once, which it does either way.
 """
 
 from __future__ import annotations
@@ -34,38 +40,83 @@ import triton.language as tl
 from ..base import CELL_CODES
 from .common import INTERPRET, SYNC_TIMEOUT_MARK, grid_sync
 
-# Fixed configuration (no autotuning: autotune re-runs a launch, which would advance the state
-# twice). tl.dot needs at least 16 rows and columns: up to 16 streams share one 16-row tile,
-# and 16-unit chunks give H / 16 programs per tile to spread the weight reads over SMs.
-BLOCK_H = 16
-BLOCK_K = 32
-BLOCK_V = 16
+
+@dataclass(frozen=True)
+class Tiling:
+    """One launch geometry of the step: rows per batch tile, units per chunk (hidden, state
+    and head outputs), k block, warps, and how a tile is multiplied by its weights."""
+
+    gemv: bool  # broadcast products summed over k (few rows) instead of tl.dot
+    block_b: int
+    block_h: int
+    block_k: int
+    block_v: int
+    num_warps: int
+
+    def constexprs(self) -> dict:
+        return dict(GEMV=self.gemv, BLOCK_B=self.block_b, BLOCK_H=self.block_h,
+                    BLOCK_K=self.block_k, BLOCK_V=self.block_v)  # fmt: skip
 
 
-def num_warps(block_b: int) -> int:
-    """Warps per program. With 4 warps, 32- and 64-row tiles hit 255 registers and spilled
-    (up to 628 bytes per thread; compile_check for sm_90); 64-row tiles spilled at 8 warps too,
-    hence at most 32 rows per tile."""
-    return 4 if block_b <= 16 else 8
+# Fixed geometries (no autotuning: autotune re-runs a launch, which would advance the state
+# twice). A step reads every weight once, so it is bound by how fast the programs pull weights
+# from L2 and by how many dependent rounds of loads each one waits through; the arithmetic is
+# a few hundred MFLOP/s of a GPU's tens of TFLOP/s.
+#
+# Up to GEMV_MAX_ROWS streams (GEMV mode): tl.dot needs 16-row, 16-column tiles, which at B=1
+# wastes 15 of 16 rows and, for 3x512 units, gives only 512 / 16 = 32 programs to pull 25 MB
+# of float32 weights. Broadcasting products and summing over k takes any tile: 4-unit chunks
+# make 128 programs (one per SM on an H100), and 256-wide k blocks load all gates' tiles of a
+# chunk (4 gates x 4 units x 256 x 4 B = 16 KB) in one round, two rounds per 512-wide input.
+GEMV_MAX_ROWS = 4
+GEMV = dict(block_h=4, block_k=256, block_v=4, num_warps=4)
+# The interpreter runs the programs one after another at a cost per tile operation, so there
+# GEMV mode uses 16-unit chunks (4-unit ones made the Triton decoder tests 1.8x slower); the
+# code is the same, and a test runs the GPU's geometry too (None: no override).
+INTERPRET_GEMV_CHUNK: int | None = 16 if INTERPRET else None
+# More streams (tile mode): up to 16 share one 16-row tile, then 32-row tiles; 16-unit chunks
+# give H / 16 programs per batch tile. With 4 warps, 32- and 64-row tiles hit 255 registers
+# and spilled (up to 628 bytes per thread; compile_check for sm_90); 64-row tiles spilled at
+# 8 warps too, hence at most 32 rows per tile.
+TILE = dict(block_h=16, block_k=32, block_v=16)
 
 
-def block_b(batch: int) -> int:
-    """Rows per batch tile: 16 up to 16 streams, else 32 (more streams take more tiles)."""
-    return 16 if batch <= 16 else 32
+def tiling(batch: int, gemv: bool | None = None) -> Tiling:
+    """The geometry for ``batch`` streams; ``gemv`` forces a mode (None: GEMV up to
+    :data:`GEMV_MAX_ROWS` streams)."""
+    if gemv is None:
+        gemv = batch <= GEMV_MAX_ROWS
+    if gemv:
+        if batch > GEMV_MAX_ROWS:
+            raise ValueError(
+                f"GEMV mode takes at most {GEMV_MAX_ROWS} streams per tile, got batch {batch}"
+            )
+        geometry = dict(GEMV)
+        if INTERPRET_GEMV_CHUNK is not None:
+            geometry.update(block_h=INTERPRET_GEMV_CHUNK, block_v=INTERPRET_GEMV_CHUNK)
+        # one stream (the latency case) or GEMV_MAX_ROWS rows, fewer variants to compile
+        return Tiling(True, 1 if batch == 1 else GEMV_MAX_ROWS, **geometry)
+    bb = 16 if batch <= 16 else 32
+    return Tiling(False, bb, **TILE, num_warps=4 if bb <= 16 else 8)
+
+
+def all_tilings() -> list[Tiling]:
+    """Every geometry :func:`tiling` can return."""
+    return [tiling(1, True), tiling(GEMV_MAX_ROWS, True), tiling(16, False), tiling(32, False)]
 
 
 def all_configs() -> list[dict]:
     """Every constexpr combination :class:`DecodeStep` can launch (for compile_check): each
     cell (LSTM with and without projection), with or without the token table and the head,
-    every batch tile, both grid modes."""
+    every geometry, both grid modes."""
     lstm = CELL_CODES["lstm"]
     cells = [(c, False) for c in sorted(set(CELL_CODES.values()))] + [(lstm, True)]
     return [
-        dict(CELL=cell, HAS_TABLE=table, HAS_HEAD=head, HAS_PROJ=proj, SPLIT=split, BLOCK_B=bb,
-             BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps(bb))
+        dict(CELL=cell, HAS_TABLE=table, HAS_HEAD=head, HAS_PROJ=proj, SPLIT=split,
+             **t.constexprs(), num_warps=t.num_warps)
         for cell, proj in cells
         for table, head in ((True, True), (False, False), (False, True), (True, False))
-        for bb in (16, 32)
+        for t in all_tilings()
         for split in (False, True)
     ]  # fmt: skip
 
@@ -76,18 +127,68 @@ def all_configs() -> list[dict]:
 
 
 @triton.jit
-def _rows_times_weight(
+def _times_weight(
     acc,  # [BLOCK_B, BLOCK_N] float32
+    w,  # GEMV: [BLOCK_N, BLOCK_K] weight tile; else [BLOCK_K, BLOCK_N] (see _load_weight)
+    a,  # [BLOCK_B, BLOCK_K] float32 rows of A
+    GEMV: tl.constexpr,
+):
+    """``acc + a @ wᵀ`` in float32 (weights widened, IEEE products): broadcast products summed
+    over k in GEMV mode, ``tl.dot`` otherwise."""
+    if GEMV:
+        acc += tl.sum(a[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    else:
+        acc = tl.dot(a, w.to(tl.float32), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _load_weight(
+    w_ptr,  # W [N, K] float32 or bfloat16 (a torch.nn weight, used transposed)
+    offs_n,  # [BLOCK_N] rows of W
+    mask_n,
+    offs_k,  # [BLOCK_K] columns of W
+    mask_k,
+    K,
+    GEMV: tl.constexpr,
+):
+    """The tile ``W[offs_n, offs_k]`` as :func:`_times_weight` takes it: ``[BLOCK_N, BLOCK_K]``
+    in GEMV mode (each row's k run contiguous), else ``[BLOCK_K, BLOCK_N]`` for ``tl.dot``."""
+    if GEMV:
+        w = tl.load(
+            w_ptr + offs_n[:, None] * K + offs_k[None, :],
+            mask=mask_n[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+    else:
+        w = tl.load(
+            w_ptr + offs_n[None, :] * K + offs_k[:, None],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+    return w
+
+
+@triton.jit
+def _gates_pass(
+    acc0,  # [BLOCK_B, BLOCK_N] float32 accumulators of gates 0 .. G-1 (the rest pass through)
+    acc1,
+    acc2,
+    acc3,
     a_ptr,  # A [B, K] float32, row stride K
     offs_b,  # [BLOCK_B]
     mask_b,  # [BLOCK_B]
-    w_ptr,  # W [N, K] float32 or bfloat16 (a torch.nn weight, used transposed)
-    offs_n,  # [BLOCK_N] rows of W
+    w_ptr,  # W [G * N_gate, K] weight dtype: gate g's rows start at g * N_gate
+    offs_n,  # [BLOCK_N] rows of W within a gate
     mask_n,  # [BLOCK_N]
+    N_gate,
     K,
+    G: tl.constexpr,  # gates (1 .. 4)
     BLOCK_K: tl.constexpr,
+    GEMV: tl.constexpr,
 ):
-    """``acc + A[offs_b] @ W[offs_n]ᵀ`` in float32 (weights widened, IEEE products)."""
+    """``acc_g + A[offs_b] @ W[g * N_gate + offs_n]ᵀ`` for every gate ``g < G`` in one pass
+    over ``K``; each k block's ``G`` weight tiles are loaded before any is used."""
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -97,56 +198,240 @@ def _rows_times_weight(
             other=0.0,
             cache_modifier=".cg",  # states written by other programs of this launch
         )
-        w = tl.load(
-            w_ptr + offs_n[None, :] * K + offs_k[:, None],
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(a, w.to(tl.float32), acc, input_precision="ieee")
-    return acc
+        gate = N_gate * K
+        w0 = _load_weight(w_ptr, offs_n, mask_n, offs_k, mask_k, K, GEMV)
+        w1, w2, w3 = w0, w0, w0  # (names must exist before a compile-time branch sets them)
+        if G > 1:
+            w1 = _load_weight(w_ptr + gate, offs_n, mask_n, offs_k, mask_k, K, GEMV)
+        if G > 2:
+            w2 = _load_weight(w_ptr + 2 * gate, offs_n, mask_n, offs_k, mask_k, K, GEMV)
+        if G > 3:
+            w3 = _load_weight(w_ptr + 3 * gate, offs_n, mask_n, offs_k, mask_k, K, GEMV)
+        acc0 = _times_weight(acc0, w0, a, GEMV)
+        if G > 1:
+            acc1 = _times_weight(acc1, w1, a, GEMV)
+        if G > 2:
+            acc2 = _times_weight(acc2, w2, a, GEMV)
+        if G > 3:
+            acc3 = _times_weight(acc3, w3, a, GEMV)
+    return acc0, acc1, acc2, acc3
 
 
 @triton.jit
-def _gate(
-    g: tl.constexpr,  # gate index
+def _rows_times_gates(
+    acc0,  # [BLOCK_B, BLOCK_N] float32 accumulators of gates 0 .. G-1 (the rest pass through)
+    acc1,
+    acc2,
+    acc3,
+    a_ptr,  # A [B, K] float32, row stride K
+    offs_b,  # [BLOCK_B]
+    mask_b,  # [BLOCK_B]
+    w_ptr,  # W [G * N_gate, K] weight dtype: gate g's rows start at g * N_gate
+    offs_n,  # [BLOCK_N] rows of W within a gate
+    mask_n,  # [BLOCK_N]
+    N_gate,
+    K,
+    G: tl.constexpr,  # gates (1 .. 4)
+    BLOCK_K: tl.constexpr,
+    GEMV: tl.constexpr,
+):
+    """``acc_g + A[offs_b] @ W[g * N_gate + offs_n]ᵀ`` for every gate ``g < G``. GEMV mode:
+    one pass over ``K`` for all gates, so a program waits for one round of loads per k block
+    (a decode step waits on memory, not on arithmetic). Tile mode: one pass per gate, as
+    tl.dot's operand layouts for four gates at once spilled (compile_check, sm_90: 2368
+    bytes over the tile configurations against 844 one gate at a time)."""
+    if GEMV:
+        acc0, acc1, acc2, acc3 = _gates_pass(
+            acc0, acc1, acc2, acc3, a_ptr, offs_b, mask_b, w_ptr, offs_n, mask_n, N_gate, K,
+            G, BLOCK_K, GEMV,
+        )  # fmt: skip
+    else:
+        gate = N_gate * K
+        acc0, _, _, _ = _gates_pass(
+            acc0, acc0, acc0, acc0, a_ptr, offs_b, mask_b, w_ptr, offs_n, mask_n, N_gate, K,
+            1, BLOCK_K, GEMV,
+        )  # fmt: skip
+        if G > 1:
+            acc1, _, _, _ = _gates_pass(
+                acc1, acc1, acc1, acc1, a_ptr, offs_b, mask_b, w_ptr + gate, offs_n, mask_n,
+                N_gate, K, 1, BLOCK_K, GEMV,
+            )  # fmt: skip
+        if G > 2:
+            acc2, _, _, _ = _gates_pass(
+                acc2, acc2, acc2, acc2, a_ptr, offs_b, mask_b, w_ptr + 2 * gate, offs_n,
+                mask_n, N_gate, K, 1, BLOCK_K, GEMV,
+            )  # fmt: skip
+        if G > 3:
+            acc3, _, _, _ = _gates_pass(
+                acc3, acc3, acc3, acc3, a_ptr, offs_b, mask_b, w_ptr + 3 * gate, offs_n,
+                mask_n, N_gate, K, 1, BLOCK_K, GEMV,
+            )  # fmt: skip
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _gate_inputs(
     in_ptr,  # [B, K_in] float32 layer input (unused with USE_TABLE)
     K_in,
     w_in_ptr,  # [GH, K_in] W_ih of the layer
     b_in_ptr,  # [GH] float32 b_ih of the layer
     tok,  # [BLOCK_B] int64 token ids (USE_TABLE only)
     table_ptr,  # [vocab, GH] float32 embedding @ W_ih0ᵀ + b_ih0 (USE_TABLE only)
-    h_ptr,  # [B, P] float32 state of the layer before the step
-    w_h_ptr,  # [GH, P] W_hh of the layer
-    b_h_ptr,  # [GH] float32 b_hh of the layer
+    GH,  # the table's row length (all gates of the layer)
+    offs_b,
+    mask_b,
+    offs_h,
+    mask_h,
+    H,
+    G: tl.constexpr,
+    USE_TABLE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GEMV: tl.constexpr,
+):
+    """Input parts ``x W_igᵀ + b_ig`` of gates 0 .. G-1 for the tile (the pointers start at
+    the first of them), each ``[BLOCK_B, BLOCK_H]`` float32 (zeros past G)."""
+    mask = mask_b[:, None] & mask_h[None, :]
+    z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    if USE_TABLE:
+        rows = table_ptr + tok[:, None] * GH + offs_h[None, :]
+        g0 = tl.load(rows, mask=mask, other=0.0)
+        g1, g2, g3 = z, z, z
+        if G > 1:
+            g1 = tl.load(rows + H, mask=mask, other=0.0)
+        if G > 2:
+            g2 = tl.load(rows + 2 * H, mask=mask, other=0.0)
+        if G > 3:
+            g3 = tl.load(rows + 3 * H, mask=mask, other=0.0)
+    else:
+        g0, g1, g2, g3 = _rows_times_gates(
+            z, z, z, z, in_ptr, offs_b, mask_b, w_in_ptr, offs_h, mask_h, H, K_in,
+            G, BLOCK_K, GEMV,
+        )  # fmt: skip
+        b = b_in_ptr + offs_h
+        g0 += tl.load(b, mask=mask_h, other=0.0)[None, :]
+        if G > 1:
+            g1 += tl.load(b + H, mask=mask_h, other=0.0)[None, :]
+        if G > 2:
+            g2 += tl.load(b + 2 * H, mask=mask_h, other=0.0)[None, :]
+        if G > 3:
+            g3 += tl.load(b + 3 * H, mask=mask_h, other=0.0)[None, :]
+    return g0, g1, g2, g3
+
+
+@triton.jit
+def _preacts(
+    in_ptr,  # [B, K_in] float32 layer input (unused with USE_TABLE)
+    K_in,
+    w_in_ptr,  # [GH, K_in]
+    b_in_ptr,  # [GH] float32
+    tok,  # [BLOCK_B] int64
+    table_ptr,  # [vocab, GH] float32
+    h_ptr,  # [B, P] float32 state before the step
+    w_h_ptr,  # [GH, P]
     offs_b,
     mask_b,
     offs_h,
     mask_h,
     H,
     P,
+    CELL: tl.constexpr,
+    USE_TABLE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GEMV: tl.constexpr,
+):
+    """Pre-activations of the tile's gates without the recurrent bias: ``x W_igᵀ + b_ig +
+    h W_hgᵀ`` per gate, except GRU's n gate, returned as ``h W_hnᵀ`` (third) and ``x W_inᵀ +
+    b_in`` (fourth) apart. Recurrent products accumulate onto the input parts, so four tiles
+    are live, not eight. GEMV mode: every gate in one pass over k (one round of loads per k
+    block). Tile mode: gate by gate, as four gates' tl.dot operands at once spilled
+    (compile_check, sm_90, float32: 56-80 bytes in configurations that had none)."""
+    G = 4 if CELL == 0 else (3 if CELL == 1 else 1)
+    GH = G * H
+    if GEMV:
+        i0, i1, i2, i3 = _gate_inputs(
+            in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, GH, offs_b, mask_b, offs_h,
+            mask_h, H, G, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K, GEMV,
+        )  # fmt: skip
+        if CELL == 1:
+            i3 = i2
+            i2 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        p0, p1, p2, p3 = _rows_times_gates(
+            i0, i1, i2, i3, h_ptr, offs_b, mask_b, w_h_ptr, offs_h, mask_h, H, P, G, BLOCK_K,
+            GEMV,
+        )  # fmt: skip
+    else:
+        p0 = _gate_preact(
+            0, in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, GH, h_ptr, w_h_ptr, offs_b,
+            mask_b, offs_h, mask_h, H, P, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
+        )  # fmt: skip
+        p1, p2, p3 = p0, p0, p0  # (names must exist before a compile-time branch sets them)
+        if G > 1:
+            p1 = _gate_preact(
+                1, in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, GH, h_ptr, w_h_ptr,
+                offs_b, mask_b, offs_h, mask_h, H, P, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
+            )  # fmt: skip
+        if CELL == 1:
+            p3 = _gate_preact(
+                2, in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, GH, h_ptr, w_h_ptr,
+                offs_b, mask_b, offs_h, mask_h, H, 0, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
+            )  # fmt: skip
+            z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            p2, _, _, _ = _rows_times_gates(
+                z, z, z, z, h_ptr, offs_b, mask_b, w_h_ptr + 2 * H * P, offs_h, mask_h, H, P,
+                1, BLOCK_K, False,
+            )  # fmt: skip
+        elif G > 2:
+            p2 = _gate_preact(
+                2, in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, GH, h_ptr, w_h_ptr,
+                offs_b, mask_b, offs_h, mask_h, H, P, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
+            )  # fmt: skip
+            p3 = _gate_preact(
+                3, in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, GH, h_ptr, w_h_ptr,
+                offs_b, mask_b, offs_h, mask_h, H, P, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
+            )  # fmt: skip
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _gate_preact(
+    g: tl.constexpr,  # gate index
+    in_ptr,
+    K_in,
+    w_in_ptr,
+    b_in_ptr,
+    tok,
+    table_ptr,
     GH,
+    h_ptr,
+    w_h_ptr,
+    offs_b,
+    mask_b,
+    offs_h,
+    mask_h,
+    H,
+    P,  # 0: no recurrent part
     USE_TABLE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Input part ``x W_igᵀ + b_ig`` and recurrent part ``h W_hgᵀ + b_hg`` of gate ``g`` for
-    the tile, each ``[BLOCK_B, BLOCK_H]`` float32 (GRU's n gate needs them apart)."""
-    rows = g * H + offs_h
-    if USE_TABLE:
-        gi = tl.load(
-            table_ptr + tok[:, None] * GH + rows[None, :],
-            mask=mask_b[:, None] & mask_h[None, :],
-            other=0.0,
-        )
-    else:
-        gi = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-        gi = _rows_times_weight(gi, in_ptr, offs_b, mask_b, w_in_ptr, rows, mask_h, K_in, BLOCK_K)
-        gi += tl.load(b_in_ptr + rows, mask=mask_h, other=0.0)[None, :]
-    gh = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    gh = _rows_times_weight(gh, h_ptr, offs_b, mask_b, w_h_ptr, rows, mask_h, P, BLOCK_K)
-    gh += tl.load(b_h_ptr + rows, mask=mask_h, other=0.0)[None, :]
-    return gi, gh
+    """Tile mode: ``x W_igᵀ + b_ig + h W_hgᵀ`` of gate ``g`` alone (see :func:`_preacts`)."""
+    gi, _, _, _ = _gate_inputs(
+        in_ptr, K_in, w_in_ptr + g * H * K_in, b_in_ptr + g * H, tok, table_ptr + g * H, GH,
+        offs_b, mask_b, offs_h, mask_h, H, 1, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K, False,
+    )  # fmt: skip
+    # (a zero accumulator, the input part added after the loop: starting the loop from the
+    # input part spilled 80 bytes in float32, compile_check sm_90)
+    z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    gh, _, _, _ = _rows_times_gates(
+        z, z, z, z, h_ptr, offs_b, mask_b, w_h_ptr + g * H * P, offs_h, mask_h, H, P, 1,
+        BLOCK_K, False,
+    )  # fmt: skip
+    return gi + gh
 
 
 @triton.jit
@@ -180,59 +465,42 @@ def _layer(
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GEMV: tl.constexpr,
 ):
     """One layer's step for this program's hidden chunks (torch.nn's cell formulas). With a
     projection the chunks' ``m = o * tanh(c)`` go to ``m_ptr`` and :func:`_project` makes h.
     Without one ``P == H``."""
-    G = 4 if CELL == 0 else (3 if CELL == 1 else 1)
-    GH = G * H
     for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
         offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
         mask = mask_b[:, None] & mask_h[None, :]
         bh = offs_b[:, None] * H + offs_h[None, :]  # c and m; h too, as P == H without HAS_PROJ
-        # Each gate is activated as soon as it is computed, so at most two pre-activation
-        # tiles are live (fewer registers: compile_check).
-        gi, gh = _gate(
-            0, in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, h_ptr, w_h_ptr, b_h_ptr,
-            offs_b, mask_b, offs_h, mask_h, H, P, GH, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
+        p0, p1, p2, p3 = _preacts(
+            in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, h_ptr, w_h_ptr, offs_b, mask_b,
+            offs_h, mask_h, H, P, CELL, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K, GEMV,
         )  # fmt: skip
+        b = b_h_ptr + offs_h
+        p0 += tl.load(b, mask=mask_h, other=0.0)[None, :]
         if CELL == 0:  # LSTM: i, f, g, o
-            i = tl.sigmoid(gi + gh)
-            gi, gh = _gate(
-                1, in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, h_ptr, w_h_ptr, b_h_ptr,
-                offs_b, mask_b, offs_h, mask_h, H, P, GH, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
-            )  # fmt: skip
-            c_new = tl.sigmoid(gi + gh) * tl.load(c_ptr + bh, mask=mask, other=0.0)
-            gi, gh = _gate(
-                2, in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, h_ptr, w_h_ptr, b_h_ptr,
-                offs_b, mask_b, offs_h, mask_h, H, P, GH, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
-            )  # fmt: skip
-            c_new += i * _tanh(gi + gh)
+            p1 += tl.load(b + H, mask=mask_h, other=0.0)[None, :]
+            p2 += tl.load(b + 2 * H, mask=mask_h, other=0.0)[None, :]
+            p3 += tl.load(b + 3 * H, mask=mask_h, other=0.0)[None, :]
+            c_new = tl.sigmoid(p1) * tl.load(c_ptr + bh, mask=mask, other=0.0)
+            c_new += tl.sigmoid(p0) * _tanh(p2)
             tl.store(c_ptr + bh, c_new, mask=mask)
-            gi, gh = _gate(
-                3, in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, h_ptr, w_h_ptr, b_h_ptr,
-                offs_b, mask_b, offs_h, mask_h, H, P, GH, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
-            )  # fmt: skip
-            h_new = tl.sigmoid(gi + gh) * _tanh(c_new)  # m with a projection
-        elif CELL == 1:  # GRU: r, z, n
-            r = tl.sigmoid(gi + gh)
-            gi, gh = _gate(
-                1, in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, h_ptr, w_h_ptr, b_h_ptr,
-                offs_b, mask_b, offs_h, mask_h, H, P, GH, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
-            )  # fmt: skip
-            z = tl.sigmoid(gi + gh)
-            gi, gh = _gate(
-                2, in_ptr, K_in, w_in_ptr, b_in_ptr, tok, table_ptr, h_ptr, w_h_ptr, b_h_ptr,
-                offs_b, mask_b, offs_h, mask_h, H, P, GH, USE_TABLE, BLOCK_B, BLOCK_H, BLOCK_K,
-            )  # fmt: skip
-            n = _tanh(gi + r * gh)
+            h_new = tl.sigmoid(p3) * _tanh(c_new)  # m with a projection
+        elif CELL == 1:  # GRU: r, z, n; p2 = h W_hn, p3 = x W_in + b_in
+            p1 += tl.load(b + H, mask=mask_h, other=0.0)[None, :]
+            p2 += tl.load(b + 2 * H, mask=mask_h, other=0.0)[None, :]
+            r = tl.sigmoid(p0)
+            zg = tl.sigmoid(p1)
+            n = _tanh(p3 + r * p2)
             h_prev = tl.load(h_ptr + bh, mask=mask, other=0.0)
-            h_new = (1.0 - z) * n + z * h_prev
+            h_new = (1.0 - zg) * n + zg * h_prev
         elif CELL == 2:  # RNN tanh
-            h_new = _tanh(gi + gh)
+            h_new = _tanh(p0)
         else:  # RNN relu
-            h_new = tl.maximum(gi + gh, 0.0)
+            h_new = tl.maximum(p0, 0.0)
         if HAS_PROJ:
             tl.store(m_ptr + bh, h_new, mask=mask)
         else:
@@ -253,13 +521,16 @@ def _project(
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GEMV: tl.constexpr,
 ):
     """LSTM projection ``h = m W_hrᵀ`` for this program's chunks of ``P``."""
     for j in range(pid_h, tl.cdiv(P, BLOCK_H), n_split):
         offs_p = j * BLOCK_H + tl.arange(0, BLOCK_H)
         mask_p = offs_p < P
-        acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-        acc = _rows_times_weight(acc, m_ptr, offs_b, mask_b, w_hr_ptr, offs_p, mask_p, H, BLOCK_K)
+        z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        acc, _, _, _ = _rows_times_gates(
+            z, z, z, z, m_ptr, offs_b, mask_b, w_hr_ptr, offs_p, mask_p, P, H, 1, BLOCK_K, GEMV
+        )
         tl.store(
             h_out_ptr + offs_b[:, None] * P + offs_p[None, :],
             acc,
@@ -302,6 +573,7 @@ def decode_step_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    GEMV: tl.constexpr,  # multiply by broadcasting and summing (few rows) instead of tl.dot
 ):
     G = 4 if CELL == 0 else (3 if CELL == 1 else 1)
     GH = G * H
@@ -323,20 +595,20 @@ def decode_step_kernel(
             _layer(
                 x_ptr, I, w_ih0_ptr, b_ih_ptr, tok, table_ptr, h_cur_ptr, w_hh_ptr, b_hh_ptr,
                 h_next_ptr, c_ptr, m_ptr, offs_b, mask_b, pid_h, n_split, H, P,
-                CELL, HAS_TABLE, HAS_PROJ, BLOCK_B, BLOCK_H, BLOCK_K,
+                CELL, HAS_TABLE, HAS_PROJ, BLOCK_B, BLOCK_H, BLOCK_K, GEMV,
             )  # fmt: skip
         else:  # input: the new state of the layer below
             _layer(
                 h_next_ptr + (l - 1) * BP, P, w_ih_ptr + (l - 1) * GH * P, b_ih_ptr + l * GH,
                 tok, table_ptr, h_cur_ptr + l * BP, w_hh_ptr + l * GH * P, b_hh_ptr + l * GH,
                 h_next_ptr + l * BP, c_ptr + l * BH, m_ptr, offs_b, mask_b, pid_h, n_split,
-                H, P, CELL, False, HAS_PROJ, BLOCK_B, BLOCK_H, BLOCK_K,
+                H, P, CELL, False, HAS_PROJ, BLOCK_B, BLOCK_H, BLOCK_K, GEMV,
             )  # fmt: skip
         if HAS_PROJ:
             arrivals = grid_sync(sync, arrivals, n_split, SPLIT)  # every m of the layer
             _project(
                 m_ptr, w_hr_ptr + l * P * H, h_next_ptr + l * BP, offs_b, mask_b, pid_h,
-                n_split, H, P, BLOCK_B, BLOCK_H, BLOCK_K,
+                n_split, H, P, BLOCK_B, BLOCK_H, BLOCK_K, GEMV,
             )  # fmt: skip
         arrivals = grid_sync(sync, arrivals, n_split, SPLIT)  # the layer's whole new state
     if HAS_HEAD:
@@ -344,10 +616,11 @@ def decode_step_kernel(
         for j in range(pid_h, tl.cdiv(V, BLOCK_V), n_split):
             offs_v = j * BLOCK_V + tl.arange(0, BLOCK_V)
             mask_v = offs_v < V
-            acc = tl.zeros((BLOCK_B, BLOCK_V), dtype=tl.float32)
-            acc = _rows_times_weight(
-                acc, top, offs_b, mask_b, head_w_ptr, offs_v, mask_v, P, BLOCK_K
-            )
+            z = tl.zeros((BLOCK_B, BLOCK_V), dtype=tl.float32)
+            acc, _, _, _ = _rows_times_gates(
+                z, z, z, z, top, offs_b, mask_b, head_w_ptr, offs_v, mask_v, V, P, 1, BLOCK_K,
+                GEMV,
+            )  # fmt: skip
             acc += tl.load(head_b_ptr + offs_v, mask=mask_v, other=0.0)[None, :]
             tl.store(
                 logits_ptr + offs_b[:, None] * V + offs_v[None, :],
@@ -385,12 +658,14 @@ class DecodeStep:
     w_hr: torch.Tensor | None  # [L, P, H] weight dtype (LSTM projection)
     head_w: torch.Tensor | None  # [V, P] weight dtype
     head_b: torch.Tensor | None  # [V] float32
+    gemv: bool | None = None  # force a tiling mode (benchmarks, tests); None: by B
 
     def __post_init__(self) -> None:
         device = self.w_hh.device
-        self.block_b = block_b(self.B)
-        n_btiles = triton.cdiv(self.B, self.block_b)
-        n_chunks = triton.cdiv(max(self.H, self.P, self.V), BLOCK_H)
+        self.tiling = tiling(self.B, self.gemv)
+        t = self.tiling
+        n_btiles = triton.cdiv(self.B, t.block_b)
+        n_chunks = max(triton.cdiv(max(self.H, self.P), t.block_h), triton.cdiv(self.V, t.block_v))
         self.n_split = 1
         if device.type == "cuda" and not INTERPRET and n_chunks > 1:
             sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -436,8 +711,7 @@ class DecodeStep:
             self.B, self.L, self.I, self.H, self.P, self.V,
             CELL=CELL_CODES[self.cell], HAS_TABLE=self.table is not None,
             HAS_HEAD=self.head_w is not None, HAS_PROJ=self.w_hr is not None, SPLIT=split,
-            BLOCK_B=self.block_b, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V,
-            num_warps=num_warps(self.block_b),
+            **self.tiling.constexprs(), num_warps=self.tiling.num_warps,
         )  # fmt: skip
 
     def check_sync(self) -> None:
