@@ -109,6 +109,18 @@ _SYNC_TIMEOUT_MARK = tl.constexpr(SYNC_TIMEOUT_MARK)
 
 
 @triton.jit
+def load_acquire(ptr):  # ptr: [] int32 in global memory
+    """``*ptr`` loaded with acquire semantics at GPU scope: what the writer released before
+    storing the value is visible afterwards. A plain load, so spinning on it leaves the L2
+    atomic unit to the arrivals (an acquire atomic per poll queues behind them); the CUTLASS
+    grid barrier and rnnkern's CUDA kernels spin the same way (``ld.acquire.gpu``, sm_70+)."""
+    return tl.inline_asm_elementwise(
+        "ld.global.acquire.gpu.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=False,
+        pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
 def grid_sync(
     sync_ptr,  # [] int32 counter of this batch tile, zero at launch
     arrivals,  # counter value every program of the tile reached at the previous sync
@@ -116,17 +128,19 @@ def grid_sync(
     SPLIT: tl.constexpr,
 ):
     """Wait until every program of this batch tile has reached this point; returns the new
-    arrival count. Without ``SPLIT`` it is a CTA barrier only."""
+    arrival count. Without ``SPLIT`` it is a CTA barrier only (and the only form the
+    interpreter runs)."""
     tl.debug_barrier()
     if SPLIT:
         # A scalar atomic is issued once per program. Release publishes this program's stores
-        # (ordered by the CTA barrier above), acquire makes the other programs' stores visible.
+        # (ordered by the CTA barrier above); every thread then polls with acquire loads, which
+        # make the other programs' stores visible to it.
         tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
         target = arrivals + n_split
-        seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+        seen = load_acquire(sync_ptr)
         spins = 0
         while (seen < target) & (spins < MAX_SPINS):
-            seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+            seen = load_acquire(sync_ptr)
             spins += 1
         if seen < target:
             # Timed out (programs not all resident): release everyone, never wait again.
