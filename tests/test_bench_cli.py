@@ -175,3 +175,35 @@ def test_cuda_runs_make_float32_exact_on_every_side(monkeypatch):
     assert runner._float32_math({"cudnn": True, "cublas": False, "rnnkern": True}) == (
         "TF32 allowed in cudnn, rnnkern"
     )
+
+
+def test_gpu_train_case_times_streamed_weights_where_the_kernel_keeps_them(monkeypatch):
+    """Where the Triton forward keeps its weights resident, the case has a row with them
+    streamed, and that row really streams (RESIDENT is off during its call, on after)."""
+    import torch
+
+    from rnnkern.backends.triton import common
+
+    if not common.INTERPRET:
+        pytest.skip("runs the Triton kernels on CPU tensors under TRITON_INTERPRET=1")
+    from rnnkern.bench import gpu_train
+
+    seen = []
+    real = common.choose_config
+
+    def spy(*args, **kw):
+        config, n_split = real(*args, **kw)
+        if len(args) > 3 or "resident" in kw:
+            seen.append(config.k_res)
+        return config, n_split
+
+    small = gpu_train.make_case("GRU", torch.float32, 3, 9, 4, False, device="cpu")
+    assert set(small.fns) == {"torch.nn", "rnnkern[triton]", "rnnkern[triton], weights streamed"}
+    wide = gpu_train.make_case("GRU", torch.float32, 3, 40, 4, False, device="cpu")
+    assert "rnnkern[triton], weights streamed" not in wide.fns  # two chunks: streamed anyway
+    import rnnkern.backends.triton.gru as gru
+
+    monkeypatch.setattr(gru, "choose_config", spy)
+    small.fns["rnnkern[triton]"]()
+    small.fns["rnnkern[triton], weights streamed"]()
+    assert seen == [16, 0] and common.RESIDENT is True

@@ -38,13 +38,15 @@ def test_compile_check_subset_compiles_and_reports_registers(tmp_path):
     import json
 
     rows = json.loads(out.read_text())
-    # every launch configuration the dispatcher can choose: block_b in {16, 32} x split
-    assert len(rows) == 4
+    # every launch configuration the dispatcher can choose: block_b in {16, 32} x split, and
+    # with resident weights K_RES in {16, ..., 256} x split (16-row tiles)
+    assert len(rows) == 14
+    assert sum("K_RES=0" in row["config"] for row in rows) == 4
     for row in rows:
         assert row["ok"], row
         assert row["arch"] == "sm_90" and row["registers"] > 0
         assert 0 < row["shared"] <= row["shared_limit"]
-    assert "4 configurations, 0 failed" in res.stdout
+    assert "14 configurations, 0 failed" in res.stdout
 
 
 def test_compile_check_covers_the_decoders_sampler(tmp_path):

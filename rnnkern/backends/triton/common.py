@@ -17,8 +17,11 @@ step (twice with an LSTM projection):
   once (the grid never exceeds the number of SMs), synchronised once per phase by a monotonic
   atomic counter per batch tile. Never used under the interpreter.
 
-The recurrent weights are re-read every step from L2 (one chunk at a time); state buffers written
-by other programs are read with ``cache_modifier=".cg"`` so a stale L1 line is never used.
+Recurrent weights: the forward kernels keep each program's slice of W_hh on chip across all
+steps where it fits and every program owns one hidden chunk (``K_RES > 0``, see
+:func:`choose_config`); otherwise, and in the backward kernels, the weights are re-read every
+step from L2, one chunk at a time. State buffers written by other programs are read with
+``cache_modifier=".cg"`` so a stale L1 line is never used.
 """
 
 from __future__ import annotations
@@ -151,6 +154,75 @@ def grid_sync(
 
 
 @triton.jit
+def resident_gates(
+    w_ptr,  # [G*H, P] W_hh (gate g's rows at g*H)
+    chunk,  # the program's hidden chunk
+    H,
+    P,
+    G: tl.constexpr,  # gates (1 .. 4)
+    BLOCK_H: tl.constexpr,
+    K_RES: tl.constexpr,  # 0: nothing resident (returns placeholders)
+):
+    """The ``[K_RES, BLOCK_H]`` slices ``W_gᵀ[:, chunk]`` of gates ``g < G`` (zero past ``P``
+    and ``H``; the rest repeat gate 0), for kernels that keep them in registers across time
+    steps instead of reading them from L2 at every step."""
+    if K_RES > 0:
+        offs_k = tl.arange(0, K_RES)
+        offs_h = chunk * BLOCK_H + tl.arange(0, BLOCK_H)
+        rows = w_ptr + offs_h[None, :] * P + offs_k[:, None]
+        mask = (offs_k < P)[:, None] & (offs_h < H)[None, :]
+        w0 = tl.load(rows, mask=mask, other=0.0)
+        w1, w2, w3 = w0, w0, w0  # (names must exist before a compile-time branch sets them)
+        if G > 1:
+            w1 = tl.load(rows + H * P, mask=mask, other=0.0)
+        if G > 2:
+            w2 = tl.load(rows + 2 * H * P, mask=mask, other=0.0)
+        if G > 3:
+            w3 = tl.load(rows + 3 * H * P, mask=mask, other=0.0)
+    else:
+        w0 = tl.zeros((1, 1), dtype=w_ptr.dtype.element_ty)
+        w1, w2, w3 = w0, w0, w0
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def resident_product(
+    acc0,  # [BLOCK_B, BLOCK_H] float32 accumulators of gates 0 .. G-1 (the rest pass through)
+    acc1,
+    acc2,
+    acc3,
+    a_ptr,  # A [B, K] float32 (state buffer), row stride K
+    offs_b,  # [BLOCK_B]
+    mask_b,  # [BLOCK_B]
+    K,
+    w0,  # [K_RES, BLOCK_H] resident slices from resident_gates
+    w1,
+    w2,
+    w3,
+    G: tl.constexpr,
+    K_RES: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``acc_g + A[offs_b, :] @ w_g`` for gates ``g < G``: one ``[BLOCK_B, K_RES]`` load of A,
+    then one dot per gate with its resident weights."""
+    offs_r = tl.arange(0, K_RES)
+    a = tl.load(
+        a_ptr + offs_b[:, None] * K + offs_r[None, :],
+        mask=mask_b[:, None] & (offs_r < K)[None, :],
+        other=0.0,
+        cache_modifier=".cg",  # written by other programs of this launch
+    )
+    acc0 = dot_acc(acc0, a, w0, PRECISION)
+    if G > 1:
+        acc1 = dot_acc(acc1, a, w1, PRECISION)
+    if G > 2:
+        acc2 = dot_acc(acc2, a, w2, PRECISION)
+    if G > 3:
+        acc3 = dot_acc(acc3, a, w3, PRECISION)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def step_time(
     s,  # processing step
     lens,  # [BLOCK_B] int64 valid lengths of the tile's rows
@@ -170,13 +242,15 @@ def step_time(
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """One compiled variant of a kernel: tile sizes, warps and grid strategy."""
+    """One compiled variant of a kernel: tile sizes, warps, grid strategy and, for the forward
+    kernels, the resident weights' k extent (0: the weights stream from L2 every step)."""
 
     block_b: int
     block_h: int
     block_k: int
     num_warps: int
     split: bool
+    k_res: int = 0
 
 
 # The fixed configuration table the dispatcher chooses from (no autotuning: a compile_check run
@@ -188,9 +262,40 @@ BLOCK_H = 32
 BLOCK_K = 32
 NUM_WARPS = 8
 
+# Resident weights (forward kernels, no LSTM projection, 16-row batch tiles, every program owning
+# one hidden chunk): the program's G slices of W_hhᵀ, [K_RES, BLOCK_H] each with K_RES the state
+# size rounded up to a power of two, are loaded once per launch; Triton keeps them in shared
+# memory and registers. What fits, from compile_check on sm_90 (8 warps, BLOCK_B = 16):
+#   IEEE float32 dots (FMA units, operands in registers): G * K_RES <= 256. LSTM K_RES = 64:
+#     173 registers, no spill; 128: 176 bytes of spill; GRU 128: 264 bytes.
+#   tensor-core dots (bfloat16, float16, TF32): G * K_RES <= 1024. LSTM bf16 K_RES = 256:
+#     255 registers, 8 bytes of spill, 100 KB of shared memory; tf32: 166 KB.
+#   32-row tiles spilled already at LSTM K_RES = 64 (20 bytes bf16, 308 bytes float32).
+# Shared memory reaches 166 KB, which only sm_80 and sm_90 offer (RESIDENT_ARCHS); compile_check
+# compares every configuration with the architecture's limit.
+RESIDENT = True  # False: weights always stream from L2 (benchmarks compare the two)
+RESIDENT_GATE_K = {"ieee": 256, "tensor": 1024}  # max G * K_RES
+RESIDENT_ARCHS = ((8, 0), (9, 0))
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
-def choose_config(batch: int, hidden: int, device: torch.device) -> tuple[LaunchConfig, int]:
-    """The launch configuration and ``n_split`` (programs per batch tile) for a layer call."""
+
+def resident_k(cell: str, K: int, dtype: torch.dtype, precision: str) -> int:
+    """``K_RES`` for a resident ``[G*H, K]`` W_hh of ``cell`` ("lstm", "gru", "rnn"), or 0
+    where its slices do not fit (see :data:`RESIDENT_GATE_K`)."""
+    k_res = max(16, triton.next_power_of_2(K))  # tl.dot's smallest k
+    ieee = dtype == torch.float32 and precision == "ieee"
+    return k_res if GATES[cell] * k_res <= RESIDENT_GATE_K["ieee" if ieee else "tensor"] else 0
+
+
+def choose_config(
+    batch: int,
+    hidden: int,
+    device: torch.device,
+    resident: tuple[str, int, torch.dtype, str] | None = None,
+) -> tuple[LaunchConfig, int]:
+    """The launch configuration and ``n_split`` (programs per batch tile) for a layer call.
+    ``resident``: ``(cell, K, dtype, precision)`` of a forward kernel that can keep its
+    weights (see :func:`resident_k`), else None."""
     block_b = 16 if batch <= 16 else 32
     n_btiles = triton.cdiv(batch, block_b)
     n_chunks = triton.cdiv(hidden, BLOCK_H)
@@ -201,17 +306,38 @@ def choose_config(batch: int, hidden: int, device: torch.device) -> tuple[Launch
         n_split = min(n_chunks, sms // n_btiles)
         if n_split < 2:
             n_split = 1
-    config = LaunchConfig(block_b, BLOCK_H, BLOCK_K, NUM_WARPS, n_split > 1)
+    k_res = 0
+    # One chunk per program (the slices are loaded for chunk pid_h only); under the
+    # interpreter that means a single chunk.
+    if resident is not None and RESIDENT and block_b == 16 and n_split == n_chunks:
+        arch_ok = device.type != "cuda" or (
+            torch.cuda.get_device_capability(device) in RESIDENT_ARCHS
+        )
+        if arch_ok:
+            k_res = resident_k(*resident)
+    config = LaunchConfig(block_b, BLOCK_H, BLOCK_K, NUM_WARPS, n_split > 1, k_res)
     return config, n_split
 
 
-def all_configs() -> list[LaunchConfig]:
-    """Every configuration :func:`choose_config` can return (for compile_check)."""
-    return [
+def all_configs(dkey: str | None = None, cell: str | None = None) -> list[LaunchConfig]:
+    """Every configuration :func:`choose_config` can return; with the dtype key of
+    compile_check (fp32, tf32, bf16, fp16) and the forward kernel's cell, the resident ones
+    too."""
+    out = [
         LaunchConfig(bb, BLOCK_H, BLOCK_K, NUM_WARPS, split)
         for bb in BLOCK_B_CHOICES
         for split in (False, True)
     ]
+    if dkey is not None and cell is not None:
+        dtype = torch.float32 if dkey in ("fp32", "tf32") else torch.bfloat16
+        precision = "tf32" if dkey == "tf32" else "ieee"
+        for k in (16, 32, 64, 128, 256):
+            if resident_k(cell, k, dtype, precision) == k:
+                out += [
+                    LaunchConfig(16, BLOCK_H, BLOCK_K, NUM_WARPS, split, k)
+                    for split in (False, True)
+                ]
+    return out
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -91,16 +91,21 @@ def jobs(kernels, dtypes) -> list[tuple[str, str, dict]]:
             # float32 logits whatever the weights: one dtype.
             out.extend((kernel, "fp32", c) for c in sampling_configs())
             continue
-        _, has_proj = KERNELS[kernel]
+        module, has_proj = KERNELS[kernel]
+        forward = kernel.endswith("_forward_kernel")  # the kernels with resident weights
         for dkey in dtypes:
-            for cfg in all_configs():
+            for cfg in all_configs(dkey, module if forward else None):
                 for proj in (False, True) if has_proj else (None,):
+                    if proj and cfg.k_res:
+                        continue  # no resident weights with a projection
                     constexprs = dict(
                         SPLIT=cfg.split, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h,
                         BLOCK_K=cfg.block_k, PRECISION=DTYPES[dkey][1],
                     )  # fmt: skip
                     if proj is not None:
                         constexprs["HAS_PROJ"] = proj
+                    if forward:
+                        constexprs["K_RES"] = cfg.k_res
                     out.append((kernel, dkey, constexprs | {"num_warps": cfg.num_warps}))
     return out
 

@@ -22,6 +22,8 @@ from .common import (
     grid_sync,
     launch_grid,
     lengths_or_full,
+    resident_gates,
+    resident_product,
     step_time,
     sync_buffer,
     tile_matmul,
@@ -43,30 +45,41 @@ def _gru_hidden_preacts(
     offs_h,  # [BLOCK_H]
     mask_h,  # [BLOCK_H]
     H,
+    w_r,  # [K_RES, BLOCK_H] resident slices of W_gᵀ (K_RES > 0), else unused
+    w_z,
+    w_n,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    K_RES: tl.constexpr,
 ):
     """Recurrent parts ``h_prev W_gᵀ + b_g`` of the r, z, n gates for a [BLOCK_B, BLOCK_H]
-    tile: one pass over ``H``, each ``h_prev`` tile loaded once for all three gates."""
+    tile: one pass over ``H``, each ``h_prev`` tile loaded once for all three gates (with
+    resident weights, one load of ``h_prev`` and three dots)."""
     acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_n = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < H
-        a = tl.load(
-            h_prev_ptr + offs_b[:, None] * H + offs_k[None, :],
-            mask=mask_b[:, None] & mask_k[None, :],
-            other=0.0,
-            cache_modifier=".cg",
-        )
-        w_rows = w_ptr + offs_h[None, :] * H + offs_k[:, None]  # [BLOCK_K, BLOCK_H] of W_rᵀ
-        w_mask = mask_k[:, None] & mask_h[None, :]
-        acc_r = dot_acc(acc_r, a, tl.load(w_rows, mask=w_mask, other=0.0), PRECISION)
-        acc_z = dot_acc(acc_z, a, tl.load(w_rows + H * H, mask=w_mask, other=0.0), PRECISION)
-        acc_n = dot_acc(acc_n, a, tl.load(w_rows + 2 * H * H, mask=w_mask, other=0.0), PRECISION)
+    if K_RES > 0:
+        acc_r, acc_z, acc_n, _ = resident_product(
+            acc_r, acc_z, acc_n, acc_n, h_prev_ptr, offs_b, mask_b, H, w_r, w_z, w_n, w_n,
+            3, K_RES, PRECISION,
+        )  # fmt: skip
+    else:
+        for k0 in range(0, H, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < H
+            a = tl.load(
+                h_prev_ptr + offs_b[:, None] * H + offs_k[None, :],
+                mask=mask_b[:, None] & mask_k[None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            w_rows = w_ptr + offs_h[None, :] * H + offs_k[:, None]  # [BLOCK_K, BLOCK_H] of W_rᵀ
+            wm = mask_k[:, None] & mask_h[None, :]
+            acc_r = dot_acc(acc_r, a, tl.load(w_rows, mask=wm, other=0.0), PRECISION)
+            acc_z = dot_acc(acc_z, a, tl.load(w_rows + H * H, mask=wm, other=0.0), PRECISION)
+            acc_n = dot_acc(acc_n, a, tl.load(w_rows + 2 * H * H, mask=wm, other=0.0), PRECISION)
     b = b_ptr + offs_h
     acc_r += tl.load(b, mask=mask_h, other=0.0).to(tl.float32)[None, :]
     acc_z += tl.load(b + H, mask=mask_h, other=0.0).to(tl.float32)[None, :]
@@ -96,6 +109,7 @@ def gru_forward_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    K_RES: tl.constexpr = 0,  # > 0: W_hh slice resident (see lstm_forward_kernel)
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -105,6 +119,7 @@ def gru_forward_kernel(
     lens = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
     sync = sync_ptr + pid_b
     arrivals = 0
+    w_r, w_z, w_n, _ = resident_gates(w_ptr, pid_h, H, H, 3, BLOCK_H, K_RES)
     for s in range(T):
         t, valid = step_time(s, lens, reverse)
         cur = tl.where(save != 0, s, s % 2).to(tl.int64)
@@ -117,8 +132,8 @@ def gru_forward_kernel(
             mask = mask_b[:, None] & mask_h[None, :]
             bh = offs_b[:, None] * H + offs_h[None, :]
             hr, hz, hn = _gru_hidden_preacts(
-                h_prev_ptr, w_ptr, b_ptr, offs_b, mask_b, offs_h, mask_h, H,
-                BLOCK_B, BLOCK_H, BLOCK_K, PRECISION,
+                h_prev_ptr, w_ptr, b_ptr, offs_b, mask_b, offs_h, mask_h, H, w_r, w_z, w_n,
+                BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, K_RES,
             )  # fmt: skip
             gr = tl.load(gx_rows + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
             gz = tl.load(gx_rows + H + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -248,7 +263,8 @@ def gru_forward(
     T, B, G3 = gx.shape
     H = G3 // 3
     dev, f32 = gx.device, torch.float32
-    config, n_split = choose_config(B, H, dev)
+    precision = dot_precision(gx.dtype)
+    config, n_split = choose_config(B, H, dev, ("gru", H, gx.dtype, precision))
     slots = T + 1 if save else 2
     hs = empty((slots, B, H), f32, dev)
     hs[0] = h0
@@ -262,7 +278,8 @@ def gru_forward(
         gx, w_hh, bias_or_zeros(b_hh, 3 * H, w_hh), lens, y, hs, hn, gates,
         sync, T, B, H, int(reverse), int(save),
         SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
-        BLOCK_K=config.block_k, PRECISION=dot_precision(gx.dtype), num_warps=config.num_warps,
+        BLOCK_K=config.block_k, PRECISION=precision, K_RES=config.k_res,
+        num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
     h_n = hs[T % slots].clone()

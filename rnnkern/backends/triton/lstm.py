@@ -22,6 +22,8 @@ from .common import (
     grid_sync,
     launch_grid,
     lengths_or_full,
+    resident_gates,
+    resident_product,
     step_time,
     sync_buffer,
     tile_matmul,
@@ -45,32 +47,44 @@ def _lstm_preacts(
     mask_h,  # [BLOCK_H]
     H,
     P,
+    w_i,  # [K_RES, BLOCK_H] resident slices of W_gᵀ (K_RES > 0), else unused
+    w_f,
+    w_g,
+    w_o,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    K_RES: tl.constexpr,
 ):
     """Pre-activations ``gx + h_prev W_gᵀ + b_g`` of the four gates for a [BLOCK_B, BLOCK_H]
-    tile: one pass over ``P``, each ``h_prev`` tile loaded once for all four gates."""
+    tile: one pass over ``P``, each ``h_prev`` tile loaded once for all four gates; with
+    resident weights one [BLOCK_B, K_RES] load of ``h_prev`` and four dots."""
     acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, P, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < P
-        a = tl.load(
-            h_prev_ptr + offs_b[:, None] * P + offs_k[None, :],
-            mask=mask_b[:, None] & mask_k[None, :],
-            other=0.0,
-            cache_modifier=".cg",
-        )
-        w_rows = w_ptr + offs_h[None, :] * P + offs_k[:, None]  # [BLOCK_K, BLOCK_H] of W_iᵀ
-        w_mask = mask_k[:, None] & mask_h[None, :]
-        acc_i = dot_acc(acc_i, a, tl.load(w_rows, mask=w_mask, other=0.0), PRECISION)
-        acc_f = dot_acc(acc_f, a, tl.load(w_rows + H * P, mask=w_mask, other=0.0), PRECISION)
-        acc_g = dot_acc(acc_g, a, tl.load(w_rows + 2 * H * P, mask=w_mask, other=0.0), PRECISION)
-        acc_o = dot_acc(acc_o, a, tl.load(w_rows + 3 * H * P, mask=w_mask, other=0.0), PRECISION)
+    if K_RES > 0:
+        acc_i, acc_f, acc_g, acc_o = resident_product(
+            acc_i, acc_f, acc_g, acc_o, h_prev_ptr, offs_b, mask_b, P, w_i, w_f, w_g, w_o,
+            4, K_RES, PRECISION,
+        )  # fmt: skip
+    else:
+        for k0 in range(0, P, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < P
+            a = tl.load(
+                h_prev_ptr + offs_b[:, None] * P + offs_k[None, :],
+                mask=mask_b[:, None] & mask_k[None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            w_rows = w_ptr + offs_h[None, :] * P + offs_k[:, None]  # [BLOCK_K, BLOCK_H] of W_iᵀ
+            wm = mask_k[:, None] & mask_h[None, :]
+            acc_i = dot_acc(acc_i, a, tl.load(w_rows, mask=wm, other=0.0), PRECISION)
+            acc_f = dot_acc(acc_f, a, tl.load(w_rows + H * P, mask=wm, other=0.0), PRECISION)
+            acc_g = dot_acc(acc_g, a, tl.load(w_rows + 2 * H * P, mask=wm, other=0.0), PRECISION)
+            acc_o = dot_acc(acc_o, a, tl.load(w_rows + 3 * H * P, mask=wm, other=0.0), PRECISION)
     mask = mask_b[:, None] & mask_h[None, :]
     gx = gx_rows + offs_h[None, :]
     b = b_ptr + offs_h
@@ -111,6 +125,7 @@ def lstm_forward_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    K_RES: tl.constexpr = 0,  # > 0: the program's W_hh slice stays in registers (see below)
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -120,6 +135,10 @@ def lstm_forward_kernel(
     lens = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
     sync = sync_ptr + pid_b
     arrivals = 0
+    # Resident weights (K_RES = P rounded up to a power of two; no projection; the program owns
+    # exactly one hidden chunk, pid_h): its four [K_RES, BLOCK_H] slices of W_hhᵀ are loaded
+    # once, before the time loop, instead of from L2 at every step.
+    w_i, w_f, w_g, w_o = resident_gates(w_ptr, pid_h, H, P, 4, BLOCK_H, K_RES)
     for s in range(T):
         t, valid = step_time(s, lens, reverse)
         cur = tl.where(save != 0, s, s % 2).to(tl.int64)
@@ -133,7 +152,7 @@ def lstm_forward_kernel(
             bh = offs_b[:, None] * H + offs_h[None, :]
             pre_i, pre_f, pre_g, pre_o = _lstm_preacts(
                 gx_rows, h_prev_ptr, w_ptr, b_ptr, offs_b, mask_b, offs_h, mask_h, H, P,
-                BLOCK_B, BLOCK_H, BLOCK_K, PRECISION,
+                w_i, w_f, w_g, w_o, BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, K_RES,
             )  # fmt: skip
             i = tl.sigmoid(pre_i)
             f = tl.sigmoid(pre_f)
@@ -311,7 +330,9 @@ def lstm_forward(
     T, B, G4 = gx.shape
     H, P = G4 // 4, w_hh.shape[1]
     dev, f32 = gx.device, torch.float32
-    config, n_split = choose_config(B, max(H, P), dev)
+    precision = dot_precision(gx.dtype)
+    resident = ("lstm", P, gx.dtype, precision) if w_hr is None else None
+    config, n_split = choose_config(B, max(H, P), dev, resident)
     slots = T + 1 if save else 2
     hs = empty((slots, B, P), f32, dev)
     cs = empty((slots, B, H), f32, dev)
@@ -328,8 +349,8 @@ def lstm_forward(
         lens, y, hs, cs, gates, m, sync,
         T, B, H, P, int(reverse), int(save),
         HAS_PROJ=w_hr is not None, SPLIT=config.split, BLOCK_B=config.block_b,
-        BLOCK_H=config.block_h, BLOCK_K=config.block_k, PRECISION=dot_precision(gx.dtype),
-        num_warps=config.num_warps,
+        BLOCK_H=config.block_h, BLOCK_K=config.block_k, PRECISION=precision,
+        K_RES=config.k_res, num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
     h_n, c_n = hs[T % slots].clone(), cs[T % slots].clone()

@@ -20,6 +20,8 @@ from .common import (
     grid_sync,
     launch_grid,
     lengths_or_full,
+    resident_gates,
+    resident_product,
     step_time,
     sync_buffer,
     tile_matmul,
@@ -52,6 +54,7 @@ def rnn_forward_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    K_RES: tl.constexpr = 0,  # > 0: W_hh slice resident (see lstm_forward_kernel)
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -61,6 +64,7 @@ def rnn_forward_kernel(
     lens = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
     sync = sync_ptr + pid_b
     arrivals = 0
+    w_res = resident_gates(w_ptr, pid_h, H, H, 1, BLOCK_H, K_RES)[0]
     for s in range(T):
         t, valid = step_time(s, lens, reverse)
         cur = tl.where(save != 0, s, s % 2).to(tl.int64)
@@ -72,10 +76,16 @@ def rnn_forward_kernel(
             mask = mask_b[:, None] & mask_h[None, :]
             bh = offs_b[:, None] * H + offs_h[None, :]
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            acc = tile_matmul(
-                acc, h_prev_ptr, H, 1, offs_b, mask_b,
-                w_ptr, 1, H, offs_h, mask_h, H, BLOCK_K, PRECISION,
-            )  # fmt: skip
+            if K_RES > 0:
+                acc = resident_product(
+                    acc, acc, acc, acc, h_prev_ptr, offs_b, mask_b, H, w_res, w_res, w_res,
+                    w_res, 1, K_RES, PRECISION,
+                )[0]  # fmt: skip
+            else:
+                acc = tile_matmul(
+                    acc, h_prev_ptr, H, 1, offs_b, mask_b,
+                    w_ptr, 1, H, offs_h, mask_h, H, BLOCK_K, PRECISION,
+                )  # fmt: skip
             rows = (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
             pre = acc + tl.load(gx_ptr + rows, mask=mask, other=0.0).to(tl.float32)
             pre += tl.load(b_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
@@ -172,7 +182,8 @@ def rnn_forward(
     ``save``, ``Saved(hs [T+1, B, H], [0], [0])``."""
     T, B, H = gx.shape
     dev, f32 = gx.device, torch.float32
-    config, n_split = choose_config(B, H, dev)
+    precision = dot_precision(gx.dtype)
+    config, n_split = choose_config(B, H, dev, ("rnn", H, gx.dtype, precision))
     slots = T + 1 if save else 2
     hs = empty((slots, B, H), f32, dev)
     hs[0] = h0
@@ -184,7 +195,8 @@ def rnn_forward(
         gx, w_hh, bias_or_zeros(b_hh, H, w_hh), lens, y, hs, sync,
         T, B, H, int(reverse), int(save), int(relu),
         SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
-        BLOCK_K=config.block_k, PRECISION=dot_precision(gx.dtype), num_warps=config.num_warps,
+        BLOCK_K=config.block_k, PRECISION=precision, K_RES=config.k_res,
+        num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
     h_n = hs[T % slots].clone()
