@@ -7,12 +7,15 @@
 #
 # Environment knobs (all optional):
 #   GPU_CHECK_BUDGET_S   total wall budget in seconds (default 560: fits a 10-minute call)
-#   GPU_CHECK_STAGES     comma list of build,compile,decode,tests,bench (default: all five;
-#                        decode runs tests/test_decode.py first, so the decoders' results come
-#                        back even when the long tests run out of time; bench also runs
-#                        cuda_bench and decode_bench, which can be named alone). Within
-#                        10-minute calls, run build,compile,decode,tests in one call and bench
-#                        in the next (the tests compile ~50 kernel variants on their first run).
+#   GPU_CHECK_STAGES     comma list of build,compile,decode,tests,bench (default: build,decode,
+#                        tests,bench; decode runs tests/test_decode.py first, so the decoders'
+#                        results come back even when the long tests run out of time; bench also
+#                        runs cuda_bench and decode_bench, which can be named alone). compile is
+#                        the ahead-of-time table of every Triton configuration (~530 for sm_90
+#                        in fp32 and bf16); it needs no GPU, so run it elsewhere unless the GPU
+#                        machine's Triton version is in question. Within 10-minute calls, run
+#                        build,decode,tests in one call and bench in the next (the tests compile
+#                        ~50 kernel variants on their first run).
 #   GPU_CHECK_GRID       quick (bounded subset, default) or full (the whole benchmark grid)
 #   GPU_CHECK_TESTS      pytest selection (default: tests/)
 #   PYTHON               interpreter (default: python3, or python if python3 is missing)
@@ -27,7 +30,7 @@ OUT_DIR="${1:-${RNNKERN_RESULTS:-benchmarks/results}}"
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 BUDGET="${GPU_CHECK_BUDGET_S:-560}"
-STAGES=",${GPU_CHECK_STAGES:-build,compile,decode,tests,bench},"
+STAGES=",${GPU_CHECK_STAGES:-build,decode,tests,bench},"
 GRID="${GPU_CHECK_GRID:-quick}"
 TESTS="${GPU_CHECK_TESTS:-tests/}"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"

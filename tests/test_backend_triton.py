@@ -249,31 +249,35 @@ def test_float64_call_is_a_clear_error():
 
 
 def test_resident_weights_rule():
-    """K_RES is the state size rounded up to a power of two (at least tl.dot's 16), while the
-    gates' slices fit: G * K_RES <= 256 for IEEE float32 dots, <= 1024 on tensor cores."""
+    """K_RES is the reduction length rounded up to a power of two (at least tl.dot's 16), while
+    the slices fit: G * K_RES <= 256 for IEEE float32 dots, <= 1024 on tensor cores, and
+    K_RES <= 256."""
     f32, bf16 = torch.float32, torch.bfloat16
-    assert common.resident_k("lstm", 9, f32, "ieee") == 16
-    assert common.resident_k("lstm", 64, f32, "ieee") == 64
-    assert common.resident_k("lstm", 65, f32, "ieee") == 0
-    assert common.resident_k("lstm", 65, f32, "tf32") == 128
-    assert common.resident_k("gru", 256, bf16, "ieee") == 256
-    assert common.resident_k("lstm", 257, bf16, "ieee") == 0
-    assert common.resident_k("rnn", 256, f32, "ieee") == 256
+    assert common.resident_k(4, 9, f32, "ieee") == 16  # LSTM forward
+    assert common.resident_k(4, 64, f32, "ieee") == 64
+    assert common.resident_k(4, 65, f32, "ieee") == 0
+    assert common.resident_k(4, 65, f32, "tf32") == 128
+    assert common.resident_k(3, 256, bf16, "ieee") == 256  # GRU forward
+    assert common.resident_k(4, 257, bf16, "ieee") == 0
+    assert common.resident_k(1, 256, f32, "ieee") == 256  # RNN forward, any backward
+    assert common.resident_k(1, 4 * 64, bf16, "ieee") == 256  # LSTM backward, H = 64
+    assert common.resident_k(1, 4 * 65, bf16, "ieee") == 0  # one slice: K_RES <= 256 too
     cpu = torch.device("cpu")
-    config, n_split = common.choose_config(3, 9, cpu, ("gru", 9, f32, "ieee"))
+    config, n_split = common.choose_config(3, 9, cpu, (3, 9, f32, "ieee"))
     assert (config.k_res, n_split) == (16, 1)
     # 32-row batch tiles, several hidden chunks per program, or no resident request: streamed
-    assert common.choose_config(33, 9, cpu, ("gru", 9, f32, "ieee"))[0].k_res == 0
+    assert common.choose_config(33, 9, cpu, (3, 9, f32, "ieee"))[0].k_res == 0
     if common.INTERPRET:
-        assert common.choose_config(3, 33, cpu, ("gru", 33, f32, "ieee"))[0].k_res == 0
+        assert common.choose_config(3, 33, cpu, (3, 33, f32, "ieee"))[0].k_res == 0
     assert common.choose_config(3, 9, cpu)[0].k_res == 0
 
 
 @pytest.mark.parametrize("name", CELLS)
-def test_forward_keeps_weights_resident_where_the_rule_allows(name, monkeypatch):
-    """Each forward launcher asks for resident weights (not the LSTM with a projection) and
-    gets them at this size, and the result equals the streamed kernel's up to float32
-    rounding (the reference comparisons above run both paths at their sizes)."""
+def test_kernels_keep_weights_resident_where_the_rule_allows(name, monkeypatch):
+    """The forward and backward launchers ask for resident weights (not the LSTM with a
+    projection) and get them at this size, and outputs and gradients equal the streamed
+    kernels' up to float32 rounding (the reference comparisons above run both paths at their
+    sizes)."""
     from rnnkern.backends.triton import gru, lstm, rnn
 
     module = {"lstm": lstm, "gru": gru}.get(cell_of(name), rnn)
@@ -288,17 +292,19 @@ def test_forward_keeps_weights_resident_where_the_rule_allows(name, monkeypatch)
     T, B, H = (5, 3, 9) if DEVICE == "cpu" else (12, 16, 64)
     inp = make_inputs(name, T, B, H)
     resident = run(name, inp, "triton")
-    assert chosen and (chosen[0] > 0) == (name != "lstm_proj"), chosen
+    assert len(chosen) == 2, chosen  # forward, backward
+    assert all((k > 0) == (name != "lstm_proj") for k in chosen), chosen
     monkeypatch.setattr(common, "RESIDENT", False)
     chosen.clear()
     streamed = run(name, inp, "triton")
-    assert chosen[0] == 0
+    assert chosen == [0, 0]
     assert_float32_close(resident, streamed)
 
 
-def test_resident_gates_loads_the_programs_chunk():
-    """resident_gates returns W_gᵀ[:, chunk] of each gate (zeros past P and H): checked for a
-    chunk other than 0, which only persistent launches on a GPU reach in the layer tests."""
+def test_resident_slices_are_the_programs_chunk():
+    """resident_gates returns W_gᵀ[:, chunk] of each gate and resident_columns W[:, chunk]
+    (zeros past the matrix): checked for a chunk other than 0, which only persistent launches
+    on a GPU reach in the layer tests."""
     import triton
     import triton.language as tl
 
@@ -306,19 +312,29 @@ def test_resident_gates_loads_the_programs_chunk():
     def probe(w_ptr, out_ptr, chunk, H, P, G: tl.constexpr, BLOCK_H: tl.constexpr,
               K_RES: tl.constexpr):  # fmt: skip
         w0, w1, w2, w3 = common.resident_gates(w_ptr, chunk, H, P, G, BLOCK_H, K_RES)
+        cols = common.resident_columns(w_ptr, chunk, G * H, P, BLOCK_H, K_RES)
         idx = tl.arange(0, K_RES)[:, None] * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
         n = K_RES * BLOCK_H
         tl.store(out_ptr + idx, w0.to(tl.float32))
         tl.store(out_ptr + n + idx, w1.to(tl.float32))
         tl.store(out_ptr + 2 * n + idx, w2.to(tl.float32))
         tl.store(out_ptr + 3 * n + idx, w3.to(tl.float32))
+        tl.store(out_ptr + 4 * n + idx, cols.to(tl.float32))
 
     G, H, P, BH, KR = 3, 40, 20, 32, 32
     w = torch.randn(G * H, P, device=DEVICE)
-    out = torch.full((4, KR, BH), float("nan"), device=DEVICE)
+    out = torch.full((5, KR, BH), float("nan"), device=DEVICE)
     probe[(1,)](w, out, 1, H, P, G=G, BLOCK_H=BH, K_RES=KR)
     for g in range(4):
         expected = torch.zeros(KR, BH, device=DEVICE)
-        gate = min(g, G - 1) if g < G else 0  # gates past G repeat gate 0
+        gate = g if g < G else 0  # gates past G repeat gate 0
         expected[:P, : H - BH] = w[gate * H + BH : gate * H + H].t()
         assert torch.equal(out[g], expected), g
+    # columns: chunk 1 of P = 20 is empty (units 32..63), so use a wider matrix as well
+    assert torch.equal(out[4], torch.zeros(KR, BH, device=DEVICE))
+    w = torch.randn(KR - 2, 2 * BH + 5, device=DEVICE)  # K = 30 rows, P = 69 columns
+    out = torch.full((5, KR, BH), float("nan"), device=DEVICE)
+    probe[(1,)](w, out, 1, 10, w.shape[1], G=G, BLOCK_H=BH, K_RES=KR)
+    expected = torch.zeros(KR, BH, device=DEVICE)
+    expected[: KR - 2] = w[:, BH : 2 * BH]
+    assert torch.equal(out[4], expected)

@@ -5,8 +5,8 @@ and GRU, one layer, ``input_size == hidden_size``, in bfloat16 and float32 (TF32
 float32 is exact on both sides). For each shape both implementations run in the same process,
 interleaved by :func:`rnnkern.bench.runner.measure`; the ratio is cuDNN median / Triton median
 (above 1: Triton is faster). Where the Triton forward keeps its recurrent weights resident
-(:func:`rnnkern.backends.triton.common.choose_config`), the case also times it with the weights
-streamed from L2 at every step.
+(:func:`rnnkern.backends.triton.common.choose_config`), the case also times the kernels with
+the weights streamed from L2 at every step.
 
 The full grid is B in {1, 16, 64, 256} x H in {128, 256, 512, 1024} x T in {256, 1024}; the
 quick grid (the default of ``main``) is a bounded subset that fits a few minutes. ``main``
@@ -84,15 +84,15 @@ def make_case(cell, dtype, B, H, T, train, device="cuda") -> Case:
 
 def _resident(cell: str, dtype: torch.dtype, B: int, H: int, device: str) -> bool:
     """Whether the Triton forward keeps its weights resident at this shape (then the case also
-    times it with them streamed from L2 every step, what residency saves)."""
+    times the kernels with them streamed from L2 every step, what residency saves)."""
     from ..backends.triton import common
 
-    resident = (cell.lower(), H, dtype, common.dot_precision(dtype))
+    resident = (common.GATES[cell.lower()], H, dtype, common.dot_precision(dtype))
     return common.choose_config(B, H, torch.device(device), resident)[0].k_res > 0
 
 
 def _streamed(step):
-    """``step`` with the Triton forward kernels' weights streamed (``common.RESIDENT`` off)."""
+    """``step`` with the Triton kernels' weights streamed (``common.RESIDENT`` off)."""
     from ..backends.triton import common
 
     def run():

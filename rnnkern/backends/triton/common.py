@@ -17,10 +17,11 @@ step (twice with an LSTM projection):
   once (the grid never exceeds the number of SMs), synchronised once per phase by a monotonic
   atomic counter per batch tile. Never used under the interpreter.
 
-Recurrent weights: the forward kernels keep each program's slice of W_hh on chip across all
-steps where it fits and every program owns one hidden chunk (``K_RES > 0``, see
-:func:`choose_config`); otherwise, and in the backward kernels, the weights are re-read every
-step from L2, one chunk at a time. State buffers written by other programs are read with
+Recurrent weights: the kernels keep each program's slices of W_hh on chip across all steps
+where they fit and every program owns one chunk (``K_RES > 0``, see :func:`choose_config`;
+forward: the gates' rows of the program's hidden units, backward: the columns of its state
+units); otherwise, and with an LSTM projection, they are re-read every step from L2, one chunk
+at a time. State buffers written by other programs are read with
 ``cache_modifier=".cg"`` so a stale L1 line is never used.
 """
 
@@ -186,6 +187,30 @@ def resident_gates(
 
 
 @triton.jit
+def resident_columns(
+    w_ptr,  # [K, P] W_hh (row k of every gate's pre-activations, column p of the state)
+    chunk,  # the program's state chunk
+    K,
+    P,
+    BLOCK_H: tl.constexpr,
+    K_RES: tl.constexpr,  # 0: nothing resident (returns a placeholder)
+):
+    """The ``[K_RES, BLOCK_H]`` slice ``W[:, chunk]`` (zero past ``K`` and ``P``), which the
+    backward kernels multiply ``dgh_s [B, K]`` by for ``dh_{s-1}``, kept across steps."""
+    if K_RES > 0:
+        offs_k = tl.arange(0, K_RES)
+        offs_p = chunk * BLOCK_H + tl.arange(0, BLOCK_H)
+        w = tl.load(
+            w_ptr + offs_k[:, None] * P + offs_p[None, :],
+            mask=(offs_k < K)[:, None] & (offs_p < P)[None, :],
+            other=0.0,
+        )
+    else:
+        w = tl.zeros((1, 1), dtype=w_ptr.dtype.element_ty)
+    return w
+
+
+@triton.jit
 def resident_product(
     acc0,  # [BLOCK_B, BLOCK_H] float32 accumulators of gates 0 .. G-1 (the rest pass through)
     acc1,
@@ -262,40 +287,47 @@ BLOCK_H = 32
 BLOCK_K = 32
 NUM_WARPS = 8
 
-# Resident weights (forward kernels, no LSTM projection, 16-row batch tiles, every program owning
-# one hidden chunk): the program's G slices of W_hhᵀ, [K_RES, BLOCK_H] each with K_RES the state
-# size rounded up to a power of two, are loaded once per launch; Triton keeps them in shared
-# memory and registers. What fits, from compile_check on sm_90 (8 warps, BLOCK_B = 16):
-#   IEEE float32 dots (FMA units, operands in registers): G * K_RES <= 256. LSTM K_RES = 64:
-#     173 registers, no spill; 128: 176 bytes of spill; GRU 128: 264 bytes.
-#   tensor-core dots (bfloat16, float16, TF32): G * K_RES <= 1024. LSTM bf16 K_RES = 256:
-#     255 registers, 8 bytes of spill, 100 KB of shared memory; tf32: 166 KB.
+# Resident weights (16-row batch tiles, every program owning one chunk, no LSTM projection): the
+# program's slices of W_hh, [K_RES, BLOCK_H] each with K_RES the reduction length rounded up to a
+# power of two, are loaded once per launch; Triton keeps them in shared memory and registers.
+# Forward: one slice per gate over the state (K = P). Backward: one slice of W_hh's columns over
+# all gates' rows (K = G*H), for dh_{s-1} = dgh_s W_hh. What fits, from compile_check on sm_90
+# (8 warps):
+#   IEEE float32 dots (FMA units, operands in registers): G * K_RES <= 256. LSTM forward
+#     K_RES = 64: 173 registers, no spill; 128: 176 bytes of spill; GRU 128: 264 bytes.
+#   tensor-core dots (bfloat16, float16, TF32): G * K_RES <= 1024. LSTM forward bf16
+#     K_RES = 256: 255 registers, 8 bytes of spill, 100 KB of shared memory; tf32: 166 KB.
+#   K_RES <= 256 for one slice too: at 512 the GRU backward spilled 156 bytes and the RNN
+#     forward 176 (bf16); at 1024 kilobytes, and 198-264 KB of shared memory overflowed.
 #   32-row tiles spilled already at LSTM K_RES = 64 (20 bytes bf16, 308 bytes float32).
 # Shared memory reaches 166 KB, which only sm_80 and sm_90 offer (RESIDENT_ARCHS); compile_check
 # compares every configuration with the architecture's limit.
 RESIDENT = True  # False: weights always stream from L2 (benchmarks compare the two)
 RESIDENT_GATE_K = {"ieee": 256, "tensor": 1024}  # max G * K_RES
+RESIDENT_MAX_K = 256  # max K_RES
 RESIDENT_ARCHS = ((8, 0), (9, 0))
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
-def resident_k(cell: str, K: int, dtype: torch.dtype, precision: str) -> int:
-    """``K_RES`` for a resident ``[G*H, K]`` W_hh of ``cell`` ("lstm", "gru", "rnn"), or 0
-    where its slices do not fit (see :data:`RESIDENT_GATE_K`)."""
+def resident_k(gates: int, K: int, dtype: torch.dtype, precision: str) -> int:
+    """``K_RES`` for ``gates`` resident ``[K_RES, BLOCK_H]`` slices over a ``K``-long reduction
+    (forward: the cell's gates, K = state size; backward: one slice of W_hh's columns,
+    K = G*H), or 0 where they do not fit (see :data:`RESIDENT_GATE_K`)."""
     k_res = max(16, triton.next_power_of_2(K))  # tl.dot's smallest k
     ieee = dtype == torch.float32 and precision == "ieee"
-    return k_res if GATES[cell] * k_res <= RESIDENT_GATE_K["ieee" if ieee else "tensor"] else 0
+    fits = gates * k_res <= RESIDENT_GATE_K["ieee" if ieee else "tensor"]
+    return k_res if fits and k_res <= RESIDENT_MAX_K else 0
 
 
 def choose_config(
     batch: int,
     hidden: int,
     device: torch.device,
-    resident: tuple[str, int, torch.dtype, str] | None = None,
+    resident: tuple[int, int, torch.dtype, str] | None = None,
 ) -> tuple[LaunchConfig, int]:
     """The launch configuration and ``n_split`` (programs per batch tile) for a layer call.
-    ``resident``: ``(cell, K, dtype, precision)`` of a forward kernel that can keep its
-    weights (see :func:`resident_k`), else None."""
+    ``resident``: ``(gates, K, dtype, precision)`` of a kernel that can keep its weights (see
+    :func:`resident_k`), else None."""
     block_b = 16 if batch <= 16 else 32
     n_btiles = triton.cdiv(batch, block_b)
     n_chunks = triton.cdiv(hidden, BLOCK_H)
@@ -319,20 +351,20 @@ def choose_config(
     return config, n_split
 
 
-def all_configs(dkey: str | None = None, cell: str | None = None) -> list[LaunchConfig]:
+def all_configs(dkey: str | None = None, gates: int | None = None) -> list[LaunchConfig]:
     """Every configuration :func:`choose_config` can return; with the dtype key of
-    compile_check (fp32, tf32, bf16, fp16) and the forward kernel's cell, the resident ones
-    too."""
+    compile_check (fp32, tf32, bf16, fp16) and the kernel's resident slice count (forward: the
+    cell's gates; backward: 1), the resident ones too."""
     out = [
         LaunchConfig(bb, BLOCK_H, BLOCK_K, NUM_WARPS, split)
         for bb in BLOCK_B_CHOICES
         for split in (False, True)
     ]
-    if dkey is not None and cell is not None:
+    if dkey is not None and gates is not None:
         dtype = torch.float32 if dkey in ("fp32", "tf32") else torch.bfloat16
         precision = "tf32" if dkey == "tf32" else "ieee"
         for k in (16, 32, 64, 128, 256):
-            if resident_k(cell, k, dtype, precision) == k:
+            if resident_k(gates, k, dtype, precision) == k:
                 out += [
                     LaunchConfig(16, BLOCK_H, BLOCK_K, NUM_WARPS, split, k)
                     for split in (False, True)

@@ -73,7 +73,7 @@ class Row:
 
 def jobs(kernels, dtypes) -> list[tuple[str, str, dict]]:
     """Every (kernel, dtype key, constexpr dict) the dispatcher can launch."""
-    from .common import all_configs
+    from .common import GATES, all_configs
 
     out = []
     for kernel in kernels:
@@ -92,9 +92,11 @@ def jobs(kernels, dtypes) -> list[tuple[str, str, dict]]:
             out.extend((kernel, "fp32", c) for c in sampling_configs())
             continue
         module, has_proj = KERNELS[kernel]
-        forward = kernel.endswith("_forward_kernel")  # the kernels with resident weights
+        # resident slices per program: forward, the cell's gates; backward, one of W_hh's
+        # columns (common.choose_config's ``resident`` argument)
+        gates = GATES[module] if kernel.endswith("_forward_kernel") else 1
         for dkey in dtypes:
-            for cfg in all_configs(dkey, module if forward else None):
+            for cfg in all_configs(dkey, gates):
                 for proj in (False, True) if has_proj else (None,):
                     if proj and cfg.k_res:
                         continue  # no resident weights with a projection
@@ -104,8 +106,7 @@ def jobs(kernels, dtypes) -> list[tuple[str, str, dict]]:
                     )  # fmt: skip
                     if proj is not None:
                         constexprs["HAS_PROJ"] = proj
-                    if forward:
-                        constexprs["K_RES"] = cfg.k_res
+                    constexprs["K_RES"] = cfg.k_res
                     out.append((kernel, dkey, constexprs | {"num_warps": cfg.num_warps}))
     return out
 

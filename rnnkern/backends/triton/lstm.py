@@ -22,6 +22,7 @@ from .common import (
     grid_sync,
     launch_grid,
     lengths_or_full,
+    resident_columns,
     resident_gates,
     resident_product,
     step_time,
@@ -222,6 +223,7 @@ def lstm_backward_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    K_RES: tl.constexpr = 0,  # > 0: the program's columns of W_hh stay on chip (phase 2)
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -231,6 +233,7 @@ def lstm_backward_kernel(
     lens = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
     sync = sync_ptr + pid_b
     arrivals = 0
+    w_res = resident_columns(w_ptr, pid_h, 4 * H, P, BLOCK_H, K_RES)
     for r in range(T):
         s = T - 1 - r
         t, valid = step_time(s, lens, reverse)
@@ -298,10 +301,16 @@ def lstm_backward_kernel(
             mask = mask_b[:, None] & mask_p[None, :]
             bp = offs_b[:, None] * P + offs_p[None, :]
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            acc = tile_matmul(
-                acc, dgh_ptr + s64 * B * 4 * H, 4 * H, 1, offs_b, mask_b,
-                w_ptr, P, 1, offs_p, mask_p, 4 * H, BLOCK_K, PRECISION,
-            )  # fmt: skip
+            if K_RES > 0:
+                acc = resident_product(
+                    acc, acc, acc, acc, dgh_ptr + s64 * B * 4 * H, offs_b, mask_b, 4 * H,
+                    w_res, w_res, w_res, w_res, 1, K_RES, PRECISION,
+                )[0]  # fmt: skip
+            else:
+                acc = tile_matmul(
+                    acc, dgh_ptr + s64 * B * 4 * H, 4 * H, 1, offs_b, mask_b,
+                    w_ptr, P, 1, offs_p, mask_p, 4 * H, BLOCK_K, PRECISION,
+                )  # fmt: skip
             dh = tl.load(dh_ptr + bp, mask=mask, other=0.0)
             tl.store(dh_ptr + bp, tl.where(valid[:, None], acc, dh), mask=mask)
         # dh and dc are only ever touched by the program owning their chunk, but by other
@@ -331,7 +340,7 @@ def lstm_forward(
     H, P = G4 // 4, w_hh.shape[1]
     dev, f32 = gx.device, torch.float32
     precision = dot_precision(gx.dtype)
-    resident = ("lstm", P, gx.dtype, precision) if w_hr is None else None
+    resident = (4, P, gx.dtype, precision) if w_hr is None else None
     config, n_split = choose_config(B, max(H, P), dev, resident)
     slots = T + 1 if save else 2
     hs = empty((slots, B, P), f32, dev)
@@ -376,7 +385,9 @@ def lstm_backward(
     T, B, P = dy.shape
     H = w_hh.shape[0] // 4
     dev, f32 = dy.device, torch.float32
-    config, n_split = choose_config(B, max(H, P), dev)
+    precision = dot_precision(dy.dtype)
+    resident = (1, 4 * H, dy.dtype, precision) if w_hr is None else None
+    config, n_split = choose_config(B, max(H, P), dev, resident)
     dh = dh_n.to(f32).contiguous().clone()
     dc = dc_n.to(f32).contiguous().clone()
     dgh = empty((T, B, 4 * H), f32, dev)
@@ -389,8 +400,8 @@ def lstm_backward(
         w_hh, w_hr if w_hr is not None else w_hh, lens, dy.contiguous(), gates, cs, dh, dc,
         dgh, dgx, dhp, sync, T, B, H, P, int(reverse),
         HAS_PROJ=w_hr is not None, SPLIT=config.split, BLOCK_B=config.block_b,
-        BLOCK_H=config.block_h, BLOCK_K=config.block_k, PRECISION=dot_precision(dy.dtype),
-        num_warps=config.num_warps,
+        BLOCK_H=config.block_h, BLOCK_K=config.block_k, PRECISION=precision,
+        K_RES=config.k_res, num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
     dw_hh, db_hh = weight_grads(dgh, hs, w_hh, b_hh)

@@ -20,6 +20,7 @@ from .common import (
     grid_sync,
     launch_grid,
     lengths_or_full,
+    resident_columns,
     resident_gates,
     resident_product,
     step_time,
@@ -118,6 +119,7 @@ def rnn_backward_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    K_RES: tl.constexpr = 0,  # > 0: the program's columns of W_hh stay on chip (phase 2)
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -127,6 +129,7 @@ def rnn_backward_kernel(
     lens = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
     sync = sync_ptr + pid_b
     arrivals = 0
+    w_res = resident_columns(w_ptr, pid_h, H, H, BLOCK_H, K_RES)
     for r in range(T):
         s = T - 1 - r
         t, valid = step_time(s, lens, reverse)
@@ -153,10 +156,16 @@ def rnn_backward_kernel(
             mask = mask_b[:, None] & mask_h[None, :]
             bh = offs_b[:, None] * H + offs_h[None, :]
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            acc = tile_matmul(
-                acc, dgh_ptr + s64 * B * H, H, 1, offs_b, mask_b,
-                w_ptr, H, 1, offs_h, mask_h, H, BLOCK_K, PRECISION,
-            )  # fmt: skip
+            if K_RES > 0:
+                acc = resident_product(
+                    acc, acc, acc, acc, dgh_ptr + s64 * B * H, offs_b, mask_b, H,
+                    w_res, w_res, w_res, w_res, 1, K_RES, PRECISION,
+                )[0]  # fmt: skip
+            else:
+                acc = tile_matmul(
+                    acc, dgh_ptr + s64 * B * H, H, 1, offs_b, mask_b,
+                    w_ptr, H, 1, offs_h, mask_h, H, BLOCK_K, PRECISION,
+                )  # fmt: skip
             dh = tl.load(dh_ptr + bh, mask=mask, other=0.0)
             tl.store(dh_ptr + bh, tl.where(keep, acc, dh), mask=mask)
         # dh is only touched by the program owning its chunk, but by other threads of it.
@@ -183,7 +192,7 @@ def rnn_forward(
     T, B, H = gx.shape
     dev, f32 = gx.device, torch.float32
     precision = dot_precision(gx.dtype)
-    config, n_split = choose_config(B, H, dev, ("rnn", H, gx.dtype, precision))
+    config, n_split = choose_config(B, H, dev, (1, H, gx.dtype, precision))
     slots = T + 1 if save else 2
     hs = empty((slots, B, H), f32, dev)
     hs[0] = h0
@@ -219,7 +228,8 @@ def rnn_backward(
     hs = saved.hs
     T, B, H = dy.shape
     dev, f32 = dy.device, torch.float32
-    config, n_split = choose_config(B, H, dev)
+    precision = dot_precision(dy.dtype)
+    config, n_split = choose_config(B, H, dev, (1, H, dy.dtype, precision))
     dh = dh_n.to(f32).contiguous().clone()
     dgh = empty((T, B, H), f32, dev)
     dgx = empty((T, B, H), dy.dtype, dev)
@@ -230,7 +240,8 @@ def rnn_backward(
         w_hh, lens, dy.contiguous(), hs, dh, dgh, dgx, sync,
         T, B, H, int(reverse), int(relu),
         SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
-        BLOCK_K=config.block_k, PRECISION=dot_precision(dy.dtype), num_warps=config.num_warps,
+        BLOCK_K=config.block_k, PRECISION=precision, K_RES=config.k_res,
+        num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
     dw_hh, db_hh = weight_grads(dgh, hs, w_hh, b_hh)
