@@ -250,25 +250,28 @@ def test_float64_call_is_a_clear_error():
 
 def test_resident_weights_rule():
     """K_RES is the reduction length rounded up to a power of two (at least tl.dot's 16), while
-    the slices fit: G * K_RES <= 256 for IEEE float32 dots, <= 1024 on tensor cores, and
-    K_RES <= 256."""
+    the slices fit: slices * K_RES <= 256 for IEEE float32 dots, <= 1024 on tensor cores, and
+    K_RES <= 256 (512 for the LSTM and RNN backward in 16-bit)."""
     f32, bf16 = torch.float32, torch.bfloat16
-    assert common.resident_k(4, 9, f32, "ieee") == 16  # LSTM forward
-    assert common.resident_k(4, 64, f32, "ieee") == 64
-    assert common.resident_k(4, 65, f32, "ieee") == 0
-    assert common.resident_k(4, 65, f32, "tf32") == 128
-    assert common.resident_k(3, 256, bf16, "ieee") == 256  # GRU forward
-    assert common.resident_k(4, 257, bf16, "ieee") == 0
-    assert common.resident_k(1, 256, f32, "ieee") == 256  # RNN forward, any backward
-    assert common.resident_k(1, 4 * 64, bf16, "ieee") == 256  # LSTM backward, H = 64
-    assert common.resident_k(1, 4 * 65, bf16, "ieee") == 0  # one slice: K_RES <= 256 too
+    assert common.resident_k("lstm_forward", 9, f32, "ieee") == 16
+    assert common.resident_k("lstm_forward", 64, f32, "ieee") == 64
+    assert common.resident_k("lstm_forward", 65, f32, "ieee") == 0
+    assert common.resident_k("lstm_forward", 65, f32, "tf32") == 128
+    assert common.resident_k("gru_forward", 256, bf16, "ieee") == 256
+    assert common.resident_k("lstm_forward", 257, bf16, "ieee") == 0
+    assert common.resident_k("rnn_forward", 256, f32, "ieee") == 256
+    assert common.resident_k("rnn_forward", 257, bf16, "ieee") == 0  # one slice: <= 256 ...
+    assert common.resident_k("lstm_backward", 4 * 128, bf16, "ieee") == 512  # ... but these
+    assert common.resident_k("gru_backward", 3 * 128, bf16, "ieee") == 0
+    assert common.resident_k("lstm_backward", 4 * 128, f32, "tf32") == 0
     cpu = torch.device("cpu")
-    config, n_split = common.choose_config(3, 9, cpu, (3, 9, f32, "ieee"))
+    request = ("gru_forward", 9, f32, "ieee")
+    config, n_split = common.choose_config(3, 9, cpu, request)
     assert (config.k_res, n_split) == (16, 1)
     # 32-row batch tiles, several hidden chunks per program, or no resident request: streamed
-    assert common.choose_config(33, 9, cpu, (3, 9, f32, "ieee"))[0].k_res == 0
+    assert common.choose_config(33, 9, cpu, request)[0].k_res == 0
     if common.INTERPRET:
-        assert common.choose_config(3, 33, cpu, (3, 33, f32, "ieee"))[0].k_res == 0
+        assert common.choose_config(3, 33, cpu, ("gru_forward", 33, f32, "ieee"))[0].k_res == 0
     assert common.choose_config(3, 9, cpu)[0].k_res == 0
 
 

@@ -39,7 +39,7 @@ def test_compile_check_subset_compiles_and_reports_registers(tmp_path):
 
     rows = json.loads(out.read_text())
     # every launch configuration the dispatcher can choose: block_b in {16, 32} x split, and
-    # with resident weights K_RES in {16, ..., 256} x split (16-row tiles)
+    # with resident weights K_RES in {16, ..., 256} x split (16-row tiles; 512 spilled here)
     assert len(rows) == 14
     assert sum("K_RES=0" in row["config"] for row in rows) == 4
     for row in rows:

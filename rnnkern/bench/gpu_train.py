@@ -87,7 +87,7 @@ def _resident(cell: str, dtype: torch.dtype, B: int, H: int, device: str) -> boo
     times the kernels with them streamed from L2 every step, what residency saves)."""
     from ..backends.triton import common
 
-    resident = (common.GATES[cell.lower()], H, dtype, common.dot_precision(dtype))
+    resident = (f"{cell.lower()}_forward", H, dtype, common.dot_precision(dtype))
     return common.choose_config(B, H, torch.device(device), resident)[0].k_res > 0
 
 

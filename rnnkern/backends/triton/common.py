@@ -297,36 +297,43 @@ NUM_WARPS = 8
 #     K_RES = 64: 173 registers, no spill; 128: 176 bytes of spill; GRU 128: 264 bytes.
 #   tensor-core dots (bfloat16, float16, TF32): G * K_RES <= 1024. LSTM forward bf16
 #     K_RES = 256: 255 registers, 8 bytes of spill, 100 KB of shared memory; tf32: 166 KB.
-#   K_RES <= 256 for one slice too: at 512 the GRU backward spilled 156 bytes and the RNN
-#     forward 176 (bf16); at 1024 kilobytes, and 198-264 KB of shared memory overflowed.
-#   32-row tiles spilled already at LSTM K_RES = 64 (20 bytes bf16, 308 bytes float32).
+#   K_RES <= 256, except 512 in 16-bit for the LSTM and RNN backward, which compile at 512
+#     without spills (sm_80 and sm_90; 100 KB of shared memory): at 512 the GRU backward
+#     spilled 104-164 bytes and the RNN forward 8-352, TF32 kilobytes; at 1024 shared
+#     memory overflowed (198-264 KB).
 # Shared memory reaches 166 KB, which only sm_80 and sm_90 offer (RESIDENT_ARCHS); compile_check
 # compares every configuration with the architecture's limit.
 RESIDENT = True  # False: weights always stream from L2 (benchmarks compare the two)
-RESIDENT_GATE_K = {"ieee": 256, "tensor": 1024}  # max G * K_RES
-RESIDENT_MAX_K = 256  # max K_RES
+RESIDENT_GATE_K = {"ieee": 256, "tensor": 1024}  # max slices * K_RES
+RESIDENT_MAX_K = 256  # max K_RES ...
+RESIDENT_MAX_K_16BIT = {"lstm_backward": 512, "rnn_backward": 512}  # ... but these, in 16-bit
 RESIDENT_ARCHS = ((8, 0), (9, 0))
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+# slices of W_hh a program keeps, per kernel: forward, one per gate ([K_RES, BLOCK_H] of W_gᵀ,
+# K = state size); backward, one of W_hh's columns (K = G*H)
+RESIDENT_SLICES = {"lstm_forward": 4, "gru_forward": 3, "rnn_forward": 1,
+                   "lstm_backward": 1, "gru_backward": 1, "rnn_backward": 1}  # fmt: skip
 
 
-def resident_k(gates: int, K: int, dtype: torch.dtype, precision: str) -> int:
-    """``K_RES`` for ``gates`` resident ``[K_RES, BLOCK_H]`` slices over a ``K``-long reduction
-    (forward: the cell's gates, K = state size; backward: one slice of W_hh's columns,
-    K = G*H), or 0 where they do not fit (see :data:`RESIDENT_GATE_K`)."""
+def resident_k(kernel: str, K: int, dtype: torch.dtype, precision: str) -> int:
+    """``K_RES`` for ``kernel``'s (a key of :data:`RESIDENT_SLICES`) resident slices over a
+    ``K``-long reduction, or 0 where they do not fit (see the table above)."""
     k_res = max(16, triton.next_power_of_2(K))  # tl.dot's smallest k
     ieee = dtype == torch.float32 and precision == "ieee"
-    fits = gates * k_res <= RESIDENT_GATE_K["ieee" if ieee else "tensor"]
-    return k_res if fits and k_res <= RESIDENT_MAX_K else 0
+    fits = RESIDENT_SLICES[kernel] * k_res <= RESIDENT_GATE_K["ieee" if ieee else "tensor"]
+    max_k = RESIDENT_MAX_K
+    if dtype in (torch.float16, torch.bfloat16):
+        max_k = RESIDENT_MAX_K_16BIT.get(kernel, RESIDENT_MAX_K)
+    return k_res if fits and k_res <= max_k else 0
 
 
 def choose_config(
     batch: int,
     hidden: int,
     device: torch.device,
-    resident: tuple[int, int, torch.dtype, str] | None = None,
+    resident: tuple[str, int, torch.dtype, str] | None = None,
 ) -> tuple[LaunchConfig, int]:
     """The launch configuration and ``n_split`` (programs per batch tile) for a layer call.
-    ``resident``: ``(gates, K, dtype, precision)`` of a kernel that can keep its weights (see
+    ``resident``: ``(kernel, K, dtype, precision)`` of a kernel that can keep its weights (see
     :func:`resident_k`), else None."""
     block_b = 16 if batch <= 16 else 32
     n_btiles = triton.cdiv(batch, block_b)
@@ -351,20 +358,21 @@ def choose_config(
     return config, n_split
 
 
-def all_configs(dkey: str | None = None, gates: int | None = None) -> list[LaunchConfig]:
+def all_configs(dkey: str | None = None, kernel: str | None = None) -> list[LaunchConfig]:
     """Every configuration :func:`choose_config` can return; with the dtype key of
-    compile_check (fp32, tf32, bf16, fp16) and the kernel's resident slice count (forward: the
-    cell's gates; backward: 1), the resident ones too."""
+    compile_check (fp32, tf32, bf16, fp16) and a key of :data:`RESIDENT_SLICES`, the resident
+    ones too."""
     out = [
         LaunchConfig(bb, BLOCK_H, BLOCK_K, NUM_WARPS, split)
         for bb in BLOCK_B_CHOICES
         for split in (False, True)
     ]
-    if dkey is not None and gates is not None:
-        dtype = torch.float32 if dkey in ("fp32", "tf32") else torch.bfloat16
+    if dkey is not None and kernel is not None:
+        dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
+                 "fp16": torch.float16}[dkey]  # fmt: skip
         precision = "tf32" if dkey == "tf32" else "ieee"
-        for k in (16, 32, 64, 128, 256):
-            if resident_k(gates, k, dtype, precision) == k:
+        for k in (16, 32, 64, 128, 256, 512):
+            if resident_k(kernel, k, dtype, precision) == k:
                 out += [
                     LaunchConfig(16, BLOCK_H, BLOCK_K, NUM_WARPS, split, k)
                     for split in (False, True)

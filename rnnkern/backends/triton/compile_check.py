@@ -73,7 +73,7 @@ class Row:
 
 def jobs(kernels, dtypes) -> list[tuple[str, str, dict]]:
     """Every (kernel, dtype key, constexpr dict) the dispatcher can launch."""
-    from .common import GATES, all_configs
+    from .common import all_configs
 
     out = []
     for kernel in kernels:
@@ -91,12 +91,10 @@ def jobs(kernels, dtypes) -> list[tuple[str, str, dict]]:
             # float32 logits whatever the weights: one dtype.
             out.extend((kernel, "fp32", c) for c in sampling_configs())
             continue
-        module, has_proj = KERNELS[kernel]
-        # resident slices per program: forward, the cell's gates; backward, one of W_hh's
-        # columns (common.choose_config's ``resident`` argument)
-        gates = GATES[module] if kernel.endswith("_forward_kernel") else 1
+        _, has_proj = KERNELS[kernel]
         for dkey in dtypes:
-            for cfg in all_configs(dkey, gates):
+            # with the resident configurations of this kernel (common.RESIDENT_SLICES)
+            for cfg in all_configs(dkey, kernel.removesuffix("_kernel")):
                 for proj in (False, True) if has_proj else (None,):
                     if proj and cfg.k_res:
                         continue  # no resident weights with a projection

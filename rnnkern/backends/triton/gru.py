@@ -273,7 +273,7 @@ def gru_forward(
     H = G3 // 3
     dev, f32 = gx.device, torch.float32
     precision = dot_precision(gx.dtype)
-    config, n_split = choose_config(B, H, dev, (3, H, gx.dtype, precision))
+    config, n_split = choose_config(B, H, dev, ("gru_forward", H, gx.dtype, precision))
     slots = T + 1 if save else 2
     hs = empty((slots, B, H), f32, dev)
     hs[0] = h0
@@ -311,7 +311,7 @@ def gru_backward(
     T, B, H = dy.shape
     dev, f32 = dy.device, torch.float32
     precision = dot_precision(dy.dtype)
-    config, n_split = choose_config(B, H, dev, (1, 3 * H, dy.dtype, precision))
+    config, n_split = choose_config(B, H, dev, ("gru_backward", 3 * H, dy.dtype, precision))
     dh = dh_n.to(f32).contiguous().clone()
     dgh = empty((T, B, 3 * H), f32, dev)
     dgx = empty((T, B, 3 * H), dy.dtype, dev)

@@ -340,7 +340,7 @@ def lstm_forward(
     H, P = G4 // 4, w_hh.shape[1]
     dev, f32 = gx.device, torch.float32
     precision = dot_precision(gx.dtype)
-    resident = (4, P, gx.dtype, precision) if w_hr is None else None
+    resident = ("lstm_forward", P, gx.dtype, precision) if w_hr is None else None
     config, n_split = choose_config(B, max(H, P), dev, resident)
     slots = T + 1 if save else 2
     hs = empty((slots, B, P), f32, dev)
@@ -386,7 +386,7 @@ def lstm_backward(
     H = w_hh.shape[0] // 4
     dev, f32 = dy.device, torch.float32
     precision = dot_precision(dy.dtype)
-    resident = (1, 4 * H, dy.dtype, precision) if w_hr is None else None
+    resident = ("lstm_backward", 4 * H, dy.dtype, precision) if w_hr is None else None
     config, n_split = choose_config(B, max(H, P), dev, resident)
     dh = dh_n.to(f32).contiguous().clone()
     dc = dc_n.to(f32).contiguous().clone()

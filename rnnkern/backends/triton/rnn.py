@@ -192,7 +192,7 @@ def rnn_forward(
     T, B, H = gx.shape
     dev, f32 = gx.device, torch.float32
     precision = dot_precision(gx.dtype)
-    config, n_split = choose_config(B, H, dev, (1, H, gx.dtype, precision))
+    config, n_split = choose_config(B, H, dev, ("rnn_forward", H, gx.dtype, precision))
     slots = T + 1 if save else 2
     hs = empty((slots, B, H), f32, dev)
     hs[0] = h0
@@ -229,7 +229,7 @@ def rnn_backward(
     T, B, H = dy.shape
     dev, f32 = dy.device, torch.float32
     precision = dot_precision(dy.dtype)
-    config, n_split = choose_config(B, H, dev, (1, H, dy.dtype, precision))
+    config, n_split = choose_config(B, H, dev, ("rnn_backward", H, dy.dtype, precision))
     dh = dh_n.to(f32).contiguous().clone()
     dgh = empty((T, B, H), f32, dev)
     dgx = empty((T, B, H), dy.dtype, dev)
