@@ -165,8 +165,9 @@ def resident_gates(
     K_RES: tl.constexpr,  # 0: nothing resident (returns placeholders)
 ):
     """The ``[K_RES, BLOCK_H]`` slices ``W_gᵀ[:, chunk]`` of gates ``g < G`` (zero past ``P``
-    and ``H``; the rest repeat gate 0), for kernels that keep them in registers across time
-    steps instead of reading them from L2 at every step."""
+    and ``H``; the rest repeat gate 0), for kernels that keep them on chip across time steps
+    instead of reading them from L2 at every step (Triton stages them in shared memory once,
+    before the time loop, and each step's dot reads them from there)."""
     if K_RES > 0:
         offs_k = tl.arange(0, K_RES)
         offs_h = chunk * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -220,7 +221,7 @@ def resident_product(
     offs_b,  # [BLOCK_B]
     mask_b,  # [BLOCK_B]
     K,
-    w0,  # [K_RES, BLOCK_H] resident slices from resident_gates
+    w0,  # [K_RES, BLOCK_H] resident slices (resident_gates, resident_columns)
     w1,
     w2,
     w3,
