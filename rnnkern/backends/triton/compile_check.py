@@ -71,8 +71,25 @@ class Row:
     error: str = ""
 
 
+# Sizes Triton specialises on (divisible by 16 or not: the weight rows' alignment); every other
+# integer argument is in the kernels' do_not_specialize.
+ALIGNED_SIZES = {"I", "H", "P"}
+
+
 def jobs(kernels, dtypes) -> list[tuple[str, str, dict]]:
-    """Every (kernel, dtype key, constexpr dict) the dispatcher can launch."""
+    """Every (kernel, dtype key, constexpr dict) the dispatcher can launch. Each recurrent and
+    decode configuration comes twice, as the launches compile it: ``ALIGNED=True``, every
+    pointer 16-byte aligned and the sizes of :data:`ALIGNED_SIZES` divisible by 16 (torch's
+    allocations, H = 128, 512, ...), and ``ALIGNED=False``, nothing known."""
+    out = [
+        (kernel, dkey, c if kernel == "sample_rows_kernel" else c | {"ALIGNED": aligned})
+        for kernel, dkey, c in _configs(kernels, dtypes)
+        for aligned in ((None,) if kernel == "sample_rows_kernel" else (True, False))
+    ]
+    return out
+
+
+def _configs(kernels, dtypes) -> list[tuple[str, str, dict]]:
     from .common import all_configs
 
     out = []
@@ -134,6 +151,7 @@ def compile_one(arch: int, kernel: str, dkey: str, constexprs: dict) -> Row:
     consts = dict(constexprs)
     num_warps = consts.pop("num_warps")
     label = f"{dkey} " + " ".join(f"{k}={v}" for k, v in consts.items())
+    aligned = consts.pop("ALIGNED", False)
     row = Row(f"sm_{arch}", kernel, label, False, shared_limit=SMEM_LIMIT.get(arch))
     start = time.perf_counter()
     try:
@@ -153,7 +171,14 @@ def compile_one(arch: int, kernel: str, dkey: str, constexprs: dict) -> Row:
                 signature[name] = f"*{dtype}" if name in typed else "*fp32"
             else:
                 signature[name] = "i32"
-        src = ASTSource(fn=fn, signature=signature, constexprs=consts)
+        attrs = {}
+        if aligned:  # what a launch on torch tensors with such sizes specialises
+            attrs = {
+                (fn.arg_names.index(name),): [["tt.divisibility", 16]]
+                for name, kind in signature.items()
+                if kind.startswith("*") or (name in ALIGNED_SIZES and kind == "i32")
+            }
+        src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
         compiled = triton.compile(
             src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
         )

@@ -68,11 +68,13 @@ class Tiling:
 # of float32 weights. Broadcasting products and summing over k takes any tile: 4-unit chunks
 # make 128 programs (one per SM on an H100). Each k block loads all gates' tiles of a chunk in
 # one round: at one stream 512 wide (4 gates x 4 units x 512 x 4 B = 32 KB; a 512-wide input is
-# one round, not two; LSTM: 124-168 registers, no spill, compile_check sm_90), at 4 streams
-# 256 wide (512 took 218-225 registers against 128).
+# one round, not two) over 8 warps (with 4, the aligned float32 LSTM step spilled 48 bytes; with
+# 8, 88-127 registers and no spill, compile_check sm_90), at 4 streams 256 wide over 4 warps
+# (512 took 218-225 registers against 128).
 GEMV_MAX_ROWS = 4
-GEMV = dict(block_h=4, block_v=4, num_warps=4)
+GEMV = dict(block_h=4, block_v=4)
 GEMV_BLOCK_K = {1: 512, GEMV_MAX_ROWS: 256}  # by rows per tile
+GEMV_WARPS = {1: 8, GEMV_MAX_ROWS: 4}
 # The interpreter runs the programs one after another at a cost per tile operation, so there
 # GEMV mode uses 16-unit chunks (4-unit ones made the Triton decoder tests 1.8x slower); the
 # code is the same, and a test runs the GPU's geometry too (None: no override).
@@ -99,7 +101,8 @@ def tiling(batch: int, gemv: bool | None = None) -> Tiling:
             geometry.update(block_h=INTERPRET_GEMV_CHUNK, block_v=INTERPRET_GEMV_CHUNK)
         # one stream (the latency case) or GEMV_MAX_ROWS rows, fewer variants to compile
         rows = 1 if batch == 1 else GEMV_MAX_ROWS
-        return Tiling(True, rows, block_k=GEMV_BLOCK_K[rows], **geometry)
+        return Tiling(True, rows, block_k=GEMV_BLOCK_K[rows], num_warps=GEMV_WARPS[rows],
+                      **geometry)  # fmt: skip
     bb = 16 if batch <= 16 else 32
     return Tiling(False, bb, **TILE, num_warps=4 if bb <= 16 else 8)
 
@@ -542,8 +545,9 @@ def _project(
         )
 
 
-# Sizes are not specialised on (one compiled variant per cell, weight dtype and configuration).
-@triton.jit(do_not_specialize=["B", "L", "I", "H", "P", "V"])
+# B, L and V are not specialised on; the sizes that set the weight rows' alignment (I, H, P) are
+# (Triton's "divisible by 16" or not), so weight tiles load as 16-byte vectors where rows allow.
+@triton.jit(do_not_specialize=["B", "L", "V"])
 def decode_step_kernel(
     tok_ptr,  # [B] int64 token ids (HAS_TABLE)
     x_ptr,  # [B, I] float32 inputs of layer 0 (without HAS_TABLE)

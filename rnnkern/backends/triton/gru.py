@@ -88,8 +88,10 @@ def _gru_hidden_preacts(
     return acc_r, acc_z, acc_n
 
 
-# Sizes and flags are not specialised on (one compiled variant per dtype and configuration).
-@triton.jit(do_not_specialize=["T", "B", "H", "reverse", "save"])
+# T, B and flags are not specialised on; the sizes that set the weight rows' alignment (H, P) are
+# (Triton's "divisible by 16" or not), which lets 16-bit W tiles be copied asynchronously and
+# vectorised: without it each tile was a synchronous 2-byte-per-element load (TTGIR).
+@triton.jit(do_not_specialize=["T", "B", "reverse", "save"])
 def gru_forward_kernel(
     gx_ptr,  # [T, B, 3H] input dtype
     w_ptr,  # [3H, H] input dtype (W_hh)
@@ -158,8 +160,10 @@ def gru_forward_kernel(
         arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
 
 
-# Sizes and flags are not specialised on (one compiled variant per dtype and configuration).
-@triton.jit(do_not_specialize=["T", "B", "H", "reverse"])
+# T, B and flags are not specialised on; the sizes that set the weight rows' alignment (H, P) are
+# (Triton's "divisible by 16" or not), which lets 16-bit W tiles be copied asynchronously and
+# vectorised: without it each tile was a synchronous 2-byte-per-element load (TTGIR).
+@triton.jit(do_not_specialize=["T", "B", "reverse"])
 def gru_backward_kernel(
     w_ptr,  # [3H, H] input dtype (W_hh)
     len_ptr,  # [B] int64 valid lengths

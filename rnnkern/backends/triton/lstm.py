@@ -100,8 +100,10 @@ def _lstm_preacts(
     return acc_i, acc_f, acc_g, acc_o
 
 
-# Sizes and flags are not specialised on (one compiled variant per dtype and configuration).
-@triton.jit(do_not_specialize=["T", "B", "H", "P", "reverse", "save"])
+# T, B and flags are not specialised on; the sizes that set the weight rows' alignment (H, P) are
+# (Triton's "divisible by 16" or not), which lets 16-bit W tiles be copied asynchronously and
+# vectorised: without it each tile was a synchronous 2-byte-per-element load (TTGIR).
+@triton.jit(do_not_specialize=["T", "B", "reverse", "save"])
 def lstm_forward_kernel(
     gx_ptr,  # [T, B, 4H] input dtype
     w_ptr,  # [4H, P] input dtype (W_hh)
@@ -197,8 +199,10 @@ def lstm_forward_kernel(
         arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
 
 
-# Sizes and flags are not specialised on (one compiled variant per dtype and configuration).
-@triton.jit(do_not_specialize=["T", "B", "H", "P", "reverse"])
+# T, B and flags are not specialised on; the sizes that set the weight rows' alignment (H, P) are
+# (Triton's "divisible by 16" or not), which lets 16-bit W tiles be copied asynchronously and
+# vectorised: without it each tile was a synchronous 2-byte-per-element load (TTGIR).
+@triton.jit(do_not_specialize=["T", "B", "reverse"])
 def lstm_backward_kernel(
     w_ptr,  # [4H, P] input dtype (W_hh)
     wr_ptr,  # [P, H] input dtype (W_hr; unused without HAS_PROJ)

@@ -34,8 +34,10 @@ from .common import (
 # ----------------------------------------------------------------------------------------------
 
 
-# Sizes and flags are not specialised on (one compiled variant per dtype and configuration).
-@triton.jit(do_not_specialize=["T", "B", "H", "reverse", "save", "relu"])
+# T, B and flags are not specialised on; the sizes that set the weight rows' alignment (H, P) are
+# (Triton's "divisible by 16" or not), which lets 16-bit W tiles be copied asynchronously and
+# vectorised: without it each tile was a synchronous 2-byte-per-element load (TTGIR).
+@triton.jit(do_not_specialize=["T", "B", "reverse", "save", "relu"])
 def rnn_forward_kernel(
     gx_ptr,  # [T, B, H] input dtype
     w_ptr,  # [H, H] input dtype (W_hh)
@@ -98,8 +100,10 @@ def rnn_forward_kernel(
         arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
 
 
-# Sizes and flags are not specialised on (one compiled variant per dtype and configuration).
-@triton.jit(do_not_specialize=["T", "B", "H", "reverse", "relu"])
+# T, B and flags are not specialised on; the sizes that set the weight rows' alignment (H, P) are
+# (Triton's "divisible by 16" or not), which lets 16-bit W tiles be copied asynchronously and
+# vectorised: without it each tile was a synchronous 2-byte-per-element load (TTGIR).
+@triton.jit(do_not_specialize=["T", "B", "reverse", "relu"])
 def rnn_backward_kernel(
     w_ptr,  # [H, H] input dtype (W_hh)
     len_ptr,  # [B] int64 valid lengths
