@@ -11,7 +11,7 @@
 #                        tests,bench; decode runs tests/test_decode.py first, so the decoders'
 #                        results come back even when the long tests run out of time; bench also
 #                        runs cuda_bench and decode_bench, which can be named alone). compile is
-#                        the ahead-of-time table of every Triton configuration (~530 for sm_90
+#                        the ahead-of-time table of every Triton configuration (~1000 for sm_90
 #                        in fp32 and bf16); it needs no GPU, so run it elsewhere unless the GPU
 #                        machine's Triton version is in question. Within 10-minute calls, run
 #                        build,decode,tests in one call and bench in the next (the tests compile

@@ -251,7 +251,8 @@ def test_float64_call_is_a_clear_error():
 def test_resident_weights_rule():
     """K_RES is the reduction length rounded up to a power of two (at least tl.dot's 16), while
     the slices fit: slices * K_RES <= 256 for IEEE float32 dots, <= 1024 on tensor cores, and
-    K_RES <= 256 (512 for the LSTM and RNN backward in 16-bit)."""
+    K_RES <= 256 (512 for the LSTM and RNN backward in 16-bit, 64 for the GRU backward and the
+    RNN forward in IEEE float32)."""
     f32, bf16 = torch.float32, torch.bfloat16
     assert common.resident_k("lstm_forward", 9, f32, "ieee") == 16
     assert common.resident_k("lstm_forward", 64, f32, "ieee") == 64
@@ -259,7 +260,9 @@ def test_resident_weights_rule():
     assert common.resident_k("lstm_forward", 65, f32, "tf32") == 128
     assert common.resident_k("gru_forward", 256, bf16, "ieee") == 256
     assert common.resident_k("lstm_forward", 257, bf16, "ieee") == 0
-    assert common.resident_k("rnn_forward", 256, f32, "ieee") == 256
+    assert common.resident_k("rnn_forward", 256, f32, "tf32") == 256
+    assert common.resident_k("rnn_forward", 65, f32, "ieee") == 0  # spills at 128 (IEEE)
+    assert common.resident_k("rnn_backward", 256, f32, "ieee") == 256
     assert common.resident_k("rnn_forward", 257, bf16, "ieee") == 0  # one slice: <= 256 ...
     assert common.resident_k("lstm_backward", 4 * 128, bf16, "ieee") == 512  # ... but these
     assert common.resident_k("gru_backward", 3 * 128, bf16, "ieee") == 0

@@ -301,13 +301,15 @@ NUM_WARPS = 8
 #   K_RES <= 256, except 512 in 16-bit for the LSTM and RNN backward, which compile at 512
 #     without spills (sm_80 and sm_90; 100 KB of shared memory): at 512 the GRU backward
 #     spilled 104-164 bytes and the RNN forward 8-352, TF32 kilobytes; at 1024 shared
-#     memory overflowed (198-264 KB).
+#     memory overflowed (198-264 KB). And 64 for those two in IEEE float32: with aligned
+#     sizes they spilled 128-184 bytes at 128 and 2.5 KB at 256.
 # Shared memory reaches 166 KB, which only sm_80 and sm_90 offer (RESIDENT_ARCHS); compile_check
 # compares every configuration with the architecture's limit.
 RESIDENT = True  # False: weights always stream from L2 (benchmarks compare the two)
 RESIDENT_GATE_K = {"ieee": 256, "tensor": 1024}  # max slices * K_RES
 RESIDENT_MAX_K = 256  # max K_RES ...
 RESIDENT_MAX_K_16BIT = {"lstm_backward": 512, "rnn_backward": 512}  # ... but these, in 16-bit
+RESIDENT_MAX_K_IEEE = {"gru_backward": 64, "rnn_forward": 64}  # ... and these, IEEE float32
 RESIDENT_ARCHS = ((8, 0), (9, 0))
 # slices of W_hh a program keeps, per kernel: forward, one per gate ([K_RES, BLOCK_H] of W_gᵀ,
 # K = state size); backward, one of W_hh's columns (K = G*H)
@@ -324,6 +326,8 @@ def resident_k(kernel: str, K: int, dtype: torch.dtype, precision: str) -> int:
     max_k = RESIDENT_MAX_K
     if dtype in (torch.float16, torch.bfloat16):
         max_k = RESIDENT_MAX_K_16BIT.get(kernel, RESIDENT_MAX_K)
+    elif ieee:
+        max_k = RESIDENT_MAX_K_IEEE.get(kernel, RESIDENT_MAX_K)
     return k_res if fits and k_res <= max_k else 0
 
 
