@@ -268,14 +268,20 @@ def _check_logits(logits) -> None:
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
 
 
+def _row_faults(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of ``logits [B, V]`` the rule cannot draw from, as two bool ``[B]``: holding NaN or
+    +inf, and every entry -inf."""
+    nonfinite = torch.isnan(logits).any(dim=1) | torch.isposinf(logits).any(dim=1)
+    return nonfinite, torch.isneginf(logits).all(dim=1)
+
+
 def check_finite_rows(logits: Tensor) -> None:
     """Raise ValueError naming the first row of ``logits [B, V]`` that holds NaN or +inf, or
     whose every entry is -inf (rows the rule cannot draw from)."""
-    nonfinite = torch.isnan(logits).any(dim=1) | torch.isposinf(logits).any(dim=1)
+    nonfinite, empty = _row_faults(logits)
     if bool(nonfinite.any()):
         row = int(nonfinite.nonzero()[0, 0])
         raise ValueError(f"logits must not contain NaN or +inf (row {row} does)")
-    empty = torch.isneginf(logits).all(dim=1)
     if bool(empty.any()):
         row = int(empty.nonzero()[0, 0])
         raise ValueError(f"logits must have at least one entry > -inf in every row (row {row})")
@@ -337,11 +343,8 @@ def sample_with_uniforms(
 ) -> tuple[Tensor, Tensor]:
     """:func:`sample_tensor` with the rows' uniforms given: float64 ``u [B]`` on the logits'
     device (a row of :func:`uniforms_table`). Arguments are assumed checked."""
-    bad = (
-        torch.isnan(logits).any(dim=1)
-        | torch.isposinf(logits).any(dim=1)
-        | torch.isneginf(logits).all(dim=1)
-    )
+    nonfinite, empty = _row_faults(logits)
+    bad = nonfinite | empty
     # Bad rows get all-zero logits (a uniform draw over [0, V)) so that no NaN reaches the sort
     # and the sums; the rows are independent, so the healthy rows are unaffected.
     safe = torch.where(

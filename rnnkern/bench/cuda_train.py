@@ -16,7 +16,7 @@ import torch
 
 import rnnkern
 
-from .runner import Case, exact_float32, module_step
+from .runner import Case, module_step
 
 CELLS = ("LSTM", "GRU")
 DTYPES = (torch.float32, torch.bfloat16)
@@ -53,10 +53,10 @@ def make_case(cell: str, dtype: torch.dtype, B: int, H: int, train: bool, device
 
 
 def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
-    """Runner entry point: CUDA only (no cases on other devices or without backend cuda)."""
+    """Runner entry point: CUDA only (no cases on other devices or without backend cuda);
+    run_suites makes float32 exact before building them."""
     if not device.startswith("cuda") or "cuda" not in rnnkern.available_backends(device):
         return []
-    exact_float32()  # float32 exact on both sides (TF32 off in cuDNN and cuBLAS)
     modes = (True,) if quick else (True, False)
     return [
         make_case(cell, dtype, B, H, train, device)

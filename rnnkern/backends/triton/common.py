@@ -249,6 +249,91 @@ def resident_product(
 
 
 @triton.jit
+def gate_products(
+    acc0,  # [BLOCK_B, BLOCK_H] float32 accumulators of gates 0 .. G-1 (the rest pass through)
+    acc1,
+    acc2,
+    acc3,
+    a_ptr,  # A [B, K] float32 (state buffer), row stride K
+    offs_b,  # [BLOCK_B]
+    mask_b,  # [BLOCK_B]
+    K,
+    w_ptr,  # W [G*H, K] (W_hh; gate g's rows at g*H)
+    offs_h,  # [BLOCK_H] hidden units of the tile
+    mask_h,  # [BLOCK_H]
+    H,
+    w0,  # [K_RES, BLOCK_H] resident slices of W_gᵀ (resident_gates), unused without K_RES
+    w1,
+    w2,
+    w3,
+    G: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    K_RES: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``acc_g + A[offs_b] @ W[g*H + offs_h]ᵀ`` for gates ``g < G``: with resident slices one
+    load of A and G dots; else one pass over K, each A tile loaded once for all gates and the
+    W tiles read from L2."""
+    if K_RES > 0:
+        acc0, acc1, acc2, acc3 = resident_product(
+            acc0, acc1, acc2, acc3, a_ptr, offs_b, mask_b, K, w0, w1, w2, w3, G, K_RES,
+            PRECISION,
+        )  # fmt: skip
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            a = tl.load(
+                a_ptr + offs_b[:, None] * K + offs_k[None, :],
+                mask=mask_b[:, None] & mask_k[None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            w_rows = w_ptr + offs_h[None, :] * K + offs_k[:, None]  # [BLOCK_K, BLOCK_H] of W_0ᵀ
+            wm = mask_k[:, None] & mask_h[None, :]
+            acc0 = dot_acc(acc0, a, tl.load(w_rows, mask=wm, other=0.0), PRECISION)
+            if G > 1:
+                acc1 = dot_acc(acc1, a, tl.load(w_rows + H * K, mask=wm, other=0.0), PRECISION)
+            if G > 2:
+                w = tl.load(w_rows + 2 * H * K, mask=wm, other=0.0)
+                acc2 = dot_acc(acc2, a, w, PRECISION)
+            if G > 3:
+                w = tl.load(w_rows + 3 * H * K, mask=wm, other=0.0)
+                acc3 = dot_acc(acc3, a, w, PRECISION)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def column_product(
+    acc,  # [BLOCK_B, BLOCK_H] float32
+    a_ptr,  # A [B, K] float32 (dgh of a step), row stride K
+    offs_b,  # [BLOCK_B]
+    mask_b,  # [BLOCK_B]
+    K,
+    w_ptr,  # W [K, P] (W_hh)
+    offs_p,  # [BLOCK_H] state units of the tile
+    mask_p,  # [BLOCK_H]
+    P,
+    w_res,  # [K_RES, BLOCK_H] resident W[:, chunk] (resident_columns), unused without K_RES
+    BLOCK_K: tl.constexpr,
+    K_RES: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``acc + A[offs_b] @ W[:, offs_p]`` (the backward's ``dh_{s-1} = dgh_s W_hh``), from the
+    resident slice or streamed from L2."""
+    if K_RES > 0:
+        acc = resident_product(
+            acc, acc, acc, acc, a_ptr, offs_b, mask_b, K, w_res, w_res, w_res, w_res, 1, K_RES,
+            PRECISION,
+        )[0]  # fmt: skip
+    else:
+        acc = tile_matmul(
+            acc, a_ptr, K, 1, offs_b, mask_b, w_ptr, P, 1, offs_p, mask_p, K, BLOCK_K, PRECISION
+        )
+    return acc
+
+
+@triton.jit
 def step_time(
     s,  # processing step
     lens,  # [BLOCK_B] int64 valid lengths of the tile's rows

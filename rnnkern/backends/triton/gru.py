@@ -16,18 +16,17 @@ from .common import (
     bias_or_zeros,
     check_grid_sync,
     choose_config,
-    dot_acc,
+    column_product,
     dot_precision,
     empty_saved,
+    gate_products,
     grid_sync,
     launch_grid,
     lengths_or_full,
     resident_columns,
     resident_gates,
-    resident_product,
     step_time,
     sync_buffer,
-    tile_matmul,
     weight_grads,
 )
 
@@ -61,26 +60,10 @@ def _gru_hidden_preacts(
     acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_n = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    if K_RES > 0:
-        acc_r, acc_z, acc_n, _ = resident_product(
-            acc_r, acc_z, acc_n, acc_n, h_prev_ptr, offs_b, mask_b, H, w_r, w_z, w_n, w_n,
-            3, K_RES, PRECISION,
-        )  # fmt: skip
-    else:
-        for k0 in range(0, H, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < H
-            a = tl.load(
-                h_prev_ptr + offs_b[:, None] * H + offs_k[None, :],
-                mask=mask_b[:, None] & mask_k[None, :],
-                other=0.0,
-                cache_modifier=".cg",
-            )
-            w_rows = w_ptr + offs_h[None, :] * H + offs_k[:, None]  # [BLOCK_K, BLOCK_H] of W_rᵀ
-            wm = mask_k[:, None] & mask_h[None, :]
-            acc_r = dot_acc(acc_r, a, tl.load(w_rows, mask=wm, other=0.0), PRECISION)
-            acc_z = dot_acc(acc_z, a, tl.load(w_rows + H * H, mask=wm, other=0.0), PRECISION)
-            acc_n = dot_acc(acc_n, a, tl.load(w_rows + 2 * H * H, mask=wm, other=0.0), PRECISION)
+    acc_r, acc_z, acc_n, _ = gate_products(
+        acc_r, acc_z, acc_n, acc_n, h_prev_ptr, offs_b, mask_b, H, w_ptr, offs_h, mask_h, H,
+        w_r, w_z, w_n, w_n, 3, BLOCK_K, K_RES, PRECISION,
+    )  # fmt: skip
     b = b_ptr + offs_h
     acc_r += tl.load(b, mask=mask_h, other=0.0).to(tl.float32)[None, :]
     acc_z += tl.load(b + H, mask=mask_h, other=0.0).to(tl.float32)[None, :]
@@ -234,16 +217,10 @@ def gru_backward_kernel(
             mask = mask_b[:, None] & mask_h[None, :]
             bh = offs_b[:, None] * H + offs_h[None, :]
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            if K_RES > 0:
-                acc = resident_product(
-                    acc, acc, acc, acc, dgh_ptr + s64 * B * 3 * H, offs_b, mask_b, 3 * H,
-                    w_res, w_res, w_res, w_res, 1, K_RES, PRECISION,
-                )[0]  # fmt: skip
-            else:
-                acc = tile_matmul(
-                    acc, dgh_ptr + s64 * B * 3 * H, 3 * H, 1, offs_b, mask_b,
-                    w_ptr, H, 1, offs_h, mask_h, 3 * H, BLOCK_K, PRECISION,
-                )  # fmt: skip
+            acc = column_product(
+                acc, dgh_ptr + s64 * B * 3 * H, offs_b, mask_b, 3 * H, w_ptr, offs_h, mask_h, H,
+                w_res, BLOCK_K, K_RES, PRECISION,
+            )  # fmt: skip
             dy_rows = dy_ptr + (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
             dh = tl.load(dh_ptr + bh, mask=mask, other=0.0)
             dtot = dh + tl.load(dy_rows, mask=mask, other=0.0).to(tl.float32)

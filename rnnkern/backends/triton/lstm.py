@@ -15,16 +15,16 @@ from .common import (
     bias_or_zeros,
     check_grid_sync,
     choose_config,
-    dot_acc,
+    column_product,
     dot_precision,
     empty_saved,
+    gate_products,
     gemm_tn,
     grid_sync,
     launch_grid,
     lengths_or_full,
     resident_columns,
     resident_gates,
-    resident_product,
     step_time,
     sync_buffer,
     tile_matmul,
@@ -65,27 +65,10 @@ def _lstm_preacts(
     acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    if K_RES > 0:
-        acc_i, acc_f, acc_g, acc_o = resident_product(
-            acc_i, acc_f, acc_g, acc_o, h_prev_ptr, offs_b, mask_b, P, w_i, w_f, w_g, w_o,
-            4, K_RES, PRECISION,
-        )  # fmt: skip
-    else:
-        for k0 in range(0, P, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < P
-            a = tl.load(
-                h_prev_ptr + offs_b[:, None] * P + offs_k[None, :],
-                mask=mask_b[:, None] & mask_k[None, :],
-                other=0.0,
-                cache_modifier=".cg",
-            )
-            w_rows = w_ptr + offs_h[None, :] * P + offs_k[:, None]  # [BLOCK_K, BLOCK_H] of W_iᵀ
-            wm = mask_k[:, None] & mask_h[None, :]
-            acc_i = dot_acc(acc_i, a, tl.load(w_rows, mask=wm, other=0.0), PRECISION)
-            acc_f = dot_acc(acc_f, a, tl.load(w_rows + H * P, mask=wm, other=0.0), PRECISION)
-            acc_g = dot_acc(acc_g, a, tl.load(w_rows + 2 * H * P, mask=wm, other=0.0), PRECISION)
-            acc_o = dot_acc(acc_o, a, tl.load(w_rows + 3 * H * P, mask=wm, other=0.0), PRECISION)
+    acc_i, acc_f, acc_g, acc_o = gate_products(
+        acc_i, acc_f, acc_g, acc_o, h_prev_ptr, offs_b, mask_b, P, w_ptr, offs_h, mask_h, H,
+        w_i, w_f, w_g, w_o, 4, BLOCK_K, K_RES, PRECISION,
+    )  # fmt: skip
     mask = mask_b[:, None] & mask_h[None, :]
     gx = gx_rows + offs_h[None, :]
     b = b_ptr + offs_h
@@ -305,16 +288,10 @@ def lstm_backward_kernel(
             mask = mask_b[:, None] & mask_p[None, :]
             bp = offs_b[:, None] * P + offs_p[None, :]
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            if K_RES > 0:
-                acc = resident_product(
-                    acc, acc, acc, acc, dgh_ptr + s64 * B * 4 * H, offs_b, mask_b, 4 * H,
-                    w_res, w_res, w_res, w_res, 1, K_RES, PRECISION,
-                )[0]  # fmt: skip
-            else:
-                acc = tile_matmul(
-                    acc, dgh_ptr + s64 * B * 4 * H, 4 * H, 1, offs_b, mask_b,
-                    w_ptr, P, 1, offs_p, mask_p, 4 * H, BLOCK_K, PRECISION,
-                )  # fmt: skip
+            acc = column_product(
+                acc, dgh_ptr + s64 * B * 4 * H, offs_b, mask_b, 4 * H, w_ptr, offs_p, mask_p, P,
+                w_res, BLOCK_K, K_RES, PRECISION,
+            )  # fmt: skip
             dh = tl.load(dh_ptr + bp, mask=mask, other=0.0)
             tl.store(dh_ptr + bp, tl.where(valid[:, None], acc, dh), mask=mask)
         # dh and dc are only ever touched by the program owning their chunk, but by other

@@ -15,17 +15,17 @@ from .common import (
     bias_or_zeros,
     check_grid_sync,
     choose_config,
+    column_product,
     dot_precision,
     empty_saved,
+    gate_products,
     grid_sync,
     launch_grid,
     lengths_or_full,
     resident_columns,
     resident_gates,
-    resident_product,
     step_time,
     sync_buffer,
-    tile_matmul,
     weight_grads,
 )
 
@@ -79,16 +79,10 @@ def rnn_forward_kernel(
             mask = mask_b[:, None] & mask_h[None, :]
             bh = offs_b[:, None] * H + offs_h[None, :]
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            if K_RES > 0:
-                acc = resident_product(
-                    acc, acc, acc, acc, h_prev_ptr, offs_b, mask_b, H, w_res, w_res, w_res,
-                    w_res, 1, K_RES, PRECISION,
-                )[0]  # fmt: skip
-            else:
-                acc = tile_matmul(
-                    acc, h_prev_ptr, H, 1, offs_b, mask_b,
-                    w_ptr, 1, H, offs_h, mask_h, H, BLOCK_K, PRECISION,
-                )  # fmt: skip
+            acc = gate_products(
+                acc, acc, acc, acc, h_prev_ptr, offs_b, mask_b, H, w_ptr, offs_h, mask_h, H,
+                w_res, w_res, w_res, w_res, 1, BLOCK_K, K_RES, PRECISION,
+            )[0]  # fmt: skip
             rows = (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
             pre = acc + tl.load(gx_ptr + rows, mask=mask, other=0.0).to(tl.float32)
             pre += tl.load(b_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
@@ -160,16 +154,10 @@ def rnn_backward_kernel(
             mask = mask_b[:, None] & mask_h[None, :]
             bh = offs_b[:, None] * H + offs_h[None, :]
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            if K_RES > 0:
-                acc = resident_product(
-                    acc, acc, acc, acc, dgh_ptr + s64 * B * H, offs_b, mask_b, H,
-                    w_res, w_res, w_res, w_res, 1, K_RES, PRECISION,
-                )[0]  # fmt: skip
-            else:
-                acc = tile_matmul(
-                    acc, dgh_ptr + s64 * B * H, H, 1, offs_b, mask_b,
-                    w_ptr, H, 1, offs_h, mask_h, H, BLOCK_K, PRECISION,
-                )  # fmt: skip
+            acc = column_product(
+                acc, dgh_ptr + s64 * B * H, offs_b, mask_b, H, w_ptr, offs_h, mask_h, H, w_res,
+                BLOCK_K, K_RES, PRECISION,
+            )  # fmt: skip
             dh = tl.load(dh_ptr + bh, mask=mask, other=0.0)
             tl.store(dh_ptr + bh, tl.where(keep, acc, dh), mask=mask)
         # dh is only touched by the program owning its chunk, but by other threads of it.
