@@ -278,6 +278,47 @@ def test_resident_weights_rule():
     assert common.choose_config(3, 9, cpu)[0].k_res == 0
 
 
+def test_one_chunk_rule():
+    """ONE_CHUNK exactly when every program owns one hidden chunk, with 16-row batch tiles."""
+    cpu = torch.device("cpu")
+    assert common.choose_config(3, 9, cpu)[0].one_chunk
+    assert common.choose_config(16, 32, cpu)[0].one_chunk
+    assert not common.choose_config(17, 9, cpu)[0].one_chunk  # 32-row tiles
+    if common.INTERPRET:  # one program per batch tile: two chunks at H = 33
+        assert not common.choose_config(3, 33, cpu)[0].one_chunk
+    if DEVICE == "cuda":  # persistent: one chunk per program up to 32 * SMs units
+        assert common.choose_config(16, 512, torch.device("cuda"))[0].one_chunk
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_one_chunk_kernels_equal_the_chunk_loop(name, monkeypatch):
+    """The forward kernels' ONE_CHUNK variant (state and next inputs carried in registers)
+    computes exactly what the chunk loop does, bit for bit: the same operations in the same
+    order, only the loads move."""
+    from rnnkern.backends.triton import gru, lstm, rnn
+
+    module = {"lstm": lstm, "gru": gru}.get(cell_of(name), rnn)
+    chosen = []
+
+    def spy(*args, **kw):
+        config, n_split = common.choose_config(*args, **kw)
+        chosen.append(config.one_chunk)
+        return config, n_split
+
+    monkeypatch.setattr(module, "choose_config", spy)
+    T, B, H = (7, 3, 20) if DEVICE == "cpu" else (24, 16, 256)
+    inp = make_inputs(name, T, B, H)
+    lengths = _lengths([7, 2, 5] if DEVICE == "cpu" else "random", T, B)
+    carried = run(name, inp, "triton", lengths, reverse=True)
+    assert chosen[0], chosen  # the forward took the ONE_CHUNK variant
+    monkeypatch.setattr(common, "ONE_CHUNK", False)
+    chosen.clear()
+    looped = run(name, inp, "triton", lengths, reverse=True)
+    assert not chosen[0], chosen
+    for key in carried:
+        assert torch.equal(carried[key], looped[key]), key
+
+
 @pytest.mark.parametrize("name", CELLS)
 def test_kernels_keep_weights_resident_where_the_rule_allows(name, monkeypatch):
     """The forward and backward launchers ask for resident weights (not the LSTM with a

@@ -179,7 +179,8 @@ def test_cuda_runs_make_float32_exact_on_every_side(monkeypatch):
 
 def test_gpu_train_case_times_streamed_weights_where_the_kernel_keeps_them(monkeypatch):
     """Where the Triton forward keeps its weights resident, the case has a row with them
-    streamed, and that row really streams (RESIDENT is off during its call, on after)."""
+    streamed, and that row really streams (RESIDENT is off during its call, on after); where
+    each program owns one chunk, a row with the chunk loop (ONE_CHUNK off during its call)."""
     import torch
 
     from rnnkern.backends.triton import common
@@ -194,16 +195,19 @@ def test_gpu_train_case_times_streamed_weights_where_the_kernel_keeps_them(monke
     def spy(*args, **kw):
         config, n_split = real(*args, **kw)
         if len(args) > 3 or "resident" in kw:
-            seen.append(config.k_res)
+            seen.append((config.k_res, config.one_chunk))
         return config, n_split
 
     small = gpu_train.make_case("GRU", torch.float32, 3, 9, 4, False, device="cpu")
-    assert set(small.fns) == {"torch.nn", "rnnkern[triton]", "rnnkern[triton], weights streamed"}
+    assert set(small.fns) == {"torch.nn", "rnnkern[triton]", "rnnkern[triton], weights streamed",
+                              "rnnkern[triton], state reloaded"}  # fmt: skip
     wide = gpu_train.make_case("GRU", torch.float32, 3, 40, 4, False, device="cpu")
-    assert "rnnkern[triton], weights streamed" not in wide.fns  # two chunks: streamed anyway
+    assert set(wide.fns) == {"torch.nn", "rnnkern[triton]"}  # two chunks: neither variant
     import rnnkern.backends.triton.gru as gru
 
     monkeypatch.setattr(gru, "choose_config", spy)
     small.fns["rnnkern[triton]"]()
     small.fns["rnnkern[triton], weights streamed"]()
-    assert seen == [16, 0] and common.RESIDENT is True
+    small.fns["rnnkern[triton], state reloaded"]()
+    assert seen == [(16, True), (0, True), (16, False)]
+    assert common.RESIDENT is True and common.ONE_CHUNK is True

@@ -38,17 +38,19 @@ def test_compile_check_subset_compiles_and_reports_registers(tmp_path):
     import json
 
     rows = json.loads(out.read_text())
-    # every launch configuration the dispatcher can choose: block_b in {16, 32} x split, and
-    # with resident weights K_RES in {16, ..., 256} x split (16-row tiles; 512 spilled here);
-    # each with aligned pointers and H % 16 == 0, and without
-    assert len(rows) == 28
-    assert sum("K_RES=0" in row["config"] for row in rows) == 8
-    assert sum("ALIGNED=True" in row["config"] for row in rows) == 14
+    # every launch configuration the dispatcher can choose: block_b in {16, 32} x split, the
+    # 16-row ones with and without ONE_CHUNK, and with resident weights K_RES in {16, ..., 256}
+    # x split x ONE_CHUNK (16-row tiles; 512 spilled here); each with aligned pointers and
+    # H % 16 == 0, and without
+    assert len(rows) == 52
+    assert sum("K_RES=0" in row["config"] for row in rows) == 12
+    assert sum("ONE_CHUNK=True" in row["config"] for row in rows) == 24
+    assert sum("ALIGNED=True" in row["config"] for row in rows) == 26
     for row in rows:
         assert row["ok"], row
         assert row["arch"] == "sm_90" and row["registers"] > 0
         assert 0 < row["shared"] <= row["shared_limit"]
-    assert "28 configurations, 0 failed" in res.stdout
+    assert "52 configurations, 0 failed" in res.stdout
 
 
 def test_compile_check_covers_the_decoders_sampler(tmp_path):

@@ -6,7 +6,9 @@ float32 is exact on both sides). For each shape both implementations run in the 
 interleaved by :func:`rnnkern.bench.runner.measure`; the ratio is cuDNN median / Triton median
 (above 1: Triton is faster). Where the Triton forward keeps its recurrent weights resident
 (:func:`rnnkern.backends.triton.common.choose_config`), the case also times the kernels with
-the weights streamed from L2 at every step.
+the weights streamed from L2 at every step; where its programs own one hidden chunk each
+(``ONE_CHUNK``), with the chunk's state and next inputs re-read after every step's grid-wide
+wait instead (the chunk loop), what carrying them saves.
 
 The full grid is B in {1, 16, 64, 256} x H in {128, 256, 512, 1024} x T in {256, 1024}; the
 quick grid (the default of ``main``) is a bounded subset that fits a few minutes. ``main``
@@ -68,8 +70,13 @@ def make_case(cell, dtype, B, H, T, train, device="cuda") -> Case:
         "torch.nn": module_step(base, x, train, dy),
         "rnnkern[triton]": module_step(ours, x, train, dy),
     }
-    if _resident(cell, dtype, B, H, device):
-        fns["rnnkern[triton], weights streamed"] = _streamed(module_step(ours, x, train, dy))
+    config = _forward_config(cell, dtype, B, H, device)
+    if config.k_res:
+        step = module_step(ours, x, train, dy)
+        fns["rnnkern[triton], weights streamed"] = _switched_off("RESIDENT", step)
+    if config.one_chunk:
+        step = module_step(ours, x, train, dy)
+        fns["rnnkern[triton], state reloaded"] = _switched_off("ONE_CHUNK", step)
     return Case(
         suite="gpu_train",
         name=_name(cell, dtype, B, H, T, train),
@@ -82,25 +89,26 @@ def make_case(cell, dtype, B, H, T, train, device="cuda") -> Case:
     )
 
 
-def _resident(cell: str, dtype: torch.dtype, B: int, H: int, device: str) -> bool:
-    """Whether the Triton forward keeps its weights resident at this shape (then the case also
-    times the kernels with them streamed from L2 every step, what residency saves)."""
+def _forward_config(cell: str, dtype: torch.dtype, B: int, H: int, device: str):
+    """The launch configuration of the Triton forward at this shape (whether it keeps its
+    weights resident, whether each program owns one chunk)."""
     from ..backends.triton import common
 
     resident = (f"{cell.lower()}_forward", H, dtype, common.dot_precision(dtype))
-    return common.choose_config(B, H, torch.device(device), resident)[0].k_res > 0
+    return common.choose_config(B, H, torch.device(device), resident)[0]
 
 
-def _streamed(step):
-    """``step`` with the Triton kernels' weights streamed (``common.RESIDENT`` off)."""
+def _switched_off(flag: str, step):
+    """``step`` with the Triton backend's ``common.<flag>`` (``RESIDENT``, ``ONE_CHUNK``)
+    off while it runs."""
     from ..backends.triton import common
 
     def run():
-        common.RESIDENT = False
+        setattr(common, flag, False)
         try:
             return step()
         finally:
-            common.RESIDENT = True
+            setattr(common, flag, True)
 
     return run
 

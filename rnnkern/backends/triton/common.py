@@ -334,6 +334,49 @@ def column_product(
 
 
 @triton.jit
+def gate_tiles(
+    rows,  # [BLOCK_B, 1] pointers to row starts of a [.., G*H] gate-major tensor (gx)
+    offs_h,  # [BLOCK_H] hidden units of the tile
+    mask,  # [BLOCK_B, BLOCK_H]
+    H,
+    G: tl.constexpr,  # gates (1 .. 4)
+):
+    """The ``[BLOCK_B, BLOCK_H]`` tiles of gates ``g < G`` in the tensor's own dtype (the rest
+    repeat gate 0), loaded and not converted: a caller prefetching them leaves the wait for
+    the data to the point of use."""
+    p = rows + offs_h[None, :]
+    v0 = tl.load(p, mask=mask, other=0.0)
+    v1, v2, v3 = v0, v0, v0
+    if G > 1:
+        v1 = tl.load(p + H, mask=mask, other=0.0)
+    if G > 2:
+        v2 = tl.load(p + 2 * H, mask=mask, other=0.0)
+    if G > 3:
+        v3 = tl.load(p + 3 * H, mask=mask, other=0.0)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def gate_biases(
+    b_ptr,  # [G*H] recurrent bias
+    offs_h,  # [BLOCK_H]
+    mask_h,  # [BLOCK_H]
+    H,
+    G: tl.constexpr,
+):
+    """The float32 ``[1, BLOCK_H]`` rows of bias of gates ``g < G`` (the rest repeat gate 0)."""
+    b0 = tl.load(b_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    b1, b2, b3 = b0, b0, b0
+    if G > 1:
+        b1 = tl.load(b_ptr + H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    if G > 2:
+        b2 = tl.load(b_ptr + 2 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    if G > 3:
+        b3 = tl.load(b_ptr + 3 * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    return b0, b1, b2, b3
+
+
+@triton.jit
 def step_time(
     s,  # processing step
     lens,  # [BLOCK_B] int64 valid lengths of the tile's rows
@@ -353,8 +396,10 @@ def step_time(
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """One compiled variant of a kernel: tile sizes, warps, grid strategy and, for the forward
-    kernels, the resident weights' k extent (0: the weights stream from L2 every step)."""
+    """One compiled variant of a kernel: tile sizes, warps, grid strategy, the resident
+    weights' k extent (0: the weights stream from L2 every step) and whether every program owns
+    exactly one hidden chunk (``one_chunk``: the forward kernels then carry the chunk's state
+    in registers and prefetch the next step's inputs; see :data:`ONE_CHUNK_KERNELS`)."""
 
     block_b: int
     block_h: int
@@ -362,6 +407,7 @@ class LaunchConfig:
     num_warps: int
     split: bool
     k_res: int = 0
+    one_chunk: bool = False
 
 
 # The fixed configuration table the dispatcher chooses from (no autotuning: a compile_check run
@@ -400,6 +446,22 @@ RESIDENT_ARCHS = ((8, 0), (9, 0))
 # K = state size); backward, one of W_hh's columns (K = G*H)
 RESIDENT_SLICES = {"lstm_forward": 4, "gru_forward": 3, "rnn_forward": 1,
                    "lstm_backward": 1, "gru_backward": 1, "rnn_backward": 1}  # fmt: skip
+
+# Kernels with a ONE_CHUNK variant, for programs that own exactly one hidden chunk (every
+# persistent launch with B <= 16 up to H = 32 * SMs, and H <= BLOCK_H): the chunk's own state
+# (c, and h where a step may keep it) stays in registers across steps instead of being re-read
+# from global memory, the biases are loaded once, and the next step's gx tiles are loaded at
+# the start of a step. Those loads depend on nothing the step computes, but the chunk loop
+# issues them after the grid-wide wait (SASS, LSTM forward bf16 sm_90, resident: the gx loads
+# after the wait for the state copy, the c and h loads between the HMMAs), so their L2 latency
+# lay on every step's critical path; with ONE_CHUNK the loop body's only global loads are the
+# state copy and the next step's gx, issued at its top, before the HMMAs.
+ONE_CHUNK_KERNELS = ("lstm_forward", "gru_forward", "rnn_forward")
+ONE_CHUNK = True  # False: always the chunk loop (benchmarks and tests compare the two)
+# Only with 16-row batch tiles (B <= 16, the latency-bound shapes): the carried tiles are live
+# across the whole step, and the 32-row configurations, at 174-255 registers already, spilled
+# 24-76 bytes more with them (compile_check sm_90, bf16/fp32, LSTM forward).
+ONE_CHUNK_BLOCK_B = 16
 
 
 def resident_k(kernel: str, K: int, dtype: torch.dtype, precision: str) -> int:
@@ -444,18 +506,22 @@ def choose_config(
         )
         if arch_ok:
             k_res = resident_k(*resident)
-    config = LaunchConfig(block_b, BLOCK_H, BLOCK_K, NUM_WARPS, n_split > 1, k_res)
+    one_chunk = ONE_CHUNK and n_split == n_chunks and block_b == ONE_CHUNK_BLOCK_B
+    config = LaunchConfig(block_b, BLOCK_H, BLOCK_K, NUM_WARPS, n_split > 1, k_res, one_chunk)
     return config, n_split
 
 
 def all_configs(dkey: str | None = None, kernel: str | None = None) -> list[LaunchConfig]:
-    """Every configuration :func:`choose_config` can return; with the dtype key of
-    compile_check (fp32, tf32, bf16, fp16) and a key of :data:`RESIDENT_SLICES`, the resident
-    ones too."""
+    """Every configuration :func:`choose_config` can return for ``kernel`` (a key of
+    :data:`RESIDENT_SLICES`; None: any); with the dtype key of compile_check (fp32, tf32, bf16,
+    fp16) and a kernel, the resident ones too. ``one_chunk`` varies only for
+    :data:`ONE_CHUNK_KERNELS` (the other kernels have no such variant)."""
+    has_one = kernel is None or kernel in ONE_CHUNK_KERNELS
     out = [
-        LaunchConfig(bb, BLOCK_H, BLOCK_K, NUM_WARPS, split)
+        LaunchConfig(bb, BLOCK_H, BLOCK_K, NUM_WARPS, split, one_chunk=one)
         for bb in BLOCK_B_CHOICES
         for split in (False, True)
+        for one in ((False, True) if has_one and bb == ONE_CHUNK_BLOCK_B else (False,))
     ]
     if dkey is not None and kernel is not None:
         dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
@@ -464,8 +530,9 @@ def all_configs(dkey: str | None = None, kernel: str | None = None) -> list[Laun
         for k in (16, 32, 64, 128, 256, 512):
             if resident_k(kernel, k, dtype, precision) == k:
                 out += [
-                    LaunchConfig(16, BLOCK_H, BLOCK_K, NUM_WARPS, split, k)
+                    LaunchConfig(16, BLOCK_H, BLOCK_K, NUM_WARPS, split, k, one_chunk=one)
                     for split in (False, True)
+                    for one in ((False, True) if has_one else (False,))
                 ]
     return out
 

@@ -90,7 +90,7 @@ def jobs(kernels, dtypes) -> list[tuple[str, str, dict]]:
 
 
 def _configs(kernels, dtypes) -> list[tuple[str, str, dict]]:
-    from .common import all_configs
+    from .common import ONE_CHUNK_KERNELS, all_configs
 
     out = []
     for kernel in kernels:
@@ -122,6 +122,8 @@ def _configs(kernels, dtypes) -> list[tuple[str, str, dict]]:
                     if proj is not None:
                         constexprs["HAS_PROJ"] = proj
                     constexprs["K_RES"] = cfg.k_res
+                    if kernel.removesuffix("_kernel") in ONE_CHUNK_KERNELS:
+                        constexprs["ONE_CHUNK"] = cfg.one_chunk
                     out.append((kernel, dkey, constexprs | {"num_warps": cfg.num_warps}))
     return out
 

@@ -19,7 +19,9 @@ from .common import (
     column_product,
     dot_precision,
     empty_saved,
+    gate_biases,
     gate_products,
+    gate_tiles,
     grid_sync,
     launch_grid,
     lengths_or_full,
@@ -36,39 +38,80 @@ from .common import (
 
 
 @triton.jit
-def _gru_hidden_preacts(
-    h_prev_ptr,  # [B, H] float32 state slot
+def _gru_tile_step(
+    gx_r,  # [BLOCK_B, BLOCK_H] gx of the step per gate, input dtype (gate_tiles; CARRIED)
+    gx_z,
+    gx_n,
+    b_r,  # [1, BLOCK_H] float32 b_hh per gate (gate_biases; CARRIED)
+    b_z,
+    b_n,
+    h_prev,  # [BLOCK_B, BLOCK_H] float32 h_{s-1} of the tile (CARRIED)
+    gx_rows,  # [BLOCK_B, 1] pointers to gx[t, b, 0] (not CARRIED)
+    b_ptr,  # [3H] b_hh (not CARRIED)
+    h_all_ptr,  # [B, H] float32 state slot h_{s-1} (every unit: the recurrent product)
     w_ptr,  # [3H, H] W_hh
-    b_ptr,  # [3H] b_hh
-    offs_b,  # [BLOCK_B]
-    mask_b,  # [BLOCK_B]
-    offs_h,  # [BLOCK_H]
-    mask_h,  # [BLOCK_H]
-    H,
     w_r,  # [K_RES, BLOCK_H] resident slices of W_gᵀ (K_RES > 0), else unused
     w_z,
     w_n,
+    h_next_ptr,  # [B, H] float32 state slot h_s
+    hn_ptr,  # [T, B, H] float32 W_hn h + b_hn (written when save)
+    gates_ptr,  # [T, B, 3H] float32 activated gates (written when save)
+    y_ptr,  # [T, B, H] input dtype
+    s,  # processing step
+    t,  # [BLOCK_B] int64 time index of the step per row
+    valid,  # [BLOCK_B] s < length
+    save,
+    offs_b,  # [BLOCK_B]
+    mask_b,  # [BLOCK_B]
+    offs_h,  # [BLOCK_H] hidden units of the tile
+    mask_h,  # [BLOCK_H]
+    B,
+    H,
+    CARRIED: tl.constexpr,  # gx, b, h_prev given (ONE_CHUNK), else loaded here
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     K_RES: tl.constexpr,
 ):
-    """Recurrent parts ``h_prev W_gᵀ + b_g`` of the r, z, n gates for a [BLOCK_B, BLOCK_H]
-    tile: one pass over ``H``, each ``h_prev`` tile loaded once for all three gates (with
-    resident weights, one load of ``h_prev`` and three dots)."""
-    acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_n = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_r, acc_z, acc_n, _ = gate_products(
-        acc_r, acc_z, acc_n, acc_n, h_prev_ptr, offs_b, mask_b, H, w_ptr, offs_h, mask_h, H,
+    """One step of a [BLOCK_B, BLOCK_H] tile: the recurrent parts ``h_{s-1} W_gᵀ + b_g`` of
+    the r, z, n gates (one pass over ``H``, each ``h_{s-1}`` tile loaded once for all three;
+    with resident weights one load and three dots), the cell, and the stores of ``h_s``, ``y``
+    and (save) the gates and ``W_hn h + b_hn``. Rows past their length keep their state.
+    Without CARRIED the step's gx, b and h_{s-1} tiles are loaded after the products (see
+    the LSTM's). Returns the tile's ``h_s``."""
+    zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    hr, hz, hn, _hn = gate_products(
+        zero, zero, zero, zero, h_all_ptr, offs_b, mask_b, H, w_ptr, offs_h, mask_h, H,
         w_r, w_z, w_n, w_n, 3, BLOCK_K, K_RES, PRECISION,
     )  # fmt: skip
-    b = b_ptr + offs_h
-    acc_r += tl.load(b, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-    acc_z += tl.load(b + H, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-    acc_n += tl.load(b + 2 * H, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-    return acc_r, acc_z, acc_n
+    mask = mask_b[:, None] & mask_h[None, :]
+    bh = offs_b[:, None] * H + offs_h[None, :]
+    if not CARRIED:
+        b_r, b_z, b_n, _b = gate_biases(b_ptr, offs_h, mask_h, H, 3)
+        gx_r, gx_z, gx_n, _g = gate_tiles(gx_rows, offs_h, mask, H, 3)
+    hr += b_r
+    hz += b_z
+    hn += b_n
+    r = tl.sigmoid(gx_r.to(tl.float32) + hr)
+    z = tl.sigmoid(gx_z.to(tl.float32) + hz)
+    n = 2.0 * tl.sigmoid(2.0 * (gx_n.to(tl.float32) + r * hn)) - 1.0  # tanh
+    if not CARRIED:
+        h_prev = tl.load(h_all_ptr + bh, mask=mask, other=0.0, cache_modifier=".cg")
+    h_new = (1.0 - z) * n + z * h_prev
+    keep = valid[:, None] & mask
+    h_next = tl.where(keep, h_new, h_prev)
+    tl.store(h_next_ptr + bh, h_next, mask=mask)
+    y_rows = y_ptr + (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
+    tl.store(y_rows, tl.where(keep, h_new, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+    smask = mask & (offs_h * 0 + save != 0)[None, :]
+    sb = (s * B + offs_b[:, None]).to(tl.int64)
+    tl.store(hn_ptr + sb * H + offs_h[None, :], hn, mask=smask)
+    g_rows = gates_ptr + sb * (3 * H) + offs_h[None, :]
+    tl.store(g_rows, r, mask=smask)
+    tl.store(g_rows + H, z, mask=smask)
+    tl.store(g_rows + 2 * H, n, mask=smask)
+    return h_next
 
 
 # T, B and flags are not specialised on; the sizes that set the weight rows' alignment (H, P) are
@@ -96,6 +139,7 @@ def gru_forward_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     K_RES: tl.constexpr = 0,  # > 0: W_hh slice resident (see lstm_forward_kernel)
+    ONE_CHUNK: tl.constexpr = False,  # the program owns hidden chunk pid_h only (common.py)
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -105,41 +149,47 @@ def gru_forward_kernel(
     lens = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
     sync = sync_ptr + pid_b
     arrivals = 0
-    w_r, w_z, w_n, _ = resident_gates(w_ptr, pid_h, H, H, 3, BLOCK_H, K_RES)
+    w_r, w_z, w_n, _w = resident_gates(w_ptr, pid_h, H, H, 3, BLOCK_H, K_RES)
+    if ONE_CHUNK:
+        # The chunk's biases, its h carried across steps, and step 0's gx tiles.
+        offs_c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_c = offs_c < H
+        mask_bc = mask_b[:, None] & mask_c[None, :]
+        b_r, b_z, b_n, _b = gate_biases(b_ptr, offs_c, mask_c, H, 3)
+        h_own = tl.load(hs_ptr + offs_b[:, None] * H + offs_c[None, :], mask=mask_bc, other=0.0)
+        t0 = step_time(0, lens, reverse)[0]
+        gx_r, gx_z, gx_n, _g = gate_tiles(
+            gx_ptr + (t0[:, None] * B + offs_b[:, None]) * (3 * H), offs_c, mask_bc, H, 3
+        )
     for s in range(T):
         t, valid = step_time(s, lens, reverse)
         cur = tl.where(save != 0, s, s % 2).to(tl.int64)
         nxt = tl.where(save != 0, s + 1, (s + 1) % 2).to(tl.int64)
         h_prev_ptr = hs_ptr + cur * B * H
-        gx_rows = gx_ptr + (t[:, None] * B + offs_b[:, None]) * (3 * H)
-        for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
-            offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
-            mask_h = offs_h < H
-            mask = mask_b[:, None] & mask_h[None, :]
-            bh = offs_b[:, None] * H + offs_h[None, :]
-            hr, hz, hn = _gru_hidden_preacts(
-                h_prev_ptr, w_ptr, b_ptr, offs_b, mask_b, offs_h, mask_h, H, w_r, w_z, w_n,
-                BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, K_RES,
+        if ONE_CHUNK:
+            # Issue step s+1's gx loads now; nothing waits for them before step s+1.
+            t_n = step_time(s + 1, lens, reverse)[0]
+            nx_r, nx_z, nx_n, _n = gate_tiles(
+                gx_ptr + (t_n[:, None] * B + offs_b[:, None]) * (3 * H), offs_c,
+                mask_bc & (offs_c * 0 + s + 1 < T)[None, :], H, 3,
             )  # fmt: skip
-            gr = tl.load(gx_rows + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
-            gz = tl.load(gx_rows + H + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
-            gn = tl.load(gx_rows + 2 * H + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
-            r = tl.sigmoid(gr + hr)
-            z = tl.sigmoid(gz + hz)
-            n = 2.0 * tl.sigmoid(2.0 * (gn + r * hn)) - 1.0  # tanh
-            h_prev = tl.load(h_prev_ptr + bh, mask=mask, other=0.0, cache_modifier=".cg")
-            h_new = (1.0 - z) * n + z * h_prev
-            keep = valid[:, None] & mask
-            tl.store(hs_ptr + nxt * B * H + bh, tl.where(keep, h_new, h_prev), mask=mask)
-            y_rows = y_ptr + (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
-            tl.store(y_rows, tl.where(keep, h_new, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
-            smask = mask & (offs_h * 0 + save != 0)[None, :]
-            sb = (s * B + offs_b[:, None]).to(tl.int64)
-            tl.store(hn_ptr + sb * H + offs_h[None, :], hn, mask=smask)
-            g_rows = gates_ptr + sb * (3 * H) + offs_h[None, :]
-            tl.store(g_rows, r, mask=smask)
-            tl.store(g_rows + H, z, mask=smask)
-            tl.store(g_rows + 2 * H, n, mask=smask)
+            h_own = _gru_tile_step(
+                gx_r, gx_z, gx_n, b_r, b_z, b_n, h_own, gx_ptr, b_ptr, h_prev_ptr, w_ptr, w_r,
+                w_z, w_n, hs_ptr + nxt * B * H, hn_ptr, gates_ptr, y_ptr, s, t, valid, save,
+                offs_b, mask_b, offs_c, mask_c, B, H, True, BLOCK_B, BLOCK_H, BLOCK_K,
+                PRECISION, K_RES,
+            )  # fmt: skip
+            gx_r, gx_z, gx_n = nx_r, nx_z, nx_n
+        else:
+            gx_rows = gx_ptr + (t[:, None] * B + offs_b[:, None]) * (3 * H)
+            for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
+                offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+                _gru_tile_step(
+                    0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, gx_rows, b_ptr, h_prev_ptr, w_ptr, w_r,
+                    w_z, w_n, hs_ptr + nxt * B * H, hn_ptr, gates_ptr, y_ptr, s, t, valid, save,
+                    offs_b, mask_b, offs_h, offs_h < H, B, H, False, BLOCK_B, BLOCK_H, BLOCK_K,
+                    PRECISION, K_RES,
+                )  # fmt: skip
         arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
 
 
@@ -269,7 +319,7 @@ def gru_forward(
         sync, T, B, H, int(reverse), int(save),
         SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
         BLOCK_K=config.block_k, PRECISION=precision, K_RES=config.k_res,
-        num_warps=config.num_warps,
+        ONE_CHUNK=config.one_chunk, num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
     h_n = hs[T % slots].clone()

@@ -18,7 +18,9 @@ from .common import (
     column_product,
     dot_precision,
     empty_saved,
+    gate_biases,
     gate_products,
+    gate_tiles,
     gemm_tn,
     grid_sync,
     launch_grid,
@@ -37,50 +39,101 @@ from .common import (
 
 
 @triton.jit
-def _lstm_preacts(
-    gx_rows,  # [BLOCK_B, 1] pointers to gx[t, b, 0]
-    h_prev_ptr,  # [B, P] float32 state slot
+def _lstm_tile_step(
+    gx_i,  # [BLOCK_B, BLOCK_H] gx of the step per gate, input dtype (gate_tiles; CARRIED)
+    gx_f,
+    gx_g,
+    gx_o,
+    b_i,  # [1, BLOCK_H] float32 b_hh per gate (gate_biases; CARRIED)
+    b_f,
+    b_g,
+    b_o,
+    c_prev,  # [BLOCK_B, BLOCK_H] float32 c_{s-1} of the tile (CARRIED)
+    h_prev,  # [BLOCK_B, BLOCK_H] float32 h_{s-1} of the tile (CARRIED, no HAS_PROJ)
+    gx_rows,  # [BLOCK_B, 1] pointers to gx[t, b, 0] (not CARRIED)
+    b_ptr,  # [4H] b_hh (not CARRIED)
+    c_prev_ptr,  # [B, H] float32 state slot c_{s-1} (not CARRIED)
+    h_all_ptr,  # [B, P] float32 state slot h_{s-1} (every unit: the recurrent product)
     w_ptr,  # [4H, P] W_hh
-    b_ptr,  # [4H] b_hh
-    offs_b,  # [BLOCK_B]
-    mask_b,  # [BLOCK_B]
-    offs_h,  # [BLOCK_H]
-    mask_h,  # [BLOCK_H]
-    H,
-    P,
     w_i,  # [K_RES, BLOCK_H] resident slices of W_gᵀ (K_RES > 0), else unused
     w_f,
     w_g,
     w_o,
+    c_next_ptr,  # [B, H] float32 state slot c_s
+    h_next_ptr,  # [B, P] float32 state slot h_s (unused with HAS_PROJ)
+    gates_ptr,  # [T, B, 4H] float32 activated gates (written when save)
+    m_ptr,  # [B, H] float32 o * tanh(c) (HAS_PROJ only)
+    y_ptr,  # [T, B, P] input dtype
+    s,  # processing step
+    t,  # [BLOCK_B] int64 time index of the step per row
+    valid,  # [BLOCK_B] s < length
+    save,
+    offs_b,  # [BLOCK_B]
+    mask_b,  # [BLOCK_B]
+    offs_h,  # [BLOCK_H] hidden units of the tile
+    mask_h,  # [BLOCK_H]
+    B,
+    H,
+    P,
+    HAS_PROJ: tl.constexpr,
+    CARRIED: tl.constexpr,  # gx, b, c_prev, h_prev given (ONE_CHUNK), else loaded here
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     K_RES: tl.constexpr,
 ):
-    """Pre-activations ``gx + h_prev W_gᵀ + b_g`` of the four gates for a [BLOCK_B, BLOCK_H]
-    tile: one pass over ``P``, each ``h_prev`` tile loaded once for all four gates; with
-    resident weights one [BLOCK_B, K_RES] load of ``h_prev`` and four dots."""
-    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    """One step of a [BLOCK_B, BLOCK_H] tile: pre-activations ``h_{s-1} W_gᵀ + gx + b`` (one
+    pass over ``P``, each ``h_{s-1}`` tile loaded once for all four gates; with resident
+    weights one load and four dots), the cell, and the stores of ``c_s``, the gates (save),
+    ``h_s`` and ``y`` (or ``m`` with a projection). Rows past their length keep their state.
+    Without CARRIED the step's gx, b, c_{s-1} and h_{s-1} tiles are loaded after the products
+    (loaded before, they would stay live across the streamed loop over ``P``: spills in the
+    32-row configurations). Returns the tile's ``c_s`` and ``h_s`` (``h_prev`` with a
+    projection)."""
+    zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_i, acc_f, acc_g, acc_o = gate_products(
-        acc_i, acc_f, acc_g, acc_o, h_prev_ptr, offs_b, mask_b, P, w_ptr, offs_h, mask_h, H,
+        zero, zero, zero, zero, h_all_ptr, offs_b, mask_b, P, w_ptr, offs_h, mask_h, H,
         w_i, w_f, w_g, w_o, 4, BLOCK_K, K_RES, PRECISION,
     )  # fmt: skip
     mask = mask_b[:, None] & mask_h[None, :]
-    gx = gx_rows + offs_h[None, :]
-    b = b_ptr + offs_h
-    acc_i += tl.load(gx, mask=mask, other=0.0).to(tl.float32)
-    acc_f += tl.load(gx + H, mask=mask, other=0.0).to(tl.float32)
-    acc_g += tl.load(gx + 2 * H, mask=mask, other=0.0).to(tl.float32)
-    acc_o += tl.load(gx + 3 * H, mask=mask, other=0.0).to(tl.float32)
-    acc_i += tl.load(b, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-    acc_f += tl.load(b + H, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-    acc_g += tl.load(b + 2 * H, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-    acc_o += tl.load(b + 3 * H, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-    return acc_i, acc_f, acc_g, acc_o
+    bh = offs_b[:, None] * H + offs_h[None, :]
+    if not CARRIED:
+        gx_i, gx_f, gx_g, gx_o = gate_tiles(gx_rows, offs_h, mask, H, 4)
+    acc_i += gx_i.to(tl.float32)
+    acc_f += gx_f.to(tl.float32)
+    acc_g += gx_g.to(tl.float32)
+    acc_o += gx_o.to(tl.float32)
+    if not CARRIED:
+        b_i, b_f, b_g, b_o = gate_biases(b_ptr, offs_h, mask_h, H, 4)
+    i = tl.sigmoid(acc_i + b_i)
+    f = tl.sigmoid(acc_f + b_f)
+    g = 2.0 * tl.sigmoid(2.0 * (acc_g + b_g)) - 1.0  # tanh
+    o = tl.sigmoid(acc_o + b_o)
+    if not CARRIED:
+        c_prev = tl.load(c_prev_ptr + bh, mask=mask, other=0.0)
+    c_new = f * c_prev + i * g
+    m = o * (2.0 * tl.sigmoid(2.0 * c_new) - 1.0)
+    keep = valid[:, None] & mask
+    c_next = tl.where(keep, c_new, c_prev)
+    tl.store(c_next_ptr + bh, c_next, mask=mask)
+    gmask = mask & (offs_h * 0 + save != 0)[None, :]
+    g_rows = gates_ptr + (s * B + offs_b[:, None]).to(tl.int64) * (4 * H) + offs_h[None, :]
+    tl.store(g_rows, i, mask=gmask)
+    tl.store(g_rows + H, f, mask=gmask)
+    tl.store(g_rows + 2 * H, g, mask=gmask)
+    tl.store(g_rows + 3 * H, o, mask=gmask)
+    h_next = h_prev
+    if HAS_PROJ:
+        tl.store(m_ptr + bh, m, mask=mask)
+    else:  # P == H
+        if not CARRIED:
+            h_prev = tl.load(h_all_ptr + bh, mask=mask, other=0.0, cache_modifier=".cg")
+        h_next = tl.where(keep, m, h_prev)
+        tl.store(h_next_ptr + bh, h_next, mask=mask)
+        y_rows = y_ptr + (t[:, None] * B + offs_b[:, None]) * P + offs_h[None, :]
+        tl.store(y_rows, tl.where(keep, m, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+    return c_next, h_next
 
 
 # T, B and flags are not specialised on; the sizes that set the weight rows' alignment (H, P) are
@@ -112,6 +165,7 @@ def lstm_forward_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     K_RES: tl.constexpr = 0,  # > 0: the program's W_hh slice stays in registers (see below)
+    ONE_CHUNK: tl.constexpr = False,  # the program owns hidden chunk pid_h only (common.py)
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -125,43 +179,51 @@ def lstm_forward_kernel(
     # exactly one hidden chunk, pid_h): its four [K_RES, BLOCK_H] slices of W_hhᵀ are loaded
     # once, before the time loop, instead of from L2 at every step.
     w_i, w_f, w_g, w_o = resident_gates(w_ptr, pid_h, H, P, 4, BLOCK_H, K_RES)
+    if ONE_CHUNK:
+        # The chunk's biases, its c (and h) carried across steps, and step 0's gx tiles.
+        offs_c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_c = offs_c < H
+        mask_bc = mask_b[:, None] & mask_c[None, :]
+        b_i, b_f, b_g, b_o = gate_biases(b_ptr, offs_c, mask_c, H, 4)
+        c_own = tl.load(cs_ptr + offs_b[:, None] * H + offs_c[None, :], mask=mask_bc, other=0.0)
+        h_own = c_own  # (placeholder with a projection, whose h is not per hidden unit)
+        if not HAS_PROJ:
+            h_own = tl.load(hs_ptr + offs_b[:, None] * P + offs_c[None, :], mask=mask_bc, other=0.0)
+        t0 = step_time(0, lens, reverse)[0]
+        gx_i, gx_f, gx_g, gx_o = gate_tiles(
+            gx_ptr + (t0[:, None] * B + offs_b[:, None]) * (4 * H), offs_c, mask_bc, H, 4
+        )
     for s in range(T):
         t, valid = step_time(s, lens, reverse)
         cur = tl.where(save != 0, s, s % 2).to(tl.int64)
         nxt = tl.where(save != 0, s + 1, (s + 1) % 2).to(tl.int64)
         h_prev_ptr = hs_ptr + cur * B * P
-        gx_rows = gx_ptr + (t[:, None] * B + offs_b[:, None]) * (4 * H)
-        for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
-            offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
-            mask_h = offs_h < H
-            mask = mask_b[:, None] & mask_h[None, :]
-            bh = offs_b[:, None] * H + offs_h[None, :]
-            pre_i, pre_f, pre_g, pre_o = _lstm_preacts(
-                gx_rows, h_prev_ptr, w_ptr, b_ptr, offs_b, mask_b, offs_h, mask_h, H, P,
-                w_i, w_f, w_g, w_o, BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, K_RES,
+        if ONE_CHUNK:
+            # Issue step s+1's gx loads now; nothing waits for them before step s+1.
+            t_n = step_time(s + 1, lens, reverse)[0]
+            nx_i, nx_f, nx_g, nx_o = gate_tiles(
+                gx_ptr + (t_n[:, None] * B + offs_b[:, None]) * (4 * H), offs_c,
+                mask_bc & (offs_c * 0 + s + 1 < T)[None, :], H, 4,
             )  # fmt: skip
-            i = tl.sigmoid(pre_i)
-            f = tl.sigmoid(pre_f)
-            g = 2.0 * tl.sigmoid(2.0 * pre_g) - 1.0  # tanh
-            o = tl.sigmoid(pre_o)
-            c_prev = tl.load(cs_ptr + cur * B * H + bh, mask=mask, other=0.0)
-            c_new = f * c_prev + i * g
-            m = o * (2.0 * tl.sigmoid(2.0 * c_new) - 1.0)
-            keep = valid[:, None] & mask
-            tl.store(cs_ptr + nxt * B * H + bh, tl.where(keep, c_new, c_prev), mask=mask)
-            gmask = mask & (offs_h * 0 + save != 0)[None, :]
-            g_rows = gates_ptr + (s * B + offs_b[:, None]).to(tl.int64) * (4 * H) + offs_h[None, :]
-            tl.store(g_rows, i, mask=gmask)
-            tl.store(g_rows + H, f, mask=gmask)
-            tl.store(g_rows + 2 * H, g, mask=gmask)
-            tl.store(g_rows + 3 * H, o, mask=gmask)
-            if HAS_PROJ:
-                tl.store(m_ptr + bh, m, mask=mask)
-            else:
-                h_prev = tl.load(h_prev_ptr + bh, mask=mask, other=0.0, cache_modifier=".cg")
-                tl.store(hs_ptr + nxt * B * P + bh, tl.where(keep, m, h_prev), mask=mask)
-                y_rows = y_ptr + (t[:, None] * B + offs_b[:, None]) * P + offs_h[None, :]
-                tl.store(y_rows, tl.where(keep, m, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+            c_own, h_own = _lstm_tile_step(
+                gx_i, gx_f, gx_g, gx_o, b_i, b_f, b_g, b_o, c_own, h_own, gx_ptr, b_ptr, cs_ptr,
+                h_prev_ptr, w_ptr, w_i, w_f, w_g, w_o, cs_ptr + nxt * B * H,
+                hs_ptr + nxt * B * P, gates_ptr, m_ptr, y_ptr, s, t, valid, save, offs_b, mask_b,
+                offs_c, mask_c, B, H, P, HAS_PROJ, True, BLOCK_B, BLOCK_H, BLOCK_K, PRECISION,
+                K_RES,
+            )  # fmt: skip
+            gx_i, gx_f, gx_g, gx_o = nx_i, nx_f, nx_g, nx_o
+        else:
+            gx_rows = gx_ptr + (t[:, None] * B + offs_b[:, None]) * (4 * H)
+            for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
+                offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+                _lstm_tile_step(
+                    0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, gx_rows, b_ptr,
+                    cs_ptr + cur * B * H, h_prev_ptr, w_ptr, w_i, w_f, w_g, w_o,
+                    cs_ptr + nxt * B * H, hs_ptr + nxt * B * P, gates_ptr, m_ptr, y_ptr, s, t,
+                    valid, save, offs_b, mask_b, offs_h, offs_h < H, B, H, P, HAS_PROJ, False,
+                    BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, K_RES,
+                )  # fmt: skip
         if HAS_PROJ:
             arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
             for j in range(pid_h, tl.cdiv(P, BLOCK_H), n_split):
@@ -340,7 +402,7 @@ def lstm_forward(
         T, B, H, P, int(reverse), int(save),
         HAS_PROJ=w_hr is not None, SPLIT=config.split, BLOCK_B=config.block_b,
         BLOCK_H=config.block_h, BLOCK_K=config.block_k, PRECISION=precision,
-        K_RES=config.k_res, num_warps=config.num_warps,
+        K_RES=config.k_res, ONE_CHUNK=config.one_chunk, num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
     h_n, c_n = hs[T % slots].clone(), cs[T % slots].clone()

@@ -18,7 +18,9 @@ from .common import (
     column_product,
     dot_precision,
     empty_saved,
+    gate_biases,
     gate_products,
+    gate_tiles,
     grid_sync,
     launch_grid,
     lengths_or_full,
@@ -32,6 +34,61 @@ from .common import (
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rnn_tile_step(
+    gx,  # [BLOCK_B, BLOCK_H] gx of the step, input dtype (gate_tiles; CARRIED)
+    b,  # [1, BLOCK_H] float32 b_hh (gate_biases; CARRIED)
+    h_prev,  # [BLOCK_B, BLOCK_H] float32 h_{s-1} of the tile (CARRIED)
+    gx_rows,  # [BLOCK_B, 1] pointers to gx[t, b, 0] (not CARRIED)
+    b_ptr,  # [H] b_hh (not CARRIED)
+    h_all_ptr,  # [B, H] float32 state slot h_{s-1} (every unit: the recurrent product)
+    w_ptr,  # [H, H] W_hh
+    w_res,  # [K_RES, BLOCK_H] resident slice of W_hhᵀ (K_RES > 0), else unused
+    h_next_ptr,  # [B, H] float32 state slot h_s
+    y_ptr,  # [T, B, H] input dtype
+    t,  # [BLOCK_B] int64 time index of the step per row
+    valid,  # [BLOCK_B] s < length
+    relu,
+    offs_b,  # [BLOCK_B]
+    mask_b,  # [BLOCK_B]
+    offs_h,  # [BLOCK_H] hidden units of the tile
+    mask_h,  # [BLOCK_H]
+    B,
+    H,
+    CARRIED: tl.constexpr,  # gx, b, h_prev given (ONE_CHUNK), else loaded here
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    K_RES: tl.constexpr,
+):
+    """One step of a [BLOCK_B, BLOCK_H] tile: ``act(h_{s-1} W_hhᵀ + gx + b)`` and the stores
+    of ``h_s`` and ``y``; rows past their length keep their state. Without CARRIED the step's
+    gx, b and h_{s-1} tiles are loaded after the product (see the LSTM's). Returns the tile's
+    ``h_s``."""
+    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc = gate_products(
+        acc, acc, acc, acc, h_all_ptr, offs_b, mask_b, H, w_ptr, offs_h, mask_h, H,
+        w_res, w_res, w_res, w_res, 1, BLOCK_K, K_RES, PRECISION,
+    )[0]  # fmt: skip
+    mask = mask_b[:, None] & mask_h[None, :]
+    bh = offs_b[:, None] * H + offs_h[None, :]
+    if not CARRIED:
+        gx = gate_tiles(gx_rows, offs_h, mask, H, 1)[0]
+        b = gate_biases(b_ptr, offs_h, mask_h, H, 1)[0]
+    pre = acc + gx.to(tl.float32)
+    pre += b
+    h_new = tl.where(relu != 0, tl.maximum(pre, 0.0), 2.0 * tl.sigmoid(2.0 * pre) - 1.0)
+    if not CARRIED:
+        h_prev = tl.load(h_all_ptr + bh, mask=mask, other=0.0, cache_modifier=".cg")
+    keep = valid[:, None] & mask
+    h_next = tl.where(keep, h_new, h_prev)
+    tl.store(h_next_ptr + bh, h_next, mask=mask)
+    rows = (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
+    tl.store(y_ptr + rows, tl.where(keep, h_new, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+    return h_next
 
 
 # T, B and flags are not specialised on; the sizes that set the weight rows' alignment (H, P) are
@@ -58,6 +115,7 @@ def rnn_forward_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     K_RES: tl.constexpr = 0,  # > 0: W_hh slice resident (see lstm_forward_kernel)
+    ONE_CHUNK: tl.constexpr = False,  # the program owns hidden chunk pid_h only (common.py)
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -68,29 +126,44 @@ def rnn_forward_kernel(
     sync = sync_ptr + pid_b
     arrivals = 0
     w_res = resident_gates(w_ptr, pid_h, H, H, 1, BLOCK_H, K_RES)[0]
+    if ONE_CHUNK:
+        # The chunk's bias, its h carried across steps, and step 0's gx tile.
+        offs_c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_c = offs_c < H
+        mask_bc = mask_b[:, None] & mask_c[None, :]
+        b_own = gate_biases(b_ptr, offs_c, mask_c, H, 1)[0]
+        h_own = tl.load(hs_ptr + offs_b[:, None] * H + offs_c[None, :], mask=mask_bc, other=0.0)
+        t0 = step_time(0, lens, reverse)[0]
+        gx_own = gate_tiles(
+            gx_ptr + (t0[:, None] * B + offs_b[:, None]) * H, offs_c, mask_bc, H, 1
+        )[0]
     for s in range(T):
         t, valid = step_time(s, lens, reverse)
         cur = tl.where(save != 0, s, s % 2).to(tl.int64)
         nxt = tl.where(save != 0, s + 1, (s + 1) % 2).to(tl.int64)
         h_prev_ptr = hs_ptr + cur * B * H
-        for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
-            offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
-            mask_h = offs_h < H
-            mask = mask_b[:, None] & mask_h[None, :]
-            bh = offs_b[:, None] * H + offs_h[None, :]
-            acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            acc = gate_products(
-                acc, acc, acc, acc, h_prev_ptr, offs_b, mask_b, H, w_ptr, offs_h, mask_h, H,
-                w_res, w_res, w_res, w_res, 1, BLOCK_K, K_RES, PRECISION,
+        if ONE_CHUNK:
+            # Issue step s+1's gx load now; nothing waits for it before step s+1.
+            t_n = step_time(s + 1, lens, reverse)[0]
+            gx_nxt = gate_tiles(
+                gx_ptr + (t_n[:, None] * B + offs_b[:, None]) * H, offs_c,
+                mask_bc & (offs_c * 0 + s + 1 < T)[None, :], H, 1,
             )[0]  # fmt: skip
-            rows = (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
-            pre = acc + tl.load(gx_ptr + rows, mask=mask, other=0.0).to(tl.float32)
-            pre += tl.load(b_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-            h_new = tl.where(relu != 0, tl.maximum(pre, 0.0), 2.0 * tl.sigmoid(2.0 * pre) - 1.0)
-            h_prev = tl.load(h_prev_ptr + bh, mask=mask, other=0.0, cache_modifier=".cg")
-            keep = valid[:, None] & mask
-            tl.store(hs_ptr + nxt * B * H + bh, tl.where(keep, h_new, h_prev), mask=mask)
-            tl.store(y_ptr + rows, tl.where(keep, h_new, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+            h_own = _rnn_tile_step(
+                gx_own, b_own, h_own, gx_ptr, b_ptr, h_prev_ptr, w_ptr, w_res,
+                hs_ptr + nxt * B * H, y_ptr, t, valid, relu, offs_b, mask_b, offs_c, mask_c, B, H,
+                True, BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, K_RES,
+            )  # fmt: skip
+            gx_own = gx_nxt
+        else:
+            gx_rows = gx_ptr + (t[:, None] * B + offs_b[:, None]) * H
+            for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
+                offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+                _rnn_tile_step(
+                    0.0, 0.0, 0.0, gx_rows, b_ptr, h_prev_ptr, w_ptr, w_res,
+                    hs_ptr + nxt * B * H, y_ptr, t, valid, relu, offs_b, mask_b, offs_h,
+                    offs_h < H, B, H, False, BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, K_RES,
+                )  # fmt: skip
         arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
 
 
@@ -197,7 +270,7 @@ def rnn_forward(
         T, B, H, int(reverse), int(save), int(relu),
         SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
         BLOCK_K=config.block_k, PRECISION=precision, K_RES=config.k_res,
-        num_warps=config.num_warps,
+        ONE_CHUNK=config.one_chunk, num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
     h_n = hs[T % slots].clone()
