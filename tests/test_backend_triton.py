@@ -292,9 +292,10 @@ def test_one_chunk_rule():
 
 @pytest.mark.parametrize("name", CELLS)
 def test_one_chunk_kernels_equal_the_chunk_loop(name, monkeypatch):
-    """The forward kernels' ONE_CHUNK variant (state and next inputs carried in registers)
-    computes exactly what the chunk loop does, bit for bit: the same operations in the same
-    order, only the loads move."""
+    """The ONE_CHUNK variant of the forward and backward kernels (the chunk's state or running
+    gradients, and the next step's inputs, carried in registers) computes exactly what the
+    chunk loop does, bit for bit: the same operations in the same order, only the loads
+    move."""
     from rnnkern.backends.triton import gru, lstm, rnn
 
     module = {"lstm": lstm, "gru": gru}.get(cell_of(name), rnn)
@@ -310,11 +311,11 @@ def test_one_chunk_kernels_equal_the_chunk_loop(name, monkeypatch):
     inp = make_inputs(name, T, B, H)
     lengths = _lengths([7, 2, 5] if DEVICE == "cpu" else "random", T, B)
     carried = run(name, inp, "triton", lengths, reverse=True)
-    assert chosen[0], chosen  # the forward took the ONE_CHUNK variant
+    assert chosen == [True, True], chosen  # forward and backward (not with a projection)
     monkeypatch.setattr(common, "ONE_CHUNK", False)
     chosen.clear()
     looped = run(name, inp, "triton", lengths, reverse=True)
-    assert not chosen[0], chosen
+    assert chosen == [False, False], chosen
     for key in carried:
         assert torch.equal(carried[key], looped[key]), key
 

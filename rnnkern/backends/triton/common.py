@@ -448,15 +448,20 @@ RESIDENT_SLICES = {"lstm_forward": 4, "gru_forward": 3, "rnn_forward": 1,
                    "lstm_backward": 1, "gru_backward": 1, "rnn_backward": 1}  # fmt: skip
 
 # Kernels with a ONE_CHUNK variant, for programs that own exactly one hidden chunk (every
-# persistent launch with B <= 16 up to H = 32 * SMs, and H <= BLOCK_H): the chunk's own state
-# (c, and h where a step may keep it) stays in registers across steps instead of being re-read
-# from global memory, the biases are loaded once, and the next step's gx tiles are loaded at
-# the start of a step. Those loads depend on nothing the step computes, but the chunk loop
-# issues them after the grid-wide wait (SASS, LSTM forward bf16 sm_90, resident: the gx loads
-# after the wait for the state copy, the c and h loads between the HMMAs), so their L2 latency
-# lay on every step's critical path; with ONE_CHUNK the loop body's only global loads are the
-# state copy and the next step's gx, issued at its top, before the HMMAs.
-ONE_CHUNK_KERNELS = ("lstm_forward", "gru_forward", "rnn_forward")
+# persistent launch with B <= 16 up to H = 32 * SMs, and H <= BLOCK_H): the chunk's own values
+# (forward: c, and h where a step may keep it; backward: the running dh and dc) stay in
+# registers across steps instead of being re-read from global memory, the biases are loaded
+# once, and the next step's inputs (forward: gx; backward: dy and the saved gates and states)
+# are loaded at the top of a step. Those loads depend on nothing the step computes, but the
+# chunk loop issues them after the grid-wide wait (SASS, LSTM forward bf16 sm_90, resident:
+# the gx loads after the wait for the state copy, the c and h loads between the HMMAs; the
+# backward's saved tiles after the previous step's dh product), so their L2 latency lay on
+# every step's critical path. With ONE_CHUNK the only global loads after a wait are the ones
+# that need it (the state copy; the backward's dgh of all units), and the backward drops its
+# CTA barrier per step (dh and dc no longer pass through global memory between threads).
+# The LSTM backward with a projection (state and hidden chunks differ) keeps the loop.
+ONE_CHUNK_KERNELS = ("lstm_forward", "gru_forward", "rnn_forward",
+                     "lstm_backward", "gru_backward", "rnn_backward")  # fmt: skip
 ONE_CHUNK = True  # False: always the chunk loop (benchmarks and tests compare the two)
 # Only with 16-row batch tiles (B <= 16, the latency-bound shapes): the carried tiles are live
 # across the whole step, and the 32-row configurations, at 174-255 registers already, spilled

@@ -115,6 +115,8 @@ def _configs(kernels, dtypes) -> list[tuple[str, str, dict]]:
                 for proj in (False, True) if has_proj else (None,):
                     if proj and cfg.k_res:
                         continue  # no resident weights with a projection
+                    if proj and cfg.one_chunk and kernel == "lstm_backward_kernel":
+                        continue  # its launcher turns ONE_CHUNK off with a projection
                     constexprs = dict(
                         SPLIT=cfg.split, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h,
                         BLOCK_K=cfg.block_k, PRECISION=DTYPES[dkey][1],

@@ -193,6 +193,60 @@ def gru_forward_kernel(
         arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
 
 
+@triton.jit
+def _gru_saved_tiles(
+    gates_ptr,  # [T, B, 3H] float32 saved activated gates (processing order)
+    hs_ptr,  # [T+1, B, H] float32 saved states (processing order)
+    hn_ptr,  # [T, B, H] float32 saved W_hn h + b_hn
+    s,  # processing step
+    offs_b,  # [BLOCK_B]
+    offs_h,  # [BLOCK_H]
+    mask,  # [BLOCK_B, BLOCK_H]
+    B,
+    H,
+):
+    """What the backward's step ``s`` reads of the forward for a tile: the gates r, z, n,
+    ``h_{s-1}`` and ``W_hn h_{s-1} + b_hn``."""
+    s64 = s.to(tl.int64)
+    bh = offs_b[:, None] * H + offs_h[None, :]
+    g_rows = gates_ptr + (s64 * B + offs_b[:, None]) * (3 * H) + offs_h[None, :]
+    r = tl.load(g_rows, mask=mask, other=0.0)
+    z = tl.load(g_rows + H, mask=mask, other=0.0)
+    n = tl.load(g_rows + 2 * H, mask=mask, other=0.0)
+    h_prev = tl.load(hs_ptr + s64 * B * H + bh, mask=mask, other=0.0)
+    hn = tl.load(hn_ptr + s64 * B * H + bh, mask=mask, other=0.0)
+    return r, z, n, h_prev, hn
+
+
+@triton.jit
+def _gru_gate_grads(
+    dtot,  # [BLOCK_B, BLOCK_H] float32 total gradient of h_s (dh_s + dy)
+    r,  # [BLOCK_B, BLOCK_H] float32 saved gates, state and W_hn h + b_hn of step s
+    z,
+    n,
+    h_prev,
+    hn,
+    valid,  # [BLOCK_B] s < length
+    dgh_rows,  # [BLOCK_B, BLOCK_H] pointers to dgh[s, b, unit] (gate r)
+    dgx_rows,  # [BLOCK_B, BLOCK_H] pointers to dgx[t, b, unit] (gate r)
+    mask,  # [BLOCK_B, BLOCK_H]
+    H,
+):
+    """Gradients of the r, z, n pre-activations of step ``s`` (zero past a row's length),
+    stored to ``dgh`` (of ``W_hh h + b_hh``, float32) and ``dgx`` (its dtype)."""
+    keep = valid[:, None]
+    dn = tl.where(keep, dtot * (1.0 - z) * (1.0 - n * n), 0.0)
+    dr = tl.where(keep, dn * hn * r * (1.0 - r), 0.0)
+    dz = tl.where(keep, dtot * (h_prev - n) * z * (1.0 - z), 0.0)
+    tl.store(dgh_rows, dr, mask=mask)
+    tl.store(dgh_rows + H, dz, mask=mask)
+    tl.store(dgh_rows + 2 * H, dn * r, mask=mask)
+    out_ty = dgx_rows.dtype.element_ty
+    tl.store(dgx_rows, dr.to(out_ty), mask=mask)
+    tl.store(dgx_rows + H, dz.to(out_ty), mask=mask)
+    tl.store(dgx_rows + 2 * H, dn.to(out_ty), mask=mask)
+
+
 # T, B and flags are not specialised on; the sizes that set the weight rows' alignment (H, P) are
 # (Triton's "divisible by 16" or not), which lets 16-bit W tiles be copied asynchronously and
 # vectorised: without it each tile was a synchronous 2-byte-per-element load (TTGIR).
@@ -218,6 +272,7 @@ def gru_backward_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     K_RES: tl.constexpr = 0,  # > 0: the program's columns of W_hh stay on chip (phase 2)
+    ONE_CHUNK: tl.constexpr = False,  # the program owns hidden chunk pid_h only
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -228,60 +283,92 @@ def gru_backward_kernel(
     sync = sync_ptr + pid_b
     arrivals = 0
     w_res = resident_columns(w_ptr, pid_h, 3 * H, H, BLOCK_H, K_RES)
+    if ONE_CHUNK:
+        # The chunk's dh carried across steps, and the last step's saved tiles.
+        offs_c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_c = offs_c < H
+        mask_bc = mask_b[:, None] & mask_c[None, :]
+        bc = offs_b[:, None] * H + offs_c[None, :]
+        dh_own = tl.load(dh_ptr + bc, mask=mask_bc, other=0.0)
+        t_n = step_time(T - 1, lens, reverse)[0]
+        dy_n = tl.load(dy_ptr + (t_n[:, None] * B + offs_b[:, None]) * H + offs_c[None, :],
+                       mask=mask_bc, other=0.0)  # fmt: skip
+        r_n, z_n, n_n, hp_n, hn_n = _gru_saved_tiles(
+            gates_ptr, hs_ptr, hn_ptr, T - 1, offs_b, offs_c, mask_bc, B, H
+        )
     for r_ in range(T):
         s = T - 1 - r_
         t, valid = step_time(s, lens, reverse)
         s64 = s.to(tl.int64)
         keep = valid[:, None]
         # phase 1: gate derivatives of step s.
-        for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
-            offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
-            mask = mask_b[:, None] & (offs_h < H)[None, :]
-            bh = offs_b[:, None] * H + offs_h[None, :]
-            dy_rows = dy_ptr + (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
-            dtot = tl.load(dh_ptr + bh, mask=mask, other=0.0)
-            dtot += tl.load(dy_rows, mask=mask, other=0.0).to(tl.float32)
-            g_rows = gates_ptr + (s64 * B + offs_b[:, None]) * (3 * H) + offs_h[None, :]
-            r = tl.load(g_rows, mask=mask, other=0.0)
-            z = tl.load(g_rows + H, mask=mask, other=0.0)
-            n = tl.load(g_rows + 2 * H, mask=mask, other=0.0)
-            h_prev = tl.load(hs_ptr + s64 * B * H + bh, mask=mask, other=0.0)
-            hn = tl.load(hn_ptr + s64 * B * H + bh, mask=mask, other=0.0)
-            dn = tl.where(keep, dtot * (1.0 - z) * (1.0 - n * n), 0.0)
-            dr = tl.where(keep, dn * hn * r * (1.0 - r), 0.0)
-            dz = tl.where(keep, dtot * (h_prev - n) * z * (1.0 - z), 0.0)
-            dgh_rows = dgh_ptr + (s64 * B + offs_b[:, None]) * (3 * H) + offs_h[None, :]
-            tl.store(dgh_rows, dr, mask=mask)
-            tl.store(dgh_rows + H, dz, mask=mask)
-            tl.store(dgh_rows + 2 * H, dn * r, mask=mask)
-            dgx_rows = dgx_ptr + (t[:, None] * B + offs_b[:, None]) * (3 * H) + offs_h[None, :]
-            out_ty = dgx_ptr.dtype.element_ty
-            tl.store(dgx_rows, dr.to(out_ty), mask=mask)
-            tl.store(dgx_rows + H, dz.to(out_ty), mask=mask)
-            tl.store(dgx_rows + 2 * H, dn.to(out_ty), mask=mask)
+        if ONE_CHUNK:
+            dy_c, r_c, z_c, n_c, hp_c, hn_c = dy_n, r_n, z_n, n_n, hp_n, hn_n
+            # Issue step s-1's loads now; nothing waits for them before step s-1.
+            t_n = step_time(s - 1, lens, reverse)[0]
+            more = mask_bc & (offs_c * 0 + s >= 1)[None, :]
+            dy_n = tl.load(dy_ptr + (t_n[:, None] * B + offs_b[:, None]) * H + offs_c[None, :],
+                           mask=more, other=0.0)  # fmt: skip
+            r_n, z_n, n_n, hp_n, hn_n = _gru_saved_tiles(
+                gates_ptr, hs_ptr, hn_ptr, s - 1, offs_b, offs_c, more, B, H
+            )
+            dtot_c = dh_own + dy_c.to(tl.float32)
+            _gru_gate_grads(
+                dtot_c, r_c, z_c, n_c, hp_c, hn_c, valid,
+                dgh_ptr + (s64 * B + offs_b[:, None]) * (3 * H) + offs_c[None, :],
+                dgx_ptr + (t[:, None] * B + offs_b[:, None]) * (3 * H) + offs_c[None, :],
+                mask_bc, H,
+            )  # fmt: skip
+        else:
+            for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
+                offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+                mask = mask_b[:, None] & (offs_h < H)[None, :]
+                bh = offs_b[:, None] * H + offs_h[None, :]
+                dy_rows = dy_ptr + (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
+                dtot = tl.load(dh_ptr + bh, mask=mask, other=0.0)
+                dtot += tl.load(dy_rows, mask=mask, other=0.0).to(tl.float32)
+                r, z, n, h_prev, hn = _gru_saved_tiles(
+                    gates_ptr, hs_ptr, hn_ptr, s, offs_b, offs_h, mask, B, H
+                )
+                _gru_gate_grads(
+                    dtot, r, z, n, h_prev, hn, valid,
+                    dgh_ptr + (s64 * B + offs_b[:, None]) * (3 * H) + offs_h[None, :],
+                    dgx_ptr + (t[:, None] * B + offs_b[:, None]) * (3 * H) + offs_h[None, :],
+                    mask, H,
+                )  # fmt: skip
         arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
         # phase 2: dh_{s-1} = dtot * z + dgh_s @ W_hh where valid, else unchanged.
-        for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
-            offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
-            mask_h = offs_h < H
-            mask = mask_b[:, None] & mask_h[None, :]
-            bh = offs_b[:, None] * H + offs_h[None, :]
+        if ONE_CHUNK:
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
             acc = column_product(
-                acc, dgh_ptr + s64 * B * 3 * H, offs_b, mask_b, 3 * H, w_ptr, offs_h, mask_h, H,
+                acc, dgh_ptr + s64 * B * 3 * H, offs_b, mask_b, 3 * H, w_ptr, offs_c, mask_c, H,
                 w_res, BLOCK_K, K_RES, PRECISION,
             )  # fmt: skip
-            dy_rows = dy_ptr + (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
-            dh = tl.load(dh_ptr + bh, mask=mask, other=0.0)
-            dtot = dh + tl.load(dy_rows, mask=mask, other=0.0).to(tl.float32)
-            z = tl.load(
-                gates_ptr + (s64 * B + offs_b[:, None]) * (3 * H) + H + offs_h[None, :],
-                mask=mask,
-                other=0.0,
-            )
-            tl.store(dh_ptr + bh, tl.where(keep, dtot * z + acc, dh), mask=mask)
-        # dh is only touched by the program owning its chunk, but by other threads of it.
-        tl.debug_barrier()
+            dh_own = tl.where(keep, dtot_c * z_c + acc, dh_own)
+        else:
+            for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
+                offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+                mask_h = offs_h < H
+                mask = mask_b[:, None] & mask_h[None, :]
+                bh = offs_b[:, None] * H + offs_h[None, :]
+                acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                acc = column_product(
+                    acc, dgh_ptr + s64 * B * 3 * H, offs_b, mask_b, 3 * H, w_ptr, offs_h, mask_h,
+                    H, w_res, BLOCK_K, K_RES, PRECISION,
+                )  # fmt: skip
+                dy_rows = dy_ptr + (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
+                dh = tl.load(dh_ptr + bh, mask=mask, other=0.0)
+                dtot = dh + tl.load(dy_rows, mask=mask, other=0.0).to(tl.float32)
+                z = tl.load(
+                    gates_ptr + (s64 * B + offs_b[:, None]) * (3 * H) + H + offs_h[None, :],
+                    mask=mask,
+                    other=0.0,
+                )
+                tl.store(dh_ptr + bh, tl.where(keep, dtot * z + acc, dh), mask=mask)
+            # dh is only touched by the program owning its chunk, but by other threads of it.
+            tl.debug_barrier()
+    if ONE_CHUNK:
+        tl.store(dh_ptr + bc, dh_own, mask=mask_bc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +441,7 @@ def gru_backward(
         T, B, H, int(reverse),
         SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
         BLOCK_K=config.block_k, PRECISION=precision, K_RES=config.k_res,
-        num_warps=config.num_warps,
+        ONE_CHUNK=config.one_chunk, num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
     dw_hh, db_hh = weight_grads(dgh, hs, w_hh, b_hh)

@@ -244,6 +244,68 @@ def lstm_forward_kernel(
         arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
 
 
+@triton.jit
+def _lstm_saved_tiles(
+    gates_ptr,  # [T, B, 4H] float32 saved activated gates (processing order)
+    cs_ptr,  # [T+1, B, H] float32 saved cell states (processing order)
+    s,  # processing step
+    offs_b,  # [BLOCK_B]
+    offs_h,  # [BLOCK_H]
+    mask,  # [BLOCK_B, BLOCK_H]
+    B,
+    H,
+):
+    """What the backward's step ``s`` reads of the forward for a tile: the gates i, f, g, o
+    and the cells ``c_{s-1}``, ``c_s``."""
+    s64 = s.to(tl.int64)
+    bh = offs_b[:, None] * H + offs_h[None, :]
+    g_rows = gates_ptr + (s64 * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
+    i = tl.load(g_rows, mask=mask, other=0.0)
+    f = tl.load(g_rows + H, mask=mask, other=0.0)
+    g = tl.load(g_rows + 2 * H, mask=mask, other=0.0)
+    o = tl.load(g_rows + 3 * H, mask=mask, other=0.0)
+    c_prev = tl.load(cs_ptr + s64 * B * H + bh, mask=mask, other=0.0)
+    c_new = tl.load(cs_ptr + (s64 + 1) * B * H + bh, mask=mask, other=0.0)
+    return i, f, g, o, c_prev, c_new
+
+
+@triton.jit
+def _lstm_gate_grads(
+    dm,  # [BLOCK_B, BLOCK_H] float32 gradient of m = o * tanh(c_s) (dh_s + dy, or via W_hr)
+    dc,  # [BLOCK_B, BLOCK_H] float32 gradient of c_s from step s+1
+    i,  # [BLOCK_B, BLOCK_H] float32 saved gates and cells of step s
+    f,
+    g,
+    o,
+    c_prev,
+    c_new,
+    valid,  # [BLOCK_B] s < length
+    dgh_rows,  # [BLOCK_B, BLOCK_H] pointers to dgh[s, b, unit] (gate i)
+    dgx_rows,  # [BLOCK_B, BLOCK_H] pointers to dgx[t, b, unit] (gate i)
+    mask,  # [BLOCK_B, BLOCK_H]
+    H,
+):
+    """Gradients of the four pre-activations of step ``s`` (zero past a row's length), stored
+    to ``dgh`` (float32) and ``dgx`` (its dtype); returns the gradient of ``c_{s-1}``."""
+    tc = 2.0 * tl.sigmoid(2.0 * c_new) - 1.0
+    dct = dc + dm * o * (1.0 - tc * tc)
+    keep = valid[:, None]
+    di = tl.where(keep, dct * g * i * (1.0 - i), 0.0)
+    df = tl.where(keep, dct * c_prev * f * (1.0 - f), 0.0)
+    dg = tl.where(keep, dct * i * (1.0 - g * g), 0.0)
+    do = tl.where(keep, dm * tc * o * (1.0 - o), 0.0)
+    tl.store(dgh_rows, di, mask=mask)
+    tl.store(dgh_rows + H, df, mask=mask)
+    tl.store(dgh_rows + 2 * H, dg, mask=mask)
+    tl.store(dgh_rows + 3 * H, do, mask=mask)
+    out_ty = dgx_rows.dtype.element_ty
+    tl.store(dgx_rows, di.to(out_ty), mask=mask)
+    tl.store(dgx_rows + H, df.to(out_ty), mask=mask)
+    tl.store(dgx_rows + 2 * H, dg.to(out_ty), mask=mask)
+    tl.store(dgx_rows + 3 * H, do.to(out_ty), mask=mask)
+    return tl.where(keep, dct * f, dc)
+
+
 # T, B and flags are not specialised on; the sizes that set the weight rows' alignment (H, P) are
 # (Triton's "divisible by 16" or not), which lets 16-bit W tiles be copied asynchronously and
 # vectorised: without it each tile was a synchronous 2-byte-per-element load (TTGIR).
@@ -273,6 +335,7 @@ def lstm_backward_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     K_RES: tl.constexpr = 0,  # > 0: the program's columns of W_hh stay on chip (phase 2)
+    ONE_CHUNK: tl.constexpr = False,  # the program owns chunk pid_h only, no projection
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -283,6 +346,21 @@ def lstm_backward_kernel(
     sync = sync_ptr + pid_b
     arrivals = 0
     w_res = resident_columns(w_ptr, pid_h, 4 * H, P, BLOCK_H, K_RES)
+    tl.static_assert(not (ONE_CHUNK and HAS_PROJ), "ONE_CHUNK needs P == H chunks")
+    if ONE_CHUNK:
+        # The chunk's dh and dc carried across steps, and the last step's saved tiles (P == H).
+        offs_c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_c = offs_c < H
+        mask_bc = mask_b[:, None] & mask_c[None, :]
+        bc = offs_b[:, None] * H + offs_c[None, :]
+        dh_own = tl.load(dh_ptr + bc, mask=mask_bc, other=0.0)
+        dc_own = tl.load(dc_ptr + bc, mask=mask_bc, other=0.0)
+        t_n = step_time(T - 1, lens, reverse)[0]
+        dy_n = tl.load(dy_ptr + (t_n[:, None] * B + offs_b[:, None]) * P + offs_c[None, :],
+                       mask=mask_bc, other=0.0)  # fmt: skip
+        i_n, f_n, g_n, o_n, cp_n, cn_n = _lstm_saved_tiles(
+            gates_ptr, cs_ptr, T - 1, offs_b, offs_c, mask_bc, B, H
+        )
     for r in range(T):
         s = T - 1 - r
         t, valid = step_time(s, lens, reverse)
@@ -300,65 +378,77 @@ def lstm_backward_kernel(
                 tl.store(dhp_ptr + s64 * B * P + bp, dtot, mask=mask)
             arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
         # phase 1 (H chunks): gate derivatives of step s.
-        for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
-            offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
-            mask_h = offs_h < H
-            mask = mask_b[:, None] & mask_h[None, :]
-            bh = offs_b[:, None] * H + offs_h[None, :]
-            if HAS_PROJ:
-                dm = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                dm = tile_matmul(
-                    dm, dhp_ptr + s64 * B * P, P, 1, offs_b, mask_b,
-                    wr_ptr, H, 1, offs_h, mask_h, P, BLOCK_K, PRECISION,
+        if ONE_CHUNK:
+            dy_c, i_c, f_c, g_c, o_c, cp_c, cn_c = dy_n, i_n, f_n, g_n, o_n, cp_n, cn_n
+            # Issue step s-1's loads now; nothing waits for them before step s-1.
+            t_n = step_time(s - 1, lens, reverse)[0]
+            more = mask_bc & (offs_c * 0 + s >= 1)[None, :]
+            dy_n = tl.load(dy_ptr + (t_n[:, None] * B + offs_b[:, None]) * P + offs_c[None, :],
+                           mask=more, other=0.0)  # fmt: skip
+            i_n, f_n, g_n, o_n, cp_n, cn_n = _lstm_saved_tiles(
+                gates_ptr, cs_ptr, s - 1, offs_b, offs_c, more, B, H
+            )
+            dc_own = _lstm_gate_grads(
+                dh_own + dy_c.to(tl.float32), dc_own, i_c, f_c, g_c, o_c, cp_c, cn_c, valid,
+                dgh_ptr + (s64 * B + offs_b[:, None]) * (4 * H) + offs_c[None, :],
+                dgx_ptr + (t[:, None] * B + offs_b[:, None]) * (4 * H) + offs_c[None, :],
+                mask_bc, H,
+            )  # fmt: skip
+        else:
+            for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
+                offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+                mask_h = offs_h < H
+                mask = mask_b[:, None] & mask_h[None, :]
+                bh = offs_b[:, None] * H + offs_h[None, :]
+                if HAS_PROJ:
+                    dm = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                    dm = tile_matmul(
+                        dm, dhp_ptr + s64 * B * P, P, 1, offs_b, mask_b,
+                        wr_ptr, H, 1, offs_h, mask_h, P, BLOCK_K, PRECISION,
+                    )  # fmt: skip
+                else:
+                    dy_rows = dy_ptr + (t[:, None] * B + offs_b[:, None]) * P + offs_h[None, :]
+                    dy = tl.load(dy_rows, mask=mask, other=0.0).to(tl.float32)
+                    dm = tl.load(dh_ptr + bh, mask=mask, other=0.0) + dy
+                i, f, g, o, c_prev, c_new = _lstm_saved_tiles(
+                    gates_ptr, cs_ptr, s, offs_b, offs_h, mask, B, H
+                )
+                dc = tl.load(dc_ptr + bh, mask=mask, other=0.0)
+                dc = _lstm_gate_grads(
+                    dm, dc, i, f, g, o, c_prev, c_new, valid,
+                    dgh_ptr + (s64 * B + offs_b[:, None]) * (4 * H) + offs_h[None, :],
+                    dgx_ptr + (t[:, None] * B + offs_b[:, None]) * (4 * H) + offs_h[None, :],
+                    mask, H,
                 )  # fmt: skip
-            else:
-                dy_rows = dy_ptr + (t[:, None] * B + offs_b[:, None]) * P + offs_h[None, :]
-                dy = tl.load(dy_rows, mask=mask, other=0.0).to(tl.float32)
-                dm = tl.load(dh_ptr + bh, mask=mask, other=0.0) + dy
-            g_rows = gates_ptr + (s64 * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
-            i = tl.load(g_rows, mask=mask, other=0.0)
-            f = tl.load(g_rows + H, mask=mask, other=0.0)
-            g = tl.load(g_rows + 2 * H, mask=mask, other=0.0)
-            o = tl.load(g_rows + 3 * H, mask=mask, other=0.0)
-            c_prev = tl.load(cs_ptr + s64 * B * H + bh, mask=mask, other=0.0)
-            c_new = tl.load(cs_ptr + (s64 + 1) * B * H + bh, mask=mask, other=0.0)
-            dc = tl.load(dc_ptr + bh, mask=mask, other=0.0)
-            tc = 2.0 * tl.sigmoid(2.0 * c_new) - 1.0
-            dct = dc + dm * o * (1.0 - tc * tc)
-            keep = valid[:, None]
-            di = tl.where(keep, dct * g * i * (1.0 - i), 0.0)
-            df = tl.where(keep, dct * c_prev * f * (1.0 - f), 0.0)
-            dg = tl.where(keep, dct * i * (1.0 - g * g), 0.0)
-            do = tl.where(keep, dm * tc * o * (1.0 - o), 0.0)
-            tl.store(dc_ptr + bh, tl.where(keep, dct * f, dc), mask=mask)
-            dgh_rows = dgh_ptr + (s64 * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
-            tl.store(dgh_rows, di, mask=mask)
-            tl.store(dgh_rows + H, df, mask=mask)
-            tl.store(dgh_rows + 2 * H, dg, mask=mask)
-            tl.store(dgh_rows + 3 * H, do, mask=mask)
-            dgx_rows = dgx_ptr + (t[:, None] * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
-            out_ty = dgx_ptr.dtype.element_ty
-            tl.store(dgx_rows, di.to(out_ty), mask=mask)
-            tl.store(dgx_rows + H, df.to(out_ty), mask=mask)
-            tl.store(dgx_rows + 2 * H, dg.to(out_ty), mask=mask)
-            tl.store(dgx_rows + 3 * H, do.to(out_ty), mask=mask)
+                tl.store(dc_ptr + bh, dc, mask=mask)
         arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
         # phase 2 (P chunks): dh_{s-1} = dgh_s @ W_hh where valid, else unchanged.
-        for j in range(pid_h, tl.cdiv(P, BLOCK_H), n_split):
-            offs_p = j * BLOCK_H + tl.arange(0, BLOCK_H)
-            mask_p = offs_p < P
-            mask = mask_b[:, None] & mask_p[None, :]
-            bp = offs_b[:, None] * P + offs_p[None, :]
+        if ONE_CHUNK:
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
             acc = column_product(
-                acc, dgh_ptr + s64 * B * 4 * H, offs_b, mask_b, 4 * H, w_ptr, offs_p, mask_p, P,
+                acc, dgh_ptr + s64 * B * 4 * H, offs_b, mask_b, 4 * H, w_ptr, offs_c, mask_c, P,
                 w_res, BLOCK_K, K_RES, PRECISION,
             )  # fmt: skip
-            dh = tl.load(dh_ptr + bp, mask=mask, other=0.0)
-            tl.store(dh_ptr + bp, tl.where(valid[:, None], acc, dh), mask=mask)
-        # dh and dc are only ever touched by the program owning their chunk, but by other
-        # threads of it in the next phase.
-        tl.debug_barrier()
+            dh_own = tl.where(valid[:, None], acc, dh_own)
+        else:
+            for j in range(pid_h, tl.cdiv(P, BLOCK_H), n_split):
+                offs_p = j * BLOCK_H + tl.arange(0, BLOCK_H)
+                mask_p = offs_p < P
+                mask = mask_b[:, None] & mask_p[None, :]
+                bp = offs_b[:, None] * P + offs_p[None, :]
+                acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                acc = column_product(
+                    acc, dgh_ptr + s64 * B * 4 * H, offs_b, mask_b, 4 * H, w_ptr, offs_p, mask_p,
+                    P, w_res, BLOCK_K, K_RES, PRECISION,
+                )  # fmt: skip
+                dh = tl.load(dh_ptr + bp, mask=mask, other=0.0)
+                tl.store(dh_ptr + bp, tl.where(valid[:, None], acc, dh), mask=mask)
+            # dh and dc are only ever touched by the program owning their chunk, but by other
+            # threads of it in the next phase.
+            tl.debug_barrier()
+    if ONE_CHUNK:
+        tl.store(dh_ptr + bc, dh_own, mask=mask_bc)
+        tl.store(dc_ptr + bc, dc_own, mask=mask_bc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,7 +534,8 @@ def lstm_backward(
         dgh, dgx, dhp, sync, T, B, H, P, int(reverse),
         HAS_PROJ=w_hr is not None, SPLIT=config.split, BLOCK_B=config.block_b,
         BLOCK_H=config.block_h, BLOCK_K=config.block_k, PRECISION=precision,
-        K_RES=config.k_res, num_warps=config.num_warps,
+        K_RES=config.k_res, ONE_CHUNK=config.one_chunk and w_hr is None,
+        num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
     dw_hh, db_hh = weight_grads(dgh, hs, w_hh, b_hh)

@@ -167,6 +167,24 @@ def rnn_forward_kernel(
         arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
 
 
+@triton.jit
+def _rnn_grad(
+    dtot,  # [BLOCK_B, BLOCK_H] float32 total gradient of h_s (dh_s + dy)
+    h_new,  # [BLOCK_B, BLOCK_H] float32 saved h_s
+    relu,
+    valid,  # [BLOCK_B] s < length
+    dgh_tile,  # [BLOCK_B, BLOCK_H] pointers to dgh[s, b, unit]
+    dgx_tile,  # [BLOCK_B, BLOCK_H] pointers to dgx[t, b, unit]
+    mask,  # [BLOCK_B, BLOCK_H]
+):
+    """Gradient of step ``s``'s pre-activation (zero past a row's length), stored to ``dgh``
+    (float32) and ``dgx`` (its dtype)."""
+    deriv = tl.where(relu != 0, (h_new > 0).to(tl.float32), 1.0 - h_new * h_new)
+    dpre = tl.where(valid[:, None], dtot * deriv, 0.0)
+    tl.store(dgh_tile, dpre, mask=mask)
+    tl.store(dgx_tile, dpre.to(dgx_tile.dtype.element_ty), mask=mask)
+
+
 # T, B and flags are not specialised on; the sizes that set the weight rows' alignment (H, P) are
 # (Triton's "divisible by 16" or not), which lets 16-bit W tiles be copied asynchronously and
 # vectorised: without it each tile was a synchronous 2-byte-per-element load (TTGIR).
@@ -191,6 +209,7 @@ def rnn_backward_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     K_RES: tl.constexpr = 0,  # > 0: the program's columns of W_hh stay on chip (phase 2)
+    ONE_CHUNK: tl.constexpr = False,  # the program owns hidden chunk pid_h only
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -201,40 +220,72 @@ def rnn_backward_kernel(
     sync = sync_ptr + pid_b
     arrivals = 0
     w_res = resident_columns(w_ptr, pid_h, H, H, BLOCK_H, K_RES)
+    if ONE_CHUNK:
+        # The chunk's dh carried across steps, and the last step's dy and h_s tiles.
+        offs_c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_c = offs_c < H
+        mask_bc = mask_b[:, None] & mask_c[None, :]
+        bc = offs_b[:, None] * H + offs_c[None, :]
+        dh_own = tl.load(dh_ptr + bc, mask=mask_bc, other=0.0)
+        t_n = step_time(T - 1, lens, reverse)[0]
+        dy_n = tl.load(dy_ptr + (t_n[:, None] * B + offs_b[:, None]) * H + offs_c[None, :],
+                       mask=mask_bc, other=0.0)  # fmt: skip
+        hs_n = tl.load(hs_ptr + T.to(tl.int64) * B * H + bc, mask=mask_bc, other=0.0)
     for r in range(T):
         s = T - 1 - r
         t, valid = step_time(s, lens, reverse)
         s64 = s.to(tl.int64)
         keep = valid[:, None]
         # phase 1: derivative of the pre-activation of step s.
-        for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
-            offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
-            mask = mask_b[:, None] & (offs_h < H)[None, :]
-            bh = offs_b[:, None] * H + offs_h[None, :]
-            rows = (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
-            dtot = tl.load(dh_ptr + bh, mask=mask, other=0.0)
-            dtot += tl.load(dy_ptr + rows, mask=mask, other=0.0).to(tl.float32)
-            h_new = tl.load(hs_ptr + (s64 + 1) * B * H + bh, mask=mask, other=0.0)
-            deriv = tl.where(relu != 0, (h_new > 0).to(tl.float32), 1.0 - h_new * h_new)
-            dpre = tl.where(keep, dtot * deriv, 0.0)
-            tl.store(dgh_ptr + s64 * B * H + bh, dpre, mask=mask)
-            tl.store(dgx_ptr + rows, dpre.to(dgx_ptr.dtype.element_ty), mask=mask)
+        if ONE_CHUNK:
+            dy_c, hs_c = dy_n, hs_n
+            # Issue step s-1's loads now; nothing waits for them before step s-1.
+            t_n = step_time(s - 1, lens, reverse)[0]
+            more = mask_bc & (offs_c * 0 + s >= 1)[None, :]
+            dy_n = tl.load(dy_ptr + (t_n[:, None] * B + offs_b[:, None]) * H + offs_c[None, :],
+                           mask=more, other=0.0)  # fmt: skip
+            hs_n = tl.load(hs_ptr + s64 * B * H + bc, mask=more, other=0.0)
+            _rnn_grad(
+                dh_own + dy_c.to(tl.float32), hs_c, relu, valid, dgh_ptr + s64 * B * H + bc,
+                dgx_ptr + (t[:, None] * B + offs_b[:, None]) * H + offs_c[None, :], mask_bc,
+            )  # fmt: skip
+        else:
+            for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
+                offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+                mask = mask_b[:, None] & (offs_h < H)[None, :]
+                bh = offs_b[:, None] * H + offs_h[None, :]
+                rows = (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
+                dtot = tl.load(dh_ptr + bh, mask=mask, other=0.0)
+                dtot += tl.load(dy_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+                h_new = tl.load(hs_ptr + (s64 + 1) * B * H + bh, mask=mask, other=0.0)
+                _rnn_grad(dtot, h_new, relu, valid, dgh_ptr + s64 * B * H + bh, dgx_ptr + rows,
+                          mask)  # fmt: skip
         arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
         # phase 2: dh_{s-1} = dgh_s @ W_hh where valid, else unchanged.
-        for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
-            offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
-            mask_h = offs_h < H
-            mask = mask_b[:, None] & mask_h[None, :]
-            bh = offs_b[:, None] * H + offs_h[None, :]
+        if ONE_CHUNK:
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
             acc = column_product(
-                acc, dgh_ptr + s64 * B * H, offs_b, mask_b, H, w_ptr, offs_h, mask_h, H, w_res,
+                acc, dgh_ptr + s64 * B * H, offs_b, mask_b, H, w_ptr, offs_c, mask_c, H, w_res,
                 BLOCK_K, K_RES, PRECISION,
             )  # fmt: skip
-            dh = tl.load(dh_ptr + bh, mask=mask, other=0.0)
-            tl.store(dh_ptr + bh, tl.where(keep, acc, dh), mask=mask)
-        # dh is only touched by the program owning its chunk, but by other threads of it.
-        tl.debug_barrier()
+            dh_own = tl.where(keep, acc, dh_own)
+        else:
+            for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
+                offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+                mask_h = offs_h < H
+                mask = mask_b[:, None] & mask_h[None, :]
+                bh = offs_b[:, None] * H + offs_h[None, :]
+                acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                acc = column_product(
+                    acc, dgh_ptr + s64 * B * H, offs_b, mask_b, H, w_ptr, offs_h, mask_h, H,
+                    w_res, BLOCK_K, K_RES, PRECISION,
+                )  # fmt: skip
+                dh = tl.load(dh_ptr + bh, mask=mask, other=0.0)
+                tl.store(dh_ptr + bh, tl.where(keep, acc, dh), mask=mask)
+            # dh is only touched by the program owning its chunk, but by other threads of it.
+            tl.debug_barrier()
+    if ONE_CHUNK:
+        tl.store(dh_ptr + bc, dh_own, mask=mask_bc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,7 +357,7 @@ def rnn_backward(
         T, B, H, int(reverse), int(relu),
         SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
         BLOCK_K=config.block_k, PRECISION=precision, K_RES=config.k_res,
-        num_warps=config.num_warps,
+        ONE_CHUNK=config.one_chunk, num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
     dw_hh, db_hh = weight_grads(dgh, hs, w_hh, b_hh)
