@@ -125,21 +125,33 @@ def load_acquire(ptr):  # ptr: [] int32 in global memory
 
 
 @triton.jit
-def grid_sync(
+def grid_arrive(
     sync_ptr,  # [] int32 counter of this batch tile, zero at launch
-    arrivals,  # counter value every program of the tile reached at the previous sync
-    n_split,  # programs per batch tile
     SPLIT: tl.constexpr,
 ):
-    """Wait until every program of this batch tile has reached this point; returns the new
-    arrival count. Without ``SPLIT`` it is a CTA barrier only (and the only form the
-    interpreter runs)."""
+    """Count this program as arrived (its stores so far published to the other programs of
+    the batch tile); :func:`grid_wait` then waits for the others. A program may store values
+    no other program reads in between, so their latency overlaps the wait. Without ``SPLIT``
+    a CTA barrier only."""
     tl.debug_barrier()
     if SPLIT:
         # A scalar atomic is issued once per program. Release publishes this program's stores
-        # (ordered by the CTA barrier above); every thread then polls with acquire loads, which
-        # make the other programs' stores visible to it.
+        # (ordered by the CTA barrier above).
         tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def grid_wait(
+    sync_ptr,  # [] int32 counter of this batch tile
+    arrivals,  # counter value every program of the tile reached at the previous wait
+    n_split,  # programs per batch tile
+    SPLIT: tl.constexpr,
+):
+    """Wait until every program of this batch tile has arrived (:func:`grid_arrive`); returns
+    the new arrival count. Every thread polls with acquire loads, which make the other
+    programs' published stores visible to it. Without ``SPLIT`` nothing (the arrival's CTA
+    barrier was the whole wait)."""
+    if SPLIT:
         target = arrivals + n_split
         seen = load_acquire(sync_ptr)
         spins = 0
@@ -152,6 +164,20 @@ def grid_sync(
         tl.debug_barrier()
         arrivals = target
     return arrivals
+
+
+@triton.jit
+def grid_sync(
+    sync_ptr,  # [] int32 counter of this batch tile, zero at launch
+    arrivals,  # counter value every program of the tile reached at the previous sync
+    n_split,  # programs per batch tile
+    SPLIT: tl.constexpr,
+):
+    """Wait until every program of this batch tile has reached this point (arrive, then
+    wait); returns the new arrival count. Without ``SPLIT`` it is a CTA barrier only (and the
+    only form the interpreter runs)."""
+    grid_arrive(sync_ptr, SPLIT)
+    return grid_wait(sync_ptr, arrivals, n_split, SPLIT)
 
 
 @triton.jit
@@ -459,7 +485,13 @@ RESIDENT_SLICES = {"lstm_forward": 4, "gru_forward": 3, "rnn_forward": 1,
 # every step's critical path. With ONE_CHUNK the only global loads after a wait are the ones
 # that need it (the state copy; the backward's dgh of all units), and the backward drops its
 # CTA barrier per step (dh and dc no longer pass through global memory between threads).
-# The LSTM backward with a projection (state and hidden chunks differ) keeps the loop.
+# And a program arrives at the grid-wide wait (grid_arrive) as soon as what the others read is
+# stored (h_s; the backward's dgh), then stores the rest (c, the gates, y; dgx) while they
+# arrive, and only then waits (grid_wait): the release fence no longer waits for those six
+# stores and their layout conversions (SASS, LSTM forward bf16 sm_90: 11 CTA barriers now lie
+# between the arrival and the first poll).
+# With an LSTM projection (state and hidden chunks differ) the backward keeps the loop and the
+# forward the plain grid_sync.
 ONE_CHUNK_KERNELS = ("lstm_forward", "gru_forward", "rnn_forward",
                      "lstm_backward", "gru_backward", "rnn_backward")  # fmt: skip
 ONE_CHUNK = True  # False: always the chunk loop (benchmarks and tests compare the two)

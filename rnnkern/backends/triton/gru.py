@@ -22,7 +22,9 @@ from .common import (
     gate_biases,
     gate_products,
     gate_tiles,
+    grid_arrive,
     grid_sync,
+    grid_wait,
     launch_grid,
     lengths_or_full,
     resident_columns,
@@ -67,7 +69,10 @@ def _gru_tile_step(
     mask_h,  # [BLOCK_H]
     B,
     H,
+    sync,  # [] int32 arrival counter of the batch tile (ARRIVE)
     CARRIED: tl.constexpr,  # gx, b, h_prev given (ONE_CHUNK), else loaded here
+    ARRIVE: tl.constexpr,  # grid_arrive once h_s is stored (the caller then only waits)
+    SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -101,7 +106,9 @@ def _gru_tile_step(
     h_new = (1.0 - z) * n + z * h_prev
     keep = valid[:, None] & mask
     h_next = tl.where(keep, h_new, h_prev)
-    tl.store(h_next_ptr + bh, h_next, mask=mask)
+    tl.store(h_next_ptr + bh, h_next, mask=mask)  # what other programs read, first
+    if ARRIVE:
+        grid_arrive(sync, SPLIT)
     y_rows = y_ptr + (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
     tl.store(y_rows, tl.where(keep, h_new, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
     smask = mask & (offs_h * 0 + save != 0)[None, :]
@@ -176,7 +183,8 @@ def gru_forward_kernel(
             h_own = _gru_tile_step(
                 gx_r, gx_z, gx_n, b_r, b_z, b_n, h_own, gx_ptr, b_ptr, h_prev_ptr, w_ptr, w_r,
                 w_z, w_n, hs_ptr + nxt * B * H, hn_ptr, gates_ptr, y_ptr, s, t, valid, save,
-                offs_b, mask_b, offs_c, mask_c, B, H, True, BLOCK_B, BLOCK_H, BLOCK_K,
+                offs_b, mask_b, offs_c, mask_c, B, H, sync, True, True, SPLIT, BLOCK_B, BLOCK_H,
+                BLOCK_K,
                 PRECISION, K_RES,
             )  # fmt: skip
             gx_r, gx_z, gx_n = nx_r, nx_z, nx_n
@@ -187,10 +195,14 @@ def gru_forward_kernel(
                 _gru_tile_step(
                     0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, gx_rows, b_ptr, h_prev_ptr, w_ptr, w_r,
                     w_z, w_n, hs_ptr + nxt * B * H, hn_ptr, gates_ptr, y_ptr, s, t, valid, save,
-                    offs_b, mask_b, offs_h, offs_h < H, B, H, False, BLOCK_B, BLOCK_H, BLOCK_K,
+                    offs_b, mask_b, offs_h, offs_h < H, B, H, sync, False, False, SPLIT,
+                    BLOCK_B, BLOCK_H, BLOCK_K,
                     PRECISION, K_RES,
                 )  # fmt: skip
-        arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+        if ONE_CHUNK:
+            arrivals = grid_wait(sync, arrivals, n_split, SPLIT)  # arrived in _gru_tile_step
+        else:
+            arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
 
 
 @triton.jit
@@ -231,6 +243,9 @@ def _gru_gate_grads(
     dgx_rows,  # [BLOCK_B, BLOCK_H] pointers to dgx[t, b, unit] (gate r)
     mask,  # [BLOCK_B, BLOCK_H]
     H,
+    sync,  # [] int32 arrival counter of the batch tile (ARRIVE)
+    ARRIVE: tl.constexpr,  # grid_arrive once dgh is stored (the caller then only waits)
+    SPLIT: tl.constexpr,
 ):
     """Gradients of the r, z, n pre-activations of step ``s`` (zero past a row's length),
     stored to ``dgh`` (of ``W_hh h + b_hh``, float32) and ``dgx`` (its dtype)."""
@@ -241,6 +256,8 @@ def _gru_gate_grads(
     tl.store(dgh_rows, dr, mask=mask)
     tl.store(dgh_rows + H, dz, mask=mask)
     tl.store(dgh_rows + 2 * H, dn * r, mask=mask)
+    if ARRIVE:  # dgh is what the other programs read; dgx only the caller
+        grid_arrive(sync, SPLIT)
     out_ty = dgx_rows.dtype.element_ty
     tl.store(dgx_rows, dr.to(out_ty), mask=mask)
     tl.store(dgx_rows + H, dz.to(out_ty), mask=mask)
@@ -317,7 +334,7 @@ def gru_backward_kernel(
                 dtot_c, r_c, z_c, n_c, hp_c, hn_c, valid,
                 dgh_ptr + (s64 * B + offs_b[:, None]) * (3 * H) + offs_c[None, :],
                 dgx_ptr + (t[:, None] * B + offs_b[:, None]) * (3 * H) + offs_c[None, :],
-                mask_bc, H,
+                mask_bc, H, sync, True, SPLIT,
             )  # fmt: skip
         else:
             for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
@@ -334,9 +351,12 @@ def gru_backward_kernel(
                     dtot, r, z, n, h_prev, hn, valid,
                     dgh_ptr + (s64 * B + offs_b[:, None]) * (3 * H) + offs_h[None, :],
                     dgx_ptr + (t[:, None] * B + offs_b[:, None]) * (3 * H) + offs_h[None, :],
-                    mask, H,
+                    mask, H, sync, False, SPLIT,
                 )  # fmt: skip
-        arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+        if ONE_CHUNK:
+            arrivals = grid_wait(sync, arrivals, n_split, SPLIT)  # arrived in _gru_gate_grads
+        else:
+            arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
         # phase 2: dh_{s-1} = dtot * z + dgh_s @ W_hh where valid, else unchanged.
         if ONE_CHUNK:
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)

@@ -22,7 +22,9 @@ from .common import (
     gate_products,
     gate_tiles,
     gemm_tn,
+    grid_arrive,
     grid_sync,
+    grid_wait,
     launch_grid,
     lengths_or_full,
     resident_columns,
@@ -75,8 +77,11 @@ def _lstm_tile_step(
     B,
     H,
     P,
+    sync,  # [] int32 arrival counter of the batch tile (ARRIVE)
     HAS_PROJ: tl.constexpr,
     CARRIED: tl.constexpr,  # gx, b, c_prev, h_prev given (ONE_CHUNK), else loaded here
+    ARRIVE: tl.constexpr,  # grid_arrive once h_s is stored (the caller then only waits)
+    SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -116,13 +121,8 @@ def _lstm_tile_step(
     m = o * (2.0 * tl.sigmoid(2.0 * c_new) - 1.0)
     keep = valid[:, None] & mask
     c_next = tl.where(keep, c_new, c_prev)
-    tl.store(c_next_ptr + bh, c_next, mask=mask)
-    gmask = mask & (offs_h * 0 + save != 0)[None, :]
-    g_rows = gates_ptr + (s * B + offs_b[:, None]).to(tl.int64) * (4 * H) + offs_h[None, :]
-    tl.store(g_rows, i, mask=gmask)
-    tl.store(g_rows + H, f, mask=gmask)
-    tl.store(g_rows + 2 * H, g, mask=gmask)
-    tl.store(g_rows + 3 * H, o, mask=gmask)
+    # First what other programs read (h_s, or m with a projection), then, after the arrival
+    # when ARRIVE, what only this program or the caller reads.
     h_next = h_prev
     if HAS_PROJ:
         tl.store(m_ptr + bh, m, mask=mask)
@@ -131,6 +131,16 @@ def _lstm_tile_step(
             h_prev = tl.load(h_all_ptr + bh, mask=mask, other=0.0, cache_modifier=".cg")
         h_next = tl.where(keep, m, h_prev)
         tl.store(h_next_ptr + bh, h_next, mask=mask)
+    if ARRIVE:
+        grid_arrive(sync, SPLIT)
+    tl.store(c_next_ptr + bh, c_next, mask=mask)
+    gmask = mask & (offs_h * 0 + save != 0)[None, :]
+    g_rows = gates_ptr + (s * B + offs_b[:, None]).to(tl.int64) * (4 * H) + offs_h[None, :]
+    tl.store(g_rows, i, mask=gmask)
+    tl.store(g_rows + H, f, mask=gmask)
+    tl.store(g_rows + 2 * H, g, mask=gmask)
+    tl.store(g_rows + 3 * H, o, mask=gmask)
+    if not HAS_PROJ:
         y_rows = y_ptr + (t[:, None] * B + offs_b[:, None]) * P + offs_h[None, :]
         tl.store(y_rows, tl.where(keep, m, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
     return c_next, h_next
@@ -209,8 +219,8 @@ def lstm_forward_kernel(
                 gx_i, gx_f, gx_g, gx_o, b_i, b_f, b_g, b_o, c_own, h_own, gx_ptr, b_ptr, cs_ptr,
                 h_prev_ptr, w_ptr, w_i, w_f, w_g, w_o, cs_ptr + nxt * B * H,
                 hs_ptr + nxt * B * P, gates_ptr, m_ptr, y_ptr, s, t, valid, save, offs_b, mask_b,
-                offs_c, mask_c, B, H, P, HAS_PROJ, True, BLOCK_B, BLOCK_H, BLOCK_K, PRECISION,
-                K_RES,
+                offs_c, mask_c, B, H, P, sync, HAS_PROJ, True, not HAS_PROJ, SPLIT, BLOCK_B,
+                BLOCK_H, BLOCK_K, PRECISION, K_RES,
             )  # fmt: skip
             gx_i, gx_f, gx_g, gx_o = nx_i, nx_f, nx_g, nx_o
         else:
@@ -221,8 +231,8 @@ def lstm_forward_kernel(
                     0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, gx_rows, b_ptr,
                     cs_ptr + cur * B * H, h_prev_ptr, w_ptr, w_i, w_f, w_g, w_o,
                     cs_ptr + nxt * B * H, hs_ptr + nxt * B * P, gates_ptr, m_ptr, y_ptr, s, t,
-                    valid, save, offs_b, mask_b, offs_h, offs_h < H, B, H, P, HAS_PROJ, False,
-                    BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, K_RES,
+                    valid, save, offs_b, mask_b, offs_h, offs_h < H, B, H, P, sync, HAS_PROJ,
+                    False, False, SPLIT, BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, K_RES,
                 )  # fmt: skip
         if HAS_PROJ:
             arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
@@ -241,7 +251,10 @@ def lstm_forward_kernel(
                 tl.store(hs_ptr + nxt * B * P + bp, tl.where(keep, acc, h_prev), mask=mask)
                 y_rows = y_ptr + (t[:, None] * B + offs_b[:, None]) * P + offs_p[None, :]
                 tl.store(y_rows, tl.where(keep, acc, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
-        arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+        if ONE_CHUNK and not HAS_PROJ:
+            arrivals = grid_wait(sync, arrivals, n_split, SPLIT)  # arrived in _lstm_tile_step
+        else:
+            arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
 
 
 @triton.jit
@@ -284,6 +297,9 @@ def _lstm_gate_grads(
     dgx_rows,  # [BLOCK_B, BLOCK_H] pointers to dgx[t, b, unit] (gate i)
     mask,  # [BLOCK_B, BLOCK_H]
     H,
+    sync,  # [] int32 arrival counter of the batch tile (ARRIVE)
+    ARRIVE: tl.constexpr,  # grid_arrive once dgh is stored (the caller then only waits)
+    SPLIT: tl.constexpr,
 ):
     """Gradients of the four pre-activations of step ``s`` (zero past a row's length), stored
     to ``dgh`` (float32) and ``dgx`` (its dtype); returns the gradient of ``c_{s-1}``."""
@@ -298,6 +314,8 @@ def _lstm_gate_grads(
     tl.store(dgh_rows + H, df, mask=mask)
     tl.store(dgh_rows + 2 * H, dg, mask=mask)
     tl.store(dgh_rows + 3 * H, do, mask=mask)
+    if ARRIVE:  # dgh is what the other programs read; dgx only the caller
+        grid_arrive(sync, SPLIT)
     out_ty = dgx_rows.dtype.element_ty
     tl.store(dgx_rows, di.to(out_ty), mask=mask)
     tl.store(dgx_rows + H, df.to(out_ty), mask=mask)
@@ -392,7 +410,7 @@ def lstm_backward_kernel(
                 dh_own + dy_c.to(tl.float32), dc_own, i_c, f_c, g_c, o_c, cp_c, cn_c, valid,
                 dgh_ptr + (s64 * B + offs_b[:, None]) * (4 * H) + offs_c[None, :],
                 dgx_ptr + (t[:, None] * B + offs_b[:, None]) * (4 * H) + offs_c[None, :],
-                mask_bc, H,
+                mask_bc, H, sync, True, SPLIT,
             )  # fmt: skip
         else:
             for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
@@ -418,10 +436,13 @@ def lstm_backward_kernel(
                     dm, dc, i, f, g, o, c_prev, c_new, valid,
                     dgh_ptr + (s64 * B + offs_b[:, None]) * (4 * H) + offs_h[None, :],
                     dgx_ptr + (t[:, None] * B + offs_b[:, None]) * (4 * H) + offs_h[None, :],
-                    mask, H,
+                    mask, H, sync, False, SPLIT,
                 )  # fmt: skip
                 tl.store(dc_ptr + bh, dc, mask=mask)
-        arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+        if ONE_CHUNK:
+            arrivals = grid_wait(sync, arrivals, n_split, SPLIT)  # arrived in _lstm_gate_grads
+        else:
+            arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
         # phase 2 (P chunks): dh_{s-1} = dgh_s @ W_hh where valid, else unchanged.
         if ONE_CHUNK:
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)

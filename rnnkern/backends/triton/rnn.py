@@ -21,7 +21,9 @@ from .common import (
     gate_biases,
     gate_products,
     gate_tiles,
+    grid_arrive,
     grid_sync,
+    grid_wait,
     launch_grid,
     lengths_or_full,
     resident_columns,
@@ -57,7 +59,10 @@ def _rnn_tile_step(
     mask_h,  # [BLOCK_H]
     B,
     H,
+    sync,  # [] int32 arrival counter of the batch tile (ARRIVE)
     CARRIED: tl.constexpr,  # gx, b, h_prev given (ONE_CHUNK), else loaded here
+    ARRIVE: tl.constexpr,  # grid_arrive once h_s is stored (the caller then only waits)
+    SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -85,7 +90,9 @@ def _rnn_tile_step(
         h_prev = tl.load(h_all_ptr + bh, mask=mask, other=0.0, cache_modifier=".cg")
     keep = valid[:, None] & mask
     h_next = tl.where(keep, h_new, h_prev)
-    tl.store(h_next_ptr + bh, h_next, mask=mask)
+    tl.store(h_next_ptr + bh, h_next, mask=mask)  # what other programs read, first
+    if ARRIVE:
+        grid_arrive(sync, SPLIT)
     rows = (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
     tl.store(y_ptr + rows, tl.where(keep, h_new, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
     return h_next
@@ -152,7 +159,7 @@ def rnn_forward_kernel(
             h_own = _rnn_tile_step(
                 gx_own, b_own, h_own, gx_ptr, b_ptr, h_prev_ptr, w_ptr, w_res,
                 hs_ptr + nxt * B * H, y_ptr, t, valid, relu, offs_b, mask_b, offs_c, mask_c, B, H,
-                True, BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, K_RES,
+                sync, True, True, SPLIT, BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, K_RES,
             )  # fmt: skip
             gx_own = gx_nxt
         else:
@@ -162,9 +169,13 @@ def rnn_forward_kernel(
                 _rnn_tile_step(
                     0.0, 0.0, 0.0, gx_rows, b_ptr, h_prev_ptr, w_ptr, w_res,
                     hs_ptr + nxt * B * H, y_ptr, t, valid, relu, offs_b, mask_b, offs_h,
-                    offs_h < H, B, H, False, BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, K_RES,
+                    offs_h < H, B, H, sync, False, False, SPLIT, BLOCK_B, BLOCK_H, BLOCK_K,
+                    PRECISION, K_RES,
                 )  # fmt: skip
-        arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+        if ONE_CHUNK:
+            arrivals = grid_wait(sync, arrivals, n_split, SPLIT)  # arrived in _rnn_tile_step
+        else:
+            arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
 
 
 @triton.jit
@@ -176,12 +187,17 @@ def _rnn_grad(
     dgh_tile,  # [BLOCK_B, BLOCK_H] pointers to dgh[s, b, unit]
     dgx_tile,  # [BLOCK_B, BLOCK_H] pointers to dgx[t, b, unit]
     mask,  # [BLOCK_B, BLOCK_H]
+    sync,  # [] int32 arrival counter of the batch tile (ARRIVE)
+    ARRIVE: tl.constexpr,  # grid_arrive once dgh is stored (the caller then only waits)
+    SPLIT: tl.constexpr,
 ):
     """Gradient of step ``s``'s pre-activation (zero past a row's length), stored to ``dgh``
     (float32) and ``dgx`` (its dtype)."""
     deriv = tl.where(relu != 0, (h_new > 0).to(tl.float32), 1.0 - h_new * h_new)
     dpre = tl.where(valid[:, None], dtot * deriv, 0.0)
     tl.store(dgh_tile, dpre, mask=mask)
+    if ARRIVE:  # dgh is what the other programs read; dgx only the caller
+        grid_arrive(sync, SPLIT)
     tl.store(dgx_tile, dpre.to(dgx_tile.dtype.element_ty), mask=mask)
 
 
@@ -248,6 +264,7 @@ def rnn_backward_kernel(
             _rnn_grad(
                 dh_own + dy_c.to(tl.float32), hs_c, relu, valid, dgh_ptr + s64 * B * H + bc,
                 dgx_ptr + (t[:, None] * B + offs_b[:, None]) * H + offs_c[None, :], mask_bc,
+                sync, True, SPLIT,
             )  # fmt: skip
         else:
             for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
@@ -259,8 +276,11 @@ def rnn_backward_kernel(
                 dtot += tl.load(dy_ptr + rows, mask=mask, other=0.0).to(tl.float32)
                 h_new = tl.load(hs_ptr + (s64 + 1) * B * H + bh, mask=mask, other=0.0)
                 _rnn_grad(dtot, h_new, relu, valid, dgh_ptr + s64 * B * H + bh, dgx_ptr + rows,
-                          mask)  # fmt: skip
-        arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+                          mask, sync, False, SPLIT)  # fmt: skip
+        if ONE_CHUNK:
+            arrivals = grid_wait(sync, arrivals, n_split, SPLIT)  # arrived in _rnn_grad
+        else:
+            arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
         # phase 2: dh_{s-1} = dgh_s @ W_hh where valid, else unchanged.
         if ONE_CHUNK:
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
