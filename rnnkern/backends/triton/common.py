@@ -181,6 +181,23 @@ def grid_sync(
 
 
 @triton.jit
+def step_sync(
+    sync_ptr,  # [] int32 counter of this batch tile
+    arrivals,  # counter value every program of the tile reached at the previous wait
+    n_split,  # programs per batch tile
+    SPLIT: tl.constexpr,
+    ARRIVED: tl.constexpr,  # this program already called grid_arrive in this step
+):
+    """The end of a time step: :func:`grid_sync`, or only :func:`grid_wait` after an early
+    :func:`grid_arrive` (the ONE_CHUNK kernels)."""
+    if ARRIVED:
+        arrivals = grid_wait(sync_ptr, arrivals, n_split, SPLIT)
+    else:
+        arrivals = grid_sync(sync_ptr, arrivals, n_split, SPLIT)
+    return arrivals
+
+
+@triton.jit
 def resident_gates(
     w_ptr,  # [G*H, P] W_hh (gate g's rows at g*H)
     chunk,  # the program's hidden chunk

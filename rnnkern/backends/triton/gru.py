@@ -23,12 +23,11 @@ from .common import (
     gate_products,
     gate_tiles,
     grid_arrive,
-    grid_sync,
-    grid_wait,
     launch_grid,
     lengths_or_full,
     resident_columns,
     resident_gates,
+    step_sync,
     step_time,
     sync_buffer,
     weight_grads,
@@ -199,10 +198,8 @@ def gru_forward_kernel(
                     BLOCK_B, BLOCK_H, BLOCK_K,
                     PRECISION, K_RES,
                 )  # fmt: skip
-        if ONE_CHUNK:
-            arrivals = grid_wait(sync, arrivals, n_split, SPLIT)  # arrived in _gru_tile_step
-        else:
-            arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+        # ONE_CHUNK programs arrived in _gru_tile_step
+        arrivals = step_sync(sync, arrivals, n_split, SPLIT, ONE_CHUNK)
 
 
 @triton.jit
@@ -353,10 +350,8 @@ def gru_backward_kernel(
                     dgx_ptr + (t[:, None] * B + offs_b[:, None]) * (3 * H) + offs_h[None, :],
                     mask, H, sync, False, SPLIT,
                 )  # fmt: skip
-        if ONE_CHUNK:
-            arrivals = grid_wait(sync, arrivals, n_split, SPLIT)  # arrived in _gru_gate_grads
-        else:
-            arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+        # ONE_CHUNK programs arrived in _gru_gate_grads
+        arrivals = step_sync(sync, arrivals, n_split, SPLIT, ONE_CHUNK)
         # phase 2: dh_{s-1} = dtot * z + dgh_s @ W_hh where valid, else unchanged.
         if ONE_CHUNK:
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)

@@ -24,11 +24,11 @@ from .common import (
     gemm_tn,
     grid_arrive,
     grid_sync,
-    grid_wait,
     launch_grid,
     lengths_or_full,
     resident_columns,
     resident_gates,
+    step_sync,
     step_time,
     sync_buffer,
     tile_matmul,
@@ -251,10 +251,8 @@ def lstm_forward_kernel(
                 tl.store(hs_ptr + nxt * B * P + bp, tl.where(keep, acc, h_prev), mask=mask)
                 y_rows = y_ptr + (t[:, None] * B + offs_b[:, None]) * P + offs_p[None, :]
                 tl.store(y_rows, tl.where(keep, acc, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
-        if ONE_CHUNK and not HAS_PROJ:
-            arrivals = grid_wait(sync, arrivals, n_split, SPLIT)  # arrived in _lstm_tile_step
-        else:
-            arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+        # ONE_CHUNK programs arrived in _lstm_tile_step
+        arrivals = step_sync(sync, arrivals, n_split, SPLIT, ONE_CHUNK and not HAS_PROJ)
 
 
 @triton.jit
@@ -439,10 +437,8 @@ def lstm_backward_kernel(
                     mask, H, sync, False, SPLIT,
                 )  # fmt: skip
                 tl.store(dc_ptr + bh, dc, mask=mask)
-        if ONE_CHUNK:
-            arrivals = grid_wait(sync, arrivals, n_split, SPLIT)  # arrived in _lstm_gate_grads
-        else:
-            arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+        # ONE_CHUNK programs arrived in _lstm_gate_grads
+        arrivals = step_sync(sync, arrivals, n_split, SPLIT, ONE_CHUNK)
         # phase 2 (P chunks): dh_{s-1} = dgh_s @ W_hh where valid, else unchanged.
         if ONE_CHUNK:
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)

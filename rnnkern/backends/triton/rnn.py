@@ -22,12 +22,11 @@ from .common import (
     gate_products,
     gate_tiles,
     grid_arrive,
-    grid_sync,
-    grid_wait,
     launch_grid,
     lengths_or_full,
     resident_columns,
     resident_gates,
+    step_sync,
     step_time,
     sync_buffer,
     weight_grads,
@@ -172,10 +171,8 @@ def rnn_forward_kernel(
                     offs_h < H, B, H, sync, False, False, SPLIT, BLOCK_B, BLOCK_H, BLOCK_K,
                     PRECISION, K_RES,
                 )  # fmt: skip
-        if ONE_CHUNK:
-            arrivals = grid_wait(sync, arrivals, n_split, SPLIT)  # arrived in _rnn_tile_step
-        else:
-            arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+        # ONE_CHUNK programs arrived in _rnn_tile_step
+        arrivals = step_sync(sync, arrivals, n_split, SPLIT, ONE_CHUNK)
 
 
 @triton.jit
@@ -277,10 +274,8 @@ def rnn_backward_kernel(
                 h_new = tl.load(hs_ptr + (s64 + 1) * B * H + bh, mask=mask, other=0.0)
                 _rnn_grad(dtot, h_new, relu, valid, dgh_ptr + s64 * B * H + bh, dgx_ptr + rows,
                           mask, sync, False, SPLIT)  # fmt: skip
-        if ONE_CHUNK:
-            arrivals = grid_wait(sync, arrivals, n_split, SPLIT)  # arrived in _rnn_grad
-        else:
-            arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+        # ONE_CHUNK programs arrived in _rnn_grad
+        arrivals = step_sync(sync, arrivals, n_split, SPLIT, ONE_CHUNK)
         # phase 2: dh_{s-1} = dgh_s @ W_hh where valid, else unchanged.
         if ONE_CHUNK:
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
