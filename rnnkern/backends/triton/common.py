@@ -432,6 +432,49 @@ def step_time(
     return t.to(tl.int64), valid
 
 
+@triton.jit
+def step_rows(
+    ptr,  # time-major [T, B, row_len] tensor (gx, y, dy, ...)
+    s,  # processing step
+    lens,  # [BLOCK_B] int64 valid lengths of the tile's rows
+    reverse,  # int: 1 to process each row from lens - 1 down to 0
+    offs_b,  # [BLOCK_B]
+    B,
+    row_len,
+):
+    """``[BLOCK_B, 1]`` pointers to the rows of processing step ``s`` (their time index per
+    row, :func:`step_time`)."""
+    t = step_time(s, lens, reverse)[0]
+    return ptr + (t[:, None] * B + offs_b[:, None]) * row_len
+
+
+@triton.jit
+def own_chunk(
+    pid_h,  # the program's hidden chunk
+    mask_b,  # [BLOCK_B]
+    H,
+    BLOCK_H: tl.constexpr,
+):
+    """A ONE_CHUNK program's hidden units ``offs_c [BLOCK_H]``, their mask and the tile's
+    ``[BLOCK_B, BLOCK_H]`` mask."""
+    offs_c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_c = offs_c < H
+    return offs_c, mask_c, mask_b[:, None] & mask_c[None, :]
+
+
+@triton.jit
+def mask_in_steps(
+    mask,  # [BLOCK_B, BLOCK_H]
+    offs_h,  # [BLOCK_H]
+    s,  # processing step
+    T,
+):
+    """``mask`` where processing step ``s`` exists (``0 <= s < T``), else all off: a prefetch
+    past the first or last step loads nothing."""
+    inside = (offs_h * 0 + s >= 0) & (offs_h * 0 + s < T)
+    return mask & inside[None, :]
+
+
 # ----------------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------------

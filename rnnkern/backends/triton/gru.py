@@ -25,8 +25,11 @@ from .common import (
     grid_arrive,
     launch_grid,
     lengths_or_full,
+    mask_in_steps,
+    own_chunk,
     resident_columns,
     resident_gates,
+    step_rows,
     step_sync,
     step_time,
     sync_buffer,
@@ -158,14 +161,11 @@ def gru_forward_kernel(
     w_r, w_z, w_n, _w = resident_gates(w_ptr, pid_h, H, H, 3, BLOCK_H, K_RES)
     if ONE_CHUNK:
         # The chunk's biases, its h carried across steps, and step 0's gx tiles.
-        offs_c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        mask_c = offs_c < H
-        mask_bc = mask_b[:, None] & mask_c[None, :]
+        offs_c, mask_c, mask_bc = own_chunk(pid_h, mask_b, H, BLOCK_H)
         b_r, b_z, b_n, _b = gate_biases(b_ptr, offs_c, mask_c, H, 3)
         h_own = tl.load(hs_ptr + offs_b[:, None] * H + offs_c[None, :], mask=mask_bc, other=0.0)
-        t0 = step_time(0, lens, reverse)[0]
         gx_r, gx_z, gx_n, _g = gate_tiles(
-            gx_ptr + (t0[:, None] * B + offs_b[:, None]) * (3 * H), offs_c, mask_bc, H, 3
+            step_rows(gx_ptr, 0, lens, reverse, offs_b, B, 3 * H), offs_c, mask_bc, H, 3
         )
     for s in range(T):
         t, valid = step_time(s, lens, reverse)
@@ -174,10 +174,9 @@ def gru_forward_kernel(
         h_prev_ptr = hs_ptr + cur * B * H
         if ONE_CHUNK:
             # Issue step s+1's gx loads now; nothing waits for them before step s+1.
-            t_n = step_time(s + 1, lens, reverse)[0]
             nx_r, nx_z, nx_n, _n = gate_tiles(
-                gx_ptr + (t_n[:, None] * B + offs_b[:, None]) * (3 * H), offs_c,
-                mask_bc & (offs_c * 0 + s + 1 < T)[None, :], H, 3,
+                step_rows(gx_ptr, s + 1, lens, reverse, offs_b, B, 3 * H), offs_c,
+                mask_in_steps(mask_bc, offs_c, s + 1, T), H, 3,
             )  # fmt: skip
             h_own = _gru_tile_step(
                 gx_r, gx_z, gx_n, b_r, b_z, b_n, h_own, gx_ptr, b_ptr, h_prev_ptr, w_ptr, w_r,
@@ -299,14 +298,11 @@ def gru_backward_kernel(
     w_res = resident_columns(w_ptr, pid_h, 3 * H, H, BLOCK_H, K_RES)
     if ONE_CHUNK:
         # The chunk's dh carried across steps, and the last step's saved tiles.
-        offs_c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        mask_c = offs_c < H
-        mask_bc = mask_b[:, None] & mask_c[None, :]
+        offs_c, mask_c, mask_bc = own_chunk(pid_h, mask_b, H, BLOCK_H)
         bc = offs_b[:, None] * H + offs_c[None, :]
         dh_own = tl.load(dh_ptr + bc, mask=mask_bc, other=0.0)
-        t_n = step_time(T - 1, lens, reverse)[0]
-        dy_n = tl.load(dy_ptr + (t_n[:, None] * B + offs_b[:, None]) * H + offs_c[None, :],
-                       mask=mask_bc, other=0.0)  # fmt: skip
+        dy_n = gate_tiles(step_rows(dy_ptr, T - 1, lens, reverse, offs_b, B, H), offs_c, mask_bc,
+                          H, 1)[0]  # fmt: skip
         r_n, z_n, n_n, hp_n, hn_n = _gru_saved_tiles(
             gates_ptr, hs_ptr, hn_ptr, T - 1, offs_b, offs_c, mask_bc, B, H
         )
@@ -319,10 +315,9 @@ def gru_backward_kernel(
         if ONE_CHUNK:
             dy_c, r_c, z_c, n_c, hp_c, hn_c = dy_n, r_n, z_n, n_n, hp_n, hn_n
             # Issue step s-1's loads now; nothing waits for them before step s-1.
-            t_n = step_time(s - 1, lens, reverse)[0]
-            more = mask_bc & (offs_c * 0 + s >= 1)[None, :]
-            dy_n = tl.load(dy_ptr + (t_n[:, None] * B + offs_b[:, None]) * H + offs_c[None, :],
-                           mask=more, other=0.0)  # fmt: skip
+            more = mask_in_steps(mask_bc, offs_c, s - 1, T)
+            dy_n = gate_tiles(step_rows(dy_ptr, s - 1, lens, reverse, offs_b, B, H), offs_c, more,
+                              H, 1)[0]  # fmt: skip
             r_n, z_n, n_n, hp_n, hn_n = _gru_saved_tiles(
                 gates_ptr, hs_ptr, hn_ptr, s - 1, offs_b, offs_c, more, B, H
             )

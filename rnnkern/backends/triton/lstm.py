@@ -26,8 +26,11 @@ from .common import (
     grid_sync,
     launch_grid,
     lengths_or_full,
+    mask_in_steps,
+    own_chunk,
     resident_columns,
     resident_gates,
+    step_rows,
     step_sync,
     step_time,
     sync_buffer,
@@ -191,17 +194,14 @@ def lstm_forward_kernel(
     w_i, w_f, w_g, w_o = resident_gates(w_ptr, pid_h, H, P, 4, BLOCK_H, K_RES)
     if ONE_CHUNK:
         # The chunk's biases, its c (and h) carried across steps, and step 0's gx tiles.
-        offs_c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        mask_c = offs_c < H
-        mask_bc = mask_b[:, None] & mask_c[None, :]
+        offs_c, mask_c, mask_bc = own_chunk(pid_h, mask_b, H, BLOCK_H)
         b_i, b_f, b_g, b_o = gate_biases(b_ptr, offs_c, mask_c, H, 4)
         c_own = tl.load(cs_ptr + offs_b[:, None] * H + offs_c[None, :], mask=mask_bc, other=0.0)
         h_own = c_own  # (placeholder with a projection, whose h is not per hidden unit)
         if not HAS_PROJ:
             h_own = tl.load(hs_ptr + offs_b[:, None] * P + offs_c[None, :], mask=mask_bc, other=0.0)
-        t0 = step_time(0, lens, reverse)[0]
         gx_i, gx_f, gx_g, gx_o = gate_tiles(
-            gx_ptr + (t0[:, None] * B + offs_b[:, None]) * (4 * H), offs_c, mask_bc, H, 4
+            step_rows(gx_ptr, 0, lens, reverse, offs_b, B, 4 * H), offs_c, mask_bc, H, 4
         )
     for s in range(T):
         t, valid = step_time(s, lens, reverse)
@@ -210,10 +210,9 @@ def lstm_forward_kernel(
         h_prev_ptr = hs_ptr + cur * B * P
         if ONE_CHUNK:
             # Issue step s+1's gx loads now; nothing waits for them before step s+1.
-            t_n = step_time(s + 1, lens, reverse)[0]
             nx_i, nx_f, nx_g, nx_o = gate_tiles(
-                gx_ptr + (t_n[:, None] * B + offs_b[:, None]) * (4 * H), offs_c,
-                mask_bc & (offs_c * 0 + s + 1 < T)[None, :], H, 4,
+                step_rows(gx_ptr, s + 1, lens, reverse, offs_b, B, 4 * H), offs_c,
+                mask_in_steps(mask_bc, offs_c, s + 1, T), H, 4,
             )  # fmt: skip
             c_own, h_own = _lstm_tile_step(
                 gx_i, gx_f, gx_g, gx_o, b_i, b_f, b_g, b_o, c_own, h_own, gx_ptr, b_ptr, cs_ptr,
@@ -365,15 +364,12 @@ def lstm_backward_kernel(
     tl.static_assert(not (ONE_CHUNK and HAS_PROJ), "ONE_CHUNK needs P == H chunks")
     if ONE_CHUNK:
         # The chunk's dh and dc carried across steps, and the last step's saved tiles (P == H).
-        offs_c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        mask_c = offs_c < H
-        mask_bc = mask_b[:, None] & mask_c[None, :]
+        offs_c, mask_c, mask_bc = own_chunk(pid_h, mask_b, H, BLOCK_H)
         bc = offs_b[:, None] * H + offs_c[None, :]
         dh_own = tl.load(dh_ptr + bc, mask=mask_bc, other=0.0)
         dc_own = tl.load(dc_ptr + bc, mask=mask_bc, other=0.0)
-        t_n = step_time(T - 1, lens, reverse)[0]
-        dy_n = tl.load(dy_ptr + (t_n[:, None] * B + offs_b[:, None]) * P + offs_c[None, :],
-                       mask=mask_bc, other=0.0)  # fmt: skip
+        dy_n = gate_tiles(step_rows(dy_ptr, T - 1, lens, reverse, offs_b, B, P), offs_c, mask_bc,
+                          P, 1)[0]  # fmt: skip
         i_n, f_n, g_n, o_n, cp_n, cn_n = _lstm_saved_tiles(
             gates_ptr, cs_ptr, T - 1, offs_b, offs_c, mask_bc, B, H
         )
@@ -397,10 +393,9 @@ def lstm_backward_kernel(
         if ONE_CHUNK:
             dy_c, i_c, f_c, g_c, o_c, cp_c, cn_c = dy_n, i_n, f_n, g_n, o_n, cp_n, cn_n
             # Issue step s-1's loads now; nothing waits for them before step s-1.
-            t_n = step_time(s - 1, lens, reverse)[0]
-            more = mask_bc & (offs_c * 0 + s >= 1)[None, :]
-            dy_n = tl.load(dy_ptr + (t_n[:, None] * B + offs_b[:, None]) * P + offs_c[None, :],
-                           mask=more, other=0.0)  # fmt: skip
+            more = mask_in_steps(mask_bc, offs_c, s - 1, T)
+            dy_n = gate_tiles(step_rows(dy_ptr, s - 1, lens, reverse, offs_b, B, P), offs_c, more,
+                              P, 1)[0]  # fmt: skip
             i_n, f_n, g_n, o_n, cp_n, cn_n = _lstm_saved_tiles(
                 gates_ptr, cs_ptr, s - 1, offs_b, offs_c, more, B, H
             )

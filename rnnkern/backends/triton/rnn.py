@@ -24,8 +24,11 @@ from .common import (
     grid_arrive,
     launch_grid,
     lengths_or_full,
+    mask_in_steps,
+    own_chunk,
     resident_columns,
     resident_gates,
+    step_rows,
     step_sync,
     step_time,
     sync_buffer,
@@ -134,14 +137,11 @@ def rnn_forward_kernel(
     w_res = resident_gates(w_ptr, pid_h, H, H, 1, BLOCK_H, K_RES)[0]
     if ONE_CHUNK:
         # The chunk's bias, its h carried across steps, and step 0's gx tile.
-        offs_c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        mask_c = offs_c < H
-        mask_bc = mask_b[:, None] & mask_c[None, :]
+        offs_c, mask_c, mask_bc = own_chunk(pid_h, mask_b, H, BLOCK_H)
         b_own = gate_biases(b_ptr, offs_c, mask_c, H, 1)[0]
         h_own = tl.load(hs_ptr + offs_b[:, None] * H + offs_c[None, :], mask=mask_bc, other=0.0)
-        t0 = step_time(0, lens, reverse)[0]
         gx_own = gate_tiles(
-            gx_ptr + (t0[:, None] * B + offs_b[:, None]) * H, offs_c, mask_bc, H, 1
+            step_rows(gx_ptr, 0, lens, reverse, offs_b, B, H), offs_c, mask_bc, H, 1
         )[0]
     for s in range(T):
         t, valid = step_time(s, lens, reverse)
@@ -150,10 +150,9 @@ def rnn_forward_kernel(
         h_prev_ptr = hs_ptr + cur * B * H
         if ONE_CHUNK:
             # Issue step s+1's gx load now; nothing waits for it before step s+1.
-            t_n = step_time(s + 1, lens, reverse)[0]
             gx_nxt = gate_tiles(
-                gx_ptr + (t_n[:, None] * B + offs_b[:, None]) * H, offs_c,
-                mask_bc & (offs_c * 0 + s + 1 < T)[None, :], H, 1,
+                step_rows(gx_ptr, s + 1, lens, reverse, offs_b, B, H), offs_c,
+                mask_in_steps(mask_bc, offs_c, s + 1, T), H, 1,
             )[0]  # fmt: skip
             h_own = _rnn_tile_step(
                 gx_own, b_own, h_own, gx_ptr, b_ptr, h_prev_ptr, w_ptr, w_res,
@@ -235,14 +234,11 @@ def rnn_backward_kernel(
     w_res = resident_columns(w_ptr, pid_h, H, H, BLOCK_H, K_RES)
     if ONE_CHUNK:
         # The chunk's dh carried across steps, and the last step's dy and h_s tiles.
-        offs_c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        mask_c = offs_c < H
-        mask_bc = mask_b[:, None] & mask_c[None, :]
+        offs_c, mask_c, mask_bc = own_chunk(pid_h, mask_b, H, BLOCK_H)
         bc = offs_b[:, None] * H + offs_c[None, :]
         dh_own = tl.load(dh_ptr + bc, mask=mask_bc, other=0.0)
-        t_n = step_time(T - 1, lens, reverse)[0]
-        dy_n = tl.load(dy_ptr + (t_n[:, None] * B + offs_b[:, None]) * H + offs_c[None, :],
-                       mask=mask_bc, other=0.0)  # fmt: skip
+        dy_n = gate_tiles(step_rows(dy_ptr, T - 1, lens, reverse, offs_b, B, H), offs_c, mask_bc,
+                          H, 1)[0]  # fmt: skip
         hs_n = tl.load(hs_ptr + T.to(tl.int64) * B * H + bc, mask=mask_bc, other=0.0)
     for r in range(T):
         s = T - 1 - r
@@ -253,10 +249,9 @@ def rnn_backward_kernel(
         if ONE_CHUNK:
             dy_c, hs_c = dy_n, hs_n
             # Issue step s-1's loads now; nothing waits for them before step s-1.
-            t_n = step_time(s - 1, lens, reverse)[0]
-            more = mask_bc & (offs_c * 0 + s >= 1)[None, :]
-            dy_n = tl.load(dy_ptr + (t_n[:, None] * B + offs_b[:, None]) * H + offs_c[None, :],
-                           mask=more, other=0.0)  # fmt: skip
+            more = mask_in_steps(mask_bc, offs_c, s - 1, T)
+            dy_n = gate_tiles(step_rows(dy_ptr, s - 1, lens, reverse, offs_b, B, H), offs_c, more,
+                              H, 1)[0]  # fmt: skip
             hs_n = tl.load(hs_ptr + s64 * B * H + bc, mask=more, other=0.0)
             _rnn_grad(
                 dh_own + dy_c.to(tl.float32), hs_c, relu, valid, dgh_ptr + s64 * B * H + bc,
