@@ -33,10 +33,11 @@ needs_triton = pytest.mark.skipif(
 )
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 try:  # backend "cuda" needs the extension rnnkern._cuda (built where nvcc is) and a device
+    from rnnkern.backends import cuda as cuda_backend
     from rnnkern.backends import cuda_decode
 
     CUDA_DECODE_REASON = cuda_decode.unavailable_reason(torch.device("cuda"))
-    HAVE_CUDA_EXT = cuda_decode._cuda is not None
+    HAVE_CUDA_EXT = cuda_backend._cuda is not None
 except ImportError as err:
     CUDA_DECODE_REASON, HAVE_CUDA_EXT = str(err), False
 needs_cuda_decode = pytest.mark.skipif(

@@ -7,6 +7,9 @@
 #include <cstdint>
 
 #include "api.h"
+#ifdef RNNKERN_CUDA_EMULATION
+#include "emulation.h"
+#endif
 
 namespace py = pybind11;
 using namespace rnnkern_cuda;
@@ -94,7 +97,14 @@ GenerateArgs generate_args(const py::dict& d) {
 
 }  // namespace
 
-PYBIND11_MODULE(_cuda, m) {
+#ifdef RNNKERN_CUDA_EMULATION
+// The same bindings over the CPU emulation of the kernels (csrc/cuda/emulation.h; tests).
+#define RNNKERN_CUDA_MODULE _cuda_emulated
+#else
+#define RNNKERN_CUDA_MODULE _cuda
+#endif
+
+PYBIND11_MODULE(RNNKERN_CUDA_MODULE, m) {
   m.doc() = "rnnkern CUDA kernels (persistent cooperative recurrences) on raw device buffers";
 
   m.def(
@@ -185,6 +195,15 @@ PYBIND11_MODULE(_cuda, m) {
     return out;
   });
   m.def("dtype_compiled", &dtype_compiled, py::arg("dtype"));
+#ifdef RNNKERN_CUDA_EMULATION
+  m.attr("EMULATED") = true;
+  m.def("configure_emulation", &rnnkern_emu::configure, py::arg("sms"), py::arg("smem_optin"),
+        "Give the emulated device `sms` multiprocessors and `smem_optin` bytes of shared "
+        "memory per block (a new device ordinal; default 4 SMs and 232448 bytes; see "
+        "csrc/cuda/emulation.h).");
+#else
+  m.attr("EMULATED") = false;
+#endif
 
   m.attr("CELLS") = py::make_tuple("lstm", "gru", "rnn_tanh", "rnn_relu");
   m.attr("ERR_BARRIER_TIMEOUT") = static_cast<unsigned long long>(kErrBarrierTimeout);

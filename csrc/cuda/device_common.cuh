@@ -5,11 +5,21 @@
 // gets its own copy and nothing clashes at link time.
 #pragma once
 
+#ifdef RNNKERN_CUDA_EMULATION
+#include "emulation.h"  // the same kernels on the CPU (tests): see emulation.h
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+// The kernels' dynamic shared memory (a macro so that the CPU emulation can give each block
+// its own buffer).
+#define RNNKERN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+#include <functional>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <map>
@@ -140,6 +150,16 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Called by every polling loop once per 256 polls (where it also checks for errors and the
+// timeout): nothing on a GPU; under the emulation the waiting thread lets the others run (on
+// one OS thread a spin loop would otherwise never see their writes).
+#ifndef RNNKERN_CUDA_EMULATION
+__device__ __forceinline__ void poll_pause() {}
+#else
+inline void poll_pause() { rnnkern_emu::yield(); }
+#endif
+
+#ifndef RNNKERN_CUDA_EMULATION
 __device__ __forceinline__ unsigned long long load_acquire(const unsigned long long* p) {
   unsigned long long v;
   asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
@@ -155,6 +175,22 @@ __device__ __forceinline__ long long global_ns() {
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return static_cast<long long>(t);
 }
+#else
+// Emulation: the same orderings with the compiler's atomics.
+inline unsigned long long load_acquire(const unsigned long long* p) {
+  return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+
+inline void red_release_add(unsigned long long* p, unsigned long long v) {
+  __atomic_fetch_add(p, v, __ATOMIC_RELEASE);
+}
+
+inline long long global_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+#endif
 
 // Grid-wide barrier on a monotonic arrival counter: the k-th barrier completes when the
 // counter reaches k * blocks (64 bits: no wrap-around for any realistic T). Co-residency of
@@ -169,8 +205,8 @@ struct GridBarrier {
   long long timeout_ns;          // <= 0: wait forever
 
   __device__ bool wait() {
-    __shared__ int keep_going;
     __syncthreads();  // all of this block's writes for the phase are issued
+    int good = 1;
     if (threadIdx.x == 0) {
       ++generation;
       const unsigned long long target = generation * blocks;
@@ -178,11 +214,11 @@ struct GridBarrier {
       // visible GPU-wide before the arrival is counted; the spin below loads with acquire.
       // (CUTLASS's GenericBarrier uses the same red.release / ld.acquire pair.)
       red_release_add(arrivals, 1ULL);
-      int good = 1;
       const long long start = global_ns();
       unsigned int spins = 0;
       while (load_acquire(arrivals) < target) {
         if ((++spins & 255u) == 0) {
+          poll_pause();
           if (load_acquire(error) != kErrNone) {
             good = 0;
             break;
@@ -194,10 +230,10 @@ struct GridBarrier {
           }
         }
       }
-      keep_going = good;  // the acquire load above + __syncthreads order the block's reads
     }
-    __syncthreads();
-    return keep_going != 0;
+    // Thread 0's verdict to every thread (one barrier, as a plain __syncthreads would be);
+    // the acquire load above + the barrier order the block's reads after the others' writes.
+    return __syncthreads_and(good) != 0;
   }
 };
 
@@ -498,6 +534,21 @@ void allow_cooperative(const void* kernel, int blocks, size_t smem, const Device
                              std::to_string(blocks) + " blocks with " + std::to_string(smem) +
                              " bytes of shared memory cannot be co-resident (" +
                              std::to_string(per_sm) + " per SM)");
+}
+
+// Enqueues a cooperative launch of kernel(args...) on `blocks` blocks of kThreads threads with
+// `smem` bytes of dynamic shared memory (under the emulation: runs it to the end).
+template <typename... Params>
+cudaError_t launch_cooperative(void (*kernel)(Params...), int blocks, size_t smem,
+                               cudaStream_t stream, Params... args) {
+#ifdef RNNKERN_CUDA_EMULATION
+  (void)stream;
+  return emulated_launch(blocks, kThreads, smem, [&] { kernel(args...); });
+#else
+  void* params[] = {&args...};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(blocks),
+                                     dim3(kThreads), params, smem, stream);
+#endif
 }
 
 }  // namespace

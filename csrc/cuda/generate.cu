@@ -221,6 +221,7 @@ __device__ __forceinline__ void record_error(unsigned long long* sync, unsigned 
 // exactly the producers of what it reads, one L2 round trip after they write, instead of a
 // grid-wide barrier (two round trips) followed by the load (a third).
 
+#ifndef RNNKERN_CUDA_EMULATION
 __device__ __forceinline__ unsigned long long ld_relaxed(const unsigned long long* p) {
   unsigned long long v;
   asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
@@ -230,6 +231,16 @@ __device__ __forceinline__ unsigned long long ld_relaxed(const unsigned long lon
 __device__ __forceinline__ void st_relaxed(unsigned long long* p, unsigned long long v) {
   asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
 }
+#else
+// Emulation (emulation.h; a polling thread lets the others run in global_ns).
+inline unsigned long long ld_relaxed(const unsigned long long* p) {
+  return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+inline void st_relaxed(unsigned long long* p, unsigned long long v) {
+  __atomic_store_n(p, v, __ATOMIC_RELAXED);
+}
+#endif
 
 __device__ __forceinline__ unsigned long long tagged(float v, uint32_t tag) {
   return (static_cast<unsigned long long>(tag) << 32) | __float_as_uint(v);
@@ -256,6 +267,7 @@ __device__ __forceinline__ float wait_word(const unsigned long long* p, unsigned
     do {
       if (wt.sleep_ns) __nanosleep(wt.sleep_ns);
       if ((++spins & 255u) == 0) {
+        poll_pause();
         if (ld_relaxed(sync + 1) != kErrNone ||
             (timeout_ns > 0 && global_ns() - start > timeout_ns)) {
           atomicCAS(sync + 1, 0ULL, static_cast<unsigned long long>(kErrBarrierTimeout));
@@ -320,7 +332,7 @@ __device__ bool warp_stage_words(double* dst, const unsigned long long* src, int
 template <typename W, int CELL, bool PROJ>
 __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, GenPlan plan) {
   constexpr int G = gate_count(CELL);
-  extern __shared__ __align__(16) unsigned char smem[];
+  RNNKERN_DYNAMIC_SMEM(smem);
   const int B = a.B, L = a.L, I = a.I, H = a.H, P = a.P, V = a.V, GH = G * H;
   const bool table = a.table != nullptr;
   const int Hb = plan.Hb, Pb = plan.Pb, Vb = plan.Vb, Bc = plan.Bc, C = G * Hb;
@@ -795,10 +807,7 @@ int64_t generate(const GenerateArgs& a, void* stream, int64_t timeout_ns, bool d
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   check(cudaGetLastError(), "a CUDA call before the rnnkern generate launch");
   check(cudaMemsetAsync(a.sync, 0, sizeof(unsigned long long), s), "cudaMemsetAsync(sync)");
-  GenerateArgs args = a;
-  void* params[] = {&args, &pr.plan};
-  check(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(pr.kernel),
-                                    dim3(pr.plan.blocks), dim3(kThreads), params, pr.plan.smem, s),
+  check(launch_cooperative(pr.kernel, pr.plan.blocks, pr.plan.smem, s, a, pr.plan),
         "cudaLaunchCooperativeKernel(generate)");
   check(cudaGetLastError(), "generate launch");
   if (debug) check(cudaStreamSynchronize(s), "generate (debug synchronise)");

@@ -95,7 +95,7 @@ __device__ __forceinline__ int time_of(int s, int len, int reverse) {
 template <typename T, int CELL>
 __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs a, Plan plan) {
   constexpr int G = gate_count(CELL);
-  extern __shared__ __align__(16) unsigned char smem[];
+  RNNKERN_DYNAMIC_SMEM(smem);
   const int T_ = a.T, B = a.B, H = a.H, P = a.P, GH = G * H;
   const bool proj = CELL == kLSTM && a.w_hr != nullptr;
   const int Hb = plan.Hb, Pb = plan.Pb, Bc = plan.Bc;
@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
 template <typename T, int CELL>
 __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArgs a, Plan plan) {
   constexpr int G = gate_count(CELL);
-  extern __shared__ __align__(16) unsigned char smem[];
+  RNNKERN_DYNAMIC_SMEM(smem);
   const int T_ = a.T, B = a.B, H = a.H, P = a.P, GH = G * H;
   const bool proj = CELL == kLSTM && a.wr_t != nullptr;
   const int Hb = plan.Hb, Pb = plan.Pb, Bc = plan.Bc;
@@ -537,12 +537,9 @@ LaunchInfo launch(bool backward, const Args& a, bool proj, void* stream, int64_t
   KernelFn kernel = nullptr;
   Plan p = plan_for(backward, a.cell, a.dtype, a.B, a.H, a.P, proj, &kernel);
   p.timeout_ns = timeout_ns;
-  Args args = a;
-  void* params[] = {&args, &p};
   check(cudaGetLastError(), "a CUDA call before the rnnkern launch");
-  check(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(p.blocks),
-                                    dim3(kThreads), params, p.smem,
-                                    static_cast<cudaStream_t>(stream)),
+  check(launch_cooperative(reinterpret_cast<void (*)(Args, Plan)>(kernel), p.blocks, p.smem,
+                           static_cast<cudaStream_t>(stream), a, p),
         backward ? "cudaLaunchCooperativeKernel(layer_backward)"
                  : "cudaLaunchCooperativeKernel(layer_forward)");
   check(cudaGetLastError(), backward ? "layer_backward launch" : "layer_forward launch");

@@ -23,6 +23,10 @@ guard. ``RNNKERN_CUDA_DEBUG=1`` checks each launch at once, synchronising after 
 that an asynchronous CUDA fault is also reported by the launch that caused it. Under CUDA graph
 capture nothing is read back (a captured launch has no status to read until it is replayed).
 
+Emulation: when ``_cuda`` is ``rnnkern._cuda_emulated`` (:mod:`rnnkern.backends.cuda_emulation`,
+the same kernels compiled for the CPU; tests), the backend runs on CPU tensors, each launch
+synchronously, and reads every status word at once.
+
 Legend: ``T`` time, ``B`` batch, ``H`` hidden, ``P`` state size (proj_size or H), ``G`` gates.
 """
 
@@ -83,6 +87,28 @@ def _debug() -> bool:
     return os.environ.get("RNNKERN_CUDA_DEBUG") == "1"
 
 
+def _emulated() -> bool:
+    """True when the kernels in use are the CPU emulation (module docstring)."""
+    return bool(getattr(_cuda, "EMULATED", False))
+
+
+def device_type() -> str:
+    """The device type whose tensors the kernels in use take: ``cuda``, or ``cpu`` under the
+    emulation."""
+    return "cpu" if _emulated() else "cuda"
+
+
+def on_device(device: torch.device):
+    """A context making ``device`` current for the launchers (nothing to do on the CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def stream_handle(device: torch.device) -> int:
+    """torch's current stream on ``device`` as the launchers take it (0 under the emulation,
+    whose launches run at once)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -100,6 +126,8 @@ class CUDABackend:
     def available(self) -> bool | str:
         if _cuda is None:
             return build_hint()
+        if _emulated():
+            return True
         if not torch.cuda.is_available():
             return "no CUDA device is visible (torch.cuda.is_available() is False)"
         return True
@@ -110,8 +138,11 @@ class CUDABackend:
             return ok
         if config.cell not in CELL_CODES:
             return f"unknown cell {config.cell!r}"
-        if config.device_type != "cuda":
-            return f"backend 'cuda' runs on CUDA tensors, got device type {config.device_type!r}"
+        if config.device_type != device_type():
+            return (
+                f"backend 'cuda' runs on {device_type().upper()} tensors, got device type "
+                f"{config.device_type!r}"
+            )
         if config.dtype not in _DTYPE_CODE:
             return (
                 f"dtype {config.dtype} is not supported by the CUDA kernels (float32, float16, "
@@ -169,7 +200,8 @@ class CUDABackend:
         """True when both kernels can be laid out on the current device, else the reason.
         Whether a layout exists does not depend on B (the batch is staged in chunks that
         shrink to one row), so the answer is cached without it."""
-        key = (torch.cuda.current_device(), cell, dtype, H, P, proj)
+        device = _cuda.device_info()["device"] if _emulated() else torch.cuda.current_device()
+        key = (_cuda, device, cell, dtype, H, P, proj)
         if key not in self._plans:
             try:
                 for backward in (False, True):
@@ -190,7 +222,7 @@ class CUDABackend:
         H, P = w_hh.shape[0] // G, w_hh.shape[1]
         proj = P if w_hr is not None else 0
         config = LayerConfig(cell, like.device.type, like.dtype, 0, H, proj, B, T, False, False)
-        with torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext():
+        with on_device(like.device):
             ok = self.supports(config)
         if ok is not True:
             raise ValueError(f"backend 'cuda' cannot run this layer: {ok}")
@@ -199,7 +231,7 @@ class CUDABackend:
         """Start reading the kernel's status word back (see the module docstring), and raise
         the error of any earlier launch that has finished."""
         self.last_launch = info
-        if _debug():
+        if _debug() or _emulated():  # (an emulated launch has finished)
             self._raise_if_error(int(sync[1].item()), what)
             return
         if torch.cuda.is_current_stream_capturing():
@@ -242,7 +274,7 @@ class CUDABackend:
         """Shapes and layout: see :mod:`rnnkern.backends.base`."""
         self.poll()
         self._check(cell, gx, w_hh, w_hr)
-        with torch.cuda.device(gx.device):
+        with on_device(gx.device):
             return self._forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save)
 
     def _forward(self, cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save):
@@ -278,7 +310,7 @@ class CUDABackend:
             CELL_CODES[cell], _DTYPE_CODE[dt], T, B, H, P, bool(reverse), bool(save),
             _ptr(gx), _ptr(h0), _ptr(c0), _ptr(w), _ptr(b), _ptr(wr), _ptr(lens),
             _ptr(y), _ptr(h_n), _ptr(c_n if lstm else None), _ptr(hs), _ptr(aux), _ptr(gates),
-            _ptr(m), _ptr(sync), torch.cuda.current_stream(dev).cuda_stream,
+            _ptr(m), _ptr(sync), stream_handle(dev),
             _timeout_ns(), _debug(),
         )  # fmt: skip
         self._finish(sync, info, "layer_forward")
@@ -298,7 +330,7 @@ class CUDABackend:
             raise RuntimeError("cuda backward called on a forward that ran with save=False")
         self.poll()
         self._check(cell, dy, w_hh, w_hr)
-        with torch.cuda.device(dy.device):
+        with on_device(dy.device):
             return self._backward(cell, saved, w_hh, b_hh, w_hr, lengths, reverse, dy, dh_n,
                                   dc_n)  # fmt: skip
 
@@ -336,7 +368,7 @@ class CUDABackend:
             _ptr(w_t), _ptr(wr_t), _ptr(lens), _ptr(dy), _ptr(dh_n), _ptr(dc_n),
             _ptr(dgx), _ptr(dgh), _ptr(dh_proj), _ptr(dh0), _ptr(dc0),
             _ptr(dpre), _ptr(dht), _ptr(dloc), _ptr(sync),
-            torch.cuda.current_stream(dev).cuda_stream, _timeout_ns(), _debug(),
+            stream_handle(dev), _timeout_ns(), _debug(),
         )  # fmt: skip
         self._finish(sync, info, "layer_backward")
 

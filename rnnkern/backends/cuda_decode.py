@@ -39,8 +39,9 @@ import os
 import torch
 from torch import Tensor
 
+from . import cuda as cuda_backend
 from .base import CELL_CODES
-from .cuda import _ERRORS, _cuda, _debug, _ptr, _timeout_ns, build_hint
+from .cuda import _ERRORS, _debug, _ptr, _timeout_ns, build_hint
 
 _WDTYPE = {torch.float32: 0, torch.bfloat16: 2}  # csrc/cuda/api.h DType
 _SYNC_MODES = ("flags", "barrier")
@@ -71,9 +72,14 @@ def _sync_mode_from_env() -> str:
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    """Why backend ``cuda`` cannot decode a model on ``device``, or None when it can."""
-    if _cuda is None:
+    """Why backend ``cuda`` cannot decode a model on ``device``, or None when it can (under
+    the CPU emulation of the kernels, :mod:`rnnkern.backends.cuda`: a model on the CPU)."""
+    if cuda_backend._cuda is None:
         return build_hint()
+    if cuda_backend.device_type() == "cpu":
+        if device.type != "cpu":
+            return f"the emulated CUDA kernels decode models on the CPU, got the model on {device}"
+        return None
     if device.type != "cuda":
         return f"backend 'cuda' decodes models on a CUDA device, got the model on {device}"
     if not torch.cuda.is_available():
@@ -215,17 +221,19 @@ class CudaDecode:
         args = self._args(B, h, parity, c, m, logits, feed, prime, x, steps, out, sampling)
         flags = self.sync == "flags"
         tags = (feed + max(steps - 1, 0)) * (2 * self._base["L"] + 1)
-        stream = torch.cuda.current_stream(self.device)
+        on_gpu = self.device.type == "cuda"
         if flags:
             self._prepare_exchange(B, tags)
             args.update(flags=1, tag_base=self._tag_base, xh=_ptr(self._xh), xm=_ptr(self._xm),
                         xl=_ptr(self._xl))  # fmt: skip
             self._tag_base += tags  # spent even if the launch fails: never reused
             for t in (self._xh, self._xm, self._xl):
-                if t is not None:  # in use on this stream until the launch ends
-                    t.record_stream(stream)
-        with torch.cuda.device(self.device):  # the launcher works on the current device
-            model_steps, info = _cuda.generate(args, stream.cuda_stream, _timeout_ns(), _debug())
+                if t is not None and on_gpu:  # in use on this stream until the launch ends
+                    t.record_stream(torch.cuda.current_stream(self.device))
+        with cuda_backend.on_device(self.device):  # the launcher works on the current device
+            model_steps, info = cuda_backend._cuda.generate(
+                args, cuda_backend.stream_handle(self.device), _timeout_ns(), _debug()
+            )
         self.last_launch = info
         return int(model_steps)
 
@@ -245,12 +253,12 @@ class CudaDecode:
             raise RuntimeError(
                 "rnnkern._cuda generate: " + _ERRORS.get(abort, f"unknown error code {abort}")
             )
-        if code == int(_cuda.ERR_NON_FINITE):
+        if code == int(cuda_backend._cuda.ERR_NON_FINITE):
             raise FloatingPointError(
                 f"generate: the logits of stream {row} became NaN or +inf "
                 "(the model's weights or state hold non-finite values)"
             )
-        if code == int(_cuda.ERR_BAD_TOKEN):
+        if code == int(cuda_backend._cuda.ERR_BAD_TOKEN):
             raise ValueError(f"a token id of stream {row} is outside the embedding's range")
         raise RuntimeError(
             "rnnkern._cuda generate: " + _ERRORS.get(code, f"unknown error code {code}")

@@ -1,0 +1,271 @@
+// A CPU emulation of the part of the CUDA execution model and runtime that csrc/cuda uses, so
+// that the same kernel sources (recurrence.cu, generate.cu) compile with a host C++ compiler
+// into rnnkern._cuda_emulated and run on CPU memory. It exists to test the kernels' logic on
+// machines without a GPU (tests/test_cuda_emulated.py): indexing, work split, batch chunks,
+// barriers and the exchange between blocks, sampling, error reporting. It says nothing about
+// speed, and it cannot find what only the hardware does (the memory model, occupancy): the
+// GPU check (benchmarks/gpu_check.sh) stays the authority.
+//
+// Included instead of the CUDA headers when RNNKERN_CUDA_EMULATION is defined (see
+// device_common.cuh).
+//
+// The model: every CUDA thread of the grid is a fiber (ucontext) with its own stack, and one
+// launch runs all of them on the calling OS thread, switching only where a CUDA thread would
+// wait: __syncthreads (and its _or / _and forms), the warp collectives (__shfl*_sync,
+// __ballot_sync, __all_sync, __any_sync, __syncwarp) and every acquire/relaxed load of the
+// kernels' polling loops (a spinning thread lets the others run). A fiber runs until it has
+// to wait, which is adversarial for a missing barrier: a thread that should have waited for
+// the others reads what they have not written yet. When every live thread waits at a barrier
+// that cannot complete (a barrier inside divergent code), the launch fails with an error
+// naming the block instead of hanging. Warp collectives require all 32 lanes (full masks,
+// converged warps), as the kernels here use them.
+//
+// Device properties (multiprocessors, shared memory per block) are set by configure(), so a
+// test can lay a small layer over several blocks or make its weights too large for shared
+// memory. Each configure() is a new device ordinal: per-device caches of the launchers see a
+// new device instead of stale attributes.
+#pragma once
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+
+// ---- keywords: host functions all -------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+
+namespace rnnkern_emu {
+
+struct Dim3 {
+  unsigned int x = 1, y = 1, z = 1;
+};
+
+// The CUDA thread now running on this OS thread (null outside a launch).
+struct ThreadState {
+  Dim3 thread_idx, block_idx, grid_dim, block_dim;
+  unsigned char* smem;  // the block's dynamic shared memory
+  void* block;          // the scheduler's block (barrier and warp states)
+};
+ThreadState* current();
+
+// Waiting points (emulation.cpp). All of them are called by every thread of the block (or
+// warp) in the same order, as on the GPU.
+int block_barrier(int value, int op);  // op 0: none, 1: or, 2: and, 3: count
+uint64_t warp_exchange(uint64_t value, int src_lane, int op);  // see the collectives below
+void yield();                          // a polling thread lets the others run
+
+// Launches body() in `blocks` x `threads` fibers with `smem` bytes of dynamic shared memory
+// per block and returns when all have finished. Throws std::runtime_error on a deadlock.
+void run_grid(int blocks, int threads, size_t smem, const std::function<void()>& body);
+
+// The emulated device (configure() starts a new one). Defaults: 4 SMs, 227 KB (an H100).
+struct Device {
+  int ordinal, sms, smem_optin, major, minor;
+};
+Device device();
+void configure(int sms, int smem_optin);
+
+}  // namespace rnnkern_emu
+
+// ---- built-in variables -------------------------------------------------------------------
+#define threadIdx (::rnnkern_emu::current()->thread_idx)
+#define blockIdx (::rnnkern_emu::current()->block_idx)
+#define gridDim (::rnnkern_emu::current()->grid_dim)
+#define blockDim (::rnnkern_emu::current()->block_dim)
+
+// The kernels declare their dynamic shared memory through this macro (device_common.cuh).
+#define RNNKERN_DYNAMIC_SMEM(name) unsigned char* name = ::rnnkern_emu::current()->smem
+
+using std::max;
+using std::min;
+
+// ---- vector and 16-bit types --------------------------------------------------------------
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+
+// IEEE binary16 and bfloat16 as their bits; conversions round to nearest even, as
+// __float2half_rn / __float2bfloat16_rn do. torch's float16 / bfloat16 tensors hold the same
+// bits.
+struct __half {
+  uint16_t bits;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+
+inline float __half2float(__half h) {
+  const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
+  const uint32_t exp = (h.bits >> 10) & 0x1fu, man = h.bits & 0x3ffu;
+  uint32_t out;
+  if (exp == 0x1f) {
+    out = sign | 0x7f800000u | (man << 13);  // inf / NaN
+  } else if (exp != 0) {
+    out = sign | ((exp + 112) << 23) | (man << 13);  // normal: rebias 15 -> 127
+  } else {
+    float f = static_cast<float>(man) * 5.9604644775390625e-8f;  // subnormal: man * 2^-24
+    std::memcpy(&out, &f, 4);
+    out |= sign;
+  }
+  float f;
+  std::memcpy(&f, &out, 4);
+  return f;
+}
+
+inline __half __float2half_rn(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return __half{static_cast<uint16_t>(sign | 0x7e00u)};  // NaN
+  if (ax >= 0x477ff000u) return __half{static_cast<uint16_t>(sign | 0x7c00u)};  // rounds to inf
+  if (ax >= 0x38800000u) {  // normal half (|f| >= 2^-14)
+    const uint32_t r = ax + 0x00000fffu + ((ax >> 13) & 1u);  // round to nearest even
+    return __half{static_cast<uint16_t>(sign | ((r - 0x38000000u) >> 13))};
+  }
+  // subnormal half or zero: the value in units of 2^-24, rounded to nearest even
+  float a;
+  std::memcpy(&a, &ax, 4);
+  const float units = a * 16777216.0f;  // exact (a power-of-two scaling)
+  return __half{static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(units)))};
+}
+
+inline float __bfloat162float(__nv_bfloat16 h) {
+  const uint32_t x = static_cast<uint32_t>(h.bits) << 16;
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{static_cast<uint16_t>((x >> 16) | 0x40u)};
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return __nv_bfloat16{static_cast<uint16_t>(x >> 16)};
+}
+
+// ---- bit casts and bit counts -------------------------------------------------------------
+inline unsigned int __float_as_uint(float f) {
+  unsigned int u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float __uint_as_float(unsigned int u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+inline int __ffs(unsigned int x) { return x == 0 ? 0 : __builtin_ctz(x) + 1; }
+inline int __clz(unsigned int x) { return x == 0 ? 32 : __builtin_clz(x); }
+
+// ---- loads, atomics, timers -----------------------------------------------------------------
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+template <typename T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
+
+inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long expected,
+                                    unsigned long long desired) {
+  __atomic_compare_exchange_n(p, &expected, desired, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+  return expected;  // the old value either way
+}
+
+inline void __nanosleep(unsigned int) { ::rnnkern_emu::yield(); }
+
+// ---- block barriers -----------------------------------------------------------------------
+inline void __syncthreads() { ::rnnkern_emu::block_barrier(0, 0); }
+inline int __syncthreads_or(int p) { return ::rnnkern_emu::block_barrier(p != 0, 1); }
+inline int __syncthreads_and(int p) { return ::rnnkern_emu::block_barrier(p != 0, 2); }
+
+// ---- warp collectives (full masks only) ---------------------------------------------------
+namespace rnnkern_emu {
+void check_full_mask(unsigned int mask, const char* what);
+enum WarpOp : int { kShuffle = 0, kBallot = 1, kSync = 2 };
+template <typename T>
+inline T shuffle(unsigned int mask, T v, int src_lane, const char* what) {
+  static_assert(sizeof(T) <= 8, "warp shuffles of at most 8 bytes");
+  check_full_mask(mask, what);
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  bits = warp_exchange(bits, src_lane & 31, kShuffle);
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+}  // namespace rnnkern_emu
+
+template <typename T>
+inline T __shfl_sync(unsigned int mask, T v, int src_lane) {
+  return ::rnnkern_emu::shuffle(mask, v, src_lane, "__shfl_sync");
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned int mask, T v, int lane_mask) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  return ::rnnkern_emu::shuffle(mask, v, lane ^ lane_mask, "__shfl_xor_sync");
+}
+inline unsigned int __ballot_sync(unsigned int mask, int pred) {
+  ::rnnkern_emu::check_full_mask(mask, "__ballot_sync");
+  return static_cast<unsigned int>(
+      ::rnnkern_emu::warp_exchange(pred != 0, 0, ::rnnkern_emu::kBallot));
+}
+inline int __all_sync(unsigned int mask, int pred) {
+  return __ballot_sync(mask, pred) == 0xffffffffu;
+}
+inline int __any_sync(unsigned int mask, int pred) { return __ballot_sync(mask, pred) != 0u; }
+inline void __syncwarp(unsigned int mask = 0xffffffffu) {
+  ::rnnkern_emu::check_full_mask(mask, "__syncwarp");
+  ::rnnkern_emu::warp_exchange(0, 0, ::rnnkern_emu::kSync);
+}
+
+// ---- the runtime API the launchers call -----------------------------------------------------
+enum cudaError_t : int { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchFailure = 4,
+                         cudaErrorCooperativeLaunchTooLarge = 720 };  // fmt: skip
+using cudaStream_t = void*;
+struct dim3 {
+  unsigned int x, y, z;
+  dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+enum cudaDeviceAttr : int {
+  cudaDevAttrMultiProcessorCount,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin,
+  cudaDevAttrCooperativeLaunch,
+  cudaDevAttrComputeCapabilityMajor,
+  cudaDevAttrComputeCapabilityMinor,
+};
+enum cudaFuncAttribute : int { cudaFuncAttributeMaxDynamicSharedMemorySize };
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes;
+};
+
+const char* cudaGetErrorName(cudaError_t err);
+const char* cudaGetErrorString(cudaError_t err);
+cudaError_t cudaGetLastError();
+cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void* func);
+cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value);
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void* func,
+                                                          int threads, size_t smem);
+cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t stream);
+cudaError_t cudaStreamSynchronize(cudaStream_t stream);
+// A launch runs at once, to the end, on the calling thread (device_common.cuh's
+// launch_cooperative calls it with the kernel bound to its arguments).
+cudaError_t emulated_launch(int blocks, int threads, size_t smem,
+                            const std::function<void()>& body);
