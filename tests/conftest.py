@@ -17,7 +17,17 @@ if not torch.cuda.is_available():
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 
-from rnnkern.backends.base import poison_allocations  # noqa: E402  (after the env setup)
+from rnnkern.backends import cuda as cuda_backend  # noqa: E402  (after the env setup)
+from rnnkern.backends import cuda_emulation  # noqa: E402
+from rnnkern.backends.base import poison_allocations  # noqa: E402
+
+# The CUDA kernels (csrc/cuda) run on a GPU where there is one and rnnkern._cuda is built;
+# elsewhere their CPU emulation (rnnkern.backends.cuda_emulation: the same sources compiled
+# for the CPU, built on first use) runs them on CPU tensors. Tests take the device from the
+# ``cuda_kernels`` fixture.
+CUDA_ON_GPU = torch.cuda.is_available() and cuda_backend._cuda is not None
+CUDA_KERNELS_REASON = None if CUDA_ON_GPU else cuda_emulation.unavailable_reason()
+CUDA_KERNELS_DEVICE = "cuda" if CUDA_ON_GPU else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -26,3 +36,16 @@ def nan_poisoned_allocations():
     output element a kernel never writes fails the comparison instead of passing as zero."""
     with poison_allocations():
         yield
+
+
+@pytest.fixture
+def cuda_kernels(monkeypatch) -> str:
+    """The device whose tensors the CUDA kernels take in this test: ``"cuda"``, or ``"cpu"``
+    with the emulation patched in as ``rnnkern.backends.cuda._cuda`` for this test only, on
+    its default device (4 SMs, 232448 bytes of shared memory per block)."""
+    if CUDA_KERNELS_REASON is not None:
+        pytest.skip(f"no GPU for the CUDA kernels, and no emulation: {CUDA_KERNELS_REASON}")
+    if not CUDA_ON_GPU:
+        monkeypatch.setattr(cuda_backend, "_cuda", cuda_emulation.load())
+        cuda_emulation.configure()
+    return CUDA_KERNELS_DEVICE

@@ -1,16 +1,23 @@
 """Backend ``cuda`` (csrc/cuda, module ``rnnkern._cuda``).
 
-Without a GPU: the kernels compile for sm_80 and sm_90 (one representative configuration per
+Everywhere: the kernels compile for sm_80 and sm_90 (one representative configuration per
 kernel: every cell's forward and backward in float32; ``python -m
 rnnkern.backends.cuda_compile_check`` compiles every dtype), and the backend explains why it
-cannot run. With a CUDA device and the extension built: parity against ``reference`` through
-``rnnkern.functional.rnn_layer`` (outputs, final states, every gradient; odd shapes, lengths,
-reverse, no bias, projection, batch larger than one shared-memory chunk, weights too large to
-stay resident in shared memory), the inference path, the saved-activation layout and the
-16-bit dtypes. Every buffer the backend allocates starts as NaN (tests/conftest.py), so an
-element a kernel never writes fails the comparison.
+cannot run. Then the kernels run (fixture ``cuda_kernels``, tests/conftest.py): on a GPU where
+there is one and the extension is built, else on their CPU emulation
+(``rnnkern.backends.cuda_emulation``: the same sources compiled for the CPU, every CUDA thread a
+fiber). Parity against ``reference`` through ``rnnkern.functional.rnn_layer`` (outputs, final
+states, every gradient; odd shapes, lengths, reverse, no bias, projection, batch larger than
+one shared-memory chunk, weights too large to stay resident in shared memory), the inference
+path, the saved-activation layout and the 16-bit dtypes. The emulation is slow (a fiber switch
+at every barrier and warp shuffle), so it runs the large GPU cases at emulation size instead:
+the emulated device's SM count and shared memory are set so that the same plan branches
+(split-K partial sums, several batch chunks, weights read from global memory, uneven work
+split) are taken by small layers. Every buffer the backend allocates starts as NaN
+(tests/conftest.py), so an element a kernel never writes fails the comparison; the emulation
+also fills each block's shared memory with NaN bytes.
 
-Before any kernel runs in this process, a subprocess runs every cell once with
+On a GPU, before any kernel runs in this process, a subprocess runs every cell once with
 ``RNNKERN_CUDA_DEBUG=1`` and a 5 s barrier timeout: a kernel that faults or deadlocks then
 fails these tests with its message instead of leaving this process's CUDA context unusable for
 the rest of the suite.
@@ -50,7 +57,7 @@ from layer_cases import cell_of, layer_config, run
 from tolerances import assert_float32_close
 
 from rnnkern.backends import cuda as cuda_backend
-from rnnkern.backends import get_backend
+from rnnkern.backends import cuda_emulation, get_backend
 from rnnkern.backends.base import LayerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +68,6 @@ NO_GPU_REASON = (
     if not torch.cuda.is_available()
     else "rnnkern._cuda is not built: " + cuda_backend.build_hint()
 )
-gpu = pytest.mark.skipif(not HAVE_GPU, reason=NO_GPU_REASON)
 
 CELLS = ("lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu")
 K_LOW = 2.0
@@ -168,7 +174,7 @@ print("canary ok")
 
 
 @pytest.fixture(scope="module")
-def cuda_ready():
+def gpu_canary():
     """Run every cell once in a subprocess first (debug mode, short barrier timeout)."""
     env = _env()
     env.update(RNNKERN_CUDA_DEBUG="1", RNNKERN_CUDA_BARRIER_TIMEOUT_S="5")
@@ -183,11 +189,24 @@ def cuda_ready():
     yield
 
 
-def make_inputs(name, T, B, H, **kw):
-    return layer_cases.make_inputs(name, T, B, H, device="cuda", **kw)
+@pytest.fixture
+def device(request, cuda_kernels):
+    """``"cuda"`` (after the GPU canary) or ``"cpu"`` (the emulation, patched in)."""
+    if cuda_kernels == "cuda":
+        request.getfixturevalue("gpu_canary")
+    return cuda_kernels
 
 
-# (T, B, H, lengths, reverse, bias)
+@pytest.fixture
+def gpu(device):
+    """Tests of what only a GPU shows (cuDNN, the measured dispatch)."""
+    if device != "cuda":
+        pytest.skip(NO_GPU_REASON)
+    return device
+
+
+# (T, B, H, lengths, reverse, bias); the emulation runs the large ones at its own size
+# (EMULATED_PLANS below)
 CASES = {
     "T1_B1_H1": (1, 1, 1, None, False, True),
     "plain_H33": (4, 3, 33, None, False, True),
@@ -201,28 +220,31 @@ CASES = {
     "B300": (4, 300, 64, "random", True, True),  # several shared-memory batch chunks
     "H2048_weights_in_L2": (3, 3, 2048, [3, 1, 2], True, True),  # slice too big for smem
 }
+GPU_SIZED = {"H256_B64", "H500_B17", "B300", "H2048_weights_in_L2"}
 
 
-def _lengths(spec, T, B):
+def _lengths(spec, T, B, device):
     if spec is None:
         return None
     if spec == "random":
         gen = torch.Generator().manual_seed(T * 1000 + B)
         lens = torch.randint(1, T + 1, (B,), generator=gen)
         lens[0] = T
-        return lens.to("cuda")
-    return torch.tensor(spec, dtype=torch.int64, device="cuda")
+        return lens.to(device)
+    return torch.tensor(spec, dtype=torch.int64, device=device)
 
 
-@gpu
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("name", CELLS)
-def test_float32_matches_reference(cuda_ready, name, case):
+def test_float32_matches_reference(device, name, case):
     T, B, H, spec, reverse, bias = CASES[case]
     if name == "lstm_proj" and H < 2:
         pytest.skip("a projection needs proj_size < hidden_size, impossible with H=1")
-    inp = make_inputs(name, T, B, H, bias=bias)
-    lengths = _lengths(spec, T, B)
+    if device == "cpu" and case in GPU_SIZED:
+        pytest.skip("GPU-sized: the emulation covers its plan at emulation size "
+                    "(test_emulated_plans_match_reference)")  # fmt: skip
+    inp = make_inputs(name, T, B, H, bias=bias, device=device)
+    lengths = _lengths(spec, T, B, device)
     got = run(name, inp, "cuda", lengths, reverse)
     ref = run(name, inp, "reference", lengths, reverse)
     assert_float32_close(got, ref)
@@ -231,50 +253,95 @@ def test_float32_matches_reference(cuda_ready, name, case):
         assert BACKEND.last_launch["weights_in_smem"] is False
 
 
-@gpu
+# Emulated device and layer for each plan branch the GPU-sized cases take, at emulation size:
+# name -> (sms, shared memory per block, (T, B, H, lengths, reverse, bias), what must hold of
+# the forward and backward launches' layouts).
+EMULATED_PLANS = {
+    # 32 blocks of 4 units: fewer register tiles than warps, so the matvecs split K over
+    # warps and add the partial sums (forward K = 128: 2-way; backward K = G*H: up to 8-way)
+    "split_k": (32, 232448, (3, 3, 128, [3, 1, 2], True, True), dict(units_per_block=4)),
+    # 3 KB of shared memory: weights read from global memory (even the RNN's 1.2 KB slice, as
+    # the split-K buffer takes 2 KB) and batch chunks of 1-6 rows
+    "streamed": (4, 3072, (4, 12, 33, "random", True, True), dict(weights_in_smem=False)),
+    # more rows than the largest batch chunk (64)
+    "B70": (4, 232448, (3, 70, 8, "random", False, True), dict(batch_chunk=64)),
+    # 10 units over 4 blocks: 3, 3, 3, 1
+    "uneven_split": (4, 232448, (4, 3, 10, [4, 2, 3], False, True), dict(blocks=4)),
+    # one block owns every unit
+    "one_block": (1, 232448, (3, 2, 20, None, True, False), dict(blocks=1)),
+}
+
+
+# every plan with the default (tiled) matvec; the simple one on the split-K and streamed plans
+PLAN_RUNS = [(plan, "tiled") for plan in EMULATED_PLANS] + [
+    ("split_k", "simple"),
+    ("streamed", "simple"),
+]
+
+
+@pytest.mark.parametrize("plan,matvec", PLAN_RUNS)
+@pytest.mark.parametrize("name", CELLS)
+def test_emulated_plans_match_reference(cuda_kernels, monkeypatch, name, plan, matvec):
+    if cuda_kernels != "cpu":
+        pytest.skip("a GPU is here: the GPU-sized cases of test_float32_matches_reference "
+                    "take these plans on the real device")  # fmt: skip
+    sms, smem, (T, B, H, spec, reverse, bias), layout = EMULATED_PLANS[plan]
+    monkeypatch.setenv("RNNKERN_CUDA_MATVEC", matvec)
+    cuda_emulation.configure(sms, smem)
+    inp = make_inputs(name, T, B, H, bias=bias, device="cpu")
+    lengths = _lengths(spec, T, B, "cpu")
+    assert_float32_close(run(name, inp, "cuda", lengths, reverse),
+                         run(name, inp, "reference", lengths, reverse))  # fmt: skip
+    info = BACKEND.last_launch  # the backward launch
+    for key, want in layout.items():
+        assert info[key] == want, (key, info)
+
+
 @pytest.mark.parametrize("case", ["lengths_reverse", "H256_B64", "H2048_weights_in_L2"])
 @pytest.mark.parametrize("name", CELLS)
-def test_simple_matvec_matches_reference(cuda_ready, monkeypatch, name, case):
+def test_simple_matvec_matches_reference(device, monkeypatch, name, case):
     # The one-row-per-warp matvec (RNNKERN_CUDA_MATVEC=simple) is kept as a cross-check of the
     # default register-tiled split-K one: both must match the reference.
+    if device == "cpu" and case in GPU_SIZED:
+        pytest.skip("GPU-sized: the emulation cross-checks the simple matvec in "
+                    "test_emulated_plans_match_reference")  # fmt: skip
     monkeypatch.setenv("RNNKERN_CUDA_MATVEC", "simple")
     T, B, H, spec, reverse, bias = CASES[case]
-    inp = make_inputs(name, T, B, H, bias=bias)
-    lengths = _lengths(spec, T, B)
+    inp = make_inputs(name, T, B, H, bias=bias, device=device)
+    lengths = _lengths(spec, T, B, device)
     assert_float32_close(run(name, inp, "cuda", lengths, reverse),
                          run(name, inp, "reference", lengths, reverse))  # fmt: skip
 
 
-@gpu
-def test_small_layers_keep_weights_resident(cuda_ready):
-    inp = make_inputs("lstm", 4, 8, 256)
+def test_small_layers_keep_weights_resident(device):
+    H = 256 if device == "cuda" else 64  # (the emulated device has 4 SMs)
+    inp = make_inputs("lstm", 4, 8, H, device=device)
     run("lstm", inp, "cuda")
     info = BACKEND.last_launch  # the backward launch
     assert info["weights_in_smem"] is True
-    assert info["blocks"] <= torch.cuda.get_device_properties(0).multi_processor_count
+    sms = cuda_backend._cuda.device_info()["sms"]
+    assert info["blocks"] <= sms
 
 
-@gpu
 @pytest.mark.parametrize("name", CELLS)
-def test_inference_without_saving_matches_reference(cuda_ready, name):
+def test_inference_without_saving_matches_reference(device, name):
     # No input requires grad: the forward runs with save=False (2-slot state rings).
     T, B, H = 6, 3, 33
-    inp = make_inputs(name, T, B, H)
-    lengths = _lengths([6, 1, 4], T, B)
+    inp = make_inputs(name, T, B, H, device=device)
+    lengths = _lengths([6, 1, 4], T, B, device)
     with torch.no_grad():
         got = run(name, inp, "cuda", lengths, True, grad=False)
         ref = run(name, inp, "reference", lengths, True, grad=False)
     assert_float32_close(got, ref)
 
 
-@gpu
 @pytest.mark.parametrize("name", CELLS)
-def test_saved_activations_follow_the_contract_layout(cuda_ready, name):
+def test_saved_activations_follow_the_contract_layout(device, name):
     # What forward saves must be exactly what the contract says (another backend's backward
     # may consume it), including the steps past each length.
     cell = cell_of(name)
-    inp = make_inputs(name, 4, 3, 10)
-    lengths = _lengths([4, 2, 3], 4, 3)
+    inp = make_inputs(name, 4, 3, 10, device=device)
+    lengths = _lengths([4, 2, 3], 4, 3, device)
     gx = torch.nn.functional.linear(inp["x"], inp["w_ih"], inp["b_ih"]).contiguous()
     args = (cell, gx, inp["h0"], inp["c0"], inp["w_hh"], inp["b_hh"], inp["w_hr"], lengths, True)
     got = BACKEND.forward(*args, True).saved
@@ -282,6 +349,10 @@ def test_saved_activations_follow_the_contract_layout(cuda_ready, name):
     for g, r in zip(got, ref, strict=True):
         assert g.shape == r.shape and g.dtype == r.dtype
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def make_inputs(name, T, B, H, *, device, **kw):
+    return layer_cases.make_inputs(name, T, B, H, device=device, **kw)
 
 
 def _torch_module(name, inp, dtype):
@@ -302,7 +373,7 @@ def _torch_module(name, inp, dtype):
             if inp[pname] is not None:
                 attr = f"weight_{pname[2:]}_l0" if pname[0] == "w" else f"bias_{pname[2:]}_l0"
                 getattr(mod, attr).copy_(inp[pname])
-    mod = mod.to(device="cuda", dtype=dtype)
+    mod = mod.to(device=inp["x"].device, dtype=dtype)
     mod.flatten_parameters()
     return mod.train()  # cuDNN refuses RNN backward in eval mode
 
@@ -334,12 +405,11 @@ def _run_torch(name, inp, dtype, seed=1):
     return out
 
 
-@gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", CELLS)
-def test_low_precision_within_k_times_torch_error(cuda_ready, name, dtype):
-    T, B, H = 24, 16, 256
-    inp = make_inputs(name, T, B, H, dtype=dtype)
+def test_low_precision_within_k_times_torch_error(device, name, dtype):
+    T, B, H = (24, 16, 256) if device == "cuda" else (8, 4, 40)  # emulation size on the CPU
+    inp = make_inputs(name, T, B, H, dtype=dtype, device=device)
     truth = run(name, inp, "reference", dtype=torch.float64)
     got = run(name, inp, "cuda")
     torch_nn = _run_torch(name, inp, dtype)
@@ -354,22 +424,21 @@ def test_low_precision_within_k_times_torch_error(cuda_ready, name, dtype):
         )
 
 
-@gpu
-def test_supports_gives_reasons(cuda_ready):
-    cfg = functools.partial(layer_config, device_type="cuda")
+def test_supports_gives_reasons(device):
+    cfg = functools.partial(layer_config, device_type=device)
 
     assert BACKEND.supports(cfg()) is True
     assert BACKEND.supports(cfg(dtype=torch.bfloat16, proj_size=4)) is True
     reason = BACKEND.supports(cfg(dtype=torch.float64))
     assert isinstance(reason, str) and "float64" in reason
-    reason = BACKEND.supports(cfg(device_type="cpu"))
-    assert isinstance(reason, str) and "'cpu'" in reason
+    other = "cpu" if device == "cuda" else "cuda"
+    reason = BACKEND.supports(cfg(device_type=other))
+    assert isinstance(reason, str) and f"'{other}'" in reason
     reason = BACKEND.supports(cfg(cell="gru", proj_size=4))
     assert isinstance(reason, str) and "projection" in reason
 
 
-@gpu
-def test_auto_takes_cuda_only_where_it_measured_faster(cuda_ready):
+def test_auto_takes_cuda_only_where_it_measured_faster(gpu):
     cfg = functools.partial(layer_config, device_type="cuda", input_size=256, hidden_size=256,
                             batch_size=16, seq_len=256)  # fmt: skip
 
@@ -385,20 +454,18 @@ def test_auto_takes_cuda_only_where_it_measured_faster(cuda_ready):
     assert dispatch.choose("auto", cfg(batch_size=64), training=True).backend != "cuda"
 
 
-@gpu
-def test_float64_call_is_a_clear_error(cuda_ready):
-    inp = make_inputs("gru", 2, 2, 4, dtype=torch.float64)
+def test_float64_call_is_a_clear_error(device):
+    inp = make_inputs("gru", 2, 2, 4, dtype=torch.float64, device=device)
     with pytest.raises(ValueError, match="float64"):
         run("gru", inp, "cuda", grad=False)
 
 
-@gpu
-def test_length_out_of_range_is_reported_by_the_kernel(cuda_ready):
+def test_length_out_of_range_is_reported_by_the_kernel(device):
     # rnn_layer validates lengths; calling the backend directly reaches the kernel's own check
     # (it records the error and clamps, so nothing is read out of bounds).
-    inp = make_inputs("rnn_tanh", 3, 2, 8)
+    inp = make_inputs("rnn_tanh", 3, 2, 8, device=device)
     gx = torch.nn.functional.linear(inp["x"], inp["w_ih"], inp["b_ih"]).contiguous()
-    bad = torch.tensor([3, 0], device="cuda")
+    bad = torch.tensor([3, 0], device=device)
     with pytest.raises(RuntimeError, match=r"lengths has a value outside \[1, T\]"):
         BACKEND.forward("rnn_tanh", gx, inp["h0"], None, inp["w_hh"], inp["b_hh"], None, bad,
                         False, False)  # fmt: skip
@@ -410,13 +477,12 @@ def test_length_out_of_range_is_reported_by_the_kernel(cuda_ready):
 MODULE_CASES = [c for c in test_nn_parity.CASES if c["dtype"] == torch.float32][::3]
 
 
-@gpu
 @pytest.mark.parametrize("case", MODULE_CASES, ids=test_nn_parity._ids)
-def test_modules_with_backend_cuda_match_cudnn(cuda_ready, case):
+def test_modules_with_backend_cuda_match_torch_nn(device, case):
     # Whole nn.Modules (layers, directions, projection, packed and unbatched inputs, given or
-    # default states) with every layer on backend "cuda", against torch.nn on cuDNN, with the
-    # module parity suite's float32 tolerance.
-    test_nn_parity.check_case(case, backend="cuda", device="cuda", train=True)
+    # default states) with every layer on backend "cuda", against torch.nn on the same device
+    # (cuDNN on a GPU), with the module parity suite's float32 tolerance.
+    test_nn_parity.check_case(case, backend="cuda", device=device, train=True)
 
 
 class _FakeEvent:

@@ -13,11 +13,14 @@ import copy
 
 import pytest
 import torch
+from conftest import CUDA_KERNELS_DEVICE, CUDA_KERNELS_REASON
 from tolerances import assert_within_float32_error
 
 import rnnkern
 from rnnkern import sampling
 from rnnkern.backends import cpu as cpu_backend
+from rnnkern.backends import cuda as cuda_backend
+from rnnkern.backends import cuda_emulation
 from rnnkern.decode import Decoder
 
 HAVE_CPU = cpu_backend._cpu is not None
@@ -32,16 +35,11 @@ needs_triton = pytest.mark.skipif(
     not HAVE_TRITON, reason="backend 'triton' needs Triton and CUDA or TRITON_INTERPRET=1"
 )
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-try:  # backend "cuda" needs the extension rnnkern._cuda (built where nvcc is) and a device
-    from rnnkern.backends import cuda as cuda_backend
-    from rnnkern.backends import cuda_decode
-
-    CUDA_DECODE_REASON = cuda_decode.unavailable_reason(torch.device("cuda"))
-    HAVE_CUDA_EXT = cuda_backend._cuda is not None
-except ImportError as err:
-    CUDA_DECODE_REASON, HAVE_CUDA_EXT = str(err), False
+# Backend "cuda" runs its kernels on a GPU, or on their CPU emulation where there is none
+# (conftest.py's cuda_kernels fixture; requested for every test of backend "cuda" below).
+HAVE_CUDA_EXT = cuda_backend._cuda is not None  # the real extension (built where nvcc is)
 needs_cuda_decode = pytest.mark.skipif(
-    CUDA_DECODE_REASON is not None, reason=f"backend 'cuda': {CUDA_DECODE_REASON}"
+    CUDA_KERNELS_REASON is not None, reason=f"backend 'cuda': {CUDA_KERNELS_REASON}"
 )
 BACKENDS = [
     pytest.param("cpu", marks=needs_cpu),
@@ -51,6 +49,14 @@ BACKENDS = [
 ]
 
 V, E, H = 13, 6, 33
+
+
+@pytest.fixture(autouse=True)
+def _cuda_kernels_for_backend_cuda(request):
+    """A test parametrized with backend "cuda" gets the kernels (GPU or emulation)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "cuda":
+        request.getfixturevalue("cuda_kernels")
 
 
 def make_model(mode, layers, proj=0, seed=0, nonlinearity="tanh"):
@@ -65,7 +71,7 @@ def make_model(mode, layers, proj=0, seed=0, nonlinearity="tanh"):
 def make_decoder(backend, rnn, emb=None, head=None, **kw):
     """A Decoder of copies of the modules on the device its backend runs on (Triton: CUDA, or
     the CPU under the interpreter); step() and generate() move their inputs there."""
-    device = {"triton": TRITON_DEVICE, "cuda": "cuda"}.get(backend)
+    device = {"triton": TRITON_DEVICE, "cuda": CUDA_KERNELS_DEVICE}.get(backend)
     if device is not None:
         rnn, emb, head = (
             None if m is None else copy.deepcopy(m).to(device) for m in (rnn, emb, head)
@@ -562,7 +568,7 @@ def test_device_backends_generate_the_cpu_decoders_tune(kw, weights, backend):
     expected = cpu.generate(prime, 40, **kw)
     got = gpu.generate(prime, 40, **kw)
     assert got.dtype == torch.int64
-    assert got.device.type == (TRITON_DEVICE if backend == "triton" else "cuda")
+    assert got.device.type == (TRITON_DEVICE if backend == "triton" else CUDA_KERNELS_DEVICE)
     assert torch.equal(got.cpu(), expected)
     for a, b in zip(gpu.get_state(), cpu.get_state(), strict=True):
         torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-5)  # float32, 43 steps
@@ -615,7 +621,7 @@ def test_missing_extension_is_an_error_not_a_fallback(monkeypatch):
 
 @needs_cuda_decode
 @pytest.mark.parametrize("mode,layers,proj", [("LSTM", 3, 0), ("LSTM", 2, 7), ("GRU", 2, 0)])
-def test_cuda_generate_state_matches_stepping(mode, layers, proj):
+def test_cuda_generate_state_matches_stepping(cuda_kernels, mode, layers, proj):
     """One launch for the prime and every token leaves the state and logits that stepping the
     same tokens one launch at a time leaves (the same kernel code per step)."""
     rnn, emb, head = make_model(mode, layers, proj, seed=20)
@@ -643,11 +649,14 @@ def test_cuda_generate_state_matches_stepping(mode, layers, proj):
         ("RNN", 1, 0, H, 1),
     ],
 )
-def test_cuda_sync_modes_agree_bit_for_bit(mode, layers, proj, hidden, batch):
+def test_cuda_sync_modes_agree_bit_for_bit(cuda_kernels, mode, layers, proj, hidden, batch):
     """Flag-carrying words and grid barriers order the same arithmetic, and a recurrent part
     formed a step early is the same product of the same values: identical tokens, logits and
     state. 40 streams of a 512-unit GRU take several batch chunks per layer (nothing
-    carried)."""
+    carried); the emulation takes them with 48 units and 16 KB of shared memory per block."""
+    if cuda_kernels == "cpu" and hidden == 512:
+        hidden = 48
+        cuda_emulation.configure(4, 16 * 1024)
     torch.manual_seed(24)
     kw = {"proj_size": proj} if proj else {}
     rnn = getattr(torch.nn, mode)(E, hidden, num_layers=layers, **kw)
@@ -664,6 +673,8 @@ def test_cuda_sync_modes_agree_bit_for_bit(mode, layers, proj, hidden, batch):
             assert launch["carry"] <= carry
             if batch <= 3:  # small models: everything fits, carry is taken when allowed
                 assert launch["carry"] == carry
+            if batch == 40:
+                assert launch["batch_chunk"] < batch and not launch["carry"]
             tokens2 = dec.generate(tokens[:, -1:], 5, seed=8, first_step=12)  # tags continue
             logits = dec.step(tokens2[:, -1])
             results.append((tokens, tokens2, logits, *dec.get_state()))
@@ -673,12 +684,16 @@ def test_cuda_sync_modes_agree_bit_for_bit(mode, layers, proj, hidden, batch):
 
 
 @needs_cuda_decode
-def test_cuda_weights_in_l2_generate_the_cpu_decoders_tune():
+def test_cuda_weights_in_l2_generate_the_cpu_decoders_tune(cuda_kernels):
     """A model too large for shared memory reads its weight slices from global memory (L2)
     instead; its tokens equal the CPU decoder's as for small models (fixed seeds, see
-    test_device_backends_generate_the_cpu_decoders_tune)."""
+    test_device_backends_generate_the_cpu_decoders_tune). The emulation takes that path with
+    64 units and 8 KB of shared memory per block."""
     torch.manual_seed(22)
     Hl = 1024
+    if cuda_kernels == "cpu":
+        Hl = 64
+        cuda_emulation.configure(4, 8 * 1024)
     rnn = torch.nn.LSTM(E, Hl, num_layers=2)
     emb, head = torch.nn.Embedding(V, E), torch.nn.Linear(Hl, V)
     prime = torch.randint(0, V, (2, 3), generator=torch.Generator().manual_seed(23))
@@ -691,7 +706,7 @@ def test_cuda_weights_in_l2_generate_the_cpu_decoders_tune():
 
 
 @needs_cuda_decode
-def test_cuda_non_finite_logits_raise():
+def test_cuda_non_finite_logits_raise(cuda_kernels):
     """Non-finite logits are reported after the launch; as in the C++ decoder the streams go on
     with token 0, so the state afterwards is the C++ decoder's."""
     rnn, emb, head = make_model("GRU", 1, seed=17)

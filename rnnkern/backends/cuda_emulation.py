@@ -64,13 +64,20 @@ def _includes() -> list[str]:
     return [f"-I{CUDA_DIR}", f"-I{sysconfig.get_paths()['include']}", f"-I{pybind}"]
 
 
+def unavailable_reason() -> str | None:
+    """Why the emulation cannot be built here (no source tree, no C++ compiler), or None."""
+    if not (CUDA_DIR / "emulation.cpp").is_file():
+        return f"the CUDA emulation builds from the source tree, and {CUDA_DIR} is missing"
+    if not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")):
+        return "the CUDA emulation needs a C++17 compiler: none found (set CXX or install g++)"
+    return None
+
+
 def _compiler() -> str:
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not cxx:
-        raise RuntimeError(
-            "the CUDA emulation needs a C++17 compiler: none found (set CXX or install g++)"
-        )
-    return cxx
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 
 def build_dir() -> Path:
@@ -84,8 +91,6 @@ def build_dir() -> Path:
 
 
 def _build(out: Path) -> None:
-    if not (CUDA_DIR / "emulation.cpp").is_file():
-        raise RuntimeError(f"the CUDA emulation builds from the source tree; {CUDA_DIR} is missing")
     cxx = _compiler()
     flags = [*FLAGS, *_includes()]
     out.parent.mkdir(parents=True, exist_ok=True)
