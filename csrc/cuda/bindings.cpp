@@ -201,6 +201,16 @@ PYBIND11_MODULE(RNNKERN_CUDA_MODULE, m) {
         "Give the emulated device `sms` multiprocessors and `smem_optin` bytes of shared "
         "memory per block (a new device ordinal; default 4 SMs and 232448 bytes; see "
         "csrc/cuda/emulation.h).");
+  m.def(
+      "convert_16bit",
+      [](uintptr_t src, uintptr_t bits, uintptr_t back, int64_t n, int dtype) {
+        rnnkern_emu::convert_16bit(ptr<const float>(src), ptr<uint16_t>(bits), ptr<float>(back),
+                                   n, dtype);
+      },
+      "Round n float32 values to float16 (dtype 1) or bfloat16 (2) and back (a test of the "
+      "emulation's conversions).");
+  m.def("launch_divergent_barrier", &rnnkern_emu::launch_divergent_barrier,
+        "A launch that deadlocks at a barrier (a test of the emulation's detection).");
 #else
   m.attr("EMULATED") = false;
 #endif

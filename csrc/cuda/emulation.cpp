@@ -330,6 +330,27 @@ void configure(int sms, int smem_optin) {
   the_device.smem_optin = smem_optin;
 }
 
+void convert_16bit(const float* src, uint16_t* bits, float* back, int64_t n, int dtype) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (dtype == 1) {
+      const __half h = __float2half_rn(src[i]);
+      bits[i] = h.bits;
+      back[i] = __half2float(h);
+    } else {
+      const __nv_bfloat16 h = __float2bfloat16_rn(src[i]);
+      bits[i] = h.bits;
+      back[i] = __bfloat162float(h);
+    }
+  }
+}
+
+void launch_divergent_barrier() {
+  run_grid(2, 64, 0, [] {
+    if (blockIdx.x == 1 && threadIdx.x == 0) return;  // skips the barrier below
+    __syncthreads();
+  });
+}
+
 }  // namespace rnnkern_emu
 
 // ---- runtime API --------------------------------------------------------------------------

@@ -72,6 +72,13 @@ struct Device {
 Device device();
 void configure(int sms, int smem_optin);
 
+// Checks of the emulation itself (tests/test_cuda_emulation.py): float32 -> 16-bit -> float32
+// through the conversions below, element by element (dtype 1: float16, 2: bfloat16; bits get
+// the 16-bit patterns); and a launch whose thread 0 skips a __syncthreads the other threads
+// of its block wait at (must fail with the deadlock error).
+void convert_16bit(const float* src, uint16_t* bits, float* back, int64_t n, int dtype);
+void launch_divergent_barrier();
+
 }  // namespace rnnkern_emu
 
 // ---- built-in variables -------------------------------------------------------------------
