@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 
-from rnnkern.backends import cuda as cuda_backend  # noqa: E402  (after the env setup)
+from rnnkern import backends  # noqa: E402  (after the env setup)
+from rnnkern.backends import cuda as cuda_backend  # noqa: E402
 from rnnkern.backends import cuda_emulation  # noqa: E402
 from rnnkern.backends.base import poison_allocations  # noqa: E402
 
@@ -47,5 +48,8 @@ def cuda_kernels(monkeypatch) -> str:
         pytest.skip(f"no GPU for the CUDA kernels, and no emulation: {CUDA_KERNELS_REASON}")
     if not CUDA_ON_GPU:
         monkeypatch.setattr(cuda_backend, "_cuda", cuda_emulation.load())
+        # the registry caches each backend's availability (an earlier test may have found
+        # backend "cuda" unavailable): it is available now
+        monkeypatch.setitem(backends._loaded, "cuda", cuda_backend.BACKEND)
         cuda_emulation.configure()
     return CUDA_KERNELS_DEVICE

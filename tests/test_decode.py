@@ -684,6 +684,32 @@ def test_cuda_sync_modes_agree_bit_for_bit(cuda_kernels, mode, layers, proj, hid
 
 
 @needs_cuda_decode
+@pytest.mark.parametrize("sync", ["flags", "barrier"])
+def test_cuda_generate_is_the_same_under_random_schedules(cuda_kernels, sync):
+    """Emulation only: with blocks running ahead of each other at random (emulated schedule
+    seeds, csrc/cuda/emulation.h), tokens, logits and state equal the in-order schedule's. The
+    flags mode has no grid-wide barrier, so this is where a block that reads a ping-pong slot
+    another block has already rewritten would show. 33 units on 32 SMs: 17 blocks of 2 units,
+    13 of them with a head row, 4 without (which still stage the carried top state)."""
+    if cuda_kernels != "cpu":
+        pytest.skip("a GPU schedules its own blocks: this checks the emulation's schedules")
+    rnn, emb, head = make_model("LSTM", 2, proj=7, seed=26)
+    prime = torch.randint(0, V, (2, 3), generator=torch.Generator().manual_seed(27))
+    results = []
+    for schedule in (0, 1, 2, 3):
+        cuda_emulation.configure(32, 232448, schedule)
+        dec = make_decoder("cuda", rnn, emb, head, batch_size=2)
+        dec._cuda.sync = sync
+        tokens = dec.generate(prime, 8, seed=3, top_k=6)
+        logits = dec.step(tokens[:, -1])
+        assert dec._cuda.last_launch["blocks"] == 17
+        results.append((tokens, logits, *dec.get_state()))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+@needs_cuda_decode
 def test_cuda_weights_in_l2_generate_the_cpu_decoders_tune(cuda_kernels):
     """A model too large for shared memory reads its weight slices from global memory (L2)
     instead; its tokens equal the CPU decoder's as for small models (fixed seeds, see

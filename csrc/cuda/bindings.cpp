@@ -198,9 +198,10 @@ PYBIND11_MODULE(RNNKERN_CUDA_MODULE, m) {
 #ifdef RNNKERN_CUDA_EMULATION
   m.attr("EMULATED") = true;
   m.def("configure_emulation", &rnnkern_emu::configure, py::arg("sms"), py::arg("smem_optin"),
-        "Give the emulated device `sms` multiprocessors and `smem_optin` bytes of shared "
-        "memory per block (a new device ordinal; default 4 SMs and 232448 bytes; see "
-        "csrc/cuda/emulation.h).");
+        py::arg("schedule_seed"),
+        "Give the emulated device `sms` multiprocessors, `smem_optin` bytes of shared memory "
+        "per block and a schedule (0: threads in order; else a seed of random rounds); a new "
+        "device ordinal. Defaults 4, 232448, 0 (csrc/cuda/emulation.h).");
   m.def(
       "convert_16bit",
       [](uintptr_t src, uintptr_t bits, uintptr_t back, int64_t n, int dtype) {

@@ -171,7 +171,20 @@ void trampoline() {
 }
 
 std::mutex device_mutex;
-Device the_device{0, 4, 232448, 9, 0};  // 232448 B: an H100's opt-in shared memory per block
+Device the_device{0, 4, 232448, 9, 0, 0};  // 232448 B: an H100's opt-in shared memory per block
+uint64_t launches = 0;  // launches so far (with the seed, the random rounds of each launch)
+
+// xorshift64* (Vigna): enough randomness for shuffling schedules, reproducible from a seed.
+struct Rng {
+  uint64_t s;
+  uint64_t next() {
+    s ^= s >> 12;
+    s ^= s << 25;
+    s ^= s >> 27;
+    return s * 0x2545F4914F6CDD1Dull;
+  }
+  uint64_t below(uint64_t n) { return next() % n; }
+};
 
 cudaError_t last_error = cudaSuccess;
 
@@ -286,18 +299,37 @@ void run_grid(int blocks, int threads, size_t smem, const std::function<void()>&
     grid.push_back(std::move(blk));
   }
   tls_sched = &s;
+  uint64_t seed = 0;
+  {
+    std::lock_guard<std::mutex> lock(device_mutex);
+    seed = the_device.schedule_seed;
+    if (seed != 0) seed = seed * 0x9E3779B97F4A7C15ull + ++launches;
+  }
+  Rng rng{seed | 1};
+  std::vector<size_t> order(s.fibers.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::vector<char> chosen(grid.size(), 1);
   size_t alive = s.fibers.size();
   while (alive > 0) {
-    bool ran = false;
-    for (auto& f : s.fibers) {
+    bool ran = false, any_runnable = false;
+    if (seed != 0) {  // a random half of the blocks (at least one), threads in random order
+      for (auto& c : chosen) c = static_cast<char>(rng.next() & 1);
+      chosen[rng.below(chosen.size())] = 1;
+      for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng.below(i)]);
+    }
+    for (size_t i : order) {
+      Fiber* f = s.fibers[i].get();
       if (f->state != State::kRunnable) continue;
-      s.cur = f.get();
-      switch_in(s, f.get());
+      any_runnable = true;
+      if (!chosen[f->ts.block_idx.x]) continue;
+      s.cur = f;
+      switch_in(s, f);
       s.cur = nullptr;
       ran = true;
       if (f->state == State::kDone) --alive;
       if (s.error) std::rethrow_exception(s.error);
     }
+    if (!ran && any_runnable) continue;  // this round's blocks all wait: draw others
     if (!ran) {
       for (size_t b = 0; b < grid.size(); ++b) {
         const Block& blk = *grid[b];
@@ -319,7 +351,7 @@ Device device() {
   return the_device;
 }
 
-void configure(int sms, int smem_optin) {
+void configure(int sms, int smem_optin, uint64_t schedule_seed) {
   if (sms < 1 || smem_optin < 1024)
     throw std::invalid_argument("rnnkern CUDA emulation: sms must be >= 1 and smem_optin >= "
                                 "1024 bytes, got " + std::to_string(sms) + " and " +
@@ -328,6 +360,7 @@ void configure(int sms, int smem_optin) {
   the_device.ordinal += 1;
   the_device.sms = sms;
   the_device.smem_optin = smem_optin;
+  the_device.schedule_seed = schedule_seed;
 }
 
 void convert_16bit(const float* src, uint16_t* bits, float* back, int64_t n, int dtype) {

@@ -24,6 +24,13 @@
 // test can lay a small layer over several blocks or make its weights too large for shared
 // memory. Each configure() is a new device ordinal: per-device caches of the launchers see a
 // new device instead of stale attributes.
+//
+// Schedules. By default the scheduler visits the threads in order, each running until it
+// waits. With a schedule seed it instead visits, in every round, the threads of a random half
+// of the blocks in a random order (xorshift64*, seeded by the seed and the launch count), so
+// some blocks run ahead of others for a while: protocols that let blocks proceed without a
+// grid-wide barrier (generate.cu's flag-carrying words) meet other interleavings, and their
+// results must not change.
 #pragma once
 
 #include <algorithm>
@@ -68,9 +75,10 @@ void run_grid(int blocks, int threads, size_t smem, const std::function<void()>&
 // The emulated device (configure() starts a new one). Defaults: 4 SMs, 227 KB (an H100).
 struct Device {
   int ordinal, sms, smem_optin, major, minor;
+  uint64_t schedule_seed;  // 0: threads in order; else random rounds (see Schedules above)
 };
 Device device();
-void configure(int sms, int smem_optin);
+void configure(int sms, int smem_optin, uint64_t schedule_seed);
 
 // Checks of the emulation itself (tests/test_cuda_emulation.py): float32 -> 16-bit -> float32
 // through the conversions below, element by element (dtype 1: float16, 2: bfloat16; bits get

@@ -138,7 +138,10 @@ def load() -> ModuleType:
     return _module
 
 
-def configure(sms: int = 4, smem_optin: int = 232448) -> None:
+def configure(sms: int = 4, smem_optin: int = 232448, schedule_seed: int = 0) -> None:
     """Give the emulated device ``sms`` multiprocessors and ``smem_optin`` bytes of shared
-    memory per block (what the launchers plan the grid and shared memory against)."""
-    load().configure_emulation(sms, smem_optin)
+    memory per block (what the launchers plan the grid and shared memory against), and a
+    schedule: 0 runs the threads in order, each until it waits; another value seeds random
+    rounds in which a random half of the blocks runs, so blocks run ahead of each other
+    (csrc/cuda/emulation.h, "Schedules")."""
+    load().configure_emulation(sms, smem_optin, schedule_seed)
