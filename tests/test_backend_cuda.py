@@ -255,27 +255,52 @@ def test_float32_matches_reference(device, name, case):
 
 # Emulated device and layer for each plan branch the GPU-sized cases take, at emulation size:
 # name -> (sms, shared memory per block, (T, B, H, lengths, reverse, bias), what must hold of
-# the forward and backward launches' layouts).
+# the backward launch's layout, environment).
 EMULATED_PLANS = {
     # 32 blocks of 4 units: fewer register tiles than warps, so the matvecs split K over
     # warps and add the partial sums (forward K = 128: 2-way; backward K = G*H: up to 8-way)
-    "split_k": (32, 232448, (3, 3, 128, [3, 1, 2], True, True), dict(units_per_block=4)),
+    "split_k": (32, 232448, (3, 3, 128, [3, 1, 2], True, True), dict(units_per_block=4), {}),
     # 3 KB of shared memory: weights read from global memory (even the RNN's 1.2 KB slice, as
     # the split-K buffer takes 2 KB) and batch chunks of 1-6 rows
-    "streamed": (4, 3072, (4, 12, 33, "random", True, True), dict(weights_in_smem=False)),
-    # more rows than the largest batch chunk (64)
-    "B70": (4, 232448, (3, 70, 8, "random", False, True), dict(batch_chunk=64)),
+    "streamed": (4, 3072, (4, 12, 33, "random", True, True), dict(weights_in_smem=False), {}),
+    # more rows than the largest batch chunk (64), the batch not split
+    "B70": (
+        4,
+        232448,
+        (3, 70, 8, "random", False, True),
+        dict(batch_chunk=64),
+        {"RNNKERN_CUDA_BATCH_SPLIT": "off"},
+    ),
     # 10 units over 4 blocks: 3, 3, 3, 1
-    "uneven_split": (4, 232448, (4, 3, 10, [4, 2, 3], False, True), dict(blocks=4)),
+    "uneven_split": (4, 232448, (4, 3, 10, [4, 2, 3], False, True), dict(blocks=4), {}),
     # one block owns every unit
-    "one_block": (1, 232448, (3, 2, 20, None, True, False), dict(blocks=1)),
+    "one_block": (1, 232448, (3, 2, 20, None, True, False), dict(blocks=1), {}),
+    # 40 rows on 8 SMs: the plan splits the batch in 2 groups of 20 (4 unit groups x 2)
+    "batch_split": (
+        8,
+        232448,
+        (4, 40, 33, "random", True, True),
+        dict(batch_groups=2, batch_per_group=20),
+        {},
+    ),
+    # 70 rows in 3 groups (24, 24, 22), each staged in chunks of a few rows (3 KB of shared
+    # memory)
+    "batch_split_3": (
+        8,
+        3072,
+        (3, 70, 12, "random", True, True),
+        dict(batch_groups=3, batch_per_group=24),
+        {"RNNKERN_CUDA_BATCH_SPLIT": "3"},
+    ),
 }
 
 
-# every plan with the default (tiled) matvec; the simple one on the split-K and streamed plans
+# every plan with the default (tiled) matvec; the simple one on the split-K, streamed and
+# batch-split plans
 PLAN_RUNS = [(plan, "tiled") for plan in EMULATED_PLANS] + [
     ("split_k", "simple"),
     ("streamed", "simple"),
+    ("batch_split_3", "simple"),
 ]
 
 
@@ -285,8 +310,10 @@ def test_emulated_plans_match_reference(cuda_kernels, monkeypatch, name, plan, m
     if cuda_kernels != "cpu":
         pytest.skip("a GPU is here: the GPU-sized cases of test_float32_matches_reference "
                     "take these plans on the real device")  # fmt: skip
-    sms, smem, (T, B, H, spec, reverse, bias), layout = EMULATED_PLANS[plan]
+    sms, smem, (T, B, H, spec, reverse, bias), layout, env = EMULATED_PLANS[plan]
     monkeypatch.setenv("RNNKERN_CUDA_MATVEC", matvec)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     cuda_emulation.configure(sms, smem)
     inp = make_inputs(name, T, B, H, bias=bias, device="cpu")
     lengths = _lengths(spec, T, B, "cpu")
@@ -295,6 +322,8 @@ def test_emulated_plans_match_reference(cuda_kernels, monkeypatch, name, plan, m
     info = BACKEND.last_launch  # the backward launch
     for key, want in layout.items():
         assert info[key] == want, (key, info)
+    if plan == "batch_split_3":
+        assert info["batch_chunk"] < 22, info  # several chunks in every group
 
 
 @pytest.mark.parametrize("case", ["lengths_reverse", "H256_B64", "H2048_weights_in_L2"])
@@ -311,6 +340,53 @@ def test_simple_matvec_matches_reference(device, monkeypatch, name, case):
     lengths = _lengths(spec, T, B, device)
     assert_float32_close(run(name, inp, "cuda", lengths, reverse),
                          run(name, inp, "reference", lengths, reverse))  # fmt: skip
+
+
+def test_batch_split_choice(device, monkeypatch):
+    # On a device of the issue's size (132 SMs) the plan splits a batch of 64 where that cuts
+    # the bytes each block reads per step, never a batch of 16 or less, and the knob overrides.
+    if device == "cpu":
+        cuda_emulation.configure(132, 232448)
+    elif cuda_backend._cuda.device_info()["sms"] < 128:
+        pytest.skip("the expectations below are for an H100-sized GPU (>= 128 SMs)")
+    plan = cuda_backend._cuda.plan
+    lstm, fp32 = 0, 0
+    for backward in (False, True):
+        assert plan(backward, lstm, fp32, 16, 512, 512, False)["batch_groups"] == 1
+        # H = 512: 4 groups of 16 rows; every block stages 16 rows instead of 64
+        info = plan(backward, lstm, fp32, 64, 512, 512, False)
+        assert (info["batch_groups"], info["batch_per_group"]) == (4, 16), info
+        assert info["blocks"] <= cuda_backend._cuda.device_info()["sms"]
+    monkeypatch.setenv("RNNKERN_CUDA_BATCH_SPLIT", "off")
+    assert plan(True, lstm, fp32, 64, 512, 512, False)["batch_groups"] == 1
+    monkeypatch.setenv("RNNKERN_CUDA_BATCH_SPLIT", "2")
+    assert plan(True, lstm, fp32, 64, 512, 512, False)["batch_groups"] == 2
+    monkeypatch.setenv("RNNKERN_CUDA_BATCH_SPLIT", "many")
+    with pytest.raises(ValueError, match="RNNKERN_CUDA_BATCH_SPLIT must be 'auto', 'off' or"):
+        plan(True, lstm, fp32, 64, 512, 512, False)
+
+
+def test_cuda_train_row_without_the_batch_split(device, monkeypatch):
+    # The benchmark's "batch not split" row (rnnkern.bench.cuda_train) runs the plan without a
+    # split, next to the default one that splits; cases whose plan does not split have no such
+    # row. Emulated: 40 rows on 8 SMs; on a GPU: B = 64, H = 512.
+    from rnnkern.bench import cuda_train
+
+    monkeypatch.delenv("RNNKERN_CUDA_BATCH_SPLIT", raising=False)
+    if device == "cpu":
+        cuda_emulation.configure(8, 232448)
+        B, H, T = 40, 8, 3
+    else:
+        B, H, T = 64, 512, 4
+    case = cuda_train.make_case("LSTM", torch.float32, B, H, True, device, T=T)
+    assert set(case.fns) == {"torch.nn", "rnnkern[cuda]", "rnnkern[cuda], batch not split"}
+    case.fns["rnnkern[cuda]"]()
+    assert BACKEND.last_launch["batch_groups"] > 1
+    case.fns["rnnkern[cuda], batch not split"]()
+    assert BACKEND.last_launch["batch_groups"] == 1
+    assert "RNNKERN_CUDA_BATCH_SPLIT" not in os.environ  # restored after the call
+    small = cuda_train.make_case("LSTM", torch.float32, 16, H, True, device, T=T)
+    assert "rnnkern[cuda], batch not split" not in small.fns
 
 
 def test_small_layers_keep_weights_resident(device):

@@ -145,6 +145,8 @@ struct LaunchInfo {
   int batch_chunk;      // batch rows staged in shared memory at a time
   int weights_in_smem;  // 1: recurrent weights resident in shared memory; 0: read from L2
   int64_t smem_bytes;   // dynamic shared memory per block
+  int batch_groups;     // the batch is split into this many groups of rows (1: not split)
+  int batch_per_group;  // rows per group (the last may have fewer)
 };
 
 struct DeviceInfo {

@@ -30,6 +30,8 @@ py::dict info_dict(const LaunchInfo& i) {
   d["batch_chunk"] = i.batch_chunk;
   d["weights_in_smem"] = static_cast<bool>(i.weights_in_smem);
   d["smem_bytes"] = i.smem_bytes;
+  d["batch_groups"] = i.batch_groups;
+  d["batch_per_group"] = i.batch_per_group;
   return d;
 }
 

@@ -4,11 +4,22 @@
 // Legend for shapes: T time, B batch, H hidden, P state size (proj_size or H), G gates.
 //
 // Work split. One launch runs all T steps. The grid has at most one block per SM (cooperative
-// launch, so every block is resident and a grid-wide barrier cannot deadlock). Block k owns
-// hidden units [k*Hb, (k+1)*Hb) with all G of their gates, and state units [k*Pb, (k+1)*Pb)
-// (the same range when there is no projection). Its slice of the recurrent weights is copied
-// to shared memory once and stays there for all steps when it fits ("resident"); otherwise it
-// is read from global memory every step, where it lives in L2 after the first step.
+// launch, so every block is resident and a grid-wide barrier cannot deadlock). The blocks form
+// U unit groups x S batch groups (block k: unit group k / S, batch group k % S). Unit group u
+// owns hidden units [u*Hb, (u+1)*Hb) with all G of their gates, and state units
+// [u*Pb, (u+1)*Pb) (the same range when there is no projection); batch group g owns batch
+// rows [g*Bg, (g+1)*Bg). Its slice of the recurrent weights is copied to shared memory once and
+// stays there for all steps when it fits ("resident"); otherwise it is read from global memory
+// every step, where it lives in L2 after the first step.
+//
+// Why split the batch: every block stages, each step, the rows it multiplies by its weight
+// slice, i.e. all of h_{s-1} for its batch rows (forward) or all of dpre (backward, G*H
+// values per row). Without a batch split that is the whole batch for every block: at B = 64,
+// H = 1024 the backward staged 1 MB per block per step, 128 MB of L2 reads per step over 128
+// blocks (0.24x cuDNN measured, H100). S batch groups divide those reads by S and multiply the
+// weight slice by S; make_plan picks the split with the fewest bytes read per block and step
+// (B <= 16, the measured winning regime, is never split; RNNKERN_CUDA_BATCH_SPLIT=off or a
+// number overrides it).
 //
 // Per step (forward, no projection): stage h_{s-1} in shared memory a batch chunk at a time,
 // compute the block's G*Hb pre-activations for the chunk, apply the cell, write h_s for the
@@ -20,6 +31,9 @@
 //
 // States and accumulation are float32 for every input dtype; weights stay in the input dtype
 // (half the shared memory for 16-bit inputs) and are converted on load.
+
+#include <string>
+#include <vector>
 
 #include "device_common.cuh"
 
@@ -56,7 +70,9 @@ __host__ __device__ inline SmemLayout smem_layout(int K, int Bc, int C, size_t w
 
 // Everything a kernel needs besides the arguments: the work split and shared-memory plan.
 struct Plan {
-  int blocks;
+  int blocks;    // unit groups x bsplit
+  int bsplit;    // batch groups
+  int Bg;        // batch rows per group (the last group may have fewer)
   int Hb;        // hidden units per block
   int Pb;        // state units per block
   int Bc;        // batch chunk
@@ -99,8 +115,12 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
   const int T_ = a.T, B = a.B, H = a.H, P = a.P, GH = G * H;
   const bool proj = CELL == kLSTM && a.w_hr != nullptr;
   const int Hb = plan.Hb, Pb = plan.Pb, Bc = plan.Bc;
-  const int j0 = blockIdx.x * Hb, nj = max(0, min(H, j0 + Hb) - j0);
-  const int p0 = blockIdx.x * Pb, np = max(0, min(P, p0 + Pb) - p0);
+  const int unit_group = blockIdx.x / plan.bsplit;
+  const int j0 = unit_group * Hb, nj = max(0, min(H, j0 + Hb) - j0);
+  const int p0 = unit_group * Pb, np = max(0, min(P, p0 + Pb) - p0);
+  // The block's batch rows [r0, r1) (nr of them).
+  const int r0 = (blockIdx.x % plan.bsplit) * plan.Bg, r1 = min(B, r0 + plan.Bg);
+  const int nr = max(0, r1 - r0);
   const SmemLayout L = smem_layout(plan.K, Bc, plan.C, plan.w_elems, plan.wr_elems,
                                    sizeof(T), plan.resident);
   float* x_s = reinterpret_cast<float*>(smem + L.x);    // [Bc][K]
@@ -130,12 +150,12 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
   // State slots: with save, hs / aux are the saved sequences; without, 2-slot rings.
   auto h_slot = [&](int s) { return a.hs + static_cast<size_t>(a.save ? s : (s & 1)) * B * P; };
   auto c_slot = [&](int s) { return a.aux + static_cast<size_t>(a.save ? s : (s & 1)) * B * H; };
-  if (a.save) {  // slot 0 of the saved sequences is the initial state (own units only)
-    for (int i = threadIdx.x; i < B * np; i += kThreads)
-      a.hs[(i / np) * P + p0 + i % np] = a.h0[(i / np) * P + p0 + i % np];
+  if (a.save) {  // slot 0 of the saved sequences is the initial state (own units and rows)
+    for (int i = threadIdx.x; i < nr * np; i += kThreads)
+      a.hs[(r0 + i / np) * P + p0 + i % np] = a.h0[(r0 + i / np) * P + p0 + i % np];
     if (CELL == kLSTM)
-      for (int i = threadIdx.x; i < B * nj; i += kThreads)
-        a.aux[(i / nj) * H + j0 + i % nj] = a.c0[(i / nj) * H + j0 + i % nj];
+      for (int i = threadIdx.x; i < nr * nj; i += kThreads)
+        a.aux[(r0 + i / nj) * H + j0 + i % nj] = a.c0[(r0 + i / nj) * H + j0 + i % nj];
   }
   __syncthreads();
 
@@ -147,8 +167,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
 
     // Phase A: gates of the block's hidden units.
     if (nj > 0) {
-      for (int b0 = 0; b0 < B; b0 += Bc) {
-        const int nb = min(Bc, B - b0);
+      for (int b0 = r0; b0 < r1; b0 += Bc) {
+        const int nb = min(Bc, r1 - b0);
         // Prefetch the inputs of this thread's first cell update that do not depend on the
         // matvec (its gx row and, for the LSTM, c_{s-1}, which this block wrote), so their
         // global-memory latency overlaps the staging and the matvec.
@@ -218,8 +238,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
     if (proj) {
       if (!bar.wait()) return;
       if (np > 0) {
-        for (int b0 = 0; b0 < B; b0 += Bc) {
-          const int nb = min(Bc, B - b0);
+        for (int b0 = r0; b0 < r1; b0 += Bc) {
+          const int nb = min(Bc, r1 - b0);
           stage_rows(x_s, a.m, b0, nb, H);
           __syncthreads();
           matvec<T>(plan.tiled, x_s, H, nb, H, np, wr, part_s, [&](int bb, int pp, float v) {
@@ -238,14 +258,14 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
     if (!bar.wait()) return;  // h_s complete before anyone reads it in step s+1
   }
 
-  // Final state: the block's own units of the last slot (written by this block).
+  // Final state: the block's own units and rows of the last slot (written by this block).
   const float* hT = h_slot(T_);
-  for (int i = threadIdx.x; i < B * np; i += kThreads)
-    a.h_n[(i / np) * P + p0 + i % np] = __ldcg(hT + (i / np) * P + p0 + i % np);
+  for (int i = threadIdx.x; i < nr * np; i += kThreads)
+    a.h_n[(r0 + i / np) * P + p0 + i % np] = __ldcg(hT + (r0 + i / np) * P + p0 + i % np);
   if (CELL == kLSTM) {
     const float* cT = c_slot(T_);
-    for (int i = threadIdx.x; i < B * nj; i += kThreads)
-      a.c_n[(i / nj) * H + j0 + i % nj] = __ldcg(cT + (i / nj) * H + j0 + i % nj);
+    for (int i = threadIdx.x; i < nr * nj; i += kThreads)
+      a.c_n[(r0 + i / nj) * H + j0 + i % nj] = __ldcg(cT + (r0 + i / nj) * H + j0 + i % nj);
   }
 }
 
@@ -260,8 +280,12 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
   const int T_ = a.T, B = a.B, H = a.H, P = a.P, GH = G * H;
   const bool proj = CELL == kLSTM && a.wr_t != nullptr;
   const int Hb = plan.Hb, Pb = plan.Pb, Bc = plan.Bc;
-  const int j0 = blockIdx.x * Hb, nj = max(0, min(H, j0 + Hb) - j0);
-  const int p0 = blockIdx.x * Pb, np = max(0, min(P, p0 + Pb) - p0);
+  const int unit_group = blockIdx.x / plan.bsplit;
+  const int j0 = unit_group * Hb, nj = max(0, min(H, j0 + Hb) - j0);
+  const int p0 = unit_group * Pb, np = max(0, min(P, p0 + Pb) - p0);
+  // The block's batch rows [r0, r1) (nr of them).
+  const int r0 = (blockIdx.x % plan.bsplit) * plan.Bg, r1 = min(B, r0 + plan.Bg);
+  const int nr = max(0, r1 - r0);
   const SmemLayout L = smem_layout(plan.K, Bc, plan.C, plan.w_elems, plan.wr_elems,
                                    sizeof(T), plan.resident);
   float* x_s = reinterpret_cast<float*>(smem + L.x);      // [Bc][K]
@@ -284,12 +308,13 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
     }
   }
 
-  // The running gradients live in the outputs: dh0 [B, P] (own state units), dc0 [B, H].
-  for (int i = threadIdx.x; i < B * np; i += kThreads)
-    a.dh0[(i / np) * P + p0 + i % np] = a.dh_n[(i / np) * P + p0 + i % np];
+  // The running gradients live in the outputs: dh0 [B, P] (own state units and rows), dc0
+  // [B, H] (own units and rows).
+  for (int i = threadIdx.x; i < nr * np; i += kThreads)
+    a.dh0[(r0 + i / np) * P + p0 + i % np] = a.dh_n[(r0 + i / np) * P + p0 + i % np];
   if (CELL == kLSTM)
-    for (int i = threadIdx.x; i < B * nj; i += kThreads)
-      a.dc0[(i / nj) * H + j0 + i % nj] = a.dc_n[(i / nj) * H + j0 + i % nj];
+    for (int i = threadIdx.x; i < nr * nj; i += kThreads)
+      a.dc0[(r0 + i / nj) * H + j0 + i % nj] = a.dc_n[(r0 + i / nj) * H + j0 + i % nj];
   __syncthreads();
 
   for (int s = T_ - 1; s >= 0; --s) {
@@ -297,8 +322,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
 
     // Phase 0 (projection): dh_total = dh + dy_t for the block's state units, shared with all.
     if (proj) {
-      for (int i = threadIdx.x; i < B * np; i += kThreads) {
-        const int b = i / np, p = p0 + i % np;
+      for (int i = threadIdx.x; i < nr * np; i += kThreads) {
+        const int b = r0 + i / np, p = p0 + i % np;
         const int len = length_of(a.lengths, b, T_, bar.error);
         const int t = time_of(s, len, a.reverse);
         const float v = a.dh0[static_cast<size_t>(b) * P + p] +
@@ -311,8 +336,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
 
     // Phase A: pointwise gradients of the block's hidden units -> dgx, dpre (and dgh, dloc).
     if (nj > 0) {
-      for (int b0 = 0; b0 < B; b0 += Bc) {
-        const int nb = min(Bc, B - b0);
+      for (int b0 = r0; b0 < r1; b0 += Bc) {
+        const int nb = min(Bc, r1 - b0);
         if (proj) {  // dm = dh_total W_hr for the block's units: needs all of dht
           stage_rows(x_s, a.dht, b0, nb, P);
           __syncthreads();
@@ -391,8 +416,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
 
     // Phase B: dh_{s-1} = dpre W_hh (+ dh_total * z for the GRU) for the block's state units.
     if (np > 0) {
-      for (int b0 = 0; b0 < B; b0 += Bc) {
-        const int nb = min(Bc, B - b0);
+      for (int b0 = r0; b0 < r1; b0 += Bc) {
+        const int nb = min(Bc, r1 - b0);
         stage_rows(x_s, dpre, b0, nb, GH);
         __syncthreads();
         matvec<T>(plan.tiled, x_s, GH, nb, GH, np, wt, part_s, [&](int bb, int pp, float v) {
@@ -416,20 +441,28 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
 // host side: plans and launches
 // ---------------------------------------------------------------------------------------------
 
-// The work split and shared-memory plan for `sms` blocks at most and a shared-memory budget.
+// Rows per batch group at least: the tiled matvec's warp tiles are 8 batch rows, and groups of
+// 16 keep every tile full at the split sizes (B = 32, 64, ...) where a split pays.
+constexpr int kMinGroupRows = 16;
+
+// The work split and shared-memory plan with `bsplit` batch groups, for `sms` blocks at most
+// and a shared-memory budget; false when it does not fit even with the weights in L2.
 // Forward: K = staged row length (P, or max(P, H) with projection), C = G*Hb,
 //          w = G*Hb*P (W_hh rows), wr = Pb*H (W_hr rows).
 // Backward: K = max(G*H, P), C = Hb, w = Pb*G*H (W_hhᵀ rows), wr = Hb*P (W_hrᵀ rows).
-Plan make_plan(bool backward, int cell, int dtype, int B, int H, int P, bool proj, int sms,
-               size_t budget) {
+bool plan_with_split(bool backward, int cell, int dtype, int B, int H, int P, bool proj, int sms,
+                     size_t budget, int bsplit, Plan* out) {
   const int G = gate_count(cell);
   Plan p{};
-  const int max_blocks = std::max(1, std::min(sms, std::max(H, P)));
-  p.Hb = (H + max_blocks - 1) / max_blocks;
-  p.blocks = (H + p.Hb - 1) / p.Hb;
+  p.Bg = (B + bsplit - 1) / bsplit;
+  p.bsplit = (B + p.Bg - 1) / p.Bg;  // every group has rows
+  const int max_groups = std::max(1, std::min(sms / p.bsplit, std::max(H, P)));
+  p.Hb = (H + max_groups - 1) / max_groups;
+  const int unit_groups = (H + p.Hb - 1) / p.Hb;
+  p.blocks = unit_groups * p.bsplit;
   // Without a projection the state units are the hidden units, and the backward relies on a
   // block owning the same range of both (dh, dloc of its units are block-local).
-  p.Pb = proj ? (P + p.blocks - 1) / p.blocks : p.Hb;
+  p.Pb = proj ? (P + unit_groups - 1) / unit_groups : p.Hb;
   if (backward) {
     p.K = std::max(G * H, proj ? P : 0);
     p.C = p.Hb;
@@ -447,20 +480,77 @@ Plan make_plan(bool backward, int cell, int dtype, int B, int H, int P, bool pro
   p.tiled = (mv != nullptr && std::string(mv) == "simple") ? 0 : 1;
   const int es = elem_size(dtype);
   for (int resident = 1; resident >= 0; --resident) {
-    for (int bc = std::min(B, kMaxBatchChunk); bc >= 1; --bc) {
+    for (int bc = std::min(p.Bg, kMaxBatchChunk); bc >= 1; --bc) {
       const SmemLayout l = smem_layout(p.K, bc, p.C, p.w_elems, p.wr_elems, es, resident);
       if (l.total <= budget) {
         p.Bc = bc;
         p.resident = resident;
         p.smem = l.total;
-        return p;
+        *out = p;
+        return true;
       }
     }
   }
+  return false;
+}
+
+// Bytes one block reads from global memory (L2) per step under plan p: the staged rows
+// (forward: h, and m with a projection; backward: dpre, and dh with a projection), float32,
+// plus the weight slices when they are not resident.
+size_t step_bytes(const Plan& p, bool backward, int G, int H, int P, bool proj, int es) {
+  const size_t row = backward ? static_cast<size_t>(G) * H + (proj ? P : 0)
+                              : static_cast<size_t>(P) + (proj ? H : 0);
+  return 4 * static_cast<size_t>(p.Bg) * row +
+         (p.resident ? 0 : static_cast<size_t>(es) * (p.w_elems + p.wr_elems));
+}
+
+// Batch-group counts to consider: RNNKERN_CUDA_BATCH_SPLIT=off (1) or a number forces one;
+// unset or "auto": 1 and every power of two up to sms that leaves kMinGroupRows rows a group.
+std::vector<int> split_candidates(int B, int sms) {
+  const char* env = std::getenv("RNNKERN_CUDA_BATCH_SPLIT");
+  const std::string v = env ? env : "auto";
+  if (v == "off") return {1};
+  if (v != "auto") {
+    char* end = nullptr;
+    const long n = std::strtol(v.c_str(), &end, 10);
+    if (v.empty() || *end != '\0' || n < 1)
+      throw std::invalid_argument("rnnkern._cuda: RNNKERN_CUDA_BATCH_SPLIT must be 'auto', "
+                                  "'off' or a number of batch groups >= 1, got '" + v + "'");
+    return {static_cast<int>(std::min<long>(n, std::min(B, sms)))};
+  }
+  std::vector<int> out{1};
+  for (int s = 2; s <= sms && (B + s - 1) / s >= kMinGroupRows; s *= 2) out.push_back(s);
+  return out;
+}
+
+// The plan of a launch: of the candidate batch splits that fit, the one whose blocks read the
+// fewest bytes per step (the lower batch split on a tie; see the top comment).
+Plan make_plan(bool backward, int cell, int dtype, int B, int H, int P, bool proj, int sms,
+               size_t budget) {
+  const int G = gate_count(cell), es = elem_size(dtype);
+  Plan best{};
+  bool found = false;
+  size_t best_bytes = 0;
+  for (int bsplit : split_candidates(B, sms)) {
+    Plan p{};
+    if (!plan_with_split(backward, cell, dtype, B, H, P, proj, sms, budget, bsplit, &p))
+      continue;
+    const size_t bytes = step_bytes(p, backward, G, H, P, proj, es);
+    if (!found || bytes < best_bytes) {
+      best = p;
+      best_bytes = bytes;
+      found = true;
+    }
+  }
+  if (found) return best;
+  const int K = backward ? std::max(G * H, proj ? P : 0) : (proj ? std::max(P, H) : P);
+  const int max_groups = std::max(1, std::min(sms, std::max(H, P)));
+  const int Hb = (H + max_groups - 1) / max_groups;
+  const int C = backward ? Hb : G * Hb;
   throw std::invalid_argument(
       "rnnkern._cuda: this layer does not fit in shared memory even with the weights in L2 "
-      "(one batch row of " + std::to_string(p.K) + " float32 values and " +
-      std::to_string(p.C) + " results need more than " + std::to_string(budget) + " bytes)");
+      "(one batch row of " + std::to_string(K) + " float32 values and " +
+      std::to_string(C) + " results need more than " + std::to_string(budget) + " bytes)");
 }
 
 using KernelFn = void (*)(void);
@@ -526,7 +616,7 @@ Plan plan_for(bool backward, int cell, int dtype, int B, int H, int P, bool proj
 
 LaunchInfo info_of(const Plan& p) {
   return LaunchInfo{p.blocks, kThreads, p.Hb, p.Pb, p.Bc, p.resident,
-                    static_cast<int64_t>(p.smem)};
+                    static_cast<int64_t>(p.smem), p.bsplit, p.Bg};
 }
 
 template <typename Args>

@@ -171,8 +171,10 @@ class CUDABackend:
         - B = 16: faster for H in {256, 512}: 1.27-1.95x; at H = 1024 it is a wash
           (0.86-1.14x), so torch.nn keeps it.
         - B = 64: 1.13-1.34x at H = 256 except LSTM bfloat16 (0.94-0.99x); 0.24-0.91x at
-          H >= 512, where one block per SM does too much matvec work per step for its
-          shared-memory bandwidth. torch.nn keeps B > 16.
+          H >= 512, where every block staged the whole batch's rows each step (the backward:
+          all of dpre, 1 MB per block at H = 1024). torch.nn keeps B > 16. Those runs predate
+          the batch split (the plan now splits B = 64 over blocks where that reads fewer bytes
+          per step; unmeasured: the cuda_train row "batch not split" will show it).
         - Forward alone measured at two shapes: LSTM B=16 H=256 1.70x; GRU B=64 H=512 1.16x.
 
         So: LSTM or GRU without projection, float32 or bfloat16, T >= 256, and either

@@ -5,12 +5,17 @@ B in {1, 16, 64} x H in {256, 512, 1024}, T = 256, float32 (TF32 off on both sid
 bfloat16. The quick grid is training only (forward + backward with a fixed random upstream
 gradient); the full grid adds forward-only. Both implementations hold the same weights and run
 interleaved in one process (:func:`rnnkern.bench.runner.measure`); the ratio is cuDNN median /
-cuda median (above 1: the CUDA backend is faster).
+cuda median (above 1: the CUDA backend is faster). Where the kernels' plan splits the batch over
+blocks (csrc/cuda/recurrence.cu, top comment; B = 64 here), the row ``rnnkern[cuda], batch not
+split`` runs the same module with ``RNNKERN_CUDA_BATCH_SPLIT=off``, so the run shows what the
+split changes.
 
     rnnkern bench --suite cuda_train --device cuda [--quick]
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -25,7 +30,40 @@ HIDDEN = (256, 512, 1024)
 T = 256
 
 
-def make_case(cell: str, dtype: torch.dtype, B: int, H: int, train: bool, device: str) -> Case:
+def batch_split(cell: str, dtype: torch.dtype, B: int, H: int) -> bool:
+    """Whether backend ``cuda``'s forward or backward plan splits this batch over blocks (on
+    the current device)."""
+    from ..backends import cuda as cuda_backend
+    from ..backends.base import CELL_CODES
+
+    code, dt = CELL_CODES[cell.lower()], cuda_backend._DTYPE_CODE[dtype]
+    return any(
+        cuda_backend._cuda.plan(backward, code, dt, B, H, H, False)["batch_groups"] > 1
+        for backward in (False, True)
+    )
+
+
+def batch_not_split(fn):
+    """``fn`` run with ``RNNKERN_CUDA_BATCH_SPLIT=off`` (read by the launchers when they plan,
+    i.e. during the call)."""
+
+    def run():
+        before = os.environ.get("RNNKERN_CUDA_BATCH_SPLIT")
+        os.environ["RNNKERN_CUDA_BATCH_SPLIT"] = "off"
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ["RNNKERN_CUDA_BATCH_SPLIT"]
+            else:
+                os.environ["RNNKERN_CUDA_BATCH_SPLIT"] = before
+
+    return run
+
+
+def make_case(
+    cell: str, dtype: torch.dtype, B: int, H: int, train: bool, device: str, T: int = T
+) -> Case:
     """torch.nn (baseline) and rnnkern with backend ``cuda`` sharing weights and data:
     x, dy ``[T, B, H]``."""
     gen = torch.Generator().manual_seed(B * 7919 + H * 31 + T)
@@ -37,17 +75,20 @@ def make_case(cell: str, dtype: torch.dtype, B: int, H: int, train: bool, device
     x.requires_grad_(train)
     dy = torch.randn(T, B, H, generator=gen).to(device=device, dtype=dtype)
     mode = "fwd+bwd" if train else "fwd"
+    fns = {
+        "torch.nn": module_step(base, x, train, dy),
+        "rnnkern[cuda]": module_step(ours, x, train, dy),
+    }
+    if batch_split(cell, dtype, B, H):
+        fns["rnnkern[cuda], batch not split"] = batch_not_split(fns["rnnkern[cuda]"])
     return Case(
         suite="cuda_train",
         name=f"{cell} {mode} B={B} H={H} T={T} {str(dtype).removeprefix('torch.')}",
         params=dict(cell=cell, batch=B, hidden=H, time=T, train=train, dtype=str(dtype)),
-        fns={
-            "torch.nn": module_step(base, x, train, dy),
-            "rnnkern[cuda]": module_step(ours, x, train, dy),
-        },
+        fns=fns,
         baseline="torch.nn",
         device=device,
-        work={"torch.nn": float(T * B), "rnnkern[cuda]": float(T * B)},
+        work={label: float(T * B) for label in fns},
         work_unit="tokens",
     )
 
