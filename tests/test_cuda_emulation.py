@@ -4,7 +4,8 @@ what the kernel tests run on must be right before they can mean anything.
 - Its float16 / bfloat16 conversions are bit-exact against torch's round-to-nearest-even
   (every float16 and bfloat16 value, the midpoints between neighbours, overflow, subnormals,
   NaN), since the kernels read 16-bit inputs and write 16-bit outputs through them.
-- A barrier that not every thread of a block reaches is an error naming the block, not a hang.
+- A barrier that not every thread of a block reaches is an error naming the block, not a hang;
+  a write past a block's shared memory is an error too.
 - Emulated device properties reach the launchers' plans, and an emulated launch checks the
   grid against them as a cooperative launch does.
 """
@@ -60,6 +61,13 @@ def test_a_barrier_not_every_thread_reaches_is_an_error():
     for _ in range(2):  # the failed launch cleaned up: the next one runs (and fails) alike
         with pytest.raises(RuntimeError, match=r"deadlock: block 1 waits at __syncthreads with 63"):
             module.launch_divergent_barrier()
+
+
+def test_a_write_past_shared_memory_is_an_error():
+    module = cuda_emulation.load()
+    with pytest.raises(RuntimeError, match=r"block 0 wrote outside its 256 bytes of dynamic "
+                       r"shared memory \(past the end\)"):  # fmt: skip
+        module.launch_smem_overrun()
 
 
 def test_emulated_device_properties_reach_the_plans():

@@ -214,6 +214,8 @@ PYBIND11_MODULE(RNNKERN_CUDA_MODULE, m) {
       "emulation's conversions).");
   m.def("launch_divergent_barrier", &rnnkern_emu::launch_divergent_barrier,
         "A launch that deadlocks at a barrier (a test of the emulation's detection).");
+  m.def("launch_smem_overrun", &rnnkern_emu::launch_smem_overrun,
+        "A launch that writes past its shared memory (a test of the emulation's canaries).");
 #else
   m.attr("EMULATED") = false;
 #endif

@@ -21,6 +21,12 @@ namespace {
 // each stack turns an overflow into a fault instead of silent corruption.
 constexpr size_t kStackBytes = 128 * 1024;
 
+// Bytes of a known pattern on both sides of every block's dynamic shared memory, checked after
+// the launch: a kernel writing outside its shared memory (a layout that overlaps or overruns
+// what the plan allotted) fails instead of corrupting a neighbour silently.
+constexpr size_t kCanaryBytes = 64;
+constexpr unsigned char kCanary = 0xa5;
+
 enum class State { kRunnable, kWaiting, kDone };
 
 struct Fiber;
@@ -251,11 +257,15 @@ void run_grid(int blocks, int threads, size_t smem, const std::function<void()>&
     blk->warps.resize(threads / 32);
     for (Warp& w : blk->warps) w.bar.size = 32;
     // Shared memory starts as 0xff bytes (float NaN, int -1): a kernel that reads shared
-    // memory it never wrote gets NaN into its results instead of a lucky zero.
-    blk->smem_storage.reset(new unsigned char[smem + 16]);
-    std::memset(blk->smem_storage.get(), 0xff, smem + 16);
-    blk->smem = reinterpret_cast<unsigned char*>(
+    // memory it never wrote gets NaN into its results instead of a lucky zero. Canaries on
+    // both sides (kCanaryBytes).
+    blk->smem_storage.reset(new unsigned char[smem + 2 * kCanaryBytes + 16]);
+    unsigned char* base = reinterpret_cast<unsigned char*>(
         (reinterpret_cast<uintptr_t>(blk->smem_storage.get()) + 15) & ~uintptr_t(15));
+    std::memset(base, kCanary, kCanaryBytes);
+    blk->smem = base + kCanaryBytes;
+    std::memset(blk->smem, 0xff, smem);
+    std::memset(blk->smem + smem, kCanary, kCanaryBytes);
     for (int t = 0; t < threads; ++t) {
       auto f = std::make_unique<Fiber>();
       f->block = blk.get();
@@ -344,6 +354,16 @@ void run_grid(int blocks, int threads, size_t smem, const std::function<void()>&
                                "a warp collective that not all 32 lanes reach");
     }
   }
+  for (size_t b = 0; b < grid.size(); ++b) {
+    const unsigned char* m = grid[b]->smem;
+    for (size_t i = 0; i < kCanaryBytes; ++i) {
+      if (m[-1 - static_cast<std::ptrdiff_t>(i)] != kCanary || m[smem + i] != kCanary)
+        throw std::runtime_error(
+            "rnnkern CUDA emulation: block " + std::to_string(b) + " wrote outside its " +
+            std::to_string(smem) + " bytes of dynamic shared memory (" +
+            (m[smem + i] != kCanary ? "past the end" : "before the start") + ")");
+    }
+  }
 }
 
 Device device() {
@@ -381,6 +401,12 @@ void launch_divergent_barrier() {
   run_grid(2, 64, 0, [] {
     if (blockIdx.x == 1 && threadIdx.x == 0) return;  // skips the barrier below
     __syncthreads();
+  });
+}
+
+void launch_smem_overrun() {
+  run_grid(1, 32, 256, [] {
+    if (threadIdx.x == 0) current()->smem[256] = 1;
   });
 }
 

@@ -83,9 +83,11 @@ void configure(int sms, int smem_optin, uint64_t schedule_seed);
 // Checks of the emulation itself (tests/test_cuda_emulation.py): float32 -> 16-bit -> float32
 // through the conversions below, element by element (dtype 1: float16, 2: bfloat16; bits get
 // the 16-bit patterns); and a launch whose thread 0 skips a __syncthreads the other threads
-// of its block wait at (must fail with the deadlock error).
+// of its block wait at (must fail with the deadlock error); and one whose thread 0 writes one
+// byte past its block's 256 bytes of shared memory (must fail naming the overrun).
 void convert_16bit(const float* src, uint16_t* bits, float* back, int64_t n, int dtype);
 void launch_divergent_barrier();
+void launch_smem_overrun();
 
 }  // namespace rnnkern_emu
 
