@@ -103,72 +103,6 @@ void launch_smem_overrun();
 using std::max;
 using std::min;
 
-// ---- vector and 16-bit types --------------------------------------------------------------
-struct alignas(16) float4 {
-  float x, y, z, w;
-};
-
-// IEEE binary16 and bfloat16 as their bits; conversions round to nearest even, as
-// __float2half_rn / __float2bfloat16_rn do. torch's float16 / bfloat16 tensors hold the same
-// bits.
-struct __half {
-  uint16_t bits;
-};
-struct __nv_bfloat16 {
-  uint16_t bits;
-};
-
-inline float __half2float(__half h) {
-  const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
-  const uint32_t exp = (h.bits >> 10) & 0x1fu, man = h.bits & 0x3ffu;
-  uint32_t out;
-  if (exp == 0x1f) {
-    out = sign | 0x7f800000u | (man << 13);  // inf / NaN
-  } else if (exp != 0) {
-    out = sign | ((exp + 112) << 23) | (man << 13);  // normal: rebias 15 -> 127
-  } else {
-    float f = static_cast<float>(man) * 5.9604644775390625e-8f;  // subnormal: man * 2^-24
-    std::memcpy(&out, &f, 4);
-    out |= sign;
-  }
-  float f;
-  std::memcpy(&f, &out, 4);
-  return f;
-}
-
-inline __half __float2half_rn(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
-  const uint32_t ax = x & 0x7fffffffu;
-  if (ax > 0x7f800000u) return __half{static_cast<uint16_t>(sign | 0x7e00u)};  // NaN
-  if (ax >= 0x477ff000u) return __half{static_cast<uint16_t>(sign | 0x7c00u)};  // rounds to inf
-  if (ax >= 0x38800000u) {  // normal half (|f| >= 2^-14)
-    const uint32_t r = ax + 0x00000fffu + ((ax >> 13) & 1u);  // round to nearest even
-    return __half{static_cast<uint16_t>(sign | ((r - 0x38000000u) >> 13))};
-  }
-  // subnormal half or zero: the value in units of 2^-24, rounded to nearest even
-  float a;
-  std::memcpy(&a, &ax, 4);
-  const float units = a * 16777216.0f;  // exact (a power-of-two scaling)
-  return __half{static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(units)))};
-}
-
-inline float __bfloat162float(__nv_bfloat16 h) {
-  const uint32_t x = static_cast<uint32_t>(h.bits) << 16;
-  float f;
-  std::memcpy(&f, &x, 4);
-  return f;
-}
-
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{static_cast<uint16_t>((x >> 16) | 0x40u)};
-  x += 0x7fffu + ((x >> 16) & 1u);
-  return __nv_bfloat16{static_cast<uint16_t>(x >> 16)};
-}
-
 // ---- bit casts and bit counts -------------------------------------------------------------
 inline unsigned int __float_as_uint(float f) {
   unsigned int u;
@@ -187,6 +121,58 @@ inline float __int_as_float(int i) {
 }
 inline int __ffs(unsigned int x) { return x == 0 ? 0 : __builtin_ctz(x) + 1; }
 inline int __clz(unsigned int x) { return x == 0 ? 32 : __builtin_clz(x); }
+
+// ---- vector and 16-bit types --------------------------------------------------------------
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+
+// IEEE binary16 and bfloat16 as their bits; conversions round to nearest even, as
+// __float2half_rn / __float2bfloat16_rn do. torch's float16 / bfloat16 tensors hold the same
+// bits.
+struct __half {
+  uint16_t bits;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+
+inline float __half2float(__half h) {
+  const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
+  const uint32_t exp = (h.bits >> 10) & 0x1fu, man = h.bits & 0x3ffu;
+  if (exp == 0x1f) return __uint_as_float(sign | 0x7f800000u | (man << 13));  // inf / NaN
+  if (exp != 0) return __uint_as_float(sign | ((exp + 112) << 23) | (man << 13));  // 15 -> 127
+  const float sub = static_cast<float>(man) * 5.9604644775390625e-8f;  // subnormal: man * 2^-24
+  return __uint_as_float(__float_as_uint(sub) | sign);
+}
+
+inline __half __float2half_rn(float f) {
+  const uint32_t x = __float_as_uint(f);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return __half{static_cast<uint16_t>(sign | 0x7e00u)};  // NaN
+  if (ax >= 0x477ff000u) return __half{static_cast<uint16_t>(sign | 0x7c00u)};  // rounds to inf
+  if (ax >= 0x38800000u) {  // normal half (|f| >= 2^-14)
+    const uint32_t r = ax + 0x00000fffu + ((ax >> 13) & 1u);  // round to nearest even
+    return __half{static_cast<uint16_t>(sign | ((r - 0x38000000u) >> 13))};
+  }
+  // subnormal half or zero: the value in units of 2^-24 (exact: a power-of-two scaling),
+  // rounded to nearest even
+  const float units = __uint_as_float(ax) * 16777216.0f;
+  return __half{static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(units)))};
+}
+
+inline float __bfloat162float(__nv_bfloat16 h) {
+  return __uint_as_float(static_cast<uint32_t>(h.bits) << 16);
+}
+
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t x = __float_as_uint(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u)  // NaN: stays a quiet NaN
+    return __nv_bfloat16{static_cast<uint16_t>((x >> 16) | 0x40u)};
+  x += 0x7fffu + ((x >> 16) & 1u);  // round to nearest even
+  return __nv_bfloat16{static_cast<uint16_t>(x >> 16)};
+}
 
 // ---- loads, atomics, timers -----------------------------------------------------------------
 template <typename T>
