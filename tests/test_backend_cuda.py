@@ -368,8 +368,8 @@ def test_batch_split_choice(device, monkeypatch):
 
 def test_cuda_train_row_without_the_batch_split(device, monkeypatch):
     # The benchmark's "batch not split" row (rnnkern.bench.cuda_train) runs the plan without a
-    # split, next to the default one that splits; cases whose plan does not split have no such
-    # row. Emulated: 40 rows on 8 SMs; on a GPU: B = 64, H = 512.
+    # split, next to the default one that splits; at B = 16 (never split) the "batch in 2
+    # groups" row forces one. Emulated: 40 rows on 8 SMs; on a GPU: B = 64, H = 512.
     from rnnkern.bench import cuda_train
 
     monkeypatch.delenv("RNNKERN_CUDA_BATCH_SPLIT", raising=False)
@@ -386,7 +386,12 @@ def test_cuda_train_row_without_the_batch_split(device, monkeypatch):
     assert BACKEND.last_launch["batch_groups"] == 1
     assert "RNNKERN_CUDA_BATCH_SPLIT" not in os.environ  # restored after the call
     small = cuda_train.make_case("LSTM", torch.float32, 16, H, True, device, T=T)
-    assert "rnnkern[cuda], batch not split" not in small.fns
+    assert set(small.fns) == {"torch.nn", "rnnkern[cuda]", "rnnkern[cuda], batch in 2 groups"}
+    small.fns["rnnkern[cuda]"]()
+    assert BACKEND.last_launch["batch_groups"] == 1
+    small.fns["rnnkern[cuda], batch in 2 groups"]()
+    assert BACKEND.last_launch["batch_groups"] == 2
+    assert "RNNKERN_CUDA_BATCH_SPLIT" not in os.environ
 
 
 def test_small_layers_keep_weights_resident(device):

@@ -7,8 +7,10 @@ gradient); the full grid adds forward-only. Both implementations hold the same w
 interleaved in one process (:func:`rnnkern.bench.runner.measure`); the ratio is cuDNN median /
 cuda median (above 1: the CUDA backend is faster). Where the kernels' plan splits the batch over
 blocks (csrc/cuda/recurrence.cu, top comment; B = 64 here), the row ``rnnkern[cuda], batch not
-split`` runs the same module with ``RNNKERN_CUDA_BATCH_SPLIT=off``, so the run shows what the
-split changes.
+split`` runs the same module with ``RNNKERN_CUDA_BATCH_SPLIT=off``; at B = 16, which the plan
+never splits, the row ``rnnkern[cuda], batch in 2 groups`` forces a split
+(``RNNKERN_CUDA_BATCH_SPLIT=2``), so a run shows what splitting changes on both sides of the
+rule.
 
     rnnkern bench --suite cuda_train --device cuda [--quick]
 """
@@ -43,13 +45,13 @@ def batch_split(cell: str, dtype: torch.dtype, B: int, H: int) -> bool:
     )
 
 
-def batch_not_split(fn):
-    """``fn`` run with ``RNNKERN_CUDA_BATCH_SPLIT=off`` (read by the launchers when they plan,
+def with_batch_split(fn, value: str):
+    """``fn`` run with ``RNNKERN_CUDA_BATCH_SPLIT=value`` (read by the launchers when they plan,
     i.e. during the call)."""
 
     def run():
         before = os.environ.get("RNNKERN_CUDA_BATCH_SPLIT")
-        os.environ["RNNKERN_CUDA_BATCH_SPLIT"] = "off"
+        os.environ["RNNKERN_CUDA_BATCH_SPLIT"] = value
         try:
             return fn()
         finally:
@@ -80,7 +82,9 @@ def make_case(
         "rnnkern[cuda]": module_step(ours, x, train, dy),
     }
     if batch_split(cell, dtype, B, H):
-        fns["rnnkern[cuda], batch not split"] = batch_not_split(fns["rnnkern[cuda]"])
+        fns["rnnkern[cuda], batch not split"] = with_batch_split(fns["rnnkern[cuda]"], "off")
+    elif B == 16:
+        fns["rnnkern[cuda], batch in 2 groups"] = with_batch_split(fns["rnnkern[cuda]"], "2")
     return Case(
         suite="cuda_train",
         name=f"{cell} {mode} B={B} H={H} T={T} {str(dtype).removeprefix('torch.')}",
