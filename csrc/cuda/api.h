@@ -25,6 +25,12 @@ enum KernelError : unsigned long long {
   kErrBadToken = 4,        // generate: a prime token outside [0, vocab_in) (not fatal)
 };
 
+// The training kernels' status words: [0] barrier arrivals of batch group 0, [1] error code,
+// [1 + g] arrivals of batch group g >= 1 (recurrence.cu: the groups never wait for each
+// other), all zeroed before the launch. A plan has at most kMaxBatchGroups groups.
+constexpr int kMaxBatchGroups = 64;
+constexpr int kTrainSyncWords = 1 + kMaxBatchGroups;
+
 struct ForwardArgs {
   int cell, dtype, T, B, H, P, reverse, save;
   const void* gx;           // [T, B, G*H] dtype, time order
@@ -42,7 +48,7 @@ struct ForwardArgs {
                             //     gru: save [T, B, H] W_hn h + b_hn, else null; rnn: null
   float* gates;             // out save (lstm, gru): [T, B, G*H] activated gates, else null
   float* m;                 // scratch lstm projection: [B, H] o * tanh(c), else null
-  unsigned long long* sync; // [2] zeroed before the launch: barrier arrivals, error code
+  unsigned long long* sync; // [kTrainSyncWords] zeroed before the launch (see above)
 };
 
 struct BackwardArgs {
@@ -64,7 +70,7 @@ struct BackwardArgs {
   float* dpre;              // scratch [2, B, G*H]: recurrent pre-activation gradients, 2 slots
   float* dht;               // scratch projection: [B, P] dh + dy of the current step; else null
   float* dloc;              // scratch gru: [B, H] dh_total * z; else null
-  unsigned long long* sync; // [2] zeroed before the launch
+  unsigned long long* sync; // [kTrainSyncWords] zeroed before the launch
 };
 
 // The matrices of one layer for generation, as the Decoder packs them (device addresses; an

@@ -221,6 +221,7 @@ PYBIND11_MODULE(RNNKERN_CUDA_MODULE, m) {
 #endif
 
   m.attr("CELLS") = py::make_tuple("lstm", "gru", "rnn_tanh", "rnn_relu");
+  m.attr("TRAIN_SYNC_WORDS") = kTrainSyncWords;
   m.attr("ERR_BARRIER_TIMEOUT") = static_cast<unsigned long long>(kErrBarrierTimeout);
   m.attr("ERR_BAD_LENGTH") = static_cast<unsigned long long>(kErrBadLength);
   m.attr("ERR_NON_FINITE") = static_cast<unsigned long long>(kErrNonFinite);

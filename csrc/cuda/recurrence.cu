@@ -19,7 +19,8 @@
 // blocks (0.24x cuDNN measured, H100). S batch groups divide those reads by S and multiply the
 // weight slice by S; make_plan picks the split with the fewest bytes read per block and step
 // (B <= 16, the measured winning regime, is never split; RNNKERN_CUDA_BATCH_SPLIT=off or a
-// number overrides it).
+// number overrides it). The batch groups never need each other's values, so each has a grid
+// barrier of its own among its U blocks (status words: api.h).
 //
 // Per step (forward, no projection): stage h_{s-1} in shared memory a batch chunk at a time,
 // compute the block's G*Hb pre-activations for the chunk, apply the cell, write h_s for the
@@ -104,6 +105,14 @@ __device__ __forceinline__ int time_of(int s, int len, int reverse) {
   return (reverse && s < len) ? len - 1 - s : s;
 }
 
+// The barrier of the calling block's batch group: its U = gridDim.x / bsplit blocks (block k
+// is in group k % bsplit), counting on the group's arrival word (api.h: kTrainSyncWords).
+__device__ __forceinline__ GridBarrier group_barrier(unsigned long long* sync, const Plan& plan) {
+  const int group = blockIdx.x % plan.bsplit;
+  unsigned long long* arrivals = group == 0 ? sync : sync + 1 + group;
+  return GridBarrier{arrivals, sync + 1, gridDim.x / plan.bsplit, 0, plan.timeout_ns};
+}
+
 // ---------------------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------------------
@@ -129,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
   const T* gx = static_cast<const T*>(a.gx);
   const T* b_hh = static_cast<const T*>(a.b_hh);
   T* y = static_cast<T*>(a.y);
-  GridBarrier bar{a.sync, a.sync + 1, gridDim.x, 0, plan.timeout_ns};
+  GridBarrier bar = group_barrier(a.sync, plan);
 
   // W_hh rows of the block: gate g, unit jj -> row g*H + j0 + jj of w_hh [G*H, P].
   Rows<T> w{static_cast<const T*>(a.w_hh) + static_cast<size_t>(j0) * P,
@@ -292,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
   float* pre_s = reinterpret_cast<float*>(smem + L.pre);  // [Bc][Hb] dm (projection)
   float* part_s = reinterpret_cast<float*>(smem + L.partial);  // [kPartial] split-K sums
   const T* dy = static_cast<const T*>(a.dy);
-  GridBarrier bar{a.sync, a.sync + 1, gridDim.x, 0, plan.timeout_ns};
+  GridBarrier bar = group_barrier(a.sync, plan);
 
   // Rows of W_hhᵀ [P, G*H] for the block's state units; rows of W_hrᵀ [H, P] for its units.
   Rows<T> wt{static_cast<const T*>(a.w_t) + static_cast<size_t>(p0) * GH, 0, max(np, 1), GH};
@@ -516,10 +525,12 @@ std::vector<int> split_candidates(int B, int sms) {
     if (v.empty() || *end != '\0' || n < 1)
       throw std::invalid_argument("rnnkern._cuda: RNNKERN_CUDA_BATCH_SPLIT must be 'auto', "
                                   "'off' or a number of batch groups >= 1, got '" + v + "'");
-    return {static_cast<int>(std::min<long>(n, std::min(B, sms)))};
+    return {static_cast<int>(std::min<long>(n, std::min({B, sms, kMaxBatchGroups})))};
   }
   std::vector<int> out{1};
-  for (int s = 2; s <= sms && (B + s - 1) / s >= kMinGroupRows; s *= 2) out.push_back(s);
+  for (int s = 2; s <= std::min(sms, kMaxBatchGroups) && (B + s - 1) / s >= kMinGroupRows;
+       s *= 2)
+    out.push_back(s);
   return out;
 }
 

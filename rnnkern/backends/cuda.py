@@ -306,7 +306,8 @@ class CUDABackend:
             aux = empty((T, B, H), f32, dev)
         gates = empty((T, B, GH), f32, dev) if save and (lstm or gru) else None
         m = empty((B, H), f32, dev) if proj else None
-        sync = torch.zeros(2, dtype=torch.int64, device=dev)  # barrier arrivals, error code
+        # barrier arrivals per batch group, error code (csrc/cuda/api.h: kTrainSyncWords)
+        sync = torch.zeros(int(_cuda.TRAIN_SYNC_WORDS), dtype=torch.int64, device=dev)
 
         info = _cuda.layer_forward(
             CELL_CODES[cell], _DTYPE_CODE[dt], T, B, H, P, bool(reverse), bool(save),
@@ -362,7 +363,7 @@ class CUDABackend:
         dpre = empty((2, B, GH), f32, dev)
         dht = empty((B, P), f32, dev) if proj else None
         dloc = empty((B, H), f32, dev) if gru else None
-        sync = torch.zeros(2, dtype=torch.int64, device=dev)
+        sync = torch.zeros(int(_cuda.TRAIN_SYNC_WORDS), dtype=torch.int64, device=dev)
 
         info = _cuda.layer_backward(
             CELL_CODES[cell], _DTYPE_CODE[dt], T, B, H, P, bool(reverse),
