@@ -282,6 +282,44 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
 // backward
 // ---------------------------------------------------------------------------------------------
 
+// What the pointwise gradient of one (row b, unit j) at processing step s reads from the
+// forward's saved tensors and from dy: LSTM gates i, f, g, o, a0 = c_{s-1}, a1 = c_s; GRU
+// gates r, z, n, a0 = h_{s-1}, a1 = W_hn h + b_hn; RNN a0 = h_s; dy_t (unused with a
+// projection, whose dy enters in phase 0). None of it depends on other blocks or on the
+// running gradients, so the kernel loads a step's items before the previous step's barrier.
+struct SavedItem {
+  float gate[4];
+  float a0, a1;
+  float dy;
+};
+
+template <typename T, int CELL>
+__device__ __forceinline__ SavedItem load_saved_item(const BackwardArgs& a, int s, int t, int b,
+                                                     int j, bool proj) {
+  constexpr int G = gate_count(CELL);
+  const int B = a.B, H = a.H, P = a.P;
+  const size_t row = static_cast<size_t>(s) * B + b;  // processing-order row
+  SavedItem it{};
+  if (CELL == kLSTM || CELL == kGRU) {
+    const float* gt = a.gates + row * G * H;
+#pragma unroll
+    for (int g = 0; g < G; ++g) it.gate[g] = gt[g * H + j];
+  }
+  if (CELL == kLSTM) {
+    const size_t bh = static_cast<size_t>(b) * H + j;
+    it.a0 = a.aux[static_cast<size_t>(s) * B * H + bh];
+    it.a1 = a.aux[static_cast<size_t>(s + 1) * B * H + bh];
+  } else if (CELL == kGRU) {
+    it.a0 = a.hs[row * P + j];
+    it.a1 = a.aux[row * H + j];
+  } else {
+    it.a0 = a.hs[(row + B) * P + j];  // hs[s + 1][b][j]
+  }
+  if (!proj)
+    it.dy = to_float(static_cast<const T*>(a.dy)[(static_cast<size_t>(t) * B + b) * P + j]);
+  return it;
+}
+
 template <typename T, int CELL>
 __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArgs a, Plan plan) {
   constexpr int G = gate_count(CELL);
@@ -326,6 +364,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
       a.dc0[(r0 + i / nj) * H + j0 + i % nj] = a.dc_n[(r0 + i / nj) * H + j0 + i % nj];
   __syncthreads();
 
+  SavedItem pf{};       // this thread's first item of step `prefetched` (see below)
+  int prefetched = -1;
   for (int s = T_ - 1; s >= 0; --s) {
     float* dpre = a.dpre + static_cast<size_t>(s & 1) * B * GH;  // [B, G*H] this step's slot
 
@@ -360,17 +400,17 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
           const bool valid = s < len;
           const int t = time_of(s, len, a.reverse);
           const size_t bh = static_cast<size_t>(b) * H + j;
-          const size_t row = static_cast<size_t>(s) * B + b;  // processing-order row
           float* dgx = a.dgx + (static_cast<size_t>(t) * B + b) * GH;
           float* dp = dpre + static_cast<size_t>(b) * GH;
+          const SavedItem it = (prefetched == s && b0 == r0 && i == static_cast<int>(threadIdx.x))
+                                   ? pf
+                                   : load_saved_item<T, CELL>(a, s, t, b, j, proj);
           if (CELL == kLSTM) {
             const float dm = proj ? pre_s[bb * plan.C + jj]
-                                  : a.dh0[static_cast<size_t>(b) * P + j] +
-                                        to_float(dy[(static_cast<size_t>(t) * B + b) * P + j]);
-            const float* gt = a.gates + row * GH;
-            const float ig = gt[j], fg = gt[H + j], gg = gt[2 * H + j], og = gt[3 * H + j];
-            const float c_prev = a.aux[static_cast<size_t>(s) * B * H + bh];
-            const float tc = tanhf(a.aux[static_cast<size_t>(s + 1) * B * H + bh]);
+                                  : a.dh0[static_cast<size_t>(b) * P + j] + it.dy;
+            const float ig = it.gate[0], fg = it.gate[1], gg = it.gate[2], og = it.gate[3];
+            const float c_prev = it.a0;
+            const float tc = tanhf(it.a1);
             const float dc = a.dc0[bh];
             const float dc_total = dc + dm * og * (1.f - tc * tc);
             float d[4];
@@ -386,12 +426,10 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
             }
             a.dc0[bh] = valid ? dc_total * fg : dc;
           } else if (CELL == kGRU) {
-            const float dh_total = a.dh0[static_cast<size_t>(b) * P + j] +
-                                   to_float(dy[(static_cast<size_t>(t) * B + b) * P + j]);
-            const float* gt = a.gates + row * GH;
-            const float r = gt[j], z = gt[H + j], n = gt[2 * H + j];
-            const float h_prev = a.hs[row * P + j];
-            const float hn = a.aux[row * H + j];
+            const float dh_total = a.dh0[static_cast<size_t>(b) * P + j] + it.dy;
+            const float r = it.gate[0], z = it.gate[1], n = it.gate[2];
+            const float h_prev = it.a0;
+            const float hn = it.a1;
             const float dn_pre = dh_total * (1.f - z) * (1.f - n * n);
             const float dr_pre = dn_pre * hn * r * (1.f - r);
             const float dz_pre = dh_total * (h_prev - n) * z * (1.f - z);
@@ -409,9 +447,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
             dp[2 * H + j] = vn * r;
             a.dloc[bh] = dh_total * z;
           } else {
-            const float dh_total = a.dh0[static_cast<size_t>(b) * P + j] +
-                                   to_float(dy[(static_cast<size_t>(t) * B + b) * P + j]);
-            const float h_new = a.hs[(row + B) * P + j];  // hs[s + 1][b][j]
+            const float dh_total = a.dh0[static_cast<size_t>(b) * P + j] + it.dy;
+            const float h_new = it.a0;
             const float deriv = CELL == kRNNTanh ? 1.f - h_new * h_new : (h_new > 0.f ? 1.f : 0.f);
             const float v = valid ? dh_total * deriv : 0.f;
             dgx[j] = v;
@@ -420,6 +457,14 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
         }
         __syncthreads();  // x_s / pre_s are reused by the next chunk
       }
+    }
+    // Load step s-1's first item of this thread (first chunk) now: its latency overlaps the
+    // barrier and phase B instead of following them.
+    if (s > 0 && nj > 0 && static_cast<int>(threadIdx.x) < min(Bc, nr) * nj) {
+      const int b = r0 + threadIdx.x / nj, j = j0 + threadIdx.x % nj;
+      const int t = time_of(s - 1, length_of(a.lengths, b, T_, bar.error), a.reverse);
+      pf = load_saved_item<T, CELL>(a, s - 1, t, b, j, proj);
+      prefetched = s - 1;
     }
     if (!bar.wait()) return;  // dpre complete
 
