@@ -1,7 +1,7 @@
 // A CPU emulation of the part of the CUDA execution model and runtime that csrc/cuda uses, so
 // that the same kernel sources (recurrence.cu, generate.cu) compile with a host C++ compiler
 // into rnnkern._cuda_emulated and run on CPU memory. It exists to test the kernels' logic on
-// machines without a GPU (tests/test_cuda_emulated.py): indexing, work split, batch chunks,
+// machines without a GPU (tests/conftest.py: cuda_kernels): indexing, work split, batch chunks,
 // barriers and the exchange between blocks, sampling, error reporting. It says nothing about
 // speed, and it cannot find what only the hardware does (the memory model, occupancy): the
 // GPU check (benchmarks/gpu_check.sh) stays the authority.
@@ -9,16 +9,18 @@
 // Included instead of the CUDA headers when RNNKERN_CUDA_EMULATION is defined (see
 // device_common.cuh).
 //
-// The model: every CUDA thread of the grid is a fiber (ucontext) with its own stack, and one
-// launch runs all of them on the calling OS thread, switching only where a CUDA thread would
-// wait: __syncthreads (and its _or / _and forms), the warp collectives (__shfl*_sync,
-// __ballot_sync, __all_sync, __any_sync, __syncwarp) and every acquire/relaxed load of the
-// kernels' polling loops (a spinning thread lets the others run). A fiber runs until it has
-// to wait, which is adversarial for a missing barrier: a thread that should have waited for
-// the others reads what they have not written yet. When every live thread waits at a barrier
-// that cannot complete (a barrier inside divergent code), the launch fails with an error
-// naming the block instead of hanging. Warp collectives require all 32 lanes (full masks,
-// converged warps), as the kernels here use them.
+// The model: every CUDA thread of the grid is a fiber with its own stack (emulation.cpp
+// switches them with a few instructions on x86-64, with ucontext elsewhere), and one launch
+// runs all of them on the calling OS thread, switching only where a CUDA thread would wait:
+// __syncthreads (and its _or / _and forms), the warp collectives (__shfl*_sync,
+// __ballot_sync, __all_sync, __any_sync, __syncwarp) and the kernels' polling loops (every
+// 256 polls: device_common.cuh's poll_pause). A fiber runs until it has to wait, which is
+// adversarial for a missing barrier: a thread that should have waited for the others reads
+// what they have not written yet, or overwrites what they still read. Shared memory starts as
+// NaN bytes and is fenced by canaries checked after the launch. When every live thread waits
+// at a barrier that cannot complete (a barrier inside divergent code), the launch fails with
+// an error naming the block instead of hanging. Warp collectives require all 32 lanes (full
+// masks, converged warps), as the kernels here use them.
 //
 // Device properties (multiprocessors, shared memory per block) are set by configure(), so a
 // test can lay a small layer over several blocks or make its weights too large for shared

@@ -1,10 +1,10 @@
 """The CUDA kernels of ``csrc/cuda`` compiled for the CPU: module ``rnnkern._cuda_emulated``.
 
 ``csrc/cuda/emulation.h`` emulates the part of the CUDA execution model the kernels use (every
-CUDA thread a fiber, switched at barriers, warp collectives and polling loads) and the runtime
+CUDA thread a fiber, switched at barriers, warp collectives and polling loops) and the runtime
 calls of their launchers, so the unchanged kernel sources compile with the host C++ compiler
 and run on CPU memory. Backend ``cuda`` and ``Decoder(backend="cuda")`` run on it when
-``rnnkern.backends.cuda._cuda`` is this module (tests/test_cuda_emulated.py does that): CPU
+``rnnkern.backends.cuda._cuda`` is this module (tests/conftest.py's ``cuda_kernels``): CPU
 tensors instead of CUDA ones, every launch synchronous. What it checks is the kernels' logic
 (indexing, the work split over blocks, batch chunks, shared-memory layouts, barriers and the
 exchange between blocks, sampling, error reporting) on machines without a GPU. It measures
