@@ -65,7 +65,7 @@ struct BackwardArgs {
   float* dgx;               // out [T, B, G*H] time order: gradient of the pre-activations
   float* dgh;               // out gru: [T, B, G*H] gradient of W_hh h + b_hh (n part * r); else null
   float* dh_proj;           // out projection: [T, B, P] gradient of h_t (0 past lengths); else null
-  float* dh0;               // out [B, P]; also the running dh during the sweep
+  float* dh0;               // out [B, P] (the running dh lives in shared memory until the end)
   float* dc0;               // out [B, H] (lstm; also the running dc) or null
   float* dpre;              // scratch [2, B, G*H]: recurrent pre-activation gradients, 2 slots
   float* dht;               // scratch projection: [B, P] dh + dy of the current step; else null

@@ -50,20 +50,25 @@ constexpr int kMaxBatchChunk = 64;
 //   x       [Bc][K] float  staged activations (h, m, dht or dpre rows of the batch chunk)
 //   pre     [Bc][C] float  the block's matvec results for the chunk
 //   partial [kPartial] float  split-K partial sums of the tiled matvec
+//   own     own_elems float  backward: the running dh of the block's rows and state units
+//           [Bg][Pb] (phase B writes it, the next step's phases 0 / A read it: no global
+//           round trip on that path); forward: none
 //   w       w_elems  dtype resident recurrent weight slice (only when resident)
 //   wr      wr_elems dtype resident projection weight slice (only when resident)
 
 struct SmemLayout {
-  size_t x, pre, partial, w, wr, total;
+  size_t x, pre, partial, own, w, wr, total;
 };
 
-__host__ __device__ inline SmemLayout smem_layout(int K, int Bc, int C, size_t w_elems,
-                                                  size_t wr_elems, int elem_size, bool resident) {
+__host__ __device__ inline SmemLayout smem_layout(int K, int Bc, int C, size_t own_elems,
+                                                  size_t w_elems, size_t wr_elems, int elem_size,
+                                                  bool resident) {
   SmemLayout l;
   l.x = 0;
   l.pre = align16(sizeof(float) * size_t(Bc) * K);
   l.partial = l.pre + align16(sizeof(float) * size_t(Bc) * C);
-  l.w = l.partial + align16(sizeof(float) * kPartial);
+  l.own = l.partial + align16(sizeof(float) * kPartial);
+  l.w = l.own + align16(sizeof(float) * own_elems);
   l.wr = l.w + (resident ? align16(elem_size * w_elems) : 0);
   l.total = l.wr + (resident ? align16(elem_size * wr_elems) : 0);
   return l;
@@ -80,7 +85,7 @@ struct Plan {
   int resident;  // weights in shared memory
   int K, C;      // shared-memory layout parameters (see smem_layout)
   int tiled;     // 1: register-tiled split-K matvec (default); 0: the simple one (cross-check)
-  size_t w_elems, wr_elems;
+  size_t own_elems, w_elems, wr_elems;
   size_t smem;
   long long timeout_ns;
 };
@@ -130,8 +135,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
   // The block's batch rows [r0, r1) (nr of them).
   const int r0 = (blockIdx.x % plan.bsplit) * plan.Bg, r1 = min(B, r0 + plan.Bg);
   const int nr = max(0, r1 - r0);
-  const SmemLayout L = smem_layout(plan.K, Bc, plan.C, plan.w_elems, plan.wr_elems,
-                                   sizeof(T), plan.resident);
+  const SmemLayout L = smem_layout(plan.K, Bc, plan.C, plan.own_elems, plan.w_elems,
+                                   plan.wr_elems, sizeof(T), plan.resident);
   float* x_s = reinterpret_cast<float*>(smem + L.x);    // [Bc][K]
   float* pre_s = reinterpret_cast<float*>(smem + L.pre);  // [Bc][G*Hb]
   float* part_s = reinterpret_cast<float*>(smem + L.partial);  // [kPartial] split-K sums
@@ -333,8 +338,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
   // The block's batch rows [r0, r1) (nr of them).
   const int r0 = (blockIdx.x % plan.bsplit) * plan.Bg, r1 = min(B, r0 + plan.Bg);
   const int nr = max(0, r1 - r0);
-  const SmemLayout L = smem_layout(plan.K, Bc, plan.C, plan.w_elems, plan.wr_elems,
-                                   sizeof(T), plan.resident);
+  const SmemLayout L = smem_layout(plan.K, Bc, plan.C, plan.own_elems, plan.w_elems,
+                                   plan.wr_elems, sizeof(T), plan.resident);
   float* x_s = reinterpret_cast<float*>(smem + L.x);      // [Bc][K]
   float* pre_s = reinterpret_cast<float*>(smem + L.pre);  // [Bc][Hb] dm (projection)
   float* part_s = reinterpret_cast<float*>(smem + L.partial);  // [kPartial] split-K sums
@@ -355,10 +360,11 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
     }
   }
 
-  // The running gradients live in the outputs: dh0 [B, P] (own state units and rows), dc0
-  // [B, H] (own units and rows).
+  // The running gradients: dh of the block's rows and state units in shared memory (dh_s,
+  // written to dh0 [B, P] at the end), dc in dc0 [B, H] (own units and rows).
+  float* dh_s = reinterpret_cast<float*>(smem + L.own);  // [Bg][Pb]: (b - r0, p - p0)
   for (int i = threadIdx.x; i < nr * np; i += kThreads)
-    a.dh0[(r0 + i / np) * P + p0 + i % np] = a.dh_n[(r0 + i / np) * P + p0 + i % np];
+    dh_s[(i / np) * Pb + i % np] = a.dh_n[(r0 + i / np) * P + p0 + i % np];
   if (CELL == kLSTM)
     for (int i = threadIdx.x; i < nr * nj; i += kThreads)
       a.dc0[(r0 + i / nj) * H + j0 + i % nj] = a.dc_n[(r0 + i / nj) * H + j0 + i % nj];
@@ -375,7 +381,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
         const int b = r0 + i / np, p = p0 + i % np;
         const int len = length_of(a.lengths, b, T_, bar.error);
         const int t = time_of(s, len, a.reverse);
-        const float v = a.dh0[static_cast<size_t>(b) * P + p] +
+        const float v = dh_s[(b - r0) * Pb + (p - p0)] +
                         to_float(dy[(static_cast<size_t>(t) * B + b) * P + p]);
         a.dht[static_cast<size_t>(b) * P + p] = v;
         a.dh_proj[(static_cast<size_t>(t) * B + b) * P + p] = s < len ? v : 0.f;
@@ -407,7 +413,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
                                    : load_saved_item<T, CELL>(a, s, t, b, j, proj);
           if (CELL == kLSTM) {
             const float dm = proj ? pre_s[bb * plan.C + jj]
-                                  : a.dh0[static_cast<size_t>(b) * P + j] + it.dy;
+                                  : dh_s[(b - r0) * Pb + (j - p0)] + it.dy;
             const float ig = it.gate[0], fg = it.gate[1], gg = it.gate[2], og = it.gate[3];
             const float c_prev = it.a0;
             const float tc = tanhf(it.a1);
@@ -426,7 +432,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
             }
             a.dc0[bh] = valid ? dc_total * fg : dc;
           } else if (CELL == kGRU) {
-            const float dh_total = a.dh0[static_cast<size_t>(b) * P + j] + it.dy;
+            const float dh_total = dh_s[(b - r0) * Pb + (j - p0)] + it.dy;
             const float r = it.gate[0], z = it.gate[1], n = it.gate[2];
             const float h_prev = it.a0;
             const float hn = it.a1;
@@ -447,7 +453,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
             dp[2 * H + j] = vn * r;
             a.dloc[bh] = dh_total * z;
           } else {
-            const float dh_total = a.dh0[static_cast<size_t>(b) * P + j] + it.dy;
+            const float dh_total = dh_s[(b - r0) * Pb + (j - p0)] + it.dy;
             const float h_new = it.a0;
             const float deriv = CELL == kRNNTanh ? 1.f - h_new * h_new : (h_new > 0.f ? 1.f : 0.f);
             const float v = valid ? dh_total * deriv : 0.f;
@@ -477,10 +483,10 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
         matvec<T>(plan.tiled, x_s, GH, nb, GH, np, wt, part_s, [&](int bb, int pp, float v) {
           const int b = b0 + bb, p = p0 + pp;
           const int len = length_of(a.lengths, b, T_, bar.error);
-          if (s < len) {
-            const size_t bp = static_cast<size_t>(b) * P + p;
-            a.dh0[bp] = CELL == kGRU ? v + a.dloc[static_cast<size_t>(b) * H + p] : v;
-          }  // past the length dh passes through unchanged
+          if (s < len)
+            dh_s[(b - r0) * Pb + pp] =
+                CELL == kGRU ? v + a.dloc[static_cast<size_t>(b) * H + p] : v;
+          // past the length dh passes through unchanged
         });
         __syncthreads();
       }
@@ -489,6 +495,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
     // write the other dpre slot; every block passed this step's barrier before anyone can
     // reach the next one, which is when this slot is written again.
   }
+  for (int i = threadIdx.x; i < nr * np; i += kThreads)
+    a.dh0[(r0 + i / np) * P + p0 + i % np] = dh_s[(i / np) * Pb + i % np];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -520,6 +528,7 @@ bool plan_with_split(bool backward, int cell, int dtype, int B, int H, int P, bo
   if (backward) {
     p.K = std::max(G * H, proj ? P : 0);
     p.C = p.Hb;
+    p.own_elems = static_cast<size_t>(p.Bg) * p.Pb;
     p.w_elems = static_cast<size_t>(p.Pb) * G * H;
     p.wr_elems = proj ? static_cast<size_t>(p.Hb) * P : 0;
   } else {
@@ -535,7 +544,8 @@ bool plan_with_split(bool backward, int cell, int dtype, int B, int H, int P, bo
   const int es = elem_size(dtype);
   for (int resident = 1; resident >= 0; --resident) {
     for (int bc = std::min(p.Bg, kMaxBatchChunk); bc >= 1; --bc) {
-      const SmemLayout l = smem_layout(p.K, bc, p.C, p.w_elems, p.wr_elems, es, resident);
+      const SmemLayout l =
+          smem_layout(p.K, bc, p.C, p.own_elems, p.w_elems, p.wr_elems, es, resident);
       if (l.total <= budget) {
         p.Bc = bc;
         p.resident = resident;
