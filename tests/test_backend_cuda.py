@@ -261,8 +261,15 @@ EMULATED_PLANS = {
     # warps and add the partial sums (forward K = 128: 2-way; backward K = G*H: up to 8-way)
     "split_k": (32, 232448, (3, 3, 128, [3, 1, 2], True, True), dict(units_per_block=4), {}),
     # 3 KB of shared memory: weights read from global memory (even the RNN's 1.2 KB slice, as
-    # the split-K buffer takes 2 KB) and batch chunks of 1-6 rows
-    "streamed": (4, 3072, (4, 12, 33, "random", True, True), dict(weights_in_smem=False), {}),
+    # the split-K buffer takes 2 KB), batch chunks of 1-6 rows, and the backward's running
+    # dh / dc in global memory too
+    "streamed": (
+        4,
+        3072,
+        (4, 12, 33, "random", True, True),
+        dict(weights_in_smem=False, running_in_smem=False),
+        {},
+    ),
     # more rows than the largest batch chunk (64), the batch not split
     "B70": (
         4,
@@ -280,7 +287,7 @@ EMULATED_PLANS = {
         8,
         232448,
         (4, 40, 33, "random", True, True),
-        dict(batch_groups=2, batch_per_group=20),
+        dict(batch_groups=2, batch_per_group=20, running_in_smem=True),
         {},
     ),
     # 70 rows in 3 groups (24, 24, 22), each staged in chunks of a few rows (3 KB of shared

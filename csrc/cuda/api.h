@@ -65,11 +65,12 @@ struct BackwardArgs {
   float* dgx;               // out [T, B, G*H] time order: gradient of the pre-activations
   float* dgh;               // out gru: [T, B, G*H] gradient of W_hh h + b_hh (n part * r); else null
   float* dh_proj;           // out projection: [T, B, P] gradient of h_t (0 past lengths); else null
-  float* dh0;               // out [B, P] (the running dh lives in shared memory until the end)
-  float* dc0;               // out [B, H] (lstm; also the running dc) or null
+  float* dh0;               // out [B, P]; the running dh when not in shared memory
+                            //   (LaunchInfo::running_in_smem)
+  float* dc0;               // out [B, H] (lstm; the running dc when not in shared memory) or null
   float* dpre;              // scratch [2, B, G*H]: recurrent pre-activation gradients, 2 slots
   float* dht;               // scratch projection: [B, P] dh + dy of the current step; else null
-  float* dloc;              // scratch gru: [B, H] dh_total * z; else null
+  float* dloc;              // scratch gru: [B, H] dh_total * z when not in shared memory; else null
   unsigned long long* sync; // [kTrainSyncWords] zeroed before the launch
 };
 
@@ -153,6 +154,8 @@ struct LaunchInfo {
   int64_t smem_bytes;   // dynamic shared memory per block
   int batch_groups;     // the batch is split into this many groups of rows (1: not split)
   int batch_per_group;  // rows per group (the last may have fewer)
+  int running_in_smem;  // backward: 1 when the running dh / dc of the block's rows live in
+                        //   shared memory (else in dh0, dc0, dloc); forward: 0
 };
 
 struct DeviceInfo {

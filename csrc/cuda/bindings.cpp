@@ -32,6 +32,7 @@ py::dict info_dict(const LaunchInfo& i) {
   d["smem_bytes"] = i.smem_bytes;
   d["batch_groups"] = i.batch_groups;
   d["batch_per_group"] = i.batch_per_group;
+  d["running_in_smem"] = static_cast<bool>(i.running_in_smem);
   return d;
 }
 

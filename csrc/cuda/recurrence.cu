@@ -50,9 +50,12 @@ constexpr int kMaxBatchChunk = 64;
 //   x       [Bc][K] float  staged activations (h, m, dht or dpre rows of the batch chunk)
 //   pre     [Bc][C] float  the block's matvec results for the chunk
 //   partial [kPartial] float  split-K partial sums of the tiled matvec
-//   own     own_elems float  backward: the running dh of the block's rows and state units
-//           [Bg][Pb] (phase B writes it, the next step's phases 0 / A read it: no global
-//           round trip on that path); forward: none
+//   own     own_elems float  backward, when it fits (Plan::own_smem): the running dh of the
+//           block's rows and state units [Bg][Pb] (phase B writes it, the next step's phases
+//           0 / A read it), then the running dc (LSTM) or dh_total * z (GRU) of its rows and
+//           units [Bg][Hb] (phase A writes it, phase B / the next phase A read it): values
+//           only this block uses, kept off the global-memory round trip; else they live in
+//           dh0, dc0, dloc; forward: none
 //   w       w_elems  dtype resident recurrent weight slice (only when resident)
 //   wr      wr_elems dtype resident projection weight slice (only when resident)
 
@@ -85,6 +88,7 @@ struct Plan {
   int resident;  // weights in shared memory
   int K, C;      // shared-memory layout parameters (see smem_layout)
   int tiled;     // 1: register-tiled split-K matvec (default); 0: the simple one (cross-check)
+  int own_smem;  // backward: the running dh / dc (or dh_total * z) in shared memory
   size_t own_elems, w_elems, wr_elems;
   size_t smem;
   long long timeout_ns;
@@ -360,14 +364,23 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
     }
   }
 
-  // The running gradients: dh of the block's rows and state units in shared memory (dh_s,
-  // written to dh0 [B, P] at the end), dc in dc0 [B, H] (own units and rows).
-  float* dh_s = reinterpret_cast<float*>(smem + L.own);  // [Bg][Pb]: (b - r0, p - p0)
+  // The running gradients of the block's rows: dh of its state units (dh_s) and, of its
+  // hidden units, the LSTM's dc or the GRU's dh_total * z (unit_s), in shared memory when the
+  // plan has room (then written to dh0 / dc0 at the end), else in dh0, dc0, dloc. Element
+  // (b, p) is dh_s[(b - r0) * ld_dh + p - p0], (b, j) is unit_s[(b - r0) * ld_unit + j - j0].
+  const bool own = plan.own_smem != 0;
+  const int ld_dh = own ? Pb : P, ld_unit = own ? Hb : H;
+  float* dh_s = own ? reinterpret_cast<float*>(smem + L.own)
+                    : a.dh0 + static_cast<size_t>(r0) * P + p0;
+  float* unit_s = own ? dh_s + static_cast<size_t>(plan.Bg) * Pb
+                      : (CELL == kLSTM  ? a.dc0 + static_cast<size_t>(r0) * H + j0
+                         : CELL == kGRU ? a.dloc + static_cast<size_t>(r0) * H + j0
+                                        : nullptr);
   for (int i = threadIdx.x; i < nr * np; i += kThreads)
-    dh_s[(i / np) * Pb + i % np] = a.dh_n[(r0 + i / np) * P + p0 + i % np];
+    dh_s[(i / np) * ld_dh + i % np] = a.dh_n[(r0 + i / np) * P + p0 + i % np];
   if (CELL == kLSTM)
     for (int i = threadIdx.x; i < nr * nj; i += kThreads)
-      a.dc0[(r0 + i / nj) * H + j0 + i % nj] = a.dc_n[(r0 + i / nj) * H + j0 + i % nj];
+      unit_s[(i / nj) * ld_unit + i % nj] = a.dc_n[(r0 + i / nj) * H + j0 + i % nj];
   __syncthreads();
 
   SavedItem pf{};       // this thread's first item of step `prefetched` (see below)
@@ -381,7 +394,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
         const int b = r0 + i / np, p = p0 + i % np;
         const int len = length_of(a.lengths, b, T_, bar.error);
         const int t = time_of(s, len, a.reverse);
-        const float v = dh_s[(b - r0) * Pb + (p - p0)] +
+        const float v = dh_s[(b - r0) * ld_dh + (p - p0)] +
                         to_float(dy[(static_cast<size_t>(t) * B + b) * P + p]);
         a.dht[static_cast<size_t>(b) * P + p] = v;
         a.dh_proj[(static_cast<size_t>(t) * B + b) * P + p] = s < len ? v : 0.f;
@@ -389,7 +402,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
       if (!bar.wait()) return;
     }
 
-    // Phase A: pointwise gradients of the block's hidden units -> dgx, dpre (and dgh, dloc).
+    // Phase A: pointwise gradients of the block's hidden units -> dgx, dpre (and dgh, unit_s).
     if (nj > 0) {
       for (int b0 = r0; b0 < r1; b0 += Bc) {
         const int nb = min(Bc, r1 - b0);
@@ -405,7 +418,6 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
           const int len = length_of(a.lengths, b, T_, bar.error);
           const bool valid = s < len;
           const int t = time_of(s, len, a.reverse);
-          const size_t bh = static_cast<size_t>(b) * H + j;
           float* dgx = a.dgx + (static_cast<size_t>(t) * B + b) * GH;
           float* dp = dpre + static_cast<size_t>(b) * GH;
           const SavedItem it = (prefetched == s && b0 == r0 && i == static_cast<int>(threadIdx.x))
@@ -413,11 +425,12 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
                                    : load_saved_item<T, CELL>(a, s, t, b, j, proj);
           if (CELL == kLSTM) {
             const float dm = proj ? pre_s[bb * plan.C + jj]
-                                  : dh_s[(b - r0) * Pb + (j - p0)] + it.dy;
+                                  : dh_s[(b - r0) * ld_dh + (j - p0)] + it.dy;
             const float ig = it.gate[0], fg = it.gate[1], gg = it.gate[2], og = it.gate[3];
             const float c_prev = it.a0;
             const float tc = tanhf(it.a1);
-            const float dc = a.dc0[bh];
+            float& dc_run = unit_s[(b - r0) * ld_unit + jj];
+            const float dc = dc_run;
             const float dc_total = dc + dm * og * (1.f - tc * tc);
             float d[4];
             d[0] = dc_total * gg * ig * (1.f - ig);
@@ -430,9 +443,9 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
               dgx[g * H + j] = v;
               dp[g * H + j] = v;
             }
-            a.dc0[bh] = valid ? dc_total * fg : dc;
+            dc_run = valid ? dc_total * fg : dc;
           } else if (CELL == kGRU) {
-            const float dh_total = dh_s[(b - r0) * Pb + (j - p0)] + it.dy;
+            const float dh_total = dh_s[(b - r0) * ld_dh + (j - p0)] + it.dy;
             const float r = it.gate[0], z = it.gate[1], n = it.gate[2];
             const float h_prev = it.a0;
             const float hn = it.a1;
@@ -451,9 +464,9 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
             dp[j] = vr;
             dp[H + j] = vz;
             dp[2 * H + j] = vn * r;
-            a.dloc[bh] = dh_total * z;
+            unit_s[(b - r0) * ld_unit + jj] = dh_total * z;
           } else {
-            const float dh_total = dh_s[(b - r0) * Pb + (j - p0)] + it.dy;
+            const float dh_total = dh_s[(b - r0) * ld_dh + (j - p0)] + it.dy;
             const float h_new = it.a0;
             const float deriv = CELL == kRNNTanh ? 1.f - h_new * h_new : (h_new > 0.f ? 1.f : 0.f);
             const float v = valid ? dh_total * deriv : 0.f;
@@ -484,8 +497,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
           const int b = b0 + bb, p = p0 + pp;
           const int len = length_of(a.lengths, b, T_, bar.error);
           if (s < len)
-            dh_s[(b - r0) * Pb + pp] =
-                CELL == kGRU ? v + a.dloc[static_cast<size_t>(b) * H + p] : v;
+            dh_s[(b - r0) * ld_dh + pp] =
+                CELL == kGRU ? v + unit_s[(b - r0) * ld_unit + pp] : v;
           // past the length dh passes through unchanged
         });
         __syncthreads();
@@ -495,8 +508,13 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
     // write the other dpre slot; every block passed this step's barrier before anyone can
     // reach the next one, which is when this slot is written again.
   }
-  for (int i = threadIdx.x; i < nr * np; i += kThreads)
-    a.dh0[(r0 + i / np) * P + p0 + i % np] = dh_s[(i / np) * Pb + i % np];
+  if (own) {
+    for (int i = threadIdx.x; i < nr * np; i += kThreads)
+      a.dh0[(r0 + i / np) * P + p0 + i % np] = dh_s[(i / np) * Pb + i % np];
+    if (CELL == kLSTM)
+      for (int i = threadIdx.x; i < nr * nj; i += kThreads)
+        a.dc0[(r0 + i / nj) * H + j0 + i % nj] = unit_s[(i / nj) * Hb + i % nj];
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -523,12 +541,11 @@ bool plan_with_split(bool backward, int cell, int dtype, int B, int H, int P, bo
   const int unit_groups = (H + p.Hb - 1) / p.Hb;
   p.blocks = unit_groups * p.bsplit;
   // Without a projection the state units are the hidden units, and the backward relies on a
-  // block owning the same range of both (dh, dloc of its units are block-local).
+  // block owning the same range of both (dh and dh_total * z of its units are block-local).
   p.Pb = proj ? (P + unit_groups - 1) / unit_groups : p.Hb;
   if (backward) {
     p.K = std::max(G * H, proj ? P : 0);
     p.C = p.Hb;
-    p.own_elems = static_cast<size_t>(p.Bg) * p.Pb;
     p.w_elems = static_cast<size_t>(p.Pb) * G * H;
     p.wr_elems = proj ? static_cast<size_t>(p.Hb) * P : 0;
   } else {
@@ -541,17 +558,27 @@ bool plan_with_split(bool backward, int cell, int dtype, int B, int H, int P, bo
   // tiled one; both must match the reference).
   const char* mv = std::getenv("RNNKERN_CUDA_MATVEC");
   p.tiled = (mv != nullptr && std::string(mv) == "simple") ? 0 : 1;
+  // Backward: the running values in shared memory where they fit (see smem_layout); at an
+  // equal batch chunk that is preferred (a row of them is a small fraction of a staged row).
+  const size_t own_elems =
+      backward ? static_cast<size_t>(p.Bg) * (p.Pb + (cell == kLSTM || cell == kGRU ? p.Hb : 0))
+               : 0;
   const int es = elem_size(dtype);
   for (int resident = 1; resident >= 0; --resident) {
     for (int bc = std::min(p.Bg, kMaxBatchChunk); bc >= 1; --bc) {
-      const SmemLayout l =
-          smem_layout(p.K, bc, p.C, p.own_elems, p.w_elems, p.wr_elems, es, resident);
-      if (l.total <= budget) {
-        p.Bc = bc;
-        p.resident = resident;
-        p.smem = l.total;
-        *out = p;
-        return true;
+      for (int own = own_elems > 0 ? 1 : 0; own >= 0; --own) {
+        const size_t n_own = own ? own_elems : 0;
+        const SmemLayout l =
+            smem_layout(p.K, bc, p.C, n_own, p.w_elems, p.wr_elems, es, resident);
+        if (l.total <= budget) {
+          p.Bc = bc;
+          p.resident = resident;
+          p.own_smem = own;
+          p.own_elems = n_own;
+          p.smem = l.total;
+          *out = p;
+          return true;
+        }
       }
     }
   }
@@ -682,7 +709,7 @@ Plan plan_for(bool backward, int cell, int dtype, int B, int H, int P, bool proj
 
 LaunchInfo info_of(const Plan& p) {
   return LaunchInfo{p.blocks, kThreads, p.Hb, p.Pb, p.Bc, p.resident,
-                    static_cast<int64_t>(p.smem), p.bsplit, p.Bg};
+                    static_cast<int64_t>(p.smem), p.bsplit, p.Bg, p.own_smem};
 }
 
 template <typename Args>
@@ -724,8 +751,8 @@ LaunchInfo layer_backward(const BackwardArgs& a, void* stream, int64_t timeout_n
     throw std::invalid_argument("rnnkern._cuda: P must equal H without an LSTM projection");
   if (proj && (a.dht == nullptr || a.dh_proj == nullptr))
     throw std::invalid_argument("rnnkern._cuda: the projection needs dht and dh_proj buffers");
-  if (a.cell == kGRU && (a.dgh == nullptr || a.dloc == nullptr))
-    throw std::invalid_argument("rnnkern._cuda: the GRU backward needs dgh and dloc buffers");
+  if (a.cell == kGRU && a.dgh == nullptr)
+    throw std::invalid_argument("rnnkern._cuda: the GRU backward needs the dgh buffer");
   return launch(true, a, proj, stream, timeout_ns, debug);
 }
 
