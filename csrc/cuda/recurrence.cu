@@ -114,6 +114,25 @@ __device__ __forceinline__ int time_of(int s, int len, int reverse) {
   return (reverse && s < len) ? len - 1 - s : s;
 }
 
+// What the calling block owns: hidden units [j0, j0 + nj), state units [p0, p0 + np) (of its
+// unit group) and batch rows [r0, r1), nr of them (of its batch group).
+struct BlockSlice {
+  int j0, nj, p0, np, r0, r1, nr;
+};
+
+__device__ __forceinline__ BlockSlice block_slice(const Plan& plan, int B, int H, int P) {
+  const int unit_group = blockIdx.x / plan.bsplit;
+  BlockSlice sl;
+  sl.j0 = unit_group * plan.Hb;
+  sl.nj = max(0, min(H, sl.j0 + plan.Hb) - sl.j0);
+  sl.p0 = unit_group * plan.Pb;
+  sl.np = max(0, min(P, sl.p0 + plan.Pb) - sl.p0);
+  sl.r0 = (blockIdx.x % plan.bsplit) * plan.Bg;
+  sl.r1 = min(B, sl.r0 + plan.Bg);
+  sl.nr = max(0, sl.r1 - sl.r0);
+  return sl;
+}
+
 // The barrier of the calling block's batch group: its U = gridDim.x / bsplit blocks (block k
 // is in group k % bsplit), counting on the group's arrival word (api.h: kTrainSyncWords).
 __device__ __forceinline__ GridBarrier group_barrier(unsigned long long* sync, const Plan& plan) {
@@ -133,12 +152,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
   const int T_ = a.T, B = a.B, H = a.H, P = a.P, GH = G * H;
   const bool proj = CELL == kLSTM && a.w_hr != nullptr;
   const int Hb = plan.Hb, Pb = plan.Pb, Bc = plan.Bc;
-  const int unit_group = blockIdx.x / plan.bsplit;
-  const int j0 = unit_group * Hb, nj = max(0, min(H, j0 + Hb) - j0);
-  const int p0 = unit_group * Pb, np = max(0, min(P, p0 + Pb) - p0);
-  // The block's batch rows [r0, r1) (nr of them).
-  const int r0 = (blockIdx.x % plan.bsplit) * plan.Bg, r1 = min(B, r0 + plan.Bg);
-  const int nr = max(0, r1 - r0);
+  const BlockSlice sl = block_slice(plan, B, H, P);
+  const int j0 = sl.j0, nj = sl.nj, p0 = sl.p0, np = sl.np, r0 = sl.r0, r1 = sl.r1, nr = sl.nr;
   const SmemLayout L = smem_layout(plan.K, Bc, plan.C, plan.own_elems, plan.w_elems,
                                    plan.wr_elems, sizeof(T), plan.resident);
   float* x_s = reinterpret_cast<float*>(smem + L.x);    // [Bc][K]
@@ -336,12 +351,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
   const int T_ = a.T, B = a.B, H = a.H, P = a.P, GH = G * H;
   const bool proj = CELL == kLSTM && a.wr_t != nullptr;
   const int Hb = plan.Hb, Pb = plan.Pb, Bc = plan.Bc;
-  const int unit_group = blockIdx.x / plan.bsplit;
-  const int j0 = unit_group * Hb, nj = max(0, min(H, j0 + Hb) - j0);
-  const int p0 = unit_group * Pb, np = max(0, min(P, p0 + Pb) - p0);
-  // The block's batch rows [r0, r1) (nr of them).
-  const int r0 = (blockIdx.x % plan.bsplit) * plan.Bg, r1 = min(B, r0 + plan.Bg);
-  const int nr = max(0, r1 - r0);
+  const BlockSlice sl = block_slice(plan, B, H, P);
+  const int j0 = sl.j0, nj = sl.nj, p0 = sl.p0, np = sl.np, r0 = sl.r0, r1 = sl.r1, nr = sl.nr;
   const SmemLayout L = smem_layout(plan.K, Bc, plan.C, plan.own_elems, plan.w_elems,
                                    plan.wr_elems, sizeof(T), plan.resident);
   float* x_s = reinterpret_cast<float*>(smem + L.x);      // [Bc][K]
