@@ -290,12 +290,9 @@ def test_one_chunk_rule():
         assert common.choose_config(16, 512, torch.device("cuda"))[0].one_chunk
 
 
-@pytest.mark.parametrize("name", CELLS)
-def test_one_chunk_kernels_equal_the_chunk_loop(name, monkeypatch):
-    """The ONE_CHUNK variant of the forward and backward kernels (the chunk's state or running
-    gradients, and the next step's inputs, carried in registers) computes exactly what the
-    chunk loop does, bit for bit: the same operations in the same order, only the loads
-    move."""
+def _spy_configs(monkeypatch, name, attr):
+    """The list that collects ``config.<attr>`` of every launch configuration the cell's
+    launchers choose from now on (forward, then backward)."""
     from rnnkern.backends.triton import gru, lstm, rnn
 
     module = {"lstm": lstm, "gru": gru}.get(cell_of(name), rnn)
@@ -303,10 +300,20 @@ def test_one_chunk_kernels_equal_the_chunk_loop(name, monkeypatch):
 
     def spy(*args, **kw):
         config, n_split = common.choose_config(*args, **kw)
-        chosen.append(config.one_chunk)
+        chosen.append(getattr(config, attr))
         return config, n_split
 
     monkeypatch.setattr(module, "choose_config", spy)
+    return chosen
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_one_chunk_kernels_equal_the_chunk_loop(name, monkeypatch):
+    """The ONE_CHUNK variant of the forward and backward kernels (the chunk's state or running
+    gradients, and the next step's inputs, carried in registers) computes exactly what the
+    chunk loop does, bit for bit: the same operations in the same order, only the loads
+    move."""
+    chosen = _spy_configs(monkeypatch, name, "one_chunk")
     T, B, H = (7, 3, 20) if DEVICE == "cpu" else (24, 16, 256)
     inp = make_inputs(name, T, B, H)
     lengths = _lengths([7, 2, 5] if DEVICE == "cpu" else "random", T, B)
@@ -326,17 +333,7 @@ def test_kernels_keep_weights_resident_where_the_rule_allows(name, monkeypatch):
     projection) and get them at this size, and outputs and gradients equal the streamed
     kernels' up to float32 rounding (the reference comparisons above run both paths at their
     sizes)."""
-    from rnnkern.backends.triton import gru, lstm, rnn
-
-    module = {"lstm": lstm, "gru": gru}.get(cell_of(name), rnn)
-    chosen = []
-
-    def spy(*args, **kw):
-        config, n_split = common.choose_config(*args, **kw)
-        chosen.append(config.k_res)
-        return config, n_split
-
-    monkeypatch.setattr(module, "choose_config", spy)
+    chosen = _spy_configs(monkeypatch, name, "k_res")
     T, B, H = (5, 3, 9) if DEVICE == "cpu" else (12, 16, 64)
     inp = make_inputs(name, T, B, H)
     resident = run(name, inp, "triton")

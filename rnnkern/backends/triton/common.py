@@ -348,7 +348,6 @@ def gate_products(
 
 @triton.jit
 def column_product(
-    acc,  # [BLOCK_B, BLOCK_H] float32
     a_ptr,  # A [B, K] float32 (dgh of a step), row stride K
     offs_b,  # [BLOCK_B]
     mask_b,  # [BLOCK_B]
@@ -362,8 +361,9 @@ def column_product(
     K_RES: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``acc + A[offs_b] @ W[:, offs_p]`` (the backward's ``dh_{s-1} = dgh_s W_hh``), from the
-    resident slice or streamed from L2."""
+    """``A[offs_b] @ W[:, offs_p]``, ``[BLOCK_B, BLOCK_H]`` float32 (the backward's
+    ``dh_{s-1} = dgh_s W_hh``), from the resident slice or streamed from L2."""
+    acc = tl.zeros((offs_b.shape[0], offs_p.shape[0]), dtype=tl.float32)
     if K_RES > 0:
         acc = resident_product(
             acc, acc, acc, acc, a_ptr, offs_b, mask_b, K, w_res, w_res, w_res, w_res, 1, K_RES,

@@ -302,6 +302,8 @@ def _gate_inputs(
     mask = mask_b[:, None] & mask_h[None, :]
     z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     if USE_TABLE:
+        # (not common.gate_tiles: its placeholders past G repeat gate 0, and loaded tiles kept
+        # live as accumulators cost up to 87 registers in the GEMV steps, compile_check sm_90)
         rows = table_ptr + tok[:, None] * GH + offs_h[None, :]
         g0 = tl.load(rows, mask=mask, other=0.0)
         g1, g2, g3 = z, z, z

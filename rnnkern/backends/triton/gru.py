@@ -349,9 +349,8 @@ def gru_backward_kernel(
         arrivals = step_sync(sync, arrivals, n_split, SPLIT, ONE_CHUNK)
         # phase 2: dh_{s-1} = dtot * z + dgh_s @ W_hh where valid, else unchanged.
         if ONE_CHUNK:
-            acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
             acc = column_product(
-                acc, dgh_ptr + s64 * B * 3 * H, offs_b, mask_b, 3 * H, w_ptr, offs_c, mask_c, H,
+                dgh_ptr + s64 * B * 3 * H, offs_b, mask_b, 3 * H, w_ptr, offs_c, mask_c, H,
                 w_res, BLOCK_K, K_RES, PRECISION,
             )  # fmt: skip
             dh_own = tl.where(keep, dtot_c * z_c + acc, dh_own)
@@ -361,9 +360,8 @@ def gru_backward_kernel(
                 mask_h = offs_h < H
                 mask = mask_b[:, None] & mask_h[None, :]
                 bh = offs_b[:, None] * H + offs_h[None, :]
-                acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
                 acc = column_product(
-                    acc, dgh_ptr + s64 * B * 3 * H, offs_b, mask_b, 3 * H, w_ptr, offs_h, mask_h,
+                    dgh_ptr + s64 * B * 3 * H, offs_b, mask_b, 3 * H, w_ptr, offs_h, mask_h,
                     H, w_res, BLOCK_K, K_RES, PRECISION,
                 )  # fmt: skip
                 dy_rows = dy_ptr + (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]

@@ -436,9 +436,8 @@ def lstm_backward_kernel(
         arrivals = step_sync(sync, arrivals, n_split, SPLIT, ONE_CHUNK)
         # phase 2 (P chunks): dh_{s-1} = dgh_s @ W_hh where valid, else unchanged.
         if ONE_CHUNK:
-            acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
             acc = column_product(
-                acc, dgh_ptr + s64 * B * 4 * H, offs_b, mask_b, 4 * H, w_ptr, offs_c, mask_c, P,
+                dgh_ptr + s64 * B * 4 * H, offs_b, mask_b, 4 * H, w_ptr, offs_c, mask_c, P,
                 w_res, BLOCK_K, K_RES, PRECISION,
             )  # fmt: skip
             dh_own = tl.where(valid[:, None], acc, dh_own)
@@ -448,9 +447,8 @@ def lstm_backward_kernel(
                 mask_p = offs_p < P
                 mask = mask_b[:, None] & mask_p[None, :]
                 bp = offs_b[:, None] * P + offs_p[None, :]
-                acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
                 acc = column_product(
-                    acc, dgh_ptr + s64 * B * 4 * H, offs_b, mask_b, 4 * H, w_ptr, offs_p, mask_p,
+                    dgh_ptr + s64 * B * 4 * H, offs_b, mask_b, 4 * H, w_ptr, offs_p, mask_p,
                     P, w_res, BLOCK_K, K_RES, PRECISION,
                 )  # fmt: skip
                 dh = tl.load(dh_ptr + bp, mask=mask, other=0.0)

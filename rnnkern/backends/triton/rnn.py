@@ -273,9 +273,8 @@ def rnn_backward_kernel(
         arrivals = step_sync(sync, arrivals, n_split, SPLIT, ONE_CHUNK)
         # phase 2: dh_{s-1} = dgh_s @ W_hh where valid, else unchanged.
         if ONE_CHUNK:
-            acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
             acc = column_product(
-                acc, dgh_ptr + s64 * B * H, offs_b, mask_b, H, w_ptr, offs_c, mask_c, H, w_res,
+                dgh_ptr + s64 * B * H, offs_b, mask_b, H, w_ptr, offs_c, mask_c, H, w_res,
                 BLOCK_K, K_RES, PRECISION,
             )  # fmt: skip
             dh_own = tl.where(keep, acc, dh_own)
@@ -285,9 +284,8 @@ def rnn_backward_kernel(
                 mask_h = offs_h < H
                 mask = mask_b[:, None] & mask_h[None, :]
                 bh = offs_b[:, None] * H + offs_h[None, :]
-                acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
                 acc = column_product(
-                    acc, dgh_ptr + s64 * B * H, offs_b, mask_b, H, w_ptr, offs_h, mask_h, H,
+                    dgh_ptr + s64 * B * H, offs_b, mask_b, H, w_ptr, offs_h, mask_h, H,
                     w_res, BLOCK_K, K_RES, PRECISION,
                 )  # fmt: skip
                 dh = tl.load(dh_ptr + bh, mask=mask, other=0.0)
