@@ -37,7 +37,11 @@ Tolerances.
   never rounded to 16 bits), so the two differ only where a float32 summation-order
   difference moves a value across a 16-bit rounding boundary: at most one more 16-bit half-ulp
   on the affected element, i.e. at most twice the reference's own rounding error. Hence
-  ``K_LOW = 2`` plus a float32 floor of 4 ulps of the largest value.
+  ``K_LOW = 2`` plus a float32 floor of 4 ulps of the largest value. The bfloat16 tensor-core
+  matvec (``mma``) also rounds h (forward) and dpre (backward) to bfloat16 as they enter the
+  product, which torch.nn's bfloat16 path does too (its states and gradients are bfloat16
+  tensors), so its extra error is of the kind already in torch's and the same bound holds
+  (emulated, the largest ratio to torch's error over every cell and plan is 1.7).
 """
 
 from __future__ import annotations
@@ -150,18 +154,22 @@ from rnnkern.functional import rnn_layer
 torch.manual_seed(0)
 cells = (("lstm", 0), ("lstm", 3), ("gru", 0), ("rnn_tanh", 0), ("rnn_relu", 0))
 shapes = ((3, 2, 7), (2, 3, 2048), (3, 20, 64))
-for matvec, (cell, proj), (T, B, H) in itertools.product(("simple", "tiled"), cells, shapes):
+matvecs = (("simple", torch.float32), ("tiled", torch.float32), ("mma", torch.bfloat16))
+for (matvec, dtype), (cell, proj), (T, B, H) in itertools.product(matvecs, cells, shapes):
+    if matvec == "mma" and (H % 4 or (proj or H) % 4):
+        continue  # its wide loads need sizes in multiples of 4
     os.environ["RNNKERN_CUDA_MATVEC"] = matvec
     print("running", matvec, cell, "proj", proj, "T B H", T, B, H, flush=True)
     G = {"lstm": 4, "gru": 3}.get(cell, 1)
     P = proj or H
     d = dict(device="cuda", requires_grad=True)
-    x = torch.randn(T, B, 5, **d)
+    w = dict(device="cuda", dtype=dtype)
+    x = torch.randn(T, B, 5, **w).requires_grad_()
     h0 = torch.randn(B, P, **d)
     c0 = torch.randn(B, H, **d) if cell == "lstm" else None
-    w_ih = torch.randn(G * H, 5, **d)
-    w_hh = (torch.randn(G * H, P, device="cuda") / P**0.5).requires_grad_()
-    w_hr = torch.randn(P, H, **d) if proj else None
+    w_ih = torch.randn(G * H, 5, **w).requires_grad_()
+    w_hh = (torch.randn(G * H, P, **w) / P**0.5).requires_grad_()
+    w_hr = torch.randn(P, H, **w).requires_grad_() if proj else None
     lengths = torch.tensor([T] + [1] * (B - 1), device="cuda")
     y, h, c = rnn_layer(cell, x, h0, c0, w_ih, w_hh, None, None, w_hr, lengths=lengths,
                         reverse=True, backend="cuda")
@@ -395,18 +403,23 @@ def test_batch_split_choice(device, monkeypatch):
         plan(True, lstm, fp32, 64, 512, 512, False)
 
 
+def _bench_row_shape(device):
+    """(B, H, T) of a layer whose plan splits the batch in groups of 16+ rows: emulated, 40
+    rows on 8 SMs (configured here); on a GPU, B = 64 and H = 512."""
+    if device == "cpu":
+        cuda_emulation.configure(8, 232448)
+        return 40, 8, 3
+    return 64, 512, 4
+
+
 def test_cuda_train_row_without_the_batch_split(device, monkeypatch):
     # The benchmark's "batch not split" row (rnnkern.bench.cuda_train) runs the plan without a
     # split, next to the default one that splits; at B = 16 (never split) the "batch in 2
-    # groups" row forces one. Emulated: 40 rows on 8 SMs; on a GPU: B = 64, H = 512.
+    # groups" row forces one.
     from rnnkern.bench import cuda_train
 
     monkeypatch.delenv("RNNKERN_CUDA_BATCH_SPLIT", raising=False)
-    if device == "cpu":
-        cuda_emulation.configure(8, 232448)
-        B, H, T = 40, 8, 3
-    else:
-        B, H, T = 64, 512, 4
+    B, H, T = _bench_row_shape(device)
     case = cuda_train.make_case("LSTM", torch.float32, B, H, True, device, T=T)
     assert set(case.fns) == {"torch.nn", "rnnkern[cuda]", "rnnkern[cuda], batch not split"}
     case.fns["rnnkern[cuda]"]()
@@ -421,6 +434,25 @@ def test_cuda_train_row_without_the_batch_split(device, monkeypatch):
     small.fns["rnnkern[cuda], batch in 2 groups"]()
     assert BACKEND.last_launch["batch_groups"] == 2
     assert "RNNKERN_CUDA_BATCH_SPLIT" not in os.environ
+
+
+def test_cuda_train_row_with_the_fma_matvec(device, monkeypatch):
+    # Where the plan multiplies on the tensor cores (bfloat16, >= 16 rows a group), the
+    # benchmark's "fma matvec" row runs the same layer with the float32-FMA matvec.
+    from rnnkern.bench import cuda_train
+
+    monkeypatch.delenv("RNNKERN_CUDA_MATVEC", raising=False)
+    monkeypatch.delenv("RNNKERN_CUDA_BATCH_SPLIT", raising=False)
+    B, H, T = _bench_row_shape(device)
+    case = cuda_train.make_case("GRU", torch.bfloat16, B, H, True, device, T=T)
+    assert "rnnkern[cuda], fma matvec" in case.fns
+    case.fns["rnnkern[cuda]"]()
+    assert BACKEND.last_launch["matvec"] == "mma"
+    case.fns["rnnkern[cuda], fma matvec"]()
+    assert BACKEND.last_launch["matvec"] == "tiled"
+    assert "RNNKERN_CUDA_MATVEC" not in os.environ  # restored after the call
+    fp32 = cuda_train.make_case("GRU", torch.float32, B, H, True, device, T=T)
+    assert "rnnkern[cuda], fma matvec" not in fp32.fns
 
 
 def test_small_layers_keep_weights_resident(device):
@@ -515,11 +547,10 @@ def _run_torch(name, inp, dtype, seed=1):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("name", CELLS)
-def test_low_precision_within_k_times_torch_error(device, name, dtype):
-    T, B, H = (24, 16, 256) if device == "cuda" else (8, 4, 40)  # emulation size on the CPU
-    inp = make_inputs(name, T, B, H, dtype=dtype, device=device)
+def _assert_within_k_times_torch_error(name, inp):
+    """The cuda backend's error against the float64 truth, on every output and gradient, is at
+    most K_LOW x torch's own error in the inputs' dtype (module docstring)."""
+    dtype = inp["w_hh"].dtype
     truth = run(name, inp, "reference", dtype=torch.float64)
     got = run(name, inp, "cuda")
     torch_nn = _run_torch(name, inp, dtype)
@@ -532,6 +563,80 @@ def test_low_precision_within_k_times_torch_error(device, name, dtype):
         assert err <= K_LOW * err_torch + floor, (
             f"{k}: cuda error {err:.3e} > {K_LOW} x torch's {err_torch:.3e} + {floor:.1e}"
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", CELLS)
+def test_low_precision_within_k_times_torch_error(device, name, dtype):
+    T, B, H = (24, 16, 256) if device == "cuda" else (8, 4, 40)  # emulation size on the CPU
+    _assert_within_k_times_torch_error(name, make_inputs(name, T, B, H, dtype=dtype, device=device))
+
+
+# The bfloat16 tensor-core matvec (RNNKERN_CUDA_MATVEC=mma) on the plan branches it meets:
+# name -> (sms, shared memory per block, (T, B, H), what must hold of the backward launch).
+MMA_PLANS = {
+    # 20 rows: a full and a partial 16-row batch tile; 10 row tiles, the last one partial
+    "two_batch_tiles": (4, 232448, (6, 20, 40), dict(batch_chunk=20)),
+    # 32 blocks of 4 units: one tile per matvec, so K is split over warps into the 8 KB buffer
+    # (forward 2-way, backward 8-way)
+    "split_k": (32, 232448, (3, 16, 128), dict(units_per_block=4)),
+    # 2.75 KB of shared memory: weights read from global memory (even the RNN's 800-byte
+    # slice), batch chunks of a row or two, the 2 KB split-K buffer
+    "streamed": (4, 2816, (4, 12, 40), dict(weights_in_smem=False)),
+    # 40 rows in 2 groups of 20 on 8 SMs
+    "batch_split": (8, 232448, (4, 40, 32), dict(batch_groups=2)),
+}
+
+
+@pytest.mark.parametrize("plan", list(MMA_PLANS))
+@pytest.mark.parametrize("name", CELLS)
+def test_mma_matvec_within_k_times_torch_error(device, monkeypatch, name, plan):
+    # The mma matvec rounds h (forward) and dpre (backward) to bfloat16 as they enter the
+    # product, as torch.nn's bfloat16 path does (its states and gradients are bfloat16
+    # tensors), so its error is of torch's kind and the same K_LOW bound holds.
+    sms, smem, (T, B, H), layout = MMA_PLANS[plan]
+    if device == "cuda":
+        B, H = B * 4, H * 8  # GPU-sized: more row and batch tiles
+        layout = {}
+    else:
+        cuda_emulation.configure(sms, smem)
+    monkeypatch.setenv("RNNKERN_CUDA_MATVEC", "mma")
+    _assert_within_k_times_torch_error(
+        name, make_inputs(name, T, B, H, dtype=torch.bfloat16, device=device)
+    )
+    info = BACKEND.last_launch  # the backward launch
+    assert info["matvec"] == "mma", info
+    for key, want in layout.items():
+        assert info[key] == want, (key, info)
+
+
+def test_matvec_choice(device, monkeypatch):
+    # By default the bfloat16 layers of 16 or more rows per batch group take the tensor cores;
+    # float32 (exact) and float16 (range) keep the FMA matvec, and so do sizes the mma loads
+    # cannot take. RNNKERN_CUDA_MATVEC overrides, with an error where mma cannot run.
+    if device == "cpu":
+        cuda_emulation.configure(132, 232448)
+    plan = cuda_backend._cuda.plan
+    lstm, fp32, fp16, bf16 = 0, 0, 1, 2
+    monkeypatch.delenv("RNNKERN_CUDA_MATVEC", raising=False)
+    for backward in (False, True):
+        assert plan(backward, lstm, bf16, 64, 1024, 1024, False)["matvec"] == "mma"
+        assert plan(backward, lstm, bf16, 16, 512, 512, False)["matvec"] == "mma"
+        assert plan(backward, lstm, bf16, 8, 512, 512, False)["matvec"] == "tiled"
+        assert plan(backward, lstm, fp32, 64, 512, 512, False)["matvec"] == "tiled"
+        assert plan(backward, lstm, fp16, 64, 512, 512, False)["matvec"] == "tiled"
+        assert plan(backward, lstm, bf16, 64, 510, 510, False)["matvec"] == "tiled"
+    monkeypatch.setenv("RNNKERN_CUDA_MATVEC", "mma")
+    assert plan(True, lstm, bf16, 1, 256, 256, False)["matvec"] == "mma"
+    with pytest.raises(ValueError, match="mma cannot run this layer: it multiplies bfloat16"):
+        plan(True, lstm, fp32, 64, 512, 512, False)
+    with pytest.raises(ValueError, match="multiples of 4, got 510 and 510"):
+        plan(False, lstm, bf16, 64, 510, 510, False)
+    monkeypatch.setenv("RNNKERN_CUDA_MATVEC", "tiled")
+    assert plan(True, lstm, bf16, 64, 512, 512, False)["matvec"] == "tiled"
+    monkeypatch.setenv("RNNKERN_CUDA_MATVEC", "fast")
+    with pytest.raises(ValueError, match="must be 'auto', 'tiled', 'mma' or 'simple', got 'fast'"):
+        plan(True, lstm, bf16, 64, 512, 512, False)
 
 
 def test_supports_gives_reasons(device):

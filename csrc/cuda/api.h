@@ -156,6 +156,7 @@ struct LaunchInfo {
   int batch_per_group;  // rows per group (the last may have fewer)
   int running_in_smem;  // backward: 1 when the running dh / dc of the block's rows live in
                         //   shared memory (else in dh0, dc0, dloc); forward: 0
+  int matvec;           // 0: simple, 1: tiled (float32 FMAs), 2: mma (bfloat16 tensor cores)
 };
 
 struct DeviceInfo {

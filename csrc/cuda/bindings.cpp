@@ -33,6 +33,8 @@ py::dict info_dict(const LaunchInfo& i) {
   d["batch_groups"] = i.batch_groups;
   d["batch_per_group"] = i.batch_per_group;
   d["running_in_smem"] = static_cast<bool>(i.running_in_smem);
+  static const char* const kMatvecNames[] = {"simple", "tiled", "mma"};
+  d["matvec"] = kMatvecNames[i.matvec];
   return d;
 }
 

@@ -26,6 +26,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "api.h"
@@ -60,6 +61,15 @@ __host__ __device__ inline size_t align16(size_t bytes) { return (bytes + 15) & 
 constexpr int kTileRows = 4;    // weight rows per warp tile of the tiled matvec
 constexpr int kTileBatch = 8;   // batch rows per warp tile (kTileRows * kTileBatch == 32 lanes)
 constexpr int kPartial = kWarps * kTileRows * kTileBatch;
+
+// The block matvecs (recurrence.cu's Plan::matvec; uniform over the grid).
+constexpr int kMatvecSimple = 0;  // block_matvec: one weight row per warp task (a cross-check)
+constexpr int kMatvecTiled = 1;   // block_matvec_tiled: register tiles, float32 FMAs
+constexpr int kMatvecMma = 2;     // block_matvec_mma: bfloat16 tensor cores (sm_80+)
+// Batch rows per warp task of the mma matvec (two n8 tiles share each weight fragment), and
+// the split-K buffer it asks for: 8 warps' partial sums of 16 rows x 16 batch rows.
+constexpr int kMmaBatch = 16;
+constexpr int kPartialMma = 8 * 16 * kMmaBatch;
 
 // ---------------------------------------------------------------------------------------------
 // device helpers
@@ -302,6 +312,21 @@ __device__ __forceinline__ float warp_transpose_sum(float (&v)[32]) {
   return v[0];  // after the 5 levels, slot 0 of lane l holds the total of value index l
 }
 
+// Adds the split-K partial sums [ks][nrows][nb] of the tiled and mma matvecs in a fixed order
+// (deterministic results) and hands each total to out. Called by every thread of the block.
+template <typename Out>
+__device__ __forceinline__ void add_partials(const float* partial, int ks, int nb, int nrows,
+                                             Out out) {
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < nrows * nb; idx += kThreads) {
+    const int r = idx / nb, bb = idx % nb;
+    float v = 0.f;
+    for (int kk = 0; kk < ks; ++kk) v += partial[(kk * nrows + r) * nb + bb];
+    out(bb, r, v);
+  }
+  __syncthreads();  // partial is reused by the next call
+}
+
 // Same contract as block_matvec, register-tiled: one warp task is a tile of kTileRows weight
 // rows x kTileBatch batch rows over a range of k (lanes stride k), so each k step loads 4
 // weights and 8 activations for 32 FMAs (block_matvec: 5 loads for 4). When the block has
@@ -355,23 +380,130 @@ __device__ __forceinline__ void block_matvec_tiled(const float* x, int ldx, int 
         partial[(kk * nrows + r0 + i) * nb + bb0 + q] = v;
     }
   }
-  if (ks > 1) {
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < nrows * nb; idx += kThreads) {
-      const int r = idx / nb, bb = idx % nb;
-      float v = 0.f;
-      for (int kk = 0; kk < ks; ++kk) v += partial[(kk * nrows + r) * nb + bb];
-      out(bb, r, v);
-    }
-    __syncthreads();  // partial is reused by the next call
-  }
+  if (ks > 1) add_partials(partial, ks, nb, nrows, out);
 }
 
-// Dispatch between the two matvecs (plan.tiled is uniform over the grid).
+// Two float32 values as a bfloat16x2 register, round to nearest even (lo in the low half, the
+// element order of the mma fragments).
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+#ifdef RNNKERN_CUDA_EMULATION
+  return static_cast<uint32_t>(__float2bfloat16_rn(lo).bits) |
+         (static_cast<uint32_t>(__float2bfloat16_rn(hi).bits) << 16);
+#else
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo: the low half
+  return *reinterpret_cast<const uint32_t*>(&v);
+#endif
+}
+
+// d += A B on the tensor cores: mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (fragment
+// layouts: emulation.h, after the PTX ISA). sm_80 and later; the plans never choose the mma
+// matvec on an older device, where this traps.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4],
+                                               const uint32_t (&b)[2]) {
+#ifdef RNNKERN_CUDA_EMULATION
+  const float c[4] = {d[0], d[1], d[2], d[3]};
+  rnnkern_emu::mma_m16n8k16_bf16(d, a, b, c);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();
+#endif
+}
+
+// Same contract as block_matvec, on the tensor cores, for bfloat16 weights only: x is rounded
+// to bfloat16 as it enters the product (the weights already are), products are exact and sums
+// float32. That rounding is the numerical difference from the float32 matvecs, and it is the
+// one torch.nn's bfloat16 path makes (its h and gradients are bfloat16 tensors).
+//
+// A warp task is a tile of 16 weight rows x kMmaBatch batch rows over a range of k: per 16 k,
+// each lane loads 4 consecutive weights of 2 rows (8-byte loads) and 4 consecutive x of 2
+// batch rows (16-byte loads), converts x to bfloat16 pairs and issues 2 mma (16 x 8 x 16).
+// The products only need A's and B's k indices to agree, so the lane's physical k
+// (4t .. 4t+3 of the 16) stand for the fragment's logical k (2t, 2t+1, 2t+8, 2t+9): one wide
+// load per operand instead of two. Needs K, ldx and the row length multiples of 4 and the
+// weight rows 8-byte aligned (make_plan checks). Split-K over warps as the tiled matvec, into
+// `partial` [ks][nrows][nb] (ks * nrows * nb <= partial_elems). Called by every thread.
 template <typename T, typename Out>
-__device__ __forceinline__ void matvec(bool tiled, const float* x, int ldx, int nb, int K,
-                                       int nrows, const Rows<T>& rows, float* partial, Out out) {
-  if (tiled)
+__device__ __forceinline__ void block_matvec_mma(const float* x, int ldx, int nb, int K,
+                                                 int nrows, const Rows<T>& rows,
+                                                 float* partial, int partial_elems, Out out) {
+#if RNNKERN_WITH_BF16
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane >> 2, t = lane & 3;
+    const int row_tiles = (nrows + 15) / 16;
+    const int batch_tiles = (nb + kMmaBatch - 1) / kMmaBatch;
+    const int tiles = row_tiles * batch_tiles;
+    const int ksteps = (K + 15) / 16;
+    // at least 4 k steps per warp; the partial sums must fit their buffer
+    const int ks = max(1, min(min(kWarps / tiles, ksteps / 4), partial_elems / (nrows * nb)));
+    const int kchunk = (ksteps + ks - 1) / ks;
+    for (int task = warp; task < tiles * ks; task += kWarps) {
+      const int tile = task % tiles, kk = task / tiles;
+      const int r0 = (tile / batch_tiles) * 16, bb0 = (tile % batch_tiles) * kMmaBatch;
+      const bool row_lo = r0 + g < nrows, row_hi = r0 + g + 8 < nrows;
+      const T* w_lo = rows.row(row_lo ? r0 + g : 0);
+      const T* w_hi = rows.row(row_hi ? r0 + g + 8 : 0);
+      bool col[2];
+      const float* xc[2];
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        col[n] = bb0 + 8 * n + g < nb;
+        xc[n] = x + static_cast<size_t>(col[n] ? bb0 + 8 * n + g : 0) * ldx;
+      }
+      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      const int s_end = min(ksteps, (kk + 1) * kchunk);
+      // two k steps in flight: the second step's loads are issued before the first's mma wait
+#pragma unroll 2
+      for (int st = kk * kchunk; st < s_end; ++st) {
+        const int k = st * 16 + 4 * t;
+        const bool in = k < K;  // K % 4 == 0: the lane's 4 k are all in or all out
+        const uint2 zero2 = {0u, 0u};
+        const uint2 lo = (in && row_lo) ? *reinterpret_cast<const uint2*>(w_lo + k) : zero2;
+        const uint2 hi = (in && row_hi) ? *reinterpret_cast<const uint2*>(w_hi + k) : zero2;
+        const uint32_t a[4] = {lo.x, hi.x, lo.y, hi.y};
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          float4 v = {0.f, 0.f, 0.f, 0.f};
+          if (in && col[n]) v = *reinterpret_cast<const float4*>(xc[n] + k);
+          const uint32_t b[2] = {pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w)};
+          mma_bf16_16816(acc[n], a, b);
+        }
+      }
+      // acc[n][i]: row r0 + g (+8 for i >= 2), batch row bb0 + 8n + 2t + (i & 1)
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = r0 + g + (i >= 2 ? 8 : 0), bb = bb0 + 8 * n + 2 * t + (i & 1);
+          if (r < nrows && bb < nb) {
+            if (ks == 1)
+              out(bb, r, acc[n][i]);
+            else
+              partial[(kk * nrows + r) * nb + bb] = acc[n][i];
+          }
+        }
+      }
+    }
+    if (ks > 1) add_partials(partial, ks, nb, nrows, out);
+    return;
+  }
+#endif
+  __trap();  // make_plan chooses the mma matvec for bfloat16 only
+}
+
+// Dispatch between the matvecs (mode: kMatvec*, uniform over the grid).
+template <typename T, typename Out>
+__device__ __forceinline__ void matvec(int mode, const float* x, int ldx, int nb, int K,
+                                       int nrows, const Rows<T>& rows, float* partial,
+                                       int partial_elems, Out out) {
+  if (mode == kMatvecMma)
+    block_matvec_mma<T>(x, ldx, nb, K, nrows, rows, partial, partial_elems, out);
+  else if (mode == kMatvecTiled)
     block_matvec_tiled<T>(x, ldx, nb, K, nrows, rows, partial, out);
   else
     block_matvec<T>(x, ldx, nb, K, nrows, rows, out);

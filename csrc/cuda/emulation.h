@@ -40,6 +40,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 
@@ -128,6 +130,9 @@ inline int __clz(unsigned int x) { return x == 0 ? 32 : __builtin_clz(x); }
 struct alignas(16) float4 {
   float x, y, z, w;
 };
+struct alignas(8) uint2 {
+  unsigned int x, y;
+};
 
 // IEEE binary16 and bfloat16 as their bits; conversions round to nearest even, as
 // __float2half_rn / __float2bfloat16_rn do. torch's float16 / bfloat16 tensors hold the same
@@ -193,6 +198,12 @@ inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long ex
 }
 
 inline void __nanosleep(unsigned int) { ::rnnkern_emu::yield(); }
+// A trap aborts the process, as on the GPU it ends the context (the kernels trap only where
+// the host-side plan rules the path out).
+[[noreturn]] inline void __trap() {
+  std::fputs("rnnkern._cuda_emulated: __trap() reached\n", stderr);
+  std::abort();
+}
 
 // ---- block barriers -----------------------------------------------------------------------
 inline void __syncthreads() { ::rnnkern_emu::block_barrier(0, 0); }
@@ -238,6 +249,53 @@ inline void __syncwarp(unsigned int mask = 0xffffffffu) {
   ::rnnkern_emu::check_full_mask(mask, "__syncwarp");
   ::rnnkern_emu::warp_exchange(0, 0, ::rnnkern_emu::kSync);
 }
+
+// ---- tensor cores ----------------------------------------------------------------------------
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, D = A B + C with A 16x16, B 16x8, per
+// the PTX ISA's "Matrix Fragments for mma.m16n8k16 with floating point type" (groupID =
+// lane >> 2, tid = lane % 4; elements low to high in each 32-bit register):
+//   A: a[0] = (row g, cols 2t, 2t+1), a[1] = (row g+8, same), a[2] = (row g, cols 2t+8, 2t+9),
+//      a[3] = (row g+8, same);  B: b[0] = (rows 2t, 2t+1, col g), b[1] = (rows 2t+8, 2t+9);
+//   C / D: c[0], c[1] = (row g, cols 2t, 2t+1), c[2], c[3] = (row g+8, same).
+// The warp's fragments are gathered through shuffles (a warp collective, as on the GPU: all
+// 32 lanes call it), and each lane computes its four elements in float32 (the bfloat16
+// products are exact in float32; the hardware's accumulation order is unspecified, this one
+// adds k in order).
+namespace rnnkern_emu {
+inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                              const float (&c)[4]) {
+  float A[16][16], Bm[16][8];
+  const auto half = [](uint32_t reg, int hi) {
+    return __bfloat162float(__nv_bfloat16{static_cast<uint16_t>(hi ? reg >> 16 : reg)});
+  };
+  for (int src = 0; src < 32; ++src) {
+    const uint64_t a01 = shuffle(0xffffffffu, a[0] | (uint64_t{a[1]} << 32), src, "mma");
+    const uint64_t a23 = shuffle(0xffffffffu, a[2] | (uint64_t{a[3]} << 32), src, "mma");
+    const uint64_t b01 = shuffle(0xffffffffu, b[0] | (uint64_t{b[1]} << 32), src, "mma");
+    const uint32_t ra[4] = {static_cast<uint32_t>(a01), static_cast<uint32_t>(a01 >> 32),
+                            static_cast<uint32_t>(a23), static_cast<uint32_t>(a23 >> 32)};
+    const uint32_t rb[2] = {static_cast<uint32_t>(b01), static_cast<uint32_t>(b01 >> 32)};
+    const int g = src >> 2, t = src & 3;
+    for (int i = 0; i < 8; ++i) {  // a_i: register i / 2, half i % 2
+      const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
+      const int col = t * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+      A[row][col] = half(ra[i / 2], i & 1);
+    }
+    for (int i = 0; i < 4; ++i) {  // b_i
+      const int row = t * 2 + (i & 1) + (i >= 2 ? 8 : 0);
+      Bm[row][g] = half(rb[i / 2], i & 1);
+    }
+  }
+  const int lane = static_cast<int>(current()->thread_idx.x % 32);
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0), col = t * 2 + (i & 1);
+    float acc = c[i];
+    for (int k = 0; k < 16; ++k) acc = std::fma(A[row][k], Bm[k][col], acc);
+    d[i] = acc;
+  }
+}
+}  // namespace rnnkern_emu
 
 // ---- the runtime API the launchers call -----------------------------------------------------
 enum cudaError_t : int { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchFailure = 4,

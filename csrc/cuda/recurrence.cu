@@ -32,6 +32,15 @@
 //
 // States and accumulation are float32 for every input dtype; weights stay in the input dtype
 // (half the shared memory for 16-bit inputs) and are converted on load.
+//
+// The matvec (device_common.cuh) runs on float32 FMAs in register tiles, or, for bfloat16
+// with at least kMmaMinRows rows per batch group, on the tensor cores (mma.sync m16n8k16,
+// float32 accumulation), which rounds the staged h or dpre to bfloat16 as it enters the
+// product. Why: at B = 64, H = 1024 an H100 block's forward matvec is 64 x 32 x 1024 = 2M
+// FMAs a step, 16K cycles of its SM's 128 float32 lanes (about 9 us; as much again in the
+// backward), where the SM's tensor cores take a quarter to an eighth of that (one mma
+// instruction is 2K multiply-adds). Unmeasured on a GPU so far: the cuda_train benchmark's
+// "fma matvec" rows compare the two.
 
 #include <string>
 #include <vector>
@@ -49,7 +58,7 @@ constexpr int kMaxBatchChunk = 64;
 // Dynamic shared memory of one block, the same arithmetic on host and device:
 //   x       [Bc][K] float  staged activations (h, m, dht or dpre rows of the batch chunk)
 //   pre     [Bc][C] float  the block's matvec results for the chunk
-//   partial [kPartial] float  split-K partial sums of the tiled matvec
+//   partial [partial] float  split-K partial sums of the tiled and mma matvecs (Plan::partial)
 //   own     own_elems float  backward, when it fits (Plan::own_smem): the running dh of the
 //           block's rows and state units [Bg][Pb] (phase B writes it, the next step's phases
 //           0 / A read it), then the running dc (LSTM) or dh_total * z (GRU) of its rows and
@@ -63,14 +72,14 @@ struct SmemLayout {
   size_t x, pre, partial, own, w, wr, total;
 };
 
-__host__ __device__ inline SmemLayout smem_layout(int K, int Bc, int C, size_t own_elems,
-                                                  size_t w_elems, size_t wr_elems, int elem_size,
-                                                  bool resident) {
+__host__ __device__ inline SmemLayout smem_layout(int K, int Bc, int C, int partial,
+                                                  size_t own_elems, size_t w_elems,
+                                                  size_t wr_elems, int elem_size, bool resident) {
   SmemLayout l;
   l.x = 0;
   l.pre = align16(sizeof(float) * size_t(Bc) * K);
   l.partial = l.pre + align16(sizeof(float) * size_t(Bc) * C);
-  l.own = l.partial + align16(sizeof(float) * kPartial);
+  l.own = l.partial + align16(sizeof(float) * partial);
   l.w = l.own + align16(sizeof(float) * own_elems);
   l.wr = l.w + (resident ? align16(elem_size * w_elems) : 0);
   l.total = l.wr + (resident ? align16(elem_size * wr_elems) : 0);
@@ -87,7 +96,8 @@ struct Plan {
   int Bc;        // batch chunk
   int resident;  // weights in shared memory
   int K, C;      // shared-memory layout parameters (see smem_layout)
-  int tiled;     // 1: register-tiled split-K matvec (default); 0: the simple one (cross-check)
+  int matvec;    // kMatvecTiled, kMatvecMma or kMatvecSimple (device_common.cuh)
+  int partial;   // floats of the split-K buffer (kPartial; kPartialMma when it fits)
   int own_smem;  // backward: the running dh / dc (or dh_total * z) in shared memory
   size_t own_elems, w_elems, wr_elems;
   size_t smem;
@@ -154,11 +164,11 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
   const int Hb = plan.Hb, Pb = plan.Pb, Bc = plan.Bc;
   const BlockSlice sl = block_slice(plan, B, H, P);
   const int j0 = sl.j0, nj = sl.nj, p0 = sl.p0, np = sl.np, r0 = sl.r0, r1 = sl.r1, nr = sl.nr;
-  const SmemLayout L = smem_layout(plan.K, Bc, plan.C, plan.own_elems, plan.w_elems,
+  const SmemLayout L = smem_layout(plan.K, Bc, plan.C, plan.partial, plan.own_elems, plan.w_elems,
                                    plan.wr_elems, sizeof(T), plan.resident);
   float* x_s = reinterpret_cast<float*>(smem + L.x);    // [Bc][K]
   float* pre_s = reinterpret_cast<float*>(smem + L.pre);  // [Bc][G*Hb]
-  float* part_s = reinterpret_cast<float*>(smem + L.partial);  // [kPartial] split-K sums
+  float* part_s = reinterpret_cast<float*>(smem + L.partial);  // [plan.partial] split-K sums
   const T* gx = static_cast<const T*>(a.gx);
   const T* b_hh = static_cast<const T*>(a.b_hh);
   T* y = static_cast<T*>(a.y);
@@ -217,9 +227,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
         }
         stage_rows(x_s, hp, b0, nb, P);
         __syncthreads();
-        matvec<T>(plan.tiled, x_s, P, nb, P, G * nj, w, part_s, [&](int bb, int r, float v) {
-          pre_s[bb * plan.C + (r / nj) * Hb + r % nj] = v;
-        });
+        matvec<T>(plan.matvec, x_s, P, nb, P, G * nj, w, part_s, plan.partial,
+                  [&](int bb, int r, float v) { pre_s[bb * plan.C + (r / nj) * Hb + r % nj] = v; });
         __syncthreads();
         for (int i = threadIdx.x; i < nb * nj; i += kThreads) {
           const int bb = i / nj, jj = i % nj, b = b0 + bb, j = j0 + jj;
@@ -275,7 +284,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
           const int nb = min(Bc, r1 - b0);
           stage_rows(x_s, a.m, b0, nb, H);
           __syncthreads();
-          matvec<T>(plan.tiled, x_s, H, nb, H, np, wr, part_s, [&](int bb, int pp, float v) {
+          matvec<T>(plan.matvec, x_s, H, nb, H, np, wr, part_s, plan.partial,
+                    [&](int bb, int pp, float v) {
             const int b = b0 + bb, p = p0 + pp;
             const int len = length_of(a.lengths, b, T_, bar.error);
             const bool valid = s < len;
@@ -353,11 +363,11 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
   const int Hb = plan.Hb, Pb = plan.Pb, Bc = plan.Bc;
   const BlockSlice sl = block_slice(plan, B, H, P);
   const int j0 = sl.j0, nj = sl.nj, p0 = sl.p0, np = sl.np, r0 = sl.r0, r1 = sl.r1, nr = sl.nr;
-  const SmemLayout L = smem_layout(plan.K, Bc, plan.C, plan.own_elems, plan.w_elems,
+  const SmemLayout L = smem_layout(plan.K, Bc, plan.C, plan.partial, plan.own_elems, plan.w_elems,
                                    plan.wr_elems, sizeof(T), plan.resident);
   float* x_s = reinterpret_cast<float*>(smem + L.x);      // [Bc][K]
   float* pre_s = reinterpret_cast<float*>(smem + L.pre);  // [Bc][Hb] dm (projection)
-  float* part_s = reinterpret_cast<float*>(smem + L.partial);  // [kPartial] split-K sums
+  float* part_s = reinterpret_cast<float*>(smem + L.partial);  // [plan.partial] split-K sums
   const T* dy = static_cast<const T*>(a.dy);
   GridBarrier bar = group_barrier(a.sync, plan);
 
@@ -420,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
         if (proj) {  // dm = dh_total W_hr for the block's units: needs all of dht
           stage_rows(x_s, a.dht, b0, nb, P);
           __syncthreads();
-          matvec<T>(plan.tiled, x_s, P, nb, P, nj, wr, part_s,
+          matvec<T>(plan.matvec, x_s, P, nb, P, nj, wr, part_s, plan.partial,
                     [&](int bb, int jj, float v) { pre_s[bb * plan.C + jj] = v; });
           __syncthreads();
         }
@@ -504,7 +514,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
         const int nb = min(Bc, r1 - b0);
         stage_rows(x_s, dpre, b0, nb, GH);
         __syncthreads();
-        matvec<T>(plan.tiled, x_s, GH, nb, GH, np, wt, part_s, [&](int bb, int pp, float v) {
+        matvec<T>(plan.matvec, x_s, GH, nb, GH, np, wt, part_s, plan.partial,
+                  [&](int bb, int pp, float v) {
           const int b = b0 + bb, p = p0 + pp;
           const int len = length_of(a.lengths, b, T_, bar.error);
           if (s < len)
@@ -536,13 +547,51 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
 // 16 keep every tile full at the split sizes (B = 32, 64, ...) where a split pays.
 constexpr int kMinGroupRows = 16;
 
+// Batch rows per group from which the mma matvec is the default for bfloat16: a full warp
+// task (kMmaBatch rows); with fewer, most of each tensor-core tile is padding, and B < 16 on
+// the float32 FMAs is the measured winning regime (1.4-2.2x cuDNN at B = 1, H100).
+constexpr int kMmaMinRows = kMmaBatch;
+
+// Why the mma matvec cannot run a layer, or "" when it can. bfloat16 only: float16's range
+// would flush small gradients to zero when dpre is rounded to it, and float32 stays IEEE
+// (no TF32 unless asked, as everywhere in rnnkern). The wide loads need 4-element rows.
+std::string mma_unfit(int dtype, int H, int P, int major, bool weights_aligned) {
+  if (dtype != kBFloat16) return "it multiplies bfloat16 weights only";
+  if (major < 8) return "it needs compute capability 8.0 or later";
+  if (H % 4 != 0 || P % 4 != 0)
+    return "hidden_size and proj_size must be multiples of 4, got " + std::to_string(H) +
+           " and " + std::to_string(P);
+  if (!weights_aligned) return "the weight tensors must be 8-byte aligned";
+  return "";
+}
+
+// The matvec of a plan with Bg rows per batch group: RNNKERN_CUDA_MATVEC = "auto" (unset: mma
+// where it can run and Bg >= kMmaMinRows, else tiled), "tiled", "mma" or "simple" (the
+// one-row-per-warp cross-check). Asking for mma where it cannot run is an error.
+int choose_matvec(const std::string& unfit, int Bg) {
+  const char* env = std::getenv("RNNKERN_CUDA_MATVEC");
+  const std::string v = env ? env : "auto";
+  if (v == "auto") return unfit.empty() && Bg >= kMmaMinRows ? kMatvecMma : kMatvecTiled;
+  if (v == "tiled") return kMatvecTiled;
+  if (v == "simple") return kMatvecSimple;
+  if (v == "mma") {
+    if (!unfit.empty())
+      throw std::invalid_argument("rnnkern._cuda: RNNKERN_CUDA_MATVEC=mma cannot run this "
+                                  "layer: " + unfit);
+    return kMatvecMma;
+  }
+  throw std::invalid_argument("rnnkern._cuda: RNNKERN_CUDA_MATVEC must be 'auto', 'tiled', "
+                              "'mma' or 'simple', got '" + v + "'");
+}
+
 // The work split and shared-memory plan with `bsplit` batch groups, for `sms` blocks at most
 // and a shared-memory budget; false when it does not fit even with the weights in L2.
+// mma_why: mma_unfit's answer for the layer.
 // Forward: K = staged row length (P, or max(P, H) with projection), C = G*Hb,
 //          w = G*Hb*P (W_hh rows), wr = Pb*H (W_hr rows).
 // Backward: K = max(G*H, P), C = Hb, w = Pb*G*H (W_hhᵀ rows), wr = Hb*P (W_hrᵀ rows).
 bool plan_with_split(bool backward, int cell, int dtype, int B, int H, int P, bool proj, int sms,
-                     size_t budget, int bsplit, Plan* out) {
+                     size_t budget, int bsplit, const std::string& mma_why, Plan* out) {
   const int G = gate_count(cell);
   Plan p{};
   p.Bg = (B + bsplit - 1) / bsplit;
@@ -565,30 +614,33 @@ bool plan_with_split(bool backward, int cell, int dtype, int B, int H, int P, bo
     p.w_elems = static_cast<size_t>(G) * p.Hb * P;
     p.wr_elems = proj ? static_cast<size_t>(p.Pb) * H : 0;
   }
-  // RNNKERN_CUDA_MATVEC=simple selects the one-row-per-warp matvec (a cross-check of the
-  // tiled one; both must match the reference).
-  const char* mv = std::getenv("RNNKERN_CUDA_MATVEC");
-  p.tiled = (mv != nullptr && std::string(mv) == "simple") ? 0 : 1;
+  p.matvec = choose_matvec(mma_why, p.Bg);
   // Backward: the running values in shared memory where they fit (see smem_layout); at an
   // equal batch chunk that is preferred (a row of them is a small fraction of a staged row).
   const size_t own_elems =
       backward ? static_cast<size_t>(p.Bg) * (p.Pb + (cell == kLSTM || cell == kGRU ? p.Hb : 0))
                : 0;
   const int es = elem_size(dtype);
+  // The mma matvec's larger split-K buffer only where it costs no batch row and no residency
+  // (with kPartial it splits K over fewer warps).
+  const int partials[2] = {p.matvec == kMatvecMma ? kPartialMma : kPartial, kPartial};
   for (int resident = 1; resident >= 0; --resident) {
     for (int bc = std::min(p.Bg, kMaxBatchChunk); bc >= 1; --bc) {
       for (int own = own_elems > 0 ? 1 : 0; own >= 0; --own) {
-        const size_t n_own = own ? own_elems : 0;
-        const SmemLayout l =
-            smem_layout(p.K, bc, p.C, n_own, p.w_elems, p.wr_elems, es, resident);
-        if (l.total <= budget) {
-          p.Bc = bc;
-          p.resident = resident;
-          p.own_smem = own;
-          p.own_elems = n_own;
-          p.smem = l.total;
-          *out = p;
-          return true;
+        for (int partial : partials) {
+          const size_t n_own = own ? own_elems : 0;
+          const SmemLayout l =
+              smem_layout(p.K, bc, p.C, partial, n_own, p.w_elems, p.wr_elems, es, resident);
+          if (l.total <= budget) {
+            p.Bc = bc;
+            p.resident = resident;
+            p.own_smem = own;
+            p.own_elems = n_own;
+            p.partial = partial;
+            p.smem = l.total;
+            *out = p;
+            return true;
+          }
         }
       }
     }
@@ -630,14 +682,15 @@ std::vector<int> split_candidates(int B, int sms) {
 // The plan of a launch: of the candidate batch splits that fit, the one whose blocks read the
 // fewest bytes per step (the lower batch split on a tie; see the top comment).
 Plan make_plan(bool backward, int cell, int dtype, int B, int H, int P, bool proj, int sms,
-               size_t budget) {
+               size_t budget, const std::string& mma_why) {
   const int G = gate_count(cell), es = elem_size(dtype);
   Plan best{};
   bool found = false;
   size_t best_bytes = 0;
   for (int bsplit : split_candidates(B, sms)) {
     Plan p{};
-    if (!plan_with_split(backward, cell, dtype, B, H, P, proj, sms, budget, bsplit, &p))
+    if (!plan_with_split(backward, cell, dtype, B, H, P, proj, sms, budget, bsplit, mma_why,
+                         &p))
       continue;
     const size_t bytes = step_bytes(p, backward, G, H, P, proj, es);
     if (!found || bytes < best_bytes) {
@@ -705,14 +758,17 @@ void check_shape(int cell, int T, int B, int H, int P) {
 }
 
 // Plan against the current device, including the cooperative-launch occupancy check.
+// weights_aligned: the launch's weight pointers are 8-byte aligned (plans without a launch
+// assume so, as torch's allocations are).
 Plan plan_for(bool backward, int cell, int dtype, int B, int H, int P, bool proj,
-              KernelFn* kernel_out) {
+              bool weights_aligned, KernelFn* kernel_out) {
   const DeviceInfo dev = current_device();
   const KernelFn kernel = kernel_for(backward, cell, dtype);
   const void* k = reinterpret_cast<const void*>(kernel);
   const char* what = backward ? "layer_backward" : "layer_forward";
   const size_t budget = dynamic_smem_budget(k, dev, "cudaFuncGetAttributes");
-  Plan p = make_plan(backward, cell, dtype, B, H, P, proj, dev.sms, budget);
+  Plan p = make_plan(backward, cell, dtype, B, H, P, proj, dev.sms, budget,
+                     mma_unfit(dtype, H, P, dev.major, weights_aligned));
   allow_cooperative(k, p.blocks, p.smem, dev, what);
   if (kernel_out) *kernel_out = kernel;
   return p;
@@ -720,8 +776,12 @@ Plan plan_for(bool backward, int cell, int dtype, int B, int H, int P, bool proj
 
 LaunchInfo info_of(const Plan& p) {
   return LaunchInfo{p.blocks, kThreads, p.Hb, p.Pb, p.Bc, p.resident,
-                    static_cast<int64_t>(p.smem), p.bsplit, p.Bg, p.own_smem};
+                    static_cast<int64_t>(p.smem), p.bsplit, p.Bg, p.own_smem, p.matvec};
 }
+
+bool aligned8(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 7) == 0; }
+bool weights_aligned(const ForwardArgs& a) { return aligned8(a.w_hh) && aligned8(a.w_hr); }
+bool weights_aligned(const BackwardArgs& a) { return aligned8(a.w_t) && aligned8(a.wr_t); }
 
 template <typename Args>
 LaunchInfo launch(bool backward, const Args& a, bool proj, void* stream, int64_t timeout_ns,
@@ -729,7 +789,7 @@ LaunchInfo launch(bool backward, const Args& a, bool proj, void* stream, int64_t
   check_shape(a.cell, a.T, a.B, a.H, a.P);
   if (a.sync == nullptr) throw std::invalid_argument("rnnkern._cuda: sync buffer is null");
   KernelFn kernel = nullptr;
-  Plan p = plan_for(backward, a.cell, a.dtype, a.B, a.H, a.P, proj, &kernel);
+  Plan p = plan_for(backward, a.cell, a.dtype, a.B, a.H, a.P, proj, weights_aligned(a), &kernel);
   p.timeout_ns = timeout_ns;
   check(cudaGetLastError(), "a CUDA call before the rnnkern launch");
   check(launch_cooperative(reinterpret_cast<void (*)(Args, Plan)>(kernel), p.blocks, p.smem,
@@ -768,11 +828,11 @@ LaunchInfo layer_backward(const BackwardArgs& a, void* stream, int64_t timeout_n
 }
 
 LaunchInfo plan_forward(int cell, int dtype, int B, int H, int P, bool proj) {
-  return info_of(plan_for(false, cell, dtype, B, H, P, proj, nullptr));
+  return info_of(plan_for(false, cell, dtype, B, H, P, proj, true, nullptr));
 }
 
 LaunchInfo plan_backward(int cell, int dtype, int B, int H, int P, bool proj) {
-  return info_of(plan_for(true, cell, dtype, B, H, P, proj, nullptr));
+  return info_of(plan_for(true, cell, dtype, B, H, P, proj, true, nullptr));
 }
 
 DeviceInfo device_info() { return query_device(); }

@@ -10,7 +10,9 @@ blocks (csrc/cuda/recurrence.cu, top comment; B = 64 here), the row ``rnnkern[cu
 split`` runs the same module with ``RNNKERN_CUDA_BATCH_SPLIT=off``; at B = 16, which the plan
 never splits, the row ``rnnkern[cuda], batch in 2 groups`` forces a split
 (``RNNKERN_CUDA_BATCH_SPLIT=2``), so a run shows what splitting changes on both sides of the
-rule.
+rule. Where the plan multiplies on the tensor cores (bfloat16, 16 rows or more per batch group:
+the ``mma`` matvec), the row ``rnnkern[cuda], fma matvec`` runs the float32-FMA matvec instead
+(``RNNKERN_CUDA_MATVEC=tiled``).
 
     rnnkern bench --suite cuda_train --device cuda [--quick]
 """
@@ -32,33 +34,29 @@ HIDDEN = (256, 512, 1024)
 T = 256
 
 
-def batch_split(cell: str, dtype: torch.dtype, B: int, H: int) -> bool:
-    """Whether backend ``cuda``'s forward or backward plan splits this batch over blocks (on
-    the current device)."""
+def plans(cell: str, dtype: torch.dtype, B: int, H: int) -> list[dict]:
+    """Backend ``cuda``'s forward and backward plans for this layer (on the current device)."""
     from ..backends import cuda as cuda_backend
     from ..backends.base import CELL_CODES
 
     code, dt = CELL_CODES[cell.lower()], cuda_backend._DTYPE_CODE[dtype]
-    return any(
-        cuda_backend._cuda.plan(backward, code, dt, B, H, H, False)["batch_groups"] > 1
-        for backward in (False, True)
-    )
+    return [cuda_backend._cuda.plan(backward, code, dt, B, H, H, False) for backward in (0, 1)]
 
 
-def with_batch_split(fn, value: str):
-    """``fn`` run with ``RNNKERN_CUDA_BATCH_SPLIT=value`` (read by the launchers when they plan,
-    i.e. during the call)."""
+def with_env(fn, var: str, value: str):
+    """``fn`` run with the environment variable ``var=value`` (the launchers read theirs when
+    they plan, i.e. during the call), restored afterwards."""
 
     def run():
-        before = os.environ.get("RNNKERN_CUDA_BATCH_SPLIT")
-        os.environ["RNNKERN_CUDA_BATCH_SPLIT"] = value
+        before = os.environ.get(var)
+        os.environ[var] = value
         try:
             return fn()
         finally:
             if before is None:
-                del os.environ["RNNKERN_CUDA_BATCH_SPLIT"]
+                del os.environ[var]
             else:
-                os.environ["RNNKERN_CUDA_BATCH_SPLIT"] = before
+                os.environ[var] = before
 
     return run
 
@@ -81,10 +79,14 @@ def make_case(
         "torch.nn": module_step(base, x, train, dy),
         "rnnkern[cuda]": module_step(ours, x, train, dy),
     }
-    if batch_split(cell, dtype, B, H):
-        fns["rnnkern[cuda], batch not split"] = with_batch_split(fns["rnnkern[cuda]"], "off")
+    layer_plans = plans(cell, dtype, B, H)
+    ours_fn = fns["rnnkern[cuda]"]
+    if any(p["batch_groups"] > 1 for p in layer_plans):
+        fns["rnnkern[cuda], batch not split"] = with_env(ours_fn, "RNNKERN_CUDA_BATCH_SPLIT", "off")
     elif B == 16:
-        fns["rnnkern[cuda], batch in 2 groups"] = with_batch_split(fns["rnnkern[cuda]"], "2")
+        fns["rnnkern[cuda], batch in 2 groups"] = with_env(ours_fn, "RNNKERN_CUDA_BATCH_SPLIT", "2")
+    if any(p["matvec"] == "mma" for p in layer_plans):
+        fns["rnnkern[cuda], fma matvec"] = with_env(ours_fn, "RNNKERN_CUDA_MATVEC", "tiled")
     return Case(
         suite="cuda_train",
         name=f"{cell} {mode} B={B} H={H} T={T} {str(dtype).removeprefix('torch.')}",
