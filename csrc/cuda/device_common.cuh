@@ -71,6 +71,15 @@ constexpr int kMatvecMma = 2;     // block_matvec_mma: bfloat16 tensor cores (sm
 constexpr int kMmaBatch = 16;
 constexpr int kPartialMma = 8 * 16 * kMmaBatch;
 
+// Row stride (elements) of the mma matvec's operands in shared memory: n rounded up to 16 mod
+// 32. Its warp-wide loads take 4 lanes x 4 consecutive elements from each of 8 rows: 8-byte
+// weight loads run as two half-warp phases of 4 rows, 16-byte x loads as four quarter-warp
+// phases of 2 rows. Rows a multiple of 128 bytes apart (every n % 64 == 0) share their banks:
+// 4-way conflicts on the weights and 2-way on x. At 16 mod 32 elements the rows of a phase
+// start 32 or 96 bytes (bfloat16) or 64 bytes (float) apart mod 128, and no bank is hit
+// twice. The FMA matvecs read a row with consecutive lanes and need no padding.
+__host__ __device__ inline int mma_stride(int n) { return n + (48 - n % 32) % 32; }
+
 // ---------------------------------------------------------------------------------------------
 // device helpers
 // ---------------------------------------------------------------------------------------------
@@ -509,6 +518,24 @@ __device__ __forceinline__ void matvec(int mode, const float* x, int ldx, int nb
     block_matvec<T>(x, ldx, nb, K, nrows, rows, out);
 }
 
+// Walks one thread's elements e = start, start + kThreads, ... of rows of length n as (row,
+// col) without a division per element: divisions by a run-time n cost registers, and the
+// training kernels sit at their 128-register limit (the bfloat16 LSTM backward spilled 12-20
+// bytes on sm_90 with per-element divisions in the staging).
+struct RowWalk {
+  int row, col, q, rem, n;
+  __device__ __forceinline__ RowWalk(int start, int n_)
+      : row(start / n_), col(start % n_), q(kThreads / n_), rem(kThreads % n_), n(n_) {}
+  __device__ __forceinline__ void next() {
+    col += rem;
+    row += q;
+    if (col >= n) {
+      col -= n;
+      ++row;
+    }
+  }
+};
+
 // Copy rows [b0, b0+nb) of a [B][K] float matrix written by other blocks into shared memory.
 // __ldcg reads through L2 (never a stale L1 line from an earlier step).
 // 16-byte loads when the rows allow it (dst, the start of shared memory, is 16-byte aligned).
@@ -516,10 +543,26 @@ __device__ __forceinline__ void matvec(int mode, const float* x, int ldx, int nb
 // round trip (~0.5-1 us) per iteration, and a 64-row chunk takes a few dozen iterations.
 constexpr int kStageUnroll = 8;
 
-__device__ __forceinline__ void stage_rows(float* dst, const float* src, int b0, int nb, int K) {
+// ld: the row stride of dst (ld >= K; K for dense rows, mma_stride(K) for the mma matvec).
+__device__ __forceinline__ void stage_rows(float* dst, int ld, const float* src, int b0, int nb,
+                                           int K) {
   const float* s = src + static_cast<size_t>(b0) * K;
   const int n = nb * K;
-  if ((n & 3) == 0 && (reinterpret_cast<uintptr_t>(s) & 15) == 0) {
+  const bool dense = ld == K;  // (folded at compile time where the caller passes K twice)
+  const bool vec = (dense ? (n & 3) == 0 : ((K | ld) & 3) == 0) &&
+                   (reinterpret_cast<uintptr_t>(s) & 15) == 0;
+  // The place in dst of this thread's elements e = threadIdx.x, + kThreads, ... (units of float4
+  // when vec), in that order: e itself when dense, else its (row, col) at stride dl.
+  const int rl = vec ? K / 4 : K, dl = vec ? ld / 4 : ld;
+  RowWalk walk(threadIdx.x, dense ? 1 : rl);  // (unused, and so removed, when dense; dense
+                                              // rows may be shorter than a float4: rl = 0)
+  const auto at = [&](int e) {
+    if (dense) return e;
+    const int d = walk.row * dl + walk.col;
+    walk.next();
+    return d;
+  };
+  if (vec) {
     const float4* s4 = reinterpret_cast<const float4*>(s);
     float4* d4 = reinterpret_cast<float4*>(dst);
     const int n4 = n / 4;
@@ -529,9 +572,9 @@ __device__ __forceinline__ void stage_rows(float* dst, const float* src, int b0,
 #pragma unroll
       for (int u = 0; u < kStageUnroll; ++u) v[u] = __ldcg(s4 + i + u * kThreads);
 #pragma unroll
-      for (int u = 0; u < kStageUnroll; ++u) d4[i + u * kThreads] = v[u];
+      for (int u = 0; u < kStageUnroll; ++u) d4[at(i + u * kThreads)] = v[u];
     }
-    for (; i < n4; i += kThreads) d4[i] = __ldcg(s4 + i);
+    for (; i < n4; i += kThreads) d4[at(i)] = __ldcg(s4 + i);
   } else {
     int i = threadIdx.x;
     for (; i + (kStageUnroll - 1) * kThreads < n; i += kStageUnroll * kThreads) {
@@ -539,30 +582,37 @@ __device__ __forceinline__ void stage_rows(float* dst, const float* src, int b0,
 #pragma unroll
       for (int u = 0; u < kStageUnroll; ++u) v[u] = __ldcg(s + i + u * kThreads);
 #pragma unroll
-      for (int u = 0; u < kStageUnroll; ++u) dst[i + u * kThreads] = v[u];
+      for (int u = 0; u < kStageUnroll; ++u) dst[at(i + u * kThreads)] = v[u];
     }
-    for (; i < n; i += kThreads) dst[i] = __ldcg(s + i);
+    for (; i < n; i += kThreads) dst[at(i)] = __ldcg(s + i);
   }
 }
 
-// Copy a weight slice of `rows` (nrows rows of row_len) into a dense [nrows][row_len] array.
-// Once per launch; unrolled like stage_rows so the loads of one thread overlap.
+__device__ __forceinline__ void stage_rows(float* dst, const float* src, int b0, int nb, int K) {
+  stage_rows(dst, K, src, b0, nb, K);
+}
+
+// Copy a weight slice of `rows` (nrows rows of row_len) into a [nrows][ld] array (ld: the row
+// stride, at least row_len; 0, the default: dense). Once per launch; unrolled like stage_rows
+// so the loads of one thread overlap.
 template <typename T>
-__device__ void stage_weights(T* dst, const Rows<T>& rows, int nrows) {
+__device__ void stage_weights(T* dst, const Rows<T>& rows, int nrows, int ld = 0) {
   const int n = rows.row_len;
+  if (ld == 0) ld = n;
   const long long total = static_cast<long long>(nrows) * n;
+  RowWalk at(threadIdx.x, n);
   long long i = threadIdx.x;
   for (; i + (kStageUnroll - 1) * kThreads < total; i += kStageUnroll * kThreads) {
     T v[kStageUnroll];
+    RowWalk from = at;
 #pragma unroll
-    for (int u = 0; u < kStageUnroll; ++u) {
-      const long long e = i + u * kThreads;
-      v[u] = rows.row(static_cast<int>(e / n))[e % n];
-    }
+    for (int u = 0; u < kStageUnroll; ++u, from.next()) v[u] = rows.row(from.row)[from.col];
 #pragma unroll
-    for (int u = 0; u < kStageUnroll; ++u) dst[i + u * kThreads] = v[u];
+    for (int u = 0; u < kStageUnroll; ++u, at.next())
+      dst[static_cast<long long>(at.row) * ld + at.col] = v[u];
   }
-  for (; i < total; i += kThreads) dst[i] = rows.row(static_cast<int>(i / n))[i % n];
+  for (; i < total; i += kThreads, at.next())
+    dst[static_cast<long long>(at.row) * ld + at.col] = rows.row(at.row)[at.col];
 }
 
 // ---------------------------------------------------------------------------------------------

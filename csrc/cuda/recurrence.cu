@@ -56,7 +56,8 @@ namespace {
 constexpr int kMaxBatchChunk = 64;
 
 // Dynamic shared memory of one block, the same arithmetic on host and device:
-//   x       [Bc][K] float  staged activations (h, m, dht or dpre rows of the batch chunk)
+//   x       [Bc][K] float  staged activations (h, m, dht or dpre rows of the batch chunk;
+//           rows padded to mma_stride for the mma matvec, K being the largest stride)
 //   pre     [Bc][C] float  the block's matvec results for the chunk
 //   partial [partial] float  split-K partial sums of the tiled and mma matvecs (Plan::partial)
 //   own     own_elems float  backward, when it fits (Plan::own_smem): the running dh of the
@@ -98,6 +99,11 @@ struct Plan {
   int K, C;      // shared-memory layout parameters (see smem_layout)
   int matvec;    // kMatvecTiled, kMatvecMma or kMatvecSimple (device_common.cuh)
   int partial;   // floats of the split-K buffer (kPartial; kPartialMma when it fits)
+  // Shared-memory row strides of P-, H- and G*H-long rows (staged rows and resident weights):
+  // the lengths themselves, padded to mma_stride for the mma matvec. In the plan rather than
+  // computed in the kernels, where every live register counts (the bf16 LSTM backward spilled
+  // 20 bytes on sm_90 with them computed there).
+  int ld_p, ld_h, ld_gh;
   int own_smem;  // backward: the running dh / dc (or dh_total * z) in shared memory
   size_t own_elems, w_elems, wr_elems;
   size_t smem;
@@ -179,14 +185,15 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
             static_cast<long long>(H) * P, max(nj, 1), P};
   // W_hr rows of the block's state units: p0 + pp of w_hr [P, H].
   Rows<T> wr{static_cast<const T*>(a.w_hr) + static_cast<size_t>(p0) * H, 0, max(np, 1), H};
+  const int ldp = plan.ld_p, ldh = plan.ld_h;  // shared-memory row strides (Plan)
   if (plan.resident) {
-    T* w_s = reinterpret_cast<T*>(smem + L.w);  // [G][nj][P]
-    stage_weights(w_s, w, G * nj);
-    w = Rows<T>{w_s, static_cast<long long>(nj) * P, max(nj, 1), P};
+    T* w_s = reinterpret_cast<T*>(smem + L.w);  // [G][nj][ldp]
+    stage_weights(w_s, w, G * nj, ldp);
+    w = Rows<T>{w_s, static_cast<long long>(nj) * ldp, max(nj, 1), ldp};
     if (proj) {
-      T* wr_s = reinterpret_cast<T*>(smem + L.wr);  // [np][H]
-      stage_weights(wr_s, wr, np);
-      wr = Rows<T>{wr_s, 0, max(np, 1), H};
+      T* wr_s = reinterpret_cast<T*>(smem + L.wr);  // [np][ldh]
+      stage_weights(wr_s, wr, np, ldh);
+      wr = Rows<T>{wr_s, 0, max(np, 1), ldh};
     }
   }
 
@@ -225,9 +232,9 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
           for (int g = 0; g < G; ++g) pf_gx[g] = to_float(gxr[g * H + j]);
           if (CELL == kLSTM) pf_c = __ldcg(cp + static_cast<size_t>(b) * H + j);
         }
-        stage_rows(x_s, hp, b0, nb, P);
+        stage_rows(x_s, ldp, hp, b0, nb, P);
         __syncthreads();
-        matvec<T>(plan.matvec, x_s, P, nb, P, G * nj, w, part_s, plan.partial,
+        matvec<T>(plan.matvec, x_s, ldp, nb, P, G * nj, w, part_s, plan.partial,
                   [&](int bb, int r, float v) { pre_s[bb * plan.C + (r / nj) * Hb + r % nj] = v; });
         __syncthreads();
         for (int i = threadIdx.x; i < nb * nj; i += kThreads) {
@@ -255,7 +262,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
           for (int g = 0; g < G; ++g)
             gh[g] = pr[g * Hb] + (b_hh ? to_float(b_hh[g * H + j]) : 0.f);
           // h_prev: the staged copy of h_{s-1} (no projection here, so P == H).
-          const float h_prev = proj ? 0.f : x_s[bb * P + j];
+          const float h_prev = proj ? 0.f : x_s[bb * ldp + j];
           const CellStep<CELL> cs = cell_step<CELL>(gxv, gh, c_prev, h_prev);
           if (gates) {
 #pragma unroll
@@ -282,9 +289,9 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
       if (np > 0) {
         for (int b0 = r0; b0 < r1; b0 += Bc) {
           const int nb = min(Bc, r1 - b0);
-          stage_rows(x_s, a.m, b0, nb, H);
+          stage_rows(x_s, ldh, a.m, b0, nb, H);
           __syncthreads();
-          matvec<T>(plan.matvec, x_s, H, nb, H, np, wr, part_s, plan.partial,
+          matvec<T>(plan.matvec, x_s, ldh, nb, H, np, wr, part_s, plan.partial,
                     [&](int bb, int pp, float v) {
             const int b = b0 + bb, p = p0 + pp;
             const int len = length_of(a.lengths, b, T_, bar.error);
@@ -374,14 +381,15 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
   // Rows of W_hhᵀ [P, G*H] for the block's state units; rows of W_hrᵀ [H, P] for its units.
   Rows<T> wt{static_cast<const T*>(a.w_t) + static_cast<size_t>(p0) * GH, 0, max(np, 1), GH};
   Rows<T> wr{static_cast<const T*>(a.wr_t) + static_cast<size_t>(j0) * P, 0, max(nj, 1), P};
+  const int ldg = plan.ld_gh, ldp = plan.ld_p;  // shared-memory row strides (Plan)
   if (plan.resident) {
-    T* wt_s = reinterpret_cast<T*>(smem + L.w);  // [np][G*H]
-    stage_weights(wt_s, wt, np);
-    wt = Rows<T>{wt_s, 0, max(np, 1), GH};
+    T* wt_s = reinterpret_cast<T*>(smem + L.w);  // [np][ldg]
+    stage_weights(wt_s, wt, np, ldg);
+    wt = Rows<T>{wt_s, 0, max(np, 1), ldg};
     if (proj) {
-      T* wr_s = reinterpret_cast<T*>(smem + L.wr);  // [nj][P]
-      stage_weights(wr_s, wr, nj);
-      wr = Rows<T>{wr_s, 0, max(nj, 1), P};
+      T* wr_s = reinterpret_cast<T*>(smem + L.wr);  // [nj][ldp]
+      stage_weights(wr_s, wr, nj, ldp);
+      wr = Rows<T>{wr_s, 0, max(nj, 1), ldp};
     }
   }
 
@@ -428,9 +436,9 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
       for (int b0 = r0; b0 < r1; b0 += Bc) {
         const int nb = min(Bc, r1 - b0);
         if (proj) {  // dm = dh_total W_hr for the block's units: needs all of dht
-          stage_rows(x_s, a.dht, b0, nb, P);
+          stage_rows(x_s, ldp, a.dht, b0, nb, P);
           __syncthreads();
-          matvec<T>(plan.matvec, x_s, P, nb, P, nj, wr, part_s, plan.partial,
+          matvec<T>(plan.matvec, x_s, ldp, nb, P, nj, wr, part_s, plan.partial,
                     [&](int bb, int jj, float v) { pre_s[bb * plan.C + jj] = v; });
           __syncthreads();
         }
@@ -512,9 +520,9 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
     if (np > 0) {
       for (int b0 = r0; b0 < r1; b0 += Bc) {
         const int nb = min(Bc, r1 - b0);
-        stage_rows(x_s, dpre, b0, nb, GH);
+        stage_rows(x_s, ldg, dpre, b0, nb, GH);
         __syncthreads();
-        matvec<T>(plan.matvec, x_s, GH, nb, GH, np, wt, part_s, plan.partial,
+        matvec<T>(plan.matvec, x_s, ldg, nb, GH, np, wt, part_s, plan.partial,
                   [&](int bb, int pp, float v) {
           const int b = b0 + bb, p = p0 + pp;
           const int len = length_of(a.lengths, b, T_, bar.error);
@@ -590,6 +598,7 @@ int choose_matvec(const std::string& unfit, int Bg) {
 // Forward: K = staged row length (P, or max(P, H) with projection), C = G*Hb,
 //          w = G*Hb*P (W_hh rows), wr = Pb*H (W_hr rows).
 // Backward: K = max(G*H, P), C = Hb, w = Pb*G*H (W_hhᵀ rows), wr = Hb*P (W_hrᵀ rows).
+// With the mma matvec every row length n in these is its padded stride mma_stride(n).
 bool plan_with_split(bool backward, int cell, int dtype, int B, int H, int P, bool proj, int sms,
                      size_t budget, int bsplit, const std::string& mma_why, Plan* out) {
   const int G = gate_count(cell);
@@ -603,18 +612,23 @@ bool plan_with_split(bool backward, int cell, int dtype, int B, int H, int P, bo
   // Without a projection the state units are the hidden units, and the backward relies on a
   // block owning the same range of both (dh and dh_total * z of its units are block-local).
   p.Pb = proj ? (P + unit_groups - 1) / unit_groups : p.Hb;
-  if (backward) {
-    p.K = std::max(G * H, proj ? P : 0);
-    p.C = p.Hb;
-    p.w_elems = static_cast<size_t>(p.Pb) * G * H;
-    p.wr_elems = proj ? static_cast<size_t>(p.Hb) * P : 0;
-  } else {
-    p.K = proj ? std::max(P, H) : P;
-    p.C = G * p.Hb;
-    p.w_elems = static_cast<size_t>(G) * p.Hb * P;
-    p.wr_elems = proj ? static_cast<size_t>(p.Pb) * H : 0;
-  }
   p.matvec = choose_matvec(mma_why, p.Bg);
+  // row strides in shared memory (the kernels' ld*): padded for the mma matvec
+  const auto ld = [&](int n) { return p.matvec == kMatvecMma ? mma_stride(n) : n; };
+  p.ld_p = ld(P);
+  p.ld_h = ld(H);
+  p.ld_gh = ld(G * H);
+  if (backward) {
+    p.K = ld(std::max(G * H, proj ? P : 0));
+    p.C = p.Hb;
+    p.w_elems = static_cast<size_t>(p.Pb) * ld(G * H);
+    p.wr_elems = proj ? static_cast<size_t>(p.Hb) * ld(P) : 0;
+  } else {
+    p.K = ld(proj ? std::max(P, H) : P);
+    p.C = G * p.Hb;
+    p.w_elems = static_cast<size_t>(G) * p.Hb * ld(P);
+    p.wr_elems = proj ? static_cast<size_t>(p.Pb) * ld(H) : 0;
+  }
   // Backward: the running values in shared memory where they fit (see smem_layout); at an
   // equal batch chunk that is preferred (a row of them is a small fraction of a staged row).
   const size_t own_elems =
