@@ -8,6 +8,7 @@ and asking for the backend explains how to build it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import os
 import shutil
@@ -109,13 +110,13 @@ class OptionalBuildExt(build_ext):
         gencode = cuda_gencode_flags(os.environ.get("RNNKERN_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))
         out_dir = os.path.join(self.build_temp, "cuda")
         os.makedirs(out_dir, exist_ok=True)
-        objects = []
+        flags = " ".join(gencode)
+        objects, jobs = [], []
         for src in CUDA_SOURCES:
             obj = os.path.join(out_dir, os.path.basename(src) + ".o")
             objects.append(obj)
             inputs = [src, *CUDA_HEADERS]
             stamp = obj + ".flags"  # the targets the object was built for
-            flags = " ".join(gencode)
             if (
                 os.path.exists(obj)
                 and os.path.exists(stamp)
@@ -125,10 +126,19 @@ class OptionalBuildExt(build_ext):
                 continue  # up to date
             cmd = [nvcc, "-c", src, "-o", obj, "-std=c++17", "-O3", "--threads", "0",
                    "-Xcompiler", "-fPIC", *gencode]  # fmt: skip
+            jobs.append((cmd, stamp))
+
+        def compile_one(job):
+            cmd, stamp = job
             print("rnnkern:", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
             with open(stamp, "w") as f:
                 f.write(flags)
+
+        # The sources compile side by side (--threads 0 only spreads one source's targets over
+        # cores, and a GPU machine's build names one target).
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+            list(pool.map(compile_one, jobs))
         ext.extra_objects = [*objects, cudart]
 
 

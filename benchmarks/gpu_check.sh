@@ -77,7 +77,14 @@ run_stage() {
 cat "$OUT_DIR/environment.txt"
 
 if [[ $STAGES == *,build,* ]]; then
-  # C++ (and CUDA, when nvcc is present) extensions in place; Triton needs no build.
+  # C++ (and CUDA, when nvcc is present) extensions in place; Triton needs no build. The CUDA
+  # kernels for this machine's GPU only (unless RNNKERN_CUDA_ARCHS says otherwise): half the
+  # nvcc time of the default sm_80,sm_90+PTX, out of a device budget counted in minutes.
+  if [ -z "${RNNKERN_CUDA_ARCHS:-}" ]; then
+    CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1)
+    [[ $CAP =~ ^[0-9]+\.[0-9]+$ ]] && export RNNKERN_CUDA_ARCHS="$CAP"
+  fi
+  echo "RNNKERN_CUDA_ARCHS=${RNNKERN_CUDA_ARCHS:-default}" >>"$OUT_DIR/environment.txt"
   run_stage build "$(($(left) < 150 ? $(left) : 150))" "$PY" setup.py build_ext --inplace
 fi
 if [[ $STAGES == *,compile,* ]]; then
