@@ -69,6 +69,7 @@ struct BackwardArgs {
                             //   (LaunchInfo::running_in_smem)
   float* dc0;               // out [B, H] (lstm; the running dc when not in shared memory) or null
   float* dpre;              // scratch [2, B, G*H]: recurrent pre-activation gradients, 2 slots
+                            //   (bfloat16 in its first half when the plan's matvec is mma)
   float* dht;               // scratch projection: [B, P] dh + dy of the current step; else null
   float* dloc;              // scratch gru: [B, H] dh_total * z when not in shared memory; else null
   unsigned long long* sync; // [kTrainSyncWords] zeroed before the launch

@@ -543,19 +543,32 @@ struct RowWalk {
 // round trip (~0.5-1 us) per iteration, and a 64-row chunk takes a few dozen iterations.
 constexpr int kStageUnroll = 8;
 
+// Elements 4 * q .. 4 * q + 3 of p as floats (16-bit: one 8-byte load); p 4-element aligned.
+__device__ __forceinline__ float4 load4_cg(const float* p, int q) {
+  return __ldcg(reinterpret_cast<const float4*>(p) + q);
+}
+__device__ __forceinline__ float4 load4_cg(const __nv_bfloat16* p, int q) {
+  const uint2 v = __ldcg(reinterpret_cast<const uint2*>(p) + q);
+  const auto lo = [](uint32_t w) { return __uint_as_float(w << 16); };  // bf16 -> f32: exact
+  const auto hi = [](uint32_t w) { return __uint_as_float(w & 0xffff0000u); };
+  return float4{lo(v.x), hi(v.x), lo(v.y), hi(v.y)};
+}
+
 // ld: the row stride of dst (ld >= K; K for dense rows, mma_stride(K) for the mma matvec).
-__device__ __forceinline__ void stage_rows(float* dst, int ld, const float* src, int b0, int nb,
+// S: float, or bfloat16 for the dpre rows of the mma plans (converted to float here, exactly).
+template <typename S>
+__device__ __forceinline__ void stage_rows(float* dst, int ld, const S* src, int b0, int nb,
                                            int K) {
-  const float* s = src + static_cast<size_t>(b0) * K;
+  const S* s = src + static_cast<size_t>(b0) * K;
   const int n = nb * K;
   const bool dense = ld == K;  // (folded at compile time where the caller passes K twice)
   const bool vec = (dense ? (n & 3) == 0 : ((K | ld) & 3) == 0) &&
-                   (reinterpret_cast<uintptr_t>(s) & 15) == 0;
-  // The place in dst of this thread's elements e = threadIdx.x, + kThreads, ... (units of float4
-  // when vec), in that order: e itself when dense, else its (row, col) at stride dl.
+                   (reinterpret_cast<uintptr_t>(s) & (4 * sizeof(S) - 1)) == 0;
+  // The place in dst of this thread's elements e = threadIdx.x, + kThreads, ... (units of 4
+  // elements when vec), in that order: e itself when dense, else its (row, col) at stride dl.
   const int rl = vec ? K / 4 : K, dl = vec ? ld / 4 : ld;
   RowWalk walk(threadIdx.x, dense ? 1 : rl);  // (unused, and so removed, when dense; dense
-                                              // rows may be shorter than a float4: rl = 0)
+                                              // rows may be shorter than 4 elements: rl = 0)
   const auto at = [&](int e) {
     if (dense) return e;
     const int d = walk.row * dl + walk.col;
@@ -563,33 +576,32 @@ __device__ __forceinline__ void stage_rows(float* dst, int ld, const float* src,
     return d;
   };
   if (vec) {
-    const float4* s4 = reinterpret_cast<const float4*>(s);
     float4* d4 = reinterpret_cast<float4*>(dst);
     const int n4 = n / 4;
     int i = threadIdx.x;
     for (; i + (kStageUnroll - 1) * kThreads < n4; i += kStageUnroll * kThreads) {
       float4 v[kStageUnroll];
 #pragma unroll
-      for (int u = 0; u < kStageUnroll; ++u) v[u] = __ldcg(s4 + i + u * kThreads);
+      for (int u = 0; u < kStageUnroll; ++u) v[u] = load4_cg(s, i + u * kThreads);
 #pragma unroll
       for (int u = 0; u < kStageUnroll; ++u) d4[at(i + u * kThreads)] = v[u];
     }
-    for (; i < n4; i += kThreads) d4[at(i)] = __ldcg(s4 + i);
+    for (; i < n4; i += kThreads) d4[at(i)] = load4_cg(s, i);
   } else {
     int i = threadIdx.x;
     for (; i + (kStageUnroll - 1) * kThreads < n; i += kStageUnroll * kThreads) {
       float v[kStageUnroll];
 #pragma unroll
-      for (int u = 0; u < kStageUnroll; ++u) v[u] = __ldcg(s + i + u * kThreads);
+      for (int u = 0; u < kStageUnroll; ++u) v[u] = to_float(__ldcg(s + i + u * kThreads));
 #pragma unroll
       for (int u = 0; u < kStageUnroll; ++u) dst[at(i + u * kThreads)] = v[u];
     }
-    for (; i < n; i += kThreads) dst[at(i)] = __ldcg(s + i);
+    for (; i < n; i += kThreads) dst[at(i)] = to_float(__ldcg(s + i));
   }
 }
 
 __device__ __forceinline__ void stage_rows(float* dst, const float* src, int b0, int nb, int K) {
-  stage_rows(dst, K, src, b0, nb, K);
+  stage_rows<float>(dst, K, src, b0, nb, K);
 }
 
 // Copy a weight slice of `rows` (nrows rows of row_len) into a [nrows][ld] array (ld: the row

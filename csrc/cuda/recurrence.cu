@@ -361,6 +361,33 @@ __device__ __forceinline__ SavedItem load_saved_item(const BackwardArgs& a, int 
   return it;
 }
 
+// This step's dpre slot [B][G*H]: float32, or, in the mma plans, bfloat16 in the same buffer.
+// The mma matvec rounds dpre to bfloat16 as it enters the product, so storing it rounded
+// changes no result and halves the bytes every block of the batch group stages from L2 each
+// step (the B = 64 backward's bottleneck before the batch split: 1 MB per block at H = 1024).
+struct DpreSlot {
+  float* f;           // float32 rows
+  __nv_bfloat16* h;   // bfloat16 rows (mma plans), else null
+  __device__ __forceinline__ void put(size_t i, float v) const {
+#if RNNKERN_WITH_BF16
+    if (h != nullptr) {
+      h[i] = __float2bfloat16_rn(v);
+      return;
+    }
+#endif
+    f[i] = v;
+  }
+  __device__ __forceinline__ void stage(float* x_s, int ld, int b0, int nb, int GH) const {
+#if RNNKERN_WITH_BF16
+    if (h != nullptr) {
+      stage_rows(x_s, ld, h, b0, nb, GH);
+      return;
+    }
+#endif
+    stage_rows(x_s, ld, f, b0, nb, GH);
+  }
+};
+
 template <typename T, int CELL>
 __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArgs a, Plan plan) {
   constexpr int G = gate_count(CELL);
@@ -415,7 +442,10 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
   SavedItem pf{};       // this thread's first item of step `prefetched` (see below)
   int prefetched = -1;
   for (int s = T_ - 1; s >= 0; --s) {
-    float* dpre = a.dpre + static_cast<size_t>(s & 1) * B * GH;  // [B, G*H] this step's slot
+    const size_t slot = static_cast<size_t>(s & 1) * B * GH;
+    const DpreSlot dpre{a.dpre + slot, plan.matvec == kMatvecMma
+                                           ? reinterpret_cast<__nv_bfloat16*>(a.dpre) + slot
+                                           : nullptr};
 
     // Phase 0 (projection): dh_total = dh + dy_t for the block's state units, shared with all.
     if (proj) {
@@ -448,7 +478,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
           const bool valid = s < len;
           const int t = time_of(s, len, a.reverse);
           float* dgx = a.dgx + (static_cast<size_t>(t) * B + b) * GH;
-          float* dp = dpre + static_cast<size_t>(b) * GH;
+          const size_t dp = static_cast<size_t>(b) * GH;  // row b of the dpre slot
           const SavedItem it = (prefetched == s && b0 == r0 && i == static_cast<int>(threadIdx.x))
                                    ? pf
                                    : load_saved_item<T, CELL>(a, s, t, b, j, proj);
@@ -470,7 +500,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
             for (int g = 0; g < 4; ++g) {
               const float v = valid ? d[g] : 0.f;
               dgx[g * H + j] = v;
-              dp[g * H + j] = v;
+              dpre.put(dp + g * H + j, v);
             }
             dc_run = valid ? dc_total * fg : dc;
           } else if (CELL == kGRU) {
@@ -490,9 +520,9 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
             dgh[j] = vr;
             dgh[H + j] = vz;
             dgh[2 * H + j] = vn * r;
-            dp[j] = vr;
-            dp[H + j] = vz;
-            dp[2 * H + j] = vn * r;
+            dpre.put(dp + j, vr);
+            dpre.put(dp + H + j, vz);
+            dpre.put(dp + 2 * H + j, vn * r);
             unit_s[(b - r0) * ld_unit + jj] = dh_total * z;
           } else {
             const float dh_total = dh_s[(b - r0) * ld_dh + (j - p0)] + it.dy;
@@ -500,7 +530,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
             const float deriv = CELL == kRNNTanh ? 1.f - h_new * h_new : (h_new > 0.f ? 1.f : 0.f);
             const float v = valid ? dh_total * deriv : 0.f;
             dgx[j] = v;
-            dp[j] = v;
+            dpre.put(dp + j, v);
           }
         }
         __syncthreads();  // x_s / pre_s are reused by the next chunk
@@ -520,7 +550,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
     if (np > 0) {
       for (int b0 = r0; b0 < r1; b0 += Bc) {
         const int nb = min(Bc, r1 - b0);
-        stage_rows(x_s, ldg, dpre, b0, nb, GH);
+        dpre.stage(x_s, ldg, b0, nb, GH);
         __syncthreads();
         matvec<T>(plan.matvec, x_s, ldg, nb, GH, np, wt, part_s, plan.partial,
                   [&](int bb, int pp, float v) {
@@ -663,12 +693,14 @@ bool plan_with_split(bool backward, int cell, int dtype, int B, int H, int P, bo
 }
 
 // Bytes one block reads from global memory (L2) per step under plan p: the staged rows
-// (forward: h, and m with a projection; backward: dpre, and dh with a projection), float32,
-// plus the weight slices when they are not resident.
+// (forward: h, and m with a projection; backward: dpre, and dh with a projection), float32
+// (dpre bfloat16 with the mma matvec: DpreSlot), plus the weight slices when they are not
+// resident.
 size_t step_bytes(const Plan& p, bool backward, int G, int H, int P, bool proj, int es) {
-  const size_t row = backward ? static_cast<size_t>(G) * H + (proj ? P : 0)
-                              : static_cast<size_t>(P) + (proj ? H : 0);
-  return 4 * static_cast<size_t>(p.Bg) * row +
+  const size_t dpre_bytes = p.matvec == kMatvecMma ? 2 : 4;
+  const size_t row = backward ? dpre_bytes * G * H + (proj ? 4 * P : 0)
+                              : 4 * (static_cast<size_t>(P) + (proj ? H : 0));
+  return static_cast<size_t>(p.Bg) * row +
          (p.resident ? 0 : static_cast<size_t>(es) * (p.w_elems + p.wr_elems));
 }
 
