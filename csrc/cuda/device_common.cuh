@@ -423,21 +423,22 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
 #endif
 }
 
-// Same contract as block_matvec, on the tensor cores, for bfloat16 weights only: x is rounded
-// to bfloat16 as it enters the product (the weights already are), products are exact and sums
-// float32. That rounding is the numerical difference from the float32 matvecs, and it is the
-// one torch.nn's bfloat16 path makes (its h and gradients are bfloat16 tensors).
+// Same contract as block_matvec, on the tensor cores, for bfloat16 weights only, except that x
+// is bfloat16 [nb][ldx] in shared memory: the staging rounds h (or dpre, m, dht) to bfloat16,
+// products are exact and sums float32. That rounding is the numerical difference from the
+// float32 matvecs, and it is the one torch.nn's bfloat16 path makes (its h and gradients are
+// bfloat16 tensors); it also halves the shared memory a staged row takes (larger batch chunks).
 //
 // A warp task is a tile of 16 weight rows x kMmaBatch batch rows over a range of k: per 16 k,
-// each lane loads 4 consecutive weights of 2 rows (8-byte loads) and 4 consecutive x of 2
-// batch rows (16-byte loads), converts x to bfloat16 pairs and issues 2 mma (16 x 8 x 16).
+// each lane loads 4 consecutive weights of 2 rows and 4 consecutive x of 2 batch rows (8-byte
+// loads, already the bfloat16 pairs of the fragments) and issues 2 mma (16 x 8 x 16).
 // The products only need A's and B's k indices to agree, so the lane's physical k
 // (4t .. 4t+3 of the 16) stand for the fragment's logical k (2t, 2t+1, 2t+8, 2t+9): one wide
 // load per operand instead of two. Needs K, ldx and the row length multiples of 4 and the
 // weight rows 8-byte aligned (make_plan checks). Split-K over warps as the tiled matvec, into
 // `partial` [ks][nrows][nb] (ks * nrows * nb <= partial_elems). Called by every thread.
 template <typename T, typename Out>
-__device__ __forceinline__ void block_matvec_mma(const float* x, int ldx, int nb, int K,
+__device__ __forceinline__ void block_matvec_mma(const __nv_bfloat16* x, int ldx, int nb, int K,
                                                  int nrows, const Rows<T>& rows,
                                                  float* partial, int partial_elems, Out out) {
 #if RNNKERN_WITH_BF16
@@ -458,7 +459,7 @@ __device__ __forceinline__ void block_matvec_mma(const float* x, int ldx, int nb
       const T* w_lo = rows.row(row_lo ? r0 + g : 0);
       const T* w_hi = rows.row(row_hi ? r0 + g + 8 : 0);
       bool col[2];
-      const float* xc[2];
+      const __nv_bfloat16* xc[2];
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
         col[n] = bb0 + 8 * n + g < nb;
@@ -477,9 +478,8 @@ __device__ __forceinline__ void block_matvec_mma(const float* x, int ldx, int nb
         const uint32_t a[4] = {lo.x, hi.x, lo.y, hi.y};
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
-          float4 v = {0.f, 0.f, 0.f, 0.f};
-          if (in && col[n]) v = *reinterpret_cast<const float4*>(xc[n] + k);
-          const uint32_t b[2] = {pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w)};
+          const uint2 v = (in && col[n]) ? *reinterpret_cast<const uint2*>(xc[n] + k) : zero2;
+          const uint32_t b[2] = {v.x, v.y};
           mma_bf16_16816(acc[n], a, b);
         }
       }
@@ -505,13 +505,15 @@ __device__ __forceinline__ void block_matvec_mma(const float* x, int ldx, int nb
   __trap();  // make_plan chooses the mma matvec for bfloat16 only
 }
 
-// Dispatch between the matvecs (mode: kMatvec*, uniform over the grid).
+// Dispatch between the matvecs (mode: kMatvec*, uniform over the grid). x: the staged rows,
+// float, or bfloat16 for the mma matvec (stage_rows with a bfloat16 destination).
 template <typename T, typename Out>
 __device__ __forceinline__ void matvec(int mode, const float* x, int ldx, int nb, int K,
                                        int nrows, const Rows<T>& rows, float* partial,
                                        int partial_elems, Out out) {
   if (mode == kMatvecMma)
-    block_matvec_mma<T>(x, ldx, nb, K, nrows, rows, partial, partial_elems, out);
+    block_matvec_mma<T>(reinterpret_cast<const __nv_bfloat16*>(x), ldx, nb, K, nrows, rows,
+                        partial, partial_elems, out);
   else if (mode == kMatvecTiled)
     block_matvec_tiled<T>(x, ldx, nb, K, nrows, rows, partial, out);
   else
@@ -554,11 +556,24 @@ __device__ __forceinline__ float4 load4_cg(const __nv_bfloat16* p, int q) {
   return float4{lo(v.x), hi(v.x), lo(v.y), hi(v.y)};
 }
 
+// Four floats into dst elements 4 * q .. 4 * q + 3 (bfloat16: rounded to nearest even, exact
+// for values that came from bfloat16).
+__device__ __forceinline__ void store4(float* dst, int q, float4 v) {
+  reinterpret_cast<float4*>(dst)[q] = v;
+}
+__device__ __forceinline__ void store4(__nv_bfloat16* dst, int q, float4 v) {
+  reinterpret_cast<uint2*>(dst)[q] = uint2{pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w)};
+}
+__device__ __forceinline__ void store1(float* dst, int i, float v) { dst[i] = v; }
+__device__ __forceinline__ void store1(__nv_bfloat16* dst, int i, float v) {
+  dst[i] = __float2bfloat16_rn(v);
+}
+
 // ld: the row stride of dst (ld >= K; K for dense rows, mma_stride(K) for the mma matvec).
-// S: float, or bfloat16 for the dpre rows of the mma plans (converted to float here, exactly).
-template <typename S>
-__device__ __forceinline__ void stage_rows(float* dst, int ld, const S* src, int b0, int nb,
-                                           int K) {
+// S (source) and D (destination): float, or bfloat16 (the mma plans: dpre rows in global
+// memory, every staged row in shared memory).
+template <typename S, typename D>
+__device__ __forceinline__ void stage_rows(D* dst, int ld, const S* src, int b0, int nb, int K) {
   const S* s = src + static_cast<size_t>(b0) * K;
   const int n = nb * K;
   const bool dense = ld == K;  // (folded at compile time where the caller passes K twice)
@@ -576,7 +591,6 @@ __device__ __forceinline__ void stage_rows(float* dst, int ld, const S* src, int
     return d;
   };
   if (vec) {
-    float4* d4 = reinterpret_cast<float4*>(dst);
     const int n4 = n / 4;
     int i = threadIdx.x;
     for (; i + (kStageUnroll - 1) * kThreads < n4; i += kStageUnroll * kThreads) {
@@ -584,9 +598,9 @@ __device__ __forceinline__ void stage_rows(float* dst, int ld, const S* src, int
 #pragma unroll
       for (int u = 0; u < kStageUnroll; ++u) v[u] = load4_cg(s, i + u * kThreads);
 #pragma unroll
-      for (int u = 0; u < kStageUnroll; ++u) d4[at(i + u * kThreads)] = v[u];
+      for (int u = 0; u < kStageUnroll; ++u) store4(dst, at(i + u * kThreads), v[u]);
     }
-    for (; i < n4; i += kThreads) d4[at(i)] = load4_cg(s, i);
+    for (; i < n4; i += kThreads) store4(dst, at(i), load4_cg(s, i));
   } else {
     int i = threadIdx.x;
     for (; i + (kStageUnroll - 1) * kThreads < n; i += kStageUnroll * kThreads) {
@@ -594,14 +608,14 @@ __device__ __forceinline__ void stage_rows(float* dst, int ld, const S* src, int
 #pragma unroll
       for (int u = 0; u < kStageUnroll; ++u) v[u] = to_float(__ldcg(s + i + u * kThreads));
 #pragma unroll
-      for (int u = 0; u < kStageUnroll; ++u) dst[at(i + u * kThreads)] = v[u];
+      for (int u = 0; u < kStageUnroll; ++u) store1(dst, at(i + u * kThreads), v[u]);
     }
-    for (; i < n; i += kThreads) dst[at(i)] = to_float(__ldcg(s + i));
+    for (; i < n; i += kThreads) store1(dst, at(i), to_float(__ldcg(s + i)));
   }
 }
 
 __device__ __forceinline__ void stage_rows(float* dst, const float* src, int b0, int nb, int K) {
-  stage_rows<float>(dst, K, src, b0, nb, K);
+  stage_rows(dst, K, src, b0, nb, K);
 }
 
 // Copy a weight slice of `rows` (nrows rows of row_len) into a [nrows][ld] array (ld: the row

@@ -56,8 +56,9 @@ namespace {
 constexpr int kMaxBatchChunk = 64;
 
 // Dynamic shared memory of one block, the same arithmetic on host and device:
-//   x       [Bc][K] float  staged activations (h, m, dht or dpre rows of the batch chunk;
-//           rows padded to mma_stride for the mma matvec, K being the largest stride)
+//   x       [Bc][K] float  staged activations (h, m, dht or dpre rows of the batch chunk);
+//           for the mma matvec bfloat16 (x_size 2), rows padded to mma_stride, K being the
+//           largest stride
 //   pre     [Bc][C] float  the block's matvec results for the chunk
 //   partial [partial] float  split-K partial sums of the tiled and mma matvecs (Plan::partial)
 //   own     own_elems float  backward, when it fits (Plan::own_smem): the running dh of the
@@ -75,10 +76,11 @@ struct SmemLayout {
 
 __host__ __device__ inline SmemLayout smem_layout(int K, int Bc, int C, int partial,
                                                   size_t own_elems, size_t w_elems,
-                                                  size_t wr_elems, int elem_size, bool resident) {
+                                                  size_t wr_elems, int elem_size, bool resident,
+                                                  int x_size) {
   SmemLayout l;
   l.x = 0;
-  l.pre = align16(sizeof(float) * size_t(Bc) * K);
+  l.pre = align16(static_cast<size_t>(x_size) * Bc * K);
   l.partial = l.pre + align16(sizeof(float) * size_t(Bc) * C);
   l.own = l.partial + align16(sizeof(float) * partial);
   l.w = l.own + align16(sizeof(float) * own_elems);
@@ -109,6 +111,20 @@ struct Plan {
   size_t smem;
   long long timeout_ns;
 };
+
+// Bytes of a staged x element: bfloat16 for the mma matvec (block_matvec_mma), else float.
+__host__ __device__ inline int x_size(const Plan& p) { return p.matvec == kMatvecMma ? 2 : 4; }
+
+// Stages rows [b0, b0 + nb) of src [B][K] (float, or bfloat16 dpre) into x_s at row stride ld:
+// as float, or as bfloat16 when bf16 (the mma plans; the staging rounds).
+template <typename S>
+__device__ __forceinline__ void stage_x(float* x_s, bool bf16, int ld, const S* src, int b0,
+                                        int nb, int K) {
+  if (bf16)
+    stage_rows(reinterpret_cast<__nv_bfloat16*>(x_s), ld, src, b0, nb, K);
+  else
+    stage_rows(x_s, ld, src, b0, nb, K);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Valid length of batch element b (lengths checked: a value outside [1, T] is recorded as an
@@ -171,8 +187,9 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
   const BlockSlice sl = block_slice(plan, B, H, P);
   const int j0 = sl.j0, nj = sl.nj, p0 = sl.p0, np = sl.np, r0 = sl.r0, r1 = sl.r1, nr = sl.nr;
   const SmemLayout L = smem_layout(plan.K, Bc, plan.C, plan.partial, plan.own_elems, plan.w_elems,
-                                   plan.wr_elems, sizeof(T), plan.resident);
-  float* x_s = reinterpret_cast<float*>(smem + L.x);    // [Bc][K]
+                                   plan.wr_elems, sizeof(T), plan.resident, x_size(plan));
+  float* x_s = reinterpret_cast<float*>(smem + L.x);    // [Bc][K] (bfloat16 when mma)
+  const bool mma = plan.matvec == kMatvecMma;           // (bfloat16 only: make_plan)
   float* pre_s = reinterpret_cast<float*>(smem + L.pre);  // [Bc][G*Hb]
   float* part_s = reinterpret_cast<float*>(smem + L.partial);  // [plan.partial] split-K sums
   const T* gx = static_cast<const T*>(a.gx);
@@ -232,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
           for (int g = 0; g < G; ++g) pf_gx[g] = to_float(gxr[g * H + j]);
           if (CELL == kLSTM) pf_c = __ldcg(cp + static_cast<size_t>(b) * H + j);
         }
-        stage_rows(x_s, ldp, hp, b0, nb, P);
+        stage_x(x_s, mma, ldp, hp, b0, nb, P);
         __syncthreads();
         matvec<T>(plan.matvec, x_s, ldp, nb, P, G * nj, w, part_s, plan.partial,
                   [&](int bb, int r, float v) { pre_s[bb * plan.C + (r / nj) * Hb + r % nj] = v; });
@@ -262,7 +279,9 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
           for (int g = 0; g < G; ++g)
             gh[g] = pr[g * Hb] + (b_hh ? to_float(b_hh[g * H + j]) : 0.f);
           // h_prev: the staged copy of h_{s-1} (no projection here, so P == H).
-          const float h_prev = proj ? 0.f : x_s[bb * ldp + j];
+          const float h_prev = proj  ? 0.f
+                               : mma ? __ldcg(hp + static_cast<size_t>(b) * P + j)  // x_s: bf16
+                                     : x_s[bb * ldp + j];
           const CellStep<CELL> cs = cell_step<CELL>(gxv, gh, c_prev, h_prev);
           if (gates) {
 #pragma unroll
@@ -289,7 +308,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
       if (np > 0) {
         for (int b0 = r0; b0 < r1; b0 += Bc) {
           const int nb = min(Bc, r1 - b0);
-          stage_rows(x_s, ldh, a.m, b0, nb, H);
+          stage_x(x_s, mma, ldh, a.m, b0, nb, H);
           __syncthreads();
           matvec<T>(plan.matvec, x_s, ldh, nb, H, np, wr, part_s, plan.partial,
                     [&](int bb, int pp, float v) {
@@ -377,14 +396,16 @@ struct DpreSlot {
 #endif
     f[i] = v;
   }
-  __device__ __forceinline__ void stage(float* x_s, int ld, int b0, int nb, int GH) const {
+  // Into x_s (bfloat16 rows with the mma matvec, as stage_x).
+  __device__ __forceinline__ void stage(float* x_s, bool bf16, int ld, int b0, int nb,
+                                        int GH) const {
 #if RNNKERN_WITH_BF16
     if (h != nullptr) {
-      stage_rows(x_s, ld, h, b0, nb, GH);
+      stage_x(x_s, bf16, ld, h, b0, nb, GH);
       return;
     }
 #endif
-    stage_rows(x_s, ld, f, b0, nb, GH);
+    stage_x(x_s, bf16, ld, f, b0, nb, GH);
   }
 };
 
@@ -398,8 +419,9 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
   const BlockSlice sl = block_slice(plan, B, H, P);
   const int j0 = sl.j0, nj = sl.nj, p0 = sl.p0, np = sl.np, r0 = sl.r0, r1 = sl.r1, nr = sl.nr;
   const SmemLayout L = smem_layout(plan.K, Bc, plan.C, plan.partial, plan.own_elems, plan.w_elems,
-                                   plan.wr_elems, sizeof(T), plan.resident);
-  float* x_s = reinterpret_cast<float*>(smem + L.x);      // [Bc][K]
+                                   plan.wr_elems, sizeof(T), plan.resident, x_size(plan));
+  float* x_s = reinterpret_cast<float*>(smem + L.x);      // [Bc][K] (bfloat16 when mma)
+  const bool mma = plan.matvec == kMatvecMma;             // (bfloat16 only: make_plan)
   float* pre_s = reinterpret_cast<float*>(smem + L.pre);  // [Bc][Hb] dm (projection)
   float* part_s = reinterpret_cast<float*>(smem + L.partial);  // [plan.partial] split-K sums
   const T* dy = static_cast<const T*>(a.dy);
@@ -443,9 +465,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
   int prefetched = -1;
   for (int s = T_ - 1; s >= 0; --s) {
     const size_t slot = static_cast<size_t>(s & 1) * B * GH;
-    const DpreSlot dpre{a.dpre + slot, plan.matvec == kMatvecMma
-                                           ? reinterpret_cast<__nv_bfloat16*>(a.dpre) + slot
-                                           : nullptr};
+    const DpreSlot dpre{a.dpre + slot,
+                        mma ? reinterpret_cast<__nv_bfloat16*>(a.dpre) + slot : nullptr};
 
     // Phase 0 (projection): dh_total = dh + dy_t for the block's state units, shared with all.
     if (proj) {
@@ -466,7 +487,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
       for (int b0 = r0; b0 < r1; b0 += Bc) {
         const int nb = min(Bc, r1 - b0);
         if (proj) {  // dm = dh_total W_hr for the block's units: needs all of dht
-          stage_rows(x_s, ldp, a.dht, b0, nb, P);
+          stage_x(x_s, mma, ldp, a.dht, b0, nb, P);
           __syncthreads();
           matvec<T>(plan.matvec, x_s, ldp, nb, P, nj, wr, part_s, plan.partial,
                     [&](int bb, int jj, float v) { pre_s[bb * plan.C + jj] = v; });
@@ -550,7 +571,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
     if (np > 0) {
       for (int b0 = r0; b0 < r1; b0 += Bc) {
         const int nb = min(Bc, r1 - b0);
-        dpre.stage(x_s, ldg, b0, nb, GH);
+        dpre.stage(x_s, mma, ldg, b0, nb, GH);
         __syncthreads();
         matvec<T>(plan.matvec, x_s, ldg, nb, GH, np, wt, part_s, plan.partial,
                   [&](int bb, int pp, float v) {
@@ -674,7 +695,8 @@ bool plan_with_split(bool backward, int cell, int dtype, int B, int H, int P, bo
         for (int partial : partials) {
           const size_t n_own = own ? own_elems : 0;
           const SmemLayout l =
-              smem_layout(p.K, bc, p.C, partial, n_own, p.w_elems, p.wr_elems, es, resident);
+              smem_layout(p.K, bc, p.C, partial, n_own, p.w_elems, p.wr_elems, es, resident,
+                          x_size(p));
           if (l.total <= budget) {
             p.Bc = bc;
             p.resident = resident;
