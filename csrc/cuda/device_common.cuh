@@ -71,13 +71,12 @@ constexpr int kMatvecMma = 2;     // block_matvec_mma: bfloat16 tensor cores (sm
 constexpr int kMmaBatch = 16;
 constexpr int kPartialMma = 8 * 16 * kMmaBatch;
 
-// Row stride (elements) of the mma matvec's operands in shared memory: n rounded up to 16 mod
-// 32. Its warp-wide loads take 4 lanes x 4 consecutive elements from each of 8 rows: 8-byte
-// weight loads run as two half-warp phases of 4 rows, 16-byte x loads as four quarter-warp
-// phases of 2 rows. Rows a multiple of 128 bytes apart (every n % 64 == 0) share their banks:
-// 4-way conflicts on the weights and 2-way on x. At 16 mod 32 elements the rows of a phase
-// start 32 or 96 bytes (bfloat16) or 64 bytes (float) apart mod 128, and no bank is hit
-// twice. The FMA matvecs read a row with consecutive lanes and need no padding.
+// Row stride (elements) of the mma matvec's operands in shared memory (bfloat16 weights and
+// staged x): n rounded up to 16 mod 32. Its warp-wide loads take 4 lanes x 4 consecutive
+// elements (8 bytes) from each of 8 rows, served as two half-warp phases of 4 rows. Rows a
+// multiple of 128 bytes apart (every n % 64 == 0) share their banks: 4-way conflicts. At 16
+// mod 32 elements the 4 rows of a phase start 0, 32, 64 and 96 bytes apart mod 128, and no
+// bank is hit twice. The FMA matvecs read a row with consecutive lanes and need no padding.
 __host__ __device__ inline int mma_stride(int n) { return n + (48 - n % 32) % 32; }
 
 // ---------------------------------------------------------------------------------------------
