@@ -39,8 +39,8 @@
 // bfloat16, and dpre is stored so). Why: at B = 64, H = 1024 an H100 block's forward matvec
 // is 64 x 32 x 1024 = 2M FMAs a step, 16K cycles of its SM's 128 float32 lanes (about 9 us;
 // as much again in the backward), where the SM's tensor cores take a quarter to an eighth of
-// that (one mma instruction is 2K multiply-adds). Unmeasured on a GPU so far: the cuda_train benchmark's
-// "fma matvec" rows compare the two.
+// that (one mma instruction is 2K multiply-adds). Unmeasured on a GPU so far: the cuda_train
+// benchmark's "fma matvec" rows compare the two.
 
 #include <string>
 #include <vector>
