@@ -44,6 +44,7 @@ struct Barrier {
 struct Warp {
   Barrier bar;
   uint64_t slots[32];
+  uint64_t wide[32][kGatherMax];  // warp_gather's values, by lane
 };
 
 struct Block {
@@ -222,6 +223,21 @@ uint64_t warp_exchange(uint64_t value, int src_lane, int op) {
   }
   arrive(w.bar, 0, 0);  // nobody writes a slot again before every lane has read
   return out;
+}
+
+void warp_gather(const uint64_t* values, int n, uint64_t* out) {
+  if (n < 1 || n > kGatherMax)
+    throw std::logic_error("rnnkern CUDA emulation: warp_gather of " + std::to_string(n) +
+                           " values per lane (1 to " + std::to_string(kGatherMax) + ")");
+  Scheduler& s = sched();
+  Fiber* f = s.cur;
+  const int lane = static_cast<int>(f->ts.thread_idx.x % 32);
+  Warp& w = f->block->warps[f->ts.thread_idx.x / 32];
+  for (int i = 0; i < n; ++i) w.wide[lane][i] = values[i];
+  arrive(w.bar, 0, 0);
+  for (int l = 0; l < 32; ++l)
+    for (int i = 0; i < n; ++i) out[l * n + i] = w.wide[l][i];
+  arrive(w.bar, 0, 0);  // nobody writes again before every lane has read
 }
 
 void yield() { switch_out(); }

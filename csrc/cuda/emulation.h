@@ -70,6 +70,10 @@ ThreadState* current();
 // warp) in the same order, as on the GPU.
 int block_barrier(int value, int op);  // op 0: none, 1: or, 2: and, 3: count
 uint64_t warp_exchange(uint64_t value, int src_lane, int op);  // see the collectives below
+// Every lane's n <= kGatherMax values to every lane, lane-major into out[32 * n] (one warp
+// collective: the emulated mma's fragments in one exchange instead of 3 x 32 shuffles).
+constexpr int kGatherMax = 4;
+void warp_gather(const uint64_t* values, int n, uint64_t* out);
 void yield();                          // a polling thread lets the others run
 
 // Launches body() in `blocks` x `threads` fibers with `smem` bytes of dynamic shared memory
@@ -257,10 +261,9 @@ inline void __syncwarp(unsigned int mask = 0xffffffffu) {
 //   A: a[0] = (row g, cols 2t, 2t+1), a[1] = (row g+8, same), a[2] = (row g, cols 2t+8, 2t+9),
 //      a[3] = (row g+8, same);  B: b[0] = (rows 2t, 2t+1, col g), b[1] = (rows 2t+8, 2t+9);
 //   C / D: c[0], c[1] = (row g, cols 2t, 2t+1), c[2], c[3] = (row g+8, same).
-// The warp's fragments are gathered through shuffles (a warp collective, as on the GPU: all
-// 32 lanes call it), and each lane computes its four elements in float32 (the bfloat16
-// products are exact in float32; the hardware's accumulation order is unspecified, this one
-// adds k in order).
+// The warp's fragments are gathered in one warp collective (as on the GPU, all 32 lanes call
+// it), and each lane computes its four elements in float32 (the bfloat16 products are exact in
+// float32; the hardware's accumulation order is unspecified, this one adds k in order).
 namespace rnnkern_emu {
 inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
                               const float (&c)[4]) {
@@ -268,10 +271,12 @@ inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint3
   const auto half = [](uint32_t reg, int hi) {
     return __bfloat162float(__nv_bfloat16{static_cast<uint16_t>(hi ? reg >> 16 : reg)});
   };
+  const uint64_t mine[3] = {a[0] | (uint64_t{a[1]} << 32), a[2] | (uint64_t{a[3]} << 32),
+                            b[0] | (uint64_t{b[1]} << 32)};
+  uint64_t all[32 * 3];
+  warp_gather(mine, 3, all);
   for (int src = 0; src < 32; ++src) {
-    const uint64_t a01 = shuffle(0xffffffffu, a[0] | (uint64_t{a[1]} << 32), src, "mma");
-    const uint64_t a23 = shuffle(0xffffffffu, a[2] | (uint64_t{a[3]} << 32), src, "mma");
-    const uint64_t b01 = shuffle(0xffffffffu, b[0] | (uint64_t{b[1]} << 32), src, "mma");
+    const uint64_t a01 = all[src * 3], a23 = all[src * 3 + 1], b01 = all[src * 3 + 2];
     const uint32_t ra[4] = {static_cast<uint32_t>(a01), static_cast<uint32_t>(a01 >> 32),
                             static_cast<uint32_t>(a23), static_cast<uint32_t>(a23 >> 32)};
     const uint32_t rb[2] = {static_cast<uint32_t>(b01), static_cast<uint32_t>(b01 >> 32)};
