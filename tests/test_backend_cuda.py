@@ -403,6 +403,18 @@ def test_batch_split_choice(device, monkeypatch):
         plan(True, lstm, fp32, 64, 512, 512, False)
 
 
+def test_supports_follows_the_matvec_knob(device, monkeypatch):
+    # An explicit RNNKERN_CUDA_MATVEC=mma makes a bf16 layer with H = 36, P = 18 an error
+    # (proj_size not a multiple of 4); unset again, the same layer is supported: the cached
+    # answer follows the knob.
+    cfg = functools.partial(layer_config, device_type=device, dtype=torch.bfloat16)
+    monkeypatch.setenv("RNNKERN_CUDA_MATVEC", "mma")
+    reason = BACKEND.supports(cfg(hidden_size=36, proj_size=18))
+    assert isinstance(reason, str) and "multiples of 4, got 36 and 18" in reason
+    monkeypatch.delenv("RNNKERN_CUDA_MATVEC")
+    assert BACKEND.supports(cfg(hidden_size=36, proj_size=18)) is True
+
+
 def _bench_row_shape(device):
     """(B, H, T) of a layer whose plan splits the batch in groups of 16+ rows: emulated, 40
     rows on 8 SMs (configured here); on a GPU, B = 64 and H = 512."""

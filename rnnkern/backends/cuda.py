@@ -201,9 +201,14 @@ class CUDABackend:
     def _fits(self, cell: str, dtype: torch.dtype, B: int, H: int, P: int, proj: bool):
         """True when both kernels can be laid out on the current device, else the reason.
         Whether a layout exists does not depend on B (the batch is staged in chunks that
-        shrink to one row), so the answer is cached without it."""
+        shrink to one row), so the answer is cached without it, but with the planning knobs
+        the launchers read (an explicit ``RNNKERN_CUDA_MATVEC=mma`` can make a layer an
+        error, and unsetting it must not leave that answer behind)."""
         device = _cuda.device_info()["device"] if _emulated() else torch.cuda.current_device()
-        key = (_cuda, device, cell, dtype, H, P, proj)
+        knobs = tuple(
+            os.environ.get(k) for k in ("RNNKERN_CUDA_MATVEC", "RNNKERN_CUDA_BATCH_SPLIT")
+        )
+        key = (_cuda, device, cell, dtype, H, P, proj, knobs)
         if key not in self._plans:
             try:
                 for backward in (False, True):
