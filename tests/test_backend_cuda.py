@@ -403,6 +403,17 @@ def test_batch_split_choice(device, monkeypatch):
         plan(True, lstm, fp32, 64, 512, 512, False)
 
 
+def test_a_layer_too_large_for_shared_memory_says_why(device):
+    # LSTM backward at H = 100000: one staged row of dpre is 400000 float32 values (1.6 MB),
+    # more than any block's shared memory even with the weights read from L2.
+    with pytest.raises(ValueError, match=(
+        r"does not fit in shared memory even with the weights in L2 \(one batch row of "
+        r"400000 staged values and \d+ float32 results need \d+ bytes, more than the \d+ "
+        r"available\)"
+    )):  # fmt: skip
+        cuda_backend._cuda.plan(True, 0, 0, 1, 100000, 100000, False)
+
+
 def test_supports_follows_the_matvec_knob(device, monkeypatch):
     # An explicit RNNKERN_CUDA_MATVEC=mma makes a bf16 layer with H = 36, P = 18 an error
     # (proj_size not a multiple of 4); unset again, the same layer is supported: the cached

@@ -537,7 +537,7 @@ struct RowWalk {
   }
 };
 
-// Copy rows [b0, b0+nb) of a [B][K] float matrix written by other blocks into shared memory.
+// Copy rows [b0, b0+nb) of a [B][K] matrix written by other blocks into shared memory.
 // __ldcg reads through L2 (never a stale L1 line from an earlier step).
 // 16-byte loads when the rows allow it (dst, the start of shared memory, is 16-byte aligned).
 // kStageUnroll loads are issued before their stores: a plain loop would wait out one L2

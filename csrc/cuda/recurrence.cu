@@ -115,6 +115,13 @@ struct Plan {
 // Bytes of a staged x element: bfloat16 for the mma matvec (block_matvec_mma), else float.
 __host__ __device__ inline int x_size(const Plan& p) { return p.matvec == kMatvecMma ? 2 : 4; }
 
+// The shared-memory layout of plan p for weights of elem_size bytes (make_plan sizes it, the
+// kernels find their regions in it).
+__host__ __device__ inline SmemLayout plan_layout(const Plan& p, int elem_size) {
+  return smem_layout(p.K, p.Bc, p.C, p.partial, p.own_elems, p.w_elems, p.wr_elems, elem_size,
+                     p.resident, x_size(p));
+}
+
 // Stages rows [b0, b0 + nb) of src [B][K] (float, or bfloat16 dpre) into x_s at row stride ld:
 // as float, or as bfloat16 when bf16 (the mma plans; the staging rounds).
 template <typename S>
@@ -186,8 +193,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
   const int Hb = plan.Hb, Pb = plan.Pb, Bc = plan.Bc;
   const BlockSlice sl = block_slice(plan, B, H, P);
   const int j0 = sl.j0, nj = sl.nj, p0 = sl.p0, np = sl.np, r0 = sl.r0, r1 = sl.r1, nr = sl.nr;
-  const SmemLayout L = smem_layout(plan.K, Bc, plan.C, plan.partial, plan.own_elems, plan.w_elems,
-                                   plan.wr_elems, sizeof(T), plan.resident, x_size(plan));
+  const SmemLayout L = plan_layout(plan, sizeof(T));
   float* x_s = reinterpret_cast<float*>(smem + L.x);    // [Bc][K] (bfloat16 when mma)
   const bool mma = plan.matvec == kMatvecMma;           // (bfloat16 only: make_plan)
   float* pre_s = reinterpret_cast<float*>(smem + L.pre);  // [Bc][G*Hb]
@@ -381,8 +387,8 @@ __device__ __forceinline__ SavedItem load_saved_item(const BackwardArgs& a, int 
 }
 
 // This step's dpre slot [B][G*H]: float32, or, in the mma plans, bfloat16 in the same buffer.
-// The mma matvec rounds dpre to bfloat16 as it enters the product, so storing it rounded
-// changes no result and halves the bytes every block of the batch group stages from L2 each
+// The mma plans stage dpre as bfloat16 for the product anyway, so storing it rounded changes
+// no result and halves the bytes every block of the batch group stages from L2 each
 // step (the B = 64 backward's bottleneck before the batch split: 1 MB per block at H = 1024).
 struct DpreSlot {
   float* f;           // float32 rows
@@ -418,8 +424,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
   const int Hb = plan.Hb, Pb = plan.Pb, Bc = plan.Bc;
   const BlockSlice sl = block_slice(plan, B, H, P);
   const int j0 = sl.j0, nj = sl.nj, p0 = sl.p0, np = sl.np, r0 = sl.r0, r1 = sl.r1, nr = sl.nr;
-  const SmemLayout L = smem_layout(plan.K, Bc, plan.C, plan.partial, plan.own_elems, plan.w_elems,
-                                   plan.wr_elems, sizeof(T), plan.resident, x_size(plan));
+  const SmemLayout L = plan_layout(plan, sizeof(T));
   float* x_s = reinterpret_cast<float*>(smem + L.x);      // [Bc][K] (bfloat16 when mma)
   const bool mma = plan.matvec == kMatvecMma;             // (bfloat16 only: make_plan)
   float* pre_s = reinterpret_cast<float*>(smem + L.pre);  // [Bc][Hb] dm (projection)
@@ -693,17 +698,13 @@ bool plan_with_split(bool backward, int cell, int dtype, int B, int H, int P, bo
     for (int bc = std::min(p.Bg, kMaxBatchChunk); bc >= 1; --bc) {
       for (int own = own_elems > 0 ? 1 : 0; own >= 0; --own) {
         for (int partial : partials) {
-          const size_t n_own = own ? own_elems : 0;
-          const SmemLayout l =
-              smem_layout(p.K, bc, p.C, partial, n_own, p.w_elems, p.wr_elems, es, resident,
-                          x_size(p));
-          if (l.total <= budget) {
-            p.Bc = bc;
-            p.resident = resident;
-            p.own_smem = own;
-            p.own_elems = n_own;
-            p.partial = partial;
-            p.smem = l.total;
+          p.Bc = bc;
+          p.resident = resident;
+          p.own_smem = own;
+          p.own_elems = own ? own_elems : 0;
+          p.partial = partial;
+          p.smem = plan_layout(p, es).total;
+          if (p.smem <= budget) {
             *out = p;
             return true;
           }
@@ -711,6 +712,7 @@ bool plan_with_split(bool backward, int cell, int dtype, int B, int H, int P, bo
       }
     }
   }
+  *out = p;  // (the last layout tried, for make_plan's error)
   return false;
 }
 
@@ -752,14 +754,16 @@ std::vector<int> split_candidates(int B, int sms) {
 Plan make_plan(bool backward, int cell, int dtype, int B, int H, int P, bool proj, int sms,
                size_t budget, const std::string& mma_why) {
   const int G = gate_count(cell), es = elem_size(dtype);
-  Plan best{};
+  Plan best{}, tried{};
   bool found = false;
   size_t best_bytes = 0;
   for (int bsplit : split_candidates(B, sms)) {
     Plan p{};
     if (!plan_with_split(backward, cell, dtype, B, H, P, proj, sms, budget, bsplit, mma_why,
-                         &p))
+                         &p)) {
+      tried = p;
       continue;
+    }
     const size_t bytes = step_bytes(p, backward, G, H, P, proj, es);
     if (!found || bytes < best_bytes) {
       best = p;
@@ -768,14 +772,11 @@ Plan make_plan(bool backward, int cell, int dtype, int B, int H, int P, bool pro
     }
   }
   if (found) return best;
-  const int K = backward ? std::max(G * H, proj ? P : 0) : (proj ? std::max(P, H) : P);
-  const int max_groups = std::max(1, std::min(sms, std::max(H, P)));
-  const int Hb = (H + max_groups - 1) / max_groups;
-  const int C = backward ? Hb : G * Hb;
   throw std::invalid_argument(
       "rnnkern._cuda: this layer does not fit in shared memory even with the weights in L2 "
-      "(one batch row of " + std::to_string(K) + " float32 values and " +
-      std::to_string(C) + " results need more than " + std::to_string(budget) + " bytes)");
+      "(one batch row of " + std::to_string(tried.K) + " staged values and " +
+      std::to_string(tried.C) + " float32 results need " + std::to_string(tried.smem) +
+      " bytes, more than the " + std::to_string(budget) + " available)");
 }
 
 using KernelFn = void (*)(void);
