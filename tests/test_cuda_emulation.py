@@ -5,7 +5,8 @@ what the kernel tests run on must be right before they can mean anything.
   (every float16 and bfloat16 value, the midpoints between neighbours, overflow, subnormals,
   NaN), since the kernels read 16-bit inputs and write 16-bit outputs through them.
 - A barrier that not every thread of a block reaches is an error naming the block, not a hang;
-  a write past a block's shared memory is an error too.
+  a write past a block's shared memory is an error too, and so is a misaligned load (a fault
+  on the GPU).
 - Emulated device properties reach the launchers' plans, and an emulated launch checks the
   grid against them as a cooperative launch does.
 """
@@ -68,6 +69,15 @@ def test_a_write_past_shared_memory_is_an_error():
     with pytest.raises(RuntimeError, match=r"block 0 wrote outside its 256 bytes of dynamic "
                        r"shared memory \(past the end\)"):  # fmt: skip
         module.launch_smem_overrun()
+
+
+def test_a_misaligned_vector_load_is_an_error():
+    """On the GPU a misaligned load faults and ends the CUDA context; on x86 it would just
+    read, so the emulation checks every __ldcg / __ldg and the kernels' vector accesses."""
+    module = cuda_emulation.load()
+    with pytest.raises(RuntimeError, match=r"block 0 thread 5: misaligned __ldcg at 0x[0-9a-f]+ "
+                       r"\(4 bytes past a 16-byte boundary"):  # fmt: skip
+        module.launch_misaligned_load()
 
 
 def test_emulated_device_properties_reach_the_plans():

@@ -219,6 +219,8 @@ PYBIND11_MODULE(RNNKERN_CUDA_MODULE, m) {
         "A launch that deadlocks at a barrier (a test of the emulation's detection).");
   m.def("launch_smem_overrun", &rnnkern_emu::launch_smem_overrun,
         "A launch that writes past its shared memory (a test of the emulation's canaries).");
+  m.def("launch_misaligned_load", &rnnkern_emu::launch_misaligned_load,
+        "A launch with a misaligned float4 load (a test of the emulation's alignment check).");
 #else
   m.attr("EMULATED") = false;
 #endif

@@ -57,6 +57,25 @@ __host__ __device__ constexpr int gate_count(int cell) {
 
 __host__ __device__ inline size_t align16(size_t bytes) { return (bytes + 15) & ~size_t(15); }
 
+// Vector loads and stores through a pointer of another element type (8-byte weight and x
+// pairs, float4 rows). The GPU requires sizeof(V) alignment and faults otherwise; the
+// emulation checks it here, since a misaligned stride or layout offset would give right
+// results on the CPU. (__ldcg / __ldg are checked by the emulation itself.)
+template <typename V>
+__device__ __forceinline__ V load_vec(const void* p) {
+#ifdef RNNKERN_CUDA_EMULATION
+  rnnkern_emu::check_aligned(p, alignof(V), "vector load");
+#endif
+  return *static_cast<const V*>(p);
+}
+template <typename V>
+__device__ __forceinline__ void store_vec(void* p, V v) {
+#ifdef RNNKERN_CUDA_EMULATION
+  rnnkern_emu::check_aligned(p, alignof(V), "vector store");
+#endif
+  *static_cast<V*>(p) = v;
+}
+
 // Register tiles of the tiled matvec (block_matvec_tiled) and its split-K partial sums.
 constexpr int kTileRows = 4;    // weight rows per warp tile of the tiled matvec
 constexpr int kTileBatch = 8;   // batch rows per warp tile (kTileRows * kTileBatch == 32 lanes)
@@ -472,12 +491,12 @@ __device__ __forceinline__ void block_matvec_mma(const __nv_bfloat16* x, int ldx
         const int k = st * 16 + 4 * t;
         const bool in = k < K;  // K % 4 == 0: the lane's 4 k are all in or all out
         const uint2 zero2 = {0u, 0u};
-        const uint2 lo = (in && row_lo) ? *reinterpret_cast<const uint2*>(w_lo + k) : zero2;
-        const uint2 hi = (in && row_hi) ? *reinterpret_cast<const uint2*>(w_hi + k) : zero2;
+        const uint2 lo = (in && row_lo) ? load_vec<uint2>(w_lo + k) : zero2;
+        const uint2 hi = (in && row_hi) ? load_vec<uint2>(w_hi + k) : zero2;
         const uint32_t a[4] = {lo.x, hi.x, lo.y, hi.y};
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
-          const uint2 v = (in && col[n]) ? *reinterpret_cast<const uint2*>(xc[n] + k) : zero2;
+          const uint2 v = (in && col[n]) ? load_vec<uint2>(xc[n] + k) : zero2;
           const uint32_t b[2] = {v.x, v.y};
           mma_bf16_16816(acc[n], a, b);
         }
@@ -558,10 +577,10 @@ __device__ __forceinline__ float4 load4_cg(const __nv_bfloat16* p, int q) {
 // Four floats into dst elements 4 * q .. 4 * q + 3 (bfloat16: rounded to nearest even, exact
 // for values that came from bfloat16).
 __device__ __forceinline__ void store4(float* dst, int q, float4 v) {
-  reinterpret_cast<float4*>(dst)[q] = v;
+  store_vec(dst + 4 * q, v);
 }
 __device__ __forceinline__ void store4(__nv_bfloat16* dst, int q, float4 v) {
-  reinterpret_cast<uint2*>(dst)[q] = uint2{pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w)};
+  store_vec(dst + 4 * q, uint2{pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w)});
 }
 __device__ __forceinline__ void store1(float* dst, int i, float v) { dst[i] = v; }
 __device__ __forceinline__ void store1(__nv_bfloat16* dst, int i, float v) {

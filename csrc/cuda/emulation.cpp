@@ -248,6 +248,18 @@ void check_full_mask(unsigned int mask, const char* what) {
                            " with a partial mask is not emulated");
 }
 
+void check_aligned(const void* p, size_t align, const char* what) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (a % align == 0) return;
+  const ThreadState& ts = sched().cur->ts;
+  char addr[32];
+  std::snprintf(addr, sizeof addr, "%#llx", static_cast<unsigned long long>(a));
+  throw std::logic_error("rnnkern CUDA emulation: block " + std::to_string(ts.block_idx.x) +
+                         " thread " + std::to_string(ts.thread_idx.x) + ": misaligned " + what +
+                         " at " + addr + " (" + std::to_string(a % align) + " bytes past a " +
+                         std::to_string(align) + "-byte boundary; the GPU faults on it)");
+}
+
 void run_grid(int blocks, int threads, size_t smem, const std::function<void()>& body) {
   if (tls_sched != nullptr)
     throw std::logic_error("rnnkern CUDA emulation: a launch from inside a launch");
@@ -423,6 +435,13 @@ void launch_divergent_barrier() {
 void launch_smem_overrun() {
   run_grid(1, 32, 256, [] {
     if (threadIdx.x == 0) current()->smem[256] = 1;
+  });
+}
+
+void launch_misaligned_load() {
+  alignas(16) static float buf[8] = {};
+  run_grid(1, 32, 0, [] {
+    if (threadIdx.x == 5) (void)__ldcg(reinterpret_cast<const float4*>(buf + 1));
   });
 }
 

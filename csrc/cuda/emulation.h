@@ -75,6 +75,11 @@ uint64_t warp_exchange(uint64_t value, int src_lane, int op);  // see the collec
 constexpr int kGatherMax = 4;
 void warp_gather(const uint64_t* values, int n, uint64_t* out);
 void yield();                          // a polling thread lets the others run
+// Throws, naming the block, the thread and the address, unless p is a multiple of `align`
+// bytes. The GPU faults on a misaligned load or store (and the fault ends the CUDA context);
+// x86 reads it without complaint, so without this check a layout or stride that breaks a
+// vector access's alignment would pass every emulated test and fail on the first GPU run.
+void check_aligned(const void* p, size_t align, const char* what);
 
 // Launches body() in `blocks` x `threads` fibers with `smem` bytes of dynamic shared memory
 // per block and returns when all have finished. Throws std::runtime_error on a deadlock.
@@ -91,11 +96,13 @@ void configure(int sms, int smem_optin, uint64_t schedule_seed);
 // Checks of the emulation itself (tests/test_cuda_emulation.py): float32 -> 16-bit -> float32
 // through the conversions below, element by element (dtype 1: float16, 2: bfloat16; bits get
 // the 16-bit patterns); and a launch whose thread 0 skips a __syncthreads the other threads
-// of its block wait at (must fail with the deadlock error); and one whose thread 0 writes one
-// byte past its block's 256 bytes of shared memory (must fail naming the overrun).
+// of its block wait at (must fail with the deadlock error); one whose thread 0 writes one
+// byte past its block's 256 bytes of shared memory (must fail naming the overrun); and one
+// with a misaligned vector load (must fail naming it).
 void convert_16bit(const float* src, uint16_t* bits, float* back, int64_t n, int dtype);
 void launch_divergent_barrier();
 void launch_smem_overrun();
+void launch_misaligned_load();  // thread 5 loads a float4 4 bytes past a 16-byte boundary
 
 }  // namespace rnnkern_emu
 
@@ -188,10 +195,12 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 // ---- loads, atomics, timers -----------------------------------------------------------------
 template <typename T>
 inline T __ldg(const T* p) {
+  ::rnnkern_emu::check_aligned(p, alignof(T), "__ldg");
   return *p;
 }
 template <typename T>
 inline T __ldcg(const T* p) {
+  ::rnnkern_emu::check_aligned(p, alignof(T), "__ldcg");
   return *p;
 }
 
