@@ -42,6 +42,9 @@ Tolerances.
   product, which torch.nn's bfloat16 path does too (its states and gradients are bfloat16
   tensors), so its extra error is of the kind already in torch's and the same bound holds
   (emulated, the largest ratio to torch's error over every cell and plan is 1.7).
+* float32 with TF32 allowed (the TF32 tensor-core matvec): truth is the float64 reference, the
+  yardstick the float64 reference with its products' operands rounded to TF32; the same
+  argument gives ``K_LOW`` (see ``test_tf32_matvec_within_k_times_a_tf32_computation``).
 """
 
 from __future__ import annotations
@@ -154,11 +157,14 @@ from rnnkern.functional import rnn_layer
 torch.manual_seed(0)
 cells = (("lstm", 0), ("lstm", 3), ("gru", 0), ("rnn_tanh", 0), ("rnn_relu", 0))
 shapes = ((3, 2, 7), (2, 3, 2048), (3, 20, 64))
-matvecs = (("simple", torch.float32), ("tiled", torch.float32), ("mma", torch.bfloat16))
+matvecs = (("simple", torch.float32), ("tiled", torch.float32), ("mma", torch.bfloat16),
+           ("mma", "tf32"))  # fmt: skip
 for (matvec, dtype), (cell, proj), (T, B, H) in itertools.product(matvecs, cells, shapes):
     if matvec == "mma" and (H % 4 or (proj or H) % 4):
         continue  # its wide loads need sizes in multiples of 4
     os.environ["RNNKERN_CUDA_MATVEC"] = matvec
+    torch.set_float32_matmul_precision("high" if dtype == "tf32" else "highest")
+    dtype = torch.float32 if dtype == "tf32" else dtype
     print("running", matvec, cell, "proj", proj, "T B H", T, B, H, flush=True)
     G = {"lstm": 4, "gru": 3}.get(cell, 1)
     P = proj or H
@@ -424,6 +430,18 @@ def test_supports_follows_the_matvec_knob(device, monkeypatch):
     assert isinstance(reason, str) and "multiples of 4, got 36 and 18" in reason
     monkeypatch.delenv("RNNKERN_CUDA_MATVEC")
     assert BACKEND.supports(cfg(hidden_size=36, proj_size=18)) is True
+    # ... and the float32 matmul precision: mma runs float32 layers only with TF32 allowed
+    monkeypatch.setenv("RNNKERN_CUDA_MATVEC", "mma")
+    f32 = cfg(dtype=torch.float32, hidden_size=32)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert BACKEND.supports(f32) is True
+        torch.set_float32_matmul_precision("highest")
+        reason = BACKEND.supports(f32)
+        assert isinstance(reason, str) and "unless TF32 is allowed" in reason
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 def _bench_row_shape(device):
@@ -476,6 +494,17 @@ def test_cuda_train_row_with_the_fma_matvec(device, monkeypatch):
     assert "RNNKERN_CUDA_MATVEC" not in os.environ  # restored after the call
     fp32 = cuda_train.make_case("GRU", torch.float32, B, H, True, device, T=T)
     assert "rnnkern[cuda], fma matvec" not in fp32.fns
+    # float32 with TF32 allowed on both sides: the tensor cores, with their fma row, and
+    # float32 exact again after each call
+    tf32 = cuda_train.make_case("GRU", torch.float32, B, H, True, device, T=T, tf32=True)
+    assert tf32.name.endswith("float32 TF32") and "rnnkern[cuda], fma matvec" in tf32.fns
+    tf32.fns["rnnkern[cuda]"]()
+    assert BACKEND.last_launch["matvec"] == "mma"
+    assert torch.get_float32_matmul_precision() == "highest"
+    tf32.fns["rnnkern[cuda], fma matvec"]()
+    assert BACKEND.last_launch["matvec"] == "tiled"
+    tf32.fns["torch.nn"]()
+    assert not torch.backends.cudnn.allow_tf32
 
 
 def test_small_layers_keep_weights_resident(device):
@@ -633,10 +662,108 @@ def test_mma_matvec_within_k_times_torch_error(device, monkeypatch, name, plan):
         assert info[key] == want, (key, info)
 
 
+def _round_tf32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` through float32 rounded to TF32 (10 mantissa bits, to nearest, ties away from
+    zero: the kernels' cvt.rna.tf32.f32), back in ``t``'s dtype."""
+    bits = t.detach().float().view(torch.int32)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    rounded = torch.where(finite, (bits + 0x1000) & ~0x1FFF, bits).view(torch.float32)
+    return t + (rounded.to(t.dtype) - t).detach()  # (gradients pass through unchanged)
+
+
+class _Tf32Products(torch.overrides.TorchFunctionMode):
+    """Matrix products with their operands rounded to TF32 (then multiplied in the tensors' own
+    dtype): what a TF32 computation does to a layer's products, as a yardstick."""
+
+    # (``a @ b`` reaches the mode as TensorBase.matmul)
+    PRODUCTS = {torch.matmul, torch.mm, torch.addmm, torch.Tensor.__matmul__,
+                torch._C.TensorBase.matmul, torch._C.TensorBase.mm}  # fmt: skip
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.PRODUCTS:
+            operands = (1, 2) if func is torch.addmm else (0, 1)  # not addmm's bias
+            args = tuple(_round_tf32(a) if i in operands else a for i, a in enumerate(args))
+        return func(*args, **kwargs)
+
+
+def _tf32_reference_run(monkeypatch, name, inp):
+    """``run`` on backend reference in float64 with TF32 products (:class:`_Tf32Products`) in
+    its forward and backward (the layer runs as a torch.library op, where a mode the caller
+    entered does not reach, so the mode is entered inside the backend's methods)."""
+    ref = get_backend("reference")
+    for method in ("forward", "backward"):
+        plain = getattr(ref, method)
+
+        def rounded(*args, _plain=plain, **kwargs):
+            with _Tf32Products():
+                return _plain(*args, **kwargs)
+
+        monkeypatch.setattr(ref, method, rounded)
+    try:
+        return run(name, inp, "reference", dtype=torch.float64)
+    finally:
+        for method in ("forward", "backward"):
+            monkeypatch.delattr(ref, method)
+
+
+# The TF32 tensor-core matvec (float32 with torch.set_float32_matmul_precision("high")) on the
+# same plan branches.
+@pytest.mark.parametrize("plan", list(MMA_PLANS))
+@pytest.mark.parametrize("name", CELLS)
+def test_tf32_matvec_within_k_times_a_tf32_computation(device, monkeypatch, name, plan):
+    # The yardstick is the float64 reference with the operands of its recurrent products
+    # (forward and backward) and weight-gradient products rounded to TF32. The kernel rounds
+    # the same operands of its recurrent products the same way (cvt.rna) and sums in float32 in
+    # another order, so the two differ only where a float32 difference moves a value across a
+    # TF32 rounding boundary, and K_LOW bounds it as for the 16-bit dtypes (emulated, the
+    # largest ratio over every cell, plan and output is 1.33). x and W_ih are TF32 values, so
+    # the input projection is exact whoever computes it. Under "high" torch's own GEMMs take
+    # TF32 on a GPU, with cuBLAS's rounding, not the yardstick's: there the gradients that
+    # pass through them (x, the weights) are not compared; on the CPU they are exact float32,
+    # which only lowers the error.
+    sms, smem, (T, B, H), layout = MMA_PLANS[plan]
+    if device == "cuda":
+        B, H = B * 4, H * 8
+        layout = {}
+    else:
+        cuda_emulation.configure(sms, smem)
+    monkeypatch.setenv("RNNKERN_CUDA_MATVEC", "mma")
+    inp = make_inputs(name, T, B, H, device=device)
+    inp["x"], inp["w_ih"] = _round_tf32(inp["x"]), _round_tf32(inp["w_ih"])
+    truth = run(name, inp, "reference", dtype=torch.float64)
+    tf32 = _tf32_reference_run(monkeypatch, name, inp)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        got = run(name, inp, "cuda")
+        info = BACKEND.last_launch  # the backward launch
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert info["matvec"] == "mma", info
+    for key, want in layout.items():
+        assert info[key] == want, (key, info)
+    for k, r in truth.items():
+        assert got[k].dtype == torch.float32 and bool(got[k].isfinite().all()), k
+        if device == "cuda" and k in ("x", "w_ih", "w_hh", "w_hr"):
+            continue
+        err = (got[k].double() - r).abs().max().item()
+        err_tf32 = (tf32[k] - r).abs().max().item()
+        scale = max(1.0, r.abs().max().item())
+        # the yardstick is TF32-sized (TF32's unit roundoff is 2^-11, float32's 2^-24), so
+        # the mode reached every product, the backward's too
+        assert err_tf32 > 1e-5 * scale, (k, err_tf32)
+        floor = 4 * torch.finfo(torch.float32).eps * scale
+        assert err <= K_LOW * err_tf32 + floor, (
+            f"{k}: cuda error {err:.3e} > {K_LOW} x TF32's {err_tf32:.3e} + {floor:.1e}"
+        )
+
+
 def test_matvec_choice(device, monkeypatch):
-    # By default the bfloat16 layers of 16 or more rows per batch group take the tensor cores;
-    # float32 (exact) and float16 (range) keep the FMA matvec, and so do sizes the mma loads
-    # cannot take. RNNKERN_CUDA_MATVEC overrides, with an error where mma cannot run.
+    # By default the bfloat16 layers of 16 or more rows per batch group take the tensor cores,
+    # and so do float32 ones where TF32 is allowed; exact float32 and float16 (range) keep the
+    # FMA matvec, and so do sizes the mma loads cannot take. RNNKERN_CUDA_MATVEC overrides,
+    # with an error where mma cannot run.
     if device == "cpu":
         cuda_emulation.configure(132, 232448)
     plan = cuda_backend._cuda.plan
@@ -649,10 +776,18 @@ def test_matvec_choice(device, monkeypatch):
         assert plan(backward, lstm, fp32, 64, 512, 512, False)["matvec"] == "tiled"
         assert plan(backward, lstm, fp16, 64, 512, 512, False)["matvec"] == "tiled"
         assert plan(backward, lstm, bf16, 64, 510, 510, False)["matvec"] == "tiled"
+        # float32 with TF32 allowed (tf32=True: torch's float32 matmul precision is not
+        # "highest") takes the tensor cores from 16 rows too
+        assert plan(backward, lstm, fp32, 64, 512, 512, False, tf32=True)["matvec"] == "mma"
+        assert plan(backward, lstm, fp32, 8, 512, 512, False, tf32=True)["matvec"] == "tiled"
     monkeypatch.setenv("RNNKERN_CUDA_MATVEC", "mma")
     assert plan(True, lstm, bf16, 1, 256, 256, False)["matvec"] == "mma"
-    with pytest.raises(ValueError, match="mma cannot run this layer: it multiplies bfloat16"):
+    assert plan(True, lstm, fp32, 1, 256, 256, False, tf32=True)["matvec"] == "mma"
+    with pytest.raises(ValueError, match=r"mma cannot run this layer: float32 products stay "
+                       r"exact unless TF32 is allowed"):  # fmt: skip
         plan(True, lstm, fp32, 64, 512, 512, False)
+    with pytest.raises(ValueError, match="it multiplies bfloat16 weights, or float32 with TF32"):
+        plan(True, lstm, fp16, 64, 512, 512, False)
     with pytest.raises(ValueError, match="multiples of 4, got 510 and 510"):
         plan(False, lstm, bf16, 64, 510, 510, False)
     monkeypatch.setenv("RNNKERN_CUDA_MATVEC", "tiled")

@@ -49,6 +49,7 @@ struct ForwardArgs {
   float* gates;             // out save (lstm, gru): [T, B, G*H] activated gates, else null
   float* m;                 // scratch lstm projection: [B, H] o * tanh(c), else null
   unsigned long long* sync; // [kTrainSyncWords] zeroed before the launch (see above)
+  int tf32;                 // float32: TF32 products allowed (the mma matvec may run)
 };
 
 struct BackwardArgs {
@@ -69,10 +70,11 @@ struct BackwardArgs {
                             //   (LaunchInfo::running_in_smem)
   float* dc0;               // out [B, H] (lstm; the running dc when not in shared memory) or null
   float* dpre;              // scratch [2, B, G*H]: recurrent pre-activation gradients, 2 slots
-                            //   (bfloat16 in its first half when the plan's matvec is mma)
+                            //   (bfloat16 in its first half in bfloat16 mma plans)
   float* dht;               // scratch projection: [B, P] dh + dy of the current step; else null
   float* dloc;              // scratch gru: [B, H] dh_total * z when not in shared memory; else null
   unsigned long long* sync; // [kTrainSyncWords] zeroed before the launch
+  int tf32;                 // float32: TF32 products allowed (the mma matvec may run)
 };
 
 // The matrices of one layer for generation, as the Decoder packs them (device addresses; an
@@ -170,8 +172,8 @@ struct DeviceInfo {
 LaunchInfo layer_forward(const ForwardArgs& a, void* stream, int64_t timeout_ns, bool debug);
 LaunchInfo layer_backward(const BackwardArgs& a, void* stream, int64_t timeout_ns, bool debug);
 // The plan a launch would use, without launching (tests, supports()).
-LaunchInfo plan_forward(int cell, int dtype, int B, int H, int P, bool proj);
-LaunchInfo plan_backward(int cell, int dtype, int B, int H, int P, bool proj);
+LaunchInfo plan_forward(int cell, int dtype, int B, int H, int P, bool proj, bool tf32);
+LaunchInfo plan_backward(int cell, int dtype, int B, int H, int P, bool proj, bool tf32);
 // Enqueues one cooperative launch on `stream` (it first zeroes sync[0] there); returns the
 // number of model steps it runs. Errors found by the kernel go to sync[1..3], read by the
 // caller.

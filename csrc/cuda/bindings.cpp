@@ -118,13 +118,13 @@ PYBIND11_MODULE(RNNKERN_CUDA_MODULE, m) {
          uintptr_t h0, uintptr_t c0, uintptr_t w_hh, uintptr_t b_hh, uintptr_t w_hr,
          uintptr_t lengths, uintptr_t y, uintptr_t h_n, uintptr_t c_n, uintptr_t hs,
          uintptr_t aux, uintptr_t gates, uintptr_t mbuf, uintptr_t sync, uintptr_t stream,
-         int64_t timeout_ns, bool debug) {
+         int64_t timeout_ns, bool debug, bool tf32) {
         ForwardArgs a{cell, dtype, T, B, H, P, reverse ? 1 : 0, save ? 1 : 0,
                       ptr<const void>(gx), ptr<const float>(h0), ptr<const float>(c0),
                       ptr<const void>(w_hh), ptr<const void>(b_hh), ptr<const void>(w_hr),
                       ptr<const int64_t>(lengths), ptr<void>(y), ptr<float>(h_n),
                       ptr<float>(c_n), ptr<float>(hs), ptr<float>(aux), ptr<float>(gates),
-                      ptr<float>(mbuf), ptr<unsigned long long>(sync)};
+                      ptr<float>(mbuf), ptr<unsigned long long>(sync), tf32 ? 1 : 0};
         LaunchInfo info;
         {
           py::gil_scoped_release release;
@@ -140,14 +140,15 @@ PYBIND11_MODULE(RNNKERN_CUDA_MODULE, m) {
          uintptr_t aux, uintptr_t gates, uintptr_t w_t, uintptr_t wr_t, uintptr_t lengths,
          uintptr_t dy, uintptr_t dh_n, uintptr_t dc_n, uintptr_t dgx, uintptr_t dgh,
          uintptr_t dh_proj, uintptr_t dh0, uintptr_t dc0, uintptr_t dpre, uintptr_t dht,
-         uintptr_t dloc, uintptr_t sync, uintptr_t stream, int64_t timeout_ns, bool debug) {
+         uintptr_t dloc, uintptr_t sync, uintptr_t stream, int64_t timeout_ns, bool debug,
+         bool tf32) {
         BackwardArgs a{cell, dtype, T, B, H, P, reverse ? 1 : 0,
                        ptr<const float>(hs), ptr<const float>(aux), ptr<const float>(gates),
                        ptr<const void>(w_t), ptr<const void>(wr_t), ptr<const int64_t>(lengths),
                        ptr<const void>(dy), ptr<const float>(dh_n), ptr<const float>(dc_n),
                        ptr<float>(dgx), ptr<float>(dgh), ptr<float>(dh_proj), ptr<float>(dh0),
                        ptr<float>(dc0), ptr<float>(dpre), ptr<float>(dht), ptr<float>(dloc),
-                       ptr<unsigned long long>(sync)};
+                       ptr<unsigned long long>(sync), tf32 ? 1 : 0};
         LaunchInfo info;
         {
           py::gil_scoped_release release;
@@ -159,11 +160,14 @@ PYBIND11_MODULE(RNNKERN_CUDA_MODULE, m) {
 
   m.def(
       "plan",
-      [](bool backward, int cell, int dtype, int B, int H, int P, bool proj) {
-        return info_dict(backward ? plan_backward(cell, dtype, B, H, P, proj)
-                                  : plan_forward(cell, dtype, B, H, P, proj));
+      [](bool backward, int cell, int dtype, int B, int H, int P, bool proj, bool tf32) {
+        return info_dict(backward ? plan_backward(cell, dtype, B, H, P, proj, tf32)
+                                  : plan_forward(cell, dtype, B, H, P, proj, tf32));
       },
-      "The launch layout a call would use on the current device, without launching.");
+      py::arg("backward"), py::arg("cell"), py::arg("dtype"), py::arg("B"), py::arg("H"),
+      py::arg("P"), py::arg("proj"), py::arg("tf32") = false,
+      "The launch layout a call would use on the current device, without launching (tf32: "
+      "float32 with TF32 products allowed).");
 
   m.def(
       "generate",

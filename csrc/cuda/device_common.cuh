@@ -90,13 +90,18 @@ constexpr int kMatvecMma = 2;     // block_matvec_mma: bfloat16 tensor cores (sm
 constexpr int kMmaBatch = 16;
 constexpr int kPartialMma = 8 * 16 * kMmaBatch;
 
-// Row stride (elements) of the mma matvec's operands in shared memory (bfloat16 weights and
-// staged x): n rounded up to 16 mod 32. Its warp-wide loads take 4 lanes x 4 consecutive
-// elements (8 bytes) from each of 8 rows, served as two half-warp phases of 4 rows. Rows a
-// multiple of 128 bytes apart (every n % 64 == 0) share their banks: 4-way conflicts. At 16
-// mod 32 elements the 4 rows of a phase start 0, 32, 64 and 96 bytes apart mod 128, and no
-// bank is hit twice. The FMA matvecs read a row with consecutive lanes and need no padding.
-__host__ __device__ inline int mma_stride(int n) { return n + (48 - n % 32) % 32; }
+// Row stride (elements of `bytes` bytes) of the mma matvec's operands in shared memory
+// (weights and staged x: bfloat16, or float32 for TF32): n rounded up so that a row is 32 mod
+// 64 bytes long. Its warp-wide loads take 4 lanes x 8 bytes (4 bfloat16 or 2 float32
+// consecutive elements) from each of 8 rows, served as two half-warp phases of 4 rows. Rows a
+// multiple of 128 bytes apart (every bfloat16 n % 64 == 0) share their banks: 4-way
+// conflicts. At 32 mod 64 bytes the 4 rows of a phase start 0, 32, 64 and 96 bytes apart mod
+// 128, and no bank is hit twice. The FMA matvecs read a row with consecutive lanes and need no
+// padding.
+__host__ __device__ inline int mma_stride(int n, int bytes) {
+  const int unit = 64 / bytes, half = 32 / bytes;  // elements in 64 and in 32 bytes
+  return n + (unit + half - n % unit) % unit;
+}
 
 // ---------------------------------------------------------------------------------------------
 // device helpers
@@ -422,6 +427,42 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 #endif
 }
 
+// x rounded to TF32 (10 mantissa bits), to nearest with ties away from zero (cvt.rna.tf32.f32;
+// infinities and NaN pass through), as float32 bits with the low 13 bits zero. The tensor
+// cores would otherwise just ignore those bits (truncation, a bias towards zero that adds up
+// over a 1024-long row); rounding first makes the products those of the rounded operands,
+// which the emulation reproduces bit for bit.
+__device__ __forceinline__ uint32_t tf32_bits(float x) {
+#ifdef RNNKERN_CUDA_EMULATION
+  return rnnkern_emu::cvt_rna_tf32(x);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+#else
+  __trap();
+  return 0;
+#endif
+}
+
+// d += A B on the tensor cores with TF32 operands: mma.sync.aligned.m16n8k8.row.col.f32.tf32.
+// tf32.f32 (A 16 x 8, B 8 x 8; fragment layouts: emulation.h, after the PTX ISA). sm_80+.
+__device__ __forceinline__ void mma_tf32_1688(float (&d)[4], const uint32_t (&a)[4],
+                                              const uint32_t (&b)[2]) {
+#ifdef RNNKERN_CUDA_EMULATION
+  const float c[4] = {d[0], d[1], d[2], d[3]};
+  rnnkern_emu::mma_m16n8k8_tf32(d, a, b, c);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();
+#endif
+}
+
 // d += A B on the tensor cores: mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (fragment
 // layouts: emulation.h, after the PTX ISA). sm_80 and later; the plans never choose the mma
 // matvec on an older device, where this traps.
@@ -441,35 +482,52 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
 #endif
 }
 
-// Same contract as block_matvec, on the tensor cores, for bfloat16 weights only, except that x
-// is bfloat16 [nb][ldx] in shared memory: the staging rounds h (or dpre, m, dht) to bfloat16,
-// products are exact and sums float32. That rounding is the numerical difference from the
-// float32 matvecs, and it is the one torch.nn's bfloat16 path makes (its h and gradients are
-// bfloat16 tensors); it also halves the shared memory a staged row takes (larger batch chunks).
+// Same contract as block_matvec, on the tensor cores, for bfloat16 weights (mma m16n8k16) or
+// float32 weights with TF32 allowed (mma m16n8k8), except that x is in the weights' type:
+// bfloat16 [nb][ldx] in shared memory (the staging rounds h, dpre, m or dht to bfloat16), or
+// float32 rounded to TF32 here, as the weights are (tf32_bits). Products are exact and sums
+// float32. That rounding is the numerical difference from the float32 matvecs: for bfloat16 it
+// is the one torch.nn's bfloat16 path makes (its h and gradients are bfloat16 tensors), and a
+// bfloat16 row also takes half the shared memory (larger batch chunks); TF32 is what cuDNN and
+// cuBLAS do with float32 when torch allows it.
 //
-// A warp task is a tile of 16 weight rows x kMmaBatch batch rows over a range of k: per 16 k,
-// each lane loads 4 consecutive weights of 2 rows and 4 consecutive x of 2 batch rows (8-byte
-// loads, already the bfloat16 pairs of the fragments) and issues 2 mma (16 x 8 x 16).
-// The products only need A's and B's k indices to agree, so the lane's physical k
-// (4t .. 4t+3 of the 16) stand for the fragment's logical k (2t, 2t+1, 2t+8, 2t+9): one wide
-// load per operand instead of two. Needs K, ldx and the row length multiples of 4 and the
-// weight rows 8-byte aligned (make_plan checks). Split-K over warps as the tiled matvec, into
-// `partial` [ks][nrows][nb] (ks * nrows * nb <= partial_elems). Called by every thread.
+// A warp task is a tile of 16 weight rows x kMmaBatch batch rows over a range of k: per k
+// step (16 bfloat16 / 8 float32 k), each lane loads 8 consecutive bytes of weights of 2 rows
+// and of x of 2 batch rows (8-byte loads: the fragments' register pairs) and issues 2 mma
+// (16 x 8 x k step). The products only need A's and B's k indices to agree, so the lane's
+// physical k stand for the fragment's logical k: bfloat16 4t .. 4t+3 for (2t, 2t+1, 2t+8,
+// 2t+9), float32 2t, 2t+1 for (t, t+4). One wide load per operand instead of two. Needs K, ldx
+// and the row length multiples of 4 and the weight rows 8-byte aligned (make_plan checks).
+// Split-K over warps as the tiled matvec, into `partial` [ks][nrows][nb] (ks * nrows * nb <=
+// partial_elems). Called by every thread.
 template <typename T, typename Out>
-__device__ __forceinline__ void block_matvec_mma(const __nv_bfloat16* x, int ldx, int nb, int K,
-                                                 int nrows, const Rows<T>& rows,
-                                                 float* partial, int partial_elems, Out out) {
+__device__ __forceinline__ void block_matvec_mma(const T* x, int ldx, int nb, int K, int nrows,
+                                                 const Rows<T>& rows, float* partial,
+                                                 int partial_elems, Out out) {
+  constexpr bool kTf32 = std::is_same<T, float>::value;
 #if RNNKERN_WITH_BF16
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+#else
+  constexpr bool kBf16 = false;
+#endif
+  if constexpr (kTf32 || kBf16) {
+    constexpr int kStep = kTf32 ? 8 : 16;  // k per mma
+    constexpr int kLaneK = kStep / 4;      // consecutive k one lane loads (8 bytes)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, t = lane & 3;
     const int row_tiles = (nrows + 15) / 16;
     const int batch_tiles = (nb + kMmaBatch - 1) / kMmaBatch;
     const int tiles = row_tiles * batch_tiles;
-    const int ksteps = (K + 15) / 16;
+    const int ksteps = (K + kStep - 1) / kStep;
     // at least 4 k steps per warp; the partial sums must fit their buffer
     const int ks = max(1, min(min(kWarps / tiles, ksteps / 4), partial_elems / (nrows * nb)));
     const int kchunk = (ksteps + ks - 1) / ks;
+    // the operand registers of one 8-byte load (TF32: each float rounded)
+    const auto regs = [](uint2 v) {
+      if constexpr (kTf32) return uint2{tf32_bits(__uint_as_float(v.x)),
+                                        tf32_bits(__uint_as_float(v.y))};
+      else return v;
+    };
     for (int task = warp; task < tiles * ks; task += kWarps) {
       const int tile = task % tiles, kk = task / tiles;
       const int r0 = (tile / batch_tiles) * 16, bb0 = (tile % batch_tiles) * kMmaBatch;
@@ -477,7 +535,7 @@ __device__ __forceinline__ void block_matvec_mma(const __nv_bfloat16* x, int ldx
       const T* w_lo = rows.row(row_lo ? r0 + g : 0);
       const T* w_hi = rows.row(row_hi ? r0 + g + 8 : 0);
       bool col[2];
-      const __nv_bfloat16* xc[2];
+      const T* xc[2];
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
         col[n] = bb0 + 8 * n + g < nb;
@@ -488,17 +546,20 @@ __device__ __forceinline__ void block_matvec_mma(const __nv_bfloat16* x, int ldx
       // two k steps in flight: the second step's loads are issued before the first's mma wait
 #pragma unroll 2
       for (int st = kk * kchunk; st < s_end; ++st) {
-        const int k = st * 16 + 4 * t;
-        const bool in = k < K;  // K % 4 == 0: the lane's 4 k are all in or all out
+        const int k = st * kStep + kLaneK * t;
+        const bool in = k < K;  // K % 4 == 0: the lane's k are all in or all out
         const uint2 zero2 = {0u, 0u};
-        const uint2 lo = (in && row_lo) ? load_vec<uint2>(w_lo + k) : zero2;
-        const uint2 hi = (in && row_hi) ? load_vec<uint2>(w_hi + k) : zero2;
+        const uint2 lo = (in && row_lo) ? regs(load_vec<uint2>(w_lo + k)) : zero2;
+        const uint2 hi = (in && row_hi) ? regs(load_vec<uint2>(w_hi + k)) : zero2;
         const uint32_t a[4] = {lo.x, hi.x, lo.y, hi.y};
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
-          const uint2 v = (in && col[n]) ? load_vec<uint2>(xc[n] + k) : zero2;
+          const uint2 v = (in && col[n]) ? regs(load_vec<uint2>(xc[n] + k)) : zero2;
           const uint32_t b[2] = {v.x, v.y};
-          mma_bf16_16816(acc[n], a, b);
+          if constexpr (kTf32)
+            mma_tf32_1688(acc[n], a, b);
+          else
+            mma_bf16_16816(acc[n], a, b);
         }
       }
       // acc[n][i]: row r0 + g (+8 for i >= 2), batch row bb0 + 8n + 2t + (i & 1)
@@ -519,19 +580,18 @@ __device__ __forceinline__ void block_matvec_mma(const __nv_bfloat16* x, int ldx
     if (ks > 1) add_partials(partial, ks, nb, nrows, out);
     return;
   }
-#endif
-  __trap();  // make_plan chooses the mma matvec for bfloat16 only
+  __trap();  // make_plan chooses the mma matvec for bfloat16, or float32 with TF32, only
 }
 
 // Dispatch between the matvecs (mode: kMatvec*, uniform over the grid). x: the staged rows,
-// float, or bfloat16 for the mma matvec (stage_rows with a bfloat16 destination).
+// float, or bfloat16 for the bfloat16 mma matvec (stage_rows with a bfloat16 destination).
 template <typename T, typename Out>
 __device__ __forceinline__ void matvec(int mode, const float* x, int ldx, int nb, int K,
                                        int nrows, const Rows<T>& rows, float* partial,
                                        int partial_elems, Out out) {
-  if (mode == kMatvecMma)
-    block_matvec_mma<T>(reinterpret_cast<const __nv_bfloat16*>(x), ldx, nb, K, nrows, rows,
-                        partial, partial_elems, out);
+  if (mode == kMatvecMma)  // x: rows of the weights' type (bfloat16, or float32 for TF32)
+    block_matvec_mma<T>(reinterpret_cast<const T*>(x), ldx, nb, K, nrows, rows, partial,
+                        partial_elems, out);
   else if (mode == kMatvecTiled)
     block_matvec_tiled<T>(x, ldx, nb, K, nrows, rows, partial, out);
   else

@@ -309,6 +309,55 @@ inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint3
     d[i] = acc;
   }
 }
+
+// cvt.rna.tf32.f32: x rounded to 10 mantissa bits, to nearest with ties away from zero (add
+// half of the dropped unit to the magnitude, then clear the 13 dropped bits; a carry into the
+// exponent is the right rounding up, to infinity past the largest value). Infinities and NaN
+// pass through.
+inline uint32_t cvt_rna_tf32(float x) {
+  const uint32_t u = __float_as_uint(x);
+  if ((u & 0x7f800000u) == 0x7f800000u) return u;
+  return (u + 0x1000u) & 0xffffe000u;
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, D = A B + C with A 16x8, B 8x8, per the
+// PTX ISA's "Matrix Fragments for mma.m16n8k8" (.tf32; groupID g = lane >> 2, tid t = lane % 4;
+// one element per 32-bit register):
+//   A: a[0] = (row g, col t), a[1] = (row g+8, col t), a[2] = (row g, col t+4),
+//      a[3] = (row g+8, col t+4);  B: b[0] = (row t, col g), b[1] = (row t+4, col g);
+//   C / D: as m16n8k16 above.
+// The tensor cores read only a TF32 operand's top 19 bits, so the low 13 bits are dropped
+// here too (a kernel that skipped tf32_bits would truncate, as on the GPU); the products of
+// TF32 values are exact in float32; k is added in order.
+inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                             const float (&c)[4]) {
+  float A[16][8], Bm[8][8];
+  const uint64_t mine[3] = {a[0] | (uint64_t{a[1]} << 32), a[2] | (uint64_t{a[3]} << 32),
+                            b[0] | (uint64_t{b[1]} << 32)};
+  uint64_t all[32 * 3];
+  warp_gather(mine, 3, all);
+  for (int src = 0; src < 32; ++src) {
+    const int g = src >> 2, t = src & 3;
+    const auto f = [](uint64_t pair, int hi) {
+      return __uint_as_float(static_cast<uint32_t>(hi ? pair >> 32 : pair) & 0xffffe000u);
+    };
+    const uint64_t a01 = all[src * 3], a23 = all[src * 3 + 1], b01 = all[src * 3 + 2];
+    A[g][t] = f(a01, 0);
+    A[g + 8][t] = f(a01, 1);
+    A[g][t + 4] = f(a23, 0);
+    A[g + 8][t + 4] = f(a23, 1);
+    Bm[t][g] = f(b01, 0);
+    Bm[t + 4][g] = f(b01, 1);
+  }
+  const int lane = static_cast<int>(current()->thread_idx.x % 32);
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0), col = t * 2 + (i & 1);
+    float acc = c[i];
+    for (int k = 0; k < 8; ++k) acc = std::fma(A[row][k], Bm[k][col], acc);
+    d[i] = acc;
+  }
+}
 }  // namespace rnnkern_emu
 
 // ---- the runtime API the launchers call -----------------------------------------------------

@@ -36,11 +36,13 @@
 // The matvec (device_common.cuh) runs on float32 FMAs in register tiles, or, for bfloat16
 // with at least kMmaMinRows rows per batch group, on the tensor cores (mma.sync m16n8k16,
 // float32 accumulation), which rounds the staged h or dpre to bfloat16 (it is staged as
-// bfloat16, and dpre is stored so). Why: at B = 64, H = 1024 an H100 block's forward matvec
-// is 64 x 32 x 1024 = 2M FMAs a step, 16K cycles of its SM's 128 float32 lanes (about 9 us;
-// as much again in the backward), where the SM's tensor cores take a quarter to an eighth of
-// that (one mma instruction is 2K multiply-adds). Unmeasured on a GPU so far: the cuda_train
-// benchmark's "fma matvec" rows compare the two.
+// bfloat16, and dpre is stored so); float32 takes the tensor cores too (mma.sync m16n8k8,
+// operands rounded to TF32) only where the caller allows TF32. Why: at B = 64, H = 1024 an
+// H100 block's forward matvec is 64 x 32 x 1024 = 2M FMAs a step, 16K cycles of its SM's 128
+// float32 lanes (about 9 us; as much again in the backward), where the SM's tensor cores take
+// a quarter to an eighth of that (one bfloat16 mma instruction is 2K multiply-adds, a TF32 one
+// 1K). Unmeasured on a GPU so far: the cuda_train benchmark's "fma matvec" rows compare the
+// two, and its "float32 TF32" cases time TF32 against cuDNN's.
 
 #include <string>
 #include <vector>
@@ -112,14 +114,27 @@ struct Plan {
   long long timeout_ns;
 };
 
-// Bytes of a staged x element: bfloat16 for the mma matvec (block_matvec_mma), else float.
-__host__ __device__ inline int x_size(const Plan& p) { return p.matvec == kMatvecMma ? 2 : 4; }
+// Bytes of a staged x element for weights of elem_size bytes: bfloat16 for the bfloat16 mma
+// matvec (block_matvec_mma), else float (the FMA matvecs, and TF32, which rounds on load).
+__host__ __device__ inline int x_size(const Plan& p, int elem_size) {
+  return p.matvec == kMatvecMma && elem_size == 2 ? 2 : 4;
+}
+
+// Whether plan p stages x and stores dpre as bfloat16 (the bfloat16 mma plans); a
+// compile-time false for other weight types, so their kernels carry no bfloat16 staging.
+template <typename T>
+__device__ __forceinline__ bool staged_bf16(const Plan& p) {
+#if RNNKERN_WITH_BF16
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) return p.matvec == kMatvecMma;
+#endif
+  return false;
+}
 
 // The shared-memory layout of plan p for weights of elem_size bytes (make_plan sizes it, the
 // kernels find their regions in it).
 __host__ __device__ inline SmemLayout plan_layout(const Plan& p, int elem_size) {
   return smem_layout(p.K, p.Bc, p.C, p.partial, p.own_elems, p.w_elems, p.wr_elems, elem_size,
-                     p.resident, x_size(p));
+                     p.resident, x_size(p, elem_size));
 }
 
 // Stages rows [b0, b0 + nb) of src [B][K] (float, or bfloat16 dpre) into x_s at row stride ld:
@@ -194,8 +209,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
   const BlockSlice sl = block_slice(plan, B, H, P);
   const int j0 = sl.j0, nj = sl.nj, p0 = sl.p0, np = sl.np, r0 = sl.r0, r1 = sl.r1, nr = sl.nr;
   const SmemLayout L = plan_layout(plan, sizeof(T));
-  float* x_s = reinterpret_cast<float*>(smem + L.x);    // [Bc][K] (bfloat16 when mma)
-  const bool mma = plan.matvec == kMatvecMma;           // (bfloat16 only: make_plan)
+  float* x_s = reinterpret_cast<float*>(smem + L.x);    // [Bc][K] (bfloat16: x16)
+  const bool x16 = staged_bf16<T>(plan);
   float* pre_s = reinterpret_cast<float*>(smem + L.pre);  // [Bc][G*Hb]
   float* part_s = reinterpret_cast<float*>(smem + L.partial);  // [plan.partial] split-K sums
   const T* gx = static_cast<const T*>(a.gx);
@@ -255,7 +270,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
           for (int g = 0; g < G; ++g) pf_gx[g] = to_float(gxr[g * H + j]);
           if (CELL == kLSTM) pf_c = __ldcg(cp + static_cast<size_t>(b) * H + j);
         }
-        stage_x(x_s, mma, ldp, hp, b0, nb, P);
+        stage_x(x_s, x16, ldp, hp, b0, nb, P);
         __syncthreads();
         matvec<T>(plan.matvec, x_s, ldp, nb, P, G * nj, w, part_s, plan.partial,
                   [&](int bb, int r, float v) { pre_s[bb * plan.C + (r / nj) * Hb + r % nj] = v; });
@@ -286,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
             gh[g] = pr[g * Hb] + (b_hh ? to_float(b_hh[g * H + j]) : 0.f);
           // h_prev: the staged copy of h_{s-1} (no projection here, so P == H).
           const float h_prev = proj  ? 0.f
-                               : mma ? __ldcg(hp + static_cast<size_t>(b) * P + j)  // x_s: bf16
+                               : x16 ? __ldcg(hp + static_cast<size_t>(b) * P + j)  // x_s: bf16
                                      : x_s[bb * ldp + j];
           const CellStep<CELL> cs = cell_step<CELL>(gxv, gh, c_prev, h_prev);
           if (gates) {
@@ -314,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
       if (np > 0) {
         for (int b0 = r0; b0 < r1; b0 += Bc) {
           const int nb = min(Bc, r1 - b0);
-          stage_x(x_s, mma, ldh, a.m, b0, nb, H);
+          stage_x(x_s, x16, ldh, a.m, b0, nb, H);
           __syncthreads();
           matvec<T>(plan.matvec, x_s, ldh, nb, H, np, wr, part_s, plan.partial,
                     [&](int bb, int pp, float v) {
@@ -386,13 +401,13 @@ __device__ __forceinline__ SavedItem load_saved_item(const BackwardArgs& a, int 
   return it;
 }
 
-// This step's dpre slot [B][G*H]: float32, or, in the mma plans, bfloat16 in the same buffer.
-// The mma plans stage dpre as bfloat16 for the product anyway, so storing it rounded changes
-// no result and halves the bytes every block of the batch group stages from L2 each
+// This step's dpre slot [B][G*H]: float32, or, in the bfloat16 mma plans, bfloat16 in the same
+// buffer. Those plans stage dpre as bfloat16 for the product anyway, so storing it rounded
+// changes no result and halves the bytes every block of the batch group stages from L2 each
 // step (the B = 64 backward's bottleneck before the batch split: 1 MB per block at H = 1024).
 struct DpreSlot {
   float* f;           // float32 rows
-  __nv_bfloat16* h;   // bfloat16 rows (mma plans), else null
+  __nv_bfloat16* h;   // bfloat16 rows (bfloat16 mma plans), else null
   __device__ __forceinline__ void put(size_t i, float v) const {
 #if RNNKERN_WITH_BF16
     if (h != nullptr) {
@@ -402,7 +417,7 @@ struct DpreSlot {
 #endif
     f[i] = v;
   }
-  // Into x_s (bfloat16 rows with the mma matvec, as stage_x).
+  // Into x_s (bfloat16 rows in the bfloat16 mma plans, as stage_x).
   __device__ __forceinline__ void stage(float* x_s, bool bf16, int ld, int b0, int nb,
                                         int GH) const {
 #if RNNKERN_WITH_BF16
@@ -425,8 +440,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
   const BlockSlice sl = block_slice(plan, B, H, P);
   const int j0 = sl.j0, nj = sl.nj, p0 = sl.p0, np = sl.np, r0 = sl.r0, r1 = sl.r1, nr = sl.nr;
   const SmemLayout L = plan_layout(plan, sizeof(T));
-  float* x_s = reinterpret_cast<float*>(smem + L.x);      // [Bc][K] (bfloat16 when mma)
-  const bool mma = plan.matvec == kMatvecMma;             // (bfloat16 only: make_plan)
+  float* x_s = reinterpret_cast<float*>(smem + L.x);      // [Bc][K] (bfloat16: x16)
+  const bool x16 = staged_bf16<T>(plan);
   float* pre_s = reinterpret_cast<float*>(smem + L.pre);  // [Bc][Hb] dm (projection)
   float* part_s = reinterpret_cast<float*>(smem + L.partial);  // [plan.partial] split-K sums
   const T* dy = static_cast<const T*>(a.dy);
@@ -471,7 +486,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
   for (int s = T_ - 1; s >= 0; --s) {
     const size_t slot = static_cast<size_t>(s & 1) * B * GH;
     const DpreSlot dpre{a.dpre + slot,
-                        mma ? reinterpret_cast<__nv_bfloat16*>(a.dpre) + slot : nullptr};
+                        x16 ? reinterpret_cast<__nv_bfloat16*>(a.dpre) + slot : nullptr};
 
     // Phase 0 (projection): dh_total = dh + dy_t for the block's state units, shared with all.
     if (proj) {
@@ -492,7 +507,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
       for (int b0 = r0; b0 < r1; b0 += Bc) {
         const int nb = min(Bc, r1 - b0);
         if (proj) {  // dm = dh_total W_hr for the block's units: needs all of dht
-          stage_x(x_s, mma, ldp, a.dht, b0, nb, P);
+          stage_x(x_s, x16, ldp, a.dht, b0, nb, P);
           __syncthreads();
           matvec<T>(plan.matvec, x_s, ldp, nb, P, nj, wr, part_s, plan.partial,
                     [&](int bb, int jj, float v) { pre_s[bb * plan.C + jj] = v; });
@@ -576,7 +591,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
     if (np > 0) {
       for (int b0 = r0; b0 < r1; b0 += Bc) {
         const int nb = min(Bc, r1 - b0);
-        dpre.stage(x_s, mma, ldg, b0, nb, GH);
+        dpre.stage(x_s, x16, ldg, b0, nb, GH);
         __syncthreads();
         matvec<T>(plan.matvec, x_s, ldg, nb, GH, np, wt, part_s, plan.partial,
                   [&](int bb, int pp, float v) {
@@ -611,16 +626,22 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
 // 16 keep every tile full at the split sizes (B = 32, 64, ...) where a split pays.
 constexpr int kMinGroupRows = 16;
 
-// Batch rows per group from which the mma matvec is the default for bfloat16: a full warp
-// task (kMmaBatch rows); with fewer, most of each tensor-core tile is padding, and B < 16 on
-// the float32 FMAs is the measured winning regime (1.4-2.2x cuDNN at B = 1, H100).
+// Batch rows per group from which the mma matvec is the default (bfloat16; float32 with TF32
+// allowed): a full warp task (kMmaBatch rows); with fewer, most of each tensor-core tile is
+// padding, and B < 16 on the float32 FMAs is the measured winning regime (1.4-2.2x cuDNN at
+// B = 1, H100).
 constexpr int kMmaMinRows = kMmaBatch;
 
-// Why the mma matvec cannot run a layer, or "" when it can. bfloat16 only: float16's range
-// would flush small gradients to zero when dpre is rounded to it, and float32 stays IEEE
-// (no TF32 unless asked, as everywhere in rnnkern). The wide loads need 4-element rows.
-std::string mma_unfit(int dtype, int H, int P, int major, bool weights_aligned) {
-  if (dtype != kBFloat16) return "it multiplies bfloat16 weights only";
+// Why the mma matvec cannot run a layer, or "" when it can. bfloat16, or float32 when the
+// caller allows TF32 (tf32: torch's float32 matmul precision is not "highest", the rule of
+// every rnnkern kernel); float32 otherwise stays IEEE, and float16's range would flush small
+// gradients to zero when dpre is rounded to it. The wide loads need 4-element rows.
+std::string mma_unfit(int dtype, bool tf32, int H, int P, int major, bool weights_aligned) {
+  if (dtype == kFloat32 && !tf32)
+    return "float32 products stay exact unless TF32 is allowed "
+           "(torch.set_float32_matmul_precision('high'))";
+  if (dtype != kBFloat16 && dtype != kFloat32)
+    return "it multiplies bfloat16 weights, or float32 with TF32 allowed, only";
   if (major < 8) return "it needs compute capability 8.0 or later";
   if (H % 4 != 0 || P % 4 != 0)
     return "hidden_size and proj_size must be multiples of 4, got " + std::to_string(H) +
@@ -654,7 +675,7 @@ int choose_matvec(const std::string& unfit, int Bg) {
 // Forward: K = staged row length (P, or max(P, H) with projection), C = G*Hb,
 //          w = G*Hb*P (W_hh rows), wr = Pb*H (W_hr rows).
 // Backward: K = max(G*H, P), C = Hb, w = Pb*G*H (W_hhᵀ rows), wr = Hb*P (W_hrᵀ rows).
-// With the mma matvec every row length n in these is its padded stride mma_stride(n).
+// With the mma matvec every row length n in these is its padded stride mma_stride(n, bytes).
 bool plan_with_split(bool backward, int cell, int dtype, int B, int H, int P, bool proj, int sms,
                      size_t budget, int bsplit, const std::string& mma_why, Plan* out) {
   const int G = gate_count(cell);
@@ -670,7 +691,8 @@ bool plan_with_split(bool backward, int cell, int dtype, int B, int H, int P, bo
   p.Pb = proj ? (P + unit_groups - 1) / unit_groups : p.Hb;
   p.matvec = choose_matvec(mma_why, p.Bg);
   // row strides in shared memory (the kernels' ld*): padded for the mma matvec
-  const auto ld = [&](int n) { return p.matvec == kMatvecMma ? mma_stride(n) : n; };
+  const int es = elem_size(dtype), xs = x_size(p, es);
+  const auto ld = [&](int n) { return p.matvec == kMatvecMma ? mma_stride(n, xs) : n; };
   p.ld_p = ld(P);
   p.ld_h = ld(H);
   p.ld_gh = ld(G * H);
@@ -690,7 +712,6 @@ bool plan_with_split(bool backward, int cell, int dtype, int B, int H, int P, bo
   const size_t own_elems =
       backward ? static_cast<size_t>(p.Bg) * (p.Pb + (cell == kLSTM || cell == kGRU ? p.Hb : 0))
                : 0;
-  const int es = elem_size(dtype);
   // The mma matvec's larger split-K buffer only where it costs no batch row and no residency
   // (with kPartial it splits K over fewer warps).
   const int partials[2] = {p.matvec == kMatvecMma ? kPartialMma : kPartial, kPartial};
@@ -718,10 +739,10 @@ bool plan_with_split(bool backward, int cell, int dtype, int B, int H, int P, bo
 
 // Bytes one block reads from global memory (L2) per step under plan p: the staged rows
 // (forward: h, and m with a projection; backward: dpre, and dh with a projection), float32
-// (dpre bfloat16 with the mma matvec: DpreSlot), plus the weight slices when they are not
+// (dpre bfloat16 with the bfloat16 mma matvec: DpreSlot), plus the weight slices when they are not
 // resident.
 size_t step_bytes(const Plan& p, bool backward, int G, int H, int P, bool proj, int es) {
-  const size_t dpre_bytes = p.matvec == kMatvecMma ? 2 : 4;
+  const size_t dpre_bytes = x_size(p, es);
   const size_t row = backward ? dpre_bytes * G * H + (proj ? 4 * P : 0)
                               : 4 * (static_cast<size_t>(P) + (proj ? H : 0));
   return static_cast<size_t>(p.Bg) * row +
@@ -829,7 +850,7 @@ void check_shape(int cell, int T, int B, int H, int P) {
 // Plan against the current device, including the cooperative-launch occupancy check.
 // weights_aligned: the launch's weight pointers are 8-byte aligned (plans without a launch
 // assume so, as torch's allocations are).
-Plan plan_for(bool backward, int cell, int dtype, int B, int H, int P, bool proj,
+Plan plan_for(bool backward, int cell, int dtype, bool tf32, int B, int H, int P, bool proj,
               bool weights_aligned, KernelFn* kernel_out) {
   const DeviceInfo dev = current_device();
   const KernelFn kernel = kernel_for(backward, cell, dtype);
@@ -837,7 +858,7 @@ Plan plan_for(bool backward, int cell, int dtype, int B, int H, int P, bool proj
   const char* what = backward ? "layer_backward" : "layer_forward";
   const size_t budget = dynamic_smem_budget(k, dev, "cudaFuncGetAttributes");
   Plan p = make_plan(backward, cell, dtype, B, H, P, proj, dev.sms, budget,
-                     mma_unfit(dtype, H, P, dev.major, weights_aligned));
+                     mma_unfit(dtype, tf32, H, P, dev.major, weights_aligned));
   allow_cooperative(k, p.blocks, p.smem, dev, what);
   if (kernel_out) *kernel_out = kernel;
   return p;
@@ -858,7 +879,8 @@ LaunchInfo launch(bool backward, const Args& a, bool proj, void* stream, int64_t
   check_shape(a.cell, a.T, a.B, a.H, a.P);
   if (a.sync == nullptr) throw std::invalid_argument("rnnkern._cuda: sync buffer is null");
   KernelFn kernel = nullptr;
-  Plan p = plan_for(backward, a.cell, a.dtype, a.B, a.H, a.P, proj, weights_aligned(a), &kernel);
+  Plan p = plan_for(backward, a.cell, a.dtype, a.tf32 != 0, a.B, a.H, a.P, proj,
+                    weights_aligned(a), &kernel);
   p.timeout_ns = timeout_ns;
   check(cudaGetLastError(), "a CUDA call before the rnnkern launch");
   check(launch_cooperative(reinterpret_cast<void (*)(Args, Plan)>(kernel), p.blocks, p.smem,
@@ -896,12 +918,12 @@ LaunchInfo layer_backward(const BackwardArgs& a, void* stream, int64_t timeout_n
   return launch(true, a, proj, stream, timeout_ns, debug);
 }
 
-LaunchInfo plan_forward(int cell, int dtype, int B, int H, int P, bool proj) {
-  return info_of(plan_for(false, cell, dtype, B, H, P, proj, true, nullptr));
+LaunchInfo plan_forward(int cell, int dtype, int B, int H, int P, bool proj, bool tf32) {
+  return info_of(plan_for(false, cell, dtype, tf32, B, H, P, proj, true, nullptr));
 }
 
-LaunchInfo plan_backward(int cell, int dtype, int B, int H, int P, bool proj) {
-  return info_of(plan_for(true, cell, dtype, B, H, P, proj, true, nullptr));
+LaunchInfo plan_backward(int cell, int dtype, int B, int H, int P, bool proj, bool tf32) {
+  return info_of(plan_for(true, cell, dtype, tf32, B, H, P, proj, true, nullptr));
 }
 
 DeviceInfo device_info() { return query_device(); }

@@ -67,6 +67,14 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def tf32_allowed(dtype: torch.dtype) -> bool:
+    """Whether a kernel may multiply ``dtype`` inputs in TF32: float32 only, and only when the
+    caller allowed it through ``torch.set_float32_matmul_precision("high"|"medium")``, as
+    torch's own matmuls do. float32 products are exact IEEE otherwise (every GPU backend's
+    rule: Triton's dot precision, the CUDA kernels' tensor-core matvec)."""
+    return dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+
+
 _poison = False
 
 

@@ -47,6 +47,7 @@ from .base import (
     Saved,
     empty,
     gate_count,
+    tf32_allowed,
 )
 from .reference import _gather_time, reversed_time_index
 
@@ -154,7 +155,7 @@ class CUDABackend:
             return "projection is only defined for lstm"
         P = config.proj_size or config.hidden_size
         return self._fits(config.cell, config.dtype, config.batch_size, config.hidden_size, P,
-                          bool(config.proj_size))  # fmt: skip
+                          bool(config.proj_size), tf32_allowed(config.dtype))  # fmt: skip
 
     def faster_than_torch(self, config: LayerConfig) -> bool | str:
         """True where backend ``cuda`` measured faster than torch.nn (cuDNN), else why not.
@@ -198,21 +199,24 @@ class CUDABackend:
             "B <= 16 with H in [256, 512] and B = 1 with H in [256, 1024])"
         )
 
-    def _fits(self, cell: str, dtype: torch.dtype, B: int, H: int, P: int, proj: bool):
+    def _fits(self, cell: str, dtype: torch.dtype, B: int, H: int, P: int, proj: bool,
+              tf32: bool):  # fmt: skip
         """True when both kernels can be laid out on the current device, else the reason.
         Whether a layout exists does not depend on B (the batch is staged in chunks that
         shrink to one row), so the answer is cached without it, but with the planning knobs
         the launchers read (an explicit ``RNNKERN_CUDA_MATVEC=mma`` can make a layer an
-        error, and unsetting it must not leave that answer behind)."""
+        error, and unsetting it must not leave that answer behind; so can float32 without
+        TF32 allowed)."""
         device = _cuda.device_info()["device"] if _emulated() else torch.cuda.current_device()
         knobs = tuple(
             os.environ.get(k) for k in ("RNNKERN_CUDA_MATVEC", "RNNKERN_CUDA_BATCH_SPLIT")
         )
-        key = (_cuda, device, cell, dtype, H, P, proj, knobs)
+        key = (_cuda, device, cell, dtype, H, P, proj, tf32, knobs)
         if key not in self._plans:
             try:
                 for backward in (False, True):
-                    _cuda.plan(backward, CELL_CODES[cell], _DTYPE_CODE[dtype], B, H, P, proj)
+                    _cuda.plan(backward, CELL_CODES[cell], _DTYPE_CODE[dtype], B, H, P, proj,
+                               tf32)  # fmt: skip
             except (ValueError, RuntimeError) as err:
                 self._plans[key] = str(err)
             else:
@@ -319,7 +323,7 @@ class CUDABackend:
             _ptr(gx), _ptr(h0), _ptr(c0), _ptr(w), _ptr(b), _ptr(wr), _ptr(lens),
             _ptr(y), _ptr(h_n), _ptr(c_n if lstm else None), _ptr(hs), _ptr(aux), _ptr(gates),
             _ptr(m), _ptr(sync), stream_handle(dev),
-            _timeout_ns(), _debug(),
+            _timeout_ns(), _debug(), tf32_allowed(dt),
         )  # fmt: skip
         self._finish(sync, info, "layer_forward")
         if save:
@@ -376,7 +380,7 @@ class CUDABackend:
             _ptr(w_t), _ptr(wr_t), _ptr(lens), _ptr(dy), _ptr(dh_n), _ptr(dc_n),
             _ptr(dgx), _ptr(dgh), _ptr(dh_proj), _ptr(dh0), _ptr(dc0),
             _ptr(dpre), _ptr(dht), _ptr(dloc), _ptr(sync),
-            stream_handle(dev), _timeout_ns(), _debug(),
+            stream_handle(dev), _timeout_ns(), _debug(), tf32_allowed(dt),
         )  # fmt: skip
         self._finish(sync, info, "layer_backward")
 

@@ -12,7 +12,9 @@ never splits, the row ``rnnkern[cuda], batch in 2 groups`` forces a split
 (``RNNKERN_CUDA_BATCH_SPLIT=2``), so a run shows what splitting changes on both sides of the
 rule. Where the plan multiplies on the tensor cores (bfloat16, 16 rows or more per batch group:
 the ``mma`` matvec), the row ``rnnkern[cuda], fma matvec`` runs the float32-FMA matvec instead
-(``RNNKERN_CUDA_MATVEC=tiled``).
+(``RNNKERN_CUDA_MATVEC=tiled``). At B >= 16 float32 is also timed with TF32 allowed on both
+sides (cases named ``... float32 TF32``: cuDNN's TF32 RNNs, which are torch's default, against
+the kernels' TF32 tensor-core matvec; :func:`with_tf32`).
 
     rnnkern bench --suite cuda_train --device cuda [--quick]
 """
@@ -25,22 +27,42 @@ import torch
 
 import rnnkern
 
-from .runner import Case, module_step
+from .runner import Case, exact_float32, module_step
 
 CELLS = ("LSTM", "GRU")
-DTYPES = (torch.float32, torch.bfloat16)
+# (dtype, TF32 allowed on both sides); TF32 at B >= 16 only (the TF32 matvec needs 16 rows)
+PRECISIONS = ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True))
 BATCHES = (1, 16, 64)
 HIDDEN = (256, 512, 1024)
 T = 256
 
 
-def plans(cell: str, dtype: torch.dtype, B: int, H: int) -> list[dict]:
-    """Backend ``cuda``'s forward and backward plans for this layer (on the current device)."""
+def plans(cell: str, dtype: torch.dtype, B: int, H: int, tf32: bool = False) -> list[dict]:
+    """Backend ``cuda``'s forward and backward plans for this layer (on the current device;
+    ``tf32``: float32 with TF32 allowed)."""
     from ..backends import cuda as cuda_backend
     from ..backends.base import CELL_CODES
 
     code, dt = CELL_CODES[cell.lower()], cuda_backend._DTYPE_CODE[dtype]
-    return [cuda_backend._cuda.plan(backward, code, dt, B, H, H, False) for backward in (0, 1)]
+    return [
+        cuda_backend._cuda.plan(backward, code, dt, B, H, H, False, tf32) for backward in (0, 1)
+    ]
+
+
+def with_tf32(fn):
+    """``fn`` run with TF32 allowed everywhere: cuDNN's RNNs, cuBLAS, and rnnkern's kernels
+    (``torch.set_float32_matmul_precision("high")``); float32 exact again afterwards, as the
+    runner keeps it (:func:`rnnkern.bench.runner.exact_float32`)."""
+
+    def run():
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+        try:
+            return fn()
+        finally:
+            exact_float32()
+
+    return run
 
 
 def with_env(fn, var: str, value: str):
@@ -62,10 +84,17 @@ def with_env(fn, var: str, value: str):
 
 
 def make_case(
-    cell: str, dtype: torch.dtype, B: int, H: int, train: bool, device: str, T: int = T
+    cell: str,
+    dtype: torch.dtype,
+    B: int,
+    H: int,
+    train: bool,
+    device: str,
+    T: int = T,
+    tf32: bool = False,
 ) -> Case:
     """torch.nn (baseline) and rnnkern with backend ``cuda`` sharing weights and data:
-    x, dy ``[T, B, H]``."""
+    x, dy ``[T, B, H]``; ``tf32``: float32 timed with TF32 allowed on both sides."""
     gen = torch.Generator().manual_seed(B * 7919 + H * 31 + T)
     torch.manual_seed(0)
     base = getattr(torch.nn, cell)(H, H).to(device=device, dtype=dtype)
@@ -79,7 +108,7 @@ def make_case(
         "torch.nn": module_step(base, x, train, dy),
         "rnnkern[cuda]": module_step(ours, x, train, dy),
     }
-    layer_plans = plans(cell, dtype, B, H)
+    layer_plans = plans(cell, dtype, B, H, tf32)
     ours_fn = fns["rnnkern[cuda]"]
     if any(p["batch_groups"] > 1 for p in layer_plans):
         fns["rnnkern[cuda], batch not split"] = with_env(ours_fn, "RNNKERN_CUDA_BATCH_SPLIT", "off")
@@ -87,10 +116,13 @@ def make_case(
         fns["rnnkern[cuda], batch in 2 groups"] = with_env(ours_fn, "RNNKERN_CUDA_BATCH_SPLIT", "2")
     if any(p["matvec"] == "mma" for p in layer_plans):
         fns["rnnkern[cuda], fma matvec"] = with_env(ours_fn, "RNNKERN_CUDA_MATVEC", "tiled")
+    if tf32:
+        fns = {label: with_tf32(fn) for label, fn in fns.items()}
     return Case(
         suite="cuda_train",
-        name=f"{cell} {mode} B={B} H={H} T={T} {str(dtype).removeprefix('torch.')}",
-        params=dict(cell=cell, batch=B, hidden=H, time=T, train=train, dtype=str(dtype)),
+        name=f"{cell} {mode} B={B} H={H} T={T} {str(dtype).removeprefix('torch.')}"
+        + (" TF32" if tf32 else ""),
+        params=dict(cell=cell, batch=B, hidden=H, time=T, train=train, dtype=str(dtype), tf32=tf32),
         fns=fns,
         baseline="torch.nn",
         device=device,
@@ -106,10 +138,11 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
         return []
     modes = (True,) if quick else (True, False)
     return [
-        make_case(cell, dtype, B, H, train, device)
+        make_case(cell, dtype, B, H, train, device, tf32=tf32)
         for H in HIDDEN
         for B in BATCHES
-        for dtype in DTYPES
+        for dtype, tf32 in PRECISIONS
+        if not tf32 or B >= 16
         for cell in CELLS
         for train in modes
     ]

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..base import Saved
+from ..base import Saved, tf32_allowed
 
 # Triton decides between compiling and interpreting when a kernel is decorated, i.e. when this
 # package is imported; the backend records that decision once.
@@ -635,11 +635,8 @@ def all_configs(dkey: str | None = None, kernel: str | None = None) -> list[Laun
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``"tf32"`` only for float32 when the caller allowed it through
-    ``torch.set_float32_matmul_precision("high"|"medium")``; exact ``"ieee"`` otherwise."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    """``"tf32"`` where :func:`rnnkern.backends.base.tf32_allowed`; exact ``"ieee"`` otherwise."""
+    return "tf32" if tf32_allowed(dtype) else "ieee"
 
 
 def empty_saved(like: torch.Tensor) -> Saved:
