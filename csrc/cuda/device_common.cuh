@@ -445,38 +445,31 @@ __device__ __forceinline__ uint32_t tf32_bits(float x) {
 #endif
 }
 
-// d += A B on the tensor cores with TF32 operands: mma.sync.aligned.m16n8k8.row.col.f32.tf32.
-// tf32.f32 (A 16 x 8, B 8 x 8; fragment layouts: emulation.h, after the PTX ISA). sm_80+.
-__device__ __forceinline__ void mma_tf32_1688(float (&d)[4], const uint32_t (&a)[4],
-                                              const uint32_t (&b)[2]) {
+// d += A B on the tensor cores, float32 accumulation, A 16 x k, B k x 8: TF32 operands
+// (mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, k = 8) or bfloat16 pairs
+// (mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, k = 16); fragment layouts:
+// emulation.h, after the PTX ISA. sm_80 and later; the plans never choose the mma matvec on
+// an older device, where this traps.
+template <bool kTf32>
+__device__ __forceinline__ void mma_16x8(float (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
 #ifdef RNNKERN_CUDA_EMULATION
   const float c[4] = {d[0], d[1], d[2], d[3]};
-  rnnkern_emu::mma_m16n8k8_tf32(d, a, b, c);
+  if constexpr (kTf32)
+    rnnkern_emu::mma_m16n8k8_tf32(d, a, b, c);
+  else
+    rnnkern_emu::mma_m16n8k16_bf16(d, a, b, c);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-  __trap();
-#endif
-}
-
-// d += A B on the tensor cores: mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (fragment
-// layouts: emulation.h, after the PTX ISA). sm_80 and later; the plans never choose the mma
-// matvec on an older device, where this traps.
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4],
-                                               const uint32_t (&b)[2]) {
-#ifdef RNNKERN_CUDA_EMULATION
-  const float c[4] = {d[0], d[1], d[2], d[3]};
-  rnnkern_emu::mma_m16n8k16_bf16(d, a, b, c);
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#define RNNKERN_MMA(shape_types)                                                       \
+  asm volatile("mma.sync.aligned." shape_types " {%0, %1, %2, %3}, {%4, %5, %6, %7}, " \
+               "{%8, %9}, {%0, %1, %2, %3};"                                           \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                        \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+  if constexpr (kTf32)
+    RNNKERN_MMA("m16n8k8.row.col.f32.tf32.tf32.f32");
+  else
+    RNNKERN_MMA("m16n8k16.row.col.f32.bf16.bf16.f32");
+#undef RNNKERN_MMA
 #else
   __trap();
 #endif
@@ -556,10 +549,7 @@ __device__ __forceinline__ void block_matvec_mma(const T* x, int ldx, int nb, in
         for (int n = 0; n < 2; ++n) {
           const uint2 v = (in && col[n]) ? regs(load_vec<uint2>(xc[n] + k)) : zero2;
           const uint32_t b[2] = {v.x, v.y};
-          if constexpr (kTf32)
-            mma_tf32_1688(acc[n], a, b);
-          else
-            mma_bf16_16816(acc[n], a, b);
+          mma_16x8<kTf32>(acc[n], a, b);
         }
       }
       // acc[n][i]: row r0 + g (+8 for i >= 2), batch row bb0 + 8n + 2t + (i & 1)
