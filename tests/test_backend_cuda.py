@@ -444,6 +444,47 @@ def test_supports_follows_the_matvec_knob(device, monkeypatch):
         torch.set_float32_matmul_precision(precision)
 
 
+def test_resident_chunk_knob(device, monkeypatch):
+    # RNNKERN_CUDA_RESIDENT_CHUNK=N keeps the weights resident only with batch chunks of N rows
+    # or more (at most the group's rows); unset (1), residency comes first. Emulated: 24 KB of
+    # shared memory per block, an LSTM of H = 64 (16 KB of W_hh^T per block) and B = 20: the
+    # resident backward has room for 5-row chunks, the streaming one for all 20 rows.
+    if device == "cuda":
+        pytest.skip("plans at an emulated shared-memory size; the GPU runs cuda_train's row")
+    cuda_emulation.configure(4, 24 * 1024)
+    plan = cuda_backend._cuda.plan
+    monkeypatch.delenv("RNNKERN_CUDA_RESIDENT_CHUNK", raising=False)
+    bwd = plan(True, 0, 0, 20, 64, 64, False)
+    assert (bwd["weights_in_smem"], bwd["batch_chunk"]) == (True, 5)
+    monkeypatch.setenv("RNNKERN_CUDA_RESIDENT_CHUNK", "16")
+    bwd = plan(True, 0, 0, 20, 64, 64, False)
+    assert (bwd["weights_in_smem"], bwd["batch_chunk"]) == (False, 20)
+    inp = make_inputs("lstm", 3, 20, 64, device=device)  # that plan computes the same layer
+    assert_float32_close(run("lstm", inp, "cuda"), run("lstm", inp, "reference"))
+    assert BACKEND.last_launch["batch_chunk"] == 20 and not BACKEND.last_launch["weights_in_smem"]
+    monkeypatch.setenv("RNNKERN_CUDA_RESIDENT_CHUNK", "0")
+    with pytest.raises(ValueError, match="RNNKERN_CUDA_RESIDENT_CHUNK must be a number of batch "
+                       "rows >= 1, got '0'"):  # fmt: skip
+        plan(True, 0, 0, 20, 64, 64, False)
+
+
+def test_cuda_train_row_with_resident_only_16_row_chunks(device, monkeypatch):
+    # Where residency costs the plan its chunk size, the benchmark's row runs the plan that
+    # RNNKERN_CUDA_RESIDENT_CHUNK=16 makes (the layer of test_resident_chunk_knob).
+    if device == "cuda":
+        pytest.skip("plans at an emulated shared-memory size; the GPU runs cuda_train's row")
+    from rnnkern.bench import cuda_train
+
+    cuda_emulation.configure(4, 24 * 1024)
+    monkeypatch.delenv("RNNKERN_CUDA_RESIDENT_CHUNK", raising=False)
+    case = cuda_train.make_case("LSTM", torch.float32, 20, 64, True, device, T=3)
+    case.fns["rnnkern[cuda]"]()
+    assert BACKEND.last_launch["batch_chunk"] == 5
+    case.fns["rnnkern[cuda], resident only with 16-row chunks"]()
+    assert BACKEND.last_launch["batch_chunk"] == 20
+    assert "RNNKERN_CUDA_RESIDENT_CHUNK" not in os.environ  # restored after the call
+
+
 def _bench_row_shape(device):
     """(B, H, T) of a layer whose plan splits the batch in groups of 16+ rows: emulated, 40
     rows on 8 SMs (configured here); on a GPU, B = 64 and H = 512."""
@@ -494,6 +535,7 @@ def test_cuda_train_row_with_the_fma_matvec(device, monkeypatch):
     assert "RNNKERN_CUDA_MATVEC" not in os.environ  # restored after the call
     fp32 = cuda_train.make_case("GRU", torch.float32, B, H, True, device, T=T)
     assert "rnnkern[cuda], fma matvec" not in fp32.fns
+    assert "rnnkern[cuda], resident only with 16-row chunks" not in fp32.fns  # (a full chunk)
     # float32 with TF32 allowed on both sides: the tensor cores, with their fma row, and
     # float32 exact again after each call
     tf32 = cuda_train.make_case("GRU", torch.float32, B, H, True, device, T=T, tf32=True)

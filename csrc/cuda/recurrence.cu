@@ -669,6 +669,26 @@ int choose_matvec(const std::string& unfit, int Bg) {
                               "'mma' or 'simple', got '" + v + "'");
 }
 
+// The smallest batch chunk with which a plan keeps the weights resident (capped at the group's
+// rows): RNNKERN_CUDA_RESIDENT_CHUNK, default 1 (residency first, whatever chunk it leaves).
+// Residency can cost chunk size: an emulated H100 plan of a float32 GRU backward at B = 64,
+// H = 1024 keeps its 192 KB weight slice resident with 2-row chunks, 16 rounds of staging (an
+// L2 round trip each), two block barriers and a matvec of mostly padded tiles for a group's 32
+// rows every step, where streaming the slice from L2 (once per chunk) leaves 16-row chunks.
+// Which is faster is unmeasured: the cuda_train benchmark times the plans this changes with
+// 16 beside the default.
+int resident_min_chunk(int Bg) {
+  const char* env = std::getenv("RNNKERN_CUDA_RESIDENT_CHUNK");
+  if (env == nullptr) return 1;
+  const std::string v = env;
+  char* end = nullptr;
+  const long n = std::strtol(v.c_str(), &end, 10);
+  if (v.empty() || *end != '\0' || n < 1)
+    throw std::invalid_argument("rnnkern._cuda: RNNKERN_CUDA_RESIDENT_CHUNK must be a number "
+                                "of batch rows >= 1, got '" + v + "'");
+  return static_cast<int>(std::min<long>(n, Bg));
+}
+
 // The work split and shared-memory plan with `bsplit` batch groups, for `sms` blocks at most
 // and a shared-memory budget; false when it does not fit even with the weights in L2.
 // mma_why: mma_unfit's answer for the layer.
@@ -715,8 +735,10 @@ bool plan_with_split(bool backward, int cell, int dtype, int B, int H, int P, bo
   // The mma matvec's larger split-K buffer only where it costs no batch row and no residency
   // (with kPartial it splits K over fewer warps).
   const int partials[2] = {p.matvec == kMatvecMma ? kPartialMma : kPartial, kPartial};
+  const int min_resident_chunk = resident_min_chunk(p.Bg);
   for (int resident = 1; resident >= 0; --resident) {
-    for (int bc = std::min(p.Bg, kMaxBatchChunk); bc >= 1; --bc) {
+    for (int bc = std::min(p.Bg, kMaxBatchChunk); bc >= (resident ? min_resident_chunk : 1);
+         --bc) {
       for (int own = own_elems > 0 ? 1 : 0; own >= 0; --own) {
         for (int partial : partials) {
           p.Bc = bc;

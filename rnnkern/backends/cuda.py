@@ -209,7 +209,12 @@ class CUDABackend:
         TF32 allowed)."""
         device = _cuda.device_info()["device"] if _emulated() else torch.cuda.current_device()
         knobs = tuple(
-            os.environ.get(k) for k in ("RNNKERN_CUDA_MATVEC", "RNNKERN_CUDA_BATCH_SPLIT")
+            os.environ.get(k)
+            for k in (
+                "RNNKERN_CUDA_MATVEC",
+                "RNNKERN_CUDA_BATCH_SPLIT",
+                "RNNKERN_CUDA_RESIDENT_CHUNK",
+            )
         )
         key = (_cuda, device, cell, dtype, H, P, proj, tf32, knobs)
         if key not in self._plans:

@@ -12,7 +12,10 @@ never splits, the row ``rnnkern[cuda], batch in 2 groups`` forces a split
 (``RNNKERN_CUDA_BATCH_SPLIT=2``), so a run shows what splitting changes on both sides of the
 rule. Where the plan multiplies on the tensor cores (bfloat16, 16 rows or more per batch group:
 the ``mma`` matvec), the row ``rnnkern[cuda], fma matvec`` runs the float32-FMA matvec instead
-(``RNNKERN_CUDA_MATVEC=tiled``). At B >= 16 float32 is also timed with TF32 allowed on both
+(``RNNKERN_CUDA_MATVEC=tiled``). Where keeping the weights resident costs the plan its batch
+chunk size (chunks under 16 rows), the row ``rnnkern[cuda], resident only with 16-row chunks``
+runs the plan that streams the weights from L2 instead, or splits the batch otherwise
+(``RNNKERN_CUDA_RESIDENT_CHUNK=16``). At B >= 16 float32 is also timed with TF32 allowed on both
 sides (cases named ``... float32 TF32``: cuDNN's TF32 RNNs, which are torch's default, against
 the kernels' TF32 tensor-core matvec; :func:`with_tf32`).
 
@@ -47,6 +50,11 @@ def plans(cell: str, dtype: torch.dtype, B: int, H: int, tf32: bool = False) -> 
     return [
         cuda_backend._cuda.plan(backward, code, dt, B, H, H, False, tf32) for backward in (0, 1)
     ]
+
+
+def _layout(plan: dict) -> tuple:
+    """What the resident-chunk rule can change in a plan."""
+    return plan["batch_groups"], plan["batch_chunk"], plan["weights_in_smem"]
 
 
 def with_tf32(fn):
@@ -114,6 +122,11 @@ def make_case(
         fns["rnnkern[cuda], batch not split"] = with_env(ours_fn, "RNNKERN_CUDA_BATCH_SPLIT", "off")
     elif B == 16:
         fns["rnnkern[cuda], batch in 2 groups"] = with_env(ours_fn, "RNNKERN_CUDA_BATCH_SPLIT", "2")
+    chunked = with_env(lambda: plans(cell, dtype, B, H, tf32), "RNNKERN_CUDA_RESIDENT_CHUNK", "16")
+    if [_layout(p) for p in chunked()] != [_layout(p) for p in layer_plans]:
+        fns["rnnkern[cuda], resident only with 16-row chunks"] = with_env(
+            ours_fn, "RNNKERN_CUDA_RESIDENT_CHUNK", "16"
+        )
     if any(p["matvec"] == "mma" for p in layer_plans):
         fns["rnnkern[cuda], fma matvec"] = with_env(ours_fn, "RNNKERN_CUDA_MATVEC", "tiled")
     if tf32:
