@@ -72,6 +72,8 @@ run_stage() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
   "$PY" -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
   "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1
+  # (the build reads pyproject.toml through it: which license syntax it accepts)
+  "$PY" -c 'import setuptools; print("setuptools", setuptools.__version__)' 2>&1
   command -v nvcc >/dev/null && nvcc --version | tail -n 2
 } >"$OUT_DIR/environment.txt" 2>&1
 cat "$OUT_DIR/environment.txt"
