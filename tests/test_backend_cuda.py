@@ -869,6 +869,47 @@ def test_auto_takes_cuda_only_where_it_measured_faster(gpu):
     assert dispatch.choose("auto", cfg(batch_size=64), training=True).backend != "cuda"
 
 
+def test_float32_claims_only_where_both_sides_were_exact(device):
+    # The float32 measurements were made with TF32 off on both sides; torch's default lets
+    # cuDNN's float32 RNNs take TF32, and TF32 allowed changes rnnkern's own products: neither
+    # was measured, so auto keeps torch.nn there. (The test suite runs with TF32 off: conftest.)
+    cfg = layer_config(device_type=device, input_size=256, hidden_size=256, batch_size=16,
+                       seq_len=256)  # fmt: skip
+    assert BACKEND.faster_than_torch(cfg) is True
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.backends.cudnn.allow_tf32 = True  # (torch's default)
+        reason = BACKEND.faster_than_torch(cfg)
+        assert isinstance(reason, str) and "cuDNN's RNNs take TF32" in reason
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("high")
+        reason = BACKEND.faster_than_torch(cfg)
+        assert isinstance(reason, str) and "TF32 is allowed" in reason
+        assert BACKEND.faster_than_torch(layer_config(
+            device_type=device, dtype=torch.bfloat16, input_size=256, hidden_size=256,
+            batch_size=16, seq_len=256)) is True  # fmt: skip
+    finally:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision(precision)
+
+
+def test_cudnn_rnn_tf32_reads_both_flag_apis():
+    from rnnkern.backends.base import cudnn_rnn_tf32
+
+    try:
+        torch.backends.cudnn.allow_tf32 = True  # legacy API: cuDNN's conv and RNN flags
+        assert cudnn_rnn_tf32()
+        torch.backends.cudnn.allow_tf32 = False
+        assert not cudnn_rnn_tf32()
+        if hasattr(torch.backends.cudnn, "rnn"):  # torch 2.9+: the RNN's own flag
+            torch.backends.cudnn.rnn.fp32_precision = "tf32"
+            assert cudnn_rnn_tf32()
+            torch.backends.cudnn.rnn.fp32_precision = "ieee"
+            assert not cudnn_rnn_tf32()
+    finally:
+        torch.backends.cudnn.allow_tf32 = False  # (the suite's setting: conftest)
+
+
 def test_float64_call_is_a_clear_error(device):
     inp = make_inputs("gru", 2, 2, 4, dtype=torch.float64, device=device)
     with pytest.raises(ValueError, match="float64"):

@@ -75,6 +75,21 @@ def tf32_allowed(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
 
 
+def cudnn_rnn_tf32() -> bool:
+    """Whether torch.nn's float32 RNNs on cuDNN multiply in TF32 (torch's default on GPUs that
+    have it): ``torch.backends.cudnn.rnn.fp32_precision`` (torch 2.9+; "none" defers to
+    ``torch.backends.cudnn.fp32_precision``, then ``torch.backends.fp32_precision``), else
+    ``torch.backends.cudnn.allow_tf32``."""
+    levels = (getattr(torch.backends.cudnn, "rnn", None), torch.backends.cudnn, torch.backends)
+    for level in levels:
+        precision = getattr(level, "fp32_precision", None)
+        if precision not in (None, "none"):
+            return precision == "tf32"
+    if getattr(torch.backends.cudnn, "rnn", None) is not None:
+        return False  # the new flags, all "none": IEEE
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
 _poison = False
 
 

@@ -45,6 +45,7 @@ from .base import (
     ForwardResult,
     LayerConfig,
     Saved,
+    cudnn_rnn_tf32,
     empty,
     gate_count,
     tf32_allowed,
@@ -179,7 +180,9 @@ class CUDABackend:
         - Forward alone measured at two shapes: LSTM B=16 H=256 1.70x; GRU B=64 H=512 1.16x.
 
         So: LSTM or GRU without projection, float32 or bfloat16, T >= 256, and either
-        B <= 16 with 256 <= H <= 512 or B = 1 with 256 <= H <= 1024. Elman RNNs, projections,
+        B <= 16 with 256 <= H <= 512 or B = 1 with 256 <= H <= 1024; float32 only where it
+        was measured, exact on both sides (torch's default lets cuDNN's RNNs take TF32,
+        against which nothing is measured yet). Elman RNNs, projections,
         float16, shorter sequences and H < 256 were not measured.
         """
         ok = self.supports(config)
@@ -191,6 +194,12 @@ class CUDABackend:
             return f"not measured against cuDNN for {config.dtype} inputs"
         if config.seq_len < 256:
             return "not measured against cuDNN for sequences shorter than 256 steps"
+        if config.dtype == torch.float32 and (cudnn_rnn_tf32() or tf32_allowed(torch.float32)):
+            return "measured against cuDNN with float32 exact on both sides, and here " + (
+                "cuDNN's RNNs take TF32 (torch.backends.cudnn.rnn.fp32_precision)"
+                if cudnn_rnn_tf32()
+                else "TF32 is allowed (torch.set_float32_matmul_precision)"
+            )
         B, H = config.batch_size, config.hidden_size
         if (B <= 16 and 256 <= H <= 512) or (B == 1 and 256 <= H <= 1024):
             return True
