@@ -799,7 +799,15 @@ class RNNCell(_CellBase):
 
 
 def explain(module: torch.nn.Module, input, hx=None) -> str:
-    """Which backend ``module(input, hx)`` would run, and why the others were skipped."""
+    """Which backend ``module(input, hx)`` would run, and why the others were skipped; for a
+    backend that plans its launches (``cuda``), the plan of each layer's kernels too."""
     if not isinstance(module, _RNNBase):
         raise TypeError(f"module must be an rnnkern LSTM, GRU or RNN, got {type(module).__name__}")
-    return str(module.choose_backend(input, hx))
+    choice = module.choose_backend(input, hx)
+    text = str(choice)
+    kernel = None if choice.backend == backends.TORCH else backends.get_backend(choice.backend)
+    describe = getattr(kernel, "describe", None)
+    if describe is not None:
+        config = module._prepare(input, hx)[-1]
+        text += "\n" + "\n".join("  " + line for line in describe(config).splitlines())
+    return text

@@ -893,6 +893,22 @@ def test_float32_claims_only_where_both_sides_were_exact(device):
         torch.set_float32_matmul_precision(precision)
 
 
+def test_explain_gives_the_launch_plans(device):
+    import rnnkern
+
+    m = rnnkern.GRU(32, 32, backend="cuda").to(device)
+    text = rnnkern.explain(m, torch.randn(5, 3, 32, device=device))
+    plan = cuda_backend._cuda.plan(False, 1, 0, 3, 32, 32, False)
+    assert text.startswith("backend 'cuda': asked for by name\n  forward: "), text
+    assert f"forward: {plan['blocks']} blocks (" in text and "\n  backward: " in text
+    assert "products on float32 FMAs" in text and "tensor cores" not in text
+    m = m.to(torch.bfloat16)
+    text = rnnkern.explain(m, torch.randn(5, 16, 32, device=device, dtype=torch.bfloat16))
+    assert text.count("products on tensor cores, bfloat16") == 2, text  # (16 rows: mma)
+    m = rnnkern.GRU(32, 32, backend="torch").to(device)
+    assert "forward:" not in rnnkern.explain(m, torch.randn(5, 3, 32, device=device))
+
+
 def test_cudnn_rnn_tf32_reads_both_flag_apis():
     from rnnkern.backends.base import cudnn_rnn_tf32
 

@@ -208,6 +208,33 @@ class CUDABackend:
             "B <= 16 with H in [256, 512] and B = 1 with H in [256, 1024])"
         )
 
+    def describe(self, config: LayerConfig) -> str:
+        """The launch plans a call of ``config`` gets on the current device (for
+        :func:`rnnkern.explain`): blocks, batch groups and chunks, where the weights live, and
+        which matrix-vector product runs."""
+        P = config.proj_size or config.hidden_size
+        tf32 = tf32_allowed(config.dtype)
+        args = (CELL_CODES[config.cell], _DTYPE_CODE[config.dtype], config.batch_size,
+                config.hidden_size, P, bool(config.proj_size), tf32)  # fmt: skip
+        products = {
+            "tiled": "float32 FMAs",
+            "simple": "float32 FMAs, one row per warp",
+            "mma": "tensor cores, " + ("TF32" if config.dtype == torch.float32 else "bfloat16"),
+        }
+        lines = []
+        for backward in (False, True):
+            p = _cuda.plan(backward, *args)
+            groups = p["batch_groups"]
+            where = "resident in shared memory" if p["weights_in_smem"] else "read from L2"
+            lines.append(
+                f"{'backward' if backward else 'forward'}: {p['blocks']} blocks "
+                f"({p['blocks'] // groups} unit groups x {groups} batch groups of "
+                f"{p['batch_per_group']} rows), {p['units_per_block']} hidden units a block, "
+                f"batch chunks of {p['batch_chunk']} rows, weights {where}, products on "
+                f"{products[p['matvec']]}"
+            )
+        return "\n".join(lines)
+
     def _fits(self, cell: str, dtype: torch.dtype, B: int, H: int, P: int, proj: bool,
               tf32: bool):  # fmt: skip
         """True when both kernels can be laid out on the current device, else the reason.
