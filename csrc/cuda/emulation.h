@@ -274,16 +274,37 @@ inline void __syncwarp(unsigned int mask = 0xffffffffu) {
 // it), and each lane computes its four elements in float32 (the bfloat16 products are exact in
 // float32; the hardware's accumulation order is unspecified, this one adds k in order).
 namespace rnnkern_emu {
+// Every lane's A (a[0..3]) and B (b[0..1]) registers, lane-major in all[32 * 3] as the 64-bit
+// pairs {a0, a1}, {a2, a3}, {b0, b1}: one warp collective (all 32 lanes call it).
+inline void gather_fragments(const uint32_t (&a)[4], const uint32_t (&b)[2], uint64_t* all) {
+  const uint64_t mine[3] = {a[0] | (uint64_t{a[1]} << 32), a[2] | (uint64_t{a[3]} << 32),
+                            b[0] | (uint64_t{b[1]} << 32)};
+  warp_gather(mine, 3, all);
+}
+
+// The calling lane's four D elements of D = A B + C (16 x K times K x 8; C / D fragment: row g
+// (+8 for elements 2, 3), columns 2t, 2t+1), summing k in order in float32.
+template <int K>
+inline void mma_lane_result(const float (&A)[16][K], const float (&Bm)[K][8],
+                            const float (&c)[4], float (&d)[4]) {
+  const int lane = static_cast<int>(current()->thread_idx.x % 32);
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0), col = t * 2 + (i & 1);
+    float acc = c[i];
+    for (int k = 0; k < K; ++k) acc = std::fma(A[row][k], Bm[k][col], acc);
+    d[i] = acc;
+  }
+}
+
 inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
                               const float (&c)[4]) {
   float A[16][16], Bm[16][8];
   const auto half = [](uint32_t reg, int hi) {
     return __bfloat162float(__nv_bfloat16{static_cast<uint16_t>(hi ? reg >> 16 : reg)});
   };
-  const uint64_t mine[3] = {a[0] | (uint64_t{a[1]} << 32), a[2] | (uint64_t{a[3]} << 32),
-                            b[0] | (uint64_t{b[1]} << 32)};
   uint64_t all[32 * 3];
-  warp_gather(mine, 3, all);
+  gather_fragments(a, b, all);
   for (int src = 0; src < 32; ++src) {
     const uint64_t a01 = all[src * 3], a23 = all[src * 3 + 1], b01 = all[src * 3 + 2];
     const uint32_t ra[4] = {static_cast<uint32_t>(a01), static_cast<uint32_t>(a01 >> 32),
@@ -300,14 +321,7 @@ inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint3
       Bm[row][g] = half(rb[i / 2], i & 1);
     }
   }
-  const int lane = static_cast<int>(current()->thread_idx.x % 32);
-  const int g = lane >> 2, t = lane & 3;
-  for (int i = 0; i < 4; ++i) {
-    const int row = g + (i >= 2 ? 8 : 0), col = t * 2 + (i & 1);
-    float acc = c[i];
-    for (int k = 0; k < 16; ++k) acc = std::fma(A[row][k], Bm[k][col], acc);
-    d[i] = acc;
-  }
+  mma_lane_result(A, Bm, c, d);
 }
 
 // cvt.rna.tf32.f32: x rounded to 10 mantissa bits, to nearest with ties away from zero (add
@@ -332,10 +346,8 @@ inline uint32_t cvt_rna_tf32(float x) {
 inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
                              const float (&c)[4]) {
   float A[16][8], Bm[8][8];
-  const uint64_t mine[3] = {a[0] | (uint64_t{a[1]} << 32), a[2] | (uint64_t{a[3]} << 32),
-                            b[0] | (uint64_t{b[1]} << 32)};
   uint64_t all[32 * 3];
-  warp_gather(mine, 3, all);
+  gather_fragments(a, b, all);
   for (int src = 0; src < 32; ++src) {
     const int g = src >> 2, t = src & 3;
     const auto f = [](uint64_t pair, int hi) {
@@ -349,14 +361,7 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32
     Bm[t][g] = f(b01, 0);
     Bm[t + 4][g] = f(b01, 1);
   }
-  const int lane = static_cast<int>(current()->thread_idx.x % 32);
-  const int g = lane >> 2, t = lane & 3;
-  for (int i = 0; i < 4; ++i) {
-    const int row = g + (i >= 2 ? 8 : 0), col = t * 2 + (i & 1);
-    float acc = c[i];
-    for (int k = 0; k < 8; ++k) acc = std::fma(A[row][k], Bm[k][col], acc);
-    d[i] = acc;
-  }
+  mma_lane_result(A, Bm, c, d);
 }
 }  // namespace rnnkern_emu
 
