@@ -12,6 +12,8 @@ Legend: ``T`` time, ``B`` batch, ``I`` input size, ``H`` hidden size, ``P`` stat
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import numbers
 import warnings
@@ -211,11 +213,11 @@ class _RNNBase(torch.nn.Module):
             shapes.append(("c_0", (self.num_layers * D, B, self.hidden_size)))
         return shapes
 
-    def _check_input(self, x: Tensor, packed: bool) -> None:
+    def _check_input(self, x: Tensor, packed: bool, autocast: bool) -> None:
         w = self.weight_ih_l0
         if not isinstance(x, Tensor):
             raise RNNInputError(f"input must be a Tensor or PackedSequence, got {type(x).__name__}")
-        if x.dtype != w.dtype:
+        if x.dtype != w.dtype and not autocast:  # (under autocast torch.nn casts, and so do we)
             raise RNNInputError(
                 f"input dtype ({x.dtype}) does not match weight dtype ({w.dtype}). Convert "
                 f"input: input.to({w.dtype}), or convert model: model.to({x.dtype})"
@@ -240,7 +242,9 @@ class _RNNBase(torch.nn.Module):
                 f"{_shape(x)}"
             )
 
-    def _check_state(self, hx, B: int, batched: bool, x: Tensor) -> list[Tensor] | None:
+    def _check_state(
+        self, hx, B: int, batched: bool, x: Tensor, autocast: bool
+    ) -> list[Tensor] | None:
         """Validate the user's initial state; returns it as a list of 3-D tensors."""
         if hx is None:
             return None
@@ -271,7 +275,7 @@ class _RNNBase(torch.nn.Module):
                 expected = list(shape) if batched else [shape[0], shape[2]]
                 got = _shape(t) if batched else [t.shape[0], t.shape[2]]
                 raise RNNInputError(f"Expected {name} size {expected}, got {got}")
-            if t.dtype != x.dtype:
+            if t.dtype != x.dtype and not autocast:
                 raise RNNInputError(f"{name} dtype must be {x.dtype} like the input, got {t.dtype}")
             if t.device != x.device:
                 raise RNNInputError(f"{name} must be on device {x.device}, got {t.device}")
@@ -300,14 +304,23 @@ class _RNNBase(torch.nn.Module):
     def _prepare(self, input, hx):
         """Check a call's arguments and bring the input to ``[T, B, I]``.
 
-        Returns ``(x, lengths, lengths_cpu, batched, states, config)``: ``lengths`` is None
+        Returns ``(x, lengths, lengths_cpu, batched, states, run, config)``: ``lengths`` is None
         when every sequence has length ``T``; ``lengths_cpu`` holds a PackedSequence's lengths
-        in the caller's batch order (None for tensors).
+        in the caller's batch order (None for tensors); ``run`` is the dtype the layers run in
+        under autocast (:func:`_autocast_run_dtype`; None without autocast), which ``config``
+        carries.
         """
         lengths_cpu = None
         lengths = None
+        data = input.data if isinstance(input, PackedSequence) else input
+        run = (
+            _autocast_run_dtype(_TORCH_KIND[self.mode], data, self.proj_size > 0, self.bias)
+            if isinstance(data, Tensor)
+            else None
+        )
+        autocast = run is not None
         if isinstance(input, PackedSequence):
-            self._check_input(input.data, packed=True)
+            self._check_input(input.data, packed=True, autocast=autocast)
             # Padded in the caller's batch order (pad_packed_sequence undoes the sort), so the
             # initial and final states need no permutation.
             x, lengths_cpu = pad_packed_sequence(input)
@@ -315,15 +328,17 @@ class _RNNBase(torch.nn.Module):
             if int(lengths_cpu.min()) != x.shape[0]:
                 lengths = lengths_cpu.to(device=x.device, dtype=torch.long)
         else:
-            self._check_input(input, packed=False)
+            self._check_input(input, packed=False, autocast=autocast)
             batched = input.dim() == 3
             x = input if batched else input.unsqueeze(1 if not self.batch_first else 0)
             if self.batch_first:
                 x = x.transpose(0, 1)
         T, B, _ = x.shape
-        states = self._check_state(hx, B, batched, x)
+        states = self._check_state(hx, B, batched, x, autocast)
         config = self._layer_config(x, B, T, lengths is not None, states)
-        return x, lengths, lengths_cpu, batched, states, config
+        if autocast:
+            config = dataclasses.replace(config, dtype=run)
+        return x, lengths, lengths_cpu, batched, states, run, config
 
     def choose_backend(self, input, hx=None) -> Choice:
         """Which backend a call with these arguments would run, and why others were skipped."""
@@ -332,12 +347,16 @@ class _RNNBase(torch.nn.Module):
 
     def forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
-        x, lengths, lengths_cpu, batched, states, config = self._prepare(input, hx)
+        x, lengths, lengths_cpu, batched, states, run, config = self._prepare(input, hx)
         backend = select(self.backend, config, self.training)
-        if backend == backends.TORCH:
+        if backend == backends.TORCH:  # (under the caller's autocast, if any: as torch.nn)
             y, h_n = self._forward_torch(input, x, states, packed)
-        else:
+        elif run is None:
             y, h_n = self._forward_layers(x, states, lengths, backend)
+        else:  # autocast: everything in the dtype torch.nn would run in, autocast off inside
+            with torch.autocast(x.device.type, enabled=False):
+                cast = None if states is None else [t.to(run) for t in states]
+                y, h_n = self._forward_layers(x.to(run), cast, lengths, backend, run)
 
         if packed:
             y_sorted = (
@@ -361,9 +380,20 @@ class _RNNBase(torch.nn.Module):
         return out, (h_n if self.mode == "LSTM" else h_n[0])
 
     def _forward_layers(
-        self, x: Tensor, states: list[Tensor] | None, lengths: Tensor | None, backend: str
+        self,
+        x: Tensor,
+        states: list[Tensor] | None,
+        lengths: Tensor | None,
+        backend: str,
+        weight_dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """All layers and directions through the per-layer op. ``x`` is ``[T, B, I]``."""
+        """All layers and directions through the per-layer op. ``x`` is ``[T, B, I]``;
+        ``weight_dtype``: the parameters cast to it (autocast), else as they are."""
+
+        def param(name: str) -> Tensor:
+            t = getattr(self, name)
+            return t if weight_dtype is None else t.to(weight_dtype)
+
         T, B, _ = x.shape
         acc = state_dtype(x.dtype)
         D = 2 if self.bidirectional else 1
@@ -382,10 +412,10 @@ class _RNNBase(torch.nn.Module):
             for direction in range(D):
                 k = layer * D + direction
                 names = self._all_weights[k]
-                w_ih, w_hh = getattr(self, names[0]), getattr(self, names[1])
-                b_ih = getattr(self, names[2]) if self.bias else None
-                b_hh = getattr(self, names[3]) if self.bias else None
-                w_hr = getattr(self, names[-1]) if self.proj_size else None
+                w_ih, w_hh = param(names[0]), param(names[1])
+                b_ih = param(names[2]) if self.bias else None
+                b_hh = param(names[3]) if self.bias else None
+                w_hr = param(names[-1]) if self.proj_size else None
                 gx = input_projection(layer_in, w_ih, b_ih, backend)
                 y, h_n, c_n = layer_recurrence(
                     self._cell,
@@ -625,11 +655,13 @@ class _CellBase(torch.nn.Module):
         w = self.weight_ih
         if not isinstance(input, Tensor):
             raise RNNInputError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+        # (under autocast torch.nn casts mismatched dtypes, and so does _run)
+        autocast = torch.is_autocast_enabled(input.device.type)
         if input.dim() not in (1, 2):
             raise RNNInputError(
                 f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead"
             )
-        if input.dtype != w.dtype:
+        if input.dtype != w.dtype and not autocast:
             raise RNNInputError(
                 f"{name}: input dtype ({input.dtype}) does not match weight dtype ({w.dtype})"
             )
@@ -666,7 +698,7 @@ class _CellBase(torch.nn.Module):
                     raise RNNInputError(
                         f"{name}: {label} must have shape {[B, self.hidden_size]}, got {_shape(t)}"
                     )
-                if t.dtype != x.dtype or t.device != x.device:
+                if (t.dtype != x.dtype and not autocast) or t.device != x.device:
                     raise RNNInputError(
                         f"{name}: {label} must be {x.dtype} on {x.device} like the input, got "
                         f"{t.dtype} on {t.device}"
@@ -680,10 +712,11 @@ class _CellBase(torch.nn.Module):
             or any(p.requires_grad for p in self.parameters())
             or any(t.requires_grad for t in states)
         )
+        run = _autocast_run_dtype(_TORCH_KIND[self._cell], x, False, self.bias)
         config = LayerConfig(
             self._cell,
             x.device.type,
-            x.dtype,
+            x.dtype if run is None else run,
             self.input_size,
             self.hidden_size,
             0,
@@ -693,7 +726,7 @@ class _CellBase(torch.nn.Module):
             needs_grad,
         )
         backend = select(self.backend, config, self.training)
-        if backend == backends.TORCH:
+        if backend == backends.TORCH:  # (under the caller's autocast, if any: as torch.nn)
             args = (
                 x,
                 states[0] if len(states) == 1 else tuple(states),
@@ -710,15 +743,28 @@ class _CellBase(torch.nn.Module):
                 "rnn_relu": _VF.rnn_relu_cell,
             }[self._cell]
             return (impl(*args),)
+        if run is None:
+            return self._run_kernel(x, states, backend, None)
+        with torch.autocast(x.device.type, enabled=False):  # everything in torch.nn's dtype
+            return self._run_kernel(x.to(run), [t.to(run) for t in states], backend, run)
+
+    def _run_kernel(
+        self, x: Tensor, states: list[Tensor], backend: str, weight_dtype: torch.dtype | None
+    ) -> tuple[Tensor, ...]:
+        """One step on a kernel backend; ``weight_dtype``: the parameters cast to it."""
+
+        def param(t: Tensor | None) -> Tensor | None:
+            return t if t is None or weight_dtype is None else t.to(weight_dtype)
+
         acc = state_dtype(x.dtype)
-        gx = torch.nn.functional.linear(x, self.weight_ih, self.bias_ih).unsqueeze(0)
+        gx = torch.nn.functional.linear(x, param(self.weight_ih), param(self.bias_ih)).unsqueeze(0)
         _, h, c = layer_recurrence(
             self._cell,
             gx.contiguous(),
             states[0].to(acc).contiguous(),
             states[1].to(acc).contiguous() if self._cell == "lstm" else None,
-            self.weight_hh.contiguous(),
-            self.bias_hh,
+            param(self.weight_hh).contiguous(),
+            param(self.bias_hh),
             None,
             None,
             False,
@@ -796,6 +842,44 @@ class RNNCell(_CellBase):
         x, states, batched = self._prepare(input, hx, 1)
         (h,) = self._run(x, states)
         return h if batched else h.squeeze(0)
+
+
+@functools.cache
+def _torch_autocast_dtype(
+    kind: str, device_type: str, dtype: torch.dtype, fast: torch.dtype, proj: bool, bias: bool
+) -> torch.dtype:
+    """The dtype torch.nn's ``kind`` (``"LSTM"``, ``"GRUCell"``, ...) computes and returns in
+    under ``torch.autocast(device_type, dtype=fast)`` with parameters of ``dtype``, probed once
+    on a two-unit module of that kind. torch casts some recurrent ops and not others (on CUDA
+    every cuDNN RNN and cell; on the CPU the oneDNN LSTM, not the GRU or the cells), and the
+    list is torch's own, so it is asked rather than copied."""
+    kwargs: dict = {"bias": bias}
+    if proj:
+        kwargs["proj_size"] = 1
+    probe = getattr(torch.nn, kind)(2, 2, **kwargs).to(device=device_type, dtype=dtype)
+    sequence = not kind.endswith("Cell")
+    x = torch.zeros((1, 1, 2) if sequence else (1, 2), device=device_type, dtype=dtype)
+    with torch.no_grad(), torch.autocast(device_type, dtype=fast):
+        out = probe(x)
+    return (out[0] if isinstance(out, tuple) else out).dtype
+
+
+# torch.nn's class for a sequence module's mode or a cell's cell name
+_TORCH_KIND = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN",
+               "lstm": "LSTMCell", "gru": "GRUCell",
+               "rnn_tanh": "RNNCell", "rnn_relu": "RNNCell"}  # fmt: skip
+
+
+def _autocast_run_dtype(kind: str, x: Tensor, proj: bool, bias: bool) -> torch.dtype | None:
+    """None unless autocast is on for ``x``'s device type; then the dtype torch.nn's ``kind``
+    would run this call in (``x``'s dtype when torch does not cast it), in which rnnkern runs
+    its kernels with autocast off inside, returning torch.nn's dtypes. (A first call under
+    autocast builds a two-unit torch.nn module to ask; warm up before capturing a CUDA graph.)"""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    fast = torch.get_autocast_dtype(device_type)
+    return _torch_autocast_dtype(kind, device_type, x.dtype, fast, proj, bias)
 
 
 def explain(module: torch.nn.Module, input, hx=None) -> str:

@@ -1,0 +1,122 @@
+"""rnnkern's modules under ``torch.autocast``, as torch.nn's behave there.
+
+torch casts some recurrent ops to the autocast dtype and not others, and which ones depends on
+the device and on the op (on the CPU the oneDNN LSTM and the Elman RNNs and RNNCell run in
+bfloat16, the GRU and the LSTM/GRU cells in float32; on CUDA every cuDNN RNN and every cell in
+float16). rnnkern asks torch (a two-unit probe module, once) and runs its kernels in that dtype
+with autocast off inside. So:
+
+- every output (y, h_n, c_n; a cell's h, c) has torch.nn's dtype, for every backend;
+- on a kernel backend the values are exactly those of the same module and inputs cast to that
+  dtype (bit for bit: the same casts, then the same kernels), or, where torch does not cast,
+  of the call without autocast;
+- gradients reach the float32 parameters as float32;
+- the input / state dtype checks that reject mixed dtypes outside autocast let them through
+  inside it, as torch.nn's do.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rnnkern
+
+SEQUENCE = ("LSTM", "GRU", "RNN")
+CELLS = ("LSTMCell", "GRUCell", "RNNCell")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _backends(device: str) -> list[str]:
+    return ["auto"] + [b for b in rnnkern.available_backends(device) if b != "torch"]
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    """Every tensor a module call returned, flattened (y, h_n, c_n / h, c)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    flat = []
+    for o in out:
+        flat += _outputs(o)
+    return flat
+
+
+def _call(module, x, hx=None):
+    return _outputs(module(x) if hx is None else module(x, hx))
+
+
+def _pair(kind: str, device: str, backend: str, **kwargs):
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, kind)(8, 16, **kwargs).to(device)
+    ours = getattr(rnnkern, kind)(8, 16, backend=backend, **kwargs).to(device)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _input(kind: str, device: str) -> torch.Tensor:
+    shape = (3, 8) if kind.endswith("Cell") else (5, 3, 8)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+
+
+def _autocast(device: str):
+    return torch.autocast(device, dtype=torch.bfloat16 if device == "cpu" else torch.float16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", SEQUENCE + CELLS)
+def test_outputs_have_torch_nn_dtypes(kind, device):
+    for backend in _backends(device):
+        kwargs = {"num_layers": 2} if kind in SEQUENCE else {}
+        ref, ours = _pair(kind, device, backend, **kwargs)
+        x = _input(kind, device)
+        with _autocast(device):
+            want = [t.dtype for t in _call(ref, x)]
+            got = [t.dtype for t in _call(ours, x)]
+        assert got == want, (backend, got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", SEQUENCE + CELLS)
+def test_kernel_values_are_those_of_the_cast_call(kind, device):
+    for backend in _backends(device):
+        if backend == "auto":
+            continue  # (auto may pick torch.nn's path, which autocast drives itself)
+        ref, ours = _pair(kind, device, backend)
+        x = _input(kind, device)
+        with _autocast(device):
+            got = _call(ours, x)
+            run = _call(ref, x)[0].dtype  # the dtype torch.nn runs this call in
+        cast = getattr(rnnkern, kind)(8, 16, backend=backend).to(device, run)
+        cast.load_state_dict(ours.state_dict())  # (copies the values in the module's dtype)
+        want = _call(cast, x.to(run))
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype and torch.equal(g, w), (backend, run)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "LSTMCell"])
+def test_gradients_reach_float32_parameters(kind):
+    for backend in _backends("cpu"):
+        _, ours = _pair(kind, "cpu", backend)
+        x = _input(kind, "cpu").requires_grad_()
+        with _autocast("cpu"):
+            loss = sum(t.float().sum() for t in _call(ours, x))
+        loss.backward()
+        assert x.grad is not None and x.grad.dtype == torch.float32
+        for name, p in ours.named_parameters():
+            assert p.grad is not None and p.grad.dtype == torch.float32, (backend, name)
+            assert torch.isfinite(p.grad).all(), (backend, name)
+
+
+def test_mixed_dtype_states_pass_inside_autocast_only():
+    _, ours = _pair("LSTM", "cpu", "reference")
+    x = _input("LSTM", "cpu")
+    hx = (torch.zeros(1, 3, 16, dtype=torch.bfloat16), torch.zeros(1, 3, 16))
+    with pytest.raises(ValueError, match="h_0 dtype must be torch.float32 like the input"):
+        ours(x, hx)
+    with _autocast("cpu"):
+        y, (h, c) = ours(x, hx)
+    assert y.dtype == h.dtype == c.dtype == torch.bfloat16  # (as torch.nn's oneDNN LSTM)
+    with pytest.raises(ValueError, match="input dtype"):
+        ours(x.double())
+    with _autocast("cpu"):
+        ours(x.double())  # torch.nn casts under autocast, and so does rnnkern
