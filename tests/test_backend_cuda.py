@@ -641,9 +641,10 @@ def _run_torch(name, inp, dtype, seed=1):
     return out
 
 
-def _assert_within_k_times_torch_error(name, inp):
-    """The cuda backend's error against the float64 truth, on every output and gradient, is at
-    most K_LOW x torch's own error in the inputs' dtype (module docstring)."""
+def _assert_within_k_times_torch_error(name, inp, keys=None):
+    """The cuda backend's error against the float64 truth, on every output and gradient (or
+    those named in ``keys``; the others must be finite), is at most K_LOW x torch's own error
+    in the inputs' dtype (module docstring)."""
     dtype = inp["w_hh"].dtype
     truth = run(name, inp, "reference", dtype=torch.float64)
     got = run(name, inp, "cuda")
@@ -651,6 +652,9 @@ def _assert_within_k_times_torch_error(name, inp):
     torch_ref = run(name, inp, "reference")
     for k, r in truth.items():
         assert got[k].dtype == torch_ref[k].dtype, k
+        if keys is not None and k not in keys:
+            assert bool(got[k].isfinite().all()), k
+            continue
         err = (got[k].double() - r).abs().max().item()
         err_torch = max((t[k].double() - r).abs().max().item() for t in (torch_nn, torch_ref))
         floor = 4 * torch.finfo(torch.float32).eps * max(1.0, r.abs().max().item())
@@ -702,6 +706,31 @@ def test_mma_matvec_within_k_times_torch_error(device, monkeypatch, name, plan):
     assert info["matvec"] == "mma", info
     for key, want in layout.items():
         assert info[key] == want, (key, info)
+
+
+# (the "streamed" plan has 12 rows, under the 16 from which auto takes the tensor cores)
+@pytest.mark.parametrize("plan", [p for p in MMA_PLANS if p != "streamed"])
+@pytest.mark.parametrize("name", CELLS)
+def test_float16_forward_on_the_tensor_cores(device, monkeypatch, name, plan):
+    # float16 takes the mma matvec in the forward only (h staged as float16, which torch.nn's
+    # float16 path holds as a float16 tensor too, so K_LOW holds as for bfloat16); the backward
+    # keeps the FMAs (dpre rounded to float16 would lose small gradients). The relu RNN's
+    # gradients are not compared: its derivative jumps at 0, and a pre-activation within
+    # float16's error of 0 takes the other slope in one computation and not in another, so the
+    # largest gradient error is one element's whole gradient whoever rounds (emulated, torch's
+    # own float16 error in dx is 0.45 there); its outputs are, and the FMA backward of the relu
+    # RNN in float16 is test_low_precision_within_k_times_torch_error's.
+    sms, smem, (T, B, H), _ = MMA_PLANS[plan]
+    if device == "cuda":
+        B, H = B * 4, H * 8
+    else:
+        cuda_emulation.configure(sms, smem)
+    monkeypatch.delenv("RNNKERN_CUDA_MATVEC", raising=False)
+    inp = make_inputs(name, T, B, H, dtype=torch.float16, device=device)
+    run(name, inp, "cuda", grad=False)
+    assert BACKEND.last_launch["matvec"] == "mma", BACKEND.last_launch  # the forward
+    _assert_within_k_times_torch_error(name, inp, ("y", "h_n") if name == "rnn_relu" else None)
+    assert BACKEND.last_launch["matvec"] == "tiled", BACKEND.last_launch  # the backward
 
 
 def _round_tf32(t: torch.Tensor) -> torch.Tensor:
@@ -803,9 +832,9 @@ def test_tf32_matvec_within_k_times_a_tf32_computation(device, monkeypatch, name
 
 def test_matvec_choice(device, monkeypatch):
     # By default the bfloat16 layers of 16 or more rows per batch group take the tensor cores,
-    # and so do float32 ones where TF32 is allowed; exact float32 and float16 (range) keep the
-    # FMA matvec, and so do sizes the mma loads cannot take. RNNKERN_CUDA_MATVEC overrides,
-    # with an error where mma cannot run.
+    # and so do float32 ones where TF32 is allowed and float16 forwards; exact float32 and the
+    # float16 backward (range) keep the FMA matvec, and so do sizes the mma loads cannot take.
+    # RNNKERN_CUDA_MATVEC overrides, with an error where mma cannot run.
     if device == "cpu":
         cuda_emulation.configure(132, 232448)
     plan = cuda_backend._cuda.plan
@@ -816,7 +845,9 @@ def test_matvec_choice(device, monkeypatch):
         assert plan(backward, lstm, bf16, 16, 512, 512, False)["matvec"] == "mma"
         assert plan(backward, lstm, bf16, 8, 512, 512, False)["matvec"] == "tiled"
         assert plan(backward, lstm, fp32, 64, 512, 512, False)["matvec"] == "tiled"
-        assert plan(backward, lstm, fp16, 64, 512, 512, False)["matvec"] == "tiled"
+        # float16: the forward on the tensor cores, the backward on the FMAs
+        want = "tiled" if backward else "mma"
+        assert plan(backward, lstm, fp16, 64, 512, 512, False)["matvec"] == want
         assert plan(backward, lstm, bf16, 64, 510, 510, False)["matvec"] == "tiled"
         # float32 with TF32 allowed (tf32=True: torch's float32 matmul precision is not
         # "highest") takes the tensor cores from 16 rows too
@@ -828,7 +859,8 @@ def test_matvec_choice(device, monkeypatch):
     with pytest.raises(ValueError, match=r"mma cannot run this layer: float32 products stay "
                        r"exact unless TF32 is allowed"):  # fmt: skip
         plan(True, lstm, fp32, 64, 512, 512, False)
-    with pytest.raises(ValueError, match="it multiplies bfloat16 weights, or float32 with TF32"):
+    assert plan(False, lstm, fp16, 1, 256, 256, False)["matvec"] == "mma"
+    with pytest.raises(ValueError, match="the float16 backward keeps the float32 FMAs"):
         plan(True, lstm, fp16, 64, 512, 512, False)
     with pytest.raises(ValueError, match="multiples of 4, got 510 and 510"):
         plan(False, lstm, bf16, 64, 510, 510, False)

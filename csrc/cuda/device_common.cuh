@@ -427,6 +427,19 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 #endif
 }
 
+#if RNNKERN_WITH_F16
+// Two float32 values as a float16x2 register, round to nearest even (lo in the low half).
+__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
+#ifdef RNNKERN_CUDA_EMULATION
+  return static_cast<uint32_t>(__float2half_rn(lo).bits) |
+         (static_cast<uint32_t>(__float2half_rn(hi).bits) << 16);
+#else
+  const __half2 v = __floats2half2_rn(lo, hi);  // .x = lo: the low half
+  return *reinterpret_cast<const uint32_t*>(&v);
+#endif
+}
+#endif
+
 // x rounded to TF32 (10 mantissa bits), to nearest with ties away from zero (cvt.rna.tf32.f32;
 // infinities and NaN pass through), as float32 bits with the low 13 bits zero. The tensor
 // cores would otherwise just ignore those bits (truncation, a bias towards zero that adds up
@@ -445,20 +458,28 @@ __device__ __forceinline__ uint32_t tf32_bits(float x) {
 #endif
 }
 
-// d += A B on the tensor cores, float32 accumulation, A 16 x k, B k x 8: TF32 operands
-// (mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, k = 8) or bfloat16 pairs
-// (mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, k = 16); fragment layouts:
-// emulation.h, after the PTX ISA. sm_80 and later; the plans never choose the mma matvec on
-// an older device, where this traps.
-template <bool kTf32>
+// d += A B on the tensor cores, float32 accumulation, A 16 x k, B k x 8, for weights of type
+// T: TF32 operands for float (mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, k = 8),
+// bfloat16 or float16 pairs (mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}..., k = 16);
+// fragment layouts: emulation.h, after the PTX ISA. sm_80 and later; the plans never choose
+// the mma matvec on an older device, where this traps.
+template <typename T>
 __device__ __forceinline__ void mma_16x8(float (&d)[4], const uint32_t (&a)[4],
                                          const uint32_t (&b)[2]) {
+  constexpr bool kTf32 = std::is_same<T, float>::value;
+#if RNNKERN_WITH_F16
+  constexpr bool kF16 = std::is_same<T, __half>::value;
+#else
+  constexpr bool kF16 = false;
+#endif
 #ifdef RNNKERN_CUDA_EMULATION
   const float c[4] = {d[0], d[1], d[2], d[3]};
   if constexpr (kTf32)
     rnnkern_emu::mma_m16n8k8_tf32(d, a, b, c);
+  else if constexpr (kF16)
+    rnnkern_emu::mma_m16n8k16<__half>(d, a, b, c);
   else
-    rnnkern_emu::mma_m16n8k16_bf16(d, a, b, c);
+    rnnkern_emu::mma_m16n8k16<__nv_bfloat16>(d, a, b, c);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define RNNKERN_MMA(shape_types)                                                       \
   asm volatile("mma.sync.aligned." shape_types " {%0, %1, %2, %3}, {%4, %5, %6, %7}, " \
@@ -467,6 +488,8 @@ __device__ __forceinline__ void mma_16x8(float (&d)[4], const uint32_t (&a)[4],
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
   if constexpr (kTf32)
     RNNKERN_MMA("m16n8k8.row.col.f32.tf32.tf32.f32");
+  else if constexpr (kF16)
+    RNNKERN_MMA("m16n8k16.row.col.f32.f16.f16.f32");
   else
     RNNKERN_MMA("m16n8k16.row.col.f32.bf16.bf16.f32");
 #undef RNNKERN_MMA
@@ -503,7 +526,12 @@ __device__ __forceinline__ void block_matvec_mma(const T* x, int ldx, int nb, in
 #else
   constexpr bool kBf16 = false;
 #endif
-  if constexpr (kTf32 || kBf16) {
+#if RNNKERN_WITH_F16
+  constexpr bool kF16 = std::is_same<T, __half>::value;
+#else
+  constexpr bool kF16 = false;
+#endif
+  if constexpr (kTf32 || kBf16 || kF16) {
     constexpr int kStep = kTf32 ? 8 : 16;  // k per mma
     constexpr int kLaneK = kStep / 4;      // consecutive k one lane loads (8 bytes)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -549,7 +577,7 @@ __device__ __forceinline__ void block_matvec_mma(const T* x, int ldx, int nb, in
         for (int n = 0; n < 2; ++n) {
           const uint2 v = (in && col[n]) ? regs(load_vec<uint2>(xc[n] + k)) : zero2;
           const uint32_t b[2] = {v.x, v.y};
-          mma_16x8<kTf32>(acc[n], a, b);
+          mma_16x8<T>(acc[n], a, b);
         }
       }
       // acc[n][i]: row r0 + g (+8 for i >= 2), batch row bb0 + 8n + 2t + (i & 1)
@@ -570,7 +598,7 @@ __device__ __forceinline__ void block_matvec_mma(const T* x, int ldx, int nb, in
     if (ks > 1) add_partials(partial, ks, nb, nrows, out);
     return;
   }
-  __trap();  // make_plan chooses the mma matvec for bfloat16, or float32 with TF32, only
+  __trap();  // make_plan chooses the mma matvec for 16-bit weights, or float32 with TF32, only
 }
 
 // Dispatch between the matvecs (mode: kMatvec*, uniform over the grid). x: the staged rows,
@@ -633,6 +661,12 @@ __device__ __forceinline__ void store4(__nv_bfloat16* dst, int q, float4 v) {
   store_vec(dst + 4 * q, uint2{pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w)});
 }
 __device__ __forceinline__ void store1(float* dst, int i, float v) { dst[i] = v; }
+#if RNNKERN_WITH_F16
+__device__ __forceinline__ void store4(__half* dst, int q, float4 v) {
+  store_vec(dst + 4 * q, uint2{pack_f16x2(v.x, v.y), pack_f16x2(v.z, v.w)});
+}
+__device__ __forceinline__ void store1(__half* dst, int i, float v) { dst[i] = __float2half_rn(v); }
+#endif
 __device__ __forceinline__ void store1(__nv_bfloat16* dst, int i, float v) {
   dst[i] = __float2bfloat16_rn(v);
 }

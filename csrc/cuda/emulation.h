@@ -44,6 +44,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 
 // ---- keywords: host functions all -------------------------------------------------------------
 #define __global__
@@ -264,14 +265,14 @@ inline void __syncwarp(unsigned int mask = 0xffffffffu) {
 }
 
 // ---- tensor cores ----------------------------------------------------------------------------
-// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, D = A B + C with A 16x16, B 16x8, per
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}, D = A B + C with A 16x16, B 16x8, per
 // the PTX ISA's "Matrix Fragments for mma.m16n8k16 with floating point type" (groupID =
 // lane >> 2, tid = lane % 4; elements low to high in each 32-bit register):
 //   A: a[0] = (row g, cols 2t, 2t+1), a[1] = (row g+8, same), a[2] = (row g, cols 2t+8, 2t+9),
 //      a[3] = (row g+8, same);  B: b[0] = (rows 2t, 2t+1, col g), b[1] = (rows 2t+8, 2t+9);
 //   C / D: c[0], c[1] = (row g, cols 2t, 2t+1), c[2], c[3] = (row g+8, same).
 // The warp's fragments are gathered in one warp collective (as on the GPU, all 32 lanes call
-// it), and each lane computes its four elements in float32 (the bfloat16 products are exact in
+// it), and each lane computes its four elements in float32 (the 16-bit products are exact in
 // float32; the hardware's accumulation order is unspecified, this one adds k in order).
 namespace rnnkern_emu {
 // Every lane's A (a[0..3]) and B (b[0..1]) registers, lane-major in all[32 * 3] as the 64-bit
@@ -297,11 +298,17 @@ inline void mma_lane_result(const float (&A)[16][K], const float (&Bm)[K][8],
   }
 }
 
-inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
-                              const float (&c)[4]) {
+// (H: __nv_bfloat16 for .bf16, __half for .f16; the fragments are the same.)
+template <typename H>
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                         const float (&c)[4]) {
   float A[16][16], Bm[16][8];
   const auto half = [](uint32_t reg, int hi) {
-    return __bfloat162float(__nv_bfloat16{static_cast<uint16_t>(hi ? reg >> 16 : reg)});
+    const H h{static_cast<uint16_t>(hi ? reg >> 16 : reg)};
+    if constexpr (std::is_same<H, __half>::value)
+      return __half2float(h);
+    else
+      return __bfloat162float(h);
   };
   uint64_t all[32 * 3];
   gather_fragments(a, b, all);

@@ -36,8 +36,9 @@
 // The matvec (device_common.cuh) runs on float32 FMAs in register tiles, or, for bfloat16
 // with at least kMmaMinRows rows per batch group, on the tensor cores (mma.sync m16n8k16,
 // float32 accumulation), which rounds the staged h or dpre to bfloat16 (it is staged as
-// bfloat16, and dpre is stored so); float32 takes the tensor cores too (mma.sync m16n8k8,
-// operands rounded to TF32) only where the caller allows TF32. Why: at B = 64, H = 1024 an
+// bfloat16, and dpre is stored so); the float16 forward likewise (h staged as float16);
+// float32 takes the tensor cores too (mma.sync m16n8k8, operands rounded to TF32) only where
+// the caller allows TF32. Why: at B = 64, H = 1024 an
 // H100 block's forward matvec is 64 x 32 x 1024 = 2M FMAs a step, 16K cycles of its SM's 128
 // float32 lanes (about 9 us; as much again in the backward), where the SM's tensor cores take
 // a quarter to an eighth of that (one bfloat16 mma instruction is 2K multiply-adds, a TF32 one
@@ -120,13 +121,12 @@ __host__ __device__ inline int x_size(const Plan& p, int elem_size) {
   return p.matvec == kMatvecMma && elem_size == 2 ? 2 : 4;
 }
 
-// Whether plan p stages x and stores dpre as bfloat16 (the bfloat16 mma plans); a
-// compile-time false for other weight types, so their kernels carry no bfloat16 staging.
+// Whether plan p stages x in the 16-bit weight type T (the mma plans of bfloat16 weights, and
+// of float16 ones in the forward; the bfloat16 backward also stores dpre so); a compile-time
+// false for float32 weights, whose kernels carry no 16-bit staging.
 template <typename T>
-__device__ __forceinline__ bool staged_bf16(const Plan& p) {
-#if RNNKERN_WITH_BF16
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) return p.matvec == kMatvecMma;
-#endif
+__device__ __forceinline__ bool staged_16(const Plan& p) {
+  if constexpr (sizeof(T) == 2) return p.matvec == kMatvecMma;
   return false;
 }
 
@@ -138,14 +138,17 @@ __host__ __device__ inline SmemLayout plan_layout(const Plan& p, int elem_size) 
 }
 
 // Stages rows [b0, b0 + nb) of src [B][K] (float, or bfloat16 dpre) into x_s at row stride ld:
-// as float, or as bfloat16 when bf16 (the mma plans; the staging rounds).
-template <typename S>
-__device__ __forceinline__ void stage_x(float* x_s, bool bf16, int ld, const S* src, int b0,
+// as float, or in the 16-bit type X when x16 (the 16-bit mma plans; the staging rounds).
+template <typename X, typename S>
+__device__ __forceinline__ void stage_x(float* x_s, bool x16, int ld, const S* src, int b0,
                                         int nb, int K) {
-  if (bf16)
-    stage_rows(reinterpret_cast<__nv_bfloat16*>(x_s), ld, src, b0, nb, K);
-  else
-    stage_rows(x_s, ld, src, b0, nb, K);
+  if constexpr (sizeof(X) == 2) {
+    if (x16) {
+      stage_rows(reinterpret_cast<X*>(x_s), ld, src, b0, nb, K);
+      return;
+    }
+  }
+  stage_rows(x_s, ld, src, b0, nb, K);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -209,8 +212,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
   const BlockSlice sl = block_slice(plan, B, H, P);
   const int j0 = sl.j0, nj = sl.nj, p0 = sl.p0, np = sl.np, r0 = sl.r0, r1 = sl.r1, nr = sl.nr;
   const SmemLayout L = plan_layout(plan, sizeof(T));
-  float* x_s = reinterpret_cast<float*>(smem + L.x);    // [Bc][K] (bfloat16: x16)
-  const bool x16 = staged_bf16<T>(plan);
+  float* x_s = reinterpret_cast<float*>(smem + L.x);    // [Bc][K] (T when x16)
+  const bool x16 = staged_16<T>(plan);
   float* pre_s = reinterpret_cast<float*>(smem + L.pre);  // [Bc][G*Hb]
   float* part_s = reinterpret_cast<float*>(smem + L.partial);  // [plan.partial] split-K sums
   const T* gx = static_cast<const T*>(a.gx);
@@ -270,7 +273,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
           for (int g = 0; g < G; ++g) pf_gx[g] = to_float(gxr[g * H + j]);
           if (CELL == kLSTM) pf_c = __ldcg(cp + static_cast<size_t>(b) * H + j);
         }
-        stage_x(x_s, x16, ldp, hp, b0, nb, P);
+        stage_x<T>(x_s, x16, ldp, hp, b0, nb, P);
         __syncthreads();
         matvec<T>(plan.matvec, x_s, ldp, nb, P, G * nj, w, part_s, plan.partial,
                   [&](int bb, int r, float v) { pre_s[bb * plan.C + (r / nj) * Hb + r % nj] = v; });
@@ -301,7 +304,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
             gh[g] = pr[g * Hb] + (b_hh ? to_float(b_hh[g * H + j]) : 0.f);
           // h_prev: the staged copy of h_{s-1} (no projection here, so P == H).
           const float h_prev = proj  ? 0.f
-                               : x16 ? __ldcg(hp + static_cast<size_t>(b) * P + j)  // x_s: bf16
+                               : x16 ? __ldcg(hp + static_cast<size_t>(b) * P + j)  // x_s: 16-bit
                                      : x_s[bb * ldp + j];
           const CellStep<CELL> cs = cell_step<CELL>(gxv, gh, c_prev, h_prev);
           if (gates) {
@@ -329,7 +332,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
       if (np > 0) {
         for (int b0 = r0; b0 < r1; b0 += Bc) {
           const int nb = min(Bc, r1 - b0);
-          stage_x(x_s, x16, ldh, a.m, b0, nb, H);
+          stage_x<T>(x_s, x16, ldh, a.m, b0, nb, H);
           __syncthreads();
           matvec<T>(plan.matvec, x_s, ldh, nb, H, np, wr, part_s, plan.partial,
                     [&](int bb, int pp, float v) {
@@ -422,11 +425,11 @@ struct DpreSlot {
                                         int GH) const {
 #if RNNKERN_WITH_BF16
     if (h != nullptr) {
-      stage_x(x_s, bf16, ld, h, b0, nb, GH);
+      stage_x<__nv_bfloat16>(x_s, bf16, ld, h, b0, nb, GH);
       return;
     }
 #endif
-    stage_x(x_s, bf16, ld, f, b0, nb, GH);
+    stage_x<__nv_bfloat16>(x_s, bf16, ld, f, b0, nb, GH);
   }
 };
 
@@ -440,8 +443,9 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
   const BlockSlice sl = block_slice(plan, B, H, P);
   const int j0 = sl.j0, nj = sl.nj, p0 = sl.p0, np = sl.np, r0 = sl.r0, r1 = sl.r1, nr = sl.nr;
   const SmemLayout L = plan_layout(plan, sizeof(T));
-  float* x_s = reinterpret_cast<float*>(smem + L.x);      // [Bc][K] (bfloat16: x16)
-  const bool x16 = staged_bf16<T>(plan);
+  float* x_s = reinterpret_cast<float*>(smem + L.x);      // [Bc][K] (bfloat16 when x16)
+  // (float16 backward plans never take the mma matvec: make_plan)
+  const bool x16 = std::is_same<T, __nv_bfloat16>::value && staged_16<T>(plan);
   float* pre_s = reinterpret_cast<float*>(smem + L.pre);  // [Bc][Hb] dm (projection)
   float* part_s = reinterpret_cast<float*>(smem + L.partial);  // [plan.partial] split-K sums
   const T* dy = static_cast<const T*>(a.dy);
@@ -507,7 +511,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
       for (int b0 = r0; b0 < r1; b0 += Bc) {
         const int nb = min(Bc, r1 - b0);
         if (proj) {  // dm = dh_total W_hr for the block's units: needs all of dht
-          stage_x(x_s, x16, ldp, a.dht, b0, nb, P);
+          stage_x<T>(x_s, x16, ldp, a.dht, b0, nb, P);
           __syncthreads();
           matvec<T>(plan.matvec, x_s, ldp, nb, P, nj, wr, part_s, plan.partial,
                     [&](int bb, int jj, float v) { pre_s[bb * plan.C + jj] = v; });
@@ -626,22 +630,28 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
 // 16 keep every tile full at the split sizes (B = 32, 64, ...) where a split pays.
 constexpr int kMinGroupRows = 16;
 
-// Batch rows per group from which the mma matvec is the default (bfloat16; float32 with TF32
-// allowed): a full warp task (kMmaBatch rows); with fewer, most of each tensor-core tile is
-// padding, and B < 16 on the float32 FMAs is the measured winning regime (1.4-2.2x cuDNN at
-// B = 1, H100).
+// Batch rows per group from which the mma matvec is the default (bfloat16; the float16
+// forward; float32 with TF32 allowed): a full warp task (kMmaBatch rows); with fewer, most of
+// each tensor-core tile is padding, and B < 16 on the float32 FMAs is the measured winning
+// regime (1.4-2.2x cuDNN at B = 1, H100).
 constexpr int kMmaMinRows = kMmaBatch;
 
-// Why the mma matvec cannot run a layer, or "" when it can. bfloat16, or float32 when the
-// caller allows TF32 (tf32: torch's float32 matmul precision is not "highest", the rule of
-// every rnnkern kernel); float32 otherwise stays IEEE, and float16's range would flush small
-// gradients to zero when dpre is rounded to it. The wide loads need 4-element rows.
-std::string mma_unfit(int dtype, bool tf32, int H, int P, int major, bool weights_aligned) {
+// Why the mma matvec cannot run a layer (one direction), or "" when it can. bfloat16; float16
+// in the forward (the backward would round dpre to float16, whose range flushes small
+// gradients to zero; h, rounded in the forward, lies in [-1, 1] for LSTM and GRU, and torch.nn's
+// float16 path holds it as a float16 tensor too); float32 when the caller allows TF32 (tf32:
+// torch's float32 matmul precision is not "highest", the rule of every rnnkern kernel), else
+// it stays IEEE. The wide loads need 4-element rows.
+std::string mma_unfit(int dtype, bool tf32, bool backward, int H, int P, int major,
+                      bool weights_aligned) {
   if (dtype == kFloat32 && !tf32)
     return "float32 products stay exact unless TF32 is allowed "
            "(torch.set_float32_matmul_precision('high'))";
-  if (dtype != kBFloat16 && dtype != kFloat32)
-    return "it multiplies bfloat16 weights, or float32 with TF32 allowed, only";
+  if (dtype == kFloat16 && backward)
+    return "float16 gradients would lose small values rounded to float16: the float16 "
+           "backward keeps the float32 FMAs";
+  if (dtype != kBFloat16 && dtype != kFloat32 && dtype != kFloat16)
+    return "it multiplies bfloat16, float16 or float32 (with TF32 allowed) weights only";
   if (major < 8) return "it needs compute capability 8.0 or later";
   if (H % 4 != 0 || P % 4 != 0)
     return "hidden_size and proj_size must be multiples of 4, got " + std::to_string(H) +
@@ -880,7 +890,7 @@ Plan plan_for(bool backward, int cell, int dtype, bool tf32, int B, int H, int P
   const char* what = backward ? "layer_backward" : "layer_forward";
   const size_t budget = dynamic_smem_budget(k, dev, "cudaFuncGetAttributes");
   Plan p = make_plan(backward, cell, dtype, B, H, P, proj, dev.sms, budget,
-                     mma_unfit(dtype, tf32, H, P, dev.major, weights_aligned));
+                     mma_unfit(dtype, tf32, backward, H, P, dev.major, weights_aligned));
   allow_cooperative(k, p.blocks, p.smem, dev, what);
   if (kernel_out) *kernel_out = kernel;
   return p;

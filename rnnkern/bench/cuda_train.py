@@ -17,7 +17,8 @@ chunk size (chunks under 16 rows), the row ``rnnkern[cuda], resident only with 1
 runs the plan that streams the weights from L2 instead, or splits the batch otherwise
 (``RNNKERN_CUDA_RESIDENT_CHUNK=16``). At B >= 16 float32 is also timed with TF32 allowed on both
 sides (cases named ``... float32 TF32``: cuDNN's TF32 RNNs, which are torch's default, against
-the kernels' TF32 tensor-core matvec; :func:`with_tf32`).
+the kernels' TF32 tensor-core matvec; :func:`with_tf32`), and float16 (torch.autocast's dtype on
+CUDA; the kernels' forward takes the tensor cores, their backward the FMAs).
 
     rnnkern bench --suite cuda_train --device cuda [--quick]
 """
@@ -33,8 +34,14 @@ import rnnkern
 from .runner import Case, exact_float32, module_step
 
 CELLS = ("LSTM", "GRU")
-# (dtype, TF32 allowed on both sides); TF32 at B >= 16 only (the TF32 matvec needs 16 rows)
-PRECISIONS = ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True))
+# (dtype, TF32 allowed on both sides); TF32 and float16 (autocast's CUDA dtype, whose forward
+# takes the tensor cores) at B >= 16 only, where the tensor-core matvec runs
+PRECISIONS = (
+    (torch.float32, False),
+    (torch.bfloat16, False),
+    (torch.float32, True),
+    (torch.float16, False),
+)
 BATCHES = (1, 16, 64)
 HIDDEN = (256, 512, 1024)
 T = 256
@@ -155,7 +162,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
         for H in HIDDEN
         for B in BATCHES
         for dtype, tf32 in PRECISIONS
-        if not tf32 or B >= 16
+        if B >= 16 or (dtype == torch.bfloat16 or (dtype == torch.float32 and not tf32))
         for cell in CELLS
         for train in modes
     ]
