@@ -850,9 +850,10 @@ def _torch_autocast_dtype(
 ) -> torch.dtype:
     """The dtype torch.nn's ``kind`` (``"LSTM"``, ``"GRUCell"``, ...) computes and returns in
     under ``torch.autocast(device_type, dtype=fast)`` with parameters of ``dtype``, probed once
-    on a two-unit module of that kind. torch casts some recurrent ops and not others (on CUDA
-    every cuDNN RNN and cell; on the CPU the oneDNN LSTM, not the GRU or the cells), and the
-    list is torch's own, so it is asked rather than copied."""
+    on a two-unit module of that kind. torch casts some recurrent ops and not others (on the CPU
+    the oneDNN LSTM, the Elman RNN and RNNCell, not the GRU nor the LSTM/GRU cells; on CUDA,
+    by its autocast lists, the cuDNN RNNs and the cells), and the list is torch's own, so it is
+    asked rather than copied."""
     kwargs: dict = {"bias": bias}
     if proj:
         kwargs["proj_size"] = 1

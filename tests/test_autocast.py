@@ -2,9 +2,10 @@
 
 torch casts some recurrent ops to the autocast dtype and not others, and which ones depends on
 the device and on the op (on the CPU the oneDNN LSTM and the Elman RNNs and RNNCell run in
-bfloat16, the GRU and the LSTM/GRU cells in float32; on CUDA every cuDNN RNN and every cell in
-float16). rnnkern asks torch (a two-unit probe module, once) and runs its kernels in that dtype
-with autocast off inside. So:
+bfloat16, the GRU and the LSTM/GRU cells in float32; on CUDA, by torch's autocast lists, the
+cuDNN RNNs and the cells in float16: the GPU run of these tests compares with torch there).
+rnnkern asks torch (a two-unit probe module, once) and runs its kernels in that dtype with
+autocast off inside. So:
 
 - every output (y, h_n, c_n; a cell's h, c) has torch.nn's dtype, for every backend;
 - on a kernel backend the values are exactly those of the same module and inputs cast to that
