@@ -13,7 +13,6 @@ Legend: ``T`` time, ``B`` batch, ``I`` input size, ``H`` hidden size, ``P`` stat
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import numbers
 import warnings
@@ -844,7 +843,12 @@ class RNNCell(_CellBase):
         return h if batched else h.squeeze(0)
 
 
-@functools.cache
+_AUTOCAST_DTYPES: dict[tuple, torch.dtype] = {}
+
+
+# Under torch.compile this runs once at trace time and its answer is a constant (the probe
+# builds a module, which dynamo cannot trace).
+@torch._dynamo.assume_constant_result
 def _torch_autocast_dtype(
     kind: str, device_type: str, dtype: torch.dtype, fast: torch.dtype, proj: bool, bias: bool
 ) -> torch.dtype:
@@ -854,15 +858,18 @@ def _torch_autocast_dtype(
     the oneDNN LSTM, the Elman RNN and RNNCell, not the GRU nor the LSTM/GRU cells; on CUDA,
     by its autocast lists, the cuDNN RNNs and the cells), and the list is torch's own, so it is
     asked rather than copied."""
-    kwargs: dict = {"bias": bias}
-    if proj:
-        kwargs["proj_size"] = 1
-    probe = getattr(torch.nn, kind)(2, 2, **kwargs).to(device=device_type, dtype=dtype)
-    sequence = not kind.endswith("Cell")
-    x = torch.zeros((1, 1, 2) if sequence else (1, 2), device=device_type, dtype=dtype)
-    with torch.no_grad(), torch.autocast(device_type, dtype=fast):
-        out = probe(x)
-    return (out[0] if isinstance(out, tuple) else out).dtype
+    key = (kind, device_type, dtype, fast, proj, bias)
+    if key not in _AUTOCAST_DTYPES:
+        kwargs: dict = {"bias": bias}
+        if proj:
+            kwargs["proj_size"] = 1
+        probe = getattr(torch.nn, kind)(2, 2, **kwargs).to(device=device_type, dtype=dtype)
+        sequence = not kind.endswith("Cell")
+        x = torch.zeros((1, 1, 2) if sequence else (1, 2), device=device_type, dtype=dtype)
+        with torch.no_grad(), torch.autocast(device_type, dtype=fast):
+            out = probe(x)
+        _AUTOCAST_DTYPES[key] = (out[0] if isinstance(out, tuple) else out).dtype
+    return _AUTOCAST_DTYPES[key]
 
 
 # torch.nn's class for a sequence module's mode or a cell's cell name

@@ -121,3 +121,22 @@ def test_mixed_dtype_states_pass_inside_autocast_only():
         ours(x.double())
     with _autocast("cpu"):
         ours(x.double())  # torch.nn casts under autocast, and so does rnnkern
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRUCell"])
+def test_compiled_fullgraph_under_autocast_equals_eager(kind):
+    # The probe builds a torch.nn module, which dynamo cannot trace: under torch.compile it runs
+    # once at trace time (assume_constant_result) and the graph does not break.
+    import rnnkern.nn as rnn_nn
+
+    rnn_nn._AUTOCAST_DTYPES.clear()  # so the first (compiled) call runs the probe while tracing
+    torch._dynamo.reset()
+    backend = "cpu" if "cpu" in rnnkern.available_backends("cpu") else "reference"
+    _, ours = _pair(kind, "cpu", backend)
+    x = _input(kind, "cpu")
+    compiled = torch.compile(ours, fullgraph=True)
+    with _autocast("cpu"):
+        got = _call(compiled, x)
+        want = _call(ours, x)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and torch.equal(g, w)
