@@ -655,7 +655,10 @@ class _CellBase(torch.nn.Module):
         if not isinstance(input, Tensor):
             raise RNNInputError(f"{name}: input must be a Tensor, got {type(input).__name__}")
         # (under autocast torch.nn casts mismatched dtypes, and so does _run)
-        autocast = torch.is_autocast_enabled(input.device.type)
+        device_type = input.device.type
+        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(
+            device_type
+        )
         if input.dim() not in (1, 2):
             raise RNNInputError(
                 f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead"
@@ -884,6 +887,8 @@ def _autocast_run_dtype(kind: str, x: Tensor, proj: bool, bias: bool) -> torch.d
     its kernels with autocast off inside, returning torch.nn's dtypes. (A first call under
     autocast builds a two-unit torch.nn module to ask; warm up before capturing a CUDA graph.)"""
     device_type = x.device.type
+    if not torch.amp.is_autocast_available(device_type):  # (e.g. "meta": no autocast to ask)
+        return None
     if not torch.is_autocast_enabled(device_type):
         return None
     fast = torch.get_autocast_dtype(device_type)

@@ -140,3 +140,12 @@ def test_compiled_fullgraph_under_autocast_equals_eager(kind):
         want = _call(ours, x)
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+def test_device_types_without_autocast_run_as_before():
+    # "meta" tensors (shape inference) have no autocast to ask about: modules and cells run.
+    m = rnnkern.LSTM(8, 16, backend="reference").to("meta")
+    y, (h, c) = m(torch.empty(5, 3, 8, device="meta"))
+    assert y.shape == (5, 3, 16) and h.shape == c.shape == (1, 3, 16) and y.is_meta
+    cell = rnnkern.GRUCell(8, 16, backend="reference").to("meta")
+    assert cell(torch.empty(3, 8, device="meta")).shape == (3, 16)
