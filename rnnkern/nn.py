@@ -654,11 +654,7 @@ class _CellBase(torch.nn.Module):
         w = self.weight_ih
         if not isinstance(input, Tensor):
             raise RNNInputError(f"{name}: input must be a Tensor, got {type(input).__name__}")
-        # (under autocast torch.nn casts mismatched dtypes, and so does _run)
-        device_type = input.device.type
-        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(
-            device_type
-        )
+        autocast = _autocast_on(input)  # (torch.nn casts mismatched dtypes then; so does _run)
         if input.dim() not in (1, 2):
             raise RNNInputError(
                 f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead"
@@ -881,16 +877,21 @@ _TORCH_KIND = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN
                "rnn_tanh": "RNNCell", "rnn_relu": "RNNCell"}  # fmt: skip
 
 
+def _autocast_on(x: Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device type (never for types torch has no autocast
+    for, e.g. "meta", whose is_autocast_enabled raises)."""
+    device_type = x.device.type
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _autocast_run_dtype(kind: str, x: Tensor, proj: bool, bias: bool) -> torch.dtype | None:
     """None unless autocast is on for ``x``'s device type; then the dtype torch.nn's ``kind``
     would run this call in (``x``'s dtype when torch does not cast it), in which rnnkern runs
     its kernels with autocast off inside, returning torch.nn's dtypes. (A first call under
     autocast builds a two-unit torch.nn module to ask; warm up before capturing a CUDA graph.)"""
+    if not _autocast_on(x):
+        return None
     device_type = x.device.type
-    if not torch.amp.is_autocast_available(device_type):  # (e.g. "meta": no autocast to ask)
-        return None
-    if not torch.is_autocast_enabled(device_type):
-        return None
     fast = torch.get_autocast_dtype(device_type)
     return _torch_autocast_dtype(kind, device_type, x.dtype, fast, proj, bias)
 
