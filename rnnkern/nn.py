@@ -303,21 +303,16 @@ class _RNNBase(torch.nn.Module):
     def _prepare(self, input, hx):
         """Check a call's arguments and bring the input to ``[T, B, I]``.
 
-        Returns ``(x, lengths, lengths_cpu, batched, states, run, config)``: ``lengths`` is None
-        when every sequence has length ``T``; ``lengths_cpu`` holds a PackedSequence's lengths
-        in the caller's batch order (None for tensors); ``run`` is the dtype the layers run in
-        under autocast (:func:`_autocast_run_dtype`; None without autocast), which ``config``
-        carries.
+        Returns ``(x, lengths, lengths_cpu, batched, states, cast, config)``: ``lengths`` is
+        None when every sequence has length ``T``; ``lengths_cpu`` holds a PackedSequence's
+        lengths in the caller's batch order (None for tensors); ``cast`` is, under autocast,
+        the dtypes torch.nn returns y and the final states in (:func:`_autocast_dtypes`; the
+        layers run in y's, which ``config`` carries), else None.
         """
         lengths_cpu = None
         lengths = None
         data = input.data if isinstance(input, PackedSequence) else input
-        run = (
-            _autocast_run_dtype(_TORCH_KIND[self.mode], data, self.proj_size > 0, self.bias)
-            if isinstance(data, Tensor)
-            else None
-        )
-        autocast = run is not None
+        autocast = isinstance(data, Tensor) and _autocast_on(data)
         if isinstance(input, PackedSequence):
             self._check_input(input.data, packed=True, autocast=autocast)
             # Padded in the caller's batch order (pad_packed_sequence undoes the sort), so the
@@ -335,9 +330,14 @@ class _RNNBase(torch.nn.Module):
         T, B, _ = x.shape
         states = self._check_state(hx, B, batched, x, autocast)
         config = self._layer_config(x, B, T, lengths is not None, states)
+        cast = None
         if autocast:
-            config = dataclasses.replace(config, dtype=run)
-        return x, lengths, lengths_cpu, batched, states, run, config
+            # (a PackedSequence of unequal lengths takes another path in torch than equal ones)
+            structure = (self.proj_size > 0, self.bias, self.num_layers, self.bidirectional,
+                         lengths is not None)  # fmt: skip
+            cast = _autocast_dtypes(_TORCH_KIND[self.mode], x, structure)
+            config = dataclasses.replace(config, dtype=cast[0])
+        return x, lengths, lengths_cpu, batched, states, cast, config
 
     def choose_backend(self, input, hx=None) -> Choice:
         """Which backend a call with these arguments would run, and why others were skipped."""
@@ -346,16 +346,17 @@ class _RNNBase(torch.nn.Module):
 
     def forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
-        x, lengths, lengths_cpu, batched, states, run, config = self._prepare(input, hx)
+        x, lengths, lengths_cpu, batched, states, cast, config = self._prepare(input, hx)
         backend = select(self.backend, config, self.training)
         if backend == backends.TORCH:  # (under the caller's autocast, if any: as torch.nn)
             y, h_n = self._forward_torch(input, x, states, packed)
-        elif run is None:
+        elif cast is None:
             y, h_n = self._forward_layers(x, states, lengths, backend)
-        else:  # autocast: everything in the dtype torch.nn would run in, autocast off inside
+        else:  # autocast: the layers in the dtype torch.nn runs them in, autocast off inside
+            run = cast[0]
             with torch.autocast(x.device.type, enabled=False):
-                cast = None if states is None else [t.to(run) for t in states]
-                y, h_n = self._forward_layers(x.to(run), cast, lengths, backend, run)
+                states = None if states is None else [t.to(run) for t in states]
+                y, h_n = self._forward_layers(x.to(run), states, lengths, backend, run, cast[1:])
 
         if packed:
             y_sorted = (
@@ -385,9 +386,11 @@ class _RNNBase(torch.nn.Module):
         lengths: Tensor | None,
         backend: str,
         weight_dtype: torch.dtype | None = None,
+        state_dtypes: tuple[torch.dtype, ...] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """All layers and directions through the per-layer op. ``x`` is ``[T, B, I]``;
-        ``weight_dtype``: the parameters cast to it (autocast), else as they are."""
+        ``weight_dtype``: the parameters cast to it (autocast), else as they are;
+        ``state_dtypes``: those of the final states (autocast), else ``x``'s."""
 
         def param(name: str) -> Tensor:
             t = getattr(self, name)
@@ -435,8 +438,9 @@ class _RNNBase(torch.nn.Module):
             layer_in = outs[0] if D == 1 else torch.cat(outs, dim=2)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_in = torch.nn.functional.dropout(layer_in, self.dropout, training=True)
-        h_n = torch.stack(h_finals).to(x.dtype)
-        finals = (h_n, torch.stack(c_finals).to(x.dtype)) if lstm else (h_n,)
+        dtypes = state_dtypes or (x.dtype, x.dtype)
+        h_n = torch.stack(h_finals).to(dtypes[0])
+        finals = (h_n, torch.stack(c_finals).to(dtypes[1])) if lstm else (h_n,)
         return layer_in, finals
 
     def _forward_torch(
@@ -710,11 +714,11 @@ class _CellBase(torch.nn.Module):
             or any(p.requires_grad for p in self.parameters())
             or any(t.requires_grad for t in states)
         )
-        run = _autocast_run_dtype(_TORCH_KIND[self._cell], x, False, self.bias)
+        cast = _autocast_dtypes(_TORCH_KIND[self._cell], x, (False, self.bias, 1, False, False))
         config = LayerConfig(
             self._cell,
             x.device.type,
-            x.dtype if run is None else run,
+            x.dtype if cast is None else cast[0],
             self.input_size,
             self.hidden_size,
             0,
@@ -741,15 +745,22 @@ class _CellBase(torch.nn.Module):
                 "rnn_relu": _VF.rnn_relu_cell,
             }[self._cell]
             return (impl(*args),)
-        if run is None:
-            return self._run_kernel(x, states, backend, None)
-        with torch.autocast(x.device.type, enabled=False):  # everything in torch.nn's dtype
-            return self._run_kernel(x.to(run), [t.to(run) for t in states], backend, run)
+        if cast is None:
+            return self._run_kernel(x, states, backend, None, None)
+        run = cast[0]
+        with torch.autocast(x.device.type, enabled=False):  # in torch.nn's dtypes
+            return self._run_kernel(x.to(run), [t.to(run) for t in states], backend, run, cast)
 
     def _run_kernel(
-        self, x: Tensor, states: list[Tensor], backend: str, weight_dtype: torch.dtype | None
+        self,
+        x: Tensor,
+        states: list[Tensor],
+        backend: str,
+        weight_dtype: torch.dtype | None,
+        out_dtypes: tuple[torch.dtype, ...] | None,
     ) -> tuple[Tensor, ...]:
-        """One step on a kernel backend; ``weight_dtype``: the parameters cast to it."""
+        """One step on a kernel backend; ``weight_dtype``: the parameters cast to it;
+        ``out_dtypes``: those of h (and c), else ``x``'s."""
 
         def param(t: Tensor | None) -> Tensor | None:
             return t if t is None or weight_dtype is None else t.to(weight_dtype)
@@ -768,7 +779,8 @@ class _CellBase(torch.nn.Module):
             False,
             backend,
         )
-        return (h.to(x.dtype), c.to(x.dtype)) if self._cell == "lstm" else (h.to(x.dtype),)
+        dtypes = out_dtypes or (x.dtype, x.dtype)
+        return (h.to(dtypes[0]), c.to(dtypes[1])) if self._cell == "lstm" else (h.to(dtypes[0]),)
 
 
 class LSTMCell(_CellBase):
@@ -842,32 +854,45 @@ class RNNCell(_CellBase):
         return h if batched else h.squeeze(0)
 
 
-_AUTOCAST_DTYPES: dict[tuple, torch.dtype] = {}
+_AUTOCAST_DTYPES: dict[tuple, tuple[torch.dtype, ...]] = {}
 
 
 # Under torch.compile this runs once at trace time and its answer is a constant (the probe
 # builds a module, which dynamo cannot trace).
 @torch._dynamo.assume_constant_result
-def _torch_autocast_dtype(
-    kind: str, device_type: str, dtype: torch.dtype, fast: torch.dtype, proj: bool, bias: bool
-) -> torch.dtype:
-    """The dtype torch.nn's ``kind`` (``"LSTM"``, ``"GRUCell"``, ...) computes and returns in
-    under ``torch.autocast(device_type, dtype=fast)`` with parameters of ``dtype``, probed once
-    on a two-unit module of that kind. torch casts some recurrent ops and not others (on the CPU
-    the oneDNN LSTM, the Elman RNN and RNNCell, not the GRU nor the LSTM/GRU cells; on CUDA,
-    by its autocast lists, the cuDNN RNNs and the cells), and the list is torch's own, so it is
-    asked rather than copied."""
-    key = (kind, device_type, dtype, fast, proj, bias)
+def _torch_autocast_dtypes(
+    kind: str, device_type: str, dtype: torch.dtype, fast: torch.dtype, structure: tuple
+) -> tuple[torch.dtype, ...]:
+    """The dtypes of what torch.nn's ``kind`` (``"LSTM"``, ``"GRUCell"``, ...) returns under
+    ``torch.autocast(device_type, dtype=fast)`` with parameters of ``dtype`` (y, h_n[, c_n];
+    a cell's h[, c]), probed once on a two-unit module of that kind and ``structure``
+    (:func:`_autocast_dtypes`); the first is the one it computes in (a projected LSTM returns
+    its c_n in float32 on the CPU, its y and h_n in bfloat16). torch
+    casts some recurrent ops and not others (on the CPU the oneDNN LSTM, the Elman RNN and
+    RNNCell, not the GRU, the LSTM/GRU cells, a projected LSTM nor one over a PackedSequence of
+    unequal lengths, which oneDNN does not run; on CUDA, by its autocast lists, the cuDNN RNNs
+    and the cells), and the list is torch's own, so it is asked rather than copied."""
+    key = (kind, device_type, dtype, fast, structure)
     if key not in _AUTOCAST_DTYPES:
+        proj, bias, layers, bidirectional, ragged = structure
         kwargs: dict = {"bias": bias}
+        sequence = not kind.endswith("Cell")
+        if sequence:
+            kwargs.update(num_layers=layers, bidirectional=bidirectional)
         if proj:
             kwargs["proj_size"] = 1
         probe = getattr(torch.nn, kind)(2, 2, **kwargs).to(device=device_type, dtype=dtype)
-        sequence = not kind.endswith("Cell")
-        x = torch.zeros((1, 1, 2) if sequence else (1, 2), device=device_type, dtype=dtype)
+        x = torch.zeros((2, 2, 2) if sequence else (1, 2), device=device_type, dtype=dtype)
+        if ragged:  # two sequences, of lengths 2 and 1
+            x = pack_padded_sequence(x, torch.tensor([2, 1]))
         with torch.no_grad(), torch.autocast(device_type, dtype=fast):
             out = probe(x)
-        _AUTOCAST_DTYPES[key] = (out[0] if isinstance(out, tuple) else out).dtype
+        if sequence:  # (y, h_n) or (y, (h_n, c_n))
+            y, finals = out
+            out = (y.data if ragged else y, *(finals if isinstance(finals, tuple) else (finals,)))
+        elif isinstance(out, Tensor):
+            out = (out,)
+        _AUTOCAST_DTYPES[key] = tuple(t.dtype for t in out)
     return _AUTOCAST_DTYPES[key]
 
 
@@ -884,16 +909,19 @@ def _autocast_on(x: Tensor) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
-def _autocast_run_dtype(kind: str, x: Tensor, proj: bool, bias: bool) -> torch.dtype | None:
-    """None unless autocast is on for ``x``'s device type; then the dtype torch.nn's ``kind``
-    would run this call in (``x``'s dtype when torch does not cast it), in which rnnkern runs
-    its kernels with autocast off inside, returning torch.nn's dtypes. (A first call under
-    autocast builds a two-unit torch.nn module to ask; warm up before capturing a CUDA graph.)"""
+def _autocast_dtypes(kind: str, x: Tensor, structure: tuple) -> tuple[torch.dtype, ...] | None:
+    """None unless autocast is on for ``x``'s device type; then the dtypes of what torch.nn's
+    ``kind`` would return for this call (:func:`_torch_autocast_dtypes`): rnnkern runs its
+    kernels in the first (``x``'s dtype when torch does not cast) with autocast off inside, and
+    returns torch.nn's dtypes. ``structure``: (has a
+    projection, bias, layers, bidirectional, a PackedSequence of unequal lengths), the call's
+    features that decide torch's path and so its casts; the probe has them. (A first call under
+    autocast builds a small torch.nn module to ask; warm up before capturing a CUDA graph.)"""
     if not _autocast_on(x):
         return None
     device_type = x.device.type
     fast = torch.get_autocast_dtype(device_type)
-    return _torch_autocast_dtype(kind, device_type, x.dtype, fast, proj, bias)
+    return _torch_autocast_dtypes(kind, device_type, x.dtype, fast, structure)
 
 
 def explain(module: torch.nn.Module, input, hx=None) -> str:

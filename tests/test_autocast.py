@@ -1,16 +1,18 @@
 """rnnkern's modules under ``torch.autocast``, as torch.nn's behave there.
 
-torch casts some recurrent ops to the autocast dtype and not others, and which ones depends on
-the device and on the op (on the CPU the oneDNN LSTM and the Elman RNNs and RNNCell run in
-bfloat16, the GRU and the LSTM/GRU cells in float32; on CUDA, by torch's autocast lists, the
-cuDNN RNNs and the cells in float16: the GPU run of these tests compares with torch there).
-rnnkern asks torch (a two-unit probe module, once) and runs its kernels in that dtype with
-autocast off inside. So:
+torch casts some recurrent ops to the autocast dtype and not others, and which ones depends on the
+device, the op and the call (on the CPU the oneDNN LSTM and the Elman RNNs and RNNCell run in
+bfloat16, the GRU, the LSTM/GRU cells and the LSTMs oneDNN does not run in float32; on CUDA, by
+torch's autocast lists, the cuDNN RNNs and the cells in float16: the GPU run of these tests compares
+with torch there). rnnkern asks torch (a two-unit probe module, once) and runs its kernels in that
+dtype with autocast off inside. So:
 
-- every output (y, h_n, c_n; a cell's h, c) has torch.nn's dtype, for every backend;
-- on a kernel backend the values are exactly those of the same module and inputs cast to that
-  dtype (bit for bit: the same casts, then the same kernels), or, where torch does not cast,
-  of the call without autocast;
+- every output (y, h_n, c_n; a cell's h, c) has torch.nn's dtype, for every backend, with the
+  structures and inputs that decide torch's path (projection, layers and directions, a
+  PackedSequence of equal or unequal lengths);
+- on a kernel backend the values are exactly those of the same module and inputs cast to the
+  dtype torch runs in (bit for bit: the same casts, then the same kernels), each output then
+  in torch.nn's dtype;
 - gradients reach the float32 parameters as float32;
 - the input / state dtype checks that reject mixed dtypes outside autocast let them through
   inside it, as torch.nn's do.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnnkern
 
@@ -33,7 +36,10 @@ def _backends(device: str) -> list[str]:
 
 
 def _outputs(out) -> list[torch.Tensor]:
-    """Every tensor a module call returned, flattened (y, h_n, c_n / h, c)."""
+    """Every tensor a module call returned, flattened (y, h_n, c_n / h, c; a PackedSequence's
+    data)."""
+    if isinstance(out, PackedSequence):
+        return [out.data]
     if isinstance(out, torch.Tensor):
         return [out]
     flat = []
@@ -63,12 +69,44 @@ def _autocast(device: str):
     return torch.autocast(device, dtype=torch.bfloat16 if device == "cpu" else torch.float16)
 
 
+# The structures that decide torch's path, and so its casts (on the CPU, oneDNN runs the LSTM
+# but not a projected one, nor one over a PackedSequence of unequal lengths; a projected LSTM
+# returns c_n in float32 beside a bfloat16 y and h_n).
+STRUCTURES = {
+    "LSTM": [{}, {"num_layers": 2, "bidirectional": True}, {"proj_size": 4}],
+    "GRU": [{}, {"num_layers": 2, "bidirectional": True}],
+    "RNN": [{"nonlinearity": "relu", "bias": False}],
+}
+INPUTS = ("tensor", "packed, equal lengths", "packed, unequal lengths")
+
+
+def _sequence_input(how: str, device: str):
+    x = _input("LSTM", device)  # [5, 3, 8]
+    if how == "tensor":
+        return x
+    lengths = [5, 5, 5] if how == "packed, equal lengths" else [2, 5, 3]
+    return pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", SEQUENCE + CELLS)
-def test_outputs_have_torch_nn_dtypes(kind, device):
+@pytest.mark.parametrize("how", INPUTS)
+@pytest.mark.parametrize("kind", SEQUENCE)
+def test_outputs_have_torch_nn_dtypes(kind, how, device):
+    for kwargs in STRUCTURES[kind]:
+        for backend in _backends(device):
+            ref, ours = _pair(kind, device, backend, **kwargs)
+            x = _sequence_input(how, device)
+            with _autocast(device):
+                want = [t.dtype for t in _call(ref, x)]
+                got = [t.dtype for t in _call(ours, x)]
+            assert got == want, (kwargs, backend, got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", CELLS)
+def test_cell_outputs_have_torch_nn_dtypes(kind, device):
     for backend in _backends(device):
-        kwargs = {"num_layers": 2} if kind in SEQUENCE else {}
-        ref, ours = _pair(kind, device, backend, **kwargs)
+        ref, ours = _pair(kind, device, backend)
         x = _input(kind, device)
         with _autocast(device):
             want = [t.dtype for t in _call(ref, x)]
@@ -86,12 +124,12 @@ def test_kernel_values_are_those_of_the_cast_call(kind, device):
         x = _input(kind, device)
         with _autocast(device):
             got = _call(ours, x)
-            run = _call(ref, x)[0].dtype  # the dtype torch.nn runs this call in
-        cast = getattr(rnnkern, kind)(8, 16, backend=backend).to(device, run)
+            dtypes = [t.dtype for t in _call(ref, x)]  # the first: the one torch.nn runs in
+        cast = getattr(rnnkern, kind)(8, 16, backend=backend).to(device, dtypes[0])
         cast.load_state_dict(ours.state_dict())  # (copies the values in the module's dtype)
-        want = _call(cast, x.to(run))
+        want = [t.to(d) for t, d in zip(_call(cast, x.to(dtypes[0])), dtypes, strict=True)]
         for g, w in zip(got, want, strict=True):
-            assert g.dtype == w.dtype and torch.equal(g, w), (backend, run)
+            assert g.dtype == w.dtype and torch.equal(g, w), (backend, dtypes)
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "LSTMCell"])
