@@ -925,15 +925,18 @@ def _autocast_dtypes(kind: str, x: Tensor, structure: tuple) -> tuple[torch.dtyp
 
 
 def explain(module: torch.nn.Module, input, hx=None) -> str:
-    """Which backend ``module(input, hx)`` would run, and why the others were skipped; for a
-    backend that plans its launches (``cuda``), the plan of each layer's kernels too."""
+    """Which backend ``module(input, hx)`` would run, and why the others were skipped; under
+    autocast, the dtype the layers run in; for a backend that plans its launches (``cuda``),
+    the plan of each layer's kernels too."""
     if not isinstance(module, _RNNBase):
         raise TypeError(f"module must be an rnnkern LSTM, GRU or RNN, got {type(module).__name__}")
-    choice = module.choose_backend(input, hx)
+    cast, config = module._prepare(input, hx)[-2:]
+    choice = choose(module.backend, config, module.training)
     text = str(choice)
+    if cast is not None:
+        text += f"\n  under autocast: runs in {cast[0]}, as torch.nn would for this call"
     kernel = None if choice.backend == backends.TORCH else backends.get_backend(choice.backend)
     describe = getattr(kernel, "describe", None)
     if describe is not None:
-        config = module._prepare(input, hx)[-1]
         text += "\n" + "\n".join("  " + line for line in describe(config).splitlines())
     return text

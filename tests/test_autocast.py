@@ -187,3 +187,12 @@ def test_device_types_without_autocast_run_as_before():
     assert y.shape == (5, 3, 16) and h.shape == c.shape == (1, 3, 16) and y.is_meta
     cell = rnnkern.GRUCell(8, 16, backend="reference").to("meta")
     assert cell(torch.empty(3, 8, device="meta")).shape == (3, 16)
+
+
+def test_explain_says_the_autocast_dtype():
+    _, ours = _pair("LSTM", "cpu", "reference")
+    x = _input("LSTM", "cpu")
+    assert "autocast" not in rnnkern.explain(ours, x)
+    with _autocast("cpu"):
+        text = rnnkern.explain(ours, x)
+    assert "under autocast: runs in torch.bfloat16, as torch.nn would" in text, text
