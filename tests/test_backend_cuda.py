@@ -937,6 +937,10 @@ def test_explain_gives_the_launch_plans(device):
     m = m.to(torch.bfloat16)
     text = rnnkern.explain(m, torch.randn(5, 16, 32, device=device, dtype=torch.bfloat16))
     assert text.count("products on tensor cores, bfloat16") == 2, text  # (16 rows: mma)
+    m = m.to(torch.float16)  # the forward on the tensor cores, the backward on the FMAs
+    text = rnnkern.explain(m, torch.randn(5, 16, 32, device=device, dtype=torch.float16))
+    assert "forward: " in text and "products on tensor cores, float16\n  backward: " in text
+    assert text.endswith("products on float32 FMAs"), text
     m = rnnkern.GRU(32, 32, backend="torch").to(device)
     assert "forward:" not in rnnkern.explain(m, torch.randn(5, 3, 32, device=device))
 

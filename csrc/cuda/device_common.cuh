@@ -84,7 +84,7 @@ constexpr int kPartial = kWarps * kTileRows * kTileBatch;
 // The block matvecs (recurrence.cu's Plan::matvec; uniform over the grid).
 constexpr int kMatvecSimple = 0;  // block_matvec: one weight row per warp task (a cross-check)
 constexpr int kMatvecTiled = 1;   // block_matvec_tiled: register tiles, float32 FMAs
-constexpr int kMatvecMma = 2;     // block_matvec_mma: bfloat16 tensor cores (sm_80+)
+constexpr int kMatvecMma = 2;     // block_matvec_mma: tensor cores (16-bit or TF32, sm_80+)
 // Batch rows per warp task of the mma matvec (two n8 tiles share each weight fragment), and
 // the split-K buffer it asks for: 8 warps' partial sums of 16 rows x 16 batch rows.
 constexpr int kMmaBatch = 16;
@@ -415,30 +415,25 @@ __device__ __forceinline__ void block_matvec_tiled(const float* x, int ldx, int 
   if (ks > 1) add_partials(partial, ks, nb, nrows, out);
 }
 
-// Two float32 values as a bfloat16x2 register, round to nearest even (lo in the low half, the
-// element order of the mma fragments).
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+// Two float32 values as one register of two 16-bit H (bfloat16 or float16), each rounded to
+// nearest even, lo in the low half (the element order of the mma fragments). On the GPU one
+// paired conversion (__floats2bfloat162_rn / __floats2half2_rn: .x = lo, the low half).
+template <typename H>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 #ifdef RNNKERN_CUDA_EMULATION
-  return static_cast<uint32_t>(__float2bfloat16_rn(lo).bits) |
-         (static_cast<uint32_t>(__float2bfloat16_rn(hi).bits) << 16);
+  return static_cast<uint32_t>(from_float<H>(lo).bits) |
+         (static_cast<uint32_t>(from_float<H>(hi).bits) << 16);
 #else
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo: the low half
-  return *reinterpret_cast<const uint32_t*>(&v);
-#endif
-}
-
 #if RNNKERN_WITH_F16
-// Two float32 values as a float16x2 register, round to nearest even (lo in the low half).
-__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
-#ifdef RNNKERN_CUDA_EMULATION
-  return static_cast<uint32_t>(__float2half_rn(lo).bits) |
-         (static_cast<uint32_t>(__float2half_rn(hi).bits) << 16);
-#else
-  const __half2 v = __floats2half2_rn(lo, hi);  // .x = lo: the low half
+  if constexpr (std::is_same<H, __half>::value) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+#endif
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 #endif
 }
-#endif
 
 // x rounded to TF32 (10 mantissa bits), to nearest with ties away from zero (cvt.rna.tf32.f32;
 // infinities and NaN pass through), as float32 bits with the low 13 bits zero. The tensor
@@ -498,14 +493,14 @@ __device__ __forceinline__ void mma_16x8(float (&d)[4], const uint32_t (&a)[4],
 #endif
 }
 
-// Same contract as block_matvec, on the tensor cores, for bfloat16 weights (mma m16n8k16) or
-// float32 weights with TF32 allowed (mma m16n8k8), except that x is in the weights' type:
-// bfloat16 [nb][ldx] in shared memory (the staging rounds h, dpre, m or dht to bfloat16), or
-// float32 rounded to TF32 here, as the weights are (tf32_bits). Products are exact and sums
-// float32. That rounding is the numerical difference from the float32 matvecs: for bfloat16 it
-// is the one torch.nn's bfloat16 path makes (its h and gradients are bfloat16 tensors), and a
-// bfloat16 row also takes half the shared memory (larger batch chunks); TF32 is what cuDNN and
-// cuBLAS do with float32 when torch allows it.
+// Same contract as block_matvec, on the tensor cores, for 16-bit weights (mma m16n8k16: bfloat16,
+// or float16 in the forward) or float32 weights with TF32 allowed (mma m16n8k8), except that x
+// is in the weights' type: 16-bit [nb][ldx] in shared memory (the staging rounds h, dpre, m or
+// dht to it), or float32 rounded to TF32 here, as the weights are (tf32_bits). Products are
+// exact and sums float32. That rounding is the numerical difference from the float32 matvecs:
+// for 16-bit weights it is the one torch.nn's path in that dtype makes (its h and gradients are
+// tensors of that dtype), and a 16-bit row also takes half the shared memory (larger batch
+// chunks); TF32 is what cuDNN and cuBLAS do with float32 when torch allows it.
 //
 // A warp task is a tile of 16 weight rows x kMmaBatch batch rows over a range of k: per k
 // step (16 bfloat16 / 8 float32 k), each lane loads 8 consecutive bytes of weights of 2 rows
@@ -602,12 +597,13 @@ __device__ __forceinline__ void block_matvec_mma(const T* x, int ldx, int nb, in
 }
 
 // Dispatch between the matvecs (mode: kMatvec*, uniform over the grid). x: the staged rows,
-// float, or bfloat16 for the bfloat16 mma matvec (stage_rows with a bfloat16 destination).
+// float, or in the 16-bit weight type for the 16-bit mma matvec (stage_rows with that
+// destination).
 template <typename T, typename Out>
 __device__ __forceinline__ void matvec(int mode, const float* x, int ldx, int nb, int K,
                                        int nrows, const Rows<T>& rows, float* partial,
                                        int partial_elems, Out out) {
-  if (mode == kMatvecMma)  // x: rows of the weights' type (bfloat16, or float32 for TF32)
+  if (mode == kMatvecMma)  // x: rows of the weights' type (16-bit, or float32 for TF32)
     block_matvec_mma<T>(reinterpret_cast<const T*>(x), ldx, nb, K, nrows, rows, partial,
                         partial_elems, out);
   else if (mode == kMatvecTiled)
@@ -652,28 +648,23 @@ __device__ __forceinline__ float4 load4_cg(const __nv_bfloat16* p, int q) {
   return float4{lo(v.x), hi(v.x), lo(v.y), hi(v.y)};
 }
 
-// Four floats into dst elements 4 * q .. 4 * q + 3 (bfloat16: rounded to nearest even, exact
-// for values that came from bfloat16).
-__device__ __forceinline__ void store4(float* dst, int q, float4 v) {
-  store_vec(dst + 4 * q, v);
+// Four floats into dst elements 4 * q .. 4 * q + 3, and one into dst[i] (16-bit D: rounded to
+// nearest even, exact for values that came from that type).
+template <typename D>
+__device__ __forceinline__ void store4(D* dst, int q, float4 v) {
+  if constexpr (std::is_same<D, float>::value)
+    store_vec(dst + 4 * q, v);
+  else
+    store_vec(dst + 4 * q, uint2{pack2<D>(v.x, v.y), pack2<D>(v.z, v.w)});
 }
-__device__ __forceinline__ void store4(__nv_bfloat16* dst, int q, float4 v) {
-  store_vec(dst + 4 * q, uint2{pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w)});
-}
-__device__ __forceinline__ void store1(float* dst, int i, float v) { dst[i] = v; }
-#if RNNKERN_WITH_F16
-__device__ __forceinline__ void store4(__half* dst, int q, float4 v) {
-  store_vec(dst + 4 * q, uint2{pack_f16x2(v.x, v.y), pack_f16x2(v.z, v.w)});
-}
-__device__ __forceinline__ void store1(__half* dst, int i, float v) { dst[i] = __float2half_rn(v); }
-#endif
-__device__ __forceinline__ void store1(__nv_bfloat16* dst, int i, float v) {
-  dst[i] = __float2bfloat16_rn(v);
+template <typename D>
+__device__ __forceinline__ void store1(D* dst, int i, float v) {
+  dst[i] = from_float<D>(v);
 }
 
-// ld: the row stride of dst (ld >= K; K for dense rows, mma_stride(K) for the mma matvec).
-// S (source) and D (destination): float, or bfloat16 (the mma plans: dpre rows in global
-// memory, every staged row in shared memory).
+// ld: the row stride of dst (ld >= K; K for dense rows, mma_stride(K, bytes) for the mma
+// matvec). S (source): float, or bfloat16 (the bfloat16 backward's dpre rows); D (destination):
+// float, or the 16-bit weight type (the 16-bit mma plans' staged rows).
 template <typename S, typename D>
 __device__ __forceinline__ void stage_rows(D* dst, int ld, const S* src, int b0, int nb, int K) {
   const S* s = src + static_cast<size_t>(b0) * K;

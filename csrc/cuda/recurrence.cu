@@ -420,16 +420,16 @@ struct DpreSlot {
 #endif
     f[i] = v;
   }
-  // Into x_s (bfloat16 rows in the bfloat16 mma plans, as stage_x).
-  __device__ __forceinline__ void stage(float* x_s, bool bf16, int ld, int b0, int nb,
-                                        int GH) const {
+  // Into x_s: bfloat16 rows from the bfloat16 slot (the bfloat16 mma plans, the only ones
+  // that have it), float rows from the float32 one.
+  __device__ __forceinline__ void stage(float* x_s, int ld, int b0, int nb, int GH) const {
 #if RNNKERN_WITH_BF16
     if (h != nullptr) {
-      stage_x<__nv_bfloat16>(x_s, bf16, ld, h, b0, nb, GH);
+      stage_rows(reinterpret_cast<__nv_bfloat16*>(x_s), ld, h, b0, nb, GH);
       return;
     }
 #endif
-    stage_x<__nv_bfloat16>(x_s, bf16, ld, f, b0, nb, GH);
+    stage_rows(x_s, ld, f, b0, nb, GH);
   }
 };
 
@@ -595,7 +595,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
     if (np > 0) {
       for (int b0 = r0; b0 < r1; b0 += Bc) {
         const int nb = min(Bc, r1 - b0);
-        dpre.stage(x_s, x16, ldg, b0, nb, GH);
+        dpre.stage(x_s, ldg, b0, nb, GH);
         __syncthreads();
         matvec<T>(plan.matvec, x_s, ldg, nb, GH, np, wt, part_s, plan.partial,
                   [&](int bb, int pp, float v) {
@@ -625,6 +625,13 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
 // ---------------------------------------------------------------------------------------------
 // host side: plans and launches
 // ---------------------------------------------------------------------------------------------
+
+// v as a whole number >= 1, or 0 when it is not one (the planning knobs' numeric values).
+long parse_count(const std::string& v) {
+  char* end = nullptr;
+  const long n = std::strtol(v.c_str(), &end, 10);
+  return (v.empty() || *end != '\0' || n < 1) ? 0 : n;
+}
 
 // Rows per batch group at least: the tiled matvec's warp tiles are 8 batch rows, and groups of
 // 16 keep every tile full at the split sizes (B = 32, 64, ...) where a split pays.
@@ -691,9 +698,8 @@ int resident_min_chunk(int Bg) {
   const char* env = std::getenv("RNNKERN_CUDA_RESIDENT_CHUNK");
   if (env == nullptr) return 1;
   const std::string v = env;
-  char* end = nullptr;
-  const long n = std::strtol(v.c_str(), &end, 10);
-  if (v.empty() || *end != '\0' || n < 1)
+  const long n = parse_count(v);
+  if (n == 0)
     throw std::invalid_argument("rnnkern._cuda: RNNKERN_CUDA_RESIDENT_CHUNK must be a number "
                                 "of batch rows >= 1, got '" + v + "'");
   return static_cast<int>(std::min<long>(n, Bg));
@@ -788,9 +794,8 @@ std::vector<int> split_candidates(int B, int sms) {
   const std::string v = env ? env : "auto";
   if (v == "off") return {1};
   if (v != "auto") {
-    char* end = nullptr;
-    const long n = std::strtol(v.c_str(), &end, 10);
-    if (v.empty() || *end != '\0' || n < 1)
+    const long n = parse_count(v);
+    if (n == 0)
       throw std::invalid_argument("rnnkern._cuda: RNNKERN_CUDA_BATCH_SPLIT must be 'auto', "
                                   "'off' or a number of batch groups >= 1, got '" + v + "'");
     return {static_cast<int>(std::min<long>(n, std::min({B, sms, kMaxBatchGroups})))};

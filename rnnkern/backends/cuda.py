@@ -115,6 +115,15 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def plans(cell: str, dtype: torch.dtype, B: int, H: int, P: int, proj: bool) -> list[dict]:
+    """The forward and backward launch plans of a layer on the current device, as a call now
+    would get them (float32 in TF32 where :func:`tf32_allowed`; the planning knobs read from
+    the environment). Raises the launchers' ValueError where a layer cannot run."""
+    tf32 = tf32_allowed(dtype)
+    code, dt = CELL_CODES[cell], _DTYPE_CODE[dtype]
+    return [_cuda.plan(backward, code, dt, B, H, P, proj, tf32) for backward in (False, True)]
+
+
 class CUDABackend:
     name = "cuda"
 
@@ -156,7 +165,7 @@ class CUDABackend:
             return "projection is only defined for lstm"
         P = config.proj_size or config.hidden_size
         return self._fits(config.cell, config.dtype, config.batch_size, config.hidden_size, P,
-                          bool(config.proj_size), tf32_allowed(config.dtype))  # fmt: skip
+                          bool(config.proj_size))  # fmt: skip
 
     def faster_than_torch(self, config: LayerConfig) -> bool | str:
         """True where backend ``cuda`` measured faster than torch.nn (cuDNN), else why not.
@@ -213,17 +222,23 @@ class CUDABackend:
         :func:`rnnkern.explain`): blocks, batch groups and chunks, where the weights live, and
         which matrix-vector product runs."""
         P = config.proj_size or config.hidden_size
-        tf32 = tf32_allowed(config.dtype)
-        args = (CELL_CODES[config.cell], _DTYPE_CODE[config.dtype], config.batch_size,
-                config.hidden_size, P, bool(config.proj_size), tf32)  # fmt: skip
+        tensor_cores = {torch.float32: "TF32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
         products = {
             "tiled": "float32 FMAs",
             "simple": "float32 FMAs, one row per warp",
-            "mma": "tensor cores, " + ("TF32" if config.dtype == torch.float32 else "bfloat16"),
+            "mma": "tensor cores, " + tensor_cores[config.dtype],
         }
         lines = []
-        for backward in (False, True):
-            p = _cuda.plan(backward, *args)
+        for backward, p in enumerate(
+            plans(
+                config.cell,
+                config.dtype,
+                config.batch_size,
+                config.hidden_size,
+                P,
+                bool(config.proj_size),
+            )  # fmt: skip
+        ):
             groups = p["batch_groups"]
             where = "resident in shared memory" if p["weights_in_smem"] else "read from L2"
             lines.append(
@@ -235,8 +250,7 @@ class CUDABackend:
             )
         return "\n".join(lines)
 
-    def _fits(self, cell: str, dtype: torch.dtype, B: int, H: int, P: int, proj: bool,
-              tf32: bool):  # fmt: skip
+    def _fits(self, cell: str, dtype: torch.dtype, B: int, H: int, P: int, proj: bool):
         """True when both kernels can be laid out on the current device, else the reason.
         Whether a layout exists does not depend on B (the batch is staged in chunks that
         shrink to one row), so the answer is cached without it, but with the planning knobs
@@ -252,12 +266,10 @@ class CUDABackend:
                 "RNNKERN_CUDA_RESIDENT_CHUNK",
             )
         )
-        key = (_cuda, device, cell, dtype, H, P, proj, tf32, knobs)
+        key = (_cuda, device, cell, dtype, H, P, proj, tf32_allowed(dtype), knobs)
         if key not in self._plans:
             try:
-                for backward in (False, True):
-                    _cuda.plan(backward, CELL_CODES[cell], _DTYPE_CODE[dtype], B, H, P, proj,
-                               tf32)  # fmt: skip
+                plans(cell, dtype, B, H, P, proj)
             except (ValueError, RuntimeError) as err:
                 self._plans[key] = str(err)
             else:

@@ -34,13 +34,13 @@ import rnnkern
 from .runner import Case, exact_float32, module_step
 
 CELLS = ("LSTM", "GRU")
-# (dtype, TF32 allowed on both sides); TF32 and float16 (autocast's CUDA dtype, whose forward
-# takes the tensor cores) at B >= 16 only, where the tensor-core matvec runs
+# (dtype, TF32 allowed on both sides, smallest B): TF32 and float16 (autocast's CUDA dtype,
+# whose forward takes the tensor cores) from B = 16, where the tensor-core matvec runs
 PRECISIONS = (
-    (torch.float32, False),
-    (torch.bfloat16, False),
-    (torch.float32, True),
-    (torch.float16, False),
+    (torch.float32, False, 1),
+    (torch.bfloat16, False, 1),
+    (torch.float32, True, 16),
+    (torch.float16, False, 16),
 )
 BATCHES = (1, 16, 64)
 HIDDEN = (256, 512, 1024)
@@ -51,12 +51,8 @@ def plans(cell: str, dtype: torch.dtype, B: int, H: int, tf32: bool = False) -> 
     """Backend ``cuda``'s forward and backward plans for this layer (on the current device;
     ``tf32``: float32 with TF32 allowed)."""
     from ..backends import cuda as cuda_backend
-    from ..backends.base import CELL_CODES
 
-    code, dt = CELL_CODES[cell.lower()], cuda_backend._DTYPE_CODE[dtype]
-    return [
-        cuda_backend._cuda.plan(backward, code, dt, B, H, H, False, tf32) for backward in (0, 1)
-    ]
+    return with_tf32(lambda: cuda_backend.plans(cell.lower(), dtype, B, H, H, False), tf32)()
 
 
 def _layout(plan: dict) -> tuple:
@@ -64,10 +60,13 @@ def _layout(plan: dict) -> tuple:
     return plan["batch_groups"], plan["batch_chunk"], plan["weights_in_smem"]
 
 
-def with_tf32(fn):
+def with_tf32(fn, tf32: bool = True):
     """``fn`` run with TF32 allowed everywhere: cuDNN's RNNs, cuBLAS, and rnnkern's kernels
     (``torch.set_float32_matmul_precision("high")``); float32 exact again afterwards, as the
-    runner keeps it (:func:`rnnkern.bench.runner.exact_float32`)."""
+    runner keeps it (:func:`rnnkern.bench.runner.exact_float32`). ``fn`` itself when not
+    ``tf32``."""
+    if not tf32:
+        return fn
 
     def run():
         torch.backends.cudnn.allow_tf32 = True
@@ -136,8 +135,7 @@ def make_case(
         )
     if any(p["matvec"] == "mma" for p in layer_plans):
         fns["rnnkern[cuda], fma matvec"] = with_env(ours_fn, "RNNKERN_CUDA_MATVEC", "tiled")
-    if tf32:
-        fns = {label: with_tf32(fn) for label, fn in fns.items()}
+    fns = {label: with_tf32(fn, tf32) for label, fn in fns.items()}
     return Case(
         suite="cuda_train",
         name=f"{cell} {mode} B={B} H={H} T={T} {str(dtype).removeprefix('torch.')}"
@@ -161,8 +159,8 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
         make_case(cell, dtype, B, H, train, device, tf32=tf32)
         for H in HIDDEN
         for B in BATCHES
-        for dtype, tf32 in PRECISIONS
-        if B >= 16 or (dtype == torch.bfloat16 or (dtype == torch.float32 and not tf32))
+        for dtype, tf32, smallest_batch in PRECISIONS
+        if B >= smallest_batch
         for cell in CELLS
         for train in modes
     ]
