@@ -453,6 +453,23 @@ __device__ __forceinline__ uint32_t tf32_bits(float x) {
 #endif
 }
 
+// Which tensor-core operands weights of type T take (all false for a type the build leaves
+// out): TF32 for float32, bfloat16 or float16 pairs.
+template <typename T>
+struct MmaOperand {
+  static constexpr bool kTf32 = std::is_same<T, float>::value;
+#if RNNKERN_WITH_BF16
+  static constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+#else
+  static constexpr bool kBf16 = false;
+#endif
+#if RNNKERN_WITH_F16
+  static constexpr bool kF16 = std::is_same<T, __half>::value;
+#else
+  static constexpr bool kF16 = false;
+#endif
+};
+
 // d += A B on the tensor cores, float32 accumulation, A 16 x k, B k x 8, for weights of type
 // T: TF32 operands for float (mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, k = 8),
 // bfloat16 or float16 pairs (mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}..., k = 16);
@@ -461,12 +478,7 @@ __device__ __forceinline__ uint32_t tf32_bits(float x) {
 template <typename T>
 __device__ __forceinline__ void mma_16x8(float (&d)[4], const uint32_t (&a)[4],
                                          const uint32_t (&b)[2]) {
-  constexpr bool kTf32 = std::is_same<T, float>::value;
-#if RNNKERN_WITH_F16
-  constexpr bool kF16 = std::is_same<T, __half>::value;
-#else
-  constexpr bool kF16 = false;
-#endif
+  constexpr bool kTf32 = MmaOperand<T>::kTf32, kF16 = MmaOperand<T>::kF16;
 #ifdef RNNKERN_CUDA_EMULATION
   const float c[4] = {d[0], d[1], d[2], d[3]};
   if constexpr (kTf32)
@@ -515,18 +527,8 @@ template <typename T, typename Out>
 __device__ __forceinline__ void block_matvec_mma(const T* x, int ldx, int nb, int K, int nrows,
                                                  const Rows<T>& rows, float* partial,
                                                  int partial_elems, Out out) {
-  constexpr bool kTf32 = std::is_same<T, float>::value;
-#if RNNKERN_WITH_BF16
-  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
-#else
-  constexpr bool kBf16 = false;
-#endif
-#if RNNKERN_WITH_F16
-  constexpr bool kF16 = std::is_same<T, __half>::value;
-#else
-  constexpr bool kF16 = false;
-#endif
-  if constexpr (kTf32 || kBf16 || kF16) {
+  constexpr bool kTf32 = MmaOperand<T>::kTf32;
+  if constexpr (kTf32 || MmaOperand<T>::kBf16 || MmaOperand<T>::kF16) {
     constexpr int kStep = kTf32 ? 8 : 16;  // k per mma
     constexpr int kLaneK = kStep / 4;      // consecutive k one lane loads (8 bytes)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
