@@ -332,9 +332,13 @@ class _RNNBase(torch.nn.Module):
         config = self._layer_config(x, B, T, lengths is not None, states)
         cast = None
         if autocast:
-            # (a PackedSequence of unequal lengths takes another path in torch than equal ones)
+            # (torch takes other paths for a PackedSequence than for a tensor, and for unequal
+            # lengths than for equal ones, and which depends on its version)
+            packing = (
+                "tensor" if lengths_cpu is None else "ragged" if lengths is not None else "packed"
+            )
             structure = (self.proj_size > 0, self.bias, self.num_layers, self.bidirectional,
-                         lengths is not None)  # fmt: skip
+                         packing)  # fmt: skip
             cast = _autocast_dtypes(_TORCH_KIND[self.mode], x, structure)
             config = dataclasses.replace(config, dtype=cast[0])
         return x, lengths, lengths_cpu, batched, states, cast, config
@@ -714,7 +718,7 @@ class _CellBase(torch.nn.Module):
             or any(p.requires_grad for p in self.parameters())
             or any(t.requires_grad for t in states)
         )
-        cast = _autocast_dtypes(_TORCH_KIND[self._cell], x, (False, self.bias, 1, False, False))
+        cast = _autocast_dtypes(_TORCH_KIND[self._cell], x, (False, self.bias, 1, False, "tensor"))
         config = LayerConfig(
             self._cell,
             x.device.type,
@@ -870,11 +874,12 @@ def _torch_autocast_dtypes(
     its c_n in float32 on the CPU, its y and h_n in bfloat16). torch
     casts some recurrent ops and not others (on the CPU the oneDNN LSTM, the Elman RNN and
     RNNCell, not the GRU, the LSTM/GRU cells, a projected LSTM nor one over a PackedSequence of
-    unequal lengths, which oneDNN does not run; on CUDA, by its autocast lists, the cuDNN RNNs
-    and the cells), and the list is torch's own, so it is asked rather than copied."""
+    unequal lengths, which oneDNN does not run, nor, in torch 2.11, one over any
+    PackedSequence; on CUDA, by its autocast lists, the cuDNN RNNs and the cells), and the list
+    is torch's own, so it is asked rather than copied."""
     key = (kind, device_type, dtype, fast, structure)
     if key not in _AUTOCAST_DTYPES:
-        proj, bias, layers, bidirectional, ragged = structure
+        proj, bias, layers, bidirectional, packing = structure
         kwargs: dict = {"bias": bias}
         sequence = not kind.endswith("Cell")
         if sequence:
@@ -883,13 +888,16 @@ def _torch_autocast_dtypes(
             kwargs["proj_size"] = 1
         probe = getattr(torch.nn, kind)(2, 2, **kwargs).to(device=device_type, dtype=dtype)
         x = torch.zeros((2, 2, 2) if sequence else (1, 2), device=device_type, dtype=dtype)
-        if ragged:  # two sequences, of lengths 2 and 1
-            x = pack_padded_sequence(x, torch.tensor([2, 1]))
+        if packing != "tensor":  # two sequences, of lengths 2 and 1 when ragged
+            x = pack_padded_sequence(x, torch.tensor([2, 1] if packing == "ragged" else [2, 2]))
         with torch.no_grad(), torch.autocast(device_type, dtype=fast):
             out = probe(x)
         if sequence:  # (y, h_n) or (y, (h_n, c_n))
             y, finals = out
-            out = (y.data if ragged else y, *(finals if isinstance(finals, tuple) else (finals,)))
+            out = (
+                y.data if packing != "tensor" else y,
+                *(finals if isinstance(finals, tuple) else (finals,)),
+            )
         elif isinstance(out, Tensor):
             out = (out,)
         _AUTOCAST_DTYPES[key] = tuple(t.dtype for t in out)
@@ -902,11 +910,18 @@ _TORCH_KIND = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN
                "rnn_tanh": "RNNCell", "rnn_relu": "RNNCell"}  # fmt: skip
 
 
+# A constant of the device type; under torch.compile it is asked once at trace time (dynamo
+# cannot trace torch.amp.is_autocast_available in torch 2.11).
+@torch._dynamo.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type)
+
+
 def _autocast_on(x: Tensor) -> bool:
     """Whether autocast is on for ``x``'s device type (never for types torch has no autocast
     for, e.g. "meta", whose is_autocast_enabled raises)."""
     device_type = x.device.type
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _autocast_dtypes(kind: str, x: Tensor, structure: tuple) -> tuple[torch.dtype, ...] | None:
@@ -914,8 +929,9 @@ def _autocast_dtypes(kind: str, x: Tensor, structure: tuple) -> tuple[torch.dtyp
     ``kind`` would return for this call (:func:`_torch_autocast_dtypes`): rnnkern runs its
     kernels in the first (``x``'s dtype when torch does not cast) with autocast off inside, and
     returns torch.nn's dtypes. ``structure``: (has a
-    projection, bias, layers, bidirectional, a PackedSequence of unequal lengths), the call's
-    features that decide torch's path and so its casts; the probe has them. (A first call under
+    projection, bias, layers, bidirectional, the input's packing: ``"tensor"``, ``"packed"``
+    (a PackedSequence of equal lengths) or ``"ragged"`` (unequal)), the call's features that
+    decide torch's path and so its casts; the probe has them. (A first call under
     autocast builds a small torch.nn module to ask; warm up before capturing a CUDA graph.)"""
     if not _autocast_on(x):
         return None
