@@ -211,3 +211,32 @@ def test_gpu_train_case_times_streamed_weights_where_the_kernel_keeps_them(monke
     small.fns["rnnkern[triton], state reloaded"]()
     assert seen == [(16, True), (0, True), (16, False)]
     assert common.RESIDENT is True and common.ONE_CHUNK is True
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_gpu_decode_rows_all_run(B, cuda_kernels):
+    """Every row of the gpu_decode benchmark runs (on the CPU: the Triton kernels interpreted,
+    the CUDA kernels emulated), so a GPU run's decode stage does not fail on its first call."""
+    import torch
+
+    from rnnkern.backends.triton import common
+
+    if not common.INTERPRET and not torch.cuda.is_available():
+        pytest.skip("runs the Triton decoder under TRITON_INTERPRET=1 or on a GPU")
+    from rnnkern.bench import gpu_decode
+
+    torch.manual_seed(0)
+    rnn = torch.nn.LSTM(6, 16, num_layers=2).eval()
+    emb, head = torch.nn.Embedding(11, 6), torch.nn.Linear(16, 11)
+    rnn, emb, head = (m.to(cuda_kernels) for m in (rnn, emb, head))
+    fns = gpu_decode.decode_fns(rnn, emb, head, B, 3)
+    cuda_rows = {"rnnkern cuda generate fp32", "rnnkern cuda generate bf16",
+                 "rnnkern cuda generate fp32, barriers",
+                 "rnnkern cuda generate fp32, 100 ns between polls"}  # fmt: skip
+    triton_rows = {"rnnkern triton generate fp32", "rnnkern triton generate bf16",
+                   "rnnkern triton generate fp32, eager",
+                   "rnnkern triton generate fp32, sampling in torch ops",
+                   "rnnkern triton generate fp32, tl.dot tiles"}  # fmt: skip
+    assert set(fns) == {"torch.nn.LSTM step"} | triton_rows | cuda_rows
+    for fn in fns.values():
+        fn()

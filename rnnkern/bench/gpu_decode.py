@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 
 from torch import device as torch_device
 
@@ -35,11 +36,52 @@ from .cpu_decode import E, H, L, V, _generate, _lstm_steps, _model
 from .runner import Case
 
 
+def decode_fns(rnn, emb, head, B: int, n: int) -> dict[str, Callable[[], None]]:
+    """The timed functions of one case, by row label (module docstring): each generates ``n``
+    tokens for each of ``B`` streams with the model ``rnn`` (a torch.nn.LSTM), ``emb``,
+    ``head`` on their device. The ``cuda`` rows are present where backend ``cuda`` can decode
+    there (:func:`rnnkern.backends.cuda_decode.unavailable_reason`)."""
+    from ..backends import cuda_decode
+    from ..decode import Decoder
+
+    eager = Decoder(rnn, emb, head, batch_size=B, backend="triton")
+    eager.cuda_graphs = False
+    unfused = Decoder(rnn, emb, head, batch_size=B, backend="triton")
+    unfused.fused_sampling = False
+    fns = {
+        "torch.nn.LSTM step": _lstm_steps(rnn, emb, head, B, n),
+        "rnnkern triton generate fp32": _generate(
+            Decoder(rnn, emb, head, batch_size=B, backend="triton"), B, n
+        ),
+        "rnnkern triton generate bf16": _generate(
+            Decoder(rnn, emb, head, weights="bf16", batch_size=B, backend="triton"), B, n
+        ),
+        "rnnkern triton generate fp32, eager": _generate(eager, B, n),
+        "rnnkern triton generate fp32, sampling in torch ops": _generate(unfused, B, n),
+    }
+    dot = Decoder(rnn, emb, head, batch_size=B, backend="triton")
+    if dot._triton_step.tiling.gemv:
+        dot._triton_step = dataclasses.replace(dot._triton_step, gemv=False)
+        fns["rnnkern triton generate fp32, tl.dot tiles"] = _generate(dot, B, n)
+    if cuda_decode.unavailable_reason(rnn.weight_hh_l0.device) is None:
+        for weights in ("fp32", "bf16"):
+            fns[f"rnnkern cuda generate {weights}"] = _generate(
+                Decoder(rnn, emb, head, weights=weights, batch_size=B, backend="cuda"), B, n
+            )
+        barriers = Decoder(rnn, emb, head, batch_size=B, backend="cuda")
+        barriers._cuda.sync = "barrier"
+        fns["rnnkern cuda generate fp32, barriers"] = _generate(barriers, B, n)
+        pausing = Decoder(rnn, emb, head, batch_size=B, backend="cuda")
+        pausing._cuda.spin_sleep_ns = 100
+        fns["rnnkern cuda generate fp32, 100 ns between polls"] = _generate(pausing, B, n)
+    return fns
+
+
 def cases(device: str = "cuda", quick: bool = False) -> list[Case]:
+    """Runner entry point. GPU only (on other devices: no cases)."""
     if not device.startswith("cuda"):
         return []
     from ..backends import cuda_decode
-    from ..decode import Decoder
 
     rnn, emb, head = _model(device=device)
     cuda_reason = cuda_decode.unavailable_reason(torch_device(device))
@@ -48,36 +90,7 @@ def cases(device: str = "cuda", quick: bool = False) -> list[Case]:
     n = 16 if quick else 128  # tokens per stream per timed run
     out = []
     for B in (1,) if quick else (1, 64):
-        eager = Decoder(rnn, emb, head, batch_size=B, backend="triton")
-        eager.cuda_graphs = False
-        unfused = Decoder(rnn, emb, head, batch_size=B, backend="triton")
-        unfused.fused_sampling = False
-        fns = {
-            "torch.nn.LSTM step": _lstm_steps(rnn, emb, head, B, n),
-            "rnnkern triton generate fp32": _generate(
-                Decoder(rnn, emb, head, batch_size=B, backend="triton"), B, n
-            ),
-            "rnnkern triton generate bf16": _generate(
-                Decoder(rnn, emb, head, weights="bf16", batch_size=B, backend="triton"), B, n
-            ),
-            "rnnkern triton generate fp32, eager": _generate(eager, B, n),
-            "rnnkern triton generate fp32, sampling in torch ops": _generate(unfused, B, n),
-        }
-        dot = Decoder(rnn, emb, head, batch_size=B, backend="triton")
-        if dot._triton_step.tiling.gemv:
-            dot._triton_step = dataclasses.replace(dot._triton_step, gemv=False)
-            fns["rnnkern triton generate fp32, tl.dot tiles"] = _generate(dot, B, n)
-        if cuda_reason is None:
-            for weights in ("fp32", "bf16"):
-                fns[f"rnnkern cuda generate {weights}"] = _generate(
-                    Decoder(rnn, emb, head, weights=weights, batch_size=B, backend="cuda"), B, n
-                )
-            barriers = Decoder(rnn, emb, head, batch_size=B, backend="cuda")
-            barriers._cuda.sync = "barrier"
-            fns["rnnkern cuda generate fp32, barriers"] = _generate(barriers, B, n)
-            pausing = Decoder(rnn, emb, head, batch_size=B, backend="cuda")
-            pausing._cuda.spin_sleep_ns = 100
-            fns["rnnkern cuda generate fp32, 100 ns between polls"] = _generate(pausing, B, n)
+        fns = decode_fns(rnn, emb, head, B, n)
         out.append(
             Case(
                 suite="gpu_decode",
