@@ -10,7 +10,7 @@
 #   GPU_CHECK_STAGES     comma list of build,compile,decode,tests,bench (default: build,decode,
 #                        tests,bench; decode runs tests/test_decode.py first, so the decoders'
 #                        results come back even when the long tests run out of time; bench also
-#                        runs cuda_bench and decode_bench, which can be named alone). compile is
+#                        runs cuda_bench, phases and decode_bench, which can be named alone). compile is
 #                        the ahead-of-time table of every Triton configuration (~1000 for sm_90
 #                        in fp32 and bf16); it needs no GPU, so run it elsewhere unless the GPU
 #                        machine's Triton version is in question. Within 10-minute calls, run
@@ -119,6 +119,13 @@ if [[ $STAGES == *,cuda_bench,* || $STAGES == *,bench,* ]]; then
   # stage, or alone with GPU_CHECK_STAGES=cuda_bench.
   run_stage cuda_bench "$(($(left) < 180 ? $(left) : 180))" "$PY" -m rnnkern.cli bench \
     --suite nn_modules --suite cuda_train --device cuda --quick --repeats 10 --out "$OUT_DIR"
+fi
+if [[ $STAGES == *,phases,* || $STAGES == *,bench,* ]]; then
+  # Where backend cuda's steps go: every block stamps the GPU timer at each phase of a step
+  # (staging, matvec, cells, barrier waits), LSTM and GRU, float32 and bfloat16, B in
+  # {1, 16, 64}, H in {256, 1024}; the ratios above say how fast, this says why. At most 90 s.
+  run_stage phases "$(($(left) < 90 ? $(left) : 90))" "$PY" -m rnnkern.bench.cuda_phases \
+    --quick --out "$OUT_DIR"
 fi
 if [[ $STAGES == *,decode_bench,* || $STAGES == *,bench,* ]]; then
   # Decoder generate, backends triton (CUDA graphs, on-device sampling) and cuda (one launch),

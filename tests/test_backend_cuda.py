@@ -1030,3 +1030,94 @@ def test_deferred_status_reports_each_error_once_in_launch_order(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     backend.poll(wait=True)  # capturing: no event may be queried
     assert len(backend._pending) == 1
+
+
+@pytest.mark.parametrize("name", ["lstm", "lstm_proj", "gru", "rnn_tanh"])
+def test_phase_trace_stamps_each_phase_in_order(device, name):
+    """trace_phases (the cuda_phases benchmark's source) stamps, for every block and traced
+    step, each point the kernel passes (csrc/cuda/api.h: kTracePoints) and no other, in
+    program order, no block past a barrier before every block reached it; tracing changes no
+    result."""
+    T, B, H = 5, 3, 33  # every block owns hidden and state units (emulation: 4 blocks)
+    inp = make_inputs(name, T, B, H, device=device)
+    plain = run(name, inp, "cuda")
+    with cuda_backend.trace_phases(steps=T + 1) as traces:
+        traced = run(name, inp, "cuda")
+    assert plain.keys() == traced.keys()
+    for k in plain:
+        assert torch.equal(plain[k], traced[k]), k
+    assert [t.kernel for t in traces] == ["forward", "backward"]
+    proj = name == "lstm_proj"
+    passed = {  # the points each kernel passes, in program order
+        "forward": [0, 1, 2, 3] + ([4, 5] if proj else []),
+        "backward": [0] + ([1] if proj else []) + [2, 3, 4, 5],
+    }
+    # (a, b, next): a barrier between point b of a step and point a of that step (of the next
+    # step with next): no block reaches a before every block passed b. (The backward's steps
+    # end without one: the next step needs only the block's own values.)
+    last = passed["forward"][-1]
+    barriers = {
+        "forward": ([(4, 3, False)] if proj else []) + [(0, last, True)],
+        "backward": ([(1, 0, False)] if proj else []) + [(3, 2, False)],
+    }
+    for t in traces:
+        st = t.stamps.cpu()
+        assert st.shape == (t.info["blocks"], T + 1, cuda_backend._cuda.TRACE_POINTS)
+        assert not st[:, T].any()  # no step T: nothing stamped
+        st = st[:, :T]
+        points = passed[t.kernel]
+        others = [p for p in range(st.shape[2]) if p not in points]
+        assert (st[:, :, points] > 0).all() and not st[:, :, others].any()
+        order = st[:, :, points].flatten(1)  # each block's stamps in program order
+        assert (order[:, 1:] >= order[:, :-1]).all()
+        for a, b, next_step in barriers[t.kernel]:
+            first_out = st[:, 1:, a] if next_step else st[:, :, a]
+            last_in = st[:, :-1, b] if next_step else st[:, :, b]
+            assert (first_out.min(dim=0).values >= last_in.max(dim=0).values).all(), (t.kernel, a)
+
+
+def test_trace_phases_checks_its_argument():
+    for bad in (0, -1, 2.0, True, "8"):
+        with pytest.raises(ValueError, match="steps must be a positive int"):
+            with cuda_backend.trace_phases(steps=bad):
+                pass
+    with cuda_backend.trace_phases(steps=2):
+        with pytest.raises(RuntimeError, match="do not nest"):
+            with cuda_backend.trace_phases(steps=2):
+                pass
+    assert cuda_backend._tracing is None
+
+
+def test_cuda_phases_profile_times_every_phase(device, tmp_path):
+    """The cuda_phases benchmark's rows: each kernel's phases, every one timed (on the
+    emulation the times are the CPU's, and meaningless; the columns and files are what is
+    checked)."""
+    import json
+
+    from rnnkern.bench import cuda_phases
+
+    rows = []
+    for cell, proj in (("LSTM", 0), ("LSTM", 4), ("GRU", 0)):
+        rows += cuda_phases.profile(cell, torch.float32, 3, 9, device, T=6, proj=proj, steps=6)
+    assert [(r["case"].split()[0], r["kernel"]) for r in rows] == [
+        (cell, kernel) for cell in ("LSTM", "LSTM", "GRU") for kernel in ("forward", "backward")
+    ]
+    common = ["step", "arrival spread", "timer step", "cells", "stage", "matvec"]
+    for r in rows:
+        proj = "proj=" in r["case"]
+        want = common + (["barrier"] if r["kernel"] == "forward" else ["dpre wait"])
+        want += ["projection wait"] + (["projection"] if r["kernel"] == "forward" else [])
+        if not proj:
+            want = [n for n in want if not n.startswith("projection")]
+        assert sorted(r["phases_us"]) == sorted(want), r["case"]
+        assert all(v is not None and v >= 0 for v in r["phases_us"].values()), r
+        assert r["plan"].startswith(f"{r['launch']['blocks']} blocks")
+    md = cuda_phases.write(rows, tmp_path, "test", device=device)
+    text = md.read_text()
+    assert (
+        "## forward" in text
+        and "## backward" in text
+        and "| LSTM B=3 H=9 T=6 float32 proj=4 |" in text
+    )
+    payload = json.loads(md.with_suffix(".json").read_text())
+    assert len(payload["rows"]) == 6

@@ -31,6 +31,20 @@ enum KernelError : unsigned long long {
 constexpr int kMaxBatchGroups = 64;
 constexpr int kTrainSyncWords = 1 + kMaxBatchGroups;
 
+// Phase tracing (rnnkern.backends.cuda.trace_phases; the cuda_phases benchmark). Where
+// ForwardArgs / BackwardArgs::trace is not null, thread 0 of every block writes %globaltimer
+// (ns) at each of these points of the first trace_steps processing steps, to
+// trace[(block * trace_steps + step) * kTracePoints + point], after a block-wide
+// synchronisation (so: when the whole block got there). A point a step does not reach keeps
+// the caller's zero.
+//   forward:  0 step begins (the previous step's barrier passed), 1 first batch chunk of
+//             h_{s-1} staged, 2 its matvec done, 3 cells done (every chunk), 4 projection:
+//             m_s complete (barrier passed), 5 projection: h_s done
+//   backward: 0 step begins, 1 projection: dh + dy complete (barrier passed), 2 cells done
+//             (every chunk: dpre written), 3 dpre complete (barrier passed), 4 first batch
+//             chunk of dpre staged, 5 dh_{s-1} done (every chunk; the next step begins here)
+constexpr int kTracePoints = 6;
+
 struct ForwardArgs {
   int cell, dtype, T, B, H, P, reverse, save;
   const void* gx;           // [T, B, G*H] dtype, time order
@@ -50,6 +64,8 @@ struct ForwardArgs {
   float* m;                 // scratch lstm projection: [B, H] o * tanh(c), else null
   unsigned long long* sync; // [kTrainSyncWords] zeroed before the launch (see above)
   int tf32;                 // float32: TF32 products allowed (the mma matvec may run)
+  long long* trace;         // phase timestamps (kTracePoints above) or null
+  int trace_steps;          // processing steps traced: the first ones
 };
 
 struct BackwardArgs {
@@ -75,6 +91,8 @@ struct BackwardArgs {
   float* dloc;              // scratch gru: [B, H] dh_total * z when not in shared memory; else null
   unsigned long long* sync; // [kTrainSyncWords] zeroed before the launch
   int tf32;                 // float32: TF32 products allowed (the mma matvec may run)
+  long long* trace;         // phase timestamps (kTracePoints above) or null
+  int trace_steps;          // processing steps traced: the first ones (from s = T - 1 down)
 };
 
 // The matrices of one layer for generation, as the Decoder packs them (device addresses; an

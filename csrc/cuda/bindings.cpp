@@ -118,13 +118,14 @@ PYBIND11_MODULE(RNNKERN_CUDA_MODULE, m) {
          uintptr_t h0, uintptr_t c0, uintptr_t w_hh, uintptr_t b_hh, uintptr_t w_hr,
          uintptr_t lengths, uintptr_t y, uintptr_t h_n, uintptr_t c_n, uintptr_t hs,
          uintptr_t aux, uintptr_t gates, uintptr_t mbuf, uintptr_t sync, uintptr_t stream,
-         int64_t timeout_ns, bool debug, bool tf32) {
+         int64_t timeout_ns, bool debug, bool tf32, uintptr_t trace, int trace_steps) {
         ForwardArgs a{cell, dtype, T, B, H, P, reverse ? 1 : 0, save ? 1 : 0,
                       ptr<const void>(gx), ptr<const float>(h0), ptr<const float>(c0),
                       ptr<const void>(w_hh), ptr<const void>(b_hh), ptr<const void>(w_hr),
                       ptr<const int64_t>(lengths), ptr<void>(y), ptr<float>(h_n),
                       ptr<float>(c_n), ptr<float>(hs), ptr<float>(aux), ptr<float>(gates),
-                      ptr<float>(mbuf), ptr<unsigned long long>(sync), tf32 ? 1 : 0};
+                      ptr<float>(mbuf), ptr<unsigned long long>(sync), tf32 ? 1 : 0,
+                      ptr<long long>(trace), trace_steps};
         LaunchInfo info;
         {
           py::gil_scoped_release release;
@@ -141,14 +142,15 @@ PYBIND11_MODULE(RNNKERN_CUDA_MODULE, m) {
          uintptr_t dy, uintptr_t dh_n, uintptr_t dc_n, uintptr_t dgx, uintptr_t dgh,
          uintptr_t dh_proj, uintptr_t dh0, uintptr_t dc0, uintptr_t dpre, uintptr_t dht,
          uintptr_t dloc, uintptr_t sync, uintptr_t stream, int64_t timeout_ns, bool debug,
-         bool tf32) {
+         bool tf32, uintptr_t trace, int trace_steps) {
         BackwardArgs a{cell, dtype, T, B, H, P, reverse ? 1 : 0,
                        ptr<const float>(hs), ptr<const float>(aux), ptr<const float>(gates),
                        ptr<const void>(w_t), ptr<const void>(wr_t), ptr<const int64_t>(lengths),
                        ptr<const void>(dy), ptr<const float>(dh_n), ptr<const float>(dc_n),
                        ptr<float>(dgx), ptr<float>(dgh), ptr<float>(dh_proj), ptr<float>(dh0),
                        ptr<float>(dc0), ptr<float>(dpre), ptr<float>(dht), ptr<float>(dloc),
-                       ptr<unsigned long long>(sync), tf32 ? 1 : 0};
+                       ptr<unsigned long long>(sync), tf32 ? 1 : 0, ptr<long long>(trace),
+                       trace_steps};
         LaunchInfo info;
         {
           py::gil_scoped_release release;
@@ -231,6 +233,7 @@ PYBIND11_MODULE(RNNKERN_CUDA_MODULE, m) {
 
   m.attr("CELLS") = py::make_tuple("lstm", "gru", "rnn_tanh", "rnn_relu");
   m.attr("TRAIN_SYNC_WORDS") = kTrainSyncWords;
+  m.attr("TRACE_POINTS") = kTracePoints;
   m.attr("ERR_BARRIER_TIMEOUT") = static_cast<unsigned long long>(kErrBarrierTimeout);
   m.attr("ERR_BAD_LENGTH") = static_cast<unsigned long long>(kErrBadLength);
   m.attr("ERR_NON_FINITE") = static_cast<unsigned long long>(kErrNonFinite);

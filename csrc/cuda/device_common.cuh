@@ -234,6 +234,15 @@ inline long long global_ns() {
 }
 #endif
 
+// Phase tracing (api.h: kTracePoints): thread 0 stamps `point` of processing step `step` when
+// the launch traces it. Call it right after a block-wide synchronisation.
+__device__ __forceinline__ void trace_point(long long* trace, int trace_steps, int step,
+                                            int point) {
+  if (trace != nullptr && step < trace_steps && threadIdx.x == 0)
+    trace[(static_cast<size_t>(blockIdx.x) * trace_steps + step) * kTracePoints + point] =
+        global_ns();
+}
+
 // Grid-wide barrier on a monotonic arrival counter: the k-th barrier completes when the
 // counter reaches k * blocks (64 bits: no wrap-around for any realistic T). Co-residency of
 // all blocks is guaranteed by the cooperative launch. Returns false when the kernel must stop:

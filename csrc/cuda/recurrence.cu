@@ -251,6 +251,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
   __syncthreads();
 
   for (int s = 0; s < T_; ++s) {
+    trace_point(a.trace, a.trace_steps, s, 0);
     const float* hp = s == 0 ? a.h0 : h_slot(s);  // [B, P] h_{s-1}, all units (other blocks')
     float* hn = h_slot(s + 1);                    // [B, P] h_s: this block writes its units
     const float* cp = CELL == kLSTM ? (s == 0 ? a.c0 : c_slot(s)) : nullptr;  // [B, H]
@@ -275,9 +276,11 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
         }
         stage_x<T>(x_s, x16, ldp, hp, b0, nb, P);
         __syncthreads();
+        if (b0 == r0) trace_point(a.trace, a.trace_steps, s, 1);
         matvec<T>(plan.matvec, x_s, ldp, nb, P, G * nj, w, part_s, plan.partial,
                   [&](int bb, int r, float v) { pre_s[bb * plan.C + (r / nj) * Hb + r % nj] = v; });
         __syncthreads();
+        if (b0 == r0) trace_point(a.trace, a.trace_steps, s, 2);
         for (int i = threadIdx.x; i < nb * nj; i += kThreads) {
           const int bb = i / nj, jj = i % nj, b = b0 + bb, j = j0 + jj;
           const int len = length_of(a.lengths, b, T_, bar.error);
@@ -325,10 +328,12 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
         __syncthreads();  // x_s / pre_s are reused by the next chunk
       }
     }
+    trace_point(a.trace, a.trace_steps, s, 3);
 
     // Phase B (projection): h_s = W_hr m_s for the block's state units; needs all of m_s.
     if (proj) {
       if (!bar.wait()) return;
+      trace_point(a.trace, a.trace_steps, s, 4);
       if (np > 0) {
         for (int b0 = r0; b0 < r1; b0 += Bc) {
           const int nb = min(Bc, r1 - b0);
@@ -347,6 +352,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
           __syncthreads();
         }
       }
+      trace_point(a.trace, a.trace_steps, s, 5);
     }
     if (!bar.wait()) return;  // h_s complete before anyone reads it in step s+1
   }
@@ -488,6 +494,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
   SavedItem pf{};       // this thread's first item of step `prefetched` (see below)
   int prefetched = -1;
   for (int s = T_ - 1; s >= 0; --s) {
+    const int ps = T_ - 1 - s;  // processing step (for the trace)
+    trace_point(a.trace, a.trace_steps, ps, 0);
     const size_t slot = static_cast<size_t>(s & 1) * B * GH;
     const DpreSlot dpre{a.dpre + slot,
                         x16 ? reinterpret_cast<__nv_bfloat16*>(a.dpre) + slot : nullptr};
@@ -504,6 +512,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
         a.dh_proj[(static_cast<size_t>(t) * B + b) * P + p] = s < len ? v : 0.f;
       }
       if (!bar.wait()) return;
+      trace_point(a.trace, a.trace_steps, ps, 1);
     }
 
     // Phase A: pointwise gradients of the block's hidden units -> dgx, dpre (and dgh, unit_s).
@@ -581,6 +590,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
         __syncthreads();  // x_s / pre_s are reused by the next chunk
       }
     }
+    trace_point(a.trace, a.trace_steps, ps, 2);
     // Load step s-1's first item of this thread (first chunk) now: its latency overlaps the
     // barrier and phase B instead of following them.
     if (s > 0 && nj > 0 && static_cast<int>(threadIdx.x) < min(Bc, nr) * nj) {
@@ -590,6 +600,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
       prefetched = s - 1;
     }
     if (!bar.wait()) return;  // dpre complete
+    trace_point(a.trace, a.trace_steps, ps, 3);
 
     // Phase B: dh_{s-1} = dpre W_hh (+ dh_total * z for the GRU) for the block's state units.
     if (np > 0) {
@@ -597,6 +608,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
         const int nb = min(Bc, r1 - b0);
         dpre.stage(x_s, ldg, b0, nb, GH);
         __syncthreads();
+        if (b0 == r0) trace_point(a.trace, a.trace_steps, ps, 4);
         matvec<T>(plan.matvec, x_s, ldg, nb, GH, np, wt, part_s, plan.partial,
                   [&](int bb, int pp, float v) {
           const int b = b0 + bb, p = p0 + pp;
@@ -609,6 +621,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
         __syncthreads();
       }
     }
+    trace_point(a.trace, a.trace_steps, ps, 5);
     // No barrier here: the next step's phases 0 / A read only this block's own dh and dc and
     // write the other dpre slot; every block passed this step's barrier before anyone can
     // reach the next one, which is when this slot is written again.

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import os
 import threading
 
@@ -122,6 +123,59 @@ def plans(cell: str, dtype: torch.dtype, B: int, H: int, P: int, proj: bool) -> 
     tf32 = tf32_allowed(dtype)
     code, dt = CELL_CODES[cell], _DTYPE_CODE[dtype]
     return [_cuda.plan(backward, code, dt, B, H, P, proj, tf32) for backward in (False, True)]
+
+
+# The list traced launches append to, and the steps they trace, while a trace_phases block runs.
+_tracing: tuple[list, int] | None = None
+
+
+@dataclasses.dataclass
+class PhaseTrace:
+    """One traced launch (:func:`trace_phases`): ``stamps[block, step, point]`` is the GPU's
+    ``%globaltimer`` in ns when the block reached ``point`` of processing step ``step``
+    (``csrc/cuda/api.h``, ``kTracePoints``, says which point is what; 0 where a step does not
+    reach it)."""
+
+    kernel: str  # "forward" or "backward"
+    info: dict  # the launch's layout (as CUDABackend.last_launch)
+    stamps: torch.Tensor  # [blocks, steps, TRACE_POINTS] int64
+
+
+@contextlib.contextmanager
+def trace_phases(steps: int = 32):
+    """Within the block, every training launch of this backend records when each of its blocks
+    reaches each phase of its first ``steps`` processing steps (thread 0 writes a timestamp
+    after a block-wide synchronisation, a few times a step); yields the list of
+    :class:`PhaseTrace` the launches append to. The kernels write the stamps: read them after
+    the launches have finished. For benchmarks (:mod:`rnnkern.bench.cuda_phases`); blocks do
+    not nest, and they are not for CUDA graph capture (each launch allocates its buffer)."""
+    global _tracing
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if _tracing is not None:
+        raise RuntimeError("trace_phases blocks do not nest")
+    traces: list[PhaseTrace] = []
+    _tracing = (traces, steps)
+    try:
+        yield traces
+    finally:
+        _tracing = None
+
+
+def _trace_buffer(device: torch.device) -> tuple[torch.Tensor | None, int]:
+    """A launch's zeroed stamp buffer (room for one block per SM) and the steps it traces, or
+    (None, 0) outside :func:`trace_phases`."""
+    if _tracing is None:
+        return None, 0
+    steps = _tracing[1]
+    size = int(_cuda.device_info()["sms"]) * steps * int(_cuda.TRACE_POINTS)
+    return torch.zeros(size, dtype=torch.int64, device=device), steps
+
+
+def _record_trace(kernel: str, info: dict, buffer: torch.Tensor | None, steps: int) -> None:
+    if buffer is not None and _tracing is not None:
+        stamps = buffer[: info["blocks"] * steps * int(_cuda.TRACE_POINTS)]
+        _tracing[0].append(PhaseTrace(kernel, info, stamps.view(info["blocks"], steps, -1)))
 
 
 class CUDABackend:
@@ -370,15 +424,17 @@ class CUDABackend:
         m = empty((B, H), f32, dev) if proj else None
         # barrier arrivals per batch group, error code (csrc/cuda/api.h: kTrainSyncWords)
         sync = torch.zeros(int(_cuda.TRAIN_SYNC_WORDS), dtype=torch.int64, device=dev)
+        trace, trace_steps = _trace_buffer(dev)
 
         info = _cuda.layer_forward(
             CELL_CODES[cell], _DTYPE_CODE[dt], T, B, H, P, bool(reverse), bool(save),
             _ptr(gx), _ptr(h0), _ptr(c0), _ptr(w), _ptr(b), _ptr(wr), _ptr(lens),
             _ptr(y), _ptr(h_n), _ptr(c_n if lstm else None), _ptr(hs), _ptr(aux), _ptr(gates),
             _ptr(m), _ptr(sync), stream_handle(dev),
-            _timeout_ns(), _debug(), tf32_allowed(dt),
+            _timeout_ns(), _debug(), tf32_allowed(dt), _ptr(trace), trace_steps,
         )  # fmt: skip
         self._finish(sync, info, "layer_forward")
+        _record_trace("forward", info, trace, trace_steps)
         if save:
             empty_f32 = torch.empty(0, dtype=f32, device=dev)
             saved = Saved(hs, aux if aux is not None else empty_f32,
@@ -426,6 +482,7 @@ class CUDABackend:
         dht = empty((B, P), f32, dev) if proj else None
         dloc = empty((B, H), f32, dev) if gru else None
         sync = torch.zeros(int(_cuda.TRAIN_SYNC_WORDS), dtype=torch.int64, device=dev)
+        trace, trace_steps = _trace_buffer(dev)
 
         info = _cuda.layer_backward(
             CELL_CODES[cell], _DTYPE_CODE[dt], T, B, H, P, bool(reverse),
@@ -433,9 +490,11 @@ class CUDABackend:
             _ptr(w_t), _ptr(wr_t), _ptr(lens), _ptr(dy), _ptr(dh_n), _ptr(dc_n),
             _ptr(dgx), _ptr(dgh), _ptr(dh_proj), _ptr(dh0), _ptr(dc0),
             _ptr(dpre), _ptr(dht), _ptr(dloc), _ptr(sync),
-            stream_handle(dev), _timeout_ns(), _debug(), tf32_allowed(dt),
+            stream_handle(dev), _timeout_ns(), _debug(), tf32_allowed(dt), _ptr(trace),
+            trace_steps,
         )  # fmt: skip
         self._finish(sync, info, "layer_backward")
+        _record_trace("backward", info, trace, trace_steps)
 
         # Weight gradients: one GEMM each over all T*B rows. The kernel wrote dgx / dgh /
         # dh_proj in time order; the saved states are in processing order, so reversed layers

@@ -337,6 +337,21 @@ def _float32_math(tf32: dict) -> str:
     return "TF32 allowed in " + ", ".join(allowed) if allowed else "exact (TF32 off everywhere)"
 
 
+def machine_line(info: dict) -> str:
+    """:func:`machine_info` as one line of a results file."""
+    return (
+        f"Date: {info['date']}; commit: {info['commit']}; torch {info['torch']}; "
+        f"triton {info.get('triton')}; {info['platform']}; {info['cpu_count']} CPUs"
+        + (f" ({info['cpu_model']})" if info.get("cpu_model") else "")
+        + (
+            f"; GPU {info['gpu']}, driver {info.get('driver')}, CUDA {info.get('cuda')}"
+            if "gpu" in info
+            else ""
+        )
+        + (f"; float32 {_float32_math(info['float32_tf32'])}" if "float32_tf32" in info else "")
+    )
+
+
 def write_results(
     records: list[dict], out_dir: str | Path, tag: str, device: str = "cpu", command: str = ""
 ) -> tuple[Path, Path]:
@@ -352,15 +367,7 @@ def write_results(
         f"# rnnkern benchmarks: {tag} on {slug}",
         "",
         f"Command: `{command}`" if command else "",
-        f"Date: {info['date']}; commit: {info['commit']}; torch {info['torch']}; "
-        f"triton {info.get('triton')}; {info['platform']}; {info['cpu_count']} CPUs"
-        + (f" ({info['cpu_model']})" if info.get("cpu_model") else "")
-        + (
-            f"; GPU {info['gpu']}, driver {info.get('driver')}, CUDA {info.get('cuda')}"
-            if "gpu" in info
-            else ""
-        )
-        + (f"; float32 {_float32_math(info['float32_tf32'])}" if "float32_tf32" in info else ""),
+        machine_line(info),
         "",
         "Ratio = baseline median / implementation median (above 1: faster than the baseline); "
         "implementations timed interleaved in one process.",

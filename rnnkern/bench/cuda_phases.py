@@ -1,0 +1,225 @@
+"""Where a step of backend ``cuda``'s training kernels goes: the phases of each step, timed on
+the GPU by the kernels themselves.
+
+The ratio benchmarks (``cuda_train``) say how fast a layer is; this says why. Under
+:func:`rnnkern.backends.cuda.trace_phases` every block stamps the GPU's global timer at the
+points of each step that ``csrc/cuda/api.h`` lists (``kTracePoints``), and
+:func:`phase_times` turns the stamps into the median time of each phase over blocks and steps:
+
+- forward: ``stage`` (h_{s-1} of the first batch chunk into shared memory, after the barrier:
+  an L2 round trip), ``matvec`` (that chunk's recurrent product), ``cells`` (the cell update,
+  and any further chunks' staging and products), ``projection wait`` / ``projection`` (LSTM
+  with proj_size: the barrier m_s needs, then h_s = W_hr m_s), ``barrier`` (from the block's
+  last phase to the next step's start: the grid barrier, waiting for the slowest block);
+- backward: ``projection wait`` (dh + dy complete), ``cells`` (pointwise gradients, and the
+  projection's dm product), ``dpre wait`` (the barrier: every block's dpre written),
+  ``stage`` (the first chunk of dpre: G*H values a row from L2), ``matvec`` (every chunk's
+  dh_{s-1} = dpre W_hh);
+- ``step``: from one step's start to the next's; ``arrival spread``: per step, the last
+  block's arrival at the step's (first) barrier minus the first block's (load imbalance, or
+  blocks that started late).
+
+The first ``--skip`` steps (default 1) warm the caches and are left out. ``%globaltimer``
+ticks in steps of some tens of ns on recent GPUs (``timer step`` in the results: the smallest
+nonzero difference between two stamps), so short phases read as a whole number of ticks;
+medians over blocks and steps smooth that only in part.
+
+    python -m rnnkern.bench.cuda_phases [--out benchmarks/results] [--quick]
+
+Writes ``cuda_phases-<gpu>.json`` and ``.md``: a row per layer and kernel with its launch plan
+and the phase medians in microseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import rnnkern
+
+from ..backends import cuda as cuda_backend
+from .runner import _atomic_write, exact_float32, machine_info, machine_line, machine_slug
+
+CELLS = ("LSTM", "GRU")
+DTYPES = (torch.float32, torch.bfloat16)
+BATCHES = (1, 16, 64)
+HIDDEN = {"quick": (256, 1024), "full": (256, 512, 1024)}
+T = 256
+TRACED_STEPS = 64
+
+# Interval name -> (from point, to point, the "to" point is the next step's); per kernel and
+# projection (the point numbers of csrc/cuda/api.h, kTracePoints).
+_LAST_FORWARD = {False: 3, True: 5}
+
+
+def _intervals(kernel: str, proj: bool) -> dict[str, tuple[int, int, bool]]:
+    if kernel == "forward":
+        out = {"stage": (0, 1, False), "matvec": (1, 2, False), "cells": (2, 3, False)}
+        if proj:
+            out.update({"projection wait": (3, 4, False), "projection": (4, 5, False)})
+        out["barrier"] = (_LAST_FORWARD[proj], 0, True)
+    else:
+        out = {"projection wait": (0, 1, False)} if proj else {}
+        out.update({"cells": (1 if proj else 0, 2, False), "dpre wait": (2, 3, False),
+                    "stage": (3, 4, False), "matvec": (4, 5, False)})  # fmt: skip
+    out["step"] = (0, 0, True)
+    return out
+
+
+def _arrival_point(kernel: str, proj: bool) -> int:
+    """The point at which a block arrives at its step's first barrier."""
+    if kernel == "forward":
+        return 3
+    return 0 if proj else 2
+
+
+def phase_times(trace: cuda_backend.PhaseTrace, proj: bool, skip: int = 1) -> dict:
+    """Median microseconds of each phase (module docstring) over the launch's blocks and its
+    traced steps from ``skip`` on, where both ends were stamped; plus ``arrival spread`` and
+    ``timer step`` (the smallest nonzero difference between two stamps). ``proj``: the layer
+    has an LSTM projection."""
+    st = trace.stamps.cpu()[:, skip:].to(torch.int64)  # [blocks, steps, points]
+    out: dict[str, float | None] = {}
+    for name, (a, b, next_step) in _intervals(trace.kernel, proj).items():
+        start = st[:, :-1, a] if next_step else st[:, :, a]
+        end = st[:, 1:, b] if next_step else st[:, :, b]
+        ok = (start > 0) & (end > 0)
+        d = (end - start)[ok]
+        out[name] = float(d.double().median()) / 1e3 if d.numel() else None
+    arrive = st[:, :, _arrival_point(trace.kernel, proj)]
+    reached = (arrive > 0).all(dim=0)  # steps every block stamped
+    spread = (arrive.max(dim=0).values - arrive.min(dim=0).values)[reached]
+    out["arrival spread"] = float(spread.double().median()) / 1e3 if spread.numel() else None
+    stamps = st[st > 0].unique()  # sorted
+    gaps = stamps[1:] - stamps[:-1]
+    out["timer step"] = float(gaps.min()) / 1e3 if gaps.numel() else None
+    return out
+
+
+def _plan(info: dict) -> str:
+    groups = info["batch_groups"]
+    where = "resident" if info["weights_in_smem"] else "from L2"
+    return (
+        f"{info['blocks']} blocks" + (f" in {groups} batch groups" if groups > 1 else "")
+        + f", {info['units_per_block']} units, chunk {info['batch_chunk']}, weights {where}, "
+        + info["matvec"]
+    )  # fmt: skip
+
+
+def profile(
+    cell: str,
+    dtype: torch.dtype,
+    B: int,
+    H: int,
+    device: str,
+    T: int = T,
+    proj: int = 0,
+    steps: int = TRACED_STEPS,
+    skip: int = 1,
+) -> list[dict]:
+    """Phase times of one forward and backward of a one-layer ``cell`` module
+    (``input_size = hidden_size = H``, ``proj_size=proj`` for an LSTM) with backend ``cuda``
+    on ``x [T, B, H]`` in ``dtype``, after one untraced warm-up: a row per kernel."""
+    torch.manual_seed(0)
+    kwargs = {"proj_size": proj} if proj else {}
+    module = getattr(rnnkern, cell)(H, H, backend="cuda", **kwargs).to(device=device, dtype=dtype)
+    x = torch.randn(T, B, H, device=device, dtype=dtype, requires_grad=True)
+
+    def step():
+        y, _ = module(x)
+        y.backward(torch.ones_like(y))
+
+    step()  # compiles nothing, but warms the allocator and the caches
+    with cuda_backend.trace_phases(steps=min(steps, T)) as traces:
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    name = f"{cell} B={B} H={H} T={T} {str(dtype).removeprefix('torch.')}" + (
+        f" proj={proj}" if proj else ""
+    )
+    return [
+        dict(
+            case=name,
+            kernel=t.kernel,
+            plan=_plan(t.info),
+            launch=t.info,
+            phases_us=phase_times(t, bool(proj), skip),
+        )  # fmt: skip
+        for t in traces
+    ]
+
+
+def _table(rows: list[dict], kernel: str) -> list[str]:
+    rows = [r for r in rows if r["kernel"] == kernel]
+    if not rows:
+        return []
+    names = list(dict.fromkeys(n for r in rows for n in r["phases_us"]))
+    lines = [
+        f"## {kernel}",
+        "",
+        "| case | plan | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for r in rows:
+        cells = ["" if r["phases_us"].get(n) is None else f"{r['phases_us'][n]:.2f}" for n in names]
+        lines.append(f"| {r['case']} | {r['plan']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def write(rows: list[dict], out_dir: str | Path, command: str, device: str = "cuda") -> Path:
+    """``cuda_phases-<machine>.json`` and ``.md`` under ``out_dir``; returns the markdown's
+    path."""
+    info = machine_info(device)
+    slug = machine_slug(info, device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": info, "command": command, "rows": rows}
+    _atomic_write(out / f"cuda_phases-{slug}.json", json.dumps(payload, indent=1) + "\n")
+    text = [
+        f"# rnnkern: where the steps of backend cuda's kernels go, on {slug}",
+        "",
+        f"Command: `{command}`",
+        machine_line(info),
+        "",
+        "Median microseconds over blocks and traced steps (rnnkern/bench/cuda_phases.py says "
+        "what each phase is).",
+        "",
+    ]
+    text += _table(rows, "forward") + _table(rows, "backward")
+    md = out / f"cuda_phases-{slug}.md"
+    _atomic_write(md, "\n".join(text))
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Phase times of backend cuda's kernels")
+    parser.add_argument("--out", default="benchmarks/results", help="results directory")
+    parser.add_argument("--quick", action="store_true", help=f"H in {HIDDEN['quick']} only")
+    parser.add_argument("--steps", type=int, default=TRACED_STEPS, help="steps traced")
+    parser.add_argument("--skip", type=int, default=1, help="first traced steps left out")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() or "cuda" not in rnnkern.available_backends("cuda"):
+        print("cuda_phases: needs a CUDA device and backend cuda; nothing measured")
+        return 2
+    exact_float32()
+    command = "python -m rnnkern.bench.cuda_phases " + " ".join(argv or sys.argv[1:])
+    rows: list[dict] = []
+    for H in HIDDEN["quick" if args.quick else "full"]:
+        for B in BATCHES:
+            for dtype in DTYPES:
+                for cell in CELLS:
+                    for r in profile(cell, dtype, B, H, "cuda", steps=args.steps, skip=args.skip):
+                        rows.append(r)
+                        p = r["phases_us"]
+                        print(f"{r['case']} {r['kernel']}: step {p['step']} us ({r['plan']})",
+                              flush=True)  # fmt: skip
+    print(write(rows, args.out, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
