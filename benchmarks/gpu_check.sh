@@ -123,7 +123,8 @@ fi
 if [[ $STAGES == *,phases,* || $STAGES == *,bench,* ]]; then
   # Where backend cuda's steps go: every block stamps the GPU timer at each phase of a step
   # (staging, matvec, cells, barrier waits), LSTM and GRU, float32 and bfloat16, B in
-  # {1, 16, 64}, H in {256, 1024}; the ratios above say how fast, this says why. At most 90 s.
+  # {1, 16, 64}, H in {256, 1024}, and of each generated token (per layer, head, sampling;
+  # 3x512, V=137, B in {1, 64}); the ratios say how fast, this says why. At most 90 s.
   run_stage phases "$(($(left) < 90 ? $(left) : 90))" "$PY" -m rnnkern.bench.cuda_phases \
     --quick --out "$OUT_DIR"
 fi

@@ -873,3 +873,63 @@ def test_cuda_decode_status_words_become_exceptions():
     with pytest.raises(RuntimeError, match="timed out"):
         dec.check()
     dec.check()
+
+
+@needs_cuda_decode
+@pytest.mark.parametrize("sync", ["flags", "barrier"])
+@pytest.mark.parametrize("proj", [0, 4])
+def test_cuda_generate_phase_trace(cuda_kernels, sync, proj):
+    """Under rnnkern.backends.cuda.trace_phases the generate kernel stamps, for every block
+    and model step, the points of csrc/cuda/api.h's generate_trace_points that it passes (layer
+    0 reads the token table: no input stamp), in program order; with barriers, no block passes
+    one before all arrived; tracing changes no token; and the cuda_phases benchmark reads it."""
+    from rnnkern.backends import cuda as cuda_backend
+    from rnnkern.bench import cuda_phases
+
+    L, n = 3, 5
+    rnn, emb, head = make_model("LSTM", L, proj=proj)
+    prime = torch.zeros(2, 1, dtype=torch.long)
+
+    def decoder():
+        dec = make_decoder("cuda", rnn, emb, head, batch_size=2)
+        dec._cuda.sync = sync
+        return dec
+
+    plain = decoder().generate(prime, n, seed=3)
+    with cuda_backend.trace_phases(steps=n + 2) as traces:
+        traced = decoder().generate(prime, n, seed=3)
+    assert torch.equal(plain, traced)
+    (trace,) = traces
+    assert trace.kernel == "generate"
+    st = trace.stamps.cpu()
+    assert st.shape == (trace.info["blocks"], n + 2, 2 * L + 3)
+    assert not st[
+        :, n:
+    ].any()  # n model steps (the prime's, then one per sampled token but the last)
+    st = st[:, :n]
+    passed = [0, 2] + [p for layer in range(1, L) for p in (1 + 2 * layer, 2 + 2 * layer)]
+    passed += [2 * L + 1, 2 * L + 2]
+    assert (st[:, :, passed] > 0).all() and not st[:, :, 1].any()
+    flat = st[:, :, passed].flatten(1)  # each block's stamps in program order, step after step
+    assert (flat[:, 1:] >= flat[:, :-1]).all()
+    if sync == "barrier":  # (a, b): a barrier between point b and point a of each step
+        for a, b in [(1 + 2 * layer, 2 * layer) for layer in range(1, L)] + [
+            (2 * L + 2, 2 * L + 1)
+        ]:
+            assert (st[:, :, a].min(dim=0).values >= st[:, :, b].max(dim=0).values).all(), a
+    row = cuda_phases.profile_generate(2, "fp32", sync, "cpu", model=(rnn, emb, head), tokens=4)
+    assert sorted(row["phases_us"]) == sorted(
+        [
+            "layer 0",
+            "wait 1",
+            "layer 1",
+            "wait 2",
+            "layer 2",
+            "head",
+            "sample",
+            "token",
+            "timer step",
+        ]  # fmt: skip
+    )
+    assert all(v is not None and v >= 0 for v in row["phases_us"].values())
+    assert row["plan"].startswith(f"{row['launch']['blocks']} blocks") and sync in row["plan"]

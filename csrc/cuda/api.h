@@ -44,6 +44,15 @@ constexpr int kTrainSyncWords = 1 + kMaxBatchGroups;
 //             (every chunk: dpre written), 3 dpre complete (barrier passed), 4 first batch
 //             chunk of dpre staged, 5 dh_{s-1} done (every chunk; the next step begins here)
 constexpr int kTracePoints = 6;
+// Generation (GenerateArgs::trace) stamps 2L + 3 points per model step instead: 0 step begins,
+// 1 + 2l layer l's input from the layer below staged (l >= 1; first batch chunk), 2 + 2l layer
+// l done (its projection too; before the barrier of barrier mode), 2L + 1 logits written (the
+// top state staged, the head's rows done), 2L + 2 token sampled (the steps that sample).
+// (Constants, not a function: the kernel uses them, and this header has no __device__.)
+constexpr int kGenerateTracePerLayer = 2, kGenerateTraceFixed = 3;
+constexpr int generate_trace_points(int L) {  // host side
+  return kGenerateTracePerLayer * L + kGenerateTraceFixed;
+}
 
 struct ForwardArgs {
   int cell, dtype, T, B, H, P, reverse, save;
@@ -149,6 +158,8 @@ struct GenerateArgs {
   unsigned long long* xh;       // [2, L, B, P] states (flags mode)
   unsigned long long* xm;       // [L, B, H] projection inputs (flags mode, projection)
   unsigned long long* xl;       // [B, V] logits (flags mode, V > 0)
+  long long* trace;             // phase timestamps (generate_trace_points above) or null
+  int trace_steps;              // model steps traced: the first ones
 };
 
 struct GenerateInfo {

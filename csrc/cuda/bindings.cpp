@@ -97,6 +97,8 @@ GenerateArgs generate_args(const py::dict& d) {
   a.xh = ptr<unsigned long long>(p("xh"));
   a.xm = ptr<unsigned long long>(p("xm"));
   a.xl = ptr<unsigned long long>(p("xl"));
+  a.trace = ptr<long long>(p("trace"));
+  a.trace_steps = i("trace_steps");
   return a;
 }
 
@@ -234,6 +236,8 @@ PYBIND11_MODULE(RNNKERN_CUDA_MODULE, m) {
   m.attr("CELLS") = py::make_tuple("lstm", "gru", "rnn_tanh", "rnn_relu");
   m.attr("TRAIN_SYNC_WORDS") = kTrainSyncWords;
   m.attr("TRACE_POINTS") = kTracePoints;
+  m.def("generate_trace_points", &generate_trace_points, py::arg("layers"),
+        "Trace points per model step of a generate launch of `layers` layers (api.h).");
   m.attr("ERR_BARRIER_TIMEOUT") = static_cast<unsigned long long>(kErrBarrierTimeout);
   m.attr("ERR_BAD_LENGTH") = static_cast<unsigned long long>(kErrBadLength);
   m.attr("ERR_NON_FINITE") = static_cast<unsigned long long>(kErrNonFinite);

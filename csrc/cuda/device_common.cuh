@@ -234,13 +234,13 @@ inline long long global_ns() {
 }
 #endif
 
-// Phase tracing (api.h: kTracePoints): thread 0 stamps `point` of processing step `step` when
-// the launch traces it. Call it right after a block-wide synchronisation.
+// Phase tracing (api.h: kTracePoints; `points` per step): thread 0 stamps `point` of
+// processing step `step` when the launch traces it. Call it right after a block-wide
+// synchronisation.
 __device__ __forceinline__ void trace_point(long long* trace, int trace_steps, int step,
-                                            int point) {
+                                            int point, int points = kTracePoints) {
   if (trace != nullptr && step < trace_steps && threadIdx.x == 0)
-    trace[(static_cast<size_t>(blockIdx.x) * trace_steps + step) * kTracePoints + point] =
-        global_ns();
+    trace[(static_cast<size_t>(blockIdx.x) * trace_steps + step) * points + point] = global_ns();
 }
 
 // Grid-wide barrier on a monotonic arrival counter: the k-th barrier completes when the

@@ -441,7 +441,12 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
 
   int cur = a.parity;
   size_t at_below = 0;  // resident offset of the layer below the current one (then: the top)
+  const int trace_points = kGenerateTracePerLayer * L + kGenerateTraceFixed;  // (api.h)
+  auto stamp = [&](int n, int point) {
+    trace_point(a.trace, a.trace_steps, n, point, trace_points);
+  };
   for (int n = 0; n < model_steps; ++n) {
+    stamp(n, 0);
     const int nxt = cur ^ 1;
     carried = carrying;
     carrying = 0;
@@ -497,6 +502,7 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
                                                    nb, K, tag_of(n, 2 * (l - 1)));
           if (!ok) return;
           __syncthreads();
+          if (b0 == 0 && l >= 1) stamp(n, 1 + 2 * l);
           block_matvec_tiled<W>(xs, K, nb, K, G * nj, rows.wi, part,
                                 [&](int bb, int r, float v) {
                                   pre_i[bb * C + (r / nj) * Hb + r % nj] = v;
@@ -562,6 +568,7 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
           }
         }
       }
+      stamp(n, 2 + 2 * l);  // (every path above ends in a block-wide synchronisation)
       if (!meet()) return;  // the next layer (and the head) read all of h_next
       at_below = at;
     }
@@ -595,6 +602,7 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
         __syncthreads();
       }
     }
+    stamp(n, 2 * L + 1);
     if (steps == 0) continue;  // logits only (Decoder.step): the launch's end publishes them
     if (!meet()) return;       // every block samples from all of the logits
     const int j = n - (a.feed - 1);  // index of the token being sampled
@@ -629,6 +637,7 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
     }
     // toks are read by the next step; the slots overlay the staging buffers
     if (__syncthreads_or(failed)) return;
+    stamp(n, 2 * L + 2);
   }
 }
 

@@ -133,17 +133,18 @@ _tracing: tuple[list, int] | None = None
 class PhaseTrace:
     """One traced launch (:func:`trace_phases`): ``stamps[block, step, point]`` is the GPU's
     ``%globaltimer`` in ns when the block reached ``point`` of processing step ``step``
-    (``csrc/cuda/api.h``, ``kTracePoints``, says which point is what; 0 where a step does not
-    reach it)."""
+    (``csrc/cuda/api.h``, ``kTracePoints`` and ``generate_trace_points``, says which point is
+    what; 0 where a step does not reach it)."""
 
-    kernel: str  # "forward" or "backward"
+    kernel: str  # "forward", "backward" or "generate"
     info: dict  # the launch's layout (as CUDABackend.last_launch)
     stamps: torch.Tensor  # [blocks, steps, TRACE_POINTS] int64
 
 
 @contextlib.contextmanager
 def trace_phases(steps: int = 32):
-    """Within the block, every training launch of this backend records when each of its blocks
+    """Within the block, every launch of this backend (training layers, and the Decoder's
+    generation, :mod:`rnnkern.backends.cuda_decode`) records when each of its blocks
     reaches each phase of its first ``steps`` processing steps (thread 0 writes a timestamp
     after a block-wide synchronisation, a few times a step); yields the list of
     :class:`PhaseTrace` the launches append to. The kernels write the stamps: read them after
@@ -162,20 +163,21 @@ def trace_phases(steps: int = 32):
         _tracing = None
 
 
-def _trace_buffer(device: torch.device) -> tuple[torch.Tensor | None, int]:
-    """A launch's zeroed stamp buffer (room for one block per SM) and the steps it traces, or
-    (None, 0) outside :func:`trace_phases`."""
+def _trace_buffer(device: torch.device, points: int = 0) -> tuple[torch.Tensor | None, int]:
+    """A launch's zeroed stamp buffer ``[sms, steps, points]`` (a block per SM at most;
+    ``points`` a step, default the training kernels') and the steps it traces, or (None, 0)
+    outside :func:`trace_phases`."""
     if _tracing is None:
         return None, 0
     steps = _tracing[1]
-    size = int(_cuda.device_info()["sms"]) * steps * int(_cuda.TRACE_POINTS)
-    return torch.zeros(size, dtype=torch.int64, device=device), steps
+    shape = (int(_cuda.device_info()["sms"]), steps, points or int(_cuda.TRACE_POINTS))
+    return torch.zeros(shape, dtype=torch.int64, device=device), steps
 
 
-def _record_trace(kernel: str, info: dict, buffer: torch.Tensor | None, steps: int) -> None:
+def _record_trace(kernel: str, info: dict, buffer: torch.Tensor | None) -> None:
+    """Append the stamps of the launch's blocks to the running :func:`trace_phases` list."""
     if buffer is not None and _tracing is not None:
-        stamps = buffer[: info["blocks"] * steps * int(_cuda.TRACE_POINTS)]
-        _tracing[0].append(PhaseTrace(kernel, info, stamps.view(info["blocks"], steps, -1)))
+        _tracing[0].append(PhaseTrace(kernel, info, buffer[: info["blocks"]]))
 
 
 class CUDABackend:
@@ -434,7 +436,7 @@ class CUDABackend:
             _timeout_ns(), _debug(), tf32_allowed(dt), _ptr(trace), trace_steps,
         )  # fmt: skip
         self._finish(sync, info, "layer_forward")
-        _record_trace("forward", info, trace, trace_steps)
+        _record_trace("forward", info, trace)
         if save:
             empty_f32 = torch.empty(0, dtype=f32, device=dev)
             saved = Saved(hs, aux if aux is not None else empty_f32,
@@ -494,7 +496,7 @@ class CUDABackend:
             trace_steps,
         )  # fmt: skip
         self._finish(sync, info, "layer_backward")
-        _record_trace("backward", info, trace, trace_steps)
+        _record_trace("backward", info, trace)
 
         # Weight gradients: one GEMM each over all T*B rows. The kernel wrote dgx / dgh /
         # dh_proj in time order; the saved states are in processing order, so reversed layers

@@ -174,6 +174,8 @@ class CudaDecode:
             xh=0,
             xm=0,
             xl=0,
+            trace=0,
+            trace_steps=0,
         )
 
     def _prepare_exchange(self, B: int, tags: int) -> None:
@@ -230,11 +232,15 @@ class CudaDecode:
             for t in (self._xh, self._xm, self._xl):
                 if t is not None and on_gpu:  # in use on this stream until the launch ends
                     t.record_stream(torch.cuda.current_stream(self.device))
+        points = int(cuda_backend._cuda.generate_trace_points(self._base["L"]))
+        trace, trace_steps = cuda_backend._trace_buffer(self.device, points)
+        args.update(trace=_ptr(trace), trace_steps=trace_steps)
         with cuda_backend.on_device(self.device):  # the launcher works on the current device
             model_steps, info = cuda_backend._cuda.generate(
                 args, cuda_backend.stream_handle(self.device), _timeout_ns(), _debug()
             )
         self.last_launch = info
+        cuda_backend._record_trace("generate", info, trace)
         return int(model_steps)
 
     @property

@@ -17,7 +17,14 @@ points of each step that ``csrc/cuda/api.h`` lists (``kTracePoints``), and
   dh_{s-1} = dpre W_hh);
 - ``step``: from one step's start to the next's; ``arrival spread``: per step, the last
   block's arrival at the step's (first) barrier minus the first block's (load imbalance, or
-  blocks that started late).
+  blocks that started late);
+- generate (``rnnkern.Decoder(..., backend="cuda").generate``, one launch for every token):
+  ``layer 0`` (from the token to layer 0's new state), then per layer l >= 1 ``wait l`` (until
+  layer l - 1's state of every block is staged: the exchange through L2) and ``layer l``,
+  ``head`` (the top state staged, the block's logits written), ``sample`` (every logit
+  staged, the token drawn), and ``token`` (from one model step's start to the next's); for
+  the folk-rnn-sized model of suite ``gpu_decode`` (3x512, V = 137), B in {1, 64}, float32
+  and bfloat16 weights, with the default flag-word exchange and with grid barriers.
 
 The first ``--skip`` steps (default 1) warm the caches and are left out. ``%globaltimer``
 ticks in steps of some tens of ns on recent GPUs (``timer step`` in the results: the smallest
@@ -52,11 +59,21 @@ T = 256
 TRACED_STEPS = 64
 
 # Interval name -> (from point, to point, the "to" point is the next step's); per kernel and
-# projection (the point numbers of csrc/cuda/api.h, kTracePoints).
+# projection, or layers for generate (the point numbers of csrc/cuda/api.h: kTracePoints,
+# generate_trace_points).
 _LAST_FORWARD = {False: 3, True: 5}
 
 
-def _intervals(kernel: str, proj: bool) -> dict[str, tuple[int, int, bool]]:
+def _intervals(kernel: str, proj: bool, layers: int = 0) -> dict[str, tuple[int, int, bool]]:
+    if kernel == "generate":
+        L = layers
+        out = {"layer 0": (0, 2, False)}
+        for layer in range(1, L):
+            out[f"wait {layer}"] = (2 * layer, 1 + 2 * layer, False)
+            out[f"layer {layer}"] = (1 + 2 * layer, 2 + 2 * layer, False)
+        out.update({"head": (2 * L, 2 * L + 1, False), "sample": (2 * L + 1, 2 * L + 2, False),
+                    "token": (0, 0, True)})  # fmt: skip
+        return out
     if kernel == "forward":
         out = {"stage": (0, 1, False), "matvec": (1, 2, False), "cells": (2, 3, False)}
         if proj:
@@ -70,30 +87,36 @@ def _intervals(kernel: str, proj: bool) -> dict[str, tuple[int, int, bool]]:
     return out
 
 
-def _arrival_point(kernel: str, proj: bool) -> int:
-    """The point at which a block arrives at its step's first barrier."""
+def _arrival_point(kernel: str, proj: bool) -> int | None:
+    """The point at which a block arrives at its step's first barrier (None: generate)."""
+    if kernel == "generate":
+        return None
     if kernel == "forward":
         return 3
     return 0 if proj else 2
 
 
-def phase_times(trace: cuda_backend.PhaseTrace, proj: bool, skip: int = 1) -> dict:
+def phase_times(
+    trace: cuda_backend.PhaseTrace, proj: bool = False, skip: int = 1, layers: int = 0
+) -> dict:
     """Median microseconds of each phase (module docstring) over the launch's blocks and its
-    traced steps from ``skip`` on, where both ends were stamped; plus ``arrival spread`` and
-    ``timer step`` (the smallest nonzero difference between two stamps). ``proj``: the layer
-    has an LSTM projection."""
+    traced steps from ``skip`` on, where both ends were stamped; plus ``arrival spread``
+    (training kernels) and ``timer step`` (the smallest nonzero difference between two
+    stamps). ``proj``: the layer has an LSTM projection; ``layers``: the generating model's."""
     st = trace.stamps.cpu()[:, skip:].to(torch.int64)  # [blocks, steps, points]
     out: dict[str, float | None] = {}
-    for name, (a, b, next_step) in _intervals(trace.kernel, proj).items():
+    for name, (a, b, next_step) in _intervals(trace.kernel, proj, layers).items():
         start = st[:, :-1, a] if next_step else st[:, :, a]
         end = st[:, 1:, b] if next_step else st[:, :, b]
         ok = (start > 0) & (end > 0)
         d = (end - start)[ok]
         out[name] = float(d.double().median()) / 1e3 if d.numel() else None
-    arrive = st[:, :, _arrival_point(trace.kernel, proj)]
-    reached = (arrive > 0).all(dim=0)  # steps every block stamped
-    spread = (arrive.max(dim=0).values - arrive.min(dim=0).values)[reached]
-    out["arrival spread"] = float(spread.double().median()) / 1e3 if spread.numel() else None
+    point = _arrival_point(trace.kernel, proj)
+    if point is not None:
+        arrive = st[:, :, point]
+        reached = (arrive > 0).all(dim=0)  # steps every block stamped
+        spread = (arrive.max(dim=0).values - arrive.min(dim=0).values)[reached]
+        out["arrival spread"] = float(spread.double().median()) / 1e3 if spread.numel() else None
     stamps = st[st > 0].unique()  # sorted
     gaps = stamps[1:] - stamps[:-1]
     out["timer step"] = float(gaps.min()) / 1e3 if gaps.numel() else None
@@ -101,6 +124,12 @@ def phase_times(trace: cuda_backend.PhaseTrace, proj: bool, skip: int = 1) -> di
 
 
 def _plan(info: dict) -> str:
+    if "sample_warps" in info:  # a generate launch (GenerateInfo)
+        where = "resident" if info["weights_in_smem"] else "from L2"
+        return (
+            f"{info['blocks']} blocks, {info['units_per_block']} units, weights {where}, "
+            f"{info['sync']}" + (", carry" if info["carry"] else "")
+        )
     groups = info["batch_groups"]
     where = "resident" if info["weights_in_smem"] else "from L2"
     return (
@@ -153,6 +182,39 @@ def profile(
     ]
 
 
+def profile_generate(
+    B: int,
+    weights: str,
+    sync: str,
+    device: str,
+    model: tuple | None = None,
+    tokens: int = TRACED_STEPS,
+    skip: int = 1,
+) -> dict:
+    """Phase times of one ``Decoder(..., backend="cuda").generate`` of ``tokens`` tokens for
+    ``B`` streams (``weights``: "fp32" or "bf16"; ``sync``: "flags" or "barrier"), after an
+    untraced one; ``model``: (rnn, embedding, head), default suite ``gpu_decode``'s on
+    ``device``."""
+    from ..decode import Decoder
+    from .cpu_decode import _model
+
+    rnn, emb, head = model if model is not None else _model(device=device)
+    dec = Decoder(rnn, emb, head, weights=weights, batch_size=B, backend="cuda")
+    dec._cuda.sync = sync
+    prime = torch.zeros(B, 1, dtype=torch.long, device=dec.device)
+    dec.generate(prime, tokens, seed=0)
+    dec.reset()
+    with cuda_backend.trace_phases(steps=tokens) as traces:
+        dec.generate(prime, tokens, seed=0)
+    if dec.device.type == "cuda":
+        torch.cuda.synchronize()
+    (trace,) = traces
+    L, H = rnn.num_layers, rnn.hidden_size
+    name = f"generate LSTM {L}x{H} V={head.out_features} B={B} {weights} {sync}"
+    return dict(case=name, kernel="generate", plan=_plan(trace.info), launch=trace.info,
+                phases_us=phase_times(trace, skip=skip, layers=L))  # fmt: skip
+
+
 def _table(rows: list[dict], kernel: str) -> list[str]:
     rows = [r for r in rows if r["kernel"] == kernel]
     if not rows:
@@ -189,7 +251,7 @@ def write(rows: list[dict], out_dir: str | Path, command: str, device: str = "cu
         "what each phase is).",
         "",
     ]
-    text += _table(rows, "forward") + _table(rows, "backward")
+    text += _table(rows, "forward") + _table(rows, "backward") + _table(rows, "generate")
     md = out / f"cuda_phases-{slug}.md"
     _atomic_write(md, "\n".join(text))
     return md
@@ -217,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
                         p = r["phases_us"]
                         print(f"{r['case']} {r['kernel']}: step {p['step']} us ({r['plan']})",
                               flush=True)  # fmt: skip
+    for B in (1, 64):
+        for weights in ("fp32", "bf16"):
+            for sync in ("flags", "barrier"):
+                r = profile_generate(B, weights, sync, "cuda", skip=args.skip)
+                rows.append(r)
+                print(f"{r['case']}: token {r['phases_us']['token']} us ({r['plan']})", flush=True)
     print(write(rows, args.out, command))
     return 0
 
