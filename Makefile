@@ -16,7 +16,9 @@ TORCH_SPEC ?= torch==2.13.0
 PINS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rnnkern-installed
-BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
+# (the CUDA sources too: where nvcc is found the install builds rnnkern._cuda from them)
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/common/*.h \
+	csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp)
 
 .PHONY: generate bench test test-gpu-versions lint install clean
 

@@ -767,7 +767,7 @@ def test_cuda_generate_plan_without_a_gpu():
         cell=0, wdtype=0, proj=0, L=3, B=1, I=512, H=512, P=512, V=137, vocab_in=137, layers=1,
         table=1, head_w=1, head_b=1, h=1, parity=0, c=1, m=0, logits=1, feed=1, prime=1, x=0,
         steps=16, out=1, temperature=1.0, top_k=0, top_p=1.0, seed=0, first_step=0, sync=1,
-        flags=0, carry=1, spin_sleep_ns=0, tag_base=0, xh=0, xm=0, xl=0,
+        flags=0, carry=1, spin_sleep_ns=0, tag_base=0, xh=0, xm=0, xl=0, trace=0, trace_steps=0,
     )  # fmt: skip
     budget = 227 * 1024
     fp32 = _cuda.plan_generate_on(args, 132, budget)

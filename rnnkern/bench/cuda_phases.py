@@ -20,7 +20,9 @@ points of each step that ``csrc/cuda/api.h`` lists (``kTracePoints``), and
   blocks that started late);
 - generate (``rnnkern.Decoder(..., backend="cuda").generate``, one launch for every token):
   ``layer 0`` (from the token to layer 0's new state), then per layer l >= 1 ``wait l`` (until
-  layer l - 1's state of every block is staged: the exchange through L2) and ``layer l``,
+  layer l - 1's state of every block is staged: the exchange through L2; where the plan does
+  not carry recurrent parts a step early, layer l's recurrent product too, formed while
+  waiting) and ``layer l``,
   ``head`` (the top state staged, the block's logits written), ``sample`` (every logit
   staged, the token drawn), and ``token`` (from one model step's start to the next's); for
   the folk-rnn-sized model of suite ``gpu_decode`` (3x512, V = 137), B in {1, 64}, float32
