@@ -232,10 +232,10 @@ class CudaDecode:
             for t in (self._xh, self._xm, self._xl):
                 if t is not None and on_gpu:  # in use on this stream until the launch ends
                     t.record_stream(torch.cuda.current_stream(self.device))
-        points = int(cuda_backend._cuda.generate_trace_points(self._base["L"]))
-        trace, trace_steps = cuda_backend._trace_buffer(self.device, points)
-        args.update(trace=_ptr(trace), trace_steps=trace_steps)
         with cuda_backend.on_device(self.device):  # the launcher works on the current device
+            points = int(cuda_backend._cuda.generate_trace_points(self._base["L"]))
+            trace, trace_steps = cuda_backend._trace_buffer(self.device, points)  # (its SMs)
+            args.update(trace=_ptr(trace), trace_steps=trace_steps)
             model_steps, info = cuda_backend._cuda.generate(
                 args, cuda_backend.stream_handle(self.device), _timeout_ns(), _debug()
             )
