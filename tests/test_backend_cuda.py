@@ -1121,3 +1121,33 @@ def test_cuda_phases_profile_times_every_phase(device, tmp_path):
     )
     payload = json.loads(md.with_suffix(".json").read_text())
     assert len(payload["rows"]) == 6
+
+
+def test_cuda_phases_keeps_what_it_measured(device, tmp_path):
+    """The benchmark writes its files after every job, and a job that raises becomes an error
+    row while the others run: a GPU stage that times out or meets a kernel error keeps the
+    rows it has."""
+    import functools
+    import json
+
+    from rnnkern.bench import cuda_phases
+
+    seen = []
+
+    def failing():
+        seen.append(json.loads(next(tmp_path.glob("cuda_phases-*.json")).read_text())["rows"])
+        raise RuntimeError("rnnkern._cuda layer_forward: a wait for other blocks timed out\nmore")
+
+    jobs = [
+        ("GRU small", functools.partial(cuda_phases.profile, "GRU", torch.float32, 2, 9, device,
+                                        T=4, steps=4)),
+        ("LSTM failing", failing),
+    ]  # fmt: skip
+    md = cuda_phases.run_jobs(jobs, tmp_path, "test", device=device)
+    assert [r["kernel"] for r in seen[0]] == ["forward", "backward"]  # written before job 2
+    rows = json.loads(md.with_suffix(".json").read_text())["rows"]
+    assert [r["kernel"] for r in rows] == ["forward", "backward", "error"]
+    assert rows[2]["case"] == "LSTM failing" and rows[2]["error"].endswith("timed out")
+    text = md.read_text()
+    assert "## errors" in text and "- LSTM failing: rnnkern._cuda layer_forward" in text
+    assert "| GRU B=2 H=9 T=4 float32 |" in text

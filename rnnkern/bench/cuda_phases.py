@@ -42,6 +42,7 @@ and the phase medians in microseconds.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -254,6 +255,8 @@ def write(rows: list[dict], out_dir: str | Path, command: str, device: str = "cu
         "",
     ]
     text += _table(rows, "forward") + _table(rows, "backward") + _table(rows, "generate")
+    errors = [f"- {r['case']}: {r['error']}" for r in rows if r["kernel"] == "error"]
+    text += ["## errors", "", *errors, ""] if errors else []
     md = out / f"cuda_phases-{slug}.md"
     _atomic_write(md, "\n".join(text))
     return md
@@ -271,24 +274,50 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     exact_float32()
     command = "python -m rnnkern.bench.cuda_phases " + " ".join(argv or sys.argv[1:])
-    rows: list[dict] = []
-    for H in HIDDEN["quick" if args.quick else "full"]:
-        for B in BATCHES:
-            for dtype in DTYPES:
-                for cell in CELLS:
-                    for r in profile(cell, dtype, B, H, "cuda", steps=args.steps, skip=args.skip):
-                        rows.append(r)
-                        p = r["phases_us"]
-                        print(f"{r['case']} {r['kernel']}: step {p['step']} us ({r['plan']})",
-                              flush=True)  # fmt: skip
-    for B in (1, 64):
-        for weights in ("fp32", "bf16"):
-            for sync in ("flags", "barrier"):
-                r = profile_generate(B, weights, sync, "cuda", skip=args.skip)
-                rows.append(r)
-                print(f"{r['case']}: token {r['phases_us']['token']} us ({r['plan']})", flush=True)
-    print(write(rows, args.out, command))
+    jobs = [
+        (f"{cell} B={B} H={H} {str(dtype).removeprefix('torch.')}",
+         functools.partial(profile, cell, dtype, B, H, "cuda", steps=args.steps, skip=args.skip))
+        for H in HIDDEN["quick" if args.quick else "full"]
+        for B in BATCHES
+        for dtype in DTYPES
+        for cell in CELLS
+    ]  # fmt: skip
+    jobs += [
+        (f"generate B={B} {weights} {sync}",
+         functools.partial(profile_generate, B, weights, sync, "cuda", skip=args.skip))
+        for B in (1, 64)
+        for weights in ("fp32", "bf16")
+        for sync in ("flags", "barrier")
+    ]  # fmt: skip
+    print(run_jobs(jobs, args.out, command))
     return 0
+
+
+def run_jobs(
+    jobs: list[tuple], out_dir: str | Path, command: str, device: str = "cuda"
+) -> Path | None:
+    """Run ``(name, fn)`` jobs (fn: :func:`profile` or :func:`profile_generate` with its
+    arguments bound) and write the results after each, so a stage that runs out of time keeps
+    what it measured; a job that raises (a kernel error, no memory) becomes an error row with
+    the message, and the others still run. Returns the markdown's path."""
+    rows: list[dict] = []
+    md = None
+    for name, fn in jobs:
+        try:
+            got = fn()
+        except (RuntimeError, ValueError) as err:
+            message = (str(err).splitlines() or [type(err).__name__])[0][:300]
+            got = [dict(case=name, kernel="error", plan="", launch={}, phases_us={}, error=message)]
+        for r in got if isinstance(got, list) else [got]:
+            rows.append(r)
+            p = r["phases_us"]
+            what = r.get("error") or (
+                f"{'token' if r['kernel'] == 'generate' else 'step'} "
+                f"{p.get('token', p.get('step'))} us ({r['plan']})"
+            )
+            print(f"{r['case']} {r['kernel']}: {what}", flush=True)
+        md = write(rows, out_dir, command, device)
+    return md
 
 
 if __name__ == "__main__":
