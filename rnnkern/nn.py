@@ -946,8 +946,8 @@ def explain(module: torch.nn.Module, input, hx=None) -> str:
     the plan of each layer's kernels too."""
     if not isinstance(module, _RNNBase):
         raise TypeError(f"module must be an rnnkern LSTM, GRU or RNN, got {type(module).__name__}")
-    choice = module.choose_backend(input, hx)
-    cast, config = module._prepare(input, hx)[-2:]
+    cast, config = module._prepare(input, hx)[-2:]  # (once: as choose_backend, with the cast)
+    choice = choose(module.backend, config, module.training)
     text = str(choice)
     if cast is not None:
         text += f"\n  under autocast: runs in {cast[0]}, as torch.nn would for this call"

@@ -48,11 +48,13 @@ constexpr int kTracePoints = 6;
 // 1 + 2l layer l's input from the layer below staged (l >= 1; first batch chunk), 2 + 2l layer
 // l done (its projection too; before the barrier of barrier mode), 2L + 1 logits written (the
 // top state staged, the head's rows done), 2L + 2 token sampled (the steps that sample).
-// (Constants, not a function: the kernel uses them, and this header has no __device__.)
-constexpr int kGenerateTracePerLayer = 2, kGenerateTraceFixed = 3;
-constexpr int generate_trace_points(int L) {  // host side
-  return kGenerateTracePerLayer * L + kGenerateTraceFixed;
-}
+// (Host and device code both call it: __host__ __device__ where nvcc compiles this header.)
+#if defined(__CUDACC__)
+#define RNNKERN_HOST_DEVICE __host__ __device__
+#else
+#define RNNKERN_HOST_DEVICE
+#endif
+RNNKERN_HOST_DEVICE constexpr int generate_trace_points(int L) { return 2 * L + 3; }
 
 struct ForwardArgs {
   int cell, dtype, T, B, H, P, reverse, save;

@@ -441,7 +441,7 @@ __global__ void __launch_bounds__(kThreads, 1) generate_kernel(GenerateArgs a, G
 
   int cur = a.parity;
   size_t at_below = 0;  // resident offset of the layer below the current one (then: the top)
-  const int trace_points = kGenerateTracePerLayer * L + kGenerateTraceFixed;  // (api.h)
+  const int trace_points = generate_trace_points(L);
   auto stamp = [&](int n, int point) {
     trace_point(a.trace, a.trace_steps, n, point, trace_points);
   };

@@ -284,17 +284,9 @@ class CUDABackend:
             "simple": "float32 FMAs, one row per warp",
             "mma": "tensor cores, " + tensor_cores[config.dtype],
         }
+        layer = (config.cell, config.dtype, config.batch_size, config.hidden_size, P)
         lines = []
-        for backward, p in enumerate(
-            plans(
-                config.cell,
-                config.dtype,
-                config.batch_size,
-                config.hidden_size,
-                P,
-                bool(config.proj_size),
-            )  # fmt: skip
-        ):
+        for backward, p in enumerate(plans(*layer, bool(config.proj_size))):
             groups = p["batch_groups"]
             where = "resident in shared memory" if p["weights_in_smem"] else "read from L2"
             lines.append(

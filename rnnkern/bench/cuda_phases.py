@@ -52,7 +52,14 @@ import torch
 import rnnkern
 
 from ..backends import cuda as cuda_backend
-from .runner import _atomic_write, exact_float32, machine_info, machine_line, machine_slug
+from .runner import (
+    _atomic_write,
+    exact_float32,
+    machine_info,
+    machine_line,
+    machine_slug,
+    module_step,
+)
 
 CELLS = ("LSTM", "GRU")
 DTYPES = (torch.float32, torch.bfloat16)
@@ -64,7 +71,6 @@ TRACED_STEPS = 64
 # Interval name -> (from point, to point, the "to" point is the next step's); per kernel and
 # projection, or layers for generate (the point numbers of csrc/cuda/api.h: kTracePoints,
 # generate_trace_points).
-_LAST_FORWARD = {False: 3, True: 5}
 
 
 def _intervals(kernel: str, proj: bool, layers: int = 0) -> dict[str, tuple[int, int, bool]]:
@@ -81,7 +87,7 @@ def _intervals(kernel: str, proj: bool, layers: int = 0) -> dict[str, tuple[int,
         out = {"stage": (0, 1, False), "matvec": (1, 2, False), "cells": (2, 3, False)}
         if proj:
             out.update({"projection wait": (3, 4, False), "projection": (4, 5, False)})
-        out["barrier"] = (_LAST_FORWARD[proj], 0, True)
+        out["barrier"] = (5 if proj else 3, 0, True)  # (from the step's last point)
     else:
         out = {"projection wait": (0, 1, False)} if proj else {}
         out.update({"cells": (1 if proj else 0, 2, False), "dpre wait": (2, 3, False),
@@ -160,11 +166,7 @@ def profile(
     kwargs = {"proj_size": proj} if proj else {}
     module = getattr(rnnkern, cell)(H, H, backend="cuda", **kwargs).to(device=device, dtype=dtype)
     x = torch.randn(T, B, H, device=device, dtype=dtype, requires_grad=True)
-
-    def step():
-        y, _ = module(x)
-        y.backward(torch.ones_like(y))
-
+    step = module_step(module, x, train=True)
     step()  # compiles nothing, but warms the allocator and the caches
     with cuda_backend.trace_phases(steps=min(steps, T)) as traces:
         step()
@@ -199,16 +201,15 @@ def profile_generate(
     untraced one; ``model``: (rnn, embedding, head), default suite ``gpu_decode``'s on
     ``device``."""
     from ..decode import Decoder
-    from .cpu_decode import _model
+    from .cpu_decode import _generate, _model
 
     rnn, emb, head = model if model is not None else _model(device=device)
     dec = Decoder(rnn, emb, head, weights=weights, batch_size=B, backend="cuda")
     dec._cuda.sync = sync
-    prime = torch.zeros(B, 1, dtype=torch.long, device=dec.device)
-    dec.generate(prime, tokens, seed=0)
-    dec.reset()
+    run = _generate(dec, B, tokens)  # (reset, then tokens from one prime token per stream)
+    run()
     with cuda_backend.trace_phases(steps=tokens) as traces:
-        dec.generate(prime, tokens, seed=0)
+        run()
     if dec.device.type == "cuda":
         torch.cuda.synchronize()
     (trace,) = traces
