@@ -121,11 +121,13 @@ if [[ $STAGES == *,cuda_bench,* || $STAGES == *,bench,* ]]; then
     --suite nn_modules --suite cuda_train --device cuda --quick --repeats 10 --out "$OUT_DIR"
 fi
 if [[ $STAGES == *,phases,* || $STAGES == *,bench,* ]]; then
-  # Where backend cuda's steps go: every block stamps the GPU timer at each phase of a step
-  # (staging, matvec, cells, barrier waits), LSTM and GRU, float32 and bfloat16, B in
-  # {1, 16, 64}, H in {256, 1024}, and of each generated token (per layer, head, sampling;
-  # 3x512, V=137, B in {1, 64}); the ratios say how fast, this says why. At most 90 s.
-  run_stage phases "$(($(left) < 90 ? $(left) : 90))" "$PY" -m rnnkern.bench.cuda_phases \
+  # Where the steps go: every block (Triton program) stamps the GPU timer at each phase of a
+  # step (backend cuda: staging, matvec, cells, barrier waits; triton: work, stores, waits),
+  # LSTM and GRU, float32 and bfloat16, B in {1, 16, 64}, H in {256, 1024}, both backends
+  # shape by shape, after backend cuda's generated tokens (per layer, head, sampling; 3x512,
+  # V=137, B in {1, 64}); the ratios say how fast, this says why. The files are rewritten
+  # after every job, so what the limit cuts off is only the rest. At most 120 s.
+  run_stage phases "$(($(left) < 120 ? $(left) : 120))" "$PY" -m rnnkern.bench.phases \
     --quick --out "$OUT_DIR"
 fi
 if [[ $STAGES == *,decode_bench,* || $STAGES == *,bench,* ]]; then

@@ -64,7 +64,7 @@ from layer_cases import cell_of, layer_config, run
 from tolerances import assert_float32_close
 
 from rnnkern.backends import cuda as cuda_backend
-from rnnkern.backends import cuda_emulation, get_backend
+from rnnkern.backends import cuda_emulation, get_backend, tracing
 from rnnkern.backends.base import LayerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1034,14 +1034,14 @@ def test_deferred_status_reports_each_error_once_in_launch_order(monkeypatch):
 
 @pytest.mark.parametrize("name", ["lstm", "lstm_proj", "gru", "rnn_tanh"])
 def test_phase_trace_stamps_each_phase_in_order(device, name):
-    """trace_phases (the cuda_phases benchmark's source) stamps, for every block and traced
+    """trace_phases (the phases benchmark's source) stamps, for every block and traced
     step, each point the kernel passes (csrc/cuda/api.h: kTracePoints) and no other, in
     program order, no block past a barrier before every block reached it; tracing changes no
     result."""
     T, B, H = 5, 3, 33  # every block owns hidden and state units (emulation: 4 blocks)
     inp = make_inputs(name, T, B, H, device=device)
     plain = run(name, inp, "cuda")
-    with cuda_backend.trace_phases(steps=T + 1) as traces:
+    with tracing.trace_phases(steps=T + 1) as traces:
         traced = run(name, inp, "cuda")
     assert plain.keys() == traced.keys()
     for k in plain:
@@ -1079,26 +1079,26 @@ def test_phase_trace_stamps_each_phase_in_order(device, name):
 def test_trace_phases_checks_its_argument():
     for bad in (0, -1, 2.0, True, "8"):
         with pytest.raises(ValueError, match="steps must be a positive int"):
-            with cuda_backend.trace_phases(steps=bad):
+            with tracing.trace_phases(steps=bad):
                 pass
-    with cuda_backend.trace_phases(steps=2):
+    with tracing.trace_phases(steps=2):
         with pytest.raises(RuntimeError, match="do not nest"):
-            with cuda_backend.trace_phases(steps=2):
+            with tracing.trace_phases(steps=2):
                 pass
-    assert cuda_backend._tracing is None
+    assert tracing._tracing is None
 
 
-def test_cuda_phases_profile_times_every_phase(device, tmp_path):
-    """The cuda_phases benchmark's rows: each kernel's phases, every one timed (on the
+def test_phases_profile_times_every_phase(device, tmp_path):
+    """The phases benchmark's rows: each kernel's phases, every one timed (on the
     emulation the times are the CPU's, and meaningless; the columns and files are what is
     checked)."""
     import json
 
-    from rnnkern.bench import cuda_phases
+    from rnnkern.bench import phases
 
     rows = []
     for cell, proj in (("LSTM", 0), ("LSTM", 4), ("GRU", 0)):
-        rows += cuda_phases.profile(cell, torch.float32, 3, 9, device, T=6, proj=proj, steps=6)
+        rows += phases.profile(cell, torch.float32, 3, 9, device, T=6, proj=proj, steps=6)
     assert [(r["case"].split()[0], r["kernel"]) for r in rows] == [
         (cell, kernel) for cell in ("LSTM", "LSTM", "GRU") for kernel in ("forward", "backward")
     ]
@@ -1112,42 +1112,43 @@ def test_cuda_phases_profile_times_every_phase(device, tmp_path):
         assert sorted(r["phases_us"]) == sorted(want), r["case"]
         assert all(v is not None and v >= 0 for v in r["phases_us"].values()), r
         assert r["plan"].startswith(f"{r['launch']['blocks']} blocks")
-    md = cuda_phases.write(rows, tmp_path, "test", device=device)
+    md = phases.write(rows, tmp_path, "test", device=device)
     text = md.read_text()
     assert (
-        "## forward" in text
-        and "## backward" in text
+        "## cuda forward" in text
+        and "## cuda backward" in text
         and "| LSTM B=3 H=9 T=6 float32 proj=4 |" in text
     )
     payload = json.loads(md.with_suffix(".json").read_text())
     assert len(payload["rows"]) == 6
 
 
-def test_cuda_phases_keeps_what_it_measured(device, tmp_path):
+def test_phases_keeps_what_it_measured(device, tmp_path):
     """The benchmark writes its files after every job, and a job that raises becomes an error
     row while the others run: a GPU stage that times out or meets a kernel error keeps the
     rows it has."""
     import functools
     import json
 
-    from rnnkern.bench import cuda_phases
+    from rnnkern.bench import phases
 
     seen = []
 
     def failing():
-        seen.append(json.loads(next(tmp_path.glob("cuda_phases-*.json")).read_text())["rows"])
+        seen.append(json.loads(next(tmp_path.glob("phases-*.json")).read_text())["rows"])
         raise RuntimeError("rnnkern._cuda layer_forward: a wait for other blocks timed out\nmore")
 
     jobs = [
-        ("GRU small", functools.partial(cuda_phases.profile, "GRU", torch.float32, 2, 9, device,
+        ("GRU small", functools.partial(phases.profile, "GRU", torch.float32, 2, 9, device,
                                         T=4, steps=4)),
         ("LSTM failing", failing),
     ]  # fmt: skip
-    md = cuda_phases.run_jobs(jobs, tmp_path, "test", device=device)
+    md = phases.run_jobs(jobs, tmp_path, "test", device=device)
     assert [r["kernel"] for r in seen[0]] == ["forward", "backward"]  # written before job 2
     rows = json.loads(md.with_suffix(".json").read_text())["rows"]
     assert [r["kernel"] for r in rows] == ["forward", "backward", "error"]
     assert rows[2]["case"] == "LSTM failing" and rows[2]["error"].endswith("timed out")
     text = md.read_text()
-    assert "## errors" in text and "- LSTM failing: rnnkern._cuda layer_forward" in text
+    assert "## errors" in text
+    assert "- LSTM failing: RuntimeError: rnnkern._cuda layer_forward" in text
     assert "| GRU B=2 H=9 T=4 float32 |" in text

@@ -383,3 +383,107 @@ def test_resident_slices_are_the_programs_chunk():
     expected = torch.zeros(KR, BH, device=DEVICE)
     expected[: KR - 2] = w[:, BH : 2 * BH]
     assert torch.equal(out[4], expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# phase tracing (rnnkern.backends.tracing.trace_phases; the phases benchmark's source)
+# ----------------------------------------------------------------------------------------------
+
+# The points each kernel passes (common.TRACE_POINTS), in program order.
+TRACED = {
+    ("forward", False): [0, 3, 4],
+    ("forward", True): [0, 1, 2, 3, 4],
+    ("backward", False): [0, 3, 4, 5],
+    ("backward", True): [0, 1, 2, 3, 4, 5],
+}
+# (a, b, next): a grid-wide wait between point b of a step and point a of that step (of the
+# next step with next): no program of a batch tile gets to a before all of them passed b.
+WAITS = {
+    ("forward", False): [(0, 3, True)],
+    ("forward", True): [(2, 1, False), (0, 3, True)],
+    ("backward", False): [(5, 3, False)],
+    ("backward", True): [(2, 1, False), (5, 3, False)],
+}
+
+
+@pytest.mark.parametrize("chunks", ["one chunk", "chunk loop"])
+@pytest.mark.parametrize("name", ["lstm", "lstm_proj", "gru", "rnn_tanh"])
+def test_phase_trace_stamps_each_phase_in_order(name, chunks):
+    """Under trace_phases every program of the forward and backward kernels stamps, for each
+    traced step, the points its kernel passes and no other, in program order, and no step past
+    T; where programs wait for each other (a GPU's persistent launches), none passes a wait
+    before every program of its batch tile arrived; tracing changes no result, bit for bit.
+    With one hidden chunk per program (ONE_CHUNK: the arrival is stamped inside the tile step)
+    and with the chunk loop."""
+    from rnnkern.backends import tracing
+
+    one = chunks == "one chunk"
+    if DEVICE == "cpu":  # one program per batch tile: H <= 32 is one chunk
+        T, B, H = 5, 3, 20 if one else 40
+    else:  # persistent launches: 16-row tiles one chunk each, or 32-row tiles looping
+        T, B, H = 6, 16 if one else 40, 256
+    inp = make_inputs(name, T, B, H)
+    lengths = _lengths("random", T, B)
+    plain = run(name, inp, "triton", lengths, reverse=True)
+    with tracing.trace_phases(steps=T + 1) as traces:
+        traced = run(name, inp, "triton", lengths, reverse=True)
+    assert plain.keys() == traced.keys()
+    for key in plain:
+        assert torch.equal(plain[key], traced[key]), key
+    assert [(t.backend, t.kernel) for t in traces] == [("triton", "forward"),
+                                                        ("triton", "backward")]  # fmt: skip
+    proj = name == "lstm_proj"
+    for t in traces:
+        # (the backward of an LSTM with a projection always loops: its state and hidden
+        # chunks differ)
+        assert t.info["one_chunk"] == (one and not (proj and t.kernel == "backward")), t.info
+        st = t.stamps.cpu()
+        assert st.shape == (t.info["programs"], T + 1, common.TRACE_POINTS)
+        assert not st[:, T].any()  # no step T: nothing stamped
+        st = st[:, :T]
+        points = TRACED[t.kernel, proj]
+        others = [p for p in range(common.TRACE_POINTS) if p not in points]
+        assert (st[:, :, points] > 0).all() and not st[:, :, others].any()
+        order = st[:, :, points].flatten(1)  # each program's stamps in program order
+        assert (order[:, 1:] >= order[:, :-1]).all()
+        if DEVICE == "cpu":
+            assert not t.info["split"]  # (programs run one after another: no waits to check)
+            continue
+        assert t.info["split"] and t.info["n_split"] > 1, t.info
+        tiles = st.view(t.info["batch_tiles"], t.info["n_split"], T, common.TRACE_POINTS)
+        for a, b, next_step in WAITS[t.kernel, proj]:
+            first_out = tiles[:, :, 1:, a] if next_step else tiles[:, :, :, a]
+            last_in = tiles[:, :, :-1, b] if next_step else tiles[:, :, :, b]
+            assert (first_out.min(dim=1).values >= last_in.max(dim=1).values).all(), (t.kernel, a)
+
+
+def test_phases_profile_times_every_triton_phase(tmp_path):
+    """The phases benchmark's rows for backend triton: each kernel's phases, every one timed
+    (under the interpreter the clock counts stamps: the columns and files are what is
+    checked)."""
+    from rnnkern.bench import phases
+
+    rows = []
+    for cell, proj in (("LSTM", 0), ("LSTM", 4), ("GRU", 0)):
+        rows += phases.profile(cell, torch.float32, 3, 9, DEVICE, T=6, proj=proj, steps=6,
+                               backend="triton")  # fmt: skip
+    assert [(r["backend"], r["case"].split()[0], r["kernel"]) for r in rows] == [
+        ("triton", cell, kernel) for cell in ("LSTM", "LSTM", "GRU")
+        for kernel in ("forward", "backward")
+    ]  # fmt: skip
+    for r in rows:
+        proj = "proj=" in r["case"]
+        if r["kernel"] == "forward":
+            want = ["cells", "projection wait", "projection"] if proj else ["work"]
+            want += ["stores", "wait"]
+        else:
+            want = ["projection", "projection wait"] if proj else []
+            want += ["cells", "stores", "wait", "dh product"]
+        want += ["step", "arrival spread", "timer step"]
+        assert list(r["phases_us"]) == want, r["case"]
+        assert all(v is not None and v >= 0 for v in r["phases_us"].values()), r
+        assert r["plan"].startswith(f"{r['launch']['programs']} programs"), r["plan"]
+    md = phases.write(rows, tmp_path, "test", device=DEVICE)
+    text = md.read_text()
+    assert "## triton forward" in text and "## triton backward" in text
+    assert "| LSTM B=3 H=9 T=6 float32 proj=4 |" in text

@@ -879,12 +879,12 @@ def test_cuda_decode_status_words_become_exceptions():
 @pytest.mark.parametrize("sync", ["flags", "barrier"])
 @pytest.mark.parametrize("proj", [0, 4])
 def test_cuda_generate_phase_trace(cuda_kernels, sync, proj):
-    """Under rnnkern.backends.cuda.trace_phases the generate kernel stamps, for every block
+    """Under rnnkern.backends.tracing.trace_phases the generate kernel stamps, for every block
     and model step, the points of csrc/cuda/api.h's generate_trace_points that it passes (layer
     0 reads the token table: no input stamp), in program order; with barriers, no block passes
-    one before all arrived; tracing changes no token; and the cuda_phases benchmark reads it."""
-    from rnnkern.backends import cuda as cuda_backend
-    from rnnkern.bench import cuda_phases
+    one before all arrived; tracing changes no token; and the phases benchmark reads it."""
+    from rnnkern.backends import tracing
+    from rnnkern.bench import phases
 
     L, n = 3, 5
     rnn, emb, head = make_model("LSTM", L, proj=proj)
@@ -896,7 +896,7 @@ def test_cuda_generate_phase_trace(cuda_kernels, sync, proj):
         return dec
 
     plain = decoder().generate(prime, n, seed=3)
-    with cuda_backend.trace_phases(steps=n + 2) as traces:
+    with tracing.trace_phases(steps=n + 2) as traces:
         traced = decoder().generate(prime, n, seed=3)
     assert torch.equal(plain, traced)
     (trace,) = traces
@@ -917,7 +917,7 @@ def test_cuda_generate_phase_trace(cuda_kernels, sync, proj):
             (2 * L + 2, 2 * L + 1)
         ]:
             assert (st[:, :, a].min(dim=0).values >= st[:, :, b].max(dim=0).values).all(), a
-    row = cuda_phases.profile_generate(2, "fp32", sync, "cpu", model=(rnn, emb, head), tokens=4)
+    row = phases.profile_generate(2, "fp32", sync, "cpu", model=(rnn, emb, head), tokens=4)
     assert sorted(row["phases_us"]) == sorted(
         [
             "layer 0",

@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import os
 import threading
 
 import torch
 
+from . import tracing
 from .base import (
     CELL_CODES,
     BackwardResult,
@@ -125,59 +125,21 @@ def plans(cell: str, dtype: torch.dtype, B: int, H: int, P: int, proj: bool) -> 
     return [_cuda.plan(backward, code, dt, B, H, P, proj, tf32) for backward in (False, True)]
 
 
-# The list traced launches append to, and the steps they trace, while a trace_phases block runs.
-_tracing: tuple[list, int] | None = None
-
-
-@dataclasses.dataclass
-class PhaseTrace:
-    """One traced launch (:func:`trace_phases`): ``stamps[block, step, point]`` is the GPU's
-    ``%globaltimer`` in ns when the block reached ``point`` of processing step ``step``
-    (``csrc/cuda/api.h``, ``kTracePoints`` and ``generate_trace_points``, says which point is
-    what; 0 where a step does not reach it)."""
-
-    kernel: str  # "forward", "backward" or "generate"
-    info: dict  # the launch's layout (as CUDABackend.last_launch)
-    stamps: torch.Tensor  # [blocks, steps, TRACE_POINTS] int64
-
-
-@contextlib.contextmanager
-def trace_phases(steps: int = 32):
-    """Within the block, every launch of this backend (training layers, and the Decoder's
-    generation, :mod:`rnnkern.backends.cuda_decode`) records when each of its blocks
-    reaches each phase of its first ``steps`` processing steps (thread 0 writes a timestamp
-    after a block-wide synchronisation, a few times a step); yields the list of
-    :class:`PhaseTrace` the launches append to. The kernels write the stamps: read them after
-    the launches have finished. For benchmarks (:mod:`rnnkern.bench.cuda_phases`); blocks do
-    not nest, and they are not for CUDA graph capture (each launch allocates its buffer)."""
-    global _tracing
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if _tracing is not None:
-        raise RuntimeError("trace_phases blocks do not nest")
-    traces: list[PhaseTrace] = []
-    _tracing = (traces, steps)
-    try:
-        yield traces
-    finally:
-        _tracing = None
-
-
 def _trace_buffer(device: torch.device, points: int = 0) -> tuple[torch.Tensor | None, int]:
     """A launch's zeroed stamp buffer ``[sms, steps, points]`` (a block per SM at most;
     ``points`` a step, default the training kernels') and the steps it traces, or (None, 0)
     outside :func:`trace_phases`."""
-    if _tracing is None:
+    steps = tracing.traced_steps()
+    if not steps:
         return None, 0
-    steps = _tracing[1]
     shape = (int(_cuda.device_info()["sms"]), steps, points or int(_cuda.TRACE_POINTS))
     return torch.zeros(shape, dtype=torch.int64, device=device), steps
 
 
 def _record_trace(kernel: str, info: dict, buffer: torch.Tensor | None) -> None:
     """Append the stamps of the launch's blocks to the running :func:`trace_phases` list."""
-    if buffer is not None and _tracing is not None:
-        _tracing[0].append(PhaseTrace(kernel, info, buffer[: info["blocks"]]))
+    if buffer is not None:
+        tracing.record("cuda", kernel, info, buffer[: info["blocks"]])
 
 
 class CUDABackend:

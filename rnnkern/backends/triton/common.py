@@ -27,6 +27,7 @@ at a time. State buffers written by other programs are read with
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import tracing
 from ..base import Saved, tf32_allowed
 
 # Triton decides between compiling and interpreting when a kernel is decorated, i.e. when this
@@ -195,6 +197,58 @@ def step_sync(
     else:
         arrivals = grid_sync(sync_ptr, arrivals, n_split, SPLIT)
     return arrivals
+
+
+# ----------------------------------------------------------------------------------------------
+# phase tracing (rnnkern.backends.tracing.trace_phases)
+# ----------------------------------------------------------------------------------------------
+
+# Points a traced training kernel stamps in each of its first trace_steps steps (0 where a step
+# does not pass one). Forward: 0 step begins (the previous step's wait passed), 1 m_s published
+# (projection: the arrival at the projection's wait), 2 the projection's wait passed, 3 h_s
+# published (the arrival at the step's wait: products, cells and the stores the other programs
+# read all issued), 4 the step's wait begins (the program's other stores issued; the chunk loop
+# arrives and waits at once, so there 3 and 4 are the same place). Backward: 0 step begins (the
+# previous step's dh product done), 1 dh + dy published (projection), 2 the projection's wait
+# passed, 3 dgh published (arrival), 4 wait begins, 5 the wait passed (dh_{s-1} = dgh_s W_hh
+# begins). Forward kernels never stamp 5.
+TRACE_POINTS = 6
+_TRACE_POINTS = tl.constexpr(TRACE_POINTS)
+
+
+@triton.jit
+def read_timer(clock_ptr):  # clock_ptr: [] int64, the interpreter's logical clock
+    """The GPU's ``%globaltimer`` (ns); under the interpreter, which cannot run inline PTX, a
+    logical clock that counts the stamps (the order of the stamps is what it keeps)."""
+    if UPCAST_DOT:  # (the interpreter)
+        now = tl.atomic_add(clock_ptr, 1) + 1
+    else:
+        now = tl.inline_asm_elementwise(
+            "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
+        )
+    return now
+
+
+@triton.jit
+def phase_stamp(
+    trace_ptr,  # [programs, trace_steps, TRACE_POINTS] int64 stamps, then the logical clock
+    s,  # processing step
+    trace_steps,  # steps traced
+    POINT: tl.constexpr,  # which point of TRACE_POINTS
+    TRACE: tl.constexpr,  # False: nothing (not even the barrier)
+):
+    """Stamp the timer at ``POINT`` of step ``s`` for this program, once every thread of it
+    has reached this place (a CTA barrier first; a scalar store is written by one thread).
+    Stores and products issued before it have had their operands ready, not necessarily landed:
+    a phase ends when its last instruction issued."""
+    if TRACE:
+        tl.debug_barrier()
+        if s < trace_steps:
+            prog = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+            programs = tl.num_programs(0) * tl.num_programs(1)
+            clock = trace_ptr + programs * trace_steps * _TRACE_POINTS
+            row = (prog * trace_steps + s).to(tl.int64) * _TRACE_POINTS
+            tl.store(trace_ptr + row + POINT, read_timer(clock))
 
 
 @triton.jit
@@ -681,6 +735,30 @@ def check_grid_sync(sync: torch.Tensor, config: LaunchConfig) -> None:
 
 def launch_grid(config: LaunchConfig, batch: int, n_split: int) -> tuple[int, int]:
     return (triton.cdiv(batch, config.block_b), n_split)
+
+
+def trace_buffer(grid: tuple[int, int], placeholder: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Under :func:`rnnkern.backends.tracing.trace_phases`, a launch's zeroed stamp buffer
+    (``[programs, steps, TRACE_POINTS]`` flat, then the interpreter's clock) and the steps it
+    traces; otherwise ``placeholder`` (any int64 tensor of the launch: never written) and 0."""
+    steps = tracing.traced_steps()
+    if not steps:
+        return placeholder, 0
+    size = grid[0] * grid[1] * steps * TRACE_POINTS + 1
+    return torch.zeros(size, dtype=torch.int64, device=placeholder.device), steps
+
+
+def record_trace(
+    kernel: str, config: LaunchConfig, grid: tuple[int, int], buffer: torch.Tensor, steps: int,
+    precision: str,
+) -> None:  # fmt: skip
+    """Append a traced launch's stamps (:func:`trace_buffer`) to the running trace list, with
+    its layout; nothing when ``steps`` is 0."""
+    if steps:
+        stamps = buffer[:-1].view(grid[0] * grid[1], steps, TRACE_POINTS)
+        info = dict(dataclasses.asdict(config), programs=grid[0] * grid[1], batch_tiles=grid[0],
+                    n_split=grid[1], precision=precision)  # fmt: skip
+        tracing.record("triton", kernel, info, stamps)
 
 
 def weight_grads(

@@ -45,7 +45,7 @@ KERNELS = {
 }
 # Pointer arguments in the input dtype; every other pointer is float32 state except these two.
 INPUT_DTYPE_PTRS = {"gx_ptr", "w_ptr", "b_ptr", "wr_ptr", "y_ptr", "dy_ptr", "dgx_ptr"}
-INT_PTRS = {"len_ptr": "*i64", "sync_ptr": "*i32", "tok_ptr": "*i64"}
+INT_PTRS = {"len_ptr": "*i64", "sync_ptr": "*i32", "tok_ptr": "*i64", "trace_ptr": "*i64"}
 # The decode step's pointers in the weight dtype (its states, tables and biases are float32).
 DECODE_WEIGHT_PTRS = {"w_ih0_ptr", "w_ih_ptr", "w_hh_ptr", "head_w_ptr"}
 # Per kernel, the arguments that are not covered by the rules above (float32 pointers, int32
@@ -126,7 +126,12 @@ def _configs(kernels, dtypes) -> list[tuple[str, str, dict]]:
                     constexprs["K_RES"] = cfg.k_res
                     if kernel.removesuffix("_kernel") in ONE_CHUNK_KERNELS:
                         constexprs["ONE_CHUNK"] = cfg.one_chunk
-                    out.append((kernel, dkey, constexprs | {"num_warps": cfg.num_warps}))
+                    constexprs |= {"TRACE": False, "num_warps": cfg.num_warps}
+                    out.append((kernel, dkey, constexprs))
+                    # The phase-traced variant (common.phase_stamp: inline PTX for the timer),
+                    # of the persistent configurations the benchmark traces, streamed weights.
+                    if cfg.split and not cfg.k_res:
+                        out.append((kernel, dkey, constexprs | {"TRACE": True}))
     return out
 
 

@@ -27,12 +27,15 @@ from .common import (
     lengths_or_full,
     mask_in_steps,
     own_chunk,
+    phase_stamp,
+    record_trace,
     resident_columns,
     resident_gates,
     step_rows,
     step_sync,
     step_time,
     sync_buffer,
+    trace_buffer,
     weight_grads,
 )
 
@@ -72,6 +75,8 @@ def _gru_tile_step(
     B,
     H,
     sync,  # [] int32 arrival counter of the batch tile (ARRIVE)
+    trace_ptr,  # phase stamps (common.phase_stamp; TRACE only)
+    trace_steps,
     CARRIED: tl.constexpr,  # gx, b, h_prev given (ONE_CHUNK), else loaded here
     ARRIVE: tl.constexpr,  # grid_arrive once h_s is stored (the caller then only waits)
     SPLIT: tl.constexpr,
@@ -80,6 +85,7 @@ def _gru_tile_step(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     K_RES: tl.constexpr,
+    TRACE: tl.constexpr,
 ):
     """One step of a [BLOCK_B, BLOCK_H] tile: the recurrent parts ``h_{s-1} W_gᵀ + b_g`` of
     the r, z, n gates (one pass over ``H``, each ``h_{s-1}`` tile loaded once for all three;
@@ -110,6 +116,7 @@ def _gru_tile_step(
     h_next = tl.where(keep, h_new, h_prev)
     tl.store(h_next_ptr + bh, h_next, mask=mask)  # what other programs read, first
     if ARRIVE:
+        phase_stamp(trace_ptr, s, trace_steps, 3, TRACE)
         grid_arrive(sync, SPLIT)
     y_rows = y_ptr + (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
     tl.store(y_rows, tl.where(keep, h_new, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
@@ -126,7 +133,7 @@ def _gru_tile_step(
 # T, B and flags are not specialised on; the sizes that set the weight rows' alignment (H, P) are
 # (Triton's "divisible by 16" or not), which lets 16-bit W tiles be copied asynchronously and
 # vectorised: without it each tile was a synchronous 2-byte-per-element load (TTGIR).
-@triton.jit(do_not_specialize=["T", "B", "reverse", "save"])
+@triton.jit(do_not_specialize=["T", "B", "reverse", "save", "trace_steps"])
 def gru_forward_kernel(
     gx_ptr,  # [T, B, 3H] input dtype
     w_ptr,  # [3H, H] input dtype (W_hh)
@@ -137,11 +144,13 @@ def gru_forward_kernel(
     hn_ptr,  # [T, B, H] float32 W_hn h + b_hn (written when save)
     gates_ptr,  # [T, B, 3H] float32 activated gates (written when save)
     sync_ptr,  # [cdiv(B, BLOCK_B)] int32 zeros (SPLIT only)
+    trace_ptr,  # [programs, trace_steps, TRACE_POINTS] int64 stamps + clock (TRACE only)
     T,
     B,
     H,
     reverse,  # int 0/1
     save,  # int 0/1
+    trace_steps,  # steps stamped (TRACE only)
     SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -149,6 +158,7 @@ def gru_forward_kernel(
     PRECISION: tl.constexpr,
     K_RES: tl.constexpr = 0,  # > 0: W_hh slice resident (see lstm_forward_kernel)
     ONE_CHUNK: tl.constexpr = False,  # the program owns hidden chunk pid_h only (common.py)
+    TRACE: tl.constexpr = False,  # stamp the phases of each step (common.TRACE_POINTS)
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -168,6 +178,7 @@ def gru_forward_kernel(
             step_rows(gx_ptr, 0, lens, reverse, offs_b, B, 3 * H), offs_c, mask_bc, H, 3
         )
     for s in range(T):
+        phase_stamp(trace_ptr, s, trace_steps, 0, TRACE)
         t, valid = step_time(s, lens, reverse)
         cur = tl.where(save != 0, s, s % 2).to(tl.int64)
         nxt = tl.where(save != 0, s + 1, (s + 1) % 2).to(tl.int64)
@@ -181,9 +192,8 @@ def gru_forward_kernel(
             h_own = _gru_tile_step(
                 gx_r, gx_z, gx_n, b_r, b_z, b_n, h_own, gx_ptr, b_ptr, h_prev_ptr, w_ptr, w_r,
                 w_z, w_n, hs_ptr + nxt * B * H, hn_ptr, gates_ptr, y_ptr, s, t, valid, save,
-                offs_b, mask_b, offs_c, mask_c, B, H, sync, True, True, SPLIT, BLOCK_B, BLOCK_H,
-                BLOCK_K,
-                PRECISION, K_RES,
+                offs_b, mask_b, offs_c, mask_c, B, H, sync, trace_ptr, trace_steps, True, True,
+                SPLIT, BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, K_RES, TRACE,
             )  # fmt: skip
             gx_r, gx_z, gx_n = nx_r, nx_z, nx_n
         else:
@@ -193,11 +203,13 @@ def gru_forward_kernel(
                 _gru_tile_step(
                     0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, gx_rows, b_ptr, h_prev_ptr, w_ptr, w_r,
                     w_z, w_n, hs_ptr + nxt * B * H, hn_ptr, gates_ptr, y_ptr, s, t, valid, save,
-                    offs_b, mask_b, offs_h, offs_h < H, B, H, sync, False, False, SPLIT,
-                    BLOCK_B, BLOCK_H, BLOCK_K,
-                    PRECISION, K_RES,
+                    offs_b, mask_b, offs_h, offs_h < H, B, H, sync, trace_ptr, trace_steps, False,
+                    False, SPLIT, BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, K_RES, TRACE,
                 )  # fmt: skip
-        # ONE_CHUNK programs arrived in _gru_tile_step
+        # ONE_CHUNK programs arrived (and stamped point 3) in _gru_tile_step
+        if not ONE_CHUNK:
+            phase_stamp(trace_ptr, s, trace_steps, 3, TRACE)
+        phase_stamp(trace_ptr, s, trace_steps, 4, TRACE)
         arrivals = step_sync(sync, arrivals, n_split, SPLIT, ONE_CHUNK)
 
 
@@ -240,8 +252,12 @@ def _gru_gate_grads(
     mask,  # [BLOCK_B, BLOCK_H]
     H,
     sync,  # [] int32 arrival counter of the batch tile (ARRIVE)
+    r_,  # processing step (the backward's r-th, for the phase stamps)
+    trace_ptr,  # phase stamps (common.phase_stamp; TRACE only)
+    trace_steps,
     ARRIVE: tl.constexpr,  # grid_arrive once dgh is stored (the caller then only waits)
     SPLIT: tl.constexpr,
+    TRACE: tl.constexpr,
 ):
     """Gradients of the r, z, n pre-activations of step ``s`` (zero past a row's length),
     stored to ``dgh`` (of ``W_hh h + b_hh``, float32) and ``dgx`` (its dtype)."""
@@ -253,6 +269,7 @@ def _gru_gate_grads(
     tl.store(dgh_rows + H, dz, mask=mask)
     tl.store(dgh_rows + 2 * H, dn * r, mask=mask)
     if ARRIVE:  # dgh is what the other programs read; dgx only the caller
+        phase_stamp(trace_ptr, r_, trace_steps, 3, TRACE)
         grid_arrive(sync, SPLIT)
     out_ty = dgx_rows.dtype.element_ty
     tl.store(dgx_rows, dr.to(out_ty), mask=mask)
@@ -263,7 +280,7 @@ def _gru_gate_grads(
 # T, B and flags are not specialised on; the sizes that set the weight rows' alignment (H, P) are
 # (Triton's "divisible by 16" or not), which lets 16-bit W tiles be copied asynchronously and
 # vectorised: without it each tile was a synchronous 2-byte-per-element load (TTGIR).
-@triton.jit(do_not_specialize=["T", "B", "reverse"])
+@triton.jit(do_not_specialize=["T", "B", "reverse", "trace_steps"])
 def gru_backward_kernel(
     w_ptr,  # [3H, H] input dtype (W_hh)
     len_ptr,  # [B] int64 valid lengths
@@ -275,10 +292,12 @@ def gru_backward_kernel(
     dgh_ptr,  # [T, B, 3H] float32 out: gradient of W_hh h + b_hh (processing order)
     dgx_ptr,  # [T, B, 3H] dtype of gx out: gradient of gx (time order)
     sync_ptr,  # [cdiv(B, BLOCK_B)] int32 zeros (SPLIT only)
+    trace_ptr,  # [programs, trace_steps, TRACE_POINTS] int64 stamps + clock (TRACE only)
     T,
     B,
     H,
     reverse,  # int 0/1
+    trace_steps,  # steps stamped (TRACE only)
     SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -286,6 +305,7 @@ def gru_backward_kernel(
     PRECISION: tl.constexpr,
     K_RES: tl.constexpr = 0,  # > 0: the program's columns of W_hh stay on chip (phase 2)
     ONE_CHUNK: tl.constexpr = False,  # the program owns hidden chunk pid_h only
+    TRACE: tl.constexpr = False,  # stamp the phases of each step (common.TRACE_POINTS)
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -308,6 +328,7 @@ def gru_backward_kernel(
         )
     for r_ in range(T):
         s = T - 1 - r_
+        phase_stamp(trace_ptr, r_, trace_steps, 0, TRACE)
         t, valid = step_time(s, lens, reverse)
         s64 = s.to(tl.int64)
         keep = valid[:, None]
@@ -326,7 +347,7 @@ def gru_backward_kernel(
                 dtot_c, r_c, z_c, n_c, hp_c, hn_c, valid,
                 dgh_ptr + (s64 * B + offs_b[:, None]) * (3 * H) + offs_c[None, :],
                 dgx_ptr + (t[:, None] * B + offs_b[:, None]) * (3 * H) + offs_c[None, :],
-                mask_bc, H, sync, True, SPLIT,
+                mask_bc, H, sync, r_, trace_ptr, trace_steps, True, SPLIT, TRACE,
             )  # fmt: skip
         else:
             for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
@@ -343,10 +364,14 @@ def gru_backward_kernel(
                     dtot, r, z, n, h_prev, hn, valid,
                     dgh_ptr + (s64 * B + offs_b[:, None]) * (3 * H) + offs_h[None, :],
                     dgx_ptr + (t[:, None] * B + offs_b[:, None]) * (3 * H) + offs_h[None, :],
-                    mask, H, sync, False, SPLIT,
+                    mask, H, sync, r_, trace_ptr, trace_steps, False, SPLIT, TRACE,
                 )  # fmt: skip
-        # ONE_CHUNK programs arrived in _gru_gate_grads
+        # ONE_CHUNK programs arrived (and stamped point 3) in _gru_gate_grads
+        if not ONE_CHUNK:
+            phase_stamp(trace_ptr, r_, trace_steps, 3, TRACE)
+        phase_stamp(trace_ptr, r_, trace_steps, 4, TRACE)
         arrivals = step_sync(sync, arrivals, n_split, SPLIT, ONE_CHUNK)
+        phase_stamp(trace_ptr, r_, trace_steps, 5, TRACE)
         # phase 2: dh_{s-1} = dtot * z + dgh_s @ W_hh where valid, else unchanged.
         if ONE_CHUNK:
             acc = column_product(
@@ -409,14 +434,16 @@ def gru_forward(
     lens = lengths_or_full(lengths, T, B, dev)
     grid = launch_grid(config, B, n_split)
     sync = sync_buffer(grid[0], dev)
+    trace, trace_steps = trace_buffer(grid, lens)
     gru_forward_kernel[grid](
         gx, w_hh, bias_or_zeros(b_hh, 3 * H, w_hh), lens, y, hs, hn, gates,
-        sync, T, B, H, int(reverse), int(save),
+        sync, trace, T, B, H, int(reverse), int(save), trace_steps,
         SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
         BLOCK_K=config.block_k, PRECISION=precision, K_RES=config.k_res,
-        ONE_CHUNK=config.one_chunk, num_warps=config.num_warps,
+        ONE_CHUNK=config.one_chunk, TRACE=trace_steps > 0, num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
+    record_trace("forward", config, grid, trace, trace_steps, precision)
     h_n = hs[T % slots].clone()
     saved = Saved(hs, hn, gates) if save else empty_saved(hs)
     return ForwardResult(y, h_n, hs.new_empty(0), saved)
@@ -444,13 +471,15 @@ def gru_backward(
     lens = lengths_or_full(lengths, T, B, dev)
     grid = launch_grid(config, B, n_split)
     sync = sync_buffer(grid[0], dev)
+    trace, trace_steps = trace_buffer(grid, lens)
     gru_backward_kernel[grid](
-        w_hh, lens, dy.contiguous(), hs, hn, gates, dh, dgh, dgx, sync,
-        T, B, H, int(reverse),
+        w_hh, lens, dy.contiguous(), hs, hn, gates, dh, dgh, dgx, sync, trace,
+        T, B, H, int(reverse), trace_steps,
         SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
         BLOCK_K=config.block_k, PRECISION=precision, K_RES=config.k_res,
-        ONE_CHUNK=config.one_chunk, num_warps=config.num_warps,
+        ONE_CHUNK=config.one_chunk, TRACE=trace_steps > 0, num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
+    record_trace("backward", config, grid, trace, trace_steps, precision)
     dw_hh, db_hh = weight_grads(dgh, hs, w_hh, b_hh)
     return BackwardResult(dgx, dh, None, dw_hh, db_hh, None)

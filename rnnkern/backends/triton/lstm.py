@@ -6,6 +6,8 @@ g, o in torch.nn's order. Grid strategy and synchronisation: see :mod:`.common`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -28,6 +30,8 @@ from .common import (
     lengths_or_full,
     mask_in_steps,
     own_chunk,
+    phase_stamp,
+    record_trace,
     resident_columns,
     resident_gates,
     step_rows,
@@ -35,6 +39,7 @@ from .common import (
     step_time,
     sync_buffer,
     tile_matmul,
+    trace_buffer,
     weight_grads,
 )
 
@@ -81,6 +86,8 @@ def _lstm_tile_step(
     H,
     P,
     sync,  # [] int32 arrival counter of the batch tile (ARRIVE)
+    trace_ptr,  # phase stamps (common.phase_stamp; TRACE only)
+    trace_steps,
     HAS_PROJ: tl.constexpr,
     CARRIED: tl.constexpr,  # gx, b, c_prev, h_prev given (ONE_CHUNK), else loaded here
     ARRIVE: tl.constexpr,  # grid_arrive once h_s is stored (the caller then only waits)
@@ -90,6 +97,7 @@ def _lstm_tile_step(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     K_RES: tl.constexpr,
+    TRACE: tl.constexpr,
 ):
     """One step of a [BLOCK_B, BLOCK_H] tile: pre-activations ``h_{s-1} W_gᵀ + gx + b`` (one
     pass over ``P``, each ``h_{s-1}`` tile loaded once for all four gates; with resident
@@ -135,6 +143,7 @@ def _lstm_tile_step(
         h_next = tl.where(keep, m, h_prev)
         tl.store(h_next_ptr + bh, h_next, mask=mask)
     if ARRIVE:
+        phase_stamp(trace_ptr, s, trace_steps, 3, TRACE)
         grid_arrive(sync, SPLIT)
     tl.store(c_next_ptr + bh, c_next, mask=mask)
     gmask = mask & (offs_h * 0 + save != 0)[None, :]
@@ -152,7 +161,7 @@ def _lstm_tile_step(
 # T, B and flags are not specialised on; the sizes that set the weight rows' alignment (H, P) are
 # (Triton's "divisible by 16" or not), which lets 16-bit W tiles be copied asynchronously and
 # vectorised: without it each tile was a synchronous 2-byte-per-element load (TTGIR).
-@triton.jit(do_not_specialize=["T", "B", "reverse", "save"])
+@triton.jit(do_not_specialize=["T", "B", "reverse", "save", "trace_steps"])
 def lstm_forward_kernel(
     gx_ptr,  # [T, B, 4H] input dtype
     w_ptr,  # [4H, P] input dtype (W_hh)
@@ -165,12 +174,14 @@ def lstm_forward_kernel(
     gates_ptr,  # [T, B, 4H] float32 activated gates (written when save)
     m_ptr,  # [B, H] float32 scratch o * tanh(c) (HAS_PROJ only)
     sync_ptr,  # [cdiv(B, BLOCK_B)] int32 zeros (SPLIT only)
+    trace_ptr,  # [programs, trace_steps, TRACE_POINTS] int64 stamps + clock (TRACE only)
     T,
     B,
     H,
     P,
     reverse,  # int 0/1
     save,  # int 0/1
+    trace_steps,  # steps stamped (TRACE only)
     HAS_PROJ: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -179,6 +190,7 @@ def lstm_forward_kernel(
     PRECISION: tl.constexpr,
     K_RES: tl.constexpr = 0,  # > 0: the program's W_hh slice stays in registers (see below)
     ONE_CHUNK: tl.constexpr = False,  # the program owns hidden chunk pid_h only (common.py)
+    TRACE: tl.constexpr = False,  # stamp the phases of each step (common.TRACE_POINTS)
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -204,6 +216,7 @@ def lstm_forward_kernel(
             step_rows(gx_ptr, 0, lens, reverse, offs_b, B, 4 * H), offs_c, mask_bc, H, 4
         )
     for s in range(T):
+        phase_stamp(trace_ptr, s, trace_steps, 0, TRACE)
         t, valid = step_time(s, lens, reverse)
         cur = tl.where(save != 0, s, s % 2).to(tl.int64)
         nxt = tl.where(save != 0, s + 1, (s + 1) % 2).to(tl.int64)
@@ -218,8 +231,8 @@ def lstm_forward_kernel(
                 gx_i, gx_f, gx_g, gx_o, b_i, b_f, b_g, b_o, c_own, h_own, gx_ptr, b_ptr, cs_ptr,
                 h_prev_ptr, w_ptr, w_i, w_f, w_g, w_o, cs_ptr + nxt * B * H,
                 hs_ptr + nxt * B * P, gates_ptr, m_ptr, y_ptr, s, t, valid, save, offs_b, mask_b,
-                offs_c, mask_c, B, H, P, sync, HAS_PROJ, True, not HAS_PROJ, SPLIT, BLOCK_B,
-                BLOCK_H, BLOCK_K, PRECISION, K_RES,
+                offs_c, mask_c, B, H, P, sync, trace_ptr, trace_steps, HAS_PROJ, True,
+                not HAS_PROJ, SPLIT, BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, K_RES, TRACE,
             )  # fmt: skip
             gx_i, gx_f, gx_g, gx_o = nx_i, nx_f, nx_g, nx_o
         else:
@@ -230,11 +243,14 @@ def lstm_forward_kernel(
                     0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, gx_rows, b_ptr,
                     cs_ptr + cur * B * H, h_prev_ptr, w_ptr, w_i, w_f, w_g, w_o,
                     cs_ptr + nxt * B * H, hs_ptr + nxt * B * P, gates_ptr, m_ptr, y_ptr, s, t,
-                    valid, save, offs_b, mask_b, offs_h, offs_h < H, B, H, P, sync, HAS_PROJ,
-                    False, False, SPLIT, BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, K_RES,
+                    valid, save, offs_b, mask_b, offs_h, offs_h < H, B, H, P, sync, trace_ptr,
+                    trace_steps, HAS_PROJ, False, False, SPLIT, BLOCK_B, BLOCK_H, BLOCK_K,
+                    PRECISION, K_RES, TRACE,
                 )  # fmt: skip
         if HAS_PROJ:
+            phase_stamp(trace_ptr, s, trace_steps, 1, TRACE)
             arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+            phase_stamp(trace_ptr, s, trace_steps, 2, TRACE)
             for j in range(pid_h, tl.cdiv(P, BLOCK_H), n_split):
                 offs_p = j * BLOCK_H + tl.arange(0, BLOCK_H)
                 mask_p = offs_p < P
@@ -250,7 +266,10 @@ def lstm_forward_kernel(
                 tl.store(hs_ptr + nxt * B * P + bp, tl.where(keep, acc, h_prev), mask=mask)
                 y_rows = y_ptr + (t[:, None] * B + offs_b[:, None]) * P + offs_p[None, :]
                 tl.store(y_rows, tl.where(keep, acc, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
-        # ONE_CHUNK programs arrived in _lstm_tile_step
+        # ONE_CHUNK programs arrived (and stamped point 3) in _lstm_tile_step
+        if not (ONE_CHUNK and not HAS_PROJ):
+            phase_stamp(trace_ptr, s, trace_steps, 3, TRACE)
+        phase_stamp(trace_ptr, s, trace_steps, 4, TRACE)
         arrivals = step_sync(sync, arrivals, n_split, SPLIT, ONE_CHUNK and not HAS_PROJ)
 
 
@@ -295,8 +314,12 @@ def _lstm_gate_grads(
     mask,  # [BLOCK_B, BLOCK_H]
     H,
     sync,  # [] int32 arrival counter of the batch tile (ARRIVE)
+    r,  # processing step (the backward's r-th, for the phase stamps)
+    trace_ptr,  # phase stamps (common.phase_stamp; TRACE only)
+    trace_steps,
     ARRIVE: tl.constexpr,  # grid_arrive once dgh is stored (the caller then only waits)
     SPLIT: tl.constexpr,
+    TRACE: tl.constexpr,
 ):
     """Gradients of the four pre-activations of step ``s`` (zero past a row's length), stored
     to ``dgh`` (float32) and ``dgx`` (its dtype); returns the gradient of ``c_{s-1}``."""
@@ -312,6 +335,7 @@ def _lstm_gate_grads(
     tl.store(dgh_rows + 2 * H, dg, mask=mask)
     tl.store(dgh_rows + 3 * H, do, mask=mask)
     if ARRIVE:  # dgh is what the other programs read; dgx only the caller
+        phase_stamp(trace_ptr, r, trace_steps, 3, TRACE)
         grid_arrive(sync, SPLIT)
     out_ty = dgx_rows.dtype.element_ty
     tl.store(dgx_rows, di.to(out_ty), mask=mask)
@@ -324,7 +348,7 @@ def _lstm_gate_grads(
 # T, B and flags are not specialised on; the sizes that set the weight rows' alignment (H, P) are
 # (Triton's "divisible by 16" or not), which lets 16-bit W tiles be copied asynchronously and
 # vectorised: without it each tile was a synchronous 2-byte-per-element load (TTGIR).
-@triton.jit(do_not_specialize=["T", "B", "reverse"])
+@triton.jit(do_not_specialize=["T", "B", "reverse", "trace_steps"])
 def lstm_backward_kernel(
     w_ptr,  # [4H, P] input dtype (W_hh)
     wr_ptr,  # [P, H] input dtype (W_hr; unused without HAS_PROJ)
@@ -338,11 +362,13 @@ def lstm_backward_kernel(
     dgx_ptr,  # [T, B, 4H] dtype of gx out: the same in time order
     dhp_ptr,  # [T, B, P] float32 out: gradient of h before W_hr (HAS_PROJ only)
     sync_ptr,  # [cdiv(B, BLOCK_B)] int32 zeros (SPLIT only)
+    trace_ptr,  # [programs, trace_steps, TRACE_POINTS] int64 stamps + clock (TRACE only)
     T,
     B,
     H,
     P,
     reverse,  # int 0/1
+    trace_steps,  # steps stamped (TRACE only)
     HAS_PROJ: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -351,6 +377,7 @@ def lstm_backward_kernel(
     PRECISION: tl.constexpr,
     K_RES: tl.constexpr = 0,  # > 0: the program's columns of W_hh stay on chip (phase 2)
     ONE_CHUNK: tl.constexpr = False,  # the program owns chunk pid_h only, no projection
+    TRACE: tl.constexpr = False,  # stamp the phases of each step (common.TRACE_POINTS)
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -375,6 +402,7 @@ def lstm_backward_kernel(
         )
     for r in range(T):
         s = T - 1 - r
+        phase_stamp(trace_ptr, r, trace_steps, 0, TRACE)
         t, valid = step_time(s, lens, reverse)
         s64 = s.to(tl.int64)
         if HAS_PROJ:
@@ -388,7 +416,9 @@ def lstm_backward_kernel(
                 dy = tl.load(dy_rows, mask=mask, other=0.0).to(tl.float32)
                 dtot = tl.where(valid[:, None], dh + dy, 0.0)
                 tl.store(dhp_ptr + s64 * B * P + bp, dtot, mask=mask)
+            phase_stamp(trace_ptr, r, trace_steps, 1, TRACE)
             arrivals = grid_sync(sync, arrivals, n_split, SPLIT)
+            phase_stamp(trace_ptr, r, trace_steps, 2, TRACE)
         # phase 1 (H chunks): gate derivatives of step s.
         if ONE_CHUNK:
             dy_c, i_c, f_c, g_c, o_c, cp_c, cn_c = dy_n, i_n, f_n, g_n, o_n, cp_n, cn_n
@@ -403,7 +433,7 @@ def lstm_backward_kernel(
                 dh_own + dy_c.to(tl.float32), dc_own, i_c, f_c, g_c, o_c, cp_c, cn_c, valid,
                 dgh_ptr + (s64 * B + offs_b[:, None]) * (4 * H) + offs_c[None, :],
                 dgx_ptr + (t[:, None] * B + offs_b[:, None]) * (4 * H) + offs_c[None, :],
-                mask_bc, H, sync, True, SPLIT,
+                mask_bc, H, sync, r, trace_ptr, trace_steps, True, SPLIT, TRACE,
             )  # fmt: skip
         else:
             for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
@@ -429,11 +459,15 @@ def lstm_backward_kernel(
                     dm, dc, i, f, g, o, c_prev, c_new, valid,
                     dgh_ptr + (s64 * B + offs_b[:, None]) * (4 * H) + offs_h[None, :],
                     dgx_ptr + (t[:, None] * B + offs_b[:, None]) * (4 * H) + offs_h[None, :],
-                    mask, H, sync, False, SPLIT,
+                    mask, H, sync, r, trace_ptr, trace_steps, False, SPLIT, TRACE,
                 )  # fmt: skip
                 tl.store(dc_ptr + bh, dc, mask=mask)
-        # ONE_CHUNK programs arrived in _lstm_gate_grads
+        # ONE_CHUNK programs arrived (and stamped point 3) in _lstm_gate_grads
+        if not ONE_CHUNK:
+            phase_stamp(trace_ptr, r, trace_steps, 3, TRACE)
+        phase_stamp(trace_ptr, r, trace_steps, 4, TRACE)
         arrivals = step_sync(sync, arrivals, n_split, SPLIT, ONE_CHUNK)
+        phase_stamp(trace_ptr, r, trace_steps, 5, TRACE)
         # phase 2 (P chunks): dh_{s-1} = dgh_s @ W_hh where valid, else unchanged.
         if ONE_CHUNK:
             acc = column_product(
@@ -496,15 +530,18 @@ def lstm_forward(
     lens = lengths_or_full(lengths, T, B, dev)
     grid = launch_grid(config, B, n_split)
     sync = sync_buffer(grid[0], dev)
+    trace, trace_steps = trace_buffer(grid, lens)
     lstm_forward_kernel[grid](
         gx, w_hh, bias_or_zeros(b_hh, 4 * H, w_hh), w_hr if w_hr is not None else w_hh,
-        lens, y, hs, cs, gates, m, sync,
-        T, B, H, P, int(reverse), int(save),
+        lens, y, hs, cs, gates, m, sync, trace,
+        T, B, H, P, int(reverse), int(save), trace_steps,
         HAS_PROJ=w_hr is not None, SPLIT=config.split, BLOCK_B=config.block_b,
         BLOCK_H=config.block_h, BLOCK_K=config.block_k, PRECISION=precision,
-        K_RES=config.k_res, ONE_CHUNK=config.one_chunk, num_warps=config.num_warps,
+        K_RES=config.k_res, ONE_CHUNK=config.one_chunk, TRACE=trace_steps > 0,
+        num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
+    record_trace("forward", config, grid, trace, trace_steps, precision)
     h_n, c_n = hs[T % slots].clone(), cs[T % slots].clone()
     saved = Saved(hs, cs, gates) if save else empty_saved(hs)
     return ForwardResult(y, h_n, c_n, saved)
@@ -539,15 +576,19 @@ def lstm_backward(
     lens = lengths_or_full(lengths, T, B, dev)
     grid = launch_grid(config, B, n_split)
     sync = sync_buffer(grid[0], dev)
+    trace, trace_steps = trace_buffer(grid, lens)
+    one_chunk = config.one_chunk and w_hr is None
     lstm_backward_kernel[grid](
         w_hh, w_hr if w_hr is not None else w_hh, lens, dy.contiguous(), gates, cs, dh, dc,
-        dgh, dgx, dhp, sync, T, B, H, P, int(reverse),
+        dgh, dgx, dhp, sync, trace, T, B, H, P, int(reverse), trace_steps,
         HAS_PROJ=w_hr is not None, SPLIT=config.split, BLOCK_B=config.block_b,
         BLOCK_H=config.block_h, BLOCK_K=config.block_k, PRECISION=precision,
-        K_RES=config.k_res, ONE_CHUNK=config.one_chunk and w_hr is None,
+        K_RES=config.k_res, ONE_CHUNK=one_chunk, TRACE=trace_steps > 0,
         num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
+    config = dataclasses.replace(config, one_chunk=one_chunk)  # (what ran, for the trace)
+    record_trace("backward", config, grid, trace, trace_steps, precision)
     dw_hh, db_hh = weight_grads(dgh, hs, w_hh, b_hh)
     dw_hr = None
     if w_hr is not None:

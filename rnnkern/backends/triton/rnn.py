@@ -26,12 +26,15 @@ from .common import (
     lengths_or_full,
     mask_in_steps,
     own_chunk,
+    phase_stamp,
+    record_trace,
     resident_columns,
     resident_gates,
     step_rows,
     step_sync,
     step_time,
     sync_buffer,
+    trace_buffer,
     weight_grads,
 )
 
@@ -62,6 +65,9 @@ def _rnn_tile_step(
     B,
     H,
     sync,  # [] int32 arrival counter of the batch tile (ARRIVE)
+    s,  # processing step (phase stamps)
+    trace_ptr,  # phase stamps (common.phase_stamp; TRACE only)
+    trace_steps,
     CARRIED: tl.constexpr,  # gx, b, h_prev given (ONE_CHUNK), else loaded here
     ARRIVE: tl.constexpr,  # grid_arrive once h_s is stored (the caller then only waits)
     SPLIT: tl.constexpr,
@@ -70,6 +76,7 @@ def _rnn_tile_step(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     K_RES: tl.constexpr,
+    TRACE: tl.constexpr,
 ):
     """One step of a [BLOCK_B, BLOCK_H] tile: ``act(h_{s-1} W_hhᵀ + gx + b)`` and the stores
     of ``h_s`` and ``y``; rows past their length keep their state. Without CARRIED the step's
@@ -94,6 +101,7 @@ def _rnn_tile_step(
     h_next = tl.where(keep, h_new, h_prev)
     tl.store(h_next_ptr + bh, h_next, mask=mask)  # what other programs read, first
     if ARRIVE:
+        phase_stamp(trace_ptr, s, trace_steps, 3, TRACE)
         grid_arrive(sync, SPLIT)
     rows = (t[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
     tl.store(y_ptr + rows, tl.where(keep, h_new, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
@@ -103,7 +111,7 @@ def _rnn_tile_step(
 # T, B and flags are not specialised on; the sizes that set the weight rows' alignment (H, P) are
 # (Triton's "divisible by 16" or not), which lets 16-bit W tiles be copied asynchronously and
 # vectorised: without it each tile was a synchronous 2-byte-per-element load (TTGIR).
-@triton.jit(do_not_specialize=["T", "B", "reverse", "save", "relu"])
+@triton.jit(do_not_specialize=["T", "B", "reverse", "save", "relu", "trace_steps"])
 def rnn_forward_kernel(
     gx_ptr,  # [T, B, H] input dtype
     w_ptr,  # [H, H] input dtype (W_hh)
@@ -112,12 +120,14 @@ def rnn_forward_kernel(
     y_ptr,  # [T, B, H] input dtype
     hs_ptr,  # [T+1, B, H] float32 when save else [2, B, H]; slot 0 holds h0
     sync_ptr,  # [cdiv(B, BLOCK_B)] int32 zeros (SPLIT only)
+    trace_ptr,  # [programs, trace_steps, TRACE_POINTS] int64 stamps + clock (TRACE only)
     T,
     B,
     H,
     reverse,  # int 0/1
     save,  # int 0/1
     relu,  # int: 1 relu, 0 tanh
+    trace_steps,  # steps stamped (TRACE only)
     SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -125,6 +135,7 @@ def rnn_forward_kernel(
     PRECISION: tl.constexpr,
     K_RES: tl.constexpr = 0,  # > 0: W_hh slice resident (see lstm_forward_kernel)
     ONE_CHUNK: tl.constexpr = False,  # the program owns hidden chunk pid_h only (common.py)
+    TRACE: tl.constexpr = False,  # stamp the phases of each step (common.TRACE_POINTS)
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -144,6 +155,7 @@ def rnn_forward_kernel(
             step_rows(gx_ptr, 0, lens, reverse, offs_b, B, H), offs_c, mask_bc, H, 1
         )[0]
     for s in range(T):
+        phase_stamp(trace_ptr, s, trace_steps, 0, TRACE)
         t, valid = step_time(s, lens, reverse)
         cur = tl.where(save != 0, s, s % 2).to(tl.int64)
         nxt = tl.where(save != 0, s + 1, (s + 1) % 2).to(tl.int64)
@@ -157,7 +169,8 @@ def rnn_forward_kernel(
             h_own = _rnn_tile_step(
                 gx_own, b_own, h_own, gx_ptr, b_ptr, h_prev_ptr, w_ptr, w_res,
                 hs_ptr + nxt * B * H, y_ptr, t, valid, relu, offs_b, mask_b, offs_c, mask_c, B, H,
-                sync, True, True, SPLIT, BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, K_RES,
+                sync, s, trace_ptr, trace_steps, True, True, SPLIT, BLOCK_B, BLOCK_H, BLOCK_K,
+                PRECISION, K_RES, TRACE,
             )  # fmt: skip
             gx_own = gx_nxt
         else:
@@ -167,10 +180,13 @@ def rnn_forward_kernel(
                 _rnn_tile_step(
                     0.0, 0.0, 0.0, gx_rows, b_ptr, h_prev_ptr, w_ptr, w_res,
                     hs_ptr + nxt * B * H, y_ptr, t, valid, relu, offs_b, mask_b, offs_h,
-                    offs_h < H, B, H, sync, False, False, SPLIT, BLOCK_B, BLOCK_H, BLOCK_K,
-                    PRECISION, K_RES,
+                    offs_h < H, B, H, sync, s, trace_ptr, trace_steps, False, False, SPLIT,
+                    BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, K_RES, TRACE,
                 )  # fmt: skip
-        # ONE_CHUNK programs arrived in _rnn_tile_step
+        # ONE_CHUNK programs arrived (and stamped point 3) in _rnn_tile_step
+        if not ONE_CHUNK:
+            phase_stamp(trace_ptr, s, trace_steps, 3, TRACE)
+        phase_stamp(trace_ptr, s, trace_steps, 4, TRACE)
         arrivals = step_sync(sync, arrivals, n_split, SPLIT, ONE_CHUNK)
 
 
@@ -184,8 +200,12 @@ def _rnn_grad(
     dgx_tile,  # [BLOCK_B, BLOCK_H] pointers to dgx[t, b, unit]
     mask,  # [BLOCK_B, BLOCK_H]
     sync,  # [] int32 arrival counter of the batch tile (ARRIVE)
+    r,  # processing step (the backward's r-th, for the phase stamps)
+    trace_ptr,  # phase stamps (common.phase_stamp; TRACE only)
+    trace_steps,
     ARRIVE: tl.constexpr,  # grid_arrive once dgh is stored (the caller then only waits)
     SPLIT: tl.constexpr,
+    TRACE: tl.constexpr,
 ):
     """Gradient of step ``s``'s pre-activation (zero past a row's length), stored to ``dgh``
     (float32) and ``dgx`` (its dtype)."""
@@ -193,6 +213,7 @@ def _rnn_grad(
     dpre = tl.where(valid[:, None], dtot * deriv, 0.0)
     tl.store(dgh_tile, dpre, mask=mask)
     if ARRIVE:  # dgh is what the other programs read; dgx only the caller
+        phase_stamp(trace_ptr, r, trace_steps, 3, TRACE)
         grid_arrive(sync, SPLIT)
     tl.store(dgx_tile, dpre.to(dgx_tile.dtype.element_ty), mask=mask)
 
@@ -200,7 +221,7 @@ def _rnn_grad(
 # T, B and flags are not specialised on; the sizes that set the weight rows' alignment (H, P) are
 # (Triton's "divisible by 16" or not), which lets 16-bit W tiles be copied asynchronously and
 # vectorised: without it each tile was a synchronous 2-byte-per-element load (TTGIR).
-@triton.jit(do_not_specialize=["T", "B", "reverse", "relu"])
+@triton.jit(do_not_specialize=["T", "B", "reverse", "relu", "trace_steps"])
 def rnn_backward_kernel(
     w_ptr,  # [H, H] input dtype (W_hh)
     len_ptr,  # [B] int64 valid lengths
@@ -210,11 +231,13 @@ def rnn_backward_kernel(
     dgh_ptr,  # [T, B, H] float32 out: gradient of the pre-activation (processing order)
     dgx_ptr,  # [T, B, H] dtype of gx out: the same in time order
     sync_ptr,  # [cdiv(B, BLOCK_B)] int32 zeros (SPLIT only)
+    trace_ptr,  # [programs, trace_steps, TRACE_POINTS] int64 stamps + clock (TRACE only)
     T,
     B,
     H,
     reverse,  # int 0/1
     relu,  # int: 1 relu, 0 tanh
+    trace_steps,  # steps stamped (TRACE only)
     SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -222,6 +245,7 @@ def rnn_backward_kernel(
     PRECISION: tl.constexpr,
     K_RES: tl.constexpr = 0,  # > 0: the program's columns of W_hh stay on chip (phase 2)
     ONE_CHUNK: tl.constexpr = False,  # the program owns hidden chunk pid_h only
+    TRACE: tl.constexpr = False,  # stamp the phases of each step (common.TRACE_POINTS)
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -242,6 +266,7 @@ def rnn_backward_kernel(
         hs_n = tl.load(hs_ptr + T.to(tl.int64) * B * H + bc, mask=mask_bc, other=0.0)
     for r in range(T):
         s = T - 1 - r
+        phase_stamp(trace_ptr, r, trace_steps, 0, TRACE)
         t, valid = step_time(s, lens, reverse)
         s64 = s.to(tl.int64)
         keep = valid[:, None]
@@ -256,7 +281,7 @@ def rnn_backward_kernel(
             _rnn_grad(
                 dh_own + dy_c.to(tl.float32), hs_c, relu, valid, dgh_ptr + s64 * B * H + bc,
                 dgx_ptr + (t[:, None] * B + offs_b[:, None]) * H + offs_c[None, :], mask_bc,
-                sync, True, SPLIT,
+                sync, r, trace_ptr, trace_steps, True, SPLIT, TRACE,
             )  # fmt: skip
         else:
             for j in range(pid_h, tl.cdiv(H, BLOCK_H), n_split):
@@ -268,9 +293,13 @@ def rnn_backward_kernel(
                 dtot += tl.load(dy_ptr + rows, mask=mask, other=0.0).to(tl.float32)
                 h_new = tl.load(hs_ptr + (s64 + 1) * B * H + bh, mask=mask, other=0.0)
                 _rnn_grad(dtot, h_new, relu, valid, dgh_ptr + s64 * B * H + bh, dgx_ptr + rows,
-                          mask, sync, False, SPLIT)  # fmt: skip
-        # ONE_CHUNK programs arrived in _rnn_grad
+                          mask, sync, r, trace_ptr, trace_steps, False, SPLIT, TRACE)  # fmt: skip
+        # ONE_CHUNK programs arrived (and stamped point 3) in _rnn_grad
+        if not ONE_CHUNK:
+            phase_stamp(trace_ptr, r, trace_steps, 3, TRACE)
+        phase_stamp(trace_ptr, r, trace_steps, 4, TRACE)
         arrivals = step_sync(sync, arrivals, n_split, SPLIT, ONE_CHUNK)
+        phase_stamp(trace_ptr, r, trace_steps, 5, TRACE)
         # phase 2: dh_{s-1} = dgh_s @ W_hh where valid, else unchanged.
         if ONE_CHUNK:
             acc = column_product(
@@ -324,14 +353,16 @@ def rnn_forward(
     lens = lengths_or_full(lengths, T, B, dev)
     grid = launch_grid(config, B, n_split)
     sync = sync_buffer(grid[0], dev)
+    trace, trace_steps = trace_buffer(grid, lens)
     rnn_forward_kernel[grid](
-        gx, w_hh, bias_or_zeros(b_hh, H, w_hh), lens, y, hs, sync,
-        T, B, H, int(reverse), int(save), int(relu),
+        gx, w_hh, bias_or_zeros(b_hh, H, w_hh), lens, y, hs, sync, trace,
+        T, B, H, int(reverse), int(save), int(relu), trace_steps,
         SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
         BLOCK_K=config.block_k, PRECISION=precision, K_RES=config.k_res,
-        ONE_CHUNK=config.one_chunk, num_warps=config.num_warps,
+        ONE_CHUNK=config.one_chunk, TRACE=trace_steps > 0, num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
+    record_trace("forward", config, grid, trace, trace_steps, precision)
     h_n = hs[T % slots].clone()
     saved = Saved(hs, hs.new_empty(0), hs.new_empty(0)) if save else empty_saved(hs)
     return ForwardResult(y, h_n, hs.new_empty(0), saved)
@@ -360,13 +391,15 @@ def rnn_backward(
     lens = lengths_or_full(lengths, T, B, dev)
     grid = launch_grid(config, B, n_split)
     sync = sync_buffer(grid[0], dev)
+    trace, trace_steps = trace_buffer(grid, lens)
     rnn_backward_kernel[grid](
-        w_hh, lens, dy.contiguous(), hs, dh, dgh, dgx, sync,
-        T, B, H, int(reverse), int(relu),
+        w_hh, lens, dy.contiguous(), hs, dh, dgh, dgx, sync, trace,
+        T, B, H, int(reverse), int(relu), trace_steps,
         SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
         BLOCK_K=config.block_k, PRECISION=precision, K_RES=config.k_res,
-        ONE_CHUNK=config.one_chunk, num_warps=config.num_warps,
+        ONE_CHUNK=config.one_chunk, TRACE=trace_steps > 0, num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
+    record_trace("backward", config, grid, trace, trace_steps, precision)
     dw_hh, db_hh = weight_grads(dgh, hs, w_hh, b_hh)
     return BackwardResult(dgx, dh, None, dw_hh, db_hh, None)
