@@ -297,13 +297,14 @@ def _spy_configs(monkeypatch, name, attr):
 
     module = {"lstm": lstm, "gru": gru}.get(cell_of(name), rnn)
     chosen = []
+    real = common.launch_config
 
     def spy(*args, **kw):
-        config, n_split = common.choose_config(*args, **kw)
+        config, n_split = real(*args, **kw)
         chosen.append(getattr(config, attr))
         return config, n_split
 
-    monkeypatch.setattr(module, "choose_config", spy)
+    monkeypatch.setattr(module, "launch_config", spy)
     return chosen
 
 
@@ -318,7 +319,9 @@ def test_one_chunk_kernels_equal_the_chunk_loop(name, monkeypatch):
     inp = make_inputs(name, T, B, H)
     lengths = _lengths([7, 2, 5] if DEVICE == "cpu" else "random", T, B)
     carried = run(name, inp, "triton", lengths, reverse=True)
-    assert chosen == [True, True], chosen  # forward and backward (not with a projection)
+    # forward and backward (the LSTM backward loops with a projection: its state and hidden
+    # chunks differ)
+    assert chosen == [True, name != "lstm_proj"], chosen
     monkeypatch.setattr(common, "ONE_CHUNK", False)
     chosen.clear()
     looped = run(name, inp, "triton", lengths, reverse=True)
@@ -492,8 +495,36 @@ def test_phases_profile_times_every_triton_phase(tmp_path):
         want += ["step", "arrival spread", "timer step"]
         assert list(r["phases_us"]) == want, r["case"]
         assert all(v is not None and v >= 0 for v in r["phases_us"].values()), r
-        assert r["plan"].startswith(f"{r['launch']['programs']} programs"), r["plan"]
+        assert r["plan"] == r["launch"]["plan"], r
+        assert r["plan"].startswith(f"{r['launch']['programs']} program"), r["plan"]
     md = phases.write(rows, tmp_path, "test", device=DEVICE)
     text = md.read_text()
     assert "## triton forward" in text and "## triton backward" in text
     assert "| LSTM B=3 H=9 T=6 float32 proj=4 |" in text
+
+
+def test_explain_describes_the_triton_launches():
+    """rnnkern.explain gives, for backend triton, the forward's and the backward's launch in
+    words: programs, batch tiles, chunks, where the weights live, what the products run on."""
+    import rnnkern
+
+    gru = rnnkern.GRU(20, 20, backend="triton").to(DEVICE)
+    text = rnnkern.explain(gru, torch.randn(5, 3, 20, device=DEVICE))
+    lines = text.splitlines()
+    assert lines[0] == "backend 'triton': asked for by name", text
+    dev = torch.device(DEVICE)
+    for line, kernel in zip(lines[1:], ("gru_forward", "gru_backward"), strict=True):
+        config, n_split = common.launch_config(kernel, 3, 20, 20, torch.float32, dev)
+        assert config.k_res and config.one_chunk  # one 32-unit chunk, weights on chip
+        direction = kernel.split("_")[1]
+        assert line == f"  {direction}: {common.plan_text(config, n_split, 3, torch.float32)}"
+    if DEVICE == "cpu":  # one program, no split; the forward's slices span H, the backward's 3H
+        assert lines[1] == (
+            "  forward: 1 program (1 batch tile of 16 rows x 1 hidden split), 32 units a chunk, "
+            "one chunk a program, weights resident (32-row slices), products on float32 FMAs"
+        )
+        assert "weights resident (64-row slices)" in lines[2]
+    lstm = rnnkern.LSTM(40, 40, proj_size=8, backend="triton").to(DEVICE)
+    text = rnnkern.explain(lstm, torch.randn(5, 3, 40, device=DEVICE))
+    assert text.count("weights read from L2") == 2, text  # no residency with a projection
+    assert "backward: " in text and "chunk loop" in text.splitlines()[2], text

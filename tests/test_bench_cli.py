@@ -190,12 +190,11 @@ def test_gpu_train_case_times_streamed_weights_where_the_kernel_keeps_them(monke
     from rnnkern.bench import gpu_train
 
     seen = []
-    real = common.choose_config
+    real = common.launch_config
 
     def spy(*args, **kw):
         config, n_split = real(*args, **kw)
-        if len(args) > 3 or "resident" in kw:
-            seen.append((config.k_res, config.one_chunk))
+        seen.append((config.k_res, config.one_chunk))
         return config, n_split
 
     small = gpu_train.make_case("GRU", torch.float32, 3, 9, 4, False, device="cpu")
@@ -205,7 +204,7 @@ def test_gpu_train_case_times_streamed_weights_where_the_kernel_keeps_them(monke
     assert set(wide.fns) == {"torch.nn", "rnnkern[triton]"}  # two chunks: neither variant
     import rnnkern.backends.triton.gru as gru
 
-    monkeypatch.setattr(gru, "choose_config", spy)
+    monkeypatch.setattr(gru, "launch_config", spy)
     small.fns["rnnkern[triton]"]()
     small.fns["rnnkern[triton], weights streamed"]()
     small.fns["rnnkern[triton], state reloaded"]()

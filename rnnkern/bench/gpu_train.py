@@ -94,8 +94,7 @@ def _forward_config(cell: str, dtype: torch.dtype, B: int, H: int, device: str):
     weights resident, whether each program owns one chunk)."""
     from ..backends.triton import common
 
-    resident = (f"{cell.lower()}_forward", H, dtype, common.dot_precision(dtype))
-    return common.choose_config(B, H, torch.device(device), resident)[0]
+    return common.launch_config(f"{cell.lower()}_forward", B, H, H, dtype, torch.device(device))[0]
 
 
 def _switched_off(flag: str, step):

@@ -175,13 +175,7 @@ def phase_times(
 
 def _plan(info: dict) -> str:
     if "programs" in info:  # a Triton launch (common.record_trace)
-        where = f"resident (K_RES={info['k_res']})" if info["k_res"] else "from L2"
-        return (
-            f"{info['programs']} programs ({info['batch_tiles']} batch tiles x "
-            f"{info['n_split']}), {info['block_b']}x{info['block_h']} tiles, "
-            + ("one chunk" if info["one_chunk"] else "chunk loop")
-            + f", weights {where}, {info['precision']}"
-        )
+        return info["plan"]
     if "sample_warps" in info:  # a generate launch (GenerateInfo)
         where = "resident" if info["weights_in_smem"] else "from L2"
         return (

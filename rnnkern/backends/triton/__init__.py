@@ -107,6 +107,26 @@ class TritonBackend:
             return "projection is only defined for lstm"
         return True
 
+    def describe(self, config: LayerConfig) -> str:
+        """The launches a call of ``config`` gets on the current device (for
+        :func:`rnnkern.explain`): programs, batch tiles and hidden splits, chunks, where the
+        weights live and what the products run on."""
+        from . import common
+
+        kernel = "rnn" if config.cell.startswith("rnn") else config.cell
+        device = torch.device(config.device_type)
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        B, H = config.batch_size, config.hidden_size
+        P = config.proj_size or H
+        lines = []
+        for direction in ("forward", "backward"):
+            launch, n_split = common.launch_config(
+                f"{kernel}_{direction}", B, H, P, config.dtype, device, bool(config.proj_size)
+            )
+            lines.append(f"{direction}: {common.plan_text(launch, n_split, B, config.dtype)}")
+        return "\n".join(lines)
+
     def _check(self, cell: str, like: torch.Tensor, w_hh: torch.Tensor) -> None:
         """Raise a ValueError naming the reason when ``like [T, B, *]`` (gx or dy) with
         ``w_hh [G*H, P]`` is not supported."""

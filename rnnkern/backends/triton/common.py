@@ -662,6 +662,46 @@ def choose_config(
     return config, n_split
 
 
+def launch_config(
+    kernel: str, batch: int, hidden: int, state: int, dtype: torch.dtype, device: torch.device,
+    proj: bool = False,
+) -> tuple[LaunchConfig, int]:  # fmt: skip
+    """What a layer's launcher runs ``kernel`` (a key of :data:`RESIDENT_SLICES`) with: the
+    configuration and ``n_split`` for ``batch`` rows, ``hidden`` units and ``state`` units
+    (proj_size, or ``hidden``), with the resident weights of that kernel where they fit (the
+    forward's over the state, the backward's over every gate's rows; none with a projection),
+    and no ONE_CHUNK for the backward of an LSTM with a projection (its state and hidden
+    chunks differ)."""
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[kernel.split("_")[0]]
+    k = state if kernel.endswith("_forward") else gates * hidden
+    resident = None if proj else (kernel, k, dtype, dot_precision(dtype))
+    config, n_split = choose_config(batch, max(hidden, state), device, resident)
+    if proj and kernel == "lstm_backward":
+        config = dataclasses.replace(config, one_chunk=False)
+    return config, n_split
+
+
+def plan_text(config: LaunchConfig, n_split: int, batch: int, dtype: torch.dtype) -> str:
+    """A launch in words (``rnnkern.explain``, the phases benchmark): programs, batch tiles
+    and hidden splits, chunks, where the weights live and what the products run on."""
+    tiles = triton.cdiv(batch, config.block_b)
+    where = f"resident ({config.k_res}-row slices)" if config.k_res else "read from L2"
+    if dtype == torch.float32:
+        products = "TF32 tensor cores" if dot_precision(dtype) == "tf32" else "float32 FMAs"
+    else:
+        products = f"{str(dtype).removeprefix('torch.')} tensor cores"
+    def count(n: int, what: str) -> str:
+        return f"{n} {what}" + ("s" if n != 1 else "")
+
+    return (
+        f"{count(tiles * n_split, 'program')} ({count(tiles, 'batch tile')} of "
+        f"{config.block_b} rows x {count(n_split, 'hidden split')}), "
+        f"{config.block_h} units a chunk, "
+        + ("one chunk a program" if config.one_chunk else "chunk loop")
+        + f", weights {where}, products on {products}"
+    )
+
+
 def all_configs(dkey: str | None = None, kernel: str | None = None) -> list[LaunchConfig]:
     """Every configuration :func:`choose_config` can return for ``kernel`` (a key of
     :data:`RESIDENT_SLICES`; None: any); with the dtype key of compile_check (fp32, tf32, bf16,
@@ -750,14 +790,14 @@ def trace_buffer(grid: tuple[int, int], placeholder: torch.Tensor) -> tuple[torc
 
 def record_trace(
     kernel: str, config: LaunchConfig, grid: tuple[int, int], buffer: torch.Tensor, steps: int,
-    precision: str,
+    batch: int, dtype: torch.dtype,
 ) -> None:  # fmt: skip
     """Append a traced launch's stamps (:func:`trace_buffer`) to the running trace list, with
     its layout; nothing when ``steps`` is 0."""
     if steps:
         stamps = buffer[:-1].view(grid[0] * grid[1], steps, TRACE_POINTS)
         info = dict(dataclasses.asdict(config), programs=grid[0] * grid[1], batch_tiles=grid[0],
-                    n_split=grid[1], precision=precision)  # fmt: skip
+                    n_split=grid[1], plan=plan_text(config, grid[1], batch, dtype))  # fmt: skip
         tracing.record("triton", kernel, info, stamps)
 
 

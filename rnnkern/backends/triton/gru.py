@@ -15,7 +15,6 @@ from ..base import BackwardResult, ForwardResult, Saved, empty
 from .common import (
     bias_or_zeros,
     check_grid_sync,
-    choose_config,
     column_product,
     dot_precision,
     empty_saved,
@@ -23,6 +22,7 @@ from .common import (
     gate_products,
     gate_tiles,
     grid_arrive,
+    launch_config,
     launch_grid,
     lengths_or_full,
     mask_in_steps,
@@ -424,7 +424,7 @@ def gru_forward(
     H = G3 // 3
     dev, f32 = gx.device, torch.float32
     precision = dot_precision(gx.dtype)
-    config, n_split = choose_config(B, H, dev, ("gru_forward", H, gx.dtype, precision))
+    config, n_split = launch_config("gru_forward", B, H, H, gx.dtype, dev)
     slots = T + 1 if save else 2
     hs = empty((slots, B, H), f32, dev)
     hs[0] = h0
@@ -443,7 +443,7 @@ def gru_forward(
         ONE_CHUNK=config.one_chunk, TRACE=trace_steps > 0, num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
-    record_trace("forward", config, grid, trace, trace_steps, precision)
+    record_trace("forward", config, grid, trace, trace_steps, B, gx.dtype)
     h_n = hs[T % slots].clone()
     saved = Saved(hs, hn, gates) if save else empty_saved(hs)
     return ForwardResult(y, h_n, hs.new_empty(0), saved)
@@ -464,7 +464,7 @@ def gru_backward(
     T, B, H = dy.shape
     dev, f32 = dy.device, torch.float32
     precision = dot_precision(dy.dtype)
-    config, n_split = choose_config(B, H, dev, ("gru_backward", 3 * H, dy.dtype, precision))
+    config, n_split = launch_config("gru_backward", B, H, H, dy.dtype, dev)
     dh = dh_n.to(f32).contiguous().clone()
     dgh = empty((T, B, 3 * H), f32, dev)
     dgx = empty((T, B, 3 * H), dy.dtype, dev)
@@ -480,6 +480,6 @@ def gru_backward(
         ONE_CHUNK=config.one_chunk, TRACE=trace_steps > 0, num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
-    record_trace("backward", config, grid, trace, trace_steps, precision)
+    record_trace("backward", config, grid, trace, trace_steps, B, dy.dtype)
     dw_hh, db_hh = weight_grads(dgh, hs, w_hh, b_hh)
     return BackwardResult(dgx, dh, None, dw_hh, db_hh, None)

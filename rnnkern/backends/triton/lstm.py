@@ -6,8 +6,6 @@ g, o in torch.nn's order. Grid strategy and synchronisation: see :mod:`.common`.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
@@ -16,7 +14,6 @@ from ..base import BackwardResult, ForwardResult, Saved, empty
 from .common import (
     bias_or_zeros,
     check_grid_sync,
-    choose_config,
     column_product,
     dot_precision,
     empty_saved,
@@ -26,6 +23,7 @@ from .common import (
     gemm_tn,
     grid_arrive,
     grid_sync,
+    launch_config,
     launch_grid,
     lengths_or_full,
     mask_in_steps,
@@ -517,8 +515,7 @@ def lstm_forward(
     H, P = G4 // 4, w_hh.shape[1]
     dev, f32 = gx.device, torch.float32
     precision = dot_precision(gx.dtype)
-    resident = ("lstm_forward", P, gx.dtype, precision) if w_hr is None else None
-    config, n_split = choose_config(B, max(H, P), dev, resident)
+    config, n_split = launch_config("lstm_forward", B, H, P, gx.dtype, dev, w_hr is not None)
     slots = T + 1 if save else 2
     hs = empty((slots, B, P), f32, dev)
     cs = empty((slots, B, H), f32, dev)
@@ -541,7 +538,7 @@ def lstm_forward(
         num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
-    record_trace("forward", config, grid, trace, trace_steps, precision)
+    record_trace("forward", config, grid, trace, trace_steps, B, gx.dtype)
     h_n, c_n = hs[T % slots].clone(), cs[T % slots].clone()
     saved = Saved(hs, cs, gates) if save else empty_saved(hs)
     return ForwardResult(y, h_n, c_n, saved)
@@ -566,8 +563,7 @@ def lstm_backward(
     H = w_hh.shape[0] // 4
     dev, f32 = dy.device, torch.float32
     precision = dot_precision(dy.dtype)
-    resident = ("lstm_backward", 4 * H, dy.dtype, precision) if w_hr is None else None
-    config, n_split = choose_config(B, max(H, P), dev, resident)
+    config, n_split = launch_config("lstm_backward", B, H, P, dy.dtype, dev, w_hr is not None)
     dh = dh_n.to(f32).contiguous().clone()
     dc = dc_n.to(f32).contiguous().clone()
     dgh = empty((T, B, 4 * H), f32, dev)
@@ -577,18 +573,16 @@ def lstm_backward(
     grid = launch_grid(config, B, n_split)
     sync = sync_buffer(grid[0], dev)
     trace, trace_steps = trace_buffer(grid, lens)
-    one_chunk = config.one_chunk and w_hr is None
     lstm_backward_kernel[grid](
         w_hh, w_hr if w_hr is not None else w_hh, lens, dy.contiguous(), gates, cs, dh, dc,
         dgh, dgx, dhp, sync, trace, T, B, H, P, int(reverse), trace_steps,
         HAS_PROJ=w_hr is not None, SPLIT=config.split, BLOCK_B=config.block_b,
         BLOCK_H=config.block_h, BLOCK_K=config.block_k, PRECISION=precision,
-        K_RES=config.k_res, ONE_CHUNK=one_chunk, TRACE=trace_steps > 0,
+        K_RES=config.k_res, ONE_CHUNK=config.one_chunk, TRACE=trace_steps > 0,
         num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
-    config = dataclasses.replace(config, one_chunk=one_chunk)  # (what ran, for the trace)
-    record_trace("backward", config, grid, trace, trace_steps, precision)
+    record_trace("backward", config, grid, trace, trace_steps, B, dy.dtype)
     dw_hh, db_hh = weight_grads(dgh, hs, w_hh, b_hh)
     dw_hr = None
     if w_hr is not None:
