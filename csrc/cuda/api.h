@@ -31,7 +31,7 @@ enum KernelError : unsigned long long {
 constexpr int kMaxBatchGroups = 64;
 constexpr int kTrainSyncWords = 1 + kMaxBatchGroups;
 
-// Phase tracing (rnnkern.backends.cuda.trace_phases; the cuda_phases benchmark). Where
+// Phase tracing (rnnkern.backends.tracing.trace_phases; the phases benchmark). Where
 // ForwardArgs / BackwardArgs::trace is not null, thread 0 of every block writes %globaltimer
 // (ns) at each of these points of the first trace_steps processing steps, to
 // trace[(block * trace_steps + step) * kTracePoints + point], after a block-wide

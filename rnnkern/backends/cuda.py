@@ -128,7 +128,7 @@ def plans(cell: str, dtype: torch.dtype, B: int, H: int, P: int, proj: bool) -> 
 def _trace_buffer(device: torch.device, points: int = 0) -> tuple[torch.Tensor | None, int]:
     """A launch's zeroed stamp buffer ``[sms, steps, points]`` (a block per SM at most;
     ``points`` a step, default the training kernels') and the steps it traces, or (None, 0)
-    outside :func:`trace_phases`."""
+    outside :func:`rnnkern.backends.tracing.trace_phases`."""
     steps = tracing.traced_steps()
     if not steps:
         return None, 0
@@ -137,7 +137,7 @@ def _trace_buffer(device: torch.device, points: int = 0) -> tuple[torch.Tensor |
 
 
 def _record_trace(kernel: str, info: dict, buffer: torch.Tensor | None) -> None:
-    """Append the stamps of the launch's blocks to the running :func:`trace_phases` list."""
+    """Append the stamps of the launch's blocks to the running trace list (:mod:`.tracing`)."""
     if buffer is not None:
         tracing.record("cuda", kernel, info, buffer[: info["blocks"]])
 
