@@ -690,6 +690,7 @@ def plan_text(config: LaunchConfig, n_split: int, batch: int, dtype: torch.dtype
         products = "TF32 tensor cores" if dot_precision(dtype) == "tf32" else "float32 FMAs"
     else:
         products = f"{str(dtype).removeprefix('torch.')} tensor cores"
+
     def count(n: int, what: str) -> str:
         return f"{n} {what}" + ("s" if n != 1 else "")
 
