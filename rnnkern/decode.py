@@ -17,7 +17,8 @@ one C++ call for the whole loop, sampling with :mod:`rnnkern.sampling`'s rule; n
 allocated per token. ``backend="triton"`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``)
 runs each step as one Triton launch (:mod:`rnnkern.backends.triton.decode`) and samples on the
 device (:func:`rnnkern.sampling.sample_tensor`), so ``generate`` makes no host round trip per
-token; on CUDA each token's sample-and-step is replayed from a captured CUDA graph.
+token; on CUDA the tokens' sample-and-steps are replayed from captured CUDA graphs, several
+tokens a replay.
 ``backend="cuda"`` (CUDA tensors, extension ``rnnkern._cuda``) runs ``generate`` as one
 persistent kernel for all tokens (:mod:`rnnkern.backends.cuda_decode`): layers, head, sampling
 by the C++ decoder's own rule code and the token feedback, with no launch per token.
@@ -115,6 +116,12 @@ class Decoder:
         # backend "triton" on CUDA: replay each token's sample-and-step from a CUDA graph
         # (RNNKERN_DECODE_CUDA_GRAPH=0 or setting this False runs every launch eagerly).
         self.cuda_graphs = _cuda_graphs_enabled()
+        # ... and how many tokens one replay runs: 1, or an even number (a replay then ends on
+        # the state parity it began with). A replay costs the host a Python call and a graph
+        # launch, some microseconds, which a graph of 8 tokens pays once for 8; where the host
+        # is slower than the GPU's token that is the token rate (gpu_decode's row "a graph per
+        # token" measures what it saves).
+        self.graph_tokens = 8
         # backend "triton": sample each token with one Triton launch (vocabularies up to 1024);
         # False samples with the rule in torch ops (to measure what the launch saves).
         self.fused_sampling = True
@@ -582,10 +589,13 @@ class Decoder:
     def _device_generate(self, prime, out, temperature, top_k, top_p, seed, first_step) -> Tensor:
         """``generate`` on the device: the prime, then per token one sample (on the device,
         by the rule of :mod:`rnnkern.sampling`) and one step, with no host round trip; the
-        only synchronisation is the check for non-finite logits at the end. On CUDA each
-        token's sample-and-step is one replay of a captured CUDA graph."""
+        only synchronisation is the check for non-finite logits at the end. On CUDA the
+        tokens between the first and the last are replays of captured CUDA graphs of
+        ``graph_tokens`` sample-and-steps each (:func:`_replay_plan`)."""
         B, steps = prime.shape[0], out.shape[1]
         dev = self.device
+        # (first: a bad graph_tokens raises before the state moves)
+        plan = _replay_plan(steps, self.graph_tokens, dev.type == "cuda" and self.cuda_graphs)
         for column in prime.t().contiguous():  # one copy, then a contiguous [B] row per step
             self._triton_advance(column)
         if self._tokens.shape[1] < steps:
@@ -597,15 +607,13 @@ class Decoder:
         self._params.copy_(torch.tensor([float(temperature), float(top_p)], dtype=torch.float64))
         self._col.zero_()
         self._bad.zero_()
-        use_graph = dev.type == "cuda" and self.cuda_graphs
-        for j in range(steps):
-            if j + 1 < steps and use_graph and j > 0:
-                # j > 0: the first token ran eagerly, which compiled and warmed every kernel.
-                self._graph(temperature, top_k, top_p).replay()
-                self._parity ^= 1
+        for i, count in enumerate(plan):
+            if count:
+                self._graph(temperature, top_k, top_p, count).replay()
+                self._parity ^= count & 1
             else:
                 tok = self._sample_and_record(temperature, top_k, top_p)
-                if j + 1 < steps:
+                if i + 1 < len(plan):  # (the last token is sampled, not stepped)
                     self._triton_advance(tok)
         out.copy_(self._tokens[:, :steps])
         if self._triton_step.n_split > 1:
@@ -637,19 +645,41 @@ class Decoder:
         self._col += 1
         return self._last
 
-    def _graph(self, temperature, top_k, top_p) -> torch.cuda.CUDAGraph:
-        """The CUDA graph of one sample-and-step from the current parity, captured on first
-        use for these sampling arguments: :meth:`_sample_and_record`, then the step on the
-        sampled tokens. A token costs one replay and nothing else."""
-        key = (self._parity, float(temperature), int(top_k), float(top_p), self.fused_sampling)
+    def _graph(self, temperature, top_k, top_p, count: int) -> torch.cuda.CUDAGraph:
+        """The CUDA graph of ``count`` sample-and-steps from the current parity, captured on
+        first use for these sampling arguments: each :meth:`_sample_and_record`, then the
+        step on the sampled tokens. ``count`` tokens cost one replay and nothing else."""
+        key = (self._parity, count, float(temperature), int(top_k), float(top_p),
+               self.fused_sampling)  # fmt: skip
         if key not in self._graphs:
             graph = torch.cuda.CUDAGraph()
             h, parity = self._h, self._parity
             with torch.cuda.graph(graph):
-                tok = self._sample_and_record(temperature, top_k, top_p)
-                self._triton_step(tok, None, h[parity], h[1 - parity], self._c, self._logits)
+                for _ in range(count):
+                    tok = self._sample_and_record(temperature, top_k, top_p)
+                    self._triton_step(tok, None, h[parity], h[1 - parity], self._c, self._logits)
+                    parity ^= 1
             self._graphs[key] = graph
         return self._graphs[key]
+
+
+def _replay_plan(steps: int, per_graph: int, use_graph: bool) -> list[int]:
+    """How ``generate`` runs its ``steps`` tokens on the device, in order: 0 for a token run
+    eagerly (sampled, then stepped, but the last), ``k > 0`` for one replay of a graph of ``k``
+    sample-and-steps. The first token runs eagerly (it compiles and warms every kernel), and
+    so does the last (sampled only); graphs of ``per_graph`` tokens (1, or even, so that a
+    replay ends on the parity it began with) take the rest, and graphs of one the remainder."""
+    if (
+        isinstance(per_graph, bool)
+        or not isinstance(per_graph, int)
+        or per_graph < 1
+        or (per_graph > 1 and per_graph % 2)
+    ):
+        raise ValueError(f"graph_tokens must be 1 or a positive even int, got {per_graph!r}")
+    if not use_graph or steps < 3:
+        return [0] * steps
+    middle = steps - 2
+    return [0] + [per_graph] * (middle // per_graph) + [1] * (middle % per_graph) + [0]
 
 
 def _cuda_graphs_enabled() -> bool:

@@ -234,6 +234,7 @@ def test_gpu_decode_rows_all_run(B, cuda_kernels):
                  "rnnkern cuda generate fp32, 100 ns between polls"}  # fmt: skip
     triton_rows = {"rnnkern triton generate fp32", "rnnkern triton generate bf16",
                    "rnnkern triton generate fp32, eager",
+                   "rnnkern triton generate fp32, a graph per token",
                    "rnnkern triton generate fp32, sampling in torch ops",
                    "rnnkern triton generate fp32, tl.dot tiles"}  # fmt: skip
     assert set(fns) == {"torch.nn.LSTM step"} | triton_rows | cuda_rows

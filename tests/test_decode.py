@@ -576,11 +576,14 @@ def test_device_backends_generate_the_cpu_decoders_tune(kw, weights, backend):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @needs_triton
-def test_triton_cuda_graph_generate_equals_eager():
-    """The graph replays the very launches the eager loop makes: identical tokens and state."""
+@pytest.mark.parametrize("graph_tokens", [8, 1])
+def test_triton_cuda_graph_generate_equals_eager(graph_tokens):
+    """The graphs replay the very launches the eager loop makes: identical tokens and state,
+    with graphs of 8 tokens (33 tokens: 3 of them, then 7 of one token) and of one."""
     rnn, emb, head = make_model("LSTM", 3, seed=18)
     prime = torch.randint(0, V, (4, 3), generator=torch.Generator().manual_seed(19))
     graphed = make_decoder("triton", rnn, emb, head, batch_size=4)
+    graphed.graph_tokens = graph_tokens
     eager = make_decoder("triton", rnn, emb, head, batch_size=4)
     eager.cuda_graphs = False
     for kw in ({"seed": 1}, {"seed": 2, "top_k": 5, "temperature": 0.8}):
@@ -595,6 +598,32 @@ def test_triton_cuda_graph_generate_equals_eager():
         assert torch.equal(a, b)
 
 
+def test_replay_plan_runs_every_token_once():
+    """generate's schedule on the device: every token once, the first and the last eagerly,
+    graphs of graph_tokens in between and graphs of one for the remainder; graph_tokens=1 is
+    a graph per token; without graphs every token is eager."""
+    from rnnkern.decode import _replay_plan
+
+    for steps in range(12):
+        for per_graph in (1, 2, 8):
+            plan = _replay_plan(steps, per_graph, True)
+            assert sum(max(c, 1) for c in plan) == steps, (steps, per_graph, plan)
+            if steps >= 3:
+                assert plan[0] == 0 and plan[-1] == 0 and 0 not in plan[1:-1], plan
+                ones = plan.count(1) if per_graph > 1 else 0
+                assert plan[1 : len(plan) - 1 - ones] == [per_graph] * ((steps - 2) // per_graph)
+                assert ones == (steps - 2) % per_graph
+            else:
+                assert plan == [0] * steps
+        assert _replay_plan(steps, 1, True) == ([0] + [1] * (steps - 2) + [0] if steps >= 3
+                                               else [0] * steps)  # fmt: skip
+        assert _replay_plan(steps, 8, False) == [0] * steps
+    assert _replay_plan(19, 8, True) == [0, 8, 8, 1, 0]
+    for bad in (0, 3, -2, True, 2.0):
+        with pytest.raises(ValueError, match="graph_tokens must be 1 or a positive even int"):
+            _replay_plan(10, bad, True)
+
+
 @needs_triton
 def test_triton_errors():
     from rnnkern.decode import _triton_decode_module
@@ -607,6 +636,13 @@ def test_triton_errors():
     dec = make_decoder("triton", rnn, emb, head, batch_size=2)
     with pytest.raises(FloatingPointError, match="logits of stream 0 became NaN"):
         dec.generate(torch.zeros(2, 1, dtype=torch.long), 3)
+    dec = make_decoder("triton", *make_model("GRU", 1, seed=17), batch_size=2)
+    before = [t.clone() for t in dec.get_state()]
+    dec.graph_tokens = 3  # odd: a replay would end on the other state parity
+    with pytest.raises(ValueError, match="graph_tokens must be 1 or a positive even int, got 3"):
+        dec.generate(torch.zeros(2, 1, dtype=torch.long), 3)
+    for a, b in zip(before, dec.get_state(), strict=True):  # nothing moved
+        assert torch.equal(a, b)
 
 
 def test_missing_extension_is_an_error_not_a_fallback(monkeypatch):

@@ -8,7 +8,9 @@ generates ``N`` tokens per stream, sampling each from the logits and feeding it 
   state, then softmax + ``torch.multinomial`` on the device;
 - ``rnnkern triton generate fp32`` / ``bf16``: one :meth:`rnnkern.Decoder.generate` call
   (one Triton launch per step, sampling on the device, each token replayed from a CUDA graph);
-- ``rnnkern triton generate fp32, eager``: the same with CUDA graphs off (what the graph saves);
+- ``rnnkern triton generate fp32, eager``: the same with CUDA graphs off (what the graphs save);
+- ``rnnkern triton generate fp32, a graph per token``: graphs of one sample-and-step instead
+  of ``Decoder.graph_tokens`` (8; what replaying 8 tokens at a time saves the host);
 - ``rnnkern triton generate fp32, sampling in torch ops``: the same with ``fused_sampling``
   off, the sampling rule as 72-84 torch ops per token (what the one-launch sampler saves);
 - ``rnnkern triton generate fp32, tl.dot tiles`` (B=1 only): the step multiplying 16-row
@@ -48,6 +50,8 @@ def decode_fns(rnn, emb, head, B: int, n: int) -> dict[str, Callable[[], None]]:
     eager.cuda_graphs = False
     unfused = Decoder(rnn, emb, head, batch_size=B, backend="triton")
     unfused.fused_sampling = False
+    per_token = Decoder(rnn, emb, head, batch_size=B, backend="triton")
+    per_token.graph_tokens = 1
     fns = {
         "torch.nn.LSTM step": _lstm_steps(rnn, emb, head, B, n),
         "rnnkern triton generate fp32": _generate(
@@ -57,6 +61,7 @@ def decode_fns(rnn, emb, head, B: int, n: int) -> dict[str, Callable[[], None]]:
             Decoder(rnn, emb, head, weights="bf16", batch_size=B, backend="triton"), B, n
         ),
         "rnnkern triton generate fp32, eager": _generate(eager, B, n),
+        "rnnkern triton generate fp32, a graph per token": _generate(per_token, B, n),
         "rnnkern triton generate fp32, sampling in torch ops": _generate(unfused, B, n),
     }
     dot = Decoder(rnn, emb, head, batch_size=B, backend="triton")
