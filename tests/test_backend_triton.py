@@ -392,12 +392,16 @@ def test_resident_slices_are_the_programs_chunk():
 # phase tracing (rnnkern.backends.tracing.trace_phases; the phases benchmark's source)
 # ----------------------------------------------------------------------------------------------
 
-# The points each kernel passes (common.TRACE_POINTS), in program order.
+# The points each kernel passes (common.TRACE_POINTS), in program order, by kernel, projection
+# and ONE_CHUNK (the forward stamps its products, 5, only there).
 TRACED = {
-    ("forward", False): [0, 3, 4],
-    ("forward", True): [0, 1, 2, 3, 4],
-    ("backward", False): [0, 3, 4, 5],
-    ("backward", True): [0, 1, 2, 3, 4, 5],
+    ("forward", False, False): [0, 3, 4],
+    ("forward", False, True): [0, 5, 3, 4],
+    ("forward", True, False): [0, 1, 2, 3, 4],
+    ("forward", True, True): [0, 5, 1, 2, 3, 4],
+    ("backward", False, False): [0, 3, 4, 5],
+    ("backward", False, True): [0, 3, 4, 5],
+    ("backward", True, False): [0, 1, 2, 3, 4, 5],
 }
 # (a, b, next): a grid-wide wait between point b of a step and point a of that step (of the
 # next step with next): no program of a batch tile gets to a before all of them passed b.
@@ -449,7 +453,7 @@ def test_phase_trace_stamps_each_phase_in_order(name, chunks):
         assert st.shape == (t.info["programs"], T + 1, common.TRACE_POINTS)
         assert not st[:, T].any()  # no step T: nothing stamped
         st = st[:, :T]
-        points = TRACED[t.kernel, proj]
+        points = TRACED[t.kernel, proj, t.info["one_chunk"]]
         others = [p for p in range(common.TRACE_POINTS) if p not in points]
         assert (st[:, :, points] > 0).all() and not st[:, :, others].any()
         order = st[:, :, points].flatten(1)  # each program's stamps in program order
@@ -477,18 +481,18 @@ def test_phases_profile_times_every_triton_phase(tmp_path):
     from rnnkern.bench import phases
 
     rows = []
-    for cell, proj in (("LSTM", 0), ("LSTM", 4), ("GRU", 0)):
-        rows += phases.profile(cell, torch.float32, 3, 9, DEVICE, T=6, proj=proj, steps=6,
+    for cell, H, proj in (("LSTM", 9, 0), ("LSTM", 9, 4), ("GRU", 9, 0), ("LSTM", 40, 0)):
+        rows += phases.profile(cell, torch.float32, 3, H, DEVICE, T=6, proj=proj, steps=6,
                                backend="triton")  # fmt: skip
     assert [(r["backend"], r["case"].split()[0], r["kernel"]) for r in rows] == [
-        ("triton", cell, kernel) for cell in ("LSTM", "LSTM", "GRU")
+        ("triton", cell, kernel) for cell in ("LSTM", "LSTM", "GRU", "LSTM")
         for kernel in ("forward", "backward")
     ]  # fmt: skip
     for r in rows:
         proj = "proj=" in r["case"]
-        if r["kernel"] == "forward":
-            want = ["cells", "projection wait", "projection"] if proj else ["work"]
-            want += ["stores", "wait"]
+        if r["kernel"] == "forward":  # H = 9: one chunk, the products stamped; 40: a loop
+            want = ["products", "cells"] if "H=9 " in r["case"] else ["work"]
+            want += (["projection wait", "projection"] if proj else []) + ["stores", "wait"]
         else:
             want = ["projection", "projection wait"] if proj else []
             want += ["cells", "stores", "wait", "dh product"]

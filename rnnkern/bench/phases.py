@@ -31,11 +31,13 @@ Backend ``cuda`` (the points of ``csrc/cuda/api.h``, ``kTracePoints``):
 Backend ``triton`` (the points of :data:`rnnkern.backends.triton.common.TRACE_POINTS`; a
 Triton program's loads and products cannot be timed apart, so its phases are coarser):
 
-- forward: ``work`` (from the step's start until h_s is published: the state read, the
-  recurrent products, the cells and the stores the other programs read), or with a projection
-  ``cells`` (until m_s is published), ``projection wait`` and ``projection``; then ``stores``
-  (the program's other stores, issued before it waits) and ``wait`` (the grid-wide wait, until
-  the next step starts);
+- forward: ``products`` (from the step's start until every recurrent product of the program is
+  computed: the state read and the products; stamped where each program owns one hidden
+  chunk, by a timer read that waits for the products' registers) and ``cells`` (until h_s is
+  published: the cell update and the stores the other programs read), or, in the chunk loop,
+  both as ``work``; with a projection these end when m_s is published, then ``projection
+  wait`` and ``projection``; then ``stores`` (the program's other stores, issued before it
+  waits) and ``wait`` (the grid-wide wait, until the next step starts);
 - backward: ``projection`` / ``projection wait`` (LSTM with proj_size: dh + dy of the state
   units), ``cells`` (until dgh is published), ``stores`` (dgx), ``wait`` (every program's
   dgh), ``dh product`` (dh_{s-1} = dgh_s W_hh: the read of dgh and the products).
@@ -92,10 +94,10 @@ BACKENDS = ("cuda", "triton")
 
 
 def _intervals(
-    kernel: str, proj: bool, layers: int = 0, backend: str = "cuda"
+    kernel: str, proj: bool, layers: int = 0, backend: str = "cuda", products: bool = False
 ) -> dict[str, tuple[int, int, bool]]:
     if backend == "triton":
-        return _triton_intervals(kernel, proj)
+        return _triton_intervals(kernel, proj, products)
     if kernel == "generate":
         L = layers
         out = {"layer 0": (0, 2, False)}
@@ -118,12 +120,14 @@ def _intervals(
     return out
 
 
-def _triton_intervals(kernel: str, proj: bool) -> dict[str, tuple[int, int, bool]]:
+def _triton_intervals(kernel: str, proj: bool, products: bool) -> dict[str, tuple[int, int, bool]]:
     if kernel == "forward":
-        out = {"work": (0, 3, False)}
+        end = 1 if proj else 3  # (m_s, or h_s, published)
+        out = {"products": (0, 5, False), "cells": (5, end, False)} if products else {}
+        if not products:  # the chunk loop: no stamp between a chunk's products and cells
+            out["work"] = (0, end, False)
         if proj:
-            out = {"cells": (0, 1, False), "projection wait": (1, 2, False),
-                   "projection": (2, 3, False)}  # fmt: skip
+            out.update({"projection wait": (1, 2, False), "projection": (2, 3, False)})
         out.update({"stores": (3, 4, False), "wait": (4, 0, True)})
     else:
         out = {"cells": (0, 3, False)}
@@ -155,7 +159,10 @@ def phase_times(
     stamps). ``proj``: the layer has an LSTM projection; ``layers``: the generating model's."""
     st = trace.stamps.cpu()[:, skip:].to(torch.int64)  # [blocks, steps, points]
     out: dict[str, float | None] = {}
-    for name, (a, b, next_step) in _intervals(trace.kernel, proj, layers, trace.backend).items():
+    # (a Triton forward stamps its products, point 5, where each program owns one chunk)
+    products = trace.backend == "triton" and bool((st[..., 5] > 0).any())
+    intervals = _intervals(trace.kernel, proj, layers, trace.backend, products)
+    for name, (a, b, next_step) in intervals.items():
         start = st[:, :-1, a] if next_step else st[:, :, a]
         end = st[:, 1:, b] if next_step else st[:, :, b]
         ok = (start > 0) & (end > 0)

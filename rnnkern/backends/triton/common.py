@@ -204,14 +204,15 @@ def step_sync(
 # ----------------------------------------------------------------------------------------------
 
 # Points a traced training kernel stamps in each of its first trace_steps steps (0 where a step
-# does not pass one). Forward: 0 step begins (the previous step's wait passed), 1 m_s published
-# (projection: the arrival at the projection's wait), 2 the projection's wait passed, 3 h_s
-# published (the arrival at the step's wait: products, cells and the stores the other programs
+# does not pass one). Forward: 0 step begins (the previous step's wait passed), 5 the recurrent
+# products done (ONE_CHUNK only, phase_stamp_after; the chunk loop has one per chunk), 1 m_s
+# published (projection: the arrival at the projection's wait), 2 the projection's wait passed,
+# 3 h_s published (the arrival at the step's wait: the cells and the stores the other programs
 # read all issued), 4 the step's wait begins (the program's other stores issued; the chunk loop
 # arrives and waits at once, so there 3 and 4 are the same place). Backward: 0 step begins (the
 # previous step's dh product done), 1 dh + dy published (projection), 2 the projection's wait
 # passed, 3 dgh published (arrival), 4 wait begins, 5 the wait passed (dh_{s-1} = dgh_s W_hh
-# begins). Forward kernels never stamp 5.
+# begins).
 TRACE_POINTS = 6
 _TRACE_POINTS = tl.constexpr(TRACE_POINTS)
 
@@ -249,6 +250,46 @@ def phase_stamp(
             clock = trace_ptr + programs * trace_steps * _TRACE_POINTS
             row = (prog * trace_steps + s).to(tl.int64) * _TRACE_POINTS
             tl.store(trace_ptr + row + POINT, read_timer(clock))
+
+
+@triton.jit
+def phase_stamp_after(
+    trace_ptr,  # as phase_stamp
+    s,
+    trace_steps,
+    POINT: tl.constexpr,
+    TRACE: tl.constexpr,
+    a,  # [BLOCK_B, BLOCK_H] float32 tiles the stamp waits for (repeat one for fewer)
+    b,
+    c,
+    d,
+):
+    """:func:`phase_stamp` at the time the tiles ``a`` .. ``d`` were computed: each thread
+    reads the timer once its own elements of them are ready (they are the timer's asm's
+    inputs), and the stamp is the latest over the program (a reduction). Where the values are
+    kept in registers rather than stored, a plain stamp could come before the instructions that
+    compute them had finished. (Under the interpreter a plain stamp.)"""
+    if TRACE:
+        if UPCAST_DOT:
+            phase_stamp(trace_ptr, s, trace_steps, POINT, TRACE)
+        else:
+            # The timer read follows (and in the PTX is predicated on) a comparison of the
+            # inputs' sum, and a warp issues in order, so it cannot read the timer before they
+            # are all in registers. (An asm input that no instruction uses orders nothing:
+            # the SASS then read the timer right after issuing the HMMAs, before they were
+            # done; with the sum, FADDs of their results and the FSETP come first.)
+            ready = tl.inline_asm_elementwise(
+                "{ .reg .pred p; .reg .f32 t;\n"
+                "add.f32 t, $1, $2;\nadd.f32 t, t, $3;\nadd.f32 t, t, $4;\n"
+                "setp.eq.f32 p, t, t;\n"
+                "@p mov.u64 $0, %globaltimer;\n@!p mov.u64 $0, %globaltimer; }",
+                "=l,r,r,r,r", [a, b, c, d], dtype=tl.int64, is_pure=False, pack=1,
+            )  # fmt: skip
+            latest = tl.max(tl.max(ready, axis=1), axis=0)
+            if s < trace_steps:
+                prog = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+                row = (prog * trace_steps + s).to(tl.int64) * _TRACE_POINTS
+                tl.store(trace_ptr + row + POINT, latest)
 
 
 @triton.jit

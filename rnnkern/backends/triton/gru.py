@@ -28,6 +28,7 @@ from .common import (
     mask_in_steps,
     own_chunk,
     phase_stamp,
+    phase_stamp_after,
     record_trace,
     resident_columns,
     resident_gates,
@@ -98,6 +99,8 @@ def _gru_tile_step(
         zero, zero, zero, zero, h_all_ptr, offs_b, mask_b, H, w_ptr, offs_h, mask_h, H,
         w_r, w_z, w_n, w_n, 3, BLOCK_K, K_RES, PRECISION,
     )  # fmt: skip
+    if CARRIED:  # (ONE_CHUNK: one tile a step)
+        phase_stamp_after(trace_ptr, s, trace_steps, 5, TRACE, hr, hz, hn, hn)
     mask = mask_b[:, None] & mask_h[None, :]
     bh = offs_b[:, None] * H + offs_h[None, :]
     if not CARRIED:
@@ -328,7 +331,10 @@ def gru_backward_kernel(
         )
     for r_ in range(T):
         s = T - 1 - r_
-        phase_stamp(trace_ptr, r_, trace_steps, 0, TRACE)
+        if ONE_CHUNK:  # (the previous step's dh product is kept in registers: wait for it)
+            phase_stamp_after(trace_ptr, r_, trace_steps, 0, TRACE, dh_own, dh_own, dh_own, dh_own)
+        else:
+            phase_stamp(trace_ptr, r_, trace_steps, 0, TRACE)
         t, valid = step_time(s, lens, reverse)
         s64 = s.to(tl.int64)
         keep = valid[:, None]

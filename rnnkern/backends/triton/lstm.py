@@ -29,6 +29,7 @@ from .common import (
     mask_in_steps,
     own_chunk,
     phase_stamp,
+    phase_stamp_after,
     record_trace,
     resident_columns,
     resident_gates,
@@ -110,6 +111,8 @@ def _lstm_tile_step(
         zero, zero, zero, zero, h_all_ptr, offs_b, mask_b, P, w_ptr, offs_h, mask_h, H,
         w_i, w_f, w_g, w_o, 4, BLOCK_K, K_RES, PRECISION,
     )  # fmt: skip
+    if CARRIED:  # (ONE_CHUNK: one tile a step)
+        phase_stamp_after(trace_ptr, s, trace_steps, 5, TRACE, acc_i, acc_f, acc_g, acc_o)
     mask = mask_b[:, None] & mask_h[None, :]
     bh = offs_b[:, None] * H + offs_h[None, :]
     if not CARRIED:
@@ -400,7 +403,10 @@ def lstm_backward_kernel(
         )
     for r in range(T):
         s = T - 1 - r
-        phase_stamp(trace_ptr, r, trace_steps, 0, TRACE)
+        if ONE_CHUNK:  # (the previous step's dh product is kept in registers: wait for it)
+            phase_stamp_after(trace_ptr, r, trace_steps, 0, TRACE, dh_own, dc_own, dh_own, dc_own)
+        else:
+            phase_stamp(trace_ptr, r, trace_steps, 0, TRACE)
         t, valid = step_time(s, lens, reverse)
         s64 = s.to(tl.int64)
         if HAS_PROJ:

@@ -27,6 +27,7 @@ from .common import (
     mask_in_steps,
     own_chunk,
     phase_stamp,
+    phase_stamp_after,
     record_trace,
     resident_columns,
     resident_gates,
@@ -87,6 +88,8 @@ def _rnn_tile_step(
         acc, acc, acc, acc, h_all_ptr, offs_b, mask_b, H, w_ptr, offs_h, mask_h, H,
         w_res, w_res, w_res, w_res, 1, BLOCK_K, K_RES, PRECISION,
     )[0]  # fmt: skip
+    if CARRIED:  # (ONE_CHUNK: one tile a step)
+        phase_stamp_after(trace_ptr, s, trace_steps, 5, TRACE, acc, acc, acc, acc)
     mask = mask_b[:, None] & mask_h[None, :]
     bh = offs_b[:, None] * H + offs_h[None, :]
     if not CARRIED:
@@ -266,7 +269,10 @@ def rnn_backward_kernel(
         hs_n = tl.load(hs_ptr + T.to(tl.int64) * B * H + bc, mask=mask_bc, other=0.0)
     for r in range(T):
         s = T - 1 - r
-        phase_stamp(trace_ptr, r, trace_steps, 0, TRACE)
+        if ONE_CHUNK:  # (the previous step's dh product is kept in registers: wait for it)
+            phase_stamp_after(trace_ptr, r, trace_steps, 0, TRACE, dh_own, dh_own, dh_own, dh_own)
+        else:
+            phase_stamp(trace_ptr, r, trace_steps, 0, TRACE)
         t, valid = step_time(s, lens, reverse)
         s64 = s.to(tl.int64)
         keep = valid[:, None]
