@@ -18,6 +18,10 @@
 #                        ~50 kernel variants on their first run).
 #   GPU_CHECK_GRID       quick (bounded subset, default) or full (the whole benchmark grid)
 #   GPU_CHECK_TESTS      pytest selection (default: tests/)
+#   GPU_CHECK_MARKS      pytest -m expression (default: "not host_only": the tests that need no
+#                        GPU and check nothing a GPU changes, the ahead-of-time compile checks,
+#                        the C++ CPU kernels, the tokenizers, run in CI, not on device time; "" runs
+#                        everything)
 #   PYTHON               interpreter (default: python3, or python if python3 is missing)
 #
 # Works from a plain copy of the repository (no pip install: PYTHONPATH=.) with no network.
@@ -33,6 +37,7 @@ BUDGET="${GPU_CHECK_BUDGET_S:-560}"
 STAGES=",${GPU_CHECK_STAGES:-build,decode,tests,bench},"
 GRID="${GPU_CHECK_GRID:-quick}"
 TESTS="${GPU_CHECK_TESTS:-tests/}"
+MARKS="${GPU_CHECK_MARKS-not host_only}"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
@@ -99,7 +104,7 @@ TEST_DECODE=tests/test_decode.py
 if [[ $STAGES == *,decode,* ]]; then
   # The Decoder on the GPU (backends triton and cuda against torch.nn and the C++ decoder),
   # before the long suite; at most 180 s.
-  run_stage decode "$(($(left) < 180 ? $(left) : 180))" "$PY" -m pytest "$TEST_DECODE" -q -rs \
+  run_stage decode "$(($(left) < 180 ? $(left) : 180))" "$PY" -m pytest "$TEST_DECODE" -q -rs -m "$MARKS" \
     --durations=10 -p no:cacheprovider --junitxml="$OUT_DIR/pytest-decode.xml"
 fi
 if [[ $STAGES == *,tests,* ]]; then
@@ -109,7 +114,7 @@ if [[ $STAGES == *,tests,* ]]; then
   # With the bench stage in the same call the tests get at most 300 s; alone, all that is left.
   if [[ $STAGES == *,bench,* ]]; then TESTS_LIMIT=$(($(left) < 300 ? $(left) : 300)); else
     TESTS_LIMIT=$(($(left) - 10)); fi
-  run_stage tests "$TESTS_LIMIT" "$PY" -m pytest $TESTS ${SKIP_DECODE[@]+"${SKIP_DECODE[@]}"} -q -rs \
+  run_stage tests "$TESTS_LIMIT" "$PY" -m pytest $TESTS ${SKIP_DECODE[@]+"${SKIP_DECODE[@]}"} -q -rs -m "$MARKS" \
     --durations=15 -p no:cacheprovider --junitxml="$OUT_DIR/pytest.xml"
 fi
 if [[ $STAGES == *,cuda_bench,* || $STAGES == *,bench,* ]]; then

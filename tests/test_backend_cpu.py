@@ -22,9 +22,12 @@ from rnnkern.backends import cpu as cpu_backend
 from rnnkern.backends.base import LayerConfig
 from rnnkern.functional import rnn_layer
 
-pytestmark = pytest.mark.skipif(
-    cpu_backend._cpu is None, reason="rnnkern._cpu is not built: " + cpu_backend.build_hint()
-)
+pytestmark = [
+    pytest.mark.skipif(
+        cpu_backend._cpu is None, reason="rnnkern._cpu is not built: " + cpu_backend.build_hint()
+    ),
+    pytest.mark.host_only,  # nothing here needs a GPU (gpu_check.sh leaves it out)
+]
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 

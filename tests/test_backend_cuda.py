@@ -94,6 +94,7 @@ def _env() -> dict:
 NO_NVCC = shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME")
 
 
+@pytest.mark.host_only  # an ahead-of-time compile
 @pytest.mark.skipif(NO_NVCC, reason="nvcc (CUDA toolkit) is not installed: nothing to compile with")
 def test_compile_check_subset_compiles_every_kernel_for_sm80_and_sm90(tmp_path):
     out = tmp_path / "rows.json"
@@ -121,6 +122,7 @@ def test_compile_check_subset_compiles_every_kernel_for_sm80_and_sm90(tmp_path):
     assert "26 kernels compiled for sm_80, sm_90: 0 failed" in res.stdout
 
 
+@pytest.mark.host_only
 def test_compile_check_rejects_unknown_arch():
     res = subprocess.run(
         [sys.executable, "-m", "rnnkern.backends.cuda_compile_check", "--arch", "ampere"],

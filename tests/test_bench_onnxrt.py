@@ -10,6 +10,8 @@ from tolerances import assert_within_float32_error
 
 from rnnkern.bench import onnxrt
 
+pytestmark = pytest.mark.host_only  # nothing here needs a GPU (gpu_check.sh leaves it out)
+
 pytest.importorskip("onnxruntime", reason="the ONNX Runtime baseline needs onnxruntime")
 pytest.importorskip("onnx", reason="the ONNX Runtime baseline builds graphs with onnx")
 

@@ -24,9 +24,12 @@ from rnnkern.functional import input_projection
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(
-    cpu_backend._cpu is None, reason="rnnkern._cpu is not built: " + cpu_backend.build_hint()
-)
+pytestmark = [
+    pytest.mark.skipif(
+        cpu_backend._cpu is None, reason="rnnkern._cpu is not built: " + cpu_backend.build_hint()
+    ),
+    pytest.mark.host_only,  # nothing here needs a GPU (gpu_check.sh leaves it out)
+]
 
 
 def assert_product_close(got, exact, torch_result):

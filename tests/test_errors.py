@@ -10,6 +10,8 @@ import torch
 import rnnkern
 from rnnkern.functional import rnn_layer
 
+pytestmark = pytest.mark.host_only  # nothing here needs a GPU (gpu_check.sh leaves it out)
+
 CTOR_CASES = [
     # (kwargs, exception, words the message must contain)
     (dict(input_size=0, hidden_size=4), ValueError, ["input_size", "greater than zero", "0"]),

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from rnnkern.music import abc
 
+pytestmark = pytest.mark.host_only  # nothing here needs a GPU (gpu_check.sh leaves it out)
+
 TUNE_D = """X:7
 T:Test in D
 M:6/8

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from rnnkern.music.performance import PerformanceTokenizer
 
+pytestmark = pytest.mark.host_only  # nothing here needs a GPU (gpu_check.sh leaves it out)
+
 pretty_midi = pytest.importorskip("pretty_midi", reason="MIDI needs the music extra")
 
 

@@ -86,6 +86,7 @@ def test_bad_configuration_names_the_argument():
         config(window=1)
 
 
+@pytest.mark.host_only  # (CPU processes)
 def test_ddp_two_cpu_processes(tmp_path):
     """torchrun --nproc_per_node=2 trains with gloo; rank 0 writes the checkpoint."""
     folder = tmp_path / "tunes"

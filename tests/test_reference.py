@@ -12,6 +12,8 @@ import torch
 from rnnkern.backends.base import gate_count
 from rnnkern.functional import rnn_layer
 
+pytestmark = pytest.mark.host_only  # nothing here needs a GPU (gpu_check.sh leaves it out)
+
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 
 

@@ -18,6 +18,9 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'trit
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Ahead-of-time compiles: nothing here needs a GPU (gpu_check.sh leaves it out).
+pytestmark = pytest.mark.host_only
+
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
