@@ -245,11 +245,17 @@ def phase_stamp(
     if TRACE:
         tl.debug_barrier()
         if s < trace_steps:
-            prog = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
             programs = tl.num_programs(0) * tl.num_programs(1)
-            clock = trace_ptr + programs * trace_steps * _TRACE_POINTS
-            row = (prog * trace_steps + s).to(tl.int64) * _TRACE_POINTS
-            tl.store(trace_ptr + row + POINT, read_timer(clock))
+            now = read_timer(trace_ptr + programs * trace_steps * _TRACE_POINTS)
+            _store_stamp(trace_ptr, s, trace_steps, POINT, now)
+
+
+@triton.jit
+def _store_stamp(trace_ptr, s, trace_steps, POINT: tl.constexpr, value):
+    """``value`` as this program's stamp at ``POINT`` of step ``s < trace_steps``."""
+    prog = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    row = (prog * trace_steps + s).to(tl.int64) * _TRACE_POINTS
+    tl.store(trace_ptr + row + POINT, value)
 
 
 @triton.jit
@@ -287,9 +293,7 @@ def phase_stamp_after(
             )  # fmt: skip
             latest = tl.max(tl.max(ready, axis=1), axis=0)
             if s < trace_steps:
-                prog = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-                row = (prog * trace_steps + s).to(tl.int64) * _TRACE_POINTS
-                tl.store(trace_ptr + row + POINT, latest)
+                _store_stamp(trace_ptr, s, trace_steps, POINT, latest)
 
 
 @triton.jit
