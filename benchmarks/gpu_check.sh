@@ -10,7 +10,8 @@
 #   GPU_CHECK_STAGES     comma list of build,compile,decode,tests,bench (default: build,decode,
 #                        tests,bench; decode runs tests/test_decode.py first, so the decoders'
 #                        results come back even when the long tests run out of time; bench also
-#                        runs cuda_bench, phases and decode_bench, which can be named alone). compile is
+#                        runs cuda_bench, decode_bench and phases, in that order (the targets'
+#                        ratios before the diagnosis), which can be named alone). compile is
 #                        the ahead-of-time table of every Triton configuration (~1000 for sm_90
 #                        in fp32 and bf16); it needs no GPU, so run it elsewhere unless the GPU
 #                        machine's Triton version is in question. Within 10-minute calls, run
@@ -125,6 +126,12 @@ if [[ $STAGES == *,cuda_bench,* || $STAGES == *,bench,* ]]; then
   run_stage cuda_bench "$(($(left) < 180 ? $(left) : 180))" "$PY" -m rnnkern.cli bench \
     --suite nn_modules --suite cuda_train --device cuda --quick --repeats 10 --out "$OUT_DIR"
 fi
+if [[ $STAGES == *,decode_bench,* || $STAGES == *,bench,* ]]; then
+  # Decoder generate, backends triton (CUDA graphs, on-device sampling) and cuda (one launch),
+  # against stepping cuDNN nn.LSTM, 3x512 V=137, B in {1, 64}; at most 120 s.
+  run_stage decode_bench "$(($(left) < 120 ? $(left) : 120))" "$PY" -m rnnkern.cli bench \
+    --suite gpu_decode --device cuda --repeats 10 --warmup 2 --out "$OUT_DIR"
+fi
 if [[ $STAGES == *,phases,* || $STAGES == *,bench,* ]]; then
   # Where the steps go: every block (Triton program) stamps the GPU timer at each phase of a
   # step (backend cuda: staging, matvec, cells, barrier waits; triton: work, stores, waits),
@@ -134,12 +141,6 @@ if [[ $STAGES == *,phases,* || $STAGES == *,bench,* ]]; then
   # after every job, so what the limit cuts off is only the rest. At most 120 s.
   run_stage phases "$(($(left) < 120 ? $(left) : 120))" "$PY" -m rnnkern.bench.phases \
     --quick --out "$OUT_DIR"
-fi
-if [[ $STAGES == *,decode_bench,* || $STAGES == *,bench,* ]]; then
-  # Decoder generate, backends triton (CUDA graphs, on-device sampling) and cuda (one launch),
-  # against stepping cuDNN nn.LSTM, 3x512 V=137, B in {1, 64}; at most 120 s.
-  run_stage decode_bench "$(($(left) < 120 ? $(left) : 120))" "$PY" -m rnnkern.cli bench \
-    --suite gpu_decode --device cuda --repeats 10 --warmup 2 --out "$OUT_DIR"
 fi
 if [[ $STAGES == *,bench,* ]]; then
   BENCH_LIMIT=$(($(left) - 20))
