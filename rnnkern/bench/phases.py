@@ -34,7 +34,9 @@ Triton program's loads and products cannot be timed apart, so its phases are coa
 - forward: ``products`` (from the step's start until every recurrent product of the program is
   computed: the state read and the products; stamped where each program owns one hidden
   chunk, by a timer read that waits for the products' registers) and ``cells`` (until h_s is
-  published: the cell update and the stores the other programs read), or, in the chunk loop,
+  published: the cell update and the stores the other programs read; also the products
+  stamp's own cost, a reduction of the threads' timer reads: some shuffles and a CTA
+  barrier), or, in the chunk loop,
   both as ``work``; with a projection these end when m_s is published, then ``projection
   wait`` and ``projection``; then ``stores`` (the program's other stores, issued before it
   waits) and ``wait`` (the grid-wide wait, until the next step starts);
