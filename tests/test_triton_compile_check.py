@@ -43,18 +43,18 @@ def test_compile_check_subset_compiles_and_reports_registers(tmp_path):
     rows = json.loads(out.read_text())
     # every launch configuration the dispatcher can choose: block_b in {16, 32} x split, the
     # 16-row ones with and without ONE_CHUNK, and with resident weights K_RES in {16, ..., 256}
-    # x split x ONE_CHUNK (16-row tiles; 512 spilled here); the phase-traced twins of the
-    # persistent streamed ones (3); each with aligned pointers and H % 16 == 0, and without
-    assert len(rows) == 58
+    # x split x ONE_CHUNK (16-row tiles; 512 spilled here); the phase-traced twins of the 13
+    # persistent ones; each with aligned pointers and H % 16 == 0, and without
+    assert len(rows) == 78
     assert sum("K_RES=0" in row["config"] for row in rows) == 18
-    assert sum("ONE_CHUNK=True" in row["config"] for row in rows) == 26
-    assert sum("TRACE=True" in row["config"] for row in rows) == 6
-    assert sum("ALIGNED=True" in row["config"] for row in rows) == 29
+    assert sum("ONE_CHUNK=True" in row["config"] for row in rows) == 36
+    assert sum("TRACE=True" in row["config"] for row in rows) == 26
+    assert sum("ALIGNED=True" in row["config"] for row in rows) == 39
     for row in rows:
         assert row["ok"], row
         assert row["arch"] == "sm_90" and row["registers"] > 0
         assert 0 < row["shared"] <= row["shared_limit"]
-    assert "58 configurations, 0 failed" in res.stdout
+    assert "78 configurations, 0 failed" in res.stdout
 
 
 def test_compile_check_covers_the_decoders_sampler(tmp_path):

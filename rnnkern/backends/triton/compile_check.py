@@ -128,9 +128,9 @@ def _configs(kernels, dtypes) -> list[tuple[str, str, dict]]:
                         constexprs["ONE_CHUNK"] = cfg.one_chunk
                     constexprs |= {"TRACE": False, "num_warps": cfg.num_warps}
                     out.append((kernel, dkey, constexprs))
-                    # The phase-traced variant (common.phase_stamp: inline PTX for the timer),
-                    # of the persistent configurations the benchmark traces, streamed weights.
-                    if cfg.split and not cfg.k_res:
+                    # The phase-traced variant (common.phase_stamp: inline PTX for the timer) of
+                    # every persistent configuration, which the phases benchmark traces.
+                    if cfg.split:
                         out.append((kernel, dkey, constexprs | {"TRACE": True}))
     return out
 
