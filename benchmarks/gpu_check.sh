@@ -150,45 +150,5 @@ fi
 
 echo
 echo "== summary ($(($(date +%s) - START)) s; results in $OUT_DIR)"
-"$PY" - "$OUT_DIR" <<'EOF'
-import glob, json, math, os, sys
-import xml.etree.ElementTree as ET
-out = sys.argv[1]
-lines = []
-for row in open(os.path.join(out, "gpu_check_status.tsv")):
-    name, status, secs, what = row.rstrip("\n").split("\t")
-    extra = ""
-    xml = {"tests": "pytest.xml", "decode": "pytest-decode.xml"}.get(name)
-    if xml and os.path.exists(os.path.join(out, xml)):
-        s = ET.parse(os.path.join(out, xml)).getroot()
-        s = s if s.tag == "testsuite" else s.find("testsuite")
-        extra = (f"{s.get('tests')} tests: {s.get('failures')} failed, {s.get('errors')} errors, "
-                 f"{s.get('skipped')} skipped")
-    if name == "compile_check" and os.path.exists(os.path.join(out, "compile_check.json")):
-        rows = json.load(open(os.path.join(out, "compile_check.json")))
-        spills = sum(1 for r in rows if (r.get("spill_stores") or 0) > 0)
-        extra = f"{len(rows)} configs, {sum(not r['ok'] for r in rows)} failed, {spills} spill"
-    lines.append(f"| {name} | {status} | {secs} s | {what} | {extra} |")
-print("| stage | status | time | exit | details |\n|---|---|---|---|---|")
-print("\n".join(lines))
-files = sorted(glob.glob(os.path.join(out, "gpu_train-*.json")))
-if files:
-    cases = json.load(open(files[-1]))["cases"]
-    groups = {}
-    for c in cases:
-        p = c["params"]
-        key = (p["cell"], "fwd+bwd" if p["train"] else "fwd", p["dtype"].removeprefix("torch."))
-        r = c["results"].get("rnnkern[triton]")
-        groups.setdefault(key, []).append(r["ratio_vs_baseline"] if r else None)
-    print("\n| cell | mode | dtype | shapes measured | not run | geomean triton speed vs cuDNN | min | max |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (cell, mode, dt), v in sorted(groups.items()):
-        m = [x for x in v if x]
-        if m:
-            gm = math.exp(sum(map(math.log, m)) / len(m))
-            print(f"| {cell} | {mode} | {dt} | {len(m)} | {len(v) - len(m)} | {gm:.2f}x | {min(m):.2f}x | {max(m):.2f}x |")
-        else:
-            print(f"| {cell} | {mode} | {dt} | 0 | {len(v)} | - | - | - |")
-    print(f"\nper-shape table: {files[-1][:-5]}.md")
-EOF
+"$PY" -m rnnkern.bench.gpu_summary "$OUT_DIR"
 ! grep -q -P '\tFAIL\t' "$STATUS_FILE"
