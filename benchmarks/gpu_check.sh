@@ -134,7 +134,8 @@ if [[ $STAGES == *,decode_bench,* || $STAGES == *,bench,* ]]; then
 fi
 if [[ $STAGES == *,phases,* || $STAGES == *,bench,* ]]; then
   # Where the steps go: every block (Triton program) stamps the GPU timer at each phase of a
-  # step (backend cuda: staging, matvec, cells, barrier waits; triton: work, stores, waits),
+  # step (backend cuda: staging, matvec, cells, barrier waits; triton: products, cells,
+  # stores, waits),
   # LSTM and GRU, float32 and bfloat16, B in {1, 16, 64}, H in {256, 1024}, both backends
   # shape by shape, after backend cuda's generated tokens (per layer, head, sampling; 3x512,
   # V=137, B in {1, 64}); the ratios say how fast, this says why. The files are rewritten

@@ -34,7 +34,7 @@ class PhaseTrace:
     kernel: str  # "forward", "backward" or "generate"
     info: dict  # the launch's layout (backend cuda: as CUDABackend.last_launch)
     stamps: torch.Tensor  # [blocks, steps, points] int64
-    backend: str = "cuda"
+    backend: str  # "cuda" or "triton"
 
 
 @contextlib.contextmanager

@@ -22,10 +22,15 @@ import sys
 import xml.etree.ElementTree as ET
 
 
+def _newest(out: str, prefix: str) -> dict:
+    """The newest ``<prefix>*.json`` file in ``out``, loaded (none: {})."""
+    files = sorted(glob.glob(os.path.join(out, f"{prefix}*.json")), key=os.path.getmtime)
+    return json.load(open(files[-1])) if files else {}
+
+
 def _cases(out: str, prefix: str) -> list[dict]:
     """The cases of the newest ``<prefix>*.json`` runner file in ``out`` (none: [])."""
-    files = sorted(glob.glob(os.path.join(out, f"{prefix}*.json")), key=os.path.getmtime)
-    return json.load(open(files[-1]))["cases"] if files else []
+    return _newest(out, prefix).get("cases", [])
 
 
 def stages(out: str) -> list[str]:
@@ -98,11 +103,11 @@ def triton_grid(out: str) -> list[str]:
 
 
 def phases(out: str) -> list[str]:
-    files = sorted(glob.glob(os.path.join(out, "phases-*.json")), key=os.path.getmtime)
-    if not files:
+    rows = _newest(out, "phases-").get("rows", [])
+    if not rows:
         return []
     lines = ["## phases (us: the step, then its two longest phases)"]
-    for r in json.load(open(files[-1]))["rows"]:
+    for r in rows:
         if r["kernel"] == "error":
             lines.append(f"{r['case']}: {r['error']}")
             continue

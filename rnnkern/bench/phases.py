@@ -125,9 +125,9 @@ def _intervals(
 def _triton_intervals(kernel: str, proj: bool, products: bool) -> dict[str, tuple[int, int, bool]]:
     if kernel == "forward":
         end = 1 if proj else 3  # (m_s, or h_s, published)
-        out = {"products": (0, 5, False), "cells": (5, end, False)} if products else {}
-        if not products:  # the chunk loop: no stamp between a chunk's products and cells
-            out["work"] = (0, end, False)
+        # (the chunk loop has no stamp between a chunk's products and cells: "work" is both)
+        out = ({"products": (0, 5, False), "cells": (5, end, False)} if products
+               else {"work": (0, end, False)})  # fmt: skip
         if proj:
             out.update({"projection wait": (1, 2, False), "projection": (2, 3, False)})
         out.update({"stores": (3, 4, False), "wait": (4, 0, True)})
@@ -145,9 +145,7 @@ def _arrival_point(kernel: str, proj: bool, backend: str = "cuda") -> int | None
     """The point at which a block arrives at its step's (last) wait (None: generate)."""
     if kernel == "generate":
         return None
-    if backend == "triton":
-        return 3
-    if kernel == "forward":
+    if backend == "triton" or kernel == "forward":
         return 3
     return 0 if proj else 2
 
