@@ -72,6 +72,10 @@ def choose(requested: str, config: LayerConfig, training: bool, compiling: bool 
     if forced:
         backends.check_name(forced, argument=f"environment variable {ENV_VAR}")
         requested = forced
+    if config.batch_size == 0:
+        # torch.nn returns empty outputs and states (their autograd graph included) for an
+        # empty batch; there is nothing for a kernel to compute, so torch.nn's op makes them.
+        return Choice(TORCH, "an empty batch: nothing to compute, torch.nn's op returns it")
     if requested == TORCH:
         problem = _torch_path_problem(config, training, compiling)
         if problem:

@@ -22,6 +22,18 @@ from .backends.base import CELLS, gate_count, state_dtype
 __all__ = ["input_projection", "rnn_layer"]
 
 
+def needs_grad(tensors) -> bool:
+    """Whether a call on ``tensors`` (None entries skipped) must keep what backward needs.
+
+    Grad mode on and some tensor requiring grad, as autograd decides; under ``torch.jit.trace``
+    grad mode is not asked. The trace must not depend on it: its check re-traces the call under
+    ``no_grad`` and fails when the graphs differ (they did, in the ``save`` flag of
+    ``layer_forward``), and the traced graph may run later with gradients either way.
+    """
+    recording = torch.is_grad_enabled() or torch.jit.is_tracing()
+    return recording and any(t is not None and t.requires_grad for t in tensors)
+
+
 @torch.library.custom_op("rnnkern::layer_forward", mutates_args=())
 def _layer_forward(
     cell: str,
@@ -174,6 +186,25 @@ def _backward(ctx, dy, dh_n, dc_n, _dhs, _daux, _dgates):
 
 _layer_forward.register_autograd(_backward, setup_context=_setup_context)
 
+# What differentiating a gradient through a layer meets (torch.autograd.grad with
+# create_graph=True, then backward through its result: a gradient penalty, for instance).
+# The backward is one operator with no derivative of its own, as with torch.nn on cuDNN
+# (a derivative would need the layer's input projection kept: 4H more per row and step for an
+# LSTM, two thirds more than it keeps now). Without these formulas torch's error told the
+# user to register one.
+DOUBLE_BACKWARD_ERROR = (
+    "rnnkern: the gradient of an rnnkern RNN layer cannot be differentiated again (double "
+    "backward): the layer's backward is one operator without a derivative of its own, as "
+    "cuDNN's is. On the CPU, backend='torch' runs torch.nn's implementation, which has one"
+)
+
+
+def _double_backward(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+_layer_backward.register_autograd(_double_backward)
+
 
 @torch.library.custom_op("rnnkern::linear", mutates_args=())
 def _linear(backend: str, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -220,6 +251,7 @@ def _linear_autograd(ctx, dy):
 
 
 _linear.register_autograd(_linear_autograd, setup_context=_linear_setup_context)
+_linear_backward.register_autograd(_double_backward)
 
 
 def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, backend: str) -> Tensor:
@@ -254,9 +286,7 @@ def layer_recurrence(
     ``y [T, B, P]`` (dtype of ``gx``), ``h_n [B, P]`` and ``c_n [B, H]`` (or None), in the
     state dtype.
     """
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (gx, h0, c0, w_hh, b_hh, w_hr)
-    )
+    save = needs_grad((gx, h0, c0, w_hh, b_hh, w_hr))
     y, h_n, c_n, *_ = _layer_forward(
         cell, backend, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save
     )

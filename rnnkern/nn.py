@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import backends
 from .backends.base import LayerConfig, state_dtype
 from .dispatch import Choice, choose, select
-from .functional import input_projection, layer_recurrence
+from .functional import input_projection, layer_recurrence, needs_grad
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "explain"]
 
@@ -57,6 +57,19 @@ def _check_bool(name: str, value) -> None:
 
 def _shape(t: Tensor) -> list[int]:
     return list(t.shape)
+
+
+def _refuse_script(self) -> torch.nn.Module:
+    # torch.jit.script calls this on every module it compiles, before compiling it. Returning
+    # a torch.nn module instead would put it in place of this one inside the caller's model
+    # (torch.jit replaces submodules with what this returns), so refuse, and say what works.
+    name = type(self).__name__
+    raise RuntimeError(
+        f"torch.jit.script cannot compile rnnkern.{name}: its forward chooses a kernel backend "
+        f"in Python, which TorchScript does not compile. torch.jit.trace, torch.export and "
+        f"torch.compile work with it; to script, use torch.nn.{name}, which loads this "
+        f"module's state_dict"
+    )
 
 
 class _RNNBase(torch.nn.Module):
@@ -151,6 +164,8 @@ class _RNNBase(torch.nn.Module):
         self.flatten_parameters()
         self.reset_parameters()
 
+    __prepare_scriptable__ = _refuse_script
+
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size)
         for weight in self.parameters():
@@ -235,9 +250,10 @@ class _RNNBase(torch.nn.Module):
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                 f"got {x.shape[-1]}"
             )
-        if not packed and any(n == 0 for n in x.shape[:-1]):
+        time_dim = 1 if self.batch_first and x.dim() == 3 else 0
+        if not packed and x.shape[time_dim] == 0:  # (an empty batch is fine, as in torch.nn)
             raise RNNInputError(
-                f"input must have at least one time step and one batch element, got shape "
+                f"input must have at least one time step (dimension {time_dim}), got shape "
                 f"{_shape(x)}"
             )
 
@@ -282,11 +298,7 @@ class _RNNBase(torch.nn.Module):
         return out
 
     def _layer_config(self, x: Tensor, B: int, T: int, has_lengths: bool, hx) -> LayerConfig:
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad
-            or any(p.requires_grad for p in self.parameters())
-            or any(t.requires_grad for t in (hx or ()))
-        )
+        grad = needs_grad((x, *self.parameters(), *(hx or ())))
         return LayerConfig(
             self._cell,
             x.device.type,
@@ -297,7 +309,7 @@ class _RNNBase(torch.nn.Module):
             B,
             T,
             has_lengths,
-            needs_grad,
+            grad,
         )
 
     def _prepare(self, input, hx):
@@ -644,6 +656,8 @@ class _CellBase(torch.nn.Module):
             self.register_parameter("bias_hh", None)
         self.reset_parameters()
 
+    __prepare_scriptable__ = _refuse_script
+
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size)
         for weight in self.parameters():
@@ -681,8 +695,6 @@ class _CellBase(torch.nn.Module):
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         B = x.shape[0]
-        if B == 0:
-            raise RNNInputError(f"{name}: input must have at least one batch element")
         if hx is None:
             states = [x.new_zeros(B, self.hidden_size) for _ in range(n_states)]
         else:
@@ -713,11 +725,7 @@ class _CellBase(torch.nn.Module):
         return x, states, batched
 
     def _run(self, x: Tensor, states: list[Tensor]) -> tuple[Tensor, ...]:
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad
-            or any(p.requires_grad for p in self.parameters())
-            or any(t.requires_grad for t in states)
-        )
+        grad = needs_grad((x, *self.parameters(), *states))
         cast = _autocast_dtypes(_TORCH_KIND[self._cell], x, (False, self.bias, 1, False, "tensor"))
         config = LayerConfig(
             self._cell,
@@ -729,7 +737,7 @@ class _CellBase(torch.nn.Module):
             x.shape[0],
             1,
             False,
-            needs_grad,
+            grad,
         )
         backend = select(self.backend, config, self.training)
         if backend == backends.TORCH:  # (under the caller's autocast, if any: as torch.nn)
