@@ -4,8 +4,10 @@
 that support the configuration and are faster than torch.nn there, and otherwise runs
 torch.nn's own fused implementation (``torch``: cuDNN or oneDNN), so ``auto`` is never slower
 than the module it replaces. Where torch.nn's path cannot run (inside ``torch.compile``, where it
-would break the graph; backward in eval mode on cuDNN), ``auto`` runs the fastest fused kernel
-that supports the call, or ``reference`` when none does, and warns once, saying what and why.
+would break the graph; under ``torch.func.vmap``; backward in eval mode on cuDNN), ``auto`` runs
+the fastest fused kernel that supports the call, or ``reference`` when none does, and warns
+once, saying what and why. Under torch.func's ``grad`` and ``jvp`` transforms, where rnnkern's
+operators cannot run, ``auto`` runs torch.nn's path and a named kernel backend is an error.
 """
 
 from __future__ import annotations
@@ -38,13 +40,46 @@ class Choice:
         return "\n".join(lines)
 
 
-def _torch_path_problem(config: LayerConfig, training: bool, compiling: bool) -> str | None:
+def _torch_path_problem(
+    config: LayerConfig, training: bool, compiling: bool, transforms: str = ""
+) -> str | None:
     """Why torch.nn's own fused path cannot run this call, or None."""
     if compiling:
         return "torch.nn's RNN ops break the graph under torch.compile"
+    if "vmap" in transforms:
+        return "torch.nn's RNN ops have no batching rule for torch.func.vmap"
     if config.device_type == "cuda" and config.needs_grad and not training:
         return "cuDNN refuses RNN backward in eval mode"
     return None
+
+
+# torch.func transforms under which rnnkern's operators cannot run: torch's custom operators
+# take their autograd formula through an autograd.Function without setup_context, which these
+# transforms require (pytorch issues 168393 and 179652). vmap alone runs them (one call per
+# batch entry) and torch.nn's RNN ops do not run under it at all.
+_KERNELS_REFUSED = ("grad", "jvp", "functionalize")
+
+
+def _kernel_path_problem(transforms: str) -> str | None:
+    """Why no rnnkern operator can run this call, or None."""
+    refused = [t for t in transforms.split(",") if t in _KERNELS_REFUSED]
+    if refused:
+        return (
+            f"rnnkern's operators cannot run under torch.func's {refused[0]} transform (torch's "
+            "custom-operator autograd lacks the setup_context it needs: pytorch issue 168393)"
+        )
+    return None
+
+
+def functorch_transforms() -> str:
+    """The torch.func transforms active around the call, outermost first, as a comma-separated
+    string ('grad', 'vmap,grad', ...; '' outside any)."""
+    if torch._C._functorch.peek_interpreter_stack() is None:  # (the common case: 0.1 us a call)
+        return ""
+    from torch._functorch import pyfunctorch
+
+    interpreters = pyfunctorch.retrieve_all_functorch_interpreters()
+    return ",".join(i.key().name.lower() for i in interpreters)
 
 
 def _faster_than_torch(name: str, config: LayerConfig) -> bool | str:
@@ -64,10 +99,17 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def choose(requested: str, config: LayerConfig, training: bool, compiling: bool = False) -> Choice:
+def choose(
+    requested: str,
+    config: LayerConfig,
+    training: bool,
+    compiling: bool = False,
+    transforms: str = "",
+) -> Choice:
     """The backend to run ``config`` with. ``requested`` is 'auto' or a backend name; the
     environment variable ``RNNKERN_BACKEND``, when set, overrides it. ``compiling`` says the
-    call is being traced by torch.compile."""
+    call is being traced by torch.compile; ``transforms``, the torch.func transforms around it
+    (:func:`functorch_transforms`)."""
     forced = os.environ.get(ENV_VAR)
     if forced:
         backends.check_name(forced, argument=f"environment variable {ENV_VAR}")
@@ -77,10 +119,18 @@ def choose(requested: str, config: LayerConfig, training: bool, compiling: bool 
         # empty batch; there is nothing for a kernel to compute, so torch.nn's op makes them.
         return Choice(TORCH, "an empty batch: nothing to compute, torch.nn's op returns it")
     if requested == TORCH:
-        problem = _torch_path_problem(config, training, compiling)
+        problem = _torch_path_problem(config, training, compiling, transforms)
         if problem:
             raise BackendUnavailableError(f"backend 'torch' cannot run this call: {problem}")
         return Choice(TORCH, "asked for by name")
+    refused = _kernel_path_problem(transforms)
+    if refused:
+        if requested in KERNEL_BACKENDS:
+            raise BackendUnavailableError(
+                f"backend {requested!r} cannot run this call: {refused}; backend 'torch' "
+                "or 'auto' can"
+            )
+        return Choice(TORCH, f"{refused}; torch.nn's path can")
     if requested in KERNEL_BACKENDS:
         ok = backends.supports(requested, config)
         if ok is not True:
@@ -102,7 +152,7 @@ def choose(requested: str, config: LayerConfig, training: bool, compiling: bool 
             slower.append(name)
             continue
         return Choice(name, "fastest fused kernel that supports this configuration", skipped)
-    problem = _torch_path_problem(config, training, compiling)
+    problem = _torch_path_problem(config, training, compiling, transforms)
     if problem is None:
         return Choice(TORCH, "no rnnkern kernel is faster here; torch.nn's fused path", skipped)
     what = f"{config.cell} on {config.device_type} ({config.dtype})"
@@ -143,6 +193,7 @@ def _backend_name(
     needs_grad: bool,
     training: bool,
     compiling: bool,
+    transforms: str,
 ) -> str:
     # Runs eagerly even under torch.compile (its result is a trace-time constant), so the
     # registry's imports, the environment and the warning stay out of the graph. Plain
@@ -159,7 +210,7 @@ def _backend_name(
         has_lengths,
         needs_grad,
     )
-    return choose(requested, config, training, compiling).backend
+    return choose(requested, config, training, compiling, transforms).backend
 
 
 # What ``torch.compiler.assume_constant_result`` does (it only sets this attribute), without
@@ -168,9 +219,15 @@ def _backend_name(
 _backend_name._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-def select(requested: str, config: LayerConfig, training: bool) -> str:
+def select(requested: str, config: LayerConfig, training: bool, torch_vmaps: bool = False) -> str:
     """The name of the backend to run ``config`` with (see :func:`choose`); safe to call
-    inside code that torch.compile traces."""
+    inside code that torch.compile traces. ``torch_vmaps``: torch.nn's op for this call runs
+    under torch.func.vmap (the cells' ops do; the sequence modules' ``aten::lstm`` and kin do
+    not)."""
+    compiling = torch.compiler.is_compiling()
+    transforms = "" if compiling else functorch_transforms()
+    if torch_vmaps:
+        transforms = ",".join(t for t in transforms.split(",") if t != "vmap")
     return _backend_name(
         requested,
         config.cell,
@@ -184,5 +241,6 @@ def select(requested: str, config: LayerConfig, training: bool) -> str:
         config.has_lengths,
         config.needs_grad,
         training,
-        torch.compiler.is_compiling(),
+        compiling,
+        transforms,
     )

@@ -739,7 +739,7 @@ class _CellBase(torch.nn.Module):
             False,
             grad,
         )
-        backend = select(self.backend, config, self.training)
+        backend = select(self.backend, config, self.training, torch_vmaps=True)
         if backend == backends.TORCH:  # (under the caller's autocast, if any: as torch.nn)
             args = (
                 x,

@@ -1,6 +1,6 @@
 """The modules under torch's tools and at torch.nn's edges: empty batches, ``torch.jit.trace``
-(with its check), ``torch.export``, ``torch.jit.script`` (refused, clearly), and a gradient
-differentiated again.
+(with its check), ``torch.export``, ``torch.jit.script`` (refused, clearly), torch.func's
+transforms, and a gradient differentiated again.
 
 Results are compared bit for bit: the traced graph calls the same operators on the same data
 as the eager call, and an empty batch has no arithmetic at all.
@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import rnnkern
+from rnnkern import dispatch
+from rnnkern.backends import BackendUnavailableError
 from rnnkern.backends import cpu as cpu_backend
 from rnnkern.functional import DOUBLE_BACKWARD_ERROR
 
@@ -187,3 +189,78 @@ def test_double_backward_through_backend_torch():
         grad.square().sum().backward()
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- torch.func
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNNCell"])
+def test_torch_func_grad_runs_torch_nn_path(kind):
+    """torch.func.grad (and jacrev) cannot run rnnkern's operators (torch's custom-operator
+    autograd lacks setup_context, pytorch issue 168393); under them ``auto`` runs torch.nn's
+    path, so functional_call + grad gives torch.nn's gradients exactly (the same operator)."""
+    kw = {} if kind.endswith("Cell") else dict(num_layers=2)
+    ours, theirs = _pair(kind, "auto", **kw)
+    x = torch.randn(3, 5) if kind.endswith("Cell") else torch.randn(7, 3, 5)
+
+    def loss(params, module):
+        out = torch.func.functional_call(module, params, (x,))
+        return _tensors(out)[0].square().sum()
+
+    params = {name: p.detach() for name, p in ours.named_parameters()}
+    got = torch.func.grad(loss)(params, ours)
+    want = torch.func.grad(loss)(params, theirs)
+    assert all(torch.equal(got[name], want[name]) for name in params)
+    jac = torch.func.jacrev(lambda a: _tensors(ours(a))[0])(x)
+    assert torch.equal(jac, torch.func.jacrev(lambda a: _tensors(theirs(a))[0])(x))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_torch_func_grad_with_a_named_kernel_backend_is_a_clear_error(backend):
+    ours, _ = _pair("GRU", backend)
+    with pytest.raises(BackendUnavailableError, match=f"'{backend}' cannot run .* grad transform"):
+        torch.func.grad(lambda a: ours(a)[0].sum())(torch.randn(7, 3, 5))
+
+
+@pytest.mark.parametrize("backend", ["auto", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("kind", ["LSTM", "GRUCell"])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # (auto's "slower than torch.nn" notice)
+def test_vmap_runs(kind, backend):
+    """torch.nn's sequence modules have no vmap batching rule (nn.LSTM under vmap raises), its
+    cells do. rnnkern's operators run under vmap (torch calls them once per mapped entry), and
+    ``auto`` takes them for the sequence modules: the result equals the loop over the entries.
+    Not bit for bit: under vmap the input projection is one batched GEMM, and the loop may take
+    torch.nn's path (auto); in float64 the two orders of the same sums (at most 6 terms, 7
+    steps) differ by a few 1e-16, so 1e-12."""
+    ours, theirs = _pair(kind, backend)
+    ours.double(), theirs.double()
+    shape = (4, 3, 5) if kind.endswith("Cell") else (4, 7, 3, 5)
+    xs = torch.randn(shape, dtype=torch.float64)
+    mapped = torch.vmap(lambda a: _tensors(ours(a))[0])(xs)
+    looped = torch.stack([_tensors(ours(a))[0] for a in xs])
+    torch.testing.assert_close(mapped, looped, rtol=1e-12, atol=1e-12)
+    if kind.endswith("Cell"):
+        theirs_mapped = torch.vmap(lambda a: _tensors(theirs(a))[0])(xs)
+        torch.testing.assert_close(mapped, theirs_mapped, rtol=1e-12, atol=1e-12)
+    else:
+        with pytest.raises(RuntimeError, match="[Bb]atching rule"):
+            torch.vmap(lambda a: _tensors(theirs(a))[0])(xs)
+
+
+def test_dispatch_under_transforms():
+    config = rnnkern.backends.base.LayerConfig(
+        "lstm", "cpu", torch.float32, 5, 6, 0, 3, 7, False, True
+    )
+    assert dispatch.functorch_transforms() == ""
+    seen = []
+    torch.vmap(torch.func.grad(lambda a: seen.append(dispatch.functorch_transforms()) or a.sum()))(
+        torch.randn(2, 3)
+    )
+    assert seen == ["vmap,grad"]
+    choice = dispatch.choose("auto", config, True, transforms="vmap,grad")
+    assert choice.backend == "torch" and "grad transform" in choice.reason
+    with pytest.raises(BackendUnavailableError, match="'reference' cannot run .* jvp transform"):
+        dispatch.choose("reference", config, True, transforms="jvp")
+    with pytest.raises(BackendUnavailableError, match="'torch' cannot run .* torch.func.vmap"):
+        dispatch.choose("torch", config, True, transforms="vmap")
+    assert dispatch.choose("reference", config, True, transforms="vmap").backend == "reference"
