@@ -6,6 +6,7 @@ state_dict and outputs, with the implementation chosen per call (``backend="auto
 
 from ._version import __version__
 from .backends import BackendUnavailableError, available_backends
+from .convert import convert
 from .decode import Decoder
 from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, RNNInputError, explain
 
@@ -22,4 +23,5 @@ __all__ = [
     "RNNCell",
     "Decoder",
     "explain",
+    "convert",
 ]

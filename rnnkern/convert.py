@@ -1,0 +1,101 @@
+"""Swap torch.nn's recurrent modules for rnnkern's inside a model you did not write, and back.
+
+``rnnkern.convert(model)`` replaces every ``torch.nn.LSTM/GRU/RNN`` and cell in ``model`` (and
+``model`` itself, if it is one) with rnnkern's module of the same configuration. The new
+modules take over the old ones' ``Parameter`` objects, so nothing is copied, outputs and
+``state_dict`` stay the same, and an optimizer built before the swap keeps training the same
+tensors. ``convert(model, to="torch")`` does the reverse, for what only torch.nn's classes
+support (``torch.jit.script``). Hooks registered on the replaced modules do not move.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import nn as rk
+from .backends import check_name
+
+__all__ = ["convert"]
+
+# torch.nn class -> rnnkern class, and back. One table for both directions.
+_PAIRS = [
+    (torch.nn.LSTM, rk.LSTM),
+    (torch.nn.GRU, rk.GRU),
+    (torch.nn.RNN, rk.RNN),
+    (torch.nn.LSTMCell, rk.LSTMCell),
+    (torch.nn.GRUCell, rk.GRUCell),
+    (torch.nn.RNNCell, rk.RNNCell),
+]
+_TARGETS = {"rnnkern": dict(_PAIRS), "torch": {ours: theirs for theirs, ours in _PAIRS}}
+
+
+def _arguments(module: torch.nn.Module) -> dict:
+    """The constructor arguments that rebuild ``module`` (either library's class)."""
+    args = dict(input_size=module.input_size, hidden_size=module.hidden_size, bias=module.bias)
+    if hasattr(module, "num_layers"):  # a sequence module
+        args.update(
+            num_layers=module.num_layers,
+            batch_first=module.batch_first,
+            dropout=float(module.dropout),
+            bidirectional=module.bidirectional,
+        )
+        if module.mode == "LSTM":
+            args["proj_size"] = module.proj_size
+        elif module.mode.startswith("RNN_"):
+            args["nonlinearity"] = module.mode[4:].lower()
+    elif hasattr(module, "nonlinearity"):  # RNNCell
+        args["nonlinearity"] = module.nonlinearity
+    return args
+
+
+def _swap(module: torch.nn.Module, cls: type, backend: str | None) -> torch.nn.Module:
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        raise ValueError(
+            f"convert: {type(module).__name__} has parametrizations (weight_norm, ...); convert "
+            "the model before adding them"
+        )
+    extra = {} if backend is None else {"backend": backend}
+    new = cls(**_arguments(module), device="meta", **extra)  # (no weights drawn, none kept)
+    for name, param in module.named_parameters(recurse=False):
+        setattr(new, name, param)
+    new.train(module.training)
+    if hasattr(new, "flatten_parameters"):  # sequence modules: cuDNN's layout on CUDA
+        new.flatten_parameters()
+    return new
+
+
+def convert(module: torch.nn.Module, to: str = "rnnkern", backend: str = "auto") -> torch.nn.Module:
+    """Replace the recurrent modules inside ``module`` (in place) and return the result.
+
+    Args:
+        module: any ``torch.nn.Module``; when it is itself an RNN or a cell, the returned
+            module is its replacement (``module`` is left as it was).
+        to: ``"rnnkern"`` (torch.nn's LSTM, GRU, RNN and cells become rnnkern's) or
+            ``"torch"`` (rnnkern's become torch.nn's).
+        backend: the new rnnkern modules' ``backend`` (``to="rnnkern"`` only).
+    """
+    if to not in _TARGETS:
+        raise ValueError(f"convert: to must be 'rnnkern' or 'torch', got {to!r}")
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"convert: module must be a torch.nn.Module, got {type(module).__name__}")
+    if to == "torch" and backend != "auto":
+        raise ValueError(f"convert: backend applies to to='rnnkern' only, got {backend!r}")
+    check_name(backend)
+    table = _TARGETS[to]
+    chosen = backend if to == "rnnkern" else None
+
+    def replacement(m: torch.nn.Module) -> torch.nn.Module | None:
+        # Exact types (a subclass may change what forward does), seen through the class that
+        # parametrizations substitute, so that those are refused rather than skipped.
+        cls = table.get(torch.nn.utils.parametrize.type_before_parametrizations(m))
+        return None if cls is None else _swap(m, cls, chosen)
+
+    top = replacement(module)
+    if top is not None:
+        return top
+    found = [(p, name, c) for p in module.modules() for name, c in p.named_children()]
+    for parent, name, child in found:
+        new = replacement(child)
+        if new is not None:
+            setattr(parent, name, new)
+    return module

@@ -1,0 +1,113 @@
+"""rnnkern.convert: torch.nn's recurrent modules inside a model swapped for rnnkern's, and back.
+
+Outputs are compared in float64 with rtol/atol 1e-10, the bound tests/test_nn_parity.py
+justifies for the same modules against torch.nn.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import rnnkern
+
+pytestmark = pytest.mark.host_only
+
+
+class Tagger(nn.Module):
+    """Every kind, nested in the containers models use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.LSTM(5, 6, num_layers=2, bidirectional=True, proj_size=3)
+        self.cells = nn.ModuleList([nn.LSTMCell(6, 6), nn.GRUCell(6, 6)])
+        self.heads = nn.ModuleDict(
+            {
+                "gru": nn.GRU(6, 4, batch_first=True, bias=False),
+                "rnn": nn.Sequential(nn.RNN(4, 4, nonlinearity="relu")),
+            }
+        )
+        self.step = nn.RNNCell(4, 4, nonlinearity="relu")
+
+    def forward(self, x):
+        y, _ = self.encoder(x)
+        h, _ = self.cells[0](y[-1])
+        h = self.cells[1](h)
+        z, _ = self.heads["gru"](h.unsqueeze(1))
+        z, _ = self.heads["rnn"][0](z)
+        return self.step(z[:, -1])
+
+
+def _kinds(model: nn.Module) -> list[str]:
+    return [f"{type(m).__module__.split('.')[0]}.{type(m).__name__}" for m in model.modules()]
+
+
+def test_convert_swaps_every_kind_and_keeps_the_parameters():
+    torch.manual_seed(0)
+    model = Tagger().double().eval()
+    x = torch.randn(7, 3, 5, dtype=torch.float64)
+    want = model(x)
+    params = list(model.parameters())
+    names = list(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    assert rnnkern.convert(model, backend="reference") is model
+    assert _kinds(model) == [
+        "test_convert.Tagger", "rnnkern.LSTM", "torch.ModuleList", "rnnkern.LSTMCell",
+        "rnnkern.GRUCell", "torch.ModuleDict", "rnnkern.GRU", "torch.Sequential", "rnnkern.RNN",
+        "rnnkern.RNNCell",
+    ]  # fmt: skip
+    assert all(m.backend == "reference" for m in model.modules() if hasattr(m, "backend"))
+    assert not any(m.training for m in model.modules())
+    # The same Parameter objects: nothing copied, the optimizer trains the new modules.
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    assert list(model.state_dict()) == names
+    assert model.heads["rnn"][0].nonlinearity == "relu" and model.step.nonlinearity == "relu"
+    torch.testing.assert_close(model(x), want, rtol=1e-10, atol=1e-10)
+    model(x).square().sum().backward()
+    before = model.encoder.weight_hh_l0.detach().clone()
+    optimizer.step()
+    assert not torch.equal(model.encoder.weight_hh_l0, before)
+
+    rnnkern.convert(model, to="torch")
+    assert all(k.startswith(("torch.", "test_convert.")) for k in _kinds(model))
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    scripted = torch.jit.script(model)  # what the way back is for
+    torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+def test_convert_a_module_itself(kind):
+    theirs = getattr(nn, kind)(5, 6).double()
+    ours = rnnkern.convert(theirs)
+    assert type(ours) is getattr(rnnkern, kind) and type(theirs) is getattr(nn, kind)
+    assert ours.backend == "auto"
+    assert all(a is b for a, b in zip(ours.parameters(), theirs.parameters(), strict=True))
+    x = torch.randn((3, 5) if "Cell" in kind else (4, 3, 5), dtype=torch.float64)
+    got, want = ours(x), theirs(x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    back = rnnkern.convert(ours, to="torch")
+    assert type(back) is getattr(nn, kind) and str(back) == str(theirs)
+
+
+def test_convert_leaves_subclasses_and_other_modules_alone():
+    class MyLSTM(nn.LSTM):  # (its forward may do more than torch.nn.LSTM's)
+        pass
+
+    model = nn.Sequential(nn.Linear(5, 5), MyLSTM(5, 6))
+    rnnkern.convert(model)
+    assert type(model[0]) is nn.Linear and type(model[1]) is MyLSTM
+
+
+def test_convert_errors():
+    with pytest.raises(ValueError, match="to must be 'rnnkern' or 'torch', got 'cudnn'"):
+        rnnkern.convert(nn.LSTM(2, 3), to="cudnn")
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module, got dict"):
+        rnnkern.convert({})
+    with pytest.raises(ValueError, match="backend applies to to='rnnkern' only"):
+        rnnkern.convert(rnnkern.LSTM(2, 3), to="torch", backend="cpu")
+    with pytest.raises(ValueError, match="backend"):
+        rnnkern.convert(nn.LSTM(2, 3), backend="fastest")
+    model = nn.Sequential(nn.GRU(2, 3))
+    nn.utils.parametrizations.weight_norm(model[0], "weight_hh_l0")
+    with pytest.raises(ValueError, match="GRU has parametrizations .* convert the model before"):
+        rnnkern.convert(model)
