@@ -67,8 +67,8 @@ def _refuse_script(self) -> torch.nn.Module:
     raise RuntimeError(
         f"torch.jit.script cannot compile rnnkern.{name}: its forward chooses a kernel backend "
         f"in Python, which TorchScript does not compile. torch.jit.trace, torch.export and "
-        f"torch.compile work with it; to script, use torch.nn.{name}, which loads this "
-        f"module's state_dict"
+        f"torch.compile work with it; to script, swap in torch.nn.{name} first: "
+        f"rnnkern.convert(model, to='torch')"
     )
 
 
