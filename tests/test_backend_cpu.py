@@ -18,6 +18,7 @@ import pytest
 import torch
 from tolerances import assert_within_float32_error
 
+import rnnkern
 from rnnkern.backends import cpu as cpu_backend
 from rnnkern.backends.base import LayerConfig
 from rnnkern.functional import rnn_layer
@@ -193,12 +194,39 @@ def test_faster_than_torch_follows_the_measured_grid():
         assert dispatch.choose("auto", slower, training=True).backend == "torch"
     assert dispatch.choose("auto", cfg(), training=True).backend == "cpu"
     for other in (
-        cfg(cell="gru", B=1, H=64, T=8),
-        cfg(B=1, T=8, proj=64),
+        cfg(cell="gru", B=1, H=64, T=16),
+        cfg(cell="rnn_tanh", B=1, H=64, T=32, grad=False),
+        cfg(B=1, T=16, proj=64),
         cfg(dtype=torch.float64),
     ):
         assert be.faster_than_torch(other) is True, other
     assert "not measured" in be.faster_than_torch(cfg(dtype=torch.bfloat16))
+
+
+def test_short_calls_stay_with_torch(monkeypatch):
+    """Per-step-ATen configurations go to ``cpu`` only from the sequence lengths where
+    benchmarks/results/cpu_short-* measured it faster: T >= 16 training, T >= 32 inference;
+    the cells (T = 1) never."""
+    from rnnkern import dispatch
+
+    def cfg(cell="gru", T=1, grad=True, proj=0, dtype=torch.float32):
+        return LayerConfig(cell, "cpu", dtype, 64, 64, proj, 16, T, False, grad)
+
+    be = cpu_backend.BACKEND
+    for short in (cfg(), cfg(T=15), cfg(T=31, grad=False), cfg("rnn_relu", T=8),
+                  cfg("lstm", proj=32), cfg("lstm", dtype=torch.float64, grad=False)):  # fmt: skip
+        assert "fixed cost" in be.faster_than_torch(short), short
+        assert dispatch.choose("auto", short, training=True).backend == "torch"
+
+    chosen = []
+    real_select = rnnkern.nn.select
+    monkeypatch.setattr(
+        rnnkern.nn, "select", lambda *a, **k: chosen.append(real_select(*a, **k)) or chosen[-1]
+    )
+    for cls in (rnnkern.GRUCell, rnnkern.RNNCell, rnnkern.LSTMCell):
+        for dtype in (torch.float32, torch.float64):
+            cls(64, 64, dtype=dtype)(torch.randn(16, 64, dtype=dtype))
+    assert chosen == ["torch"] * 6
 
 
 def test_missing_extension_says_how_to_build(monkeypatch):

@@ -48,7 +48,7 @@ def test_bench_rejects_unknown_suite(capsys):
     assert "unknown suite" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("suite", ["cpu_train", "cpu_dispatch"])
+@pytest.mark.parametrize("suite", ["cpu_train", "cpu_dispatch", "cpu_short"])
 def test_cpu_training_suites_run_quick(suite):
     from rnnkern.backends import cpu
 

@@ -164,6 +164,12 @@ def gemm(
     return out
 
 
+# The shortest sequences (steps a call) from which ``cpu`` beats torch.nn's per-step ATen ops
+# (GRU, RNN, LSTM with a projection, float64), measured by suite cpu_short (faster_than_torch).
+_SHORT_TRAINING = 16
+_SHORT_INFERENCE = 32
+
+
 class CPUBackend:
     name = "cpu"
 
@@ -214,6 +220,14 @@ class CPUBackend:
         - LSTM with proj_size (oneDNN has none; torch.nn falls back to per-step ops): 1x256
           proj 128 B=16 T=64 fwd+bwd 1.24x. LSTM float64 (oneDNN has none): 1x256 B=16 T=64
           1.14x (both at 1 thread).
+        - Short calls, for all of the above (suite ``cpu_short``, 20 calls a sample,
+          benchmarks/results/cpu_short-*): a call through rnnkern's operators costs about
+          100 us more than torch.nn's before its first step, so torch.nn wins single steps
+          (the cells: 0.18-0.53x) and few steps (GRU / RNN at T=1-4: 0.27-1.07x). At T=32
+          ``cpu`` won every case of two runs (1.12-4.36x, H 64 and 512, B 1 and 16); at T=16
+          training won all but one (0.95-2.54x; LSTM with projection 2.28x, float64 2.09x)
+          and inference lost three of 16 (0.61-0.85x). Hence ``cpu`` from T=16 for training
+          and from T=32 for inference (_SHORT_TRAINING, _SHORT_INFERENCE).
         float16/bfloat16 inputs were not measured.
         """
         ok = self.supports(config)
@@ -221,9 +235,16 @@ class CPUBackend:
             return ok
         if config.dtype not in (torch.float32, torch.float64):
             return f"not measured against torch.nn for {config.dtype} inputs"
-        if config.cell != "lstm" or config.proj_size > 0 or config.dtype == torch.float64:
-            return True
         B, H, T = config.batch_size, config.hidden_size, config.seq_len
+        if config.cell != "lstm" or config.proj_size > 0 or config.dtype == torch.float64:
+            shortest = _SHORT_TRAINING if config.needs_grad else _SHORT_INFERENCE
+            if T >= shortest:
+                return True
+            return (
+                f"a call's fixed cost makes torch.nn's per-step ops faster below T={shortest} "
+                f"for {'training' if config.needs_grad else 'inference'} (got T={T}; cells "
+                "are T=1)"
+            )
         if config.needs_grad and B * H >= 8192 and H <= 512 and T >= 128:
             return True
         return (
