@@ -151,7 +151,8 @@ def test_jit_script_refused_with_what_works(kind):
     """TorchScript cannot compile the Python dispatch of a forward: torch.jit.script says so,
     names what works instead, and leaves the caller's model as it was."""
     module = getattr(rnnkern, kind)(5, 6)
-    with pytest.raises(RuntimeError, match=f"cannot compile rnnkern.{kind}.*convert.model, to='torch'"):
+    refusal = f"cannot compile rnnkern.{kind}.*convert.model, to='torch'"
+    with pytest.raises(RuntimeError, match=refusal):
         torch.jit.script(module)
     model = _Tagger(module)
     with pytest.raises(RuntimeError, match=f"rnnkern.{kind}.*torch.jit.trace, torch.export"):

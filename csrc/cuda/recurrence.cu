@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_forward_kernel(ForwardArgs 
   RNNKERN_DYNAMIC_SMEM(smem);
   const int T_ = a.T, B = a.B, H = a.H, P = a.P, GH = G * H;
   const bool proj = CELL == kLSTM && a.w_hr != nullptr;
-  const int Hb = plan.Hb, Pb = plan.Pb, Bc = plan.Bc;
+  const int Hb = plan.Hb, Bc = plan.Bc;
   const BlockSlice sl = block_slice(plan, B, H, P);
   const int j0 = sl.j0, nj = sl.nj, p0 = sl.p0, np = sl.np, r0 = sl.r0, r1 = sl.r1, nr = sl.nr;
   const SmemLayout L = plan_layout(plan, sizeof(T));
@@ -611,7 +611,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_backward_kernel(BackwardArg
         if (b0 == r0) trace_point(a.trace, a.trace_steps, ps, 4);
         matvec<T>(plan.matvec, x_s, ldg, nb, GH, np, wt, part_s, plan.partial,
                   [&](int bb, int pp, float v) {
-          const int b = b0 + bb, p = p0 + pp;
+          const int b = b0 + bb;
           const int len = length_of(a.lengths, b, T_, bar.error);
           if (s < len)
             dh_s[(b - r0) * ld_dh + pp] =
