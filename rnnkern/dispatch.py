@@ -141,11 +141,15 @@ def choose(
 
     skipped: dict[str, str] = {}
     slower: list[str] = []  # supported, but not measured faster than torch.nn
+    symbolic = config.batch_size < 0 or config.seq_len < 0  # (see select)
     for name in AUTO_ORDER.get(config.device_type, ()):
         ok = backends.supports(name, config)
         if ok is not True:
             skipped[name] = ok
             continue
+        if symbolic:
+            return Choice(name, f"{SYMBOLIC_SIZES}: the first fused kernel that supports it",
+                          skipped)  # fmt: skip
         faster = _faster_than_torch(name, config)
         if faster is not True:
             skipped[name] = faster
@@ -219,6 +223,16 @@ def _backend_name(
 _backend_name._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
+# Under torch.compile the batch and time sizes may be symbolic (dynamic=True, or the automatic
+# dynamic shapes of a recompile after a size changed): they cannot be arguments of
+# _backend_name (assume_constant_result needs constants: fullgraph=True failed on the second
+# batch size), and dynamo's isinstance cannot tell them from ints, so while compiling select
+# passes -1 for both, and auto takes the first fused kernel that supports the call. The sizes
+# only steer speed: no backend's supports() depends on B or T, and torch.nn's path cannot run
+# while compiling anyway.
+SYMBOLIC_SIZES = "the call is being compiled, and its batch and time sizes may be symbolic"
+
+
 def select(requested: str, config: LayerConfig, training: bool, torch_vmaps: bool = False) -> str:
     """The name of the backend to run ``config`` with (see :func:`choose`); safe to call
     inside code that torch.compile traces. ``torch_vmaps``: torch.nn's op for this call runs
@@ -236,8 +250,8 @@ def select(requested: str, config: LayerConfig, training: bool, torch_vmaps: boo
         config.input_size,
         config.hidden_size,
         config.proj_size,
-        config.batch_size,
-        config.seq_len,
+        -1 if compiling and config.batch_size != 0 else config.batch_size,
+        -1 if compiling else config.seq_len,
         config.has_lengths,
         config.needs_grad,
         training,

@@ -1,5 +1,6 @@
 """torch.compile(fullgraph=True) through rnnkern modules, and backend selection rules."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -93,6 +94,38 @@ def test_compile_fullgraph_through_the_cpu_backends_own_gemm(monkeypatch):
     # Same kernels eagerly and compiled (aot_eager): float32 rounding at most.
     for a, b in zip([y_c, h_c, *grads_c], [y_e, h_e, *grads_e], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_compile_fullgraph_when_sizes_change(kind, backend):
+    """A new batch or sequence size makes torch.compile recompile with symbolic sizes
+    (automatic dynamic shapes), which the backend choice may not take as arguments: with
+    fullgraph=True the second size raised. Four sizes, one of them B = 1, forward and backward
+    against the same backend eagerly (float32 rounding, as above)."""
+    torch.manual_seed(0)
+    m = getattr(rnnkern, kind)(4, 6, num_layers=2, backend=backend)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    for T, B in ((5, 2), (7, 3), (4, 5), (6, 1)):
+        x = torch.randn(T, B, 4, requires_grad=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            outs_c = _outputs(compiled(x))
+            symbolic = dataclasses.replace(_config_of(m, x), batch_size=-1, seq_len=-1)
+            ran = dispatch.choose(backend, symbolic, True, compiling=True).backend
+        sum(o.sum() for o in outs_c).backward()
+        grads_c = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+        x.grad = None
+        m.zero_grad()
+        eager = getattr(rnnkern, kind)(4, 6, num_layers=2, backend=ran)
+        eager.load_state_dict(m.state_dict())
+        outs_e = _outputs(eager(x))
+        sum(o.sum() for o in outs_e).backward()
+        grads_e = [x.grad] + [p.grad for p in eager.parameters()]
+        x.grad = None
+        for a, b in zip(outs_c + grads_c, outs_e + grads_e, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def _config_of(module, x):
