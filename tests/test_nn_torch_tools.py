@@ -88,6 +88,13 @@ def test_empty_sequence_still_an_error():
 # ------------------------------------------------------------------------------- jit.trace
 
 
+def _saved_and_loaded(obj, save, load):
+    buffer = io.BytesIO()
+    save(obj, buffer)
+    buffer.seek(0)
+    return load(buffer)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("kind", [*SEQUENCE, "GRUCell"])
 def test_jit_trace_checks_and_equals_eager(kind, backend):
@@ -98,10 +105,7 @@ def test_jit_trace_checks_and_equals_eager(kind, backend):
     ours, _ = _pair(kind, backend, **kw)
     x = torch.randn(3, 5) if kind.endswith("Cell") else torch.randn(7, 3, 5)
     traced = torch.jit.trace(ours, (x,))
-    buffer = io.BytesIO()
-    torch.jit.save(traced, buffer)
-    buffer.seek(0)
-    loaded = torch.jit.load(buffer)
+    loaded = _saved_and_loaded(traced, torch.jit.save, torch.jit.load)
     want = _tensors(ours(x))
     sum(t.sum() for t in want).backward()
     grads = [p.grad.clone() for p in ours.parameters()]
@@ -124,10 +128,7 @@ def test_torch_export_equals_eager(kind, backend):
     ours, _ = _pair(kind, backend, **kw)
     x = torch.randn(3, 5) if kind.endswith("Cell") else torch.randn(7, 3, 5)
     program = torch.export.export(ours, (x,))
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    buffer.seek(0)
-    loaded = torch.export.load(buffer)
+    loaded = _saved_and_loaded(program, torch.export.save, torch.export.load)
     want = _tensors(ours(x))
     for module in (program.module(), loaded.module()):
         assert all(torch.equal(a, b) for a, b in zip(_tensors(module(x)), want, strict=True))
