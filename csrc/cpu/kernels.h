@@ -141,23 +141,38 @@ RK_INLINE void load_panel_row(const W* pk, VT* w) {
 
 // Pack panel p of Wop. `n_major`: Wop[k, n] = W[n * ld + k] (a weight [N, K] used as its
 // transpose, as h @ W_hhᵀ); otherwise Wop[k, n] = W[k * ld + n] (dh @ W_hh).
+//
+// Each case walks its source contiguously: n_major column by column (a row of W is a column
+// of the panel), the other row by row (a row of W holds the panel row's L-unit runs). Column
+// by column for both, the row-major case (the backward's W_hh and W_hr) read every element
+// from a new cache line: GRU 1x512, B=1, T=1 forward + backward spent 20% of its time packing
+// (perf), and row by row GRU 1x1024 B=1 T=1 forward + backward takes 20-22 ms instead of
+// 38-44 (3 interleaved runs, 1 thread; LSTM 1x512 B=16 T=64 1-3% less). Tiling the n_major
+// case as well (16 panel rows at a time) made the forward 1.5-2x slower.
 template <typename W>
 void pack_panel(const PanelShape& s, int p, const W* src, long ld, bool n_major, W* dst) {
   const int UG = s.NV / s.G, L = s.L;
-  for (int v = 0; v < s.NV; ++v)
-    for (int l = 0; l < L; ++l) {
-      const int unit = p * UG * L + (v / s.G) * L + l;
-      const long n = (long)(v % s.G) * s.Nu + unit;
-      W* d = dst + panel_offset<W>(v, l, L, s.NV);
-      if (unit >= s.Nu) {
-        for (int k = 0; k < s.K; ++k) d[(long)k * s.NV * L] = W{};
-      } else if (n_major) {
-        const W* w = src + n * ld;
-        for (int k = 0; k < s.K; ++k) d[(long)k * s.NV * L] = w[k];
-      } else {
-        for (int k = 0; k < s.K; ++k) d[(long)k * s.NV * L] = src[(long)k * ld + n];
+  const long row = (long)s.NV * L;
+  auto unit = [&](int v, int l) { return p * UG * L + (v / s.G) * L + l; };
+  auto column = [&](int v, int l) { return (long)(v % s.G) * s.Nu + unit(v, l); };
+  auto valid = [&](int v, int l) { return unit(v, l) < s.Nu; };
+  if (n_major) {
+    for (int v = 0; v < s.NV; ++v)
+      for (int l = 0; l < L; ++l) {
+        W* d = dst + panel_offset<W>(v, l, L, s.NV);
+        const W* w = src + column(v, l) * ld;
+        const bool ok = valid(v, l);
+        for (int k = 0; k < s.K; ++k) d[k * row] = ok ? w[k] : W{};
       }
-    }
+    return;
+  }
+  for (int k = 0; k < s.K; ++k) {
+    const W* w = src + (long)k * ld;
+    W* d = dst + k * row;
+    for (int v = 0; v < s.NV; ++v)
+      for (int l = 0; l < L; ++l)
+        d[panel_offset<W>(v, l, L, s.NV)] = valid(v, l) ? w[column(v, l)] : W{};
+  }
 }
 
 // acc[r][v] = sum_k A[r, k] * panel[k][v] for r < MR. With fewer than 8 accumulators (decoding
