@@ -12,6 +12,7 @@ operators cannot run, ``auto`` runs torch.nn's path and a named kernel backend i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -118,6 +119,10 @@ def choose(
         # torch.nn returns empty outputs and states (their autograd graph included) for an
         # empty batch; there is nothing for a kernel to compute, so torch.nn's op makes them.
         return Choice(TORCH, "an empty batch: nothing to compute, torch.nn's op returns it")
+    symbolic = config.batch_size < 0 or config.seq_len < 0  # (see select)
+    # supports() does not depend on B or T, and gets real sizes, never -1: backend cuda caches
+    # its answer per layer shape without B, and its plan for B = -1 would be an error.
+    asked = dataclasses.replace(config, batch_size=1, seq_len=1) if symbolic else config
     if requested == TORCH:
         problem = _torch_path_problem(config, training, compiling, transforms)
         if problem:
@@ -132,7 +137,7 @@ def choose(
             )
         return Choice(TORCH, f"{refused}; torch.nn's path can")
     if requested in KERNEL_BACKENDS:
-        ok = backends.supports(requested, config)
+        ok = backends.supports(requested, asked)
         if ok is not True:
             raise BackendUnavailableError(
                 f"backend {requested!r} cannot run this configuration: {ok}"
@@ -141,9 +146,8 @@ def choose(
 
     skipped: dict[str, str] = {}
     slower: list[str] = []  # supported, but not measured faster than torch.nn
-    symbolic = config.batch_size < 0 or config.seq_len < 0  # (see select)
     for name in AUTO_ORDER.get(config.device_type, ()):
-        ok = backends.supports(name, config)
+        ok = backends.supports(name, asked)
         if ok is not True:
             skipped[name] = ok
             continue

@@ -216,3 +216,22 @@ def test_under_compile_a_slower_fused_kernel_beats_reference(monkeypatch):
     with pytest.warns(RuntimeWarning, match="backend 'slow'.*slower than torch.nn.*0.5x"):
         choice = dispatch.choose("auto", layer_config(), training=True, compiling=True)
     assert choice.backend == "slow"
+
+
+def test_symbolic_sizes_never_reach_supports(monkeypatch):
+    """While compiling, select passes -1 for the sizes; backends' supports() must still get
+    real ones (backend cuda caches its answer without B, and a plan for B = -1 is an error)."""
+    seen = []
+    real = dispatch.backends.supports
+
+    def spy(name, config):
+        seen.append((name, config.batch_size, config.seq_len))
+        return real(name, config)
+
+    monkeypatch.setattr(dispatch.backends, "supports", spy)
+    symbolic = dataclasses.replace(layer_config(), batch_size=-1, seq_len=-1)
+    for requested in ("auto", "reference"):
+        choice = dispatch.choose(requested, symbolic, True, compiling=True)
+        assert choice.backend != "torch"
+    assert seen and all(b >= 1 and t >= 1 for _, b, t in seen)
+    assert dispatch.SYMBOLIC_SIZES in dispatch.choose("auto", symbolic, True, True).reason
