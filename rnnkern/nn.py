@@ -355,10 +355,12 @@ class _RNNBase(torch.nn.Module):
             config = dataclasses.replace(config, dtype=cast[0])
         return x, lengths, lengths_cpu, batched, states, cast, config
 
+    def _explained(self, input, hx):
+        return self._prepare(input, hx)[-2:]
+
     def choose_backend(self, input, hx=None) -> Choice:
         """Which backend a call with these arguments would run, and why others were skipped."""
-        config = self._prepare(input, hx)[-1]
-        return choose(self.backend, config, self.training)
+        return choose(self.backend, self._explained(input, hx)[1], self.training)
 
     def forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
@@ -724,7 +726,9 @@ class _CellBase(torch.nn.Module):
                 states.append(t)
         return x, states, batched
 
-    def _run(self, x: Tensor, states: list[Tensor]) -> tuple[Tensor, ...]:
+    def _config(self, x: Tensor, states: list[Tensor]):
+        """``(cast, config)`` of a step on ``x [B, I]``: ``cast`` as in :meth:`_RNNBase._prepare`,
+        ``config`` the step as a one-step layer."""
         grad = needs_grad((x, *self.parameters(), *states))
         cast = _autocast_dtypes(_TORCH_KIND[self._cell], x, (False, self.bias, 1, False, "tensor"))
         config = LayerConfig(
@@ -739,6 +743,18 @@ class _CellBase(torch.nn.Module):
             False,
             grad,
         )
+        return cast, config
+
+    def _explained(self, input, hx):
+        x, states, _ = self._prepare(input, hx, 2 if self._cell == "lstm" else 1)
+        return self._config(x, states)
+
+    def choose_backend(self, input, hx=None) -> Choice:
+        """Which backend a call with these arguments would run, and why others were skipped."""
+        return choose(self.backend, self._explained(input, hx)[1], self.training)
+
+    def _run(self, x: Tensor, states: list[Tensor]) -> tuple[Tensor, ...]:
+        cast, config = self._config(x, states)
         backend = select(self.backend, config, self.training, torch_vmaps=True)
         if backend == backends.TORCH:  # (under the caller's autocast, if any: as torch.nn)
             args = (
@@ -952,9 +968,11 @@ def explain(module: torch.nn.Module, input, hx=None) -> str:
     """Which backend ``module(input, hx)`` would run, and why the others were skipped; under
     autocast, the dtype the layers run in; for a backend that plans its launches (``cuda``),
     the plan of each layer's kernels too."""
-    if not isinstance(module, _RNNBase):
-        raise TypeError(f"module must be an rnnkern LSTM, GRU or RNN, got {type(module).__name__}")
-    cast, config = module._prepare(input, hx)[-2:]  # (once: as choose_backend, with the cast)
+    if not isinstance(module, (_RNNBase, _CellBase)):
+        raise TypeError(
+            f"module must be an rnnkern LSTM, GRU, RNN or cell, got {type(module).__name__}"
+        )
+    cast, config = module._explained(input, hx)  # (once: as choose_backend, with the cast)
     choice = choose(module.backend, config, module.training)
     text = str(choice)
     if cast is not None:

@@ -225,7 +225,11 @@ def test_short_calls_stay_with_torch(monkeypatch):
     )
     for cls in (rnnkern.GRUCell, rnnkern.RNNCell, rnnkern.LSTMCell):
         for dtype in (torch.float32, torch.float64):
-            cls(64, 64, dtype=dtype)(torch.randn(16, 64, dtype=dtype))
+            cell, x = cls(64, 64, dtype=dtype), torch.randn(16, 64, dtype=dtype)
+            cell(x)
+            text = rnnkern.explain(cell, x)  # (explain and choose_backend take cells too)
+            assert text.startswith("backend 'torch'") and "skipped 'cpu'" in text, text
+            assert cell.choose_backend(x).backend == "torch"
     assert chosen == ["torch"] * 6
 
 

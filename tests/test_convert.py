@@ -111,3 +111,31 @@ def test_convert_errors():
     nn.utils.parametrizations.weight_norm(model[0], "weight_hh_l0")
     with pytest.raises(ValueError, match="GRU has parametrizations .* convert the model before"):
         rnnkern.convert(model)
+
+
+def test_convert_back_then_export_to_onnx():
+    """The way to ONNX the README gives: torch.nn's classes back, then torch.onnx.export (its
+    TorchScript-based exporter, which needs no onnxscript); ONNX Runtime runs the graph to
+    float32 rounding of the same GRU (observed 1e-7; 1e-5 leaves a hundredfold margin, and a
+    wrong gate or weight moves outputs by 1e-2)."""
+    ort = pytest.importorskip("onnxruntime", reason="the dev extra installs onnxruntime")
+    import io
+
+    model = nn.Sequential(rnnkern.GRU(8, 16, num_layers=2))
+    x = torch.randn(5, 2, 8)
+    want = model[0](x)[0]
+    rnnkern.convert(model, to="torch")
+    buffer = io.BytesIO()
+    torch.onnx.export(_FirstOutput(model[0]), (x,), buffer, dynamo=False)
+    session = ort.InferenceSession(buffer.getvalue())
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), want.detach(), rtol=1e-5, atol=1e-5)
+
+
+class _FirstOutput(nn.Module):
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        return self.rnn(x)[0]

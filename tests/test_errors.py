@@ -176,3 +176,8 @@ def test_backend_by_name_that_cannot_run_says_why():
         pytest.skip("the cpu backend is built here; covered by test_backend_cpu")
     with pytest.raises(rnnkern.BackendUnavailableError, match="backend 'cpu'"):
         m(x)
+
+
+def test_explain_names_what_it_takes():
+    with pytest.raises(TypeError, match="an rnnkern LSTM, GRU, RNN or cell, got LSTM"):
+        rnnkern.explain(torch.nn.LSTM(3, 4), torch.randn(2, 1, 3))
