@@ -22,16 +22,19 @@ from .backends.base import CELLS, gate_count, state_dtype
 __all__ = ["input_projection", "rnn_layer"]
 
 
-def needs_grad(tensors) -> bool:
-    """Whether a call on ``tensors`` (None entries skipped) must keep what backward needs.
+def needs_grad(*groups) -> bool:
+    """Whether a call on the tensors of ``groups`` (iterables; None entries skipped) must keep
+    what backward needs.
 
     Grad mode on and some tensor requiring grad, as autograd decides; under ``torch.jit.trace``
     grad mode is not asked. The trace must not depend on it: its check re-traces the call under
     ``no_grad`` and fails when the graphs differ (they did, in the ``save`` flag of
-    ``layer_forward``), and the traced graph may run later with gradients either way.
+    ``layer_forward``), and the traced graph may run later with gradients either way. The
+    groups are walked only with grad mode on (a module's ``parameters()`` is a generator).
     """
-    recording = torch.is_grad_enabled() or torch.jit.is_tracing()
-    return recording and any(t is not None and t.requires_grad for t in tensors)
+    if not (torch.is_grad_enabled() or torch.jit.is_tracing()):
+        return False
+    return any(t is not None and t.requires_grad for group in groups for t in group)
 
 
 @torch.library.custom_op("rnnkern::layer_forward", mutates_args=())

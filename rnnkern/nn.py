@@ -298,7 +298,7 @@ class _RNNBase(torch.nn.Module):
         return out
 
     def _layer_config(self, x: Tensor, B: int, T: int, has_lengths: bool, hx) -> LayerConfig:
-        grad = needs_grad((x, *self.parameters(), *(hx or ())))
+        grad = needs_grad((x,), self.parameters(), hx or ())
         return LayerConfig(
             self._cell,
             x.device.type,
@@ -729,7 +729,7 @@ class _CellBase(torch.nn.Module):
     def _config(self, x: Tensor, states: list[Tensor]):
         """``(cast, config)`` of a step on ``x [B, I]``: ``cast`` as in :meth:`_RNNBase._prepare`,
         ``config`` the step as a one-step layer."""
-        grad = needs_grad((x, *self.parameters(), *states))
+        grad = needs_grad((x,), self.parameters(), states)
         cast = _autocast_dtypes(_TORCH_KIND[self._cell], x, (False, self.bias, 1, False, "tensor"))
         config = LayerConfig(
             self._cell,

@@ -59,7 +59,9 @@ def test_cpu_training_suites_run_quick(suite):
     from rnnkern.bench import onnxrt
 
     for record in records:
-        expected = {"torch.nn", "rnnkern[cpu]"}
+        expected = {"torch.nn", "rnnkern[cpu]"} | (
+            {"rnnkern[auto]"} if suite == "cpu_short" else set()
+        )
         if suite == "cpu_train" and not record["params"]["train"]:
             if onnxrt.available():
                 expected.add("onnxruntime")  # inference-only baseline, forward cases

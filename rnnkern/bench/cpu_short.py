@@ -6,8 +6,9 @@ than torch.nn's before its first step (the custom operators' dispatch, argument 
 allocation), so over few steps, and for the cells (one step a call), torch.nn's path wins.
 This grid is what ``CPUBackend.faster_than_torch`` decides short calls from: GRU and RNN-tanh
 over T in 1..32, the three cells, and the LSTM with a projection and in float64 at T = 1 and
-16, torch.nn beside rnnkern[cpu]. Each sample times ``CALLS`` calls, so that a sample is well
-above the timer's and the scheduler's noise.
+16, torch.nn beside rnnkern[cpu], and beside ``auto``, which is what a user gets: torch.nn's
+path where the rule keeps it, plus the cost of choosing. Each sample times ``CALLS`` calls, so
+that a sample is well above the timer's and the scheduler's noise.
 """
 
 from __future__ import annotations
@@ -71,13 +72,15 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
             dtype = torch.float64 if variant == "float64" else torch.float32
             base = getattr(torch.nn, kind)(H, H, dtype=dtype, **kw)
             ours = getattr(rnnkern, kind)(H, H, dtype=dtype, backend="cpu", **kw)
+            auto = getattr(rnnkern, kind)(H, H, dtype=dtype, **kw)
             ours.load_state_dict(base.state_dict())
+            auto.load_state_dict(base.state_dict())
             is_cell = cell.endswith("Cell")
             shape = (B, H) if is_cell else (T, B, H)
             x = torch.randn(shape, generator=gen, dtype=dtype).requires_grad_(train)
             step = _cell_step if is_cell else module_step
-            fns = {label: _repeated(step(m, x, train), CALLS)
-                   for label, m in (("torch.nn", base), ("rnnkern[cpu]", ours))}  # fmt: skip
+            modules = (("torch.nn", base), ("rnnkern[cpu]", ours), ("rnnkern[auto]", auto))
+            fns = {label: _repeated(step(m, x, train), CALLS) for label, m in modules}
             out.append(
                 Case(
                     suite="cpu_short",
