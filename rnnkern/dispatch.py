@@ -246,6 +246,8 @@ def select(requested: str, config: LayerConfig, training: bool, torch_vmaps: boo
     transforms = "" if compiling else functorch_transforms()
     if torch_vmaps:
         transforms = ",".join(t for t in transforms.split(",") if t != "vmap")
+    if not compiling:  # (eagerly, without taking the config apart and building it again)
+        return choose(requested, config, training, False, transforms).backend
     return _backend_name(
         requested,
         config.cell,
