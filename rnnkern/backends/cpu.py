@@ -221,16 +221,16 @@ class CPUBackend:
           proj 128 B=16 T=64 fwd+bwd 1.24x. LSTM float64 (oneDNN has none): 1x256 B=16 T=64
           1.14x (both at 1 thread).
         - Short calls, for all of the above (suite ``cpu_short``, 20 calls a sample; the
-          committed benchmarks/results/cpu_short-* is the run at 6e47dbf): a call through
+          committed benchmarks/results/cpu_short-* is the run at 32a819d): a call through
           rnnkern's operators costs about 100 us more than torch.nn's before its first step,
-          so torch.nn wins single steps (the cells and T=1: 0.17-0.61x) and mostly few steps
-          (T=8: 0.52-1.88x). At T=32 ``cpu`` won every case (1.05-4.39x, GRU and RNN, H 64
-          and 512, B 1 and 16); at T=16 training won every case (1.20-2.97x; LSTM with a
-          projection 2.46x, float64 1.96x) and inference lost two of ten (0.74x, 0.95x). Two
-          earlier runs, before the backward's weight packing was sped up (6e47dbf), agree
-          except that one T=16 training case lost there (GRU B=1 H=512, 0.95x). Hence
-          ``cpu`` from T=16 for training and from T=32 for inference (_SHORT_TRAINING,
-          _SHORT_INFERENCE).
+          so torch.nn wins single steps (the cells and T=1: 0.18-0.73x) and mostly few steps
+          (T=8: 0.52-1.88x at 6e47dbf). At T=32 ``cpu`` won every case (1.25-4.93x, GRU and
+          RNN, H 64 and 512, B 1 and 16); at T=16 training won every case (1.18-2.72x,
+          including LSTM with a projection and float64) and inference lost two of ten (0.77x,
+          0.87x). Three earlier runs agree, except that one T=16 training case lost in the
+          two before the backward's weight packing was sped up (6e47dbf; GRU B=1 H=512,
+          0.95x). Hence ``cpu`` from T=16 for training and from T=32 for inference
+          (_SHORT_TRAINING, _SHORT_INFERENCE).
         float16/bfloat16 inputs were not measured.
         """
         ok = self.supports(config)
