@@ -149,29 +149,39 @@ RK_INLINE void load_panel_row(const W* pk, VT* w) {
 // (perf), and row by row GRU 1x1024 B=1 T=1 forward + backward takes 20-22 ms instead of
 // 38-44 (3 interleaved runs, 1 thread; LSTM 1x512 B=16 T=64 1-3% less). Tiling the n_major
 // case as well (16 panel rows at a time) made the forward 1.5-2x slower.
+// Columns of a panel row: at most 4 vectors (panel_vectors, the 4-vector panels) of at most
+// one full-width float32 vector's lanes.
+constexpr int kMaxPanelColumns = 4 * (RK_VEC_BYTES / 4);
+
 template <typename W>
 void pack_panel(const PanelShape& s, int p, const W* src, long ld, bool n_major, W* dst) {
-  const int UG = s.NV / s.G, L = s.L;
-  const long row = (long)s.NV * L;
-  auto unit = [&](int v, int l) { return p * UG * L + (v / s.G) * L + l; };
-  auto column = [&](int v, int l) { return (long)(v % s.G) * s.Nu + unit(v, l); };
-  auto valid = [&](int v, int l) { return unit(v, l) < s.Nu; };
+  const int UG = s.NV / s.G, L = s.L, n = s.NV * L;
+  const long row = n;
+  // Per column c = v * L + l of the panel: its column of Wop (-1 past Nu: zero padding) and
+  // its place in a panel row; computed once, not per element.
+  long col[kMaxPanelColumns], at[kMaxPanelColumns];
+  for (int v = 0; v < s.NV; ++v)
+    for (int l = 0; l < L; ++l) {
+      const int unit = p * UG * L + (v / s.G) * L + l;
+      col[v * L + l] = unit < s.Nu ? (long)(v % s.G) * s.Nu + unit : -1;
+      at[v * L + l] = panel_offset<W>(v, l, L, s.NV);
+    }
   if (n_major) {
-    for (int v = 0; v < s.NV; ++v)
-      for (int l = 0; l < L; ++l) {
-        W* d = dst + panel_offset<W>(v, l, L, s.NV);
-        const W* w = src + column(v, l) * ld;
-        const bool ok = valid(v, l);
-        for (int k = 0; k < s.K; ++k) d[k * row] = ok ? w[k] : W{};
+    for (int c = 0; c < n; ++c) {
+      W* d = dst + at[c];
+      if (col[c] < 0) {
+        for (int k = 0; k < s.K; ++k) d[k * row] = W{};
+      } else {
+        const W* w = src + col[c] * ld;
+        for (int k = 0; k < s.K; ++k) d[k * row] = w[k];
       }
+    }
     return;
   }
   for (int k = 0; k < s.K; ++k) {
     const W* w = src + (long)k * ld;
     W* d = dst + k * row;
-    for (int v = 0; v < s.NV; ++v)
-      for (int l = 0; l < L; ++l)
-        d[panel_offset<W>(v, l, L, s.NV)] = valid(v, l) ? w[column(v, l)] : W{};
+    for (int c = 0; c < n; ++c) d[at[c]] = col[c] < 0 ? W{} : w[col[c]];
   }
 }
 
