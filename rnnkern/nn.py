@@ -16,6 +16,7 @@ import dataclasses
 import math
 import numbers
 import warnings
+from typing import NoReturn
 
 import torch
 from torch import _VF, Tensor
@@ -59,7 +60,7 @@ def _shape(t: Tensor) -> list[int]:
     return list(t.shape)
 
 
-def _refuse_script(self) -> torch.nn.Module:
+def _refuse_script(self) -> NoReturn:
     # torch.jit.script calls this on every module it compiles, before compiling it. Returning
     # a torch.nn module instead would put it in place of this one inside the caller's model
     # (torch.jit replaces submodules with what this returns), so refuse, and say what works.
@@ -673,7 +674,8 @@ class _CellBase(torch.nn.Module):
             s += f", nonlinearity={self.nonlinearity}"
         return s
 
-    def _prepare(self, input: Tensor, hx, n_states: int) -> tuple[Tensor, list[Tensor], bool]:
+    def _prepare(self, input: Tensor, hx) -> tuple[Tensor, list[Tensor], bool]:
+        n_states = 2 if self._cell == "lstm" else 1  # (h, c) or h
         name = type(self).__name__
         w = self.weight_ih
         if not isinstance(input, Tensor):
@@ -746,7 +748,7 @@ class _CellBase(torch.nn.Module):
         return cast, config
 
     def _explained(self, input, hx):
-        x, states, _ = self._prepare(input, hx, 2 if self._cell == "lstm" else 1)
+        x, states, _ = self._prepare(input, hx)
         return self._config(x, states)
 
     def choose_backend(self, input, hx=None) -> Choice:
@@ -827,7 +829,7 @@ class LSTMCell(_CellBase):
         super().__init__("lstm", input_size, hidden_size, bias, device, dtype, backend)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
-        x, states, batched = self._prepare(input, hx, 2)
+        x, states, batched = self._prepare(input, hx)
         h, c = self._run(x, states)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
@@ -848,7 +850,7 @@ class GRUCell(_CellBase):
         super().__init__("gru", input_size, hidden_size, bias, device, dtype, backend)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        x, states, batched = self._prepare(input, hx, 1)
+        x, states, batched = self._prepare(input, hx)
         (h,) = self._run(x, states)
         return h if batched else h.squeeze(0)
 
@@ -877,7 +879,7 @@ class RNNCell(_CellBase):
         )
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        x, states, batched = self._prepare(input, hx, 1)
+        x, states, batched = self._prepare(input, hx)
         (h,) = self._run(x, states)
         return h if batched else h.squeeze(0)
 

@@ -30,19 +30,6 @@ BATCHES = (1, 16)
 HIDDENS = (64, 512)
 
 
-def _cell_step(cell: torch.nn.Module, x: torch.Tensor, train: bool):
-    def run():
-        if train:
-            cell.zero_grad(set_to_none=True)
-            out = cell(x)
-            (out[0] if isinstance(out, tuple) else out).sum().backward()
-        else:
-            with torch.no_grad():
-                cell(x)
-
-    return run
-
-
 def _repeated(fn, n: int):
     def run():
         for _ in range(n):
@@ -78,9 +65,8 @@ def cases(device: str = "cpu", quick: bool = False) -> list[Case]:
             is_cell = cell.endswith("Cell")
             shape = (B, H) if is_cell else (T, B, H)
             x = torch.randn(shape, generator=gen, dtype=dtype).requires_grad_(train)
-            step = _cell_step if is_cell else module_step
             modules = (("torch.nn", base), ("rnnkern[cpu]", ours), ("rnnkern[auto]", auto))
-            fns = {label: _repeated(step(m, x, train), CALLS) for label, m in modules}
+            fns = {label: _repeated(module_step(m, x, train), CALLS) for label, m in modules}
             out.append(
                 Case(
                     suite="cpu_short",

@@ -62,14 +62,16 @@ class Case:
 
 def module_step(module: torch.nn.Module, x: torch.Tensor, train: bool, dy=None):
     """A callable running one forward (``train=False``, under no_grad) or one forward and
-    backward of a recurrent module on ``x``; backward takes ``dy`` as the upstream gradient of
-    the output (``None``: the gradient of ``y.sum()``)."""
+    backward of a recurrent module or cell on ``x``; backward takes ``dy`` as the upstream
+    gradient of the output (a sequence module's ``y``, a cell's ``h``; ``None``: the gradient
+    of its sum)."""
 
     def run():
         if train:
             module.zero_grad(set_to_none=True)
             x.grad = None
-            y, _ = module(x)
+            out = module(x)
+            y = out[0] if isinstance(out, tuple) else out
             if dy is None:
                 y.sum().backward()
             else:
