@@ -135,11 +135,10 @@ fi
 if [[ $STAGES == *,phases,* || $STAGES == *,bench,* ]]; then
   # Where the steps go: every block (Triton program) stamps the GPU timer at each phase of a
   # step (backend cuda: staging, matvec, cells, barrier waits; triton: products, cells,
-  # stores, waits),
-  # LSTM and GRU, float32 and bfloat16, B in {1, 16, 64}, H in {256, 1024}, both backends
-  # shape by shape, after backend cuda's generated tokens (per layer, head, sampling; 3x512,
-  # V=137, B in {1, 64}); the ratios say how fast, this says why. The files are rewritten
-  # after every job, so what the limit cuts off is only the rest. At most 120 s.
+  # stores, waits), LSTM and GRU, float32 and bfloat16, B in {1, 16, 64}, H in {256, 1024},
+  # both backends shape by shape, after backend cuda's generated tokens (per layer, head,
+  # sampling; 3x512, V=137, B in {1, 64}); the ratios say how fast, this says why. The files
+  # are rewritten after every job, so what the limit cuts off is only the rest. At most 120 s.
   run_stage phases "$(($(left) < 120 ? $(left) : 120))" "$PY" -m rnnkern.bench.phases \
     --quick --out "$OUT_DIR"
 fi
