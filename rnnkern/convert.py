@@ -56,8 +56,22 @@ def _swap(module: torch.nn.Module, cls: type, backend: str | None) -> torch.nn.M
         )
     extra = {} if backend is None else {"backend": backend}
     new = cls(**_arguments(module), device="meta", **extra)  # (no weights drawn, none kept)
-    for name, param in module.named_parameters(recurse=False):
-        setattr(new, name, param)
+    params = dict(module.named_parameters(recurse=False))
+    wanted = [name for name, _ in new.named_parameters(recurse=False)]
+    buffers = [name for name, _ in module.named_buffers(recurse=False)]
+    if sorted(params) != sorted(wanted) or buffers:
+        # torch.nn.utils.prune and the old weight_norm rename a weight (weight_hh_l0_orig,
+        # weight_hh_l0_g/_v), add buffers and recompute it in a forward pre-hook, which the new
+        # module would not run: its weight would stay on the meta device.
+        raise ValueError(
+            f"convert: {type(module).__name__} does not hold torch.nn's own parameters "
+            f"(expected {wanted}, got {sorted(params)}"
+            + (f" and buffers {buffers}" if buffers else "")
+            + "): a hook-based reparametrization (torch.nn.utils.prune, the old weight_norm) "
+            "recomputes its weights; convert the model before adding it, or remove it first"
+        )
+    for name in wanted:
+        setattr(new, name, params[name])
     new.train(module.training)
     if hasattr(new, "flatten_parameters"):  # sequence modules: cuDNN's layout on CUDA
         new.flatten_parameters()

@@ -43,6 +43,11 @@ class RNNInputError(ValueError, RuntimeError):
     """
 
 
+class RNNInputTypeError(RNNInputError, TypeError):
+    """An input or state of the wrong type (torch.nn raises a TypeError or AttributeError
+    there); also a TypeError."""
+
+
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
@@ -58,6 +63,37 @@ def _check_bool(name: str, value) -> None:
 
 def _shape(t: Tensor) -> list[int]:
     return list(t.shape)
+
+
+def _check_weights(module: torch.nn.Module, names: list[str], x: Tensor, autocast: bool) -> None:
+    """Every weight of ``names`` (None entries skipped) on the input's device and in one dtype,
+    the input's unless under autocast (where torch.nn casts, and so does rnnkern). The kernels
+    read the weights by address: one elsewhere (a meta weight left by a conversion, a weight
+    replaced in another dtype) would be read as garbage, not refused."""
+    first = None
+    for name in names:
+        w = getattr(module, name)
+        if w is None:
+            continue
+        if first is None:
+            first = w
+            if x.dtype != w.dtype and not autocast:
+                raise RNNInputError(
+                    f"input dtype ({x.dtype}) does not match weight dtype ({w.dtype}). Convert "
+                    f"input: input.to({w.dtype}), or convert model: model.to({x.dtype})"
+                )
+        elif w.dtype != first.dtype:
+            raise RNNInputError(
+                f"{name} has dtype {w.dtype}, {names[0]} {first.dtype}: every weight must have "
+                f"one dtype (model.to(dtype) converts them all)"
+            )
+        if w.device != x.device:
+            raise RNNInputError(
+                f"input must be on the parameters' device {w.device}, got {x.device}"
+                if w is first
+                else f"{name} is on {w.device}, the input and {names[0]} on {x.device}: every "
+                "weight must be on the input's device (model.to(device) moves them all)"
+            )
 
 
 def _refuse_script(self) -> NoReturn:
@@ -229,17 +265,15 @@ class _RNNBase(torch.nn.Module):
         return shapes
 
     def _check_input(self, x: Tensor, packed: bool, autocast: bool) -> None:
-        w = self.weight_ih_l0
         if not isinstance(x, Tensor):
-            raise RNNInputError(f"input must be a Tensor or PackedSequence, got {type(x).__name__}")
-        if x.dtype != w.dtype and not autocast:  # (under autocast torch.nn casts, and so do we)
-            raise RNNInputError(
-                f"input dtype ({x.dtype}) does not match weight dtype ({w.dtype}). Convert "
-                f"input: input.to({w.dtype}), or convert model: model.to({x.dtype})"
+            raise RNNInputTypeError(
+                f"input must be a Tensor or PackedSequence, got {type(x).__name__}"
             )
-        if x.device != w.device:
+        _check_weights(self, self._flat_weights_names, x, autocast)
+        if packed and x.dim() != 2:
             raise RNNInputError(
-                f"input must be on the parameters' device {w.device}, got {x.device}"
+                f"a PackedSequence's data must be 2-D [total steps, input_size], got "
+                f"{x.dim()}-D of shape {_shape(x)}"
             )
         if not packed and x.dim() not in (2, 3):
             raise RNNInputError(
@@ -267,7 +301,7 @@ class _RNNBase(torch.nn.Module):
         shapes = self._state_shapes(B)
         if self.mode == "LSTM":
             if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-                raise RNNInputError(
+                raise RNNInputTypeError(
                     f"LSTM hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}"
                     + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else "")
                 )
@@ -277,7 +311,7 @@ class _RNNBase(torch.nn.Module):
         out = []
         for (name, shape), t in zip(shapes, states, strict=True):
             if not isinstance(t, Tensor):
-                raise RNNInputError(f"{name} must be a Tensor, got {type(t).__name__}")
+                raise RNNInputTypeError(f"{name} must be a Tensor, got {type(t).__name__}")
             want_dim = 3 if batched else 2
             if t.dim() != want_dim:
                 kind = "batched 3-D" if batched else "unbatched 2-D"
@@ -625,7 +659,12 @@ class RNN(_RNNBase):
 # ------------------------------------------------------------------------------------ cells
 
 
+_CELL_WEIGHTS = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+
+
 class _CellBase(torch.nn.Module):
+    _cell: str  # "lstm", "gru", "rnn_tanh" or "rnn_relu"
+
     def __init__(
         self,
         cell: str,
@@ -639,14 +678,14 @@ class _CellBase(torch.nn.Module):
         super().__init__()
         _check_int("input_size", input_size, 1)
         _check_int("hidden_size", hidden_size, 1)
-        _check_bool("bias", bias)
+        # (bias is not checked: torch.nn's cells take any truthy value, bias=1 included, and
+        # so do these, so that rnnkern.convert takes every cell torch.nn builds)
         if dtype is not None and dtype not in _FLOATS:
             raise ValueError(f"dtype must be a floating dtype {_FLOATS}, got {dtype}")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
         self.backend = backends.check_name(backend)
-        self._cell = cell
         G = {"lstm": 4, "gru": 3}.get(cell, 1)
         factory = {"device": device, "dtype": dtype}
         self.weight_ih = Parameter(torch.empty((G * hidden_size, input_size), **factory))
@@ -677,20 +716,14 @@ class _CellBase(torch.nn.Module):
     def _prepare(self, input: Tensor, hx) -> tuple[Tensor, list[Tensor], bool]:
         n_states = 2 if self._cell == "lstm" else 1  # (h, c) or h
         name = type(self).__name__
-        w = self.weight_ih
         if not isinstance(input, Tensor):
-            raise RNNInputError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+            raise RNNInputTypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
         autocast = _autocast_on(input)  # (torch.nn casts mismatched dtypes then; so does _run)
         if input.dim() not in (1, 2):
             raise RNNInputError(
                 f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead"
             )
-        if input.dtype != w.dtype and not autocast:
-            raise RNNInputError(
-                f"{name}: input dtype ({input.dtype}) does not match weight dtype ({w.dtype})"
-            )
-        if input.device != w.device:
-            raise RNNInputError(f"{name}: input must be on device {w.device}, got {input.device}")
+        _check_weights(self, _CELL_WEIGHTS, input, autocast)
         if input.shape[-1] != self.input_size:
             raise RNNInputError(
                 f"{name}: input has inconsistent input_size: got {input.shape[-1]} expected "
@@ -704,12 +737,14 @@ class _CellBase(torch.nn.Module):
         else:
             given = list(hx) if n_states == 2 else [hx]
             if n_states == 2 and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-                raise RNNInputError(f"{name}: hx must be a tuple (h, c) of two tensors")
+                raise RNNInputTypeError(f"{name}: hx must be a tuple (h, c) of two tensors")
             states = []
             for i, t in enumerate(given):
                 label = f"hx[{i}]" if n_states == 2 else "hx"
                 if not isinstance(t, Tensor):
-                    raise RNNInputError(f"{name}: {label} must be a Tensor, got {type(t).__name__}")
+                    raise RNNInputTypeError(
+                        f"{name}: {label} must be a Tensor, got {type(t).__name__}"
+                    )
                 if t.dim() != input.dim():
                     raise RNNInputError(
                         f"{name}: Expected {label} to be {input.dim()}D like the input, got "
@@ -816,6 +851,8 @@ class _CellBase(torch.nn.Module):
 class LSTMCell(_CellBase):
     """Drop-in ``torch.nn.LSTMCell``, plus ``backend``."""
 
+    _cell = "lstm"
+
     def __init__(
         self,
         input_size: int,
@@ -836,6 +873,8 @@ class LSTMCell(_CellBase):
 
 class GRUCell(_CellBase):
     """Drop-in ``torch.nn.GRUCell``, plus ``backend``."""
+
+    _cell = "gru"
 
     def __init__(
         self,
@@ -877,6 +916,16 @@ class RNNCell(_CellBase):
         super().__init__(
             f"rnn_{nonlinearity}", input_size, hidden_size, bias, device, dtype, backend
         )
+
+    @property
+    def _cell(self) -> str:
+        # Read at every call, as torch.nn.RNNCell reads its nonlinearity.
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise ValueError(
+                f"RNNCell: unknown nonlinearity {self.nonlinearity!r}; select from 'tanh' or "
+                "'relu'"
+            )
+        return f"rnn_{self.nonlinearity}"
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         x, states, batched = self._prepare(input, hx)

@@ -6,6 +6,7 @@ justifies for the same modules against torch.nn.
 
 import pytest
 import torch
+import torch.nn.utils.prune as prune
 from torch import nn
 
 import rnnkern
@@ -111,6 +112,26 @@ def test_convert_errors():
     nn.utils.parametrizations.weight_norm(model[0], "weight_hh_l0")
     with pytest.raises(ValueError, match="GRU has parametrizations .* convert the model before"):
         rnnkern.convert(model)
+
+
+def test_convert_refuses_hook_reparametrizations():
+    """torch.nn.utils.prune (and the old weight_norm) rename a weight, add a buffer and
+    recompute the weight in a forward pre-hook; the swapped module would have run with its
+    meta placeholder. After prune.remove the module converts and computes what it did."""
+    gru = nn.GRU(4, 6)
+    prune.l1_unstructured(gru, "weight_hh_l0", amount=0.5)
+    with pytest.raises(ValueError, match=r"weight_hh_l0_orig.*buffers \['weight_hh_l0_mask'\]"):
+        rnnkern.convert(gru)
+    x = torch.randn(7, 2, 4)
+    expected, _ = gru(x)
+    prune.remove(gru, "weight_hh_l0")
+    torch.testing.assert_close(rnnkern.convert(gru, backend="cpu")(x)[0], expected)
+
+
+def test_convert_takes_every_cell_torch_builds():
+    cell = nn.GRUCell(3, 4, bias=1)  # torch.nn takes any truthy bias for its cells
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(rnnkern.convert(cell)(x), cell(x))
 
 
 def test_convert_back_then_export_to_onnx():

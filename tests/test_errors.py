@@ -153,6 +153,50 @@ def test_cell_errors(cls):
         cell(torch.randn(2, 3), (hx, hx) if cls is rnnkern.LSTMCell else hx)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu", "torch"])
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+def test_every_weight_is_checked(backend, kind):
+    """A weight other than the first on another device (a meta weight left by a conversion or
+    a load with assign=True) or in another dtype is refused, naming it: the kernels read
+    weights by address and returned garbage for both."""
+    cell = kind.endswith("Cell")
+    name = "weight_hh" if cell else "weight_hh_l0"
+    x = torch.randn(2, 4) if cell else torch.randn(5, 2, 4)
+    for device, dtype, words in (
+        ("meta", torch.float32, [name, "meta", "cpu"]),
+        ("cpu", torch.float64, [name, "torch.float64", "torch.float32"]),
+    ):
+        module = getattr(rnnkern, kind)(4, 5, backend=backend)
+        weight = getattr(module, name).detach().to(device=device, dtype=dtype)
+        setattr(module, name, torch.nn.Parameter(weight))
+        with pytest.raises(rnnkern.RNNInputError) as info:
+            module(x)
+        for word in words:
+            assert word in str(info.value), (word, str(info.value))
+
+
+def test_wrong_types_are_type_errors_too():
+    """torch.nn raises a TypeError (or an AttributeError) for a state of the wrong type;
+    rnnkern's error is also a TypeError, so except clauses written for it keep working."""
+    x = torch.randn(2, 3)
+    with pytest.raises(TypeError):
+        torch.nn.LSTMCell(3, 4)(x, torch.zeros(2, 4))
+    with pytest.raises(TypeError, match="hx must be a tuple"):
+        rnnkern.LSTMCell(3, 4)(x, torch.zeros(2, 4))
+    with pytest.raises(TypeError, match="must be a Tensor or PackedSequence, got list"):
+        rnnkern.LSTM(3, 4)([[1.0, 2.0, 3.0]])
+    with pytest.raises(TypeError, match="h_0 must be a Tensor, got int"):
+        rnnkern.GRU(3, 4)(torch.randn(5, 2, 3), 0)
+
+
+def test_packed_data_must_be_2d():
+    from torch.nn.utils.rnn import PackedSequence
+
+    bad = PackedSequence(torch.randn(6, 2, 3), torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match=r"PackedSequence's data must be 2-D .* \[6, 2, 3\]"):
+        rnnkern.GRU(3, 4)(bad)
+
+
 def test_functional_errors():
     x = torch.randn(3, 2, 4)
     w_ih, w_hh = torch.randn(8, 4), torch.randn(8, 2)

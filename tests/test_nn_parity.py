@@ -304,6 +304,23 @@ def test_cells_match_torch_nn(kind, dtype, batched, bias):
         torch.testing.assert_close(a, b, **TOL[dtype])
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu"])
+def test_rnn_cell_nonlinearity_is_read_at_every_call(backend):
+    """torch.nn.RNNCell reads its nonlinearity attribute at every call, so changing it after
+    construction changes what the cell computes; rnnkern's cell had kept the one it was built
+    with (while its repr showed the new one)."""
+    theirs = torch.nn.RNNCell(4, 5)
+    ours = rnnkern.RNNCell(4, 5, backend=backend)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 4)
+    for nonlinearity in ("relu", "tanh"):
+        theirs.nonlinearity = ours.nonlinearity = nonlinearity
+        torch.testing.assert_close(ours(x), theirs(x), **TOL[torch.float32])
+    ours.nonlinearity = "sigmoid"
+    with pytest.raises(ValueError, match="nonlinearity 'sigmoid'"):
+        ours(x)
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_state_dict_round_trip_both_ways(kind):
     ours_cls, torch_cls = KINDS[kind]
