@@ -214,6 +214,8 @@ class Decoder:
                     cell, self._layers, self._table, self._head_w, self._head_b, I,
                     self.hidden_size, P, device,
                 )  # fmt: skip
+        if batch_size is None:  # (reset(None) keeps the current count, which is not set yet)
+            raise ValueError("batch_size must be an int >= 1, got None")
         self.reset(batch_size)
 
     def _stack_for_triton(self) -> None:
@@ -483,6 +485,10 @@ class Decoder:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         seed = sampling._check_u64("seed", seed)
         first_step = sampling._check_u64("first_step", first_step)
+        if first_step + int(steps) > 2**64:  # (the steps' indices are u64 too)
+            raise ValueError(
+                f"first_step + steps must be at most 2**64, got {first_step} + {int(steps)}"
+            )
         B = self.batch_size
         if not isinstance(prime, Tensor) or prime.dim() != 2 or prime.shape[0] != B:
             got = list(prime.shape) if isinstance(prime, Tensor) else type(prime).__name__
@@ -566,7 +572,7 @@ class Decoder:
             out.data_ptr(), self._sample_w.data_ptr(), self._sample_order.data_ptr(),
         )  # fmt: skip
         if bad >= 0:
-            sampling.check_finite_rows(logits)  # raises, naming the row
+            sampling.check_finite_rows(logits, temperature)  # raises, naming the row
         return out
 
     def _torch_generate(self, prime, out, temperature, top_k, top_p, seed, first_step) -> Tensor:

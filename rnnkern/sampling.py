@@ -19,7 +19,8 @@ Random numbers
 
 Sampling rule, per row of logits ``[V]``
     1. ``z = float64(logits) / temperature``; ``e = exp(z - max(z))`` (unnormalised weights;
-       NaN or +inf logits are an error, -inf is a weight of 0).
+       NaN or +inf in ``z`` is an error, -inf is a weight of 0; ``temperature`` is at least
+       ``MIN_TEMPERATURE``, so a finite float32 logit never scales to an infinity).
     2. Rank tokens by ``e`` descending, ties broken by the lower token id first.
     3. top-k (``top_k > 0``): keep the first ``top_k`` ranked tokens.
     4. top-p (``top_p < 1``): over the kept tokens in rank order, ``cum`` is the running sum of
@@ -55,6 +56,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "MIN_TEMPERATURE",
     "check_sampling_args",
     "uniform",
     "uniforms",
@@ -196,13 +198,27 @@ def uniforms_table(
     return _uniforms_of(seed_t, stream.unsqueeze(0), step.unsqueeze(1))
 
 
+# The smallest temperature. Step 1's float64 z = logit / temperature stays finite for every
+# finite float32 logit (|logit| <= 3.4e38) down to a temperature of about 1.9e-270; below that a
+# finite logit scaled to +inf made the row an error that blamed the model (the compiled
+# decoders) or a token of -1 (this module). This floor keeps that margin for float32 logits and
+# float64 logits up to 1e208; any temperature near it samples the argmax of practical logits.
+MIN_TEMPERATURE = 1e-100
+
+
 def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
-    """Raise ValueError (naming the argument) unless ``temperature > 0``, ``top_k`` is an int
-    ``>= 0`` (0 disables it) and ``0 < top_p <= 1`` (1 disables it)."""
+    """Raise ValueError (naming the argument) unless ``temperature`` is finite and at least
+    :data:`MIN_TEMPERATURE`, ``top_k`` is an int ``>= 0`` (0 disables it) and
+    ``0 < top_p <= 1`` (1 disables it)."""
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if not float(temperature) > 0 or float(temperature) == float("inf"):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if float(temperature) < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be at least {MIN_TEMPERATURE:g} (below it the scaled logits "
+            f"overflow; a temperature that small samples the argmax anyway), got {temperature!r}"
+        )
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
@@ -268,20 +284,24 @@ def _check_logits(logits) -> None:
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
 
 
-def _row_faults(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """Rows of ``logits [B, V]`` the rule cannot draw from, as two bool ``[B]``: holding NaN or
-    +inf, and every entry -inf."""
-    nonfinite = torch.isnan(logits).any(dim=1) | torch.isposinf(logits).any(dim=1)
-    return nonfinite, torch.isneginf(logits).all(dim=1)
+def _row_faults(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Rows of ``logits [B, V]`` the rule cannot draw from, as two bool ``[B]``: whose scaled
+    logits ``z`` (step 1) hold NaN or +inf, and whose every ``z`` is -inf."""
+    z = logits.to(torch.float64) / float(temperature)
+    nonfinite = torch.isnan(z).any(dim=1) | torch.isposinf(z).any(dim=1)
+    return nonfinite, torch.isneginf(z).all(dim=1)
 
 
-def check_finite_rows(logits: Tensor) -> None:
-    """Raise ValueError naming the first row of ``logits [B, V]`` that holds NaN or +inf, or
-    whose every entry is -inf (rows the rule cannot draw from)."""
-    nonfinite, empty = _row_faults(logits)
+def check_finite_rows(logits: Tensor, temperature: float = 1.0) -> None:
+    """Raise ValueError naming the first row of ``logits [B, V]`` that holds NaN or +inf (or
+    a logit that divided by ``temperature`` overflows), or whose every entry is -inf (rows the
+    rule cannot draw from)."""
+    nonfinite, empty = _row_faults(logits, temperature)
     if bool(nonfinite.any()):
         row = int(nonfinite.nonzero()[0, 0])
-        raise ValueError(f"logits must not contain NaN or +inf (row {row} does)")
+        raise ValueError(
+            f"logits divided by the temperature must not hold NaN or +inf (row {row} does)"
+        )
     if bool(empty.any()):
         row = int(empty.nonzero()[0, 0])
         raise ValueError(f"logits must have at least one entry > -inf in every row (row {row})")
@@ -304,7 +324,7 @@ def sample(
     _check_u64("seed", seed)
     _check_u64("step", step)
     _check_logits(logits)
-    check_finite_rows(logits)
+    check_finite_rows(logits, temperature)
     u = uniforms(seed, step, logits.shape[0]).to(logits.device)
     return _draw(logits, temperature, top_k, top_p, u)
 
@@ -343,7 +363,7 @@ def sample_with_uniforms(
 ) -> tuple[Tensor, Tensor]:
     """:func:`sample_tensor` with the rows' uniforms given: float64 ``u [B]`` on the logits'
     device (a row of :func:`uniforms_table`). Arguments are assumed checked."""
-    nonfinite, empty = _row_faults(logits)
+    nonfinite, empty = _row_faults(logits, temperature)
     bad = nonfinite | empty
     # Bad rows get all-zero logits (a uniform draw over [0, V)) so that no NaN reaches the sort
     # and the sums; the rows are independent, so the healthy rows are unaffected.

@@ -363,6 +363,10 @@ def test_decoder_sample_errors(decoder):
         decoder.sample(bad)
     with pytest.raises(ValueError, match="temperature"):
         decoder.sample(logits, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature must be at least"):
+        decoder.sample(logits, temperature=1e-310)
+    peaked = torch.tensor([[1.0, 3.0] + [2.0] * (V - 2)] * 2)
+    assert decoder.sample(peaked, temperature=sampling.MIN_TEMPERATURE).tolist() == [1, 1]
     with pytest.raises(ValueError, match="top_p"):
         decoder.sample(logits, top_p=1.5)
     with pytest.raises(ValueError, match="step"):
@@ -505,6 +509,8 @@ def test_wrong_shapes_and_dtypes(decoder):
         ({"top_p": 1.01}, "top_p"),
         ({"top_k": -3}, "top_k"),
         ({"seed": -1}, "seed"),
+        # (the step indices are u64: the C++ decoder wrapped past 2**64, the torch one raised)
+        ({"first_step": 2**64 - 2}, r"first_step \+ steps must be at most 2\*\*64"),
     ],
 )
 def test_bad_sampling_arguments(decoder, kw, name):
@@ -540,6 +546,8 @@ def test_bad_models():
         )
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         Decoder(rnn, emb, head, batch_size=0, backend="torch")
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got None"):
+        Decoder(rnn, emb, head, batch_size=None, backend="torch")
 
 
 @needs_cpu

@@ -49,6 +49,7 @@ def test_uniform_rejects_bad_keys(name, value):
         ({"temperature": 0.0}, "temperature"),
         ({"temperature": -1.0}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": 1e-310}, "temperature must be at least 1e-100"),
         ({"top_k": -1}, "top_k"),
         ({"top_k": 2.5}, "top_k"),
         ({"top_p": 0.0}, "top_p"),
@@ -71,6 +72,21 @@ def test_bad_logits():
         sampling.sample(torch.tensor([[0.0, float("nan")]]))
     with pytest.raises(ValueError, match="-inf"):
         sampling.sample(torch.full((1, 3), float("-inf")))
+
+
+def test_the_smallest_temperature_samples_the_argmax():
+    """At MIN_TEMPERATURE every finite float32 logit still scales to a finite z (below it, a
+    finite logit overflowed and the row became an error, or a token of -1). A float64 logit
+    that overflows all the same is an error naming the row, never a token of -1."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [-3e38, 3e38, 1.0]])
+    t = sampling.MIN_TEMPERATURE
+    for step in range(5):
+        assert sampling.sample(logits, temperature=t, seed=1, step=step).tolist() == [1, 1]
+    huge = torch.tensor([[1e300, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"divided by the temperature .* \(row 0 does\)"):
+        sampling.sample(huge, temperature=1e-10)
+    _, bad = sampling.sample_tensor(huge, 1e-10, 0, 1.0, _u64(0), _u64(0))
+    assert bad.tolist() == [True, False]
 
 
 def test_top_k_one_is_argmax_with_lowest_id_on_ties():
