@@ -6,6 +6,7 @@ import random
 from fractions import Fraction
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,6 +37,10 @@ def test_vocabulary_is_folk_rnn_v2():
     assert abc.VOCABULARY[:2] == ("<s>", "</s>")
     assert abc.encode(["<s>", "M:6/8", "z"]) == [0, 2 + 3, abc.TOKEN_TO_ID["z"]]
     assert abc.decode(abc.encode(abc.VOCABULARY)) == list(abc.VOCABULARY)
+    assert abc.decode(torch.tensor([0, 1])) == ["<s>", "</s>"]  # 0-d integer tensors
+    for bad in ([1.7], ["3"], [torch.tensor(1.0)]):  # int() had taken these
+        with pytest.raises(TypeError, match="token ids must be integers"):
+            abc.decode(bad)
 
 
 def test_transposes_major_key_to_c_with_accidentals_chords_and_broken_rhythm():

@@ -170,5 +170,43 @@ def test_train_and_generate_performance_cli(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert pretty_midi.PrettyMIDI(str(midi)).instruments
     assert main(["generate", "--model", str(out / "model.pt"), "--meter", "6/8"]) == 2
-    assert main(["generate", "--model", str(out / "model.pt"), "--prime", "NOTE_ON_60 FOO"]) == 2
+    assert main(["generate", "--model", str(out / "model.pt"), "--prime", "NOTE_ON_60 FOO",
+                 "--midi", str(midi)]) == 2  # fmt: skip
     assert "FOO" in capsys.readouterr().err
+    # A performance writes only MIDI, at its own timing: without --midi it had written
+    # ./performance.mid over any file of that name, and --tempo was silently ignored.
+    assert main(["generate", "--model", str(out / "model.pt")]) == 2
+    assert "name the file with --midi" in capsys.readouterr().err
+    assert main(["generate", "--model", str(out / "model.pt"), "--midi", str(midi),
+                 "--tempo", "60"]) == 2  # fmt: skip
+    assert "--tempo applies to folk (ABC) models" in capsys.readouterr().err
+
+
+def test_generate_refuses_what_it_cannot_do_before_any_work(tmp_path, capsys):
+    """Each of these gave a traceback (a --midi directory, a model whose weights do not fit
+    its configuration, a tempo MIDI cannot hold: after the tunes were printed) or a token of
+    -1 (a temperature so small that the scaled logits overflowed): now exit 2 and a message
+    naming the argument, with nothing printed or written."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    cases = [
+        (["--midi", str(folder)], "--midi must name a file, got the directory"),
+        (["--temperature", "1e-310"], "temperature must be at least"),
+        (["--midi", str(tmp_path / "t.mid"), "--tempo", "3"], "--tempo must be in [3.58, "),
+        (["--model", str(tmp_path)], "is a directory, not a model file"),
+    ]
+    state = torch.load(DEFAULT_MODEL, weights_only=True)
+    state["model_config"]["hidden_size"] *= 2
+    torch.save(state, tmp_path / "edited.pt")
+    cases.append((["--model", str(tmp_path / "edited.pt")], "weights do not fit its model"))
+    del state["tokens"]
+    torch.save(state, tmp_path / "tokenless.pt")
+    cases.append((["--model", str(tmp_path / "tokenless.pt")], "it lacks ['tokens']"))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    cases.append((["--model", str(tmp_path / "empty.pt")], "(an empty file)"))
+    for args, words in cases:
+        assert main(["generate", "--max-tokens", "20", *args]) == 2, args
+        captured = capsys.readouterr()
+        assert captured.out == "" and words in captured.err, (args, captured.err)
+        assert "Traceback" not in captured.err
+    assert not (tmp_path / "t.mid").exists()

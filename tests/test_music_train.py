@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -79,11 +80,109 @@ def test_resume_with_another_configuration_is_an_error(tmp_path):
         train(config(lr=0.5), SMALL_MODEL, tmp_path, dataset=data, log=quiet, progress=False)
 
 
+def test_resume_refuses_other_model_settings_and_changed_data(tmp_path):
+    """The model's settings are part of the run as much as the training's: a resume given
+    others is refused, naming them (it had trained the saved model silently). So is data that
+    changed since the checkpoint (its batches and validation split would differ)."""
+    data = tiny_dataset(2)
+    kw = dict(log=quiet, progress=False)
+    train(config(max_steps=2), SMALL_MODEL, tmp_path, dataset=data, **kw)
+    bigger = {**SMALL_MODEL, "hidden_size": 64, "cell": "gru"}
+    with pytest.raises(ValueError, match=r"cell: saved 'lstm', given 'gru'; hidden_size: saved "
+                       r"32, given 64\)"):  # fmt: skip
+        train(config(max_steps=4), bigger, tmp_path, dataset=data, **kw)
+    with pytest.raises(ValueError, match=r"lr: saved 0.01, given 0.5\)"):
+        train(config(lr=0.5), SMALL_MODEL, tmp_path, dataset=data, **kw)
+    more = Dataset(data.kind, data.tokens, data.sequences + data.sequences[:1], data.report)
+    with pytest.raises(ValueError, match="trained on other data"):
+        train(config(max_steps=4), SMALL_MODEL, tmp_path, dataset=more, **kw)
+    state = train(config(max_steps=4), SMALL_MODEL, tmp_path, dataset=data, **kw)
+    assert state["global_step"] == 4
+
+
+def test_running_a_finished_run_again_takes_no_step(tmp_path):
+    data = tiny_dataset(2)
+    kw = dict(dataset=data, log=quiet, progress=False)
+    first = train(config(max_steps=3), SMALL_MODEL, tmp_path, **kw)
+    again = train(config(max_steps=3), SMALL_MODEL, tmp_path, **kw)
+    assert first["global_step"] == again["global_step"] == 3
+    assert again["history"]["step"] == [1, 2, 3]
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    """What a process killed outright while writing a checkpoint leaves (SIGKILL: nothing runs
+    to clean up) goes at the next start; other files stay."""
+    tmp_path.mkdir(exist_ok=True)
+    stale = tmp_path / ".checkpoint.pt.k3j2x9.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    mine = tmp_path / "notes.txt"
+    mine.write_text("keep")
+    train(config(max_steps=1), SMALL_MODEL, tmp_path, dataset=tiny_dataset(2), log=quiet,
+          progress=False)  # fmt: skip
+    assert not stale.exists() and mine.read_text() == "keep"
+
+
+@pytest.mark.host_only  # (a CPU process)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, sig):
+    """Ctrl-C or SIGTERM during training: the run finishes its step, saves a checkpoint, says
+    so and exits with 130, with no traceback; running the command again resumes from it (a
+    traceback and up to --checkpoint-every steps of lost work before)."""
+    folder = tmp_path / "tunes"
+    folder.mkdir()
+    (folder / "set.abc").write_text("\n".join(TUNES * 3))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable, "-m", "rnnkern.cli", "train", "--data", str(folder), "--out", str(out),
+        "--epochs", "100000", "--batch-size", "2", "--hidden", "16", "--embedding", "8",
+        "--window", "32", "--quiet", "--device", "cpu", "--checkpoint-every", "100000",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        for line in proc.stdout:  # printed once the signal handlers are in place
+            if "parameters;" in line:
+                break
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert "saved" in stderr and "run the same command again to resume" in stderr
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["global_step"] >= 0 and not list(out.glob(".*.tmp"))
+    resumed = subprocess.run(
+        [*cmd[:cmd.index("--epochs") + 1], "100000", *cmd[cmd.index("--epochs") + 2:],
+         "--max-steps", str(state["global_step"] + 1)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoint.pt'}" in resumed.stdout
+    assert load_checkpoint(out / "checkpoint.pt")["global_step"] == state["global_step"] + 1
+
+
 def test_bad_configuration_names_the_argument():
     with pytest.raises(ValueError, match="optimizer"):
         config(optimizer="sgd")
     with pytest.raises(ValueError, match="window"):
         config(window=1)
+    with pytest.raises(ValueError, match="max_steps must be an integer >= 0"):
+        config(max_steps=-5)
+    with pytest.raises(ValueError, match="seed must be an integer in"):
+        config(seed=2**64)
+
+
+def test_every_seed_orders_the_epochs():
+    """Seeds up to 2**64 - 1 are accepted, so each must give an epoch order (from about 9.2e12
+    on, the derived generator seed overflowed)."""
+    from rnnkern.music.train import epoch_batches
+
+    for seed in (0, 10**14, 2**64 - 1):
+        batches = epoch_batches(10, 4, seed, epoch=3)
+        assert sorted(i for b in batches for i in b) == list(range(10))
+    assert epoch_batches(10, 4, 5, 3) == epoch_batches(10, 4, 5, 3)
 
 
 @pytest.mark.host_only  # (CPU processes)
@@ -122,3 +221,12 @@ def test_training_device_choice():
         assert training_device("auto").type == "cpu"
         with pytest.raises(ValueError, match="device cuda asked for, but this process"):
             training_device("cuda")
+
+
+def test_train_cli_refuses_negative_counts(capsys):
+    from rnnkern.cli import main
+
+    for flag in ("--threads", "--max-steps"):  # (a traceback, or one step, before)
+        with pytest.raises(SystemExit) as info:
+            main(["train", "--out", "unused", flag, "-1"])
+        assert info.value.code == 2 and "expected an integer >= 0" in capsys.readouterr().err

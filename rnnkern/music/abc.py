@@ -16,6 +16,7 @@ Anything the vocabulary cannot represent raises :class:`AbcError` naming the lin
 from __future__ import annotations
 
 import importlib.util
+import operator
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -335,7 +336,7 @@ def parse_tune(text: str, first_line: int = 1) -> ParsedTune:
         unit = default_unit_length(meter_text)
     events = _parse_body(lines[body_start:], first_line + body_start, key, unit, meter_token)
     if not any(e.kind == "note" for e in events):
-        raise AbcError("tune has no notes", first_line, title or number)
+        raise AbcError(f"tune {title or number!r} has no notes", first_line)
     return ParsedTune(title, meter_token, key, events, number)
 
 
@@ -631,12 +632,19 @@ def encode(tokens: Iterable[str]) -> list[int]:
 
 
 def decode(ids: Iterable[int]) -> list[str]:
-    """Token ids -> token strings; an id outside [0, 137) raises naming it."""
+    """Token ids (ints, or 0-d integer tensors) -> token strings; an id outside [0, 137) or
+    not an integer raises naming it."""
     out = []
     for position, i in enumerate(ids):
-        if not 0 <= int(i) < len(VOCABULARY):
+        try:
+            index = operator.index(i)  # (int(1.7) and int("3") would have passed)
+        except TypeError:
+            raise TypeError(
+                f"token ids must be integers, got {i!r} at position {position}"
+            ) from None
+        if not 0 <= index < len(VOCABULARY):
             raise ValueError(f"token id {i} at position {position} outside [0, {len(VOCABULARY)})")
-        out.append(VOCABULARY[int(i)])
+        out.append(VOCABULARY[index])
     return out
 
 

@@ -21,6 +21,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 def _seed(text: str) -> int:
     value = int(text)
     if not 0 <= value < 2**64:
@@ -58,8 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--val-fraction", type=float, default=0.05)
     t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--checkpoint-every", type=_positive_int, default=200, help="steps (200)")
-    t.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: none)")
-    t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    t.add_argument("--max-steps", type=_nonnegative_int, default=0,
+                   help="stop after N steps in total (0: none)")  # fmt: skip
+    t.add_argument("--threads", type=_nonnegative_int, default=0,
+                   help="torch threads (0: torch's default)")  # fmt: skip
     t.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
@@ -68,7 +77,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the CPU (gloo)",
     )
     t.add_argument("--no-resume", action="store_true",
-                   help="start afresh even if OUT/checkpoint.pt exists")  # fmt: skip
+                   help="start afresh even if OUT/checkpoint.pt exists (otherwise training "
+                   "resumes from it, with the settings it was trained with; other settings "
+                   "are an error, except --epochs and --max-steps). Ctrl-C or SIGTERM "
+                   "saves a checkpoint at the next step and stops")  # fmt: skip
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
@@ -97,16 +109,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="decoder backend: auto (C++ if built, else torch), cpu, torch, or "
                    "triton / cuda on a CUDA device (the same tunes up to float rounding)",
                    )  # fmt: skip
-    g.add_argument("--midi", default=None, help="also write the tunes to this MIDI file")
-    g.add_argument("--tempo", type=float, default=120.0,
-                   help="MIDI tempo in quarter notes per minute (120)")  # fmt: skip
+    g.add_argument("--midi", default=None,
+                   help="also write the tunes to this MIDI file (a performance model writes "
+                   "only MIDI, and needs it)")  # fmt: skip
+    g.add_argument("--tempo", type=float, default=None,
+                   help="MIDI tempo of folk tunes in quarter notes per minute (120)")  # fmt: skip
     g.set_defaults(func=_generate)
 
 
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from .train import TrainConfig, train
+    from .train import TrainConfig, TrainingInterrupted, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,6 +158,9 @@ def _train(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"rnnkern train: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:
+        print(f"\nrnnkern train: {err}", file=sys.stderr)
+        return 130  # (the shell's code for a run stopped by Ctrl-C)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 wrote the files
         print(f"wrote {Path(args.out) / 'model.pt'} and {Path(args.out) / 'loss.png'}")
     return 0

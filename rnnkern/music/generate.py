@@ -57,7 +57,7 @@ def prime_tokens(prime: str, meter: str | None, mode: str | None) -> list[str]:
     pieces = prime.split()
     if pieces and all(p in abc.TOKEN_TO_ID for p in pieces):
         return [p for p in pieces if p not in abc.SPECIAL_TOKENS]
-    header = f"X:1\n{meter or 'M:4/4'}\nL:1/8\nK:{(mode or 'K:Cmaj')[2:]}\n"
+    header = f"X:1\nT:--prime\n{meter or 'M:4/4'}\nL:1/8\nK:{(mode or 'K:Cmaj')[2:]}\n"
     try:
         tune = abc.parse_tune(header + prime, first_line=0)
         # The prime is already in C: spell it as written, without transposing.
@@ -212,8 +212,7 @@ def abc_tunes_to_midi(token_lists: Sequence[Sequence[str]], tempo: float, progra
     """
     import pretty_midi
 
-    if not tempo > 0:
-        raise GenerateError(f"--tempo must be > 0 quarter notes per minute, got {tempo}")
+    check_tempo(tempo)
     seconds_per_eighth = 60.0 / tempo / 2
     pm = pretty_midi.PrettyMIDI(initial_tempo=tempo)
     inst = pretty_midi.Instrument(program=program, name="folk")
@@ -235,20 +234,55 @@ def abc_tunes_to_midi(token_lists: Sequence[Sequence[str]], tempo: float, progra
     return pm
 
 
+# MIDI's set-tempo event holds microseconds per quarter note in 24 bits, so the slowest tempo
+# it can say is 60e6 / (2**24 - 1) = 3.58 quarter notes per minute, and the fastest 60e6 (1 us).
+MIN_TEMPO, MAX_TEMPO = 60e6 / 0xFFFFFF, 60e6
+DEFAULT_TEMPO = 120.0
+
+
+def check_midi_path(path: str | Path) -> None:
+    """Refuse, before any work, a --midi path that names a directory."""
+    if Path(path).is_dir():
+        raise GenerateError(f"--midi must name a file, got the directory {path}")
+
+
+def check_tempo(tempo: float) -> None:
+    if not MIN_TEMPO <= tempo <= MAX_TEMPO:
+        raise GenerateError(
+            f"--tempo must be in [{MIN_TEMPO:.2f}, {MAX_TEMPO:g}] quarter notes per minute (what "
+            f"a MIDI file can hold), got {tempo:g}"
+        )
+
+
 def write_midi(pm, path: str | Path) -> None:
-    """Write a PrettyMIDI atomically."""
-    atomic_write(Path(path), lambda tmp: pm.write(tmp))
+    """Write a PrettyMIDI atomically; an OSError (a folder not writable, a full disk) is a
+    GenerateError naming ``path``."""
+    check_midi_path(path)
+    try:
+        atomic_write(Path(path), lambda tmp: pm.write(tmp))
+    except OSError as err:
+        raise GenerateError(f"cannot write --midi {path}: {err.strerror or err}") from err
 
 
 def run_generate(args: argparse.Namespace, out=None) -> int:
     """The ``rnnkern generate`` command: print ABC tunes, or write MIDI for performance models."""
     out = out if out is not None else sys.stdout  # looked up per call, so it can be redirected
     check_sampling_args(args.temperature, args.top_k, args.top_p)
+    if args.midi:
+        check_midi_path(args.midi)
     state = load_checkpoint(args.model)
-    model = model_from_checkpoint(state)
+    try:
+        model = model_from_checkpoint(state)
+    except ValueError as err:
+        raise GenerateError(f"{args.model} is not a usable model: {err}") from err
     kind, tokens = state["kind"], state["tokens"]
+    tempo = getattr(args, "tempo", None)
     if kind == "performance":
+        if tempo is not None:
+            raise GenerateError("--tempo applies to folk (ABC) models: a performance has its own")
         return _generate_performance(args, model, tokens, out)
+    args.tempo = DEFAULT_TEMPO if tempo is None else tempo
+    check_tempo(args.tempo)
     if kind == "chars":
         return _generate_chars(args, model, tokens, out)
     if tokens != list(abc.VOCABULARY):
@@ -326,6 +360,8 @@ def _generate_chars(args: argparse.Namespace, model: MusicLM, tokens: list[str],
                 failed.append(f"tune {i + 1}: {err}")
         if failed:
             print("not written to MIDI:\n  " + "\n  ".join(failed), file=sys.stderr)
+        if not readable:
+            raise GenerateError(f"none of the tunes could be read as ABC: {args.midi} not written")
         write_midi(abc_tunes_to_midi(readable, args.tempo), args.midi)
         print(f"wrote {args.midi}: {len(readable)} of {len(texts)} tune(s)", file=sys.stderr)
     return 0
@@ -336,6 +372,8 @@ def _generate_performance(args: argparse.Namespace, model: MusicLM, tokens: list
 
     if args.meter or args.mode:
         raise GenerateError("--meter and --mode apply to folk (ABC) models, not performances")
+    if not args.midi:  # (it wrote ./performance.mid, over any file of that name, before)
+        raise GenerateError("a performance model writes MIDI: name the file with --midi PATH")
     tokenizer = PerformanceTokenizer.from_tokens(tokens)
     prefix = [tokenizer.start_id]
     if args.prime:
@@ -352,7 +390,7 @@ def _generate_performance(args: argparse.Namespace, model: MusicLM, tokens: list
         max_tokens=args.max_tokens,
         end_id=tokenizer.end_id,
     )
-    path = args.midi or "performance.mid"
+    path = args.midi
     pm = tokenizer.decode_many([s for s in seqs], gap=2.0)
     write_midi(pm, path)
     notes = sum(len(i.notes) for i in pm.instruments)

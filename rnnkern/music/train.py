@@ -15,11 +15,15 @@ rank 0 alone writes checkpoints, the loss curve and the progress bar.
 
 from __future__ import annotations
 
+import array
+import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -60,6 +64,12 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "checkpoint_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.max_steps, int) or self.max_steps < 0:
+            raise ValueError(
+                f"max_steps must be an integer >= 0 (0: no limit), got {self.max_steps!r}"
+            )
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if not isinstance(self.window, int) or self.window < 2:
             raise ValueError(f"window must be an integer >= 2, got {self.window!r}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -159,7 +169,8 @@ def batch_tensor(pieces: Sequence[Sequence[int]]) -> Tensor:
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The batches (lists of window indices) of one epoch, recomputable from (seed, epoch)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    # (mod 2**64, the generator's seed range: every seed the config takes has an order)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
     order = torch.randperm(n, generator=g).tolist()
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
@@ -222,20 +233,35 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint or exported model, checking that it is one."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"model file {path} is a directory, not a model file")
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt or foreign file
-        raise ValueError(f"{path} is not a readable rnnkern music model: {err}") from err
+        why = "an empty file" if path.stat().st_size == 0 else f"{type(err).__name__}: {err}"
+        raise ValueError(f"{path} is not a readable rnnkern music model ({why})") from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an rnnkern music model (format {CHECKPOINT_FORMAT})")
+    missing = [key for key in _MODEL_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"{path} is not a usable rnnkern music model: it lacks {missing}")
     return state
 
 
+# What every model file holds (a checkpoint holds more: the optimizer, RNG states, position).
+_MODEL_KEYS = ("kind", "tokens", "model_config", "train_config", "model", "history")
+
+
 def model_from_checkpoint(state: dict, backend: str = "auto") -> MusicLM:
-    model = MusicLM(ModelConfig.from_dict(state["model_config"]), backend=backend)
-    model.load_state_dict(state["model"])
+    """The model of a loaded checkpoint or model file; ValueError when its weights do not fit
+    its own configuration (a file edited or assembled by hand)."""
+    try:
+        model = MusicLM(ModelConfig.from_dict(state["model_config"]), backend=backend)
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"its weights do not fit its model configuration: {err}") from err
     model.eval()
     return model
 
@@ -243,8 +269,7 @@ def model_from_checkpoint(state: dict, backend: str = "auto") -> MusicLM:
 def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> None:
     """Write only what generation needs (weights, configs, vocabulary, validation loss)."""
     state = load_checkpoint(checkpoint)
-    keep = ("format", "kind", "tokens", "model_config", "train_config", "model", "history")
-    slim = {k: state[k] for k in keep}
+    slim = {k: state[k] for k in ("format", *_MODEL_KEYS)}
     slim["history"] = {"val_loss": state["history"]["val_loss"]}
     save_checkpoint(Path(out), slim)
 
@@ -319,6 +344,71 @@ def _distributed(device: torch.device) -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), created
 
 
+def _differences(saved: dict, given: dict, ignore: Sequence[str] = ()) -> list[str]:
+    """``"key: saved X, given Y"`` for each key whose value differs."""
+    return [
+        f"{key}: saved {saved.get(key)!r}, given {given.get(key)!r}"
+        for key in sorted(set(saved) | set(given))
+        if key not in ignore and saved.get(key) != given.get(key)
+    ]
+
+
+def data_digest(sequences: Sequence[Sequence[int]]) -> str:
+    """A SHA-256 of the token sequences, stored in checkpoints: a resumed run refuses data
+    that changed since (its batches and validation split would silently differ)."""
+    h = hashlib.sha256()
+    for seq in sequences:
+        h.update(len(seq).to_bytes(8, "little"))
+        h.update(array.array("q", seq).tobytes())
+    return h.hexdigest()
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete the temporary files atomic_write leaves when a process is killed outright
+    (SIGKILL) while writing one of the run's files (a checkpoint: tens of MB each)."""
+    if out.is_dir():
+        for name in ("checkpoint.pt", "model.pt", "loss.png", "history.json"):
+            for tmp in out.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on Ctrl-C or SIGTERM after saving its checkpoint."""
+
+
+class _StopSignal:
+    """Ctrl-C (SIGINT) and SIGTERM during training: the first asks the loop to stop at the
+    next step, after saving a checkpoint (a step is never cut in half: an optimizer step
+    interrupted midway would leave half-updated weights); a second Ctrl-C stops at once.
+    Under DDP the ranks agree on the step to stop at (one all-reduce of a flag per step)."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def received(self, device: torch.device, world: int) -> bool:
+        if world == 1:
+            return self.flag
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(self.flag)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
 def train(
     config: TrainConfig,
     model_config: dict,
@@ -346,26 +436,42 @@ def train(
     is_main = rank == 0
     say = log if is_main else (lambda _msg: None)
 
+    if is_main:
+        _remove_stale_temporaries(out)
     state = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
     if state is not None:
         saved = TrainConfig.from_dict(state["train_config"])
-        if asdict(saved) | {"epochs": 0, "max_steps": 0} != asdict(config) | {
-            "epochs": 0,
-            "max_steps": 0,
-        }:
+        changed = _differences(asdict(saved), asdict(config), ignore=("epochs", "max_steps"))
+        saved_model = {k: v for k, v in state["model_config"].items() if k != "vocab_size"}
+        changed += _differences(saved_model, {**saved_model, **model_config})
+        if changed:
             raise ValueError(
-                f"{ckpt_path} was trained with a different configuration:\n saved "
-                f"{asdict(saved)}\n given {asdict(config)}\n(epochs and max_steps may differ)"
+                f"{ckpt_path} was trained with a different configuration ("
+                + "; ".join(changed)
+                + "): resume with the saved settings (epochs and max_steps may differ), or "
+                "start afresh (--no-resume, or another --out)"
             )
         model_config = state["model_config"]
 
     if dataset is None:
         dataset = load_dataset(config.kind, config.data, log=say)
     say(dataset.report)
+    digest = data_digest(dataset.sequences)
+    if state is not None and state.get("data_digest", digest) != digest:
+        raise ValueError(
+            f"{ckpt_path} was trained on other data than {config.data} holds now (the files "
+            "changed since): resuming would draw other batches and another validation split; "
+            "restore the data, or start afresh (--no-resume, or another --out)"
+        )
     mc = ModelConfig.from_dict({**model_config, "vocab_size": len(dataset.tokens)})
     train_idx, val_idx = split(len(dataset.sequences), config.val_fraction, config.seed)
     train_pieces = windows([dataset.sequences[i] for i in train_idx], config.window)
     val_pieces = windows([dataset.sequences[i] for i in val_idx], config.window)
+    if not train_idx:
+        raise ValueError(
+            f"no training data: val_fraction {config.val_fraction} leaves none of the "
+            f"{len(dataset.sequences)} sequences for training"
+        )
     if not train_pieces:
         raise ValueError("no training data: every sequence is shorter than two tokens")
 
@@ -380,8 +486,13 @@ def train(
     if state is not None:
         if state["tokens"] != dataset.tokens:
             raise ValueError(f"{ckpt_path} has a different vocabulary than the data")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ValueError(
+                f"{ckpt_path} does not fit its own model configuration: {err}"
+            ) from err
         torch.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         if dev.type == "cuda" and "cuda_rng" in state:  # dropout on a GPU draws from its RNG
             cuda_rng = state["cuda_rng"]
@@ -389,10 +500,6 @@ def train(
         epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
         global_step, history = state["global_step"], state["history"]
         say(f"resumed from {ckpt_path} at epoch {epoch}, step {step_in_epoch}")
-    say(
-        f"{sum(p.numel() for p in model.parameters()):,} parameters; "
-        f"{len(train_pieces)} training and {len(val_pieces)} validation windows"
-    )
 
     ddp_model: nn.Module = model
     if world > 1:
@@ -425,6 +532,7 @@ def train(
             "step_in_epoch": step_in_epoch,
             "global_step": global_step,
             "history": history,
+            "data_digest": digest,
             **extra,
         }
 
@@ -435,56 +543,74 @@ def train(
 
     model.train()
     stopped = False
-    while epoch < config.epochs and not stopped:
-        for group in opt.param_groups:
-            group["lr"] = config.lr * config.lr_decay**epoch
-        batches = epoch_batches(len(train_pieces), config.batch_size, config.seed, epoch)
-        mine = batches[rank::world]
-        # every rank must take the same number of steps, or DDP's all-reduce would wait forever
-        n_steps = len(batches) // world
-        bar = Progress(n_steps, progress and is_main)
-        t0, tokens_seen = time.monotonic(), 0
-        while step_in_epoch < n_steps:
-            batch = batch_tensor([train_pieces[i] for i in mine[step_in_epoch]]).to(dev)
-            loss, count = loss_on(ddp_model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-            opt.step()
-            step_in_epoch += 1
-            global_step += 1
-            tokens_seen += count * world
-            history["step"].append(global_step)
-            history["train_loss"].append(float(loss.detach()))
-            bar.update(
-                epoch + 1,
-                step_in_epoch,
-                float(loss.detach()),
-                tokens_seen / (time.monotonic() - t0),
-            )
-            if global_step % config.checkpoint_every == 0:
-                checkpoint()
-            if config.max_steps and global_step >= config.max_steps:
-                stopped = True
-                break
-        bar.close()
-        if not stopped:
-            val = evaluate(model, val_pieces, config.batch_size, dev) if val_pieces else math.nan
-            history["val_epoch"].append(epoch + 1)
-            history["val_loss"].append(val)
-            say(f"epoch {epoch + 1}: validation loss {val:.4f} nats/token")
-            epoch, step_in_epoch = epoch + 1, 0
-        checkpoint()
+    stop_signal = _StopSignal()  # (before the line below: from it on, a signal is caught)
+    say(
+        f"{sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"{len(train_pieces)} training and {len(val_pieces)} validation windows"
+    )
+    try:
+        while epoch < config.epochs and not stopped:
+            for group in opt.param_groups:
+                group["lr"] = config.lr * config.lr_decay**epoch
+            batches = epoch_batches(len(train_pieces), config.batch_size, config.seed, epoch)
+            mine = batches[rank::world]
+            # every rank must take the same number of steps, or DDP's all-reduce would wait forever
+            n_steps = len(batches) // world
+            bar = Progress(n_steps, progress and is_main)
+            t0, tokens_seen = time.monotonic(), 0
+            while step_in_epoch < n_steps:
+                # Checked before a step, so that running a finished run again takes no step.
+                if config.max_steps and global_step >= config.max_steps:
+                    stopped = True
+                    break
+                if stop_signal.received(dev, world):  # Ctrl-C or SIGTERM: save, then stop
+                    bar.close()
+                    checkpoint()
+                    raise TrainingInterrupted(
+                        f"interrupted at step {global_step}: saved {ckpt_path}; run the same "
+                        "command again to resume"
+                    )
+                batch = batch_tensor([train_pieces[i] for i in mine[step_in_epoch]]).to(dev)
+                loss, count = loss_on(ddp_model, batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+                opt.step()
+                step_in_epoch += 1
+                global_step += 1
+                tokens_seen += count * world
+                history["step"].append(global_step)
+                history["train_loss"].append(float(loss.detach()))
+                bar.update(
+                    epoch + 1,
+                    step_in_epoch,
+                    float(loss.detach()),
+                    tokens_seen / (time.monotonic() - t0),
+                )
+                if global_step % config.checkpoint_every == 0:
+                    checkpoint()
+            bar.close()
+            if not stopped:
+                val = (
+                    evaluate(model, val_pieces, config.batch_size, dev) if val_pieces else math.nan
+                )
+                history["val_epoch"].append(epoch + 1)
+                history["val_loss"].append(val)
+                say(f"epoch {epoch + 1}: validation loss {val:.4f} nats/token")
+                epoch, step_in_epoch = epoch + 1, 0
+            checkpoint()
 
-    final = snapshot()
-    if is_main:
-        save_checkpoint(ckpt_path, final)
-        export_model(ckpt_path, out / "model.pt")
-        plot_losses(history, out / "loss.png")
-        atomic_write(
-            out / "history.json",
-            lambda tmp: Path(tmp).write_text(json.dumps(history)),
-        )
+        final = snapshot()
+        if is_main:
+            save_checkpoint(ckpt_path, final)
+            export_model(ckpt_path, out / "model.pt")
+            plot_losses(history, out / "loss.png")
+            atomic_write(
+                out / "history.json",
+                lambda tmp: Path(tmp).write_text(json.dumps(history)),
+            )
+    finally:
+        stop_signal.restore()
     if owns_group:
         # A process that exits with its gloo group alive can abort in the group's threads
         # during interpreter shutdown ("terminate called without an active exception"): the
