@@ -1,7 +1,7 @@
 """One recurrent layer, one direction, as a torch operator.
 
-The recurrence is registered with ``torch.library`` (``custom_op`` + ``register_fake`` +
-``register_autograd``): forward and backward are two opaque operators that every backend
+The recurrence is registered as torch operators (:mod:`rnnkern.torch_ops`: schema, kernel, fake
+kernel and autograd formula): forward and backward are two opaque operators that every backend
 implements, so ``torch.compile(fullgraph=True)`` traces rnnkern RNNs without a graph break and
 backward runs in eval mode too. The input projection ``x @ W_ihᵀ + b_ih`` stays an ordinary
 GEMM around the operator: torch's (``dx`` and ``dW_ih`` then come from torch's autograd), or the
@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import torch_ops
 from .backends import get_backend
 from .backends.base import CELLS, gate_count, state_dtype
 
@@ -37,8 +38,7 @@ def needs_grad(*groups) -> bool:
     return any(t is not None and t.requires_grad for group in groups for t in group)
 
 
-@torch.library.custom_op("rnnkern::layer_forward", mutates_args=())
-def _layer_forward(
+def _layer_forward_kernel(
     cell: str,
     backend: str,
     gx: Tensor,
@@ -57,7 +57,6 @@ def _layer_forward(
     return (result.y, result.h_n, result.c_n, *result.saved)
 
 
-@_layer_forward.register_fake
 def _layer_forward_fake(cell, backend, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save):
     T, B, _ = gx.shape
     G = gate_count(cell)
@@ -79,8 +78,7 @@ def _layer_forward_fake(cell, backend, gx, h0, c0, w_hh, b_hh, w_hr, lengths, re
     return y, h_n, c_n, hs, aux, gates
 
 
-@torch.library.custom_op("rnnkern::layer_backward", mutates_args=())
-def _layer_backward(
+def _layer_backward_kernel(
     cell: str,
     backend: str,
     hs: Tensor,
@@ -100,7 +98,7 @@ def _layer_backward(
     r = get_backend(backend).backward(
         cell, Saved(hs, aux, gates), w_hh, b_hh, w_hr, lengths, reverse, dy, dh_n, dc_n
     )
-    # custom ops cannot return None: absent gradients travel as empty tensors.
+    # operators cannot return None: absent gradients travel as empty tensors.
     empty = dh_n.new_empty(0)
     return (
         r.dgx,
@@ -112,7 +110,6 @@ def _layer_backward(
     )
 
 
-@_layer_backward.register_fake
 def _layer_backward_fake(
     cell, backend, hs, aux, gates, w_hh, b_hh, w_hr, lengths, reverse, dy, dh_n, dc_n
 ):
@@ -135,7 +132,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_c0, ctx.has_b_hh, ctx.has_w_hr = c0 is not None, b_hh is not None, w_hr is not None
     ctx.y_dtype = gx.dtype
     ctx.save_for_backward(hs, aux, gates, w_hh, b_hh, w_hr, lengths, h_n, c_n)
-    # The saved activations are outputs only because a custom op must return what backward
+    # The saved activations are outputs only because an operator must return what backward
     # needs. Marking them non-differentiable and not materialising absent gradients spares
     # backward three zero tensors as large as the activations (84 MB per layer of a 2x512
     # LSTM at B=32, T=256), and the dy / dh_n / dc_n the loss did not touch arrive as None.
@@ -187,8 +184,6 @@ def _backward(ctx, dy, dh_n, dc_n, _dhs, _daux, _dgates):
     )
 
 
-_layer_forward.register_autograd(_backward, setup_context=_setup_context)
-
 # What differentiating a gradient through a layer meets (torch.autograd.grad with
 # create_graph=True, then backward through its result: a gradient penalty, for instance).
 # The backward is one operator with no derivative of its own, as with torch.nn on cuDNN
@@ -206,29 +201,22 @@ def _double_backward(ctx, *grads):
     raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
-_layer_backward.register_autograd(_double_backward)
-
-
-@torch.library.custom_op("rnnkern::linear", mutates_args=())
-def _linear(backend: str, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+def _linear_kernel(backend: str, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return get_backend(backend).linear(x, w, b)
 
 
-@_linear.register_fake
 def _linear_fake(backend, x, w, b):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-@torch.library.custom_op("rnnkern::linear_backward", mutates_args=())
-def _linear_backward(
+def _linear_backward_kernel(
     backend: str, dy: Tensor, x: Tensor, w: Tensor, need_dx: bool, need_dw: bool, need_db: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     dx, dw, db = get_backend(backend).linear_backward(dy, x, w, need_dx, need_dw, need_db)
-    # custom ops cannot return None: absent gradients travel as empty tensors.
+    # operators cannot return None: absent gradients travel as empty tensors.
     return tuple(t if t is not None else dy.new_empty(0) for t in (dx, dw, db))
 
 
-@_linear_backward.register_fake
 def _linear_backward_fake(backend, dy, x, w, need_dx, need_dw, need_db):
     return (
         torch.empty_like(x) if need_dx else dy.new_empty(0),
@@ -253,8 +241,47 @@ def _linear_autograd(ctx, dy):
     return None, dx if need_dx else None, dw if need_dw else None, db if need_db else None
 
 
-_linear.register_autograd(_linear_autograd, setup_context=_linear_setup_context)
-_linear_backward.register_autograd(_double_backward)
+_LAYER_FORWARD_SCHEMA = (
+    "(str cell, str backend, Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, "
+    "Tensor? w_hr, Tensor? lengths, bool reverse, bool save) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_LAYER_BACKWARD_SCHEMA = (
+    "(str cell, str backend, Tensor hs, Tensor aux, Tensor gates, Tensor w_hh, Tensor? b_hh, "
+    "Tensor? w_hr, Tensor? lengths, bool reverse, Tensor dy, Tensor dh_n, Tensor? dc_n) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_layer_forward = torch_ops.define(
+    "layer_forward",
+    _LAYER_FORWARD_SCHEMA,
+    _layer_forward_kernel,
+    _layer_forward_fake,
+    _backward,
+    _setup_context,
+)
+_layer_backward = torch_ops.define(
+    "layer_backward",
+    _LAYER_BACKWARD_SCHEMA,
+    _layer_backward_kernel,
+    _layer_backward_fake,
+    _double_backward,
+)
+_linear = torch_ops.define(
+    "linear",
+    "(str backend, Tensor x, Tensor w, Tensor? b) -> Tensor",
+    _linear_kernel,
+    _linear_fake,
+    _linear_autograd,
+    _linear_setup_context,
+)
+_linear_backward = torch_ops.define(
+    "linear_backward",
+    "(str backend, Tensor dy, Tensor x, Tensor w, bool need_dx, bool need_dw, bool need_db) "
+    "-> (Tensor, Tensor, Tensor)",
+    _linear_backward_kernel,
+    _linear_backward_fake,
+    _double_backward,
+)
 
 
 def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, backend: str) -> Tensor:

@@ -922,8 +922,7 @@ class RNNCell(_CellBase):
         # Read at every call, as torch.nn.RNNCell reads its nonlinearity.
         if self.nonlinearity not in ("tanh", "relu"):
             raise ValueError(
-                f"RNNCell: unknown nonlinearity {self.nonlinearity!r}; select from 'tanh' or "
-                "'relu'"
+                f"RNNCell: unknown nonlinearity {self.nonlinearity!r}; select from 'tanh' or 'relu'"
             )
         return f"rnn_{self.nonlinearity}"
 

@@ -114,7 +114,7 @@ def test_linear_op_matches_torch_linear(dtype, bias, x_grad):
 
     def projection(x, w, b):
         gx = input_projection(x, w, b, "cpu")
-        assert "rnnkern_linear" in gx.grad_fn.next_functions[0][0].name()
+        assert gx.grad_fn.next_functions[0][0].name() == "rnnkern_linearBackward"
         return gx
 
     ours = grads(projection, dtype)
@@ -124,12 +124,6 @@ def test_linear_op_matches_torch_linear(dtype, bias, x_grad):
     for got, ex, th in zip(ours, exact, theirs, strict=True):
         assert got.dtype == dtype and got.shape == ex.shape
         assert_product_close(got.reshape(ex.shape), ex, th)
-
-
-def test_linear_op_passes_opcheck():
-    x, w, b = torch.randn(12, 7), torch.randn(20, 7), torch.randn(20)
-    for args in ((x, w, b), (x.requires_grad_(), w.requires_grad_(), None)):
-        torch.library.opcheck(torch.ops.rnnkern.linear.default, ("cpu", *args))
 
 
 def test_half_inputs_and_small_products_use_torch_linear():
