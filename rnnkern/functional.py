@@ -241,19 +241,8 @@ def _linear_autograd(ctx, dy):
     return None, dx if need_dx else None, dw if need_dw else None, db if need_db else None
 
 
-_LAYER_FORWARD_SCHEMA = (
-    "(str cell, str backend, Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, "
-    "Tensor? w_hr, Tensor? lengths, bool reverse, bool save) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
-)
-_LAYER_BACKWARD_SCHEMA = (
-    "(str cell, str backend, Tensor hs, Tensor aux, Tensor gates, Tensor w_hh, Tensor? b_hh, "
-    "Tensor? w_hr, Tensor? lengths, bool reverse, Tensor dy, Tensor dh_n, Tensor? dc_n) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
-)
 _layer_forward = torch_ops.define(
     "layer_forward",
-    _LAYER_FORWARD_SCHEMA,
     _layer_forward_kernel,
     _layer_forward_fake,
     _backward,
@@ -261,14 +250,12 @@ _layer_forward = torch_ops.define(
 )
 _layer_backward = torch_ops.define(
     "layer_backward",
-    _LAYER_BACKWARD_SCHEMA,
     _layer_backward_kernel,
     _layer_backward_fake,
     _double_backward,
 )
 _linear = torch_ops.define(
     "linear",
-    "(str backend, Tensor x, Tensor w, Tensor? b) -> Tensor",
     _linear_kernel,
     _linear_fake,
     _linear_autograd,
@@ -276,8 +263,6 @@ _linear = torch_ops.define(
 )
 _linear_backward = torch_ops.define(
     "linear_backward",
-    "(str backend, Tensor dy, Tensor x, Tensor w, bool need_dx, bool need_dw, bool need_db) "
-    "-> (Tensor, Tensor, Tensor)",
     _linear_backward_kernel,
     _linear_backward_fake,
     _double_backward,

@@ -45,13 +45,13 @@ def _requires_grad(args: tuple) -> bool:
 
 def define(
     name: str,
-    schema: str,
     kernel: Callable,
     fake: Callable,
     backward: Callable,
     setup_context: Callable | None = None,
 ) -> torch._ops.OpOverload:
-    """Register ``rnnkern::<name><schema>`` and return it.
+    """Register ``rnnkern::<name>`` and return it; its schema is read from ``kernel``'s type
+    annotations (``torch.library.infer_schema``, as custom_op reads it; no argument mutated).
 
     ``kernel(*args)`` computes it on real tensors of any device (``CompositeExplicitAutograd``;
     the backends dispatch on the device themselves), ``fake(*args)`` its outputs' shapes and
@@ -59,7 +59,7 @@ def define(
     output)`` keeps what ``backward(ctx, *grads)`` needs; ``backward`` returns one gradient
     (or None) per argument. In autograd's graph the node is ``rnnkern_<name>Backward``.
     """
-    _LIB.define(name + schema)
+    _LIB.define(name + torch.library.infer_schema(kernel, mutates_args=()))
     _LIB.impl(name, kernel, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIB)
     op = getattr(getattr(torch.ops, NAMESPACE), name).default
