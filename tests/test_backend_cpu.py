@@ -205,18 +205,20 @@ def test_faster_than_torch_follows_the_measured_grid():
 
 def test_short_calls_stay_with_torch(monkeypatch):
     """Per-step-ATen configurations go to ``cpu`` only from the sequence lengths where
-    benchmarks/results/cpu_short-* measured it faster: T >= 16 training, T >= 32 inference;
-    the cells (T = 1) never."""
+    benchmarks/results/cpu_short-* measured it faster: training from T = 8 (GRU) or 16 (the
+    others), inference from T = 32; the cells (T = 1) never."""
     from rnnkern import dispatch
 
     def cfg(cell="gru", T=1, grad=True, proj=0, dtype=torch.float32):
         return LayerConfig(cell, "cpu", dtype, 64, 64, proj, 16, T, False, grad)
 
     be = cpu_backend.BACKEND
-    for short in (cfg(), cfg(T=15), cfg(T=31, grad=False), cfg("rnn_relu", T=8),
+    for short in (cfg(), cfg(T=7), cfg(T=31, grad=False), cfg("rnn_relu", T=15),
                   cfg("lstm", proj=32), cfg("lstm", dtype=torch.float64, grad=False)):  # fmt: skip
         assert "fixed cost" in be.faster_than_torch(short), short
         assert dispatch.choose("auto", short, training=True).backend == "torch"
+    for long_enough in (cfg(T=8), cfg("rnn_tanh", T=16), cfg(T=32, grad=False)):
+        assert be.faster_than_torch(long_enough) is True, long_enough
 
     chosen = []
     real_select = rnnkern.nn.select

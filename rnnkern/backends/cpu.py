@@ -165,8 +165,9 @@ def gemm(
 
 
 # The shortest sequences (steps a call) from which ``cpu`` beats torch.nn's per-step ATen ops
-# (GRU, RNN, LSTM with a projection, float64), measured by suite cpu_short (faster_than_torch).
-_SHORT_TRAINING = 16
+# (GRU, RNN, LSTM with a projection, float64), measured by suite cpu_short (faster_than_torch):
+# for training by cell, for inference one length for all.
+_SHORT_TRAINING = {"gru": 8, "rnn_tanh": 16, "rnn_relu": 16, "lstm": 16}
 _SHORT_INFERENCE = 32
 
 
@@ -229,8 +230,13 @@ class CPUBackend:
           including LSTM with a projection and float64) and inference lost two of ten (0.77x,
           0.87x). Three earlier runs agree, except that one T=16 training case lost in the
           two before the backward's weight packing was sped up (6e47dbf; GRU B=1 H=512,
-          0.95x). Hence ``cpu`` from T=16 for training and from T=32 for inference
-          (_SHORT_TRAINING, _SHORT_INFERENCE).
+          0.95x). Registering the operators without custom_op's wrappers (rnnkern.torch_ops)
+          cut the fixed cost of a layer's forward + backward by about 80 us; in the run after
+          it (abb52a9) GRU training at T=8 measured 1.38-1.80x except B=16 H=512, 0.99x
+          (1.08x in the run before), so GRU trains on ``cpu`` from T=8; RNN at T=8 still lost
+          one case (0.97x) and GRU at T=4 one (0.81x). Hence ``cpu`` from T=8 (GRU) or 16 (the
+          others) for training and from T=32 for inference (_SHORT_TRAINING,
+          _SHORT_INFERENCE).
         float16/bfloat16 inputs were not measured.
         """
         ok = self.supports(config)
@@ -240,7 +246,7 @@ class CPUBackend:
             return f"not measured against torch.nn for {config.dtype} inputs"
         B, H, T = config.batch_size, config.hidden_size, config.seq_len
         if config.cell != "lstm" or config.proj_size > 0 or config.dtype == torch.float64:
-            shortest = _SHORT_TRAINING if config.needs_grad else _SHORT_INFERENCE
+            shortest = _SHORT_TRAINING[config.cell] if config.needs_grad else _SHORT_INFERENCE
             if T >= shortest:
                 return True
             return (
