@@ -5,8 +5,8 @@ that support the configuration and are faster than torch.nn there, and otherwise
 torch.nn's own fused implementation (``torch``: cuDNN or oneDNN), so what ``auto`` runs is never
 slower than the module it replaces. The choosing itself costs some microseconds a call, which
 shows on the smallest calls only (suite ``cpu_short``'s ``rnnkern[auto]`` column: where ``auto``
-keeps torch.nn's path, 0.72-1.02x torch.nn's speed, median 0.94x, except single steps of
-1x64 layers and cells, 0.49-0.73x; the Decoder is the way to step small models).
+keeps torch.nn's path, 0.68-1.02x torch.nn's speed, median 0.94x, except the cells and single
+steps of 1x64 layers, 0.48-0.96x; the Decoder is the way to step small models).
 
 Where torch.nn's path cannot run (inside ``torch.compile``, where it would break the graph;
 under ``torch.func.vmap``; backward in eval mode on cuDNN), ``auto`` runs the fastest fused

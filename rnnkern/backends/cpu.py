@@ -222,8 +222,8 @@ class CPUBackend:
           proj 128 B=16 T=64 fwd+bwd 1.24x. LSTM float64 (oneDNN has none): 1x256 B=16 T=64
           1.14x (both at 1 thread).
         - Short calls, for all of the above (suite ``cpu_short``, 20 calls a sample; the
-          committed benchmarks/results/cpu_short-* is the run at 32a819d): a call through
-          rnnkern's operators costs about 100 us more than torch.nn's before its first step,
+          figures below to "Three earlier runs" are the run at 32a819d): a call through
+          rnnkern's operators cost about 100 us more than torch.nn's before its first step,
           so torch.nn wins single steps (the cells and T=1: 0.18-0.73x) and mostly few steps
           (T=8: 0.52-1.88x at 6e47dbf). At T=32 ``cpu`` won every case (1.25-4.93x, GRU and
           RNN, H 64 and 512, B 1 and 16); at T=16 training won every case (1.18-2.72x,
@@ -231,12 +231,12 @@ class CPUBackend:
           0.87x). Three earlier runs agree, except that one T=16 training case lost in the
           two before the backward's weight packing was sped up (6e47dbf; GRU B=1 H=512,
           0.95x). Registering the operators without custom_op's wrappers (rnnkern.torch_ops)
-          cut the fixed cost of a layer's forward + backward by about 80 us; in the run after
-          it (abb52a9) GRU training at T=8 measured 1.38-1.80x except B=16 H=512, 0.99x
-          (1.08x in the run before), so GRU trains on ``cpu`` from T=8; RNN at T=8 still lost
-          one case (0.97x) and GRU at T=4 one (0.81x). Hence ``cpu`` from T=8 (GRU) or 16 (the
-          others) for training and from T=32 for inference (_SHORT_TRAINING,
-          _SHORT_INFERENCE).
+          cut the fixed cost of a layer's forward + backward by about 80 us. In the committed
+          run after it (c58858c) GRU training at T=8 measured 1.11-2.17x (a run before it:
+          1.38-1.80x, and 0.99x at B=16 H=512), so GRU trains on ``cpu`` from T=8; RNN at T=8
+          lost one case in each run (0.96-0.97x), GRU at T=4 one (B=16 H=512, 0.81-0.90x).
+          Hence ``cpu`` from T=8 (GRU) or 16 (the others) for training and from T=32 for
+          inference (_SHORT_TRAINING, _SHORT_INFERENCE).
         float16/bfloat16 inputs were not measured.
         """
         ok = self.supports(config)
