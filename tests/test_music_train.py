@@ -41,6 +41,16 @@ def quiet(_msg: str) -> None:
     pass
 
 
+def _cli_run(tmp_path: Path) -> tuple[Path, Path, dict]:
+    """A folder of tunes, a run folder and the environment for ``rnnkern.cli train`` in a
+    subprocess (one thread a process, this checkout's rnnkern)."""
+    folder = tmp_path / "tunes"
+    folder.mkdir()
+    (folder / "set.abc").write_text("\n".join(TUNES * 3))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return folder, tmp_path / "run", env
+
+
 def test_training_loss_falls(tmp_path):
     state = train(config(epochs=4), SMALL_MODEL, tmp_path, dataset=tiny_dataset(), log=quiet,
                   progress=False)  # fmt: skip
@@ -128,11 +138,7 @@ def test_a_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, sig):
     """Ctrl-C or SIGTERM during training: the run finishes its step, saves a checkpoint, says
     so and exits with 130, with no traceback; running the command again resumes from it (a
     traceback and up to --checkpoint-every steps of lost work before)."""
-    folder = tmp_path / "tunes"
-    folder.mkdir()
-    (folder / "set.abc").write_text("\n".join(TUNES * 3))
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    folder, out, env = _cli_run(tmp_path)
     cmd = [
         sys.executable, "-m", "rnnkern.cli", "train", "--data", str(folder), "--out", str(out),
         "--epochs", "100000", "--batch-size", "2", "--hidden", "16", "--embedding", "8",
@@ -188,11 +194,7 @@ def test_every_seed_orders_the_epochs():
 @pytest.mark.host_only  # (CPU processes)
 def test_ddp_two_cpu_processes(tmp_path):
     """torchrun --nproc_per_node=2 trains with gloo; rank 0 writes the checkpoint."""
-    folder = tmp_path / "tunes"
-    folder.mkdir()
-    (folder / "set.abc").write_text("\n".join(TUNES * 3))
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    folder, out, env = _cli_run(tmp_path)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         "--standalone", "-m", "rnnkern.cli", "train", "--data", str(folder), "--out",
