@@ -3,7 +3,8 @@
 ``Decoder(rnn, embedding=None, head=None, weights="fp32", batch_size=1, backend="cpu")`` takes
 a unidirectional ``torch.nn`` or ``rnnkern`` LSTM / GRU / RNN (or one of their cells), an
 optional ``nn.Embedding`` feeding layer 0 and an optional output ``nn.Linear`` head, reads
-their weights by torch.nn's parameter names and packs them once:
+their weights by torch.nn's parameter names and packs copies of them once (changing the
+modules afterwards does not change the Decoder: build a new one after further training):
 
 - ``weights="fp32"`` keeps float32 matrices; ``weights="bf16"`` stores the matrices that are
   streamed every step (``W_hh``, ``W_ih`` of layers >= 1, ``W_hr``, the head) as bfloat16 and
@@ -178,11 +179,14 @@ class Decoder:
         stream_dtype = torch.bfloat16 if weights == "bf16" else torch.float32
         with torch.no_grad():
 
+            # Copies, always (copy=True): a weight already in the packed dtype and layout was
+            # shared with the module before, so training it further changed some of what
+            # the Decoder ran (biases, and on backend torch most matrices) and not the rest.
             def packed(t: Tensor | None) -> Tensor | None:
-                return None if t is None else t.detach().to(stream_dtype).contiguous()
+                return None if t is None else t.detach().to(stream_dtype, copy=True).contiguous()
 
             def bias(t: Tensor | None) -> Tensor | None:
-                return None if t is None else t.detach().to(**f32).contiguous()
+                return None if t is None else t.detach().to(**f32, copy=True).contiguous()
 
             self._layers = []
             for l in range(L):
@@ -481,6 +485,7 @@ class Decoder:
                 f"not exceed embedding.num_embeddings ({self.vocab_in})"
             )
         sampling.check_sampling_args(temperature, top_k, top_p)
+        top_k = min(int(top_k), self.vocab_size)  # (equal in effect; fits the kernels' int64)
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         seed = sampling._check_u64("seed", seed)
@@ -525,10 +530,7 @@ class Decoder:
         )  # fmt: skip
         self._parity ^= model_steps & 1
         if error_row >= 0:
-            raise FloatingPointError(
-                f"generate: the logits of stream {error_row} became NaN or +inf "
-                "(the model's weights or state hold non-finite values)"
-            )
+            raise bad_logits_error(error_row)
         return out
 
     def sample(
@@ -563,6 +565,7 @@ class Decoder:
         if self._plan is None or logits.dtype != torch.float32 or logits.device.type != "cpu":
             return sampling.sample(logits, temperature, top_k, top_p, seed, step)
         sampling.check_sampling_args(temperature, top_k, top_p)
+        top_k = min(int(top_k), V)  # (equal in effect; fits the kernel's int64)
         seed = sampling._check_u64("seed", seed)
         step = sampling._check_u64("step", step)
         logits = logits.contiguous()
@@ -580,6 +583,10 @@ class Decoder:
             logits = self.step(prime[:, s])
         steps = out.shape[1]
         for j in range(steps):
+            nonfinite, empty = sampling._row_faults(logits, temperature)
+            bad = (nonfinite | empty).nonzero()
+            if len(bad):  # (the error the compiled backends raise, not sample's ValueError)
+                raise bad_logits_error(int(bad[0, 0]))
             out[:, j] = sampling.sample(logits, temperature, top_k, top_p, seed, first_step + j)
             if j + 1 < steps:
                 logits = self.step(out[:, j])
@@ -625,11 +632,7 @@ class Decoder:
         if self._triton_step.n_split > 1:
             self._triton_step.check_sync()
         if bool(self._bad.any()):
-            row = int(self._bad.nonzero()[0, 0])
-            raise FloatingPointError(
-                f"generate: the logits of stream {row} became NaN or +inf "
-                "(the model's weights or state hold non-finite values)"
-            )
+            raise bad_logits_error(int(self._bad.nonzero()[0, 0]))
         return out
 
     def _sample_and_record(self, temperature, top_k, top_p) -> Tensor:
@@ -686,6 +689,15 @@ def _replay_plan(steps: int, per_graph: int, use_graph: bool) -> list[int]:
         return [0] * steps
     middle = steps - 2
     return [0] + [per_graph] * (middle // per_graph) + [1] * (middle % per_graph) + [0]
+
+
+def bad_logits_error(row: int) -> FloatingPointError:
+    """What ``generate`` raises on every backend when a stream's logits cannot be sampled from
+    (NaN or +inf, or only -inf), naming the first such stream."""
+    return FloatingPointError(
+        f"generate: the logits of stream {row} became NaN or +inf, or all -inf (the model's "
+        "weights or state hold non-finite values)"
+    )
 
 
 def _cuda_graphs_enabled() -> bool:

@@ -518,6 +518,43 @@ def test_bad_sampling_arguments(decoder, kw, name):
         decoder.generate(torch.zeros(2, 1, dtype=torch.long), 3, **kw)
 
 
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu), "torch"])
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+def test_the_decoder_keeps_copies_of_the_weights(backend, weights):
+    """Changing any of the modules' parameters in place after the Decoder was built changes
+    nothing it computes: it had shared the biases (and on backend torch, most fp32 matrices)
+    with the modules and copied the rest, so further training ran a mix of old and new."""
+    rnn, emb, head = make_model("LSTM", 2, seed=4)
+    dec = Decoder(rnn, emb, head, weights=weights, backend=backend)
+    tokens = torch.tensor([3])
+    before = dec.step(tokens)
+    params = [*rnn.parameters(), *emb.parameters(), *head.parameters()]
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.5)
+    dec.reset()
+    assert torch.equal(dec.step(tokens), before)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu), "torch"])
+def test_bad_state_and_huge_top_k_behave_alike_on_cpu_and_torch(backend):
+    """Non-finite state: the same FloatingPointError on both, naming the first bad stream
+    (backend torch raised sample's ValueError; cpu named the last bad stream). A top_k past
+    the vocabulary is no limit on both (cpu raised pybind's TypeError from 2**63 on)."""
+    rnn, emb, head = make_model("LSTM", 1, seed=2)
+    dec = Decoder(rnn, emb, head, batch_size=3, backend=backend)
+    prime = torch.zeros(3, 1, dtype=torch.long)
+    expected = dec.generate(prime, 4, seed=5)
+    for top_k in (V, 2**63, 2**70):
+        dec.reset()
+        assert torch.equal(dec.generate(prime, 4, seed=5, top_k=top_k), expected), top_k
+    h = torch.zeros(1, 3, H)
+    h[0, [0, 1]] = float("nan")
+    dec.set_state((h, torch.zeros(1, 3, H)))
+    with pytest.raises(FloatingPointError, match="logits of stream 0 became NaN"):
+        dec.generate(prime, 3)
+
+
 def test_bad_models():
     rnn, emb, head = make_model("LSTM", 1)
     with pytest.raises(ValueError, match="unidirectional"):

@@ -1053,9 +1053,9 @@ int64_t generate_impl(const DecoderArgs& a, const DecoderPack& pk, GenerateArgs&
           int64_t tok = sample_row(a.logits + (long)b * V, V, g.temperature, g.top_k, g.top_p,
                                    g.seed, (uint64_t)b, g.first_step + (uint64_t)j, g.weights + (long)b * V,
                                    g.order + (long)b * V);
-          if (tok < 0) {
-#pragma omp atomic write
-            error_row = b;
+          if (tok < 0) {  // the first bad row (as the Python rule names it), not the last one
+#pragma omp critical(rnnkern_generate_error)
+            if (error_row < 0 || b < error_row) error_row = b;
             tok = 0;
           }
           g.out[(long)b * steps + j] = tok;
@@ -1064,6 +1064,8 @@ int64_t generate_impl(const DecoderArgs& a, const DecoderPack& pk, GenerateArgs&
       }
     }
   }
+  // (a bad row samples token 0 and the streams go on, as in the CUDA decoder, whose state
+  // after the error tests compare with this one's)
   g.error_row = error_row;
   return total;
 }

@@ -260,10 +260,9 @@ class CudaDecode:
                 "rnnkern._cuda generate: " + _ERRORS.get(abort, f"unknown error code {abort}")
             )
         if code == int(cuda_backend._cuda.ERR_NON_FINITE):
-            raise FloatingPointError(
-                f"generate: the logits of stream {row} became NaN or +inf "
-                "(the model's weights or state hold non-finite values)"
-            )
+            from ..decode import bad_logits_error
+
+            raise bad_logits_error(row)
         if code == int(cuda_backend._cuda.ERR_BAD_TOKEN):
             raise ValueError(f"a token id of stream {row} is outside the embedding's range")
         raise RuntimeError(
