@@ -6,6 +6,47 @@ import argparse
 import os
 import shlex
 import sys
+from pathlib import Path
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """An argparse type: a torch device string of type cpu or cuda ("cuda:1" included)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def _writable_folder_problem(folder: str) -> str | None:
+    """Why results could not be written under ``folder`` (checked before a run, not after)."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -15,6 +56,11 @@ def _bench(args: argparse.Namespace) -> int:
 
     from .bench import runner
 
+    if not args.no_write:
+        problem = _writable_folder_problem(args.out)
+        if problem:
+            print(f"rnnkern bench: --out {args.out}: {problem}", file=sys.stderr)
+            return 2
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(
             f"rnnkern bench: --device {args.device} asked for, but torch sees no CUDA device",
@@ -50,6 +96,15 @@ def _bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         progress=progress,
     )
+    empty = [s for s in suites if not any(r["suite"] == s for r in records)]
+    if empty:
+        print(
+            f"rnnkern bench: suite(s) {empty} have no case on device {args.device} (the GPU "
+            "suites need --device cuda)",
+            file=sys.stderr,
+        )
+        if len(empty) == len(suites):
+            return 2  # (nothing measured: no empty results files)
     print()
     print(runner.format_table(records))
     if not args.no_write:
@@ -120,11 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--suite", action="append", help="suite to run (repeatable); default nn_modules"
     )
-    bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    bench.add_argument(
+        "--device", type=device_name, default="cpu", help="cpu or cuda (default cpu)"
+    )
     bench.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
-    bench.add_argument("--repeats", type=int, default=15, help="timed rounds (default 15)")
-    bench.add_argument("--warmup", type=int, default=3, help="warm-up rounds (default 3)")
-    bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    bench.add_argument("--repeats", type=positive_int, default=15, help="timed rounds (default 15)")
+    bench.add_argument(
+        "--warmup", type=nonnegative_int, default=3, help="warm-up rounds (default 3)"
+    )
+    bench.add_argument("--threads", type=nonnegative_int, default=0,
+                       help="torch threads (default: torch's)")  # fmt: skip
     bench.add_argument("--out", default="benchmarks/results", help="results folder")
     bench.add_argument("--no-write", action="store_true", help="print only, write no files")
     bench.add_argument(
@@ -137,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
 
     backends = sub.add_parser("backends", help="list backends and why any is unavailable")
-    backends.add_argument("--device", default="cpu")
+    backends.add_argument("--device", type=device_name, default="cpu")
     backends.set_defaults(func=_backends)
 
     try:
@@ -156,8 +216,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
-    if getattr(args, "repeats", 1) is not None and getattr(args, "repeats", 1) < 1:
-        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     return int(args.func(args) or 0)
 
 

@@ -178,7 +178,6 @@ class Decoder:
         f32 = dict(dtype=torch.float32, device=device)
         stream_dtype = torch.bfloat16 if weights == "bf16" else torch.float32
         with torch.no_grad():
-
             # Copies, always (copy=True): a weight already in the packed dtype and layout was
             # shared with the module before, so training it further changed some of what
             # the Decoder ran (biases, and on backend torch most matrices) and not the rest.
@@ -551,7 +550,8 @@ class Decoder:
         sampler (6.5 us per call at B=1, V=137, against 106 us for
         :func:`rnnkern.sampling.sample`); other logits and backends use
         :func:`rnnkern.sampling.sample` itself. Raises ValueError for bad arguments or for a
-        row with NaN / +inf or with every entry -inf.
+        row with NaN / +inf or with every entry -inf (TypeError for a ``seed`` or ``step``
+        that is not an int).
 
         Returns:
             ``LongTensor [B]`` on the logits' device.

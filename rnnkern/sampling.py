@@ -318,7 +318,8 @@ def sample(
     """Sample one token per row of ``logits [B, V]`` by the rule in the module docstring.
 
     Row ``b`` uses ``uniform(seed, b, step)``. Returns int64 ``[B]`` on the device of
-    ``logits``. Raises ValueError for bad arguments or NaN / +inf logits.
+    ``logits``. Raises ValueError for bad arguments or NaN / +inf logits (TypeError for a
+    ``seed`` or ``step`` that is not an int).
     """
     check_sampling_args(temperature, top_k, top_p)
     _check_u64("seed", seed)

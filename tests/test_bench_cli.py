@@ -1,6 +1,7 @@
 """The benchmark runner and the rnnkern command (small, fast runs)."""
 
 import json
+import os
 
 import pytest
 
@@ -41,6 +42,10 @@ def test_bench_command_writes_json_and_markdown(tmp_path):
     labels = set(payload["cases"][0]["results"])
     assert {"torch.nn", "rnnkern[auto]"} <= labels
     assert "ratio" in (tmp_path / files[1]).read_text().lower()
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in files:  # (mkstemp's 0600 had stayed: results only their owner could read)
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_bench_rejects_unknown_suite(capsys):
@@ -70,9 +75,44 @@ def test_cpu_training_suites_run_quick(suite):
         assert set(record["results"]) == expected
 
 
-def test_bench_rejects_bad_repeats():
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--repeats", "0"], "expected an integer >= 1"),
+        (["--warmup", "-1"], "expected an integer >= 0"),  # (was accepted)
+        (["--threads", "-1"], "expected an integer >= 0"),  # (was a traceback)
+        (["--device", "CPU"], "expected cpu, cuda or cuda:N, got 'CPU'"),  # (a traceback)
+        (["--device", "foo"], "got 'foo'"),  # (ran nothing and said nothing)
+    ],
+)
+def test_bench_rejects_bad_arguments(args, words, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--no-write", *args])
+    assert info.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_bench_refuses_before_running_what_it_could_not_finish(tmp_path, capsys):
+    """A results folder that cannot be made is refused before the run (it failed with a
+    traceback after it, losing the results); a suite with no case on the device is an error
+    that writes nothing (GPU suites on the CPU printed an empty table and wrote empty files);
+    modules of rnnkern.bench that are not suites are not offered (they raised)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for out in (blocker, blocker / "sub"):
+        assert cli.main(["bench", "--quick", "--out", str(out)]) == 2
+        assert "is a file, not a folder" in capsys.readouterr().err
+    assert cli.main(["bench", "--suite", "gpu_train", "--out", str(tmp_path / "r")]) == 2
+    assert "have no case on device cpu" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    assert {"onnxrt", "phases", "gpu_summary"}.isdisjoint(runner.suite_names())
+    assert {"nn_modules", "cpu_short", "gpu_train"} <= set(runner.suite_names())
+    assert cli.main(["bench", "--suite", "onnxrt", "--no-write"]) == 2
+    assert "unknown suite" in capsys.readouterr().err
+
+
+def test_backends_rejects_a_bad_device(capsys):
     with pytest.raises(SystemExit):
-        cli.main(["bench", "--repeats", "0"])
+        cli.main(["backends", "--device", "foo"])
 
 
 def test_backends_command_lists_reference(capsys):

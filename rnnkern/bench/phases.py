@@ -71,9 +71,9 @@ import torch
 
 import rnnkern
 
+from ..atomic import atomic_write_text
 from ..backends import tracing
 from .runner import (
-    _atomic_write,
     exact_float32,
     machine_info,
     machine_line,
@@ -299,7 +299,7 @@ def write(rows: list[dict], out_dir: str | Path, command: str, device: str = "cu
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"machine": info, "command": command, "rows": rows}
-    _atomic_write(out / f"phases-{slug}.json", json.dumps(payload, indent=1) + "\n")
+    atomic_write_text(out / f"phases-{slug}.json", json.dumps(payload, indent=1) + "\n")
     text = [
         f"# rnnkern: where the steps of the GPU kernels go, on {slug}",
         "",
@@ -316,7 +316,7 @@ def write(rows: list[dict], out_dir: str | Path, command: str, device: str = "cu
     errors = [f"- {r['case']}: {r['error']}" for r in rows if r["kernel"] == "error"]
     text += ["## errors", "", *errors, ""] if errors else []
     md = out / f"phases-{slug}.md"
-    _atomic_write(md, "\n".join(text))
+    atomic_write_text(md, "\n".join(text))
     return md
 
 

@@ -21,12 +21,13 @@ import platform
 import random
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from ..atomic import atomic_write_text
 
 __all__ = [
     "Case",
@@ -139,7 +140,10 @@ def suite_names() -> list[str]:
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.name.startswith("_") or info.name == "runner":
             continue
-        names.append(info.name)
+        # (helpers and tools live here too: onnxrt, phases, gpu_summary; importing all takes
+        # about 20 ms)
+        if hasattr(importlib.import_module(f"rnnkern.bench.{info.name}"), "cases"):
+            names.append(info.name)
     return sorted(names)
 
 
@@ -321,18 +325,6 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _float32_math(tf32: dict) -> str:
     """How float32 products ran, from :func:`machine_info`'s ``float32_tf32`` flags."""
     allowed = [name for name, on in tf32.items() if on]
@@ -364,7 +356,7 @@ def write_results(
     json_path = out / f"{tag}-{slug}.json"
     md_path = out / f"{tag}-{slug}.md"
     payload = {"machine": info, "command": command, "cases": records}
-    _atomic_write(json_path, json.dumps(payload, indent=1) + "\n")
+    atomic_write_text(json_path, json.dumps(payload, indent=1) + "\n")
     header = [
         f"# rnnkern benchmarks: {tag} on {slug}",
         "",
@@ -383,5 +375,5 @@ def write_results(
         + "\n"
         + ("\n" + "\n".join(notes) + "\n" if notes else "")
     )
-    _atomic_write(md_path, text)
+    atomic_write_text(md_path, text)
     return json_path, md_path

@@ -11,21 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+from ..cli import nonnegative_int, positive_int
+
 DEFAULT_MODEL = Path(__file__).parent / "models" / "folk_lstm.pt"
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
 
 
 def _seed(text: str) -> int:
@@ -51,23 +39,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "performance: MIDI events (default abc)")  # fmt: skip
     t.add_argument("--out", required=True, help="run folder (checkpoint.pt, model.pt, loss.png)")
     t.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
-    t.add_argument("--hidden", type=_positive_int, default=256, help="hidden size (256)")
-    t.add_argument("--layers", type=_positive_int, default=2, help="layers (2)")
+    t.add_argument("--hidden", type=positive_int, default=256, help="hidden size (256)")
+    t.add_argument("--layers", type=positive_int, default=2, help="layers (2)")
     t.add_argument("--embedding", type=int, default=64, help="embedding size; 0: one-hot (64)")
     t.add_argument("--dropout", type=float, default=0.3)
-    t.add_argument("--epochs", type=_positive_int, default=10)
-    t.add_argument("--batch-size", type=_positive_int, default=32)
-    t.add_argument("--window", type=_positive_int, default=256, help="tokens per window (256)")
+    t.add_argument("--epochs", type=positive_int, default=10)
+    t.add_argument("--batch-size", type=positive_int, default=32)
+    t.add_argument("--window", type=positive_int, default=256, help="tokens per window (256)")
     t.add_argument("--optimizer", choices=("adam", "rmsprop"), default="adam")
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--lr-decay", type=float, default=0.97, help="per epoch (0.97)")
     t.add_argument("--clip", type=float, default=5.0, help="gradient norm clip (5)")
     t.add_argument("--val-fraction", type=float, default=0.05)
     t.add_argument("--seed", type=_seed, default=0)
-    t.add_argument("--checkpoint-every", type=_positive_int, default=200, help="steps (200)")
-    t.add_argument("--max-steps", type=_nonnegative_int, default=0,
+    t.add_argument("--checkpoint-every", type=positive_int, default=200, help="steps (200)")
+    t.add_argument("--max-steps", type=nonnegative_int, default=0,
                    help="stop after N steps in total (0: none)")  # fmt: skip
-    t.add_argument("--threads", type=_nonnegative_int, default=0,
+    t.add_argument("--threads", type=nonnegative_int, default=0,
                    help="torch threads (0: torch's default)")  # fmt: skip
     t.add_argument(
         "--device",
@@ -97,10 +85,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="maj, min, dor, mix or K:Cmaj ... (default: the model picks)")  # fmt: skip
     g.add_argument("--prime", default=None,
                    help="start of the tune body, ABC in C (e.g. 'c2 G E|') or tokens")  # fmt: skip
-    g.add_argument("--count", type=_positive_int, default=1, help="number of tunes (1)")
+    g.add_argument("--count", type=positive_int, default=1, help="number of tunes (1)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
-    g.add_argument("--max-tokens", type=_positive_int, default=1000,
+    g.add_argument("--max-tokens", type=positive_int, default=1000,
                    help="stop a tune after this many tokens (1000)")  # fmt: skip
     from rnnkern.decode import BACKENDS as DECODER_BACKENDS
 

@@ -19,9 +19,10 @@ from rnnkern import Decoder, available_backends
 from rnnkern.decode import BACKENDS as DECODER_BACKENDS
 from rnnkern.sampling import check_sampling_args, sample
 
+from ..atomic import atomic_write
 from . import abc
 from .model import MusicLM
-from .train import atomic_write, load_checkpoint, model_from_checkpoint
+from .train import load_checkpoint, model_from_checkpoint
 
 
 class GenerateError(ValueError):

@@ -26,6 +26,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from ..atomic import atomic_write_text
+
 NUM_PITCHES = 128
 
 
@@ -93,10 +95,7 @@ class PerformanceTokenizer:
         """Write the configuration and token names as JSON (atomically)."""
         path = Path(path)
         data = json.dumps({"config": self.config(), "tokens": self.tokens}, indent=1)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        atomic_write_text(path, data)
 
     @classmethod
     def load_vocabulary(cls, path: str | os.PathLike) -> PerformanceTokenizer:

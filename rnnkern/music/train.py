@@ -22,7 +22,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..atomic import atomic_write, atomic_write_text
 from .model import ModelConfig, MusicLM
 
 CHECKPOINT_FORMAT = "rnnkern-music-1"
@@ -206,24 +206,6 @@ def evaluate(
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path`` and move it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -605,10 +587,7 @@ def train(
             save_checkpoint(ckpt_path, final)
             export_model(ckpt_path, out / "model.pt")
             plot_losses(history, out / "loss.png")
-            atomic_write(
-                out / "history.json",
-                lambda tmp: Path(tmp).write_text(json.dumps(history)),
-            )
+            atomic_write_text(out / "history.json", json.dumps(history))
     finally:
         stop_signal.restore()
     if owns_group:
