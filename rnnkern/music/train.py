@@ -425,7 +425,8 @@ def train(
         saved = TrainConfig.from_dict(state["train_config"])
         changed = _differences(asdict(saved), asdict(config), ignore=("epochs", "max_steps"))
         saved_model = {k: v for k, v in state["model_config"].items() if k != "vocab_size"}
-        changed += _differences(saved_model, {**saved_model, **model_config})
+        given_model = {k: v for k, v in model_config.items() if k != "vocab_size"}
+        changed += _differences(saved_model, {**saved_model, **given_model})
         if changed:
             raise ValueError(
                 f"{ckpt_path} was trained with a different configuration ("
