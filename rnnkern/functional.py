@@ -319,6 +319,15 @@ def _check_tensor(name: str, t, shape: tuple[int, ...], device, dtype=None) -> N
         raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
 
 
+def _check_state(name: str, t, shape: tuple[int, ...], device, dtype, acc) -> None:
+    """An initial state: in the input's dtype or the state dtype (float32 for 16-bit inputs),
+    as the modules take it; a float64 state for float32 input was silently rounded."""
+    _check_tensor(name, t, shape, device)
+    if t.dtype not in (dtype, acc):
+        allowed = f"{dtype}" if dtype == acc else f"{dtype} or {acc}"
+        raise ValueError(f"{name} must have dtype {allowed} (the input's), got {t.dtype}")
+
+
 def rnn_layer(
     cell: str,
     x: Tensor,
@@ -377,9 +386,10 @@ def rnn_layer(
     for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
         if b is not None:
             _check_tensor(name, b, (GH,), dev, dt)
-    _check_tensor("h0", h0, (B, P), dev)
+    acc = state_dtype(dt)
+    _check_state("h0", h0, (B, P), dev, dt, acc)
     if cell == "lstm":
-        _check_tensor("c0", c0, (B, H), dev)
+        _check_state("c0", c0, (B, H), dev, dt, acc)
     elif c0 is not None:
         raise ValueError(f"c0 must be None for cell {cell!r}")
     if lengths is not None:
@@ -392,7 +402,6 @@ def rnn_layer(
         if lo < 1 or hi > T:
             raise ValueError(f"lengths must lie in [1, {T}], got values in [{lo}, {hi}]")
         lengths = lengths.to(dev)
-    acc = state_dtype(dt)
     gx = input_projection(x, w_ih, b_ih, backend)
     return layer_recurrence(
         cell,

@@ -211,6 +211,12 @@ def test_functional_errors():
         rnn_layer("lstm", x, h0, torch.zeros(2, 2), w_ih, w_hh, lengths=torch.tensor([3, 0]))
     with pytest.raises(ValueError, match="x must be a 3-D tensor"):
         rnn_layer("lstm", x[0], h0, torch.zeros(2, 2), w_ih, w_hh)
+    # (a float64 state for float32 input was rounded silently; the modules refuse it)
+    with pytest.raises(ValueError, match="h0 must have dtype torch.float32 .* got torch.float64"):
+        rnn_layer("lstm", x, h0.double(), torch.zeros(2, 2), w_ih, w_hh)
+    x16, w_ih16, w_hh16 = x.bfloat16(), w_ih.bfloat16(), w_hh.bfloat16()
+    with pytest.raises(ValueError, match="c0 must have dtype torch.bfloat16 or torch.float32"):
+        rnn_layer("lstm", x16, h0, torch.zeros(2, 2, dtype=torch.float16), w_ih16, w_hh16)
 
 
 def test_backend_by_name_that_cannot_run_says_why():
