@@ -198,8 +198,8 @@ def test_double_backward_through_backend_torch():
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNNCell"])
 def test_torch_func_grad_runs_torch_nn_path(kind):
-    """torch.func.grad (and jacrev) cannot run rnnkern's operators (torch's custom-operator
-    autograd lacks setup_context, pytorch issue 168393); under them ``auto`` runs torch.nn's
+    """torch.func.grad (and jacrev) cannot run rnnkern's operators (their autograd formula has
+    no separate setup_context, see rnnkern.torch_ops); under them ``auto`` runs torch.nn's
     path, so functional_call + grad gives torch.nn's gradients exactly (the same operator)."""
     kw = {} if kind.endswith("Cell") else dict(num_layers=2)
     ours, theirs = _pair(kind, "auto", **kw)
