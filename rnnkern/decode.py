@@ -582,12 +582,15 @@ class Decoder:
         for s in range(prime.shape[1]):
             logits = self.step(prime[:, s])
         steps = out.shape[1]
+        B = out.shape[0]
         for j in range(steps):
-            nonfinite, empty = sampling._row_faults(logits, temperature)
-            bad = (nonfinite | empty).nonzero()
-            if len(bad):  # (the error the compiled backends raise, not sample's ValueError)
-                raise bad_logits_error(int(bad[0, 0]))
-            out[:, j] = sampling.sample(logits, temperature, top_k, top_p, seed, first_step + j)
+            # The rule's flagged form: the rows' faults found once a token (sample() would find
+            # them again, and raise its ValueError, not the other backends' error).
+            u = sampling.uniforms(seed, first_step + j, B).to(logits.device)
+            tokens, bad = sampling.sample_with_uniforms(logits, temperature, top_k, top_p, u)
+            if bool(bad.any()):
+                raise bad_logits_error(int(bad.nonzero()[0, 0]))
+            out[:, j] = tokens
             if j + 1 < steps:
                 logits = self.step(out[:, j])
         return out
