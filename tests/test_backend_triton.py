@@ -290,6 +290,91 @@ def test_one_chunk_rule():
         assert common.choose_config(16, 512, torch.device("cuda"))[0].one_chunk
 
 
+def test_gemv_products_rule(monkeypatch):
+    """Exact float32 up to GEMV_MAX_BATCH rows runs in GEMV mode (1 row a tile at B = 1, else
+    4); TF32, 16-bit inputs and larger batches keep tl.dot; GEMV_PRODUCTS off gives tl.dot."""
+    f32, bf16, cpu = torch.float32, torch.bfloat16, torch.device("cpu")
+    assert common.products(f32, 1) == common.products(f32, 16) == "gemv"
+    assert common.products(f32, 17) == "ieee"
+    assert common.products(bf16, 1) == "ieee"
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert common.products(f32, 1) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    monkeypatch.setattr(common, "GEMV_PRODUCTS", False)
+    assert common.products(f32, 1) == "ieee"
+    # slices * K_RES * block_h <= GEMV_RESIDENT_FLOATS (16384 floats), any K_RES
+    assert common.resident_k("lstm_forward", 128, f32, "gemv", 32) == 128
+    assert common.resident_k("lstm_forward", 129, f32, "gemv", 32) == 0
+    assert common.resident_k("lstm_forward", 512, f32, "gemv", 8) == 512
+    assert common.resident_k("lstm_backward", 4 * 512, f32, "gemv", 8) == 2048
+    assert common.resident_k("gru_forward", 1024, f32, "gemv", 8) == 0
+    one = common.choose_config(1, 9, cpu, ("gru_forward", 9, f32, "gemv"), "gemv")[0]
+    assert (one.block_b, one.block_h, one.k_res, one.one_chunk) == (1, 32, 16, True)
+    assert common.choose_config(2, 9, cpu, None, "gemv")[0].block_b == 4
+    assert common.choose_config(2, 9, cpu)[0].block_b == 16  # tl.dot's tiles
+
+
+def test_gemv_chunks_spread_the_weights_over_the_sms(monkeypatch):
+    """On a GPU (here a stand-in with 132 SMs) GEMV mode takes 32-unit chunks where a
+    program's slices fit in registers, else 8-unit ones where those fit and one program per SM
+    allows, else streams the weights from the smallest chunks that fit on the SMs."""
+    import types
+
+    monkeypatch.setattr(common, "INTERPRET", False)
+    props = types.SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    cuda = torch.device("cuda")
+
+    def plan(kernel, B, H):
+        config, n_split = common.launch_config(kernel, B, H, H, torch.float32, cuda)
+        assert config.precision == "gemv"
+        tiles = -(-B // config.block_b)
+        return config.block_b, config.block_h, tiles * n_split, config.k_res, config.one_chunk
+
+    assert plan("lstm_forward", 1, 128) == (1, 32, 4, 128, True)
+    assert plan("lstm_backward", 1, 128) == (1, 32, 4, 512, True)
+    assert plan("lstm_forward", 1, 512) == (1, 8, 64, 512, True)
+    assert plan("lstm_backward", 4, 512) == (4, 8, 64, 2048, True)
+    assert plan("gru_forward", 16, 256) == (4, 8, 128, 256, True)
+    # too many weights a program at any chunk size that fits: streamed, from 8-unit chunks
+    assert plan("lstm_forward", 1, 1024) == (1, 8, 128, 0, True)
+    # 4 batch tiles of 8-unit chunks would need 256 programs: 32-unit chunks, streamed
+    assert plan("lstm_forward", 16, 512) == (4, 32, 64, 0, True)
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_float32_products_through_tl_dot_match_reference(name, monkeypatch):
+    """GEMV mode off: float32 up to 16 rows runs on tl.dot's 16-row tiles again, and matches
+    the reference (the comparisons above run GEMV mode at these batch sizes)."""
+    chosen = _spy_configs(monkeypatch, name, "precision")
+    monkeypatch.setattr(common, "GEMV_PRODUCTS", False)
+    T, B, H = (5, 3, 20) if DEVICE == "cpu" else (12, 16, 100)
+    inp = make_inputs(name, T, B, H)
+    lengths = _lengths([5, 2, 4] if DEVICE == "cpu" else "random", T, B)
+    got = run(name, inp, "triton", lengths, reverse=True)
+    assert chosen == ["ieee", "ieee"], chosen
+    assert_float32_close(got, run(name, inp, "reference", lengths, reverse=True))
+
+
+@pytest.mark.parametrize("geometry", ["1_row_resident", "4_rows_chunk_loop"])
+@pytest.mark.parametrize("name", CELLS)
+def test_gemv_chunks_of_8_units_match_reference(name, geometry, monkeypatch):
+    """GEMV mode with the 8-unit chunks the GPU rule picks for larger layers: one row and a
+    single chunk (weights resident, ONE_CHUNK), and 4-row tiles over 2 batch tiles and 3
+    chunks (the chunk loop, weights streamed)."""
+    monkeypatch.setattr(common, "GEMV_BLOCK_H", (8,))
+    chosen = _spy_configs(monkeypatch, name, "block_h")
+    T, B, H = (4, 1, 8) if geometry == "1_row_resident" else (5, 5, 20)
+    inp = make_inputs(name, T, B, H)
+    lengths = None if B == 1 else _lengths([5, 2, 4, 1, 3], T, B)
+    got = run(name, inp, "triton", lengths, reverse=True)
+    assert chosen == [8, 8] or DEVICE == "cuda", chosen
+    assert_float32_close(got, run(name, inp, "reference", lengths, reverse=True))
+
+
 def _spy_configs(monkeypatch, name, attr):
     """The list that collects ``config.<attr>`` of every launch configuration the cell's
     launchers choose from now on (forward, then backward)."""
@@ -526,10 +611,11 @@ def test_explain_describes_the_triton_launches():
         assert line == f"  {direction}: {common.plan_text(config, n_split, 3, torch.float32)}"
     if DEVICE == "cpu":  # one program, no split; the forward's slices span H, the backward's 3H
         assert lines[1] == (
-            "  forward: 1 program (1 batch tile of 16 rows x 1 hidden split), 32 units a chunk, "
-            "one chunk a program, weights resident (32-row slices), products on float32 FMAs"
+            "  forward: 1 program (1 batch tile of 4 rows x 1 hidden split), 32 units a chunk, "
+            "one chunk a program, weights resident in registers (32-row slices), products on "
+            "float32 FMAs (GEMV: broadcast, summed over k)"
         )
-        assert "weights resident (64-row slices)" in lines[2]
+        assert "weights resident in registers (64-row slices)" in lines[2]
     lstm = rnnkern.LSTM(40, 40, proj_size=8, backend="triton").to(DEVICE)
     text = rnnkern.explain(lstm, torch.randn(5, 3, 40, device=DEVICE))
     assert text.count("weights read from L2") == 2, text  # no residency with a projection

@@ -222,7 +222,9 @@ def test_cuda_runs_make_float32_exact_on_every_side(monkeypatch):
 def test_gpu_train_case_times_streamed_weights_where_the_kernel_keeps_them(monkeypatch):
     """Where the Triton forward keeps its weights resident, the case has a row with them
     streamed, and that row really streams (RESIDENT is off during its call, on after); where
-    each program owns one chunk, a row with the chunk loop (ONE_CHUNK off during its call)."""
+    each program owns one chunk, a row with the chunk loop (ONE_CHUNK off during its call); where
+    float32 runs in GEMV mode, a row with tl.dot's products (GEMV_PRODUCTS off during its
+    call)."""
     import torch
 
     from rnnkern.backends.triton import common
@@ -236,22 +238,26 @@ def test_gpu_train_case_times_streamed_weights_where_the_kernel_keeps_them(monke
 
     def spy(*args, **kw):
         config, n_split = real(*args, **kw)
-        seen.append((config.k_res, config.one_chunk))
+        seen.append((config.k_res, config.one_chunk, config.precision))
         return config, n_split
 
     small = gpu_train.make_case("GRU", torch.float32, 3, 9, 4, False, device="cpu")
+    dot = "rnnkern[triton], float32 products by tl.dot"
     assert set(small.fns) == {"torch.nn", "rnnkern[triton]", "rnnkern[triton], weights streamed",
-                              "rnnkern[triton], state reloaded"}  # fmt: skip
+                              "rnnkern[triton], state reloaded", dot}  # fmt: skip
     wide = gpu_train.make_case("GRU", torch.float32, 3, 40, 4, False, device="cpu")
-    assert set(wide.fns) == {"torch.nn", "rnnkern[triton]"}  # two chunks: neither variant
+    assert set(wide.fns) == {"torch.nn", "rnnkern[triton]", dot}  # two chunks: no resident
+    half = gpu_train.make_case("GRU", torch.bfloat16, 3, 40, 4, False, device="cpu")
+    assert set(half.fns) == {"torch.nn", "rnnkern[triton]"}  # tensor cores: no GEMV mode
     import rnnkern.backends.triton.gru as gru
 
     monkeypatch.setattr(gru, "launch_config", spy)
     small.fns["rnnkern[triton]"]()
     small.fns["rnnkern[triton], weights streamed"]()
     small.fns["rnnkern[triton], state reloaded"]()
-    assert seen == [(16, True), (0, True), (16, False)]
-    assert common.RESIDENT is True and common.ONE_CHUNK is True
+    small.fns[dot]()
+    assert seen == [(16, True, "gemv"), (0, True, "gemv"), (16, False, "gemv"), (16, True, "ieee")]
+    assert common.RESIDENT is True and common.ONE_CHUNK is True and common.GEMV_PRODUCTS is True
 
 
 @pytest.mark.parametrize("B", [1, 3])

@@ -57,6 +57,31 @@ def test_compile_check_subset_compiles_and_reports_registers(tmp_path):
     assert "78 configurations, 0 failed" in res.stdout
 
 
+@pytest.mark.slow
+def test_compile_check_covers_the_gemv_configurations(tmp_path):
+    """Float32 in GEMV mode (common.GEMV_PRODUCTS) for the LSTM, forward and backward: the
+    persistent one-chunk configurations, the ones an H100 runs up to 16 rows, every row count,
+    chunk size and resident K_RES, compile for sm_90 with at most a few words of spill (16
+    bytes; 188 registers at most, 4 rows of a 512-wide forward, where the [4, k, 8] products
+    and the 64 registers of resident weights meet). A layout that does not fit spills
+    kilobytes (the IEEE tl.dot configurations at K_RES = 256: 2.5 KB)."""
+    out = tmp_path / "rows.json"
+    res = _run("--arch", "sm_90", "--kernels", "lstm_forward_kernel,lstm_backward_kernel",
+               "--dtypes", "fp32", "--where",
+               "PRECISION=gemv,SPLIT=True,ONE_CHUNK=True,TRACE=False,ALIGNED=True,HAS_PROJ=False",
+               "--jobs", "2", "--json", str(out))  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    import json
+
+    rows = json.loads(out.read_text())
+    # forward: 1 or 4 rows x (32-unit chunks: streamed or K_RES 16 .. 128; 8-unit: .. 512);
+    # backward: the same up to 512 and 2048
+    assert len(rows) == 2 * (5 + 7) + 2 * (7 + 9)
+    for row in rows:
+        assert row["ok"] and "PRECISION=gemv" in row["config"], row
+        assert row["registers"] > 0 and row["spill_stores"] <= 16, row
+
+
 def test_compile_check_covers_the_decoders_sampler(tmp_path):
     """The Triton Decoder's sampling kernel: every variant compile_check lists, for sm_90, with
     no spills (rows of float64 ranking chunks once spilled kilobytes; see sampling.CHUNK_ELEMS)."""

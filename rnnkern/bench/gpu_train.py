@@ -8,7 +8,9 @@ interleaved by :func:`rnnkern.bench.runner.measure`; the ratio is cuDNN median /
 (:func:`rnnkern.backends.triton.common.choose_config`), the case also times the kernels with
 the weights streamed from L2 at every step; where its programs own one hidden chunk each
 (``ONE_CHUNK``), with the chunk's state and next inputs re-read after every step's grid-wide
-wait instead (the chunk loop), what carrying them saves.
+wait instead (the chunk loop), what carrying them saves; where its float32 products run in
+GEMV mode (``GEMV_PRODUCTS``: up to 16 rows, broadcast and summed over k), with them through
+``tl.dot`` on 16-row tiles instead.
 
 The full grid is B in {1, 16, 64, 256} x H in {128, 256, 512, 1024} x T in {256, 1024}; the
 quick grid (the default of ``main``) is a bounded subset that fits a few minutes. ``main``
@@ -77,6 +79,9 @@ def make_case(cell, dtype, B, H, T, train, device="cuda") -> Case:
     if config.one_chunk:
         step = module_step(ours, x, train, dy)
         fns["rnnkern[triton], state reloaded"] = _switched_off("ONE_CHUNK", step)
+    if config.precision == "gemv":
+        step = module_step(ours, x, train, dy)
+        fns["rnnkern[triton], float32 products by tl.dot"] = _switched_off("GEMV_PRODUCTS", step)
     return Case(
         suite="gpu_train",
         name=_name(cell, dtype, B, H, T, train),
@@ -91,15 +96,15 @@ def make_case(cell, dtype, B, H, T, train, device="cuda") -> Case:
 
 def _forward_config(cell: str, dtype: torch.dtype, B: int, H: int, device: str):
     """The launch configuration of the Triton forward at this shape (whether it keeps its
-    weights resident, whether each program owns one chunk)."""
+    weights resident, whether each program owns one chunk, how the products run)."""
     from ..backends.triton import common
 
     return common.launch_config(f"{cell.lower()}_forward", B, H, H, dtype, torch.device(device))[0]
 
 
 def _switched_off(flag: str, step):
-    """``step`` with the Triton backend's ``common.<flag>`` (``RESIDENT``, ``ONE_CHUNK``)
-    off while it runs."""
+    """``step`` with the Triton backend's ``common.<flag>`` (``RESIDENT``, ``ONE_CHUNK``,
+    ``GEMV_PRODUCTS``) off while it runs."""
     from ..backends.triton import common
 
     def run():

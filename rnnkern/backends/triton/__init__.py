@@ -62,7 +62,10 @@ class TritonBackend:
           training step 1.62-2.62x; cuDNN's per-step work dominates at this size.
         - bfloat16, H = 512: 0.63-1.11x; H = 1024: 0.22-0.62x (the weights stream from L2
           every step).
-        - float32: 0.07-0.58x everywhere (the dots run as IEEE float32, without tensor cores).
+        - float32: 0.07-0.58x everywhere (the dots ran as IEEE float32 through ``tl.dot``, on
+          FMA units with operands staged through shared memory). Float32 up to 16 rows now
+          runs in GEMV mode (:data:`.common.GEMV_PRODUCTS`), not yet timed on a GPU; until it
+          is, ``auto`` does not choose triton for float32.
 
         So: LSTM or GRU without projection, bfloat16, H <= 128, T >= 256, on CUDA. Elman RNNs,
         projections, float16 and shorter sequences were not measured.

@@ -68,7 +68,7 @@ def tile_matmul(
     mask_n,  # [BLOCK_N]
     K,
     BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,  # "ieee" or "tf32" (float32 weights only)
+    PRECISION: tl.constexpr,  # "ieee", "tf32" or "gemv" (dot_acc)
 ):
     """``acc + A[offs_m, :] @ W[:, offs_n]`` with A cast to the weight dtype (tensor cores for
     16-bit weights, exact float32 products with ``PRECISION="ieee"``), float32 accumulation."""
@@ -95,10 +95,15 @@ def dot_acc(
     acc,  # [M, N] float32
     a,  # [M, K] float32
     w,  # [K, N] weight dtype
-    PRECISION: tl.constexpr,  # "ieee" or "tf32" (float32 weights only)
+    PRECISION: tl.constexpr,  # "ieee", "tf32" (float32 weights only) or "gemv" (see below)
 ):
-    """``acc + a @ w`` with ``a`` rounded to the weight dtype, float32 accumulation."""
-    if UPCAST_DOT:
+    """``acc + a @ w`` with ``a`` rounded to the weight dtype, float32 accumulation. With
+    ``PRECISION="gemv"`` (float32 weights, few rows: :data:`GEMV_PRODUCTS`) the exact float32
+    products are broadcast over the ``[M, K, N]`` block and summed over k, without ``tl.dot``:
+    any M (tl.dot needs 16 rows), and no operand staging through shared memory."""
+    if PRECISION == "gemv":
+        acc += tl.sum(a[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    elif UPCAST_DOT:
         a = a.to(w.dtype).to(tl.float32)
         acc = tl.dot(a, w.to(tl.float32), acc, input_precision="ieee")
     else:
@@ -582,9 +587,11 @@ def mask_in_steps(
 @dataclass(frozen=True)
 class LaunchConfig:
     """One compiled variant of a kernel: tile sizes, warps, grid strategy, the resident
-    weights' k extent (0: the weights stream from L2 every step) and whether every program owns
+    weights' k extent (0: the weights stream from L2 every step), whether every program owns
     exactly one hidden chunk (``one_chunk``: the forward kernels then carry the chunk's state
-    in registers and prefetch the next step's inputs; see :data:`ONE_CHUNK_KERNELS`)."""
+    in registers and prefetch the next step's inputs; see :data:`ONE_CHUNK_KERNELS`) and how
+    the products run (``precision``, the kernels' ``PRECISION``: ``"ieee"`` or ``"tf32"``
+    through ``tl.dot``, ``"gemv"`` broadcast and summed; see :data:`GEMV_PRODUCTS`)."""
 
     block_b: int
     block_h: int
@@ -593,6 +600,7 @@ class LaunchConfig:
     split: bool
     k_res: int = 0
     one_chunk: bool = False
+    precision: str = "ieee"
 
 
 # The fixed configuration table the dispatcher chooses from (no autotuning: a compile_check run
@@ -603,6 +611,34 @@ BLOCK_B_CHOICES = (16, 32)
 BLOCK_H = 32
 BLOCK_K = 32
 NUM_WARPS = 8
+
+# Exact float32 products for few rows (GEMV mode, PRECISION="gemv"). tl.dot without tensor
+# cores (IEEE float32) runs on the FMA units with both operands staged through shared memory
+# in its dot-operand layouts: a 16 x 32 tile over 8 warps gives each thread 2 outputs, each
+# needing its row of A and column of W from shared memory, and at B = 1 15 of the 16 rows are
+# padding. The H100 grid at 797d39b (benchmarks/results/gpu_train-nvidia-h100-80gb-hbm3.md)
+# measured the float32 kernels 6-10x slower than the same kernels in bfloat16 and 0.07-0.37x
+# cuDNN. In GEMV mode a tile's products are broadcast over [rows, k, units] and summed over k
+# (common.dot_acc): 1 row per batch tile at B = 1 (the latency case), else 4 (no padding to
+# 16), and resident weights stay in registers, where no step reads them again. The PTX of the
+# LSTM forward's time loop (sm_90, resident K_RES = 64, one chunk, persistent) has per thread
+# and step 538 FMAs and 209 shared-memory loads (418 words) through tl.dot; in GEMV mode 44
+# multiplies and FMAs and 40 shared loads at 1 row, 140 and 48 at 4 rows (the loads are the
+# cross-warp sums and layout conversions). The weights of a
+# layer spread over more programs instead: 8-unit chunks instead of 32 where a program's slices
+# then fit in GEMV_RESIDENT_FLOATS (an LSTM up to H = 512 at B <= 4), as far as one program per
+# SM allows (choose_config). Two row counts and two chunk sizes keep the variants that
+# compile_check compiles to a few hundred per kernel. Up to
+# GEMV_MAX_BATCH rows; larger batches keep tl.dot's 16/32-row tiles (their products reuse
+# each weight over the tile's rows). Not yet timed on a GPU: the gpu_train benchmark times
+# both (rnnkern[triton] and "float32 products by tl.dot").
+GEMV_PRODUCTS = True  # False: IEEE float32 products always through tl.dot
+GEMV_MAX_BATCH = 16
+GEMV_BLOCK_B = 4  # rows per batch tile for B > 1 (the [rows, k, units] block's registers)
+GEMV_BLOCK_H = (32, 8)  # chunk sizes, largest (fewest programs to wait for) first
+# Floats of resident W_hh one program keeps, slices * K_RES * block_h: 16384 over 8 warps are
+# 64 registers a thread (an LSTM forward's four 128 x 32 slices).
+GEMV_RESIDENT_FLOATS = 16384
 
 # Resident weights (16-row batch tiles, every program owning one chunk, no LSTM projection): the
 # program's slices of W_hh, [K_RES, BLOCK_H] each with K_RES the reduction length rounded up to a
@@ -619,6 +655,7 @@ NUM_WARPS = 8
 #     spilled 104-164 bytes and the RNN forward 8-352, TF32 kilobytes; at 1024 shared
 #     memory overflowed (198-264 KB). And 64 for those two in IEEE float32: with aligned
 #     sizes they spilled 128-184 bytes at 128 and 2.5 KB at 256.
+#   GEMV mode: in registers, GEMV_RESIDENT_FLOATS per program, any K_RES, any architecture.
 # Shared memory reaches 166 KB, which only sm_80 and sm_90 offer (RESIDENT_ARCHS); compile_check
 # compares every configuration with the architecture's limit.
 RESIDENT = True  # False: weights always stream from L2 (benchmarks compare the two)
@@ -660,12 +697,18 @@ ONE_CHUNK = True  # False: always the chunk loop (benchmarks and tests compare t
 ONE_CHUNK_BLOCK_B = 16
 
 
-def resident_k(kernel: str, K: int, dtype: torch.dtype, precision: str) -> int:
+def resident_k(
+    kernel: str, K: int, dtype: torch.dtype, precision: str, block_h: int = BLOCK_H
+) -> int:
     """``K_RES`` for ``kernel``'s (a key of :data:`RESIDENT_SLICES`) resident slices over a
-    ``K``-long reduction, or 0 where they do not fit (see the table above)."""
+    ``K``-long reduction with ``precision``'s products and ``block_h``-unit chunks, or 0 where
+    they do not fit (see the table above)."""
     k_res = max(16, triton.next_power_of_2(K))  # tl.dot's smallest k
+    slices = RESIDENT_SLICES[kernel]
+    if precision == "gemv":
+        return k_res if slices * k_res * block_h <= GEMV_RESIDENT_FLOATS else 0
     ieee = dtype == torch.float32 and precision == "ieee"
-    fits = RESIDENT_SLICES[kernel] * k_res <= RESIDENT_GATE_K["ieee" if ieee else "tensor"]
+    fits = slices * k_res <= RESIDENT_GATE_K["ieee" if ieee else "tensor"]
     max_k = RESIDENT_MAX_K
     if dtype in (torch.float16, torch.bfloat16):
         max_k = RESIDENT_MAX_K_16BIT.get(kernel, RESIDENT_MAX_K)
@@ -674,36 +717,63 @@ def resident_k(kernel: str, K: int, dtype: torch.dtype, precision: str) -> int:
     return k_res if fits and k_res <= max_k else 0
 
 
+def products(dtype: torch.dtype, batch: int) -> str:
+    """How a layer call's products run (the kernels' ``PRECISION``): ``"tf32"`` where
+    :func:`rnnkern.backends.base.tf32_allowed`; exact float32 in GEMV mode (``"gemv"``) up to
+    :data:`GEMV_MAX_BATCH` rows, else ``"ieee"`` (``tl.dot``; 16-bit inputs: tensor cores)."""
+    precision = dot_precision(dtype)
+    if precision == "ieee" and dtype == torch.float32 and GEMV_PRODUCTS:
+        if batch <= GEMV_MAX_BATCH:
+            return "gemv"
+    return precision
+
+
 def choose_config(
     batch: int,
     hidden: int,
     device: torch.device,
     resident: tuple[str, int, torch.dtype, str] | None = None,
+    precision: str = "ieee",
 ) -> tuple[LaunchConfig, int]:
-    """The launch configuration and ``n_split`` (programs per batch tile) for a layer call.
-    ``resident``: ``(kernel, K, dtype, precision)`` of a kernel that can keep its weights (see
-    :func:`resident_k`), else None."""
-    block_b = 16 if batch <= 16 else 32
+    """The launch configuration and ``n_split`` (programs per batch tile) for a layer call
+    with ``precision``'s products (:func:`products`). ``resident``: ``(kernel, K, dtype,
+    precision)`` of a kernel that can keep its weights (see :func:`resident_k`), else None."""
+    gemv = precision == "gemv"
+    if gemv:
+        block_b = 1 if batch == 1 else GEMV_BLOCK_B
+    else:
+        block_b = 16 if batch <= 16 else 32
     n_btiles = triton.cdiv(batch, block_b)
-    n_chunks = triton.cdiv(hidden, BLOCK_H)
+    persistent = device.type == "cuda" and not INTERPRET
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if persistent else 0
+    block_h = GEMV_BLOCK_H[0] if gemv else BLOCK_H
+    if gemv and persistent:
+        # Every program must be resident at once for the grid-wide wait, one per SM: the chunk
+        # no smaller than that allows, and among those the largest whose slices stay resident.
+        fit = [bh for bh in GEMV_BLOCK_H if n_btiles * triton.cdiv(hidden, bh) <= sms]
+        block_h = fit[-1] if fit else GEMV_BLOCK_H[0]
+        if resident is not None and RESIDENT:
+            block_h = next((bh for bh in fit if resident_k(*resident, block_h=bh)), block_h)
+    n_chunks = triton.cdiv(hidden, block_h)
     n_split = 1
-    if device.type == "cuda" and not INTERPRET and n_chunks > 1:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        # Every program must be resident at once for the grid-wide wait; one per SM.
+    if persistent and n_chunks > 1:
         n_split = min(n_chunks, sms // n_btiles)
         if n_split < 2:
             n_split = 1
     k_res = 0
     # One chunk per program (the slices are loaded for chunk pid_h only); under the
     # interpreter that means a single chunk.
-    if resident is not None and RESIDENT and block_b == 16 and n_split == n_chunks:
-        arch_ok = device.type != "cuda" or (
-            torch.cuda.get_device_capability(device) in RESIDENT_ARCHS
+    if resident is not None and RESIDENT and block_b <= 16 and n_split == n_chunks:
+        # (in GEMV mode the slices stay in registers: any architecture)
+        arch_ok = (
+            gemv or not persistent or (torch.cuda.get_device_capability(device) in RESIDENT_ARCHS)
         )
         if arch_ok:
-            k_res = resident_k(*resident)
-    one_chunk = ONE_CHUNK and n_split == n_chunks and block_b == ONE_CHUNK_BLOCK_B
-    config = LaunchConfig(block_b, BLOCK_H, BLOCK_K, NUM_WARPS, n_split > 1, k_res, one_chunk)
+            k_res = resident_k(*resident, block_h=block_h)
+    one_chunk = ONE_CHUNK and n_split == n_chunks and block_b <= ONE_CHUNK_BLOCK_B
+    config = LaunchConfig(
+        block_b, block_h, BLOCK_K, NUM_WARPS, n_split > 1, k_res, one_chunk, precision
+    )
     return config, n_split
 
 
@@ -713,14 +783,15 @@ def launch_config(
 ) -> tuple[LaunchConfig, int]:  # fmt: skip
     """What a layer's launcher runs ``kernel`` (a key of :data:`RESIDENT_SLICES`) with: the
     configuration and ``n_split`` for ``batch`` rows, ``hidden`` units and ``state`` units
-    (proj_size, or ``hidden``), with the resident weights of that kernel where they fit (the
-    forward's over the state, the backward's over every gate's rows; none with a projection),
-    and no ONE_CHUNK for the backward of an LSTM with a projection (its state and hidden
-    chunks differ)."""
+    (proj_size, or ``hidden``), with the products of :func:`products` and the resident weights
+    of that kernel where they fit (the forward's over the state, the backward's over every
+    gate's rows; none with a projection), and no ONE_CHUNK for the backward of an LSTM with a
+    projection (its state and hidden chunks differ)."""
     gates = {"lstm": 4, "gru": 3, "rnn": 1}[kernel.split("_")[0]]
     k = state if kernel.endswith("_forward") else gates * hidden
-    resident = None if proj else (kernel, k, dtype, dot_precision(dtype))
-    config, n_split = choose_config(batch, max(hidden, state), device, resident)
+    precision = products(dtype, batch)
+    resident = None if proj else (kernel, k, dtype, precision)
+    config, n_split = choose_config(batch, max(hidden, state), device, resident, precision)
     if proj and kernel == "lstm_backward":
         config = dataclasses.replace(config, one_chunk=False)
     return config, n_split
@@ -730,9 +801,15 @@ def plan_text(config: LaunchConfig, n_split: int, batch: int, dtype: torch.dtype
     """A launch in words (``rnnkern.explain``, the phases benchmark): programs, batch tiles
     and hidden splits, chunks, where the weights live and what the products run on."""
     tiles = triton.cdiv(batch, config.block_b)
-    where = f"resident ({config.k_res}-row slices)" if config.k_res else "read from L2"
-    if dtype == torch.float32:
-        products = "TF32 tensor cores" if dot_precision(dtype) == "tf32" else "float32 FMAs"
+    if config.k_res:
+        where = "registers" if config.precision == "gemv" else "shared memory"
+        where = f"resident in {where} ({config.k_res}-row slices)"
+    else:
+        where = "read from L2"
+    if config.precision == "gemv":
+        products = "float32 FMAs (GEMV: broadcast, summed over k)"
+    elif dtype == torch.float32:
+        products = "TF32 tensor cores" if config.precision == "tf32" else "float32 FMAs (tl.dot)"
     else:
         products = f"{str(dtype).removeprefix('torch.')} tensor cores"
 
@@ -741,7 +818,7 @@ def plan_text(config: LaunchConfig, n_split: int, batch: int, dtype: torch.dtype
 
     return (
         f"{count(tiles * n_split, 'program')} ({count(tiles, 'batch tile')} of "
-        f"{config.block_b} rows x {count(n_split, 'hidden split')}), "
+        f"{count(config.block_b, 'row')} x {count(n_split, 'hidden split')}), "
         f"{config.block_h} units a chunk, "
         + ("one chunk a program" if config.one_chunk else "chunk loop")
         + f", weights {where}, products on {products}"
@@ -751,26 +828,48 @@ def plan_text(config: LaunchConfig, n_split: int, batch: int, dtype: torch.dtype
 def all_configs(dkey: str | None = None, kernel: str | None = None) -> list[LaunchConfig]:
     """Every configuration :func:`choose_config` can return for ``kernel`` (a key of
     :data:`RESIDENT_SLICES`; None: any); with the dtype key of compile_check (fp32, tf32, bf16,
-    fp16) and a kernel, the resident ones too. ``one_chunk`` varies only for
+    fp16) and a kernel, the resident ones too, and for fp32 the GEMV ones (:data:`GEMV_PRODUCTS`:
+    1 or 4 rows x every chunk size). ``one_chunk`` varies only for
     :data:`ONE_CHUNK_KERNELS` (the other kernels have no such variant)."""
     has_one = kernel is None or kernel in ONE_CHUNK_KERNELS
+    precision = "tf32" if dkey == "tf32" else "ieee"
     out = [
-        LaunchConfig(bb, BLOCK_H, BLOCK_K, NUM_WARPS, split, one_chunk=one)
+        LaunchConfig(bb, BLOCK_H, BLOCK_K, NUM_WARPS, split, one_chunk=one, precision=precision)
         for bb in BLOCK_B_CHOICES
         for split in (False, True)
-        for one in ((False, True) if has_one and bb == ONE_CHUNK_BLOCK_B else (False,))
+        for one in ((False, True) if has_one and bb <= ONE_CHUNK_BLOCK_B else (False,))
     ]
     if dkey is not None and kernel is not None:
         dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
                  "fp16": torch.float16}[dkey]  # fmt: skip
-        precision = "tf32" if dkey == "tf32" else "ieee"
         for k in (16, 32, 64, 128, 256, 512):
             if resident_k(kernel, k, dtype, precision) == k:
                 out += [
-                    LaunchConfig(16, BLOCK_H, BLOCK_K, NUM_WARPS, split, k, one_chunk=one)
+                    LaunchConfig(16, BLOCK_H, BLOCK_K, NUM_WARPS, split, k, one, precision)
                     for split in (False, True)
                     for one in ((False, True) if has_one else (False,))
                 ]
+        if dkey == "fp32":
+            out += _gemv_configs(kernel, has_one)
+    return out
+
+
+def _gemv_configs(kernel: str, has_one: bool) -> list[LaunchConfig]:
+    """Every GEMV-mode configuration of ``kernel``: rows x chunk size x grid mode x ONE_CHUNK,
+    streamed, and resident at every K_RES whose slices fit that chunk size."""
+    out = []
+    for bb in (1, GEMV_BLOCK_B):
+        for bh in GEMV_BLOCK_H:
+            k_choices = [0] + [
+                k for k in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+                if resident_k(kernel, k, torch.float32, "gemv", bh) == k
+            ]  # fmt: skip
+            out += [
+                LaunchConfig(bb, bh, BLOCK_K, NUM_WARPS, split, k, one, "gemv")
+                for k in k_choices
+                for split in (False, True)
+                for one in ((False, True) if has_one else (False,))
+            ]
     return out
 
 

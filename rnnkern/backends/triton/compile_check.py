@@ -119,7 +119,7 @@ def _configs(kernels, dtypes) -> list[tuple[str, str, dict]]:
                         continue  # its launcher turns ONE_CHUNK off with a projection
                     constexprs = dict(
                         SPLIT=cfg.split, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h,
-                        BLOCK_K=cfg.block_k, PRECISION=DTYPES[dkey][1],
+                        BLOCK_K=cfg.block_k, PRECISION=cfg.precision,
                     )  # fmt: skip
                     if proj is not None:
                         constexprs["HAS_PROJ"] = proj

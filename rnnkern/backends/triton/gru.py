@@ -16,7 +16,6 @@ from .common import (
     bias_or_zeros,
     check_grid_sync,
     column_product,
-    dot_precision,
     empty_saved,
     gate_biases,
     gate_products,
@@ -429,7 +428,6 @@ def gru_forward(
     T, B, G3 = gx.shape
     H = G3 // 3
     dev, f32 = gx.device, torch.float32
-    precision = dot_precision(gx.dtype)
     config, n_split = launch_config("gru_forward", B, H, H, gx.dtype, dev)
     slots = T + 1 if save else 2
     hs = empty((slots, B, H), f32, dev)
@@ -445,7 +443,7 @@ def gru_forward(
         gx, w_hh, bias_or_zeros(b_hh, 3 * H, w_hh), lens, y, hs, hn, gates,
         sync, trace, T, B, H, int(reverse), int(save), trace_steps,
         SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
-        BLOCK_K=config.block_k, PRECISION=precision, K_RES=config.k_res,
+        BLOCK_K=config.block_k, PRECISION=config.precision, K_RES=config.k_res,
         ONE_CHUNK=config.one_chunk, TRACE=trace_steps > 0, num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
@@ -469,7 +467,6 @@ def gru_backward(
     hs, hn, gates = saved
     T, B, H = dy.shape
     dev, f32 = dy.device, torch.float32
-    precision = dot_precision(dy.dtype)
     config, n_split = launch_config("gru_backward", B, H, H, dy.dtype, dev)
     dh = dh_n.to(f32).contiguous().clone()
     dgh = empty((T, B, 3 * H), f32, dev)
@@ -482,7 +479,7 @@ def gru_backward(
         w_hh, lens, dy.contiguous(), hs, hn, gates, dh, dgh, dgx, sync, trace,
         T, B, H, int(reverse), trace_steps,
         SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
-        BLOCK_K=config.block_k, PRECISION=precision, K_RES=config.k_res,
+        BLOCK_K=config.block_k, PRECISION=config.precision, K_RES=config.k_res,
         ONE_CHUNK=config.one_chunk, TRACE=trace_steps > 0, num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)

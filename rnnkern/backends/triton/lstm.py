@@ -15,7 +15,6 @@ from .common import (
     bias_or_zeros,
     check_grid_sync,
     column_product,
-    dot_precision,
     empty_saved,
     gate_biases,
     gate_products,
@@ -520,7 +519,6 @@ def lstm_forward(
     T, B, G4 = gx.shape
     H, P = G4 // 4, w_hh.shape[1]
     dev, f32 = gx.device, torch.float32
-    precision = dot_precision(gx.dtype)
     config, n_split = launch_config("lstm_forward", B, H, P, gx.dtype, dev, w_hr is not None)
     slots = T + 1 if save else 2
     hs = empty((slots, B, P), f32, dev)
@@ -539,7 +537,7 @@ def lstm_forward(
         lens, y, hs, cs, gates, m, sync, trace,
         T, B, H, P, int(reverse), int(save), trace_steps,
         HAS_PROJ=w_hr is not None, SPLIT=config.split, BLOCK_B=config.block_b,
-        BLOCK_H=config.block_h, BLOCK_K=config.block_k, PRECISION=precision,
+        BLOCK_H=config.block_h, BLOCK_K=config.block_k, PRECISION=config.precision,
         K_RES=config.k_res, ONE_CHUNK=config.one_chunk, TRACE=trace_steps > 0,
         num_warps=config.num_warps,
     )  # fmt: skip
@@ -568,7 +566,6 @@ def lstm_backward(
     T, B, P = dy.shape
     H = w_hh.shape[0] // 4
     dev, f32 = dy.device, torch.float32
-    precision = dot_precision(dy.dtype)
     config, n_split = launch_config("lstm_backward", B, H, P, dy.dtype, dev, w_hr is not None)
     dh = dh_n.to(f32).contiguous().clone()
     dc = dc_n.to(f32).contiguous().clone()
@@ -583,7 +580,7 @@ def lstm_backward(
         w_hh, w_hr if w_hr is not None else w_hh, lens, dy.contiguous(), gates, cs, dh, dc,
         dgh, dgx, dhp, sync, trace, T, B, H, P, int(reverse), trace_steps,
         HAS_PROJ=w_hr is not None, SPLIT=config.split, BLOCK_B=config.block_b,
-        BLOCK_H=config.block_h, BLOCK_K=config.block_k, PRECISION=precision,
+        BLOCK_H=config.block_h, BLOCK_K=config.block_k, PRECISION=config.precision,
         K_RES=config.k_res, ONE_CHUNK=config.one_chunk, TRACE=trace_steps > 0,
         num_warps=config.num_warps,
     )  # fmt: skip

@@ -15,7 +15,6 @@ from .common import (
     bias_or_zeros,
     check_grid_sync,
     column_product,
-    dot_precision,
     empty_saved,
     gate_biases,
     gate_products,
@@ -350,7 +349,6 @@ def rnn_forward(
     ``save``, ``Saved(hs [T+1, B, H], [0], [0])``."""
     T, B, H = gx.shape
     dev, f32 = gx.device, torch.float32
-    precision = dot_precision(gx.dtype)
     config, n_split = launch_config("rnn_forward", B, H, H, gx.dtype, dev)
     slots = T + 1 if save else 2
     hs = empty((slots, B, H), f32, dev)
@@ -364,7 +362,7 @@ def rnn_forward(
         gx, w_hh, bias_or_zeros(b_hh, H, w_hh), lens, y, hs, sync, trace,
         T, B, H, int(reverse), int(save), int(relu), trace_steps,
         SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
-        BLOCK_K=config.block_k, PRECISION=precision, K_RES=config.k_res,
+        BLOCK_K=config.block_k, PRECISION=config.precision, K_RES=config.k_res,
         ONE_CHUNK=config.one_chunk, TRACE=trace_steps > 0, num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
@@ -389,7 +387,6 @@ def rnn_backward(
     hs = saved.hs
     T, B, H = dy.shape
     dev, f32 = dy.device, torch.float32
-    precision = dot_precision(dy.dtype)
     config, n_split = launch_config("rnn_backward", B, H, H, dy.dtype, dev)
     dh = dh_n.to(f32).contiguous().clone()
     dgh = empty((T, B, H), f32, dev)
@@ -402,7 +399,7 @@ def rnn_backward(
         w_hh, lens, dy.contiguous(), hs, dh, dgh, dgx, sync, trace,
         T, B, H, int(reverse), int(relu), trace_steps,
         SPLIT=config.split, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
-        BLOCK_K=config.block_k, PRECISION=precision, K_RES=config.k_res,
+        BLOCK_K=config.block_k, PRECISION=config.precision, K_RES=config.k_res,
         ONE_CHUNK=config.one_chunk, TRACE=trace_steps > 0, num_warps=config.num_warps,
     )  # fmt: skip
     check_grid_sync(sync, config)
