@@ -198,6 +198,24 @@ def _run_torch(name, inp, dtype, seed=1):
 @pytest.mark.parametrize("name", CELLS)
 def test_low_precision_within_k_times_torch_error(name, dtype):
     T, B, H = (6, 3, 33) if DEVICE == "cpu" else (24, 16, 256)
+    _check_low_precision(name, dtype, T, B, H)
+
+
+@pytest.mark.parametrize("H", [16, 20])
+@pytest.mark.parametrize("name", CELLS)
+def test_16_unit_chunks_within_k_times_torch_error(name, H, monkeypatch):
+    """The 16-unit chunks sm_90 gives 16-bit layers whose slices 32-unit chunks cannot hold
+    (common.NARROW_BLOCK_H), run here as every layer's chunk: one chunk with its slices
+    resident (H = 16, the narrow K_RES table), and two chunks streamed (H = 20)."""
+    monkeypatch.setattr(common, "BLOCK_H", common.NARROW_BLOCK_H)
+    chosen = _spy_configs(monkeypatch, name, "k_res")
+    _check_low_precision(name, torch.bfloat16, 5, 3, H)
+    if DEVICE == "cpu":  # (on a GPU the split decides)
+        resident = H == 16 and name != "lstm_proj"
+        assert [k > 0 for k in chosen] == [resident, resident], chosen
+
+
+def _check_low_precision(name, dtype, T, B, H):
     inp = make_inputs(name, T, B, H, dtype=dtype)
     truth = run(name, inp, "reference", dtype=torch.float64)
     got = run(name, inp, "triton")
@@ -373,6 +391,43 @@ def test_gemv_chunks_of_8_units_match_reference(name, geometry, monkeypatch):
     got = run(name, inp, "triton", lengths, reverse=True)
     assert chosen == [8, 8] or DEVICE == "cuda", chosen
     assert_float32_close(got, run(name, inp, "reference", lengths, reverse=True))
+
+
+def test_16_unit_chunks_rule(monkeypatch):
+    """On sm_90 (here a stand-in with 132 SMs), a 16-bit layer at B <= 16 whose slices no
+    32-unit chunk holds keeps them in 16-unit chunks where the narrow K_RES table allows and
+    the chunks fit one program per SM (ONE_CHUNK kernels); elsewhere (other GPUs, 32-row
+    tiles, the chunk loop) nothing changes."""
+    import types
+
+    monkeypatch.setattr(common, "INTERPRET", False)
+    props = types.SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[0])
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+
+    def plan(kernel, B, H, dtype=bf16):
+        config, n_split = common.launch_config(kernel, B, H, H, dtype, cuda)
+        return config.block_h, n_split, config.k_res
+
+    assert plan("lstm_forward", 16, 256) == (32, 8, 256)  # 32-unit slices fit
+    assert plan("lstm_forward", 1, 512) == (16, 32, 512)
+    assert plan("lstm_backward", 16, 512) == (16, 32, 2048)
+    assert plan("lstm_forward", 1, 1024) == (32, 32, 0)  # spills at 1024: streamed
+    assert plan("gru_forward", 1, 1024) == (16, 64, 1024)
+    assert plan("gru_backward", 1, 1024) == (32, 32, 0)  # 3 * 1024 rows: 4096 overflows
+    assert plan("rnn_forward", 1, 512) == (32, 16, 0)
+    assert plan("gru_forward", 1, 4096)[0] == 32  # 256 chunks of 16 > 132 SMs
+    assert plan("lstm_forward", 17, 512) == (32, 16, 0)  # 32-row tiles
+    assert plan("lstm_forward", 1, 512, torch.float16) == (16, 32, 512)
+    monkeypatch.setattr(common, "ONE_CHUNK", False)  # the chunk loop's slices would not fit
+    assert plan("lstm_backward", 16, 512) == (32, 16, 0)
+    monkeypatch.setattr(common, "ONE_CHUNK", True)
+    capability[0] = (8, 0)
+    assert plan("lstm_forward", 1, 512) == (32, 16, 0)
+    assert common.compiles_for(90, 16, "ieee") and not common.compiles_for(80, 16, "ieee")
+    assert common.compiles_for(80, 32, "ieee") and common.compiles_for(80, 8, "gemv")
 
 
 def _spy_configs(monkeypatch, name, attr):

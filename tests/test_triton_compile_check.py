@@ -82,6 +82,27 @@ def test_compile_check_covers_the_gemv_configurations(tmp_path):
         assert row["registers"] > 0 and row["spill_stores"] <= 16, row
 
 
+def test_compile_check_covers_the_16_unit_chunks_on_sm_90_only(tmp_path):
+    """The 16-unit chunks of 16-bit LSTM layers too wide for 32-unit slices (H = 512 forward,
+    256 and 512 backward): compiled for sm_90 within its shared memory, with at most the
+    forward's 28 bytes of spill (K_RES = 512, aligned), and not for sm_80, where the
+    dispatcher never picks them (192 KB of shared memory would overflow its 163 KB)."""
+    out = tmp_path / "rows.json"
+    res = _run("--arch", "sm_80,sm_90", "--kernels", "lstm_forward_kernel,lstm_backward_kernel",
+               "--dtypes", "bf16", "--where", "BLOCK_H=16,TRACE=False,ALIGNED=True",
+               "--jobs", "2", "--json", str(out))  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    import json
+
+    rows = json.loads(out.read_text())
+    # forward K_RES 512, backward 1024 and 2048; one chunk a program (the chunk loop's
+    # backward at 2048 would need 321 KB)
+    assert len(rows) == 1 + 2
+    for row in rows:
+        assert row["ok"] and row["arch"] == "sm_90" and "ONE_CHUNK=True" in row["config"], row
+        assert row["spill_stores"] <= 28 and row["shared"] <= row["shared_limit"], row
+
+
 def test_compile_check_covers_the_decoders_sampler(tmp_path):
     """The Triton Decoder's sampling kernel: every variant compile_check lists, for sm_90, with
     no spills (rows of float64 ranking chunks once spilled kilobytes; see sampling.CHUNK_ELEMS)."""

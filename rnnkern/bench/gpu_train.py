@@ -8,7 +8,9 @@ interleaved by :func:`rnnkern.bench.runner.measure`; the ratio is cuDNN median /
 (:func:`rnnkern.backends.triton.common.choose_config`), the case also times the kernels with
 the weights streamed from L2 at every step; where its programs own one hidden chunk each
 (``ONE_CHUNK``), with the chunk's state and next inputs re-read after every step's grid-wide
-wait instead (the chunk loop), what carrying them saves; where its float32 products run in
+wait instead (the chunk loop, which never takes the 16-unit chunks of wide 16-bit layers:
+there it also streams the weights from 32-unit chunks), what carrying them saves; where its
+float32 products run in
 GEMV mode (``GEMV_PRODUCTS``: up to 16 rows, broadcast and summed over k), with them through
 ``tl.dot`` on 16-row tiles instead.
 

@@ -60,8 +60,9 @@ class TritonBackend:
 
         - bfloat16, H = 128, B in {1, 16, 64, 256}: LSTM and GRU, forward 1.15-2.30x and
           training step 1.62-2.62x; cuDNN's per-step work dominates at this size.
-        - bfloat16, H = 512: 0.63-1.11x; H = 1024: 0.22-0.62x (the weights stream from L2
-          every step).
+        - bfloat16, H = 512: 0.63-1.11x; H = 1024: 0.22-0.62x (the weights streamed from L2
+          every step; since then, on sm_90 16-unit chunks keep them resident up to H = 512
+          for the LSTM, :data:`.common.NARROW_BLOCK_H`, not yet timed).
         - float32: 0.07-0.58x everywhere (the dots ran as IEEE float32 through ``tl.dot``, on
           FMA units with operands staged through shared memory). Float32 up to 16 rows now
           runs in GEMV mode (:data:`.common.GEMV_PRODUCTS`), not yet timed on a GPU; until it

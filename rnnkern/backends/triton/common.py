@@ -664,6 +664,21 @@ RESIDENT_MAX_K = 256  # max K_RES ...
 RESIDENT_MAX_K_16BIT = {"lstm_backward": 512, "rnn_backward": 512}  # ... but these, in 16-bit
 RESIDENT_MAX_K_IEEE = {"gru_backward": 64, "rnn_forward": 64}  # ... and these, IEEE float32
 RESIDENT_ARCHS = ((8, 0), (9, 0))
+# 16-bit dots whose slices do not fit 32-unit chunks (bfloat16 LSTMs from H = 257 forward and
+# 129 backward, GRUs from 257 and 86) keep them in 16-unit chunks instead, on sm_90 only
+# (shared memory up to 192 KB), where the batch tile's chunks fit one program per SM, with the
+# ONE_CHUNK kernels only (the chunk loop's backward at K_RES = 2048 needs 321 KB, its GRU
+# backward spills 148-604 bytes from 512). compile_check, sm_90, 16-row tiles, one chunk,
+# persistent, bf16 and fp16: the backward's columns compile without spill up to K_RES = 2048
+# (LSTM and RNN: 80-222 registers, 96-192 KB; GRU: 114-223); at 4096 shared memory overflows
+# (384 KB). The GRU forward up to 1024 (150-195 registers, 160 KB; 2048: 320 KB). The LSTM
+# forward at 512 spills 28-100 bytes (255 registers; 1024: 1.4-1.6 KB); the RNN forward gains
+# nothing (512 spilled 112-136 bytes; 32-unit chunks hold 256).
+NARROW_BLOCK_H = 16
+NARROW_ARCHS = ((9, 0),)
+RESIDENT_MAX_K_NARROW = {"lstm_forward": 512, "gru_forward": 1024, "rnn_forward": 256,
+                         "lstm_backward": 2048, "gru_backward": 2048,
+                         "rnn_backward": 2048}  # fmt: skip
 # slices of W_hh a program keeps, per kernel: forward, one per gate ([K_RES, BLOCK_H] of W_gᵀ,
 # K = state size); backward, one of W_hh's columns (K = G*H)
 RESIDENT_SLICES = {"lstm_forward": 4, "gru_forward": 3, "rnn_forward": 1,
@@ -707,6 +722,9 @@ def resident_k(
     slices = RESIDENT_SLICES[kernel]
     if precision == "gemv":
         return k_res if slices * k_res * block_h <= GEMV_RESIDENT_FLOATS else 0
+    if block_h == NARROW_BLOCK_H:
+        narrow = dtype in (torch.float16, torch.bfloat16) and precision == "ieee"
+        return k_res if narrow and k_res <= RESIDENT_MAX_K_NARROW[kernel] else 0
     ieee = dtype == torch.float32 and precision == "ieee"
     fits = slices * k_res <= RESIDENT_GATE_K["ieee" if ieee else "tensor"]
     max_k = RESIDENT_MAX_K
@@ -747,6 +765,14 @@ def choose_config(
     persistent = device.type == "cuda" and not INTERPRET
     sms = torch.cuda.get_device_properties(device).multi_processor_count if persistent else 0
     block_h = GEMV_BLOCK_H[0] if gemv else BLOCK_H
+    if not gemv and persistent and resident is not None and RESIDENT and ONE_CHUNK:
+        narrow = (
+            block_b == 16
+            and n_btiles * triton.cdiv(hidden, NARROW_BLOCK_H) <= sms
+            and (torch.cuda.get_device_capability(device) in NARROW_ARCHS)
+        )
+        if narrow and not resident_k(*resident) and resident_k(*resident, NARROW_BLOCK_H):
+            block_h = NARROW_BLOCK_H
     if gemv and persistent:
         # Every program must be resident at once for the grid-wide wait, one per SM: the chunk
         # no smaller than that allows, and among those the largest whose slices stay resident.
@@ -849,9 +875,24 @@ def all_configs(dkey: str | None = None, kernel: str | None = None) -> list[Laun
                     for split in (False, True)
                     for one in ((False, True) if has_one else (False,))
                 ]
+        # 16-unit chunks where 32-unit ones hold no slices (persistent, so split, and one chunk
+        # a program; sm_90 only: compiles_for)
+        for k in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096):
+            narrow = resident_k(kernel, k, dtype, precision, NARROW_BLOCK_H) == k
+            if narrow and has_one and not resident_k(kernel, k, dtype, precision):
+                out.append(
+                    LaunchConfig(16, NARROW_BLOCK_H, BLOCK_K, NUM_WARPS, True, k, True, precision)
+                )
         if dkey == "fp32":
             out += _gemv_configs(kernel, has_one)
     return out
+
+
+def compiles_for(arch: int, block_h: int, precision: str) -> bool:
+    """Whether the dispatcher can launch a configuration on ``sm_<arch>`` (compile_check
+    compiles it only there): 16-unit chunks on tensor cores only on :data:`NARROW_ARCHS`."""
+    narrow = block_h == NARROW_BLOCK_H and precision != "gemv"
+    return not narrow or (arch // 10, arch % 10) in NARROW_ARCHS
 
 
 def _gemv_configs(kernel: str, has_one: bool) -> list[LaunchConfig]:

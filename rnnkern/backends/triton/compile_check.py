@@ -290,7 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if not selected:
         parser.error(f"no configuration of {args.kernels} matches --where {args.where}")
-    work = [(arch, *job) for arch in archs for job in selected]
+    from .common import compiles_for
+
+    work = [
+        (arch, *job)
+        for arch in archs
+        for job in selected
+        if "PRECISION" not in job[2]  # (the decode step and the sampler: every arch)
+        or compiles_for(arch, job[2]["BLOCK_H"], job[2]["PRECISION"])
+    ]
     start = time.perf_counter()
     if args.jobs > 1:
         with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
