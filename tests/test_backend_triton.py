@@ -215,6 +215,20 @@ def test_16_unit_chunks_within_k_times_torch_error(name, H, monkeypatch):
         assert [k > 0 for k in chosen] == [resident, resident], chosen
 
 
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_wide_16bit_layers_on_sm_90_keep_16_unit_slices(name):
+    """On sm_90 a bfloat16 H = 512 LSTM or GRU keeps its slices resident in 16-unit chunks
+    both ways (32-unit ones hold at most 1024 rows of slices forward, 512 backward), and stays
+    within K_LOW times torch's error."""
+    if DEVICE != "cuda" or torch.cuda.get_device_capability() not in common.NARROW_ARCHS:
+        pytest.skip("the 16-unit chunks are chosen on sm_90 GPUs only")
+    H = 512
+    for kernel in (f"{name}_forward", f"{name}_backward"):
+        config = common.launch_config(kernel, 4, H, H, torch.bfloat16, torch.device("cuda"))[0]
+        assert (config.block_h, config.k_res > 0) == (16, True), (kernel, config)
+    _check_low_precision(name, torch.bfloat16, 12, 4, H)
+
+
 def _check_low_precision(name, dtype, T, B, H):
     inp = make_inputs(name, T, B, H, dtype=dtype)
     truth = run(name, inp, "reference", dtype=torch.float64)
