@@ -375,17 +375,24 @@ def test_gemv_chunks_spread_the_weights_over_the_sms(monkeypatch):
     assert plan("lstm_forward", 1, 1024) == (1, 8, 128, 0, True)
     # 4 batch tiles of 8-unit chunks would need 256 programs: 32-unit chunks, streamed
     assert plan("lstm_forward", 16, 512) == (4, 32, 64, 0, True)
+    # more than 16 rows: GEMV mode where it keeps the slices resident, up to 64 rows
+    assert plan("lstm_forward", 64, 128) == (4, 32, 64, 128, True)
+    assert plan("gru_backward", 33, 64) == (4, 32, 18, 256, True)
+    for B, H in ((64, 256), (65, 128)):  # not resident (128 programs of 32 units), 65 rows
+        config = common.launch_config("lstm_forward", B, H, H, torch.float32, cuda)[0]
+        assert (config.precision, config.block_b) == ("ieee", 32), (B, H, config)
 
 
+@pytest.mark.parametrize("rows", [3, 33])
 @pytest.mark.parametrize("name", CELLS)
-def test_float32_products_through_tl_dot_match_reference(name, monkeypatch):
-    """GEMV mode off: float32 up to 16 rows runs on tl.dot's 16-row tiles again, and matches
-    the reference (the comparisons above run GEMV mode at these batch sizes)."""
+def test_float32_products_through_tl_dot_match_reference(name, rows, monkeypatch):
+    """GEMV mode off: float32 runs on tl.dot's 16- and 32-row tiles again, and matches the
+    reference (the comparisons above run GEMV mode at these batch sizes)."""
     chosen = _spy_configs(monkeypatch, name, "precision")
     monkeypatch.setattr(common, "GEMV_PRODUCTS", False)
-    T, B, H = (5, 3, 20) if DEVICE == "cpu" else (12, 16, 100)
+    T, B, H = (5, rows, 20) if DEVICE == "cpu" else (12, 16 * (rows // 3), 100)
     inp = make_inputs(name, T, B, H)
-    lengths = _lengths([5, 2, 4] if DEVICE == "cpu" else "random", T, B)
+    lengths = _lengths("random", T, B)
     got = run(name, inp, "triton", lengths, reverse=True)
     assert chosen == ["ieee", "ieee"], chosen
     assert_float32_close(got, run(name, inp, "reference", lengths, reverse=True))

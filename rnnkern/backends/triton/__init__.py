@@ -64,9 +64,9 @@ class TritonBackend:
           every step; since then, on sm_90 16-unit chunks keep them resident up to H = 512
           for the LSTM, :data:`.common.NARROW_BLOCK_H`, not yet timed).
         - float32: 0.07-0.58x everywhere (the dots ran as IEEE float32 through ``tl.dot``, on
-          FMA units with operands staged through shared memory). Float32 up to 16 rows now
-          runs in GEMV mode (:data:`.common.GEMV_PRODUCTS`), not yet timed on a GPU; until it
-          is, ``auto`` does not choose triton for float32.
+          FMA units with operands staged through shared memory). Float32 up to 16 rows (64
+          with resident weights) now runs in GEMV mode (:data:`.common.GEMV_PRODUCTS`), not
+          yet timed on a GPU; until it is, ``auto`` does not choose triton for float32.
 
         So: LSTM or GRU without projection, bfloat16, H <= 128, T >= 256, on CUDA. Elman RNNs,
         projections, float16 and shorter sequences were not measured.

@@ -628,12 +628,16 @@ NUM_WARPS = 8
 # layer spread over more programs instead: 8-unit chunks instead of 32 where a program's slices
 # then fit in GEMV_RESIDENT_FLOATS (an LSTM up to H = 512 at B <= 4), as far as one program per
 # SM allows (choose_config). Two row counts and two chunk sizes keep the variants that
-# compile_check compiles to a few hundred per kernel. Up to
-# GEMV_MAX_BATCH rows; larger batches keep tl.dot's 16/32-row tiles (their products reuse
-# each weight over the tile's rows). Not yet timed on a GPU: the gpu_train benchmark times
-# both (rnnkern[triton] and "float32 products by tl.dot").
+# compile_check compiles to a few hundred per kernel. Up to GEMV_MAX_BATCH rows, and up to
+# GEMV_RESIDENT_BATCH where every program keeps its slices resident (4-row tiles: a program's
+# work a step is the same as at B = 4, in more programs; B = 64 at H = 128: 16 tiles x 4
+# chunks); otherwise larger batches keep tl.dot's 16/32-row tiles (their products reuse each
+# weight over the tile's rows, where GEMV mode would stream the weights from L2 for every 4
+# rows). Not yet timed on a GPU: the gpu_train benchmark times both (rnnkern[triton] and
+# "float32 products by tl.dot").
 GEMV_PRODUCTS = True  # False: IEEE float32 products always through tl.dot
 GEMV_MAX_BATCH = 16
+GEMV_RESIDENT_BATCH = 64
 GEMV_BLOCK_B = 4  # rows per batch tile for B > 1 (the [rows, k, units] block's registers)
 GEMV_BLOCK_H = (32, 8)  # chunk sizes, largest (fewest programs to wait for) first
 # Floats of resident W_hh one program keeps, slices * K_RES * block_h: 16384 over 8 warps are
@@ -809,14 +813,20 @@ def launch_config(
 ) -> tuple[LaunchConfig, int]:  # fmt: skip
     """What a layer's launcher runs ``kernel`` (a key of :data:`RESIDENT_SLICES`) with: the
     configuration and ``n_split`` for ``batch`` rows, ``hidden`` units and ``state`` units
-    (proj_size, or ``hidden``), with the products of :func:`products` and the resident weights
-    of that kernel where they fit (the forward's over the state, the backward's over every
-    gate's rows; none with a projection), and no ONE_CHUNK for the backward of an LSTM with a
+    (proj_size, or ``hidden``), with the products of :func:`products` (and GEMV mode up to
+    :data:`GEMV_RESIDENT_BATCH` rows where it keeps the weights resident) and the resident
+    weights of that kernel where they fit (the forward's over the state, the backward's over
+    every gate's rows; none with a projection), and no ONE_CHUNK for the backward of an LSTM with a
     projection (its state and hidden chunks differ)."""
     gates = {"lstm": 4, "gru": 3, "rnn": 1}[kernel.split("_")[0]]
     k = state if kernel.endswith("_forward") else gates * hidden
     precision = products(dtype, batch)
     resident = None if proj else (kernel, k, dtype, precision)
+    wide = precision == "ieee" and dtype == torch.float32 and GEMV_PRODUCTS
+    if wide and resident is not None and batch <= GEMV_RESIDENT_BATCH:
+        gemv = choose_config(batch, hidden, device, (kernel, k, dtype, "gemv"), "gemv")
+        if gemv[0].k_res:
+            return gemv
     config, n_split = choose_config(batch, max(hidden, state), device, resident, precision)
     if proj and kernel == "lstm_backward":
         config = dataclasses.replace(config, one_chunk=False)
