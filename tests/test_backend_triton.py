@@ -337,12 +337,14 @@ def test_gemv_products_rule(monkeypatch):
         torch.set_float32_matmul_precision(before)
     monkeypatch.setattr(common, "GEMV_PRODUCTS", False)
     assert common.products(f32, 1) == "ieee"
-    # slices * K_RES * block_h <= GEMV_RESIDENT_FLOATS (16384 floats), any K_RES
-    assert common.resident_k("lstm_forward", 128, f32, "gemv", 32) == 128
-    assert common.resident_k("lstm_forward", 129, f32, "gemv", 32) == 0
-    assert common.resident_k("lstm_forward", 512, f32, "gemv", 8) == 512
-    assert common.resident_k("lstm_backward", 4 * 512, f32, "gemv", 8) == 2048
-    assert common.resident_k("gru_forward", 1024, f32, "gemv", 8) == 0
+    # slices * K_RES * block_h <= GEMV_RESIDENT_FLOATS (16384 floats), any K_RES, and
+    # rows * K_RES * block_h <= GEMV_PRODUCT_FLOATS (32768)
+    assert common.resident_k("lstm_forward", 128, f32, "gemv", 32, 4) == 128
+    assert common.resident_k("lstm_forward", 129, f32, "gemv", 32, 1) == 0
+    assert common.resident_k("lstm_forward", 512, f32, "gemv", 8, 4) == 512
+    assert common.resident_k("lstm_backward", 4 * 512, f32, "gemv", 8, 1) == 2048
+    assert common.resident_k("lstm_backward", 4 * 512, f32, "gemv", 8, 4) == 0
+    assert common.resident_k("gru_forward", 1024, f32, "gemv", 8, 1) == 0
     one = common.choose_config(1, 9, cpu, ("gru_forward", 9, f32, "gemv"), "gemv")[0]
     assert (one.block_b, one.block_h, one.k_res, one.one_chunk) == (1, 32, 16, True)
     assert common.choose_config(2, 9, cpu, None, "gemv")[0].block_b == 4
@@ -369,7 +371,8 @@ def test_gemv_chunks_spread_the_weights_over_the_sms(monkeypatch):
     assert plan("lstm_forward", 1, 128) == (1, 32, 4, 128, True)
     assert plan("lstm_backward", 1, 128) == (1, 32, 4, 512, True)
     assert plan("lstm_forward", 1, 512) == (1, 8, 64, 512, True)
-    assert plan("lstm_backward", 4, 512) == (4, 8, 64, 2048, True)
+    assert plan("lstm_backward", 1, 512) == (1, 8, 64, 2048, True)
+    assert plan("lstm_backward", 4, 512) == (4, 8, 64, 0, True)  # 4 x 2048 x 8: too big
     assert plan("gru_forward", 16, 256) == (4, 8, 128, 256, True)
     # too many weights a program at any chunk size that fits: streamed, from 8-unit chunks
     assert plan("lstm_forward", 1, 1024) == (1, 8, 128, 0, True)

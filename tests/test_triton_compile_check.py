@@ -62,9 +62,9 @@ def test_compile_check_covers_the_gemv_configurations(tmp_path):
     """Float32 in GEMV mode (common.GEMV_PRODUCTS) for the LSTM, forward and backward: the
     persistent one-chunk configurations, the ones an H100 runs up to 16 rows, every row count,
     chunk size and resident K_RES, compile for sm_90 with at most a few words of spill (16
-    bytes; 188 registers at most, 4 rows of a 512-wide forward, where the [4, k, 8] products
-    and the 64 registers of resident weights meet). A layout that does not fit spills
-    kilobytes (the IEEE tl.dot configurations at K_RES = 256: 2.5 KB)."""
+    bytes; 188 registers at most with Triton 3.9, 221 with 3.6). A layout that does not fit
+    spills kilobytes (the IEEE tl.dot configurations at K_RES = 256: 2.5 KB; with Triton 3.6 a
+    4-row GEMV backward at K_RES = 2048: 2.1 KB, hence common.GEMV_PRODUCT_FLOATS)."""
     out = tmp_path / "rows.json"
     res = _run("--arch", "sm_90", "--kernels", "lstm_forward_kernel,lstm_backward_kernel",
                "--dtypes", "fp32", "--where",
@@ -75,8 +75,8 @@ def test_compile_check_covers_the_gemv_configurations(tmp_path):
 
     rows = json.loads(out.read_text())
     # forward: 1 or 4 rows x (32-unit chunks: streamed or K_RES 16 .. 128; 8-unit: .. 512);
-    # backward: the same up to 512 and 2048
-    assert len(rows) == 2 * (5 + 7) + 2 * (7 + 9)
+    # backward: the same up to 512 and 2048 at 1 row, 256 and 1024 at 4 (GEMV_PRODUCT_FLOATS)
+    assert len(rows) == 2 * (5 + 7) + (7 + 9) + (6 + 8)
     for row in rows:
         assert row["ok"] and "PRECISION=gemv" in row["config"], row
         assert row["registers"] > 0 and row["spill_stores"] <= 16, row
@@ -85,7 +85,8 @@ def test_compile_check_covers_the_gemv_configurations(tmp_path):
 def test_compile_check_covers_the_16_unit_chunks_on_sm_90_only(tmp_path):
     """The 16-unit chunks of 16-bit LSTM layers too wide for 32-unit slices (H = 512 forward,
     256 and 512 backward): compiled for sm_90 within its shared memory, with at most the
-    forward's 28 bytes of spill (K_RES = 512, aligned), and not for sm_80, where the
+    forward's spill (K_RES = 512, aligned: 28 bytes with Triton 3.9, 48-52 with 3.6; the
+    backward none), and not for sm_80, where the
     dispatcher never picks them (192 KB of shared memory would overflow its 163 KB)."""
     out = tmp_path / "rows.json"
     res = _run("--arch", "sm_80,sm_90", "--kernels", "lstm_forward_kernel,lstm_backward_kernel",
@@ -100,7 +101,8 @@ def test_compile_check_covers_the_16_unit_chunks_on_sm_90_only(tmp_path):
     assert len(rows) == 1 + 2
     for row in rows:
         assert row["ok"] and row["arch"] == "sm_90" and "ONE_CHUNK=True" in row["config"], row
-        assert row["spill_stores"] <= 28 and row["shared"] <= row["shared_limit"], row
+        limit = 52 if row["kernel"] == "lstm_forward_kernel" else 0
+        assert row["spill_stores"] <= limit and row["shared"] <= row["shared_limit"], row
 
 
 def test_compile_check_covers_the_decoders_sampler(tmp_path):

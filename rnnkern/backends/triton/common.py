@@ -641,8 +641,12 @@ GEMV_RESIDENT_BATCH = 64
 GEMV_BLOCK_B = 4  # rows per batch tile for B > 1 (the [rows, k, units] block's registers)
 GEMV_BLOCK_H = (32, 8)  # chunk sizes, largest (fewest programs to wait for) first
 # Floats of resident W_hh one program keeps, slices * K_RES * block_h: 16384 over 8 warps are
-# 64 registers a thread (an LSTM forward's four 128 x 32 slices).
+# 64 registers a thread (an LSTM forward's four 128 x 32 slices). And the floats of one resident
+# product block, rows * K_RES * block_h: with Triton 3.6 (sm_90) the single-slice backward (and
+# RNN forward) at 4 rows x 2048 x 8 = 65536 spilled 2-2.1 KB at 32 registers (Triton 3.9: no
+# spill); at 32768 and below neither spills.
 GEMV_RESIDENT_FLOATS = 16384
+GEMV_PRODUCT_FLOATS = 32768
 
 # Resident weights (16-row batch tiles, every program owning one chunk, no LSTM projection): the
 # program's slices of W_hh, [K_RES, BLOCK_H] each with K_RES the reduction length rounded up to a
@@ -676,7 +680,8 @@ RESIDENT_ARCHS = ((8, 0), (9, 0))
 # persistent, bf16 and fp16: the backward's columns compile without spill up to K_RES = 2048
 # (LSTM and RNN: 80-222 registers, 96-192 KB; GRU: 114-223); at 4096 shared memory overflows
 # (384 KB). The GRU forward up to 1024 (150-195 registers, 160 KB; 2048: 320 KB). The LSTM
-# forward at 512 spills 28-100 bytes (255 registers; 1024: 1.4-1.6 KB); the RNN forward gains
+# forward at 512 spills 28-100 bytes (255 registers; Triton 3.6: 48-140; 1024: 1.4-1.6 KB; the
+# bf16 configurations of 32-unit chunks up to 60); the RNN forward gains
 # nothing (512 spilled 112-136 bytes; 32-unit chunks hold 256).
 NARROW_BLOCK_H = 16
 NARROW_ARCHS = ((9, 0),)
@@ -717,15 +722,17 @@ ONE_CHUNK_BLOCK_B = 16
 
 
 def resident_k(
-    kernel: str, K: int, dtype: torch.dtype, precision: str, block_h: int = BLOCK_H
-) -> int:
+    kernel: str, K: int, dtype: torch.dtype, precision: str, block_h: int = BLOCK_H,
+    block_b: int = GEMV_BLOCK_B,
+) -> int:  # fmt: skip
     """``K_RES`` for ``kernel``'s (a key of :data:`RESIDENT_SLICES`) resident slices over a
-    ``K``-long reduction with ``precision``'s products and ``block_h``-unit chunks, or 0 where
-    they do not fit (see the table above)."""
+    ``K``-long reduction with ``precision``'s products, ``block_h``-unit chunks and (GEMV mode)
+    ``block_b``-row tiles, or 0 where they do not fit (see the tables above)."""
     k_res = max(16, triton.next_power_of_2(K))  # tl.dot's smallest k
     slices = RESIDENT_SLICES[kernel]
     if precision == "gemv":
-        return k_res if slices * k_res * block_h <= GEMV_RESIDENT_FLOATS else 0
+        fits = slices * k_res * block_h <= GEMV_RESIDENT_FLOATS
+        return k_res if fits and block_b * k_res * block_h <= GEMV_PRODUCT_FLOATS else 0
     if block_h == NARROW_BLOCK_H:
         narrow = dtype in (torch.float16, torch.bfloat16) and precision == "ieee"
         return k_res if narrow and k_res <= RESIDENT_MAX_K_NARROW[kernel] else 0
@@ -783,7 +790,7 @@ def choose_config(
         fit = [bh for bh in GEMV_BLOCK_H if n_btiles * triton.cdiv(hidden, bh) <= sms]
         block_h = fit[-1] if fit else GEMV_BLOCK_H[0]
         if resident is not None and RESIDENT:
-            block_h = next((bh for bh in fit if resident_k(*resident, block_h=bh)), block_h)
+            block_h = next((bh for bh in fit if resident_k(*resident, bh, block_b)), block_h)
     n_chunks = triton.cdiv(hidden, block_h)
     n_split = 1
     if persistent and n_chunks > 1:
@@ -799,7 +806,7 @@ def choose_config(
             gemv or not persistent or (torch.cuda.get_device_capability(device) in RESIDENT_ARCHS)
         )
         if arch_ok:
-            k_res = resident_k(*resident, block_h=block_h)
+            k_res = resident_k(*resident, block_h, block_b)
     one_chunk = ONE_CHUNK and n_split == n_chunks and block_b <= ONE_CHUNK_BLOCK_B
     config = LaunchConfig(
         block_b, block_h, BLOCK_K, NUM_WARPS, n_split > 1, k_res, one_chunk, precision
@@ -913,7 +920,7 @@ def _gemv_configs(kernel: str, has_one: bool) -> list[LaunchConfig]:
         for bh in GEMV_BLOCK_H:
             k_choices = [0] + [
                 k for k in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-                if resident_k(kernel, k, torch.float32, "gemv", bh) == k
+                if resident_k(kernel, k, torch.float32, "gemv", bh, bb) == k
             ]  # fmt: skip
             out += [
                 LaunchConfig(bb, bh, BLOCK_K, NUM_WARPS, split, k, one, "gemv")
