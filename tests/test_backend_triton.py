@@ -207,12 +207,13 @@ def test_16_unit_chunks_within_k_times_torch_error(name, H, monkeypatch):
     """The 16-unit chunks sm_90 gives 16-bit layers whose slices 32-unit chunks cannot hold
     (common.NARROW_BLOCK_H), run here as every layer's chunk: one chunk with its slices
     resident (H = 16, the narrow K_RES table), and two chunks streamed (H = 20)."""
+    if DEVICE == "cuda":  # (device time: each is a kernel variant to compile)
+        pytest.skip("on a GPU the wide-layer test below runs the 16-unit chunks the rule picks")
     monkeypatch.setattr(common, "BLOCK_H", common.NARROW_BLOCK_H)
     chosen = _spy_configs(monkeypatch, name, "k_res")
     _check_low_precision(name, torch.bfloat16, 5, 3, H)
-    if DEVICE == "cpu":  # (on a GPU the split decides)
-        resident = H == 16 and name != "lstm_proj"
-        assert [k > 0 for k in chosen] == [resident, resident], chosen
+    resident = H == 16 and name != "lstm_proj"
+    assert [k > 0 for k in chosen] == [resident, resident], chosen
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru"])
