@@ -407,8 +407,10 @@ def test_float32_products_through_tl_dot_match_reference(name, rows, monkeypatch
 def test_gemv_chunks_of_8_units_match_reference(name, geometry, monkeypatch):
     """GEMV mode with the 8-unit chunks the GPU rule picks for larger layers: one row and a
     single chunk (weights resident, ONE_CHUNK), and 4-row tiles over 2 batch tiles and 3
-    chunks (the chunk loop, weights streamed)."""
+    chunks (the chunk loop; on the CPU, one program a tile, the weights streamed)."""
     monkeypatch.setattr(common, "GEMV_BLOCK_H", (8,))
+    if geometry == "4_rows_chunk_loop":  # (on a GPU too: every program runs the loop)
+        monkeypatch.setattr(common, "ONE_CHUNK", False)
     chosen = _spy_configs(monkeypatch, name, "block_h")
     T, B, H = (4, 1, 8) if geometry == "1_row_resident" else (5, 5, 20)
     inp = make_inputs(name, T, B, H)

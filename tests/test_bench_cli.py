@@ -247,6 +247,10 @@ def test_gpu_train_case_times_streamed_weights_where_the_kernel_keeps_them(monke
                               "rnnkern[triton], state reloaded", dot}  # fmt: skip
     wide = gpu_train.make_case("GRU", torch.float32, 3, 40, 4, False, device="cpu")
     assert set(wide.fns) == {"torch.nn", "rnnkern[triton]", dot}  # two chunks: no resident
+    # from 17 rows GEMV mode needs resident weights: streaming them is the tl.dot row
+    rows33 = gpu_train.make_case("GRU", torch.float32, 33, 9, 4, False, device="cpu")
+    assert set(rows33.fns) == {"torch.nn", "rnnkern[triton]", "rnnkern[triton], state reloaded",
+                               dot}  # fmt: skip
     half = gpu_train.make_case("GRU", torch.bfloat16, 3, 40, 4, False, device="cpu")
     assert set(half.fns) == {"torch.nn", "rnnkern[triton]"}  # tensor cores: no GEMV mode
     import rnnkern.backends.triton.gru as gru

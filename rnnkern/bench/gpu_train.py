@@ -6,13 +6,16 @@ float32 is exact on both sides). For each shape both implementations run in the 
 interleaved by :func:`rnnkern.bench.runner.measure`; the ratio is cuDNN median / Triton median
 (above 1: Triton is faster). Where the Triton forward keeps its recurrent weights resident
 (:func:`rnnkern.backends.triton.common.choose_config`), the case also times the kernels with
-the weights streamed from L2 at every step; where its programs own one hidden chunk each
+the weights streamed from L2 at every step (in float32 GEMV mode up to 16 rows, from the chunks
+streaming takes there, 8 units where 32-unit ones would be resident; from 17 rows GEMV mode
+needs residency, so streaming is the ``tl.dot`` row below and is not timed twice); where its
+programs own one hidden chunk each
 (``ONE_CHUNK``), with the chunk's state and next inputs re-read after every step's grid-wide
 wait instead (the chunk loop, which never takes the 16-unit chunks of wide 16-bit layers:
 there it also streams the weights from 32-unit chunks), what carrying them saves; where its
 float32 products run in
-GEMV mode (``GEMV_PRODUCTS``: up to 16 rows, broadcast and summed over k), with them through
-``tl.dot`` on 16-row tiles instead.
+GEMV mode (``GEMV_PRODUCTS``: broadcast and summed over k), with them through ``tl.dot`` on
+16- or 32-row tiles instead.
 
 The full grid is B in {1, 16, 64, 256} x H in {128, 256, 512, 1024} x T in {256, 1024}; the
 quick grid (the default of ``main``) is a bounded subset that fits a few minutes. ``main``
@@ -74,8 +77,11 @@ def make_case(cell, dtype, B, H, T, train, device="cuda") -> Case:
         "torch.nn": module_step(base, x, train, dy),
         "rnnkern[triton]": module_step(ours, x, train, dy),
     }
+    from ..backends.triton import common
+
     config = _forward_config(cell, dtype, B, H, device)
-    if config.k_res:
+    gemv_needs_residency = config.precision == "gemv" and B > common.GEMV_MAX_BATCH
+    if config.k_res and not gemv_needs_residency:
         step = module_step(ours, x, train, dy)
         fns["rnnkern[triton], weights streamed"] = _switched_off("RESIDENT", step)
     if config.one_chunk:

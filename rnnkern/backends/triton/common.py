@@ -626,7 +626,8 @@ NUM_WARPS = 8
 # multiplies and FMAs and 40 shared loads at 1 row, 140 and 48 at 4 rows (the loads are the
 # cross-warp sums and layout conversions). The weights of a
 # layer spread over more programs instead: 8-unit chunks instead of 32 where a program's slices
-# then fit in GEMV_RESIDENT_FLOATS (an LSTM up to H = 512 at B <= 4), as far as one program per
+# then fit in GEMV_RESIDENT_FLOATS (132 SMs: an LSTM forward up to H = 512 at B <= 8, its
+# backward at B = 1: GEMV_PRODUCT_FLOATS), as far as one program per
 # SM allows (choose_config). Two row counts and two chunk sizes keep the variants that
 # compile_check compiles to a few hundred per kernel. Up to GEMV_MAX_BATCH rows, and up to
 # GEMV_RESIDENT_BATCH where every program keeps its slices resident (4-row tiles: a program's
