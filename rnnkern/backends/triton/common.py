@@ -776,20 +776,20 @@ def choose_config(
     n_btiles = triton.cdiv(batch, block_b)
     persistent = device.type == "cuda" and not INTERPRET
     sms = torch.cuda.get_device_properties(device).multi_processor_count if persistent else 0
-    block_h = GEMV_BLOCK_H[0] if gemv else BLOCK_H
-    if not gemv and persistent and resident is not None and RESIDENT and ONE_CHUNK:
-        narrow = (
-            block_b == 16
-            and n_btiles * triton.cdiv(hidden, NARROW_BLOCK_H) <= sms
-            and (torch.cuda.get_device_capability(device) in NARROW_ARCHS)
-        )
-        if narrow and not resident_k(*resident) and resident_k(*resident, NARROW_BLOCK_H):
-            block_h = NARROW_BLOCK_H
-    if gemv and persistent:
-        # Every program must be resident at once for the grid-wide wait, one per SM: the chunk
-        # no smaller than that allows, and among those the largest whose slices stay resident.
-        fit = [bh for bh in GEMV_BLOCK_H if n_btiles * triton.cdiv(hidden, bh) <= sms]
-        block_h = fit[-1] if fit else GEMV_BLOCK_H[0]
+    # The chunk sizes to choose from, largest (fewest programs to wait for) first: GEMV mode's;
+    # on NARROW_ARCHS the tensor-core dots of the ONE_CHUNK kernels may also take 16 units.
+    chunks = GEMV_BLOCK_H if gemv else (BLOCK_H,)
+    if not gemv and persistent and ONE_CHUNK and block_b == 16 and resident is not None:
+        if torch.cuda.get_device_capability(device) in NARROW_ARCHS:
+            chunks = (BLOCK_H, NARROW_BLOCK_H)
+    block_h = chunks[0]
+    if persistent and len(chunks) > 1:
+        # Every program must be resident at once for the grid-wide wait, one per SM: among the
+        # chunks that allows, the largest whose slices stay resident; else (weights streamed)
+        # GEMV mode takes the smallest, the most programs pulling them from L2.
+        fit = [bh for bh in chunks if n_btiles * triton.cdiv(hidden, bh) <= sms]
+        if gemv and fit:
+            block_h = fit[-1]
         if resident is not None and RESIDENT:
             block_h = next((bh for bh in fit if resident_k(*resident, bh, block_b)), block_h)
     n_chunks = triton.cdiv(hidden, block_h)
