@@ -579,21 +579,32 @@ class Decoder:
         return out
 
     def _torch_generate(self, prime, out, temperature, top_k, top_p, seed, first_step) -> Tensor:
-        for s in range(prime.shape[1]):
-            logits = self.step(prime[:, s])
-        steps = out.shape[1]
-        B = out.shape[0]
+        """``generate`` with torch ops, as :meth:`_device_generate` runs it: the draws made up
+        front, per token one sample (the rule's flagged form) and one step on already checked
+        token ids, and non-finite logits checked once at the end: no host synchronisation,
+        copy or check per token (:meth:`step` checks its ids and copies the logits)."""
+        B, steps = out.shape
+        u = sampling.uniforms_table(seed, first_step, steps, B, self.device)
+        bad = torch.zeros(B, dtype=torch.bool, device=self.device)
+        for column in prime.t().contiguous():  # (the prime's ids were checked by generate)
+            self._torch_advance(column)
         for j in range(steps):
-            # The rule's flagged form: the rows' faults found once a token (sample() would find
-            # them again, and raise its ValueError, not the other backends' error).
-            u = sampling.uniforms(seed, first_step + j, B).to(logits.device)
-            tokens, bad = sampling.sample_with_uniforms(logits, temperature, top_k, top_p, u)
-            if bool(bad.any()):
-                raise bad_logits_error(int(bad.nonzero()[0, 0]))
+            tokens, bad_j = sampling.sample_with_uniforms(
+                self._logits, temperature, top_k, top_p, u[j]
+            )
+            bad |= bad_j
             out[:, j] = tokens
             if j + 1 < steps:
-                logits = self.step(out[:, j])
+                self._torch_advance(tokens)
+        if bool(bad.any()):
+            raise bad_logits_error(int(bad.nonzero()[0, 0]))
         return out
+
+    def _torch_advance(self, tokens: Tensor) -> None:
+        """One step of backend torch from token ids ``[B]`` on the device, unchecked."""
+        h = self._h
+        self._torch_step(tokens, None, h[self._parity], h[1 - self._parity])
+        self._parity ^= 1
 
     # ------------------------------------------------------------------------------ device loop
     def _triton_advance(self, tokens: Tensor) -> None:
