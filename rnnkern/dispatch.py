@@ -50,6 +50,8 @@ def _torch_path_problem(
     config: LayerConfig, training: bool, compiling: bool, transforms: str = ""
 ) -> str | None:
     """Why torch.nn's own fused path cannot run this call, or None."""
+    if config.torch_problem:
+        return config.torch_problem
     if compiling:
         return "torch.nn's RNN ops break the graph under torch.compile"
     if "vmap" in transforms:
@@ -174,8 +176,8 @@ def choose(
     if slower:
         name = slower[0]
         _warn_once(
-            f"rnnkern: running backend {name!r} for {what}, which is slower than torch.nn there "
-            f"({skipped[name]}), because {problem}"
+            f"rnnkern: running backend {name!r} for {what}, which was not measured faster than "
+            f"torch.nn there ({skipped[name]}), because {problem}"
         )
         return Choice(name, f"{problem}; the fastest fused kernel that supports it", skipped)
     why = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no fused kernel for this device"

@@ -392,7 +392,8 @@ class _RNNBase(torch.nn.Module):
             structure = (self.proj_size > 0, self.bias, self.num_layers, self.bidirectional,
                          packing)  # fmt: skip
             cast = _autocast_dtypes(_TORCH_KIND[self.mode], x, structure)
-            config = dataclasses.replace(config, dtype=cast[0])
+            problem = _autocast_torch_problem(_TORCH_KIND[self.mode], x, structure)
+            config = dataclasses.replace(config, dtype=cast[0], torch_problem=problem)
         return x, lengths, lengths_cpu, batched, states, cast, config
 
     def _explained(self, input, hx):
@@ -772,7 +773,11 @@ class _CellBase(torch.nn.Module):
         """``(cast, config)`` of a step on ``x [B, I]``: ``cast`` as in :meth:`_RNNBase._prepare`,
         ``config`` the step as a one-step layer."""
         grad = needs_grad((x,), self.parameters(), states)
-        cast = _autocast_dtypes(_TORCH_KIND[self._cell], x, (False, self.bias, 1, False, "tensor"))
+        structure = (False, self.bias, 1, False, "tensor")
+        cast = _autocast_dtypes(_TORCH_KIND[self._cell], x, structure)
+        problem = (
+            "" if cast is None else _autocast_torch_problem(_TORCH_KIND[self._cell], x, structure)
+        )
         config = LayerConfig(
             self._cell,
             x.device.type,
@@ -784,6 +789,7 @@ class _CellBase(torch.nn.Module):
             1,
             False,
             grad,
+            problem,
         )
         return cast, config
 
@@ -938,6 +944,8 @@ class RNNCell(_CellBase):
 
 
 _AUTOCAST_DTYPES: dict[tuple, tuple[torch.dtype, ...]] = {}
+# The probes torch.nn failed (same keys): why, in a sentence that names torch's error.
+_AUTOCAST_FAILURES: dict[tuple, str] = {}
 
 
 # Under torch.compile this runs once at trace time and its answer is a constant (the probe
@@ -955,7 +963,16 @@ def _torch_autocast_dtypes(
     RNNCell, not the GRU, the LSTM/GRU cells, a projected LSTM nor one over a PackedSequence of
     unequal lengths, which oneDNN does not run, nor, in torch 2.11, one over any
     PackedSequence; on CUDA, by its autocast lists, the cuDNN RNNs and the cells), and the list
-    is torch's own, so it is asked rather than copied."""
+    is torch's own, so it is asked rather than copied.
+
+    Where torch.nn itself fails under float16 autocast (the CPU's oneDNN LSTM has no float16
+    primitive on CPUs without native float16 arithmetic: "could not create a primitive
+    descriptor", as in a plain torch.nn.LSTM call), the answer is bfloat16's with float16 for
+    bfloat16: torch casts by one list of ops for both 16-bit dtypes (its AutocastCPU kernels
+    cast to whichever ``get_autocast_dtype`` gives), so that is what torch.nn would return if
+    the primitive existed, and rnnkern's kernels run it. The failure is kept
+    (:data:`_AUTOCAST_FAILURES`), so that ``auto`` does not choose torch.nn's path for it and
+    ``backend="torch"`` says why it cannot."""
     key = (kind, device_type, dtype, fast, structure)
     if key not in _AUTOCAST_DTYPES:
         proj, bias, layers, bidirectional, packing = structure
@@ -969,8 +986,22 @@ def _torch_autocast_dtypes(
         x = torch.zeros((2, 2, 2) if sequence else (1, 2), device=device_type, dtype=dtype)
         if packing != "tensor":  # two sequences, of lengths 2 and 1 when ragged
             x = pack_padded_sequence(x, torch.tensor([2, 1] if packing == "ragged" else [2, 2]))
-        with torch.no_grad(), torch.autocast(device_type, dtype=fast):
-            out = probe(x)
+        try:
+            with torch.no_grad(), torch.autocast(device_type, dtype=fast):
+                out = probe(x)
+        except RuntimeError as err:
+            if fast != torch.float16:
+                raise
+            as_bf16 = _torch_autocast_dtypes(kind, device_type, dtype, torch.bfloat16, structure)
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            _AUTOCAST_FAILURES[key] = (
+                f"torch.nn's {kind} fails under float16 autocast on {device_type} here "
+                f"({type(err).__name__}: {first_line})"
+            )
+            _AUTOCAST_DTYPES[key] = tuple(
+                torch.float16 if d == torch.bfloat16 else d for d in as_bf16
+            )
+            return _AUTOCAST_DTYPES[key]
         if sequence:  # (y, h_n) or (y, (h_n, c_n))
             y, finals = out
             out = (
@@ -1014,9 +1045,22 @@ def _autocast_dtypes(kind: str, x: Tensor, structure: tuple) -> tuple[torch.dtyp
     autocast builds a small torch.nn module to ask; warm up before capturing a CUDA graph.)"""
     if not _autocast_on(x):
         return None
+    return _torch_autocast_dtypes(*_autocast_key(kind, x, structure))
+
+
+def _autocast_key(kind: str, x: Tensor, structure: tuple) -> tuple:
+    """The arguments of :func:`_torch_autocast_dtypes` for a call on ``x`` under autocast."""
     device_type = x.device.type
-    fast = torch.get_autocast_dtype(device_type)
-    return _torch_autocast_dtypes(kind, device_type, x.dtype, fast, structure)
+    return kind, device_type, x.dtype, torch.get_autocast_dtype(device_type), structure
+
+
+def _autocast_torch_problem(kind: str, x: Tensor, structure: tuple) -> str:
+    """Under autocast, after :func:`_autocast_dtypes`: why torch.nn's own path fails for this
+    call, if its probe failed, else "". (Not asked while compiling, where torch.nn's path
+    cannot run anyway.)"""
+    if torch.compiler.is_compiling():
+        return ""
+    return _AUTOCAST_FAILURES.get(_autocast_key(kind, x, structure), "")
 
 
 def explain(module: torch.nn.Module, input, hx=None) -> str:

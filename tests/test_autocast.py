@@ -196,3 +196,72 @@ def test_explain_says_the_autocast_dtype():
     with _autocast("cpu"):
         text = rnnkern.explain(ours, x)
     assert "under autocast: runs in torch.bfloat16, as torch.nn would" in text, text
+
+
+def _run_or_error(module, x):
+    try:
+        return [t.dtype for t in _call(module, x)], None
+    except RuntimeError as err:
+        return None, err
+
+
+@pytest.mark.parametrize("how", INPUTS)
+@pytest.mark.parametrize("kind", SEQUENCE + CELLS)
+def test_float16_autocast_on_the_cpu(kind, how):
+    # torch.nn.LSTM fails under CPU float16 autocast where oneDNN has no float16 LSTM primitive
+    # (most CPUs: "could not create a primitive descriptor"); the others run. rnnkern's kernels
+    # run every call in what torch.nn returns (bfloat16's answer, in float16, where it fails),
+    # auto does not choose torch.nn's path where it fails, and backend="torch" says why.
+    if kind.endswith("Cell") and how != "tensor":
+        pytest.skip("cells take tensors only")
+    structures = [{}] if kind.endswith("Cell") else STRUCTURES[kind]
+    for kwargs in structures:
+        ref, _ = _pair(kind, "cpu", "reference", **kwargs)
+        x = _input(kind, "cpu") if kind.endswith("Cell") else _sequence_input(how, "cpu")
+        with torch.autocast("cpu", dtype=torch.float16):
+            want, failure = _run_or_error(ref, x)
+        if failure is not None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                as_bf16 = [t.dtype for t in _call(ref, x)]
+            want = [torch.float16 if d == torch.bfloat16 else d for d in as_bf16]
+        for backend in _backends("cpu") + ["torch"]:
+            _, ours = _pair(kind, "cpu", backend, **kwargs)
+            with torch.autocast("cpu", dtype=torch.float16):
+                if failure is not None and backend == "torch":
+                    with pytest.raises(
+                        rnnkern.BackendUnavailableError, match="fails under float16 autocast"
+                    ):
+                        _call(ours, x)
+                    continue
+                got = [t.dtype for t in _call(ours, x)]
+                chosen = ours.choose_backend(x).backend
+            assert got == want, (kwargs, backend, got, want)
+            if failure is not None:
+                assert chosen != "torch", (kwargs, backend)
+
+
+def test_float16_autocast_values_and_gradients_where_torch_nn_fails():
+    # The LSTM: torch.nn fails here (on CPUs with a float16 oneDNN LSTM it runs, and the
+    # dtype test above covers that case); rnnkern runs the module cast to float16, bit for bit,
+    # and gradients reach the float32 parameters.
+    ref, _ = _pair("LSTM", "cpu", "reference")
+    x = _input("LSTM", "cpu")
+    with torch.autocast("cpu", dtype=torch.float16):
+        if _run_or_error(ref, x)[1] is None:
+            pytest.skip("this CPU's oneDNN has a float16 LSTM: torch.nn runs it")
+    for backend in _backends("cpu"):
+        _, ours = _pair("LSTM", "cpu", backend)
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16):
+            got = _call(ours, xg)
+        kernel = "cpu" if backend == "auto" else backend
+        cast = rnnkern.LSTM(8, 16, backend=kernel).to(torch.float16)
+        cast.load_state_dict(ours.state_dict())
+        want = _call(cast, x.to(torch.float16))
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype == torch.float16 and torch.equal(g, w), backend
+        sum(t.float().sum() for t in got).backward()
+        assert xg.grad is not None and xg.grad.dtype == torch.float32
+        for name, p in ours.named_parameters():
+            assert p.grad is not None and p.grad.dtype == torch.float32, (backend, name)
+            assert torch.isfinite(p.grad).all(), (backend, name)

@@ -133,6 +133,10 @@ class LayerConfig:
     seq_len: int  # T
     has_lengths: bool
     needs_grad: bool
+    # Why torch.nn's own path fails for this call where rnnkern learnt it ahead of the call
+    # (a float16 autocast that torch sends to a oneDNN LSTM the CPU has no primitive for:
+    # rnnkern.nn._torch_autocast_dtypes), else "".
+    torch_problem: str = ""
 
 
 class Saved(NamedTuple):
