@@ -65,21 +65,47 @@ def _shape(t: Tensor) -> list[int]:
     return list(t.shape)
 
 
-def _check_weights(module: torch.nn.Module, names: list[str], x: Tensor, autocast: bool) -> None:
-    """Every weight of ``names`` (None entries skipped) on the input's device and in one dtype,
-    the input's unless under autocast (where torch.nn casts, and so does rnnkern). The kernels
-    read the weights by address: one elsewhere (a meta weight left by a conversion, a weight
-    replaced in another dtype) would be read as garbage, not refused."""
+def _check_weights(
+    module: torch.nn.Module,
+    names: list[str],
+    shapes: list[tuple[int, ...]],
+    x: Tensor,
+    autocast: bool,
+    none_ok: bool,
+) -> list[Tensor | None]:
+    """The weights ``names``, read once for the call (a parametrized weight is computed once:
+    a stateful parametrization such as spectral_norm advances once a call), each checked: of
+    its ``shapes`` entry, on the input's device and all in one dtype, the input's unless under
+    autocast (where torch.nn casts, and so does rnnkern). A None weight is skipped where
+    ``none_ok`` (the cells' biases, as torch.nn's cells take None), else a TypeError, as in
+    torch.nn's sequence modules. The kernels read the weights by address and take their sizes
+    from the module: a weight of another shape (replaced after construction), elsewhere (a
+    meta weight left by a conversion) or in another dtype would be read as garbage, or past
+    its end, not refused."""
     first = None
     params = module._parameters
-    for name in names:
+    weights: list[Tensor | None] = []
+    for name, shape in zip(names, shapes, strict=True):
         # (the dict first: Module.__getattr__ costs ~0.5 us a weight per call; a parametrized,
         # replaced or deleted weight takes torch's own lookup, and its AttributeError)
         w = params.get(name)
         if w is None:
             w = getattr(module, name)
+        weights.append(w)
         if w is None:
-            continue
+            if none_ok:
+                continue
+            raise TypeError(
+                f"{name} must be a Tensor of shape {list(shape)}, got None (the module was "
+                f"built with bias={module.bias}; it reads every weight it was built with)"
+            )
+        if not isinstance(w, Tensor):
+            raise TypeError(f"{name} must be a Tensor of shape {list(shape)}, got {type(w)}")
+        if w.shape != shape:
+            raise RNNInputError(
+                f"{name} must have shape {list(shape)} (from the module's sizes), got "
+                f"{_shape(w)}: a weight replaced after construction must keep its shape"
+            )
         if first is None:
             first = w
             if x.dtype != w.dtype and not autocast:
@@ -99,6 +125,7 @@ def _check_weights(module: torch.nn.Module, names: list[str], x: Tensor, autocas
                 else f"{name} is on {w.device}, the input and {names[0]} on {x.device}: every "
                 "weight must be on the input's device (model.to(device) moves them all)"
             )
+    return weights
 
 
 def _refuse_script(self) -> NoReturn:
@@ -177,36 +204,53 @@ class _RNNBase(torch.nn.Module):
         self.backend = backends.check_name(backend)
 
         factory = {"device": device, "dtype": dtype}
-        G = _GATES[mode]
-        P = proj_size or hidden_size
-        D = 2 if bidirectional else 1
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
         # Same names, shapes and registration order as torch.nn, so that reset_parameters
         # draws the same numbers under the same seed.
-        for layer in range(num_layers):
-            for direction in range(D):
-                layer_input = input_size if layer == 0 else P * D
-                suffix = "_reverse" if direction == 1 else ""
-                shapes = [
-                    (f"weight_ih_l{layer}{suffix}", (G * hidden_size, layer_input)),
-                    (f"weight_hh_l{layer}{suffix}", (G * hidden_size, P)),
-                ]
-                if bias:
-                    shapes += [
-                        (f"bias_ih_l{layer}{suffix}", (G * hidden_size,)),
-                        (f"bias_hh_l{layer}{suffix}", (G * hidden_size,)),
-                    ]
-                if proj_size:
-                    shapes.append((f"weight_hr_l{layer}{suffix}", (proj_size, hidden_size)))
-                for name, shape in shapes:
-                    setattr(self, name, Parameter(torch.empty(shape, **factory)))
-                self._flat_weights_names.extend(name for name, _ in shapes)
-                self._all_weights.append([name for name, _ in shapes])
+        for shapes in self._weight_groups():
+            for name, shape in shapes:
+                setattr(self, name, Parameter(torch.empty(shape, **factory)))
+            self._flat_weights_names.extend(name for name, _ in shapes)
+            self._all_weights.append([name for name, _ in shapes])
         self.flatten_parameters()
         self.reset_parameters()
 
     __prepare_scriptable__ = _refuse_script
+
+    def _weight_groups(self) -> list[list[tuple[str, tuple[int, ...]]]]:
+        """Per layer and direction, the weights' names and shapes, in torch.nn's order."""
+        G = _GATES[self.mode]
+        H = self.hidden_size
+        P = self.proj_size or H
+        D = 2 if self.bidirectional else 1
+        groups = []
+        for layer in range(self.num_layers):
+            for direction in range(D):
+                layer_input = self.input_size if layer == 0 else P * D
+                suffix = "_reverse" if direction == 1 else ""
+                shapes = [
+                    (f"weight_ih_l{layer}{suffix}", (G * H, layer_input)),
+                    (f"weight_hh_l{layer}{suffix}", (G * H, P)),
+                ]
+                if self.bias:
+                    shapes += [
+                        (f"bias_ih_l{layer}{suffix}", (G * H,)),
+                        (f"bias_hh_l{layer}{suffix}", (G * H,)),
+                    ]
+                if self.proj_size:
+                    shapes.append((f"weight_hr_l{layer}{suffix}", (self.proj_size, H)))
+                groups.append(shapes)
+        return groups
+
+    def _weight_shapes(self) -> list[tuple[int, ...]]:
+        """The shapes of ``_flat_weights_names``' weights (computed once; a module unpickled
+        from an older version computes them on its first call)."""
+        shapes = self.__dict__.get("_flat_weight_shapes")
+        if shapes is None:
+            shapes = [shape for group in self._weight_groups() for _, shape in group]
+            self.__dict__["_flat_weight_shapes"] = shapes
+        return shapes
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size)
@@ -269,12 +313,15 @@ class _RNNBase(torch.nn.Module):
             shapes.append(("c_0", (self.num_layers * D, B, self.hidden_size)))
         return shapes
 
-    def _check_input(self, x: Tensor, packed: bool, autocast: bool) -> None:
+    def _check_input(self, x: Tensor, packed: bool, autocast: bool) -> list[Tensor]:
+        """Checks the input and the weights; returns the weights (``_flat_weights_names``'),
+        read once for the call."""
         if not isinstance(x, Tensor):
             raise RNNInputTypeError(
                 f"input must be a Tensor or PackedSequence, got {type(x).__name__}"
             )
-        _check_weights(self, self._flat_weights_names, x, autocast)
+        names = self._flat_weights_names
+        weights = _check_weights(self, names, self._weight_shapes(), x, autocast, none_ok=False)
         if packed and x.dim() != 2:
             raise RNNInputError(
                 f"a PackedSequence's data must be 2-D [total steps, input_size], got "
@@ -296,6 +343,7 @@ class _RNNBase(torch.nn.Module):
                 f"input must have at least one time step (dimension {time_dim}), got shape "
                 f"{_shape(x)}"
             )
+        return weights
 
     def _check_state(
         self, hx, B: int, batched: bool, x: Tensor, autocast: bool
@@ -355,9 +403,10 @@ class _RNNBase(torch.nn.Module):
     def _prepare(self, input, hx):
         """Check a call's arguments and bring the input to ``[T, B, I]``.
 
-        Returns ``(x, lengths, lengths_cpu, batched, states, cast, config)``: ``lengths`` is
-        None when every sequence has length ``T``; ``lengths_cpu`` holds a PackedSequence's
-        lengths in the caller's batch order (None for tensors); ``cast`` is, under autocast,
+        Returns ``(x, lengths, lengths_cpu, batched, states, weights, cast, config)``:
+        ``lengths`` is None when every sequence has length ``T``; ``lengths_cpu`` holds a
+        PackedSequence's lengths in the caller's batch order (None for tensors); ``weights``
+        those of ``_flat_weights_names``, read once; ``cast`` is, under autocast,
         the dtypes torch.nn returns y and the final states in (:func:`_autocast_dtypes`; the
         layers run in y's, which ``config`` carries), else None.
         """
@@ -366,7 +415,7 @@ class _RNNBase(torch.nn.Module):
         data = input.data if isinstance(input, PackedSequence) else input
         autocast = isinstance(data, Tensor) and _autocast_on(data)
         if isinstance(input, PackedSequence):
-            self._check_input(input.data, packed=True, autocast=autocast)
+            weights = self._check_input(input.data, packed=True, autocast=autocast)
             # Padded in the caller's batch order (pad_packed_sequence undoes the sort), so the
             # initial and final states need no permutation.
             x, lengths_cpu = pad_packed_sequence(input)
@@ -374,7 +423,7 @@ class _RNNBase(torch.nn.Module):
             if int(lengths_cpu.min()) != x.shape[0]:
                 lengths = lengths_cpu.to(device=x.device, dtype=torch.long)
         else:
-            self._check_input(input, packed=False, autocast=autocast)
+            weights = self._check_input(input, packed=False, autocast=autocast)
             batched = input.dim() == 3
             x = input if batched else input.unsqueeze(1 if not self.batch_first else 0)
             if self.batch_first:
@@ -394,7 +443,7 @@ class _RNNBase(torch.nn.Module):
             cast = _autocast_dtypes(_TORCH_KIND[self.mode], x, structure)
             problem = _autocast_torch_problem(_TORCH_KIND[self.mode], x, structure)
             config = dataclasses.replace(config, dtype=cast[0], torch_problem=problem)
-        return x, lengths, lengths_cpu, batched, states, cast, config
+        return x, lengths, lengths_cpu, batched, states, weights, cast, config
 
     def _explained(self, input, hx):
         return self._prepare(input, hx)[-2:]
@@ -405,17 +454,19 @@ class _RNNBase(torch.nn.Module):
 
     def forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
-        x, lengths, lengths_cpu, batched, states, cast, config = self._prepare(input, hx)
+        x, lengths, lengths_cpu, batched, states, weights, cast, config = self._prepare(input, hx)
         backend = select(self.backend, config, self.training)
         if backend == backends.TORCH:  # (under the caller's autocast, if any: as torch.nn)
-            y, h_n = self._forward_torch(input, x, states, packed)
+            y, h_n = self._forward_torch(input, x, states, packed, weights)
         elif cast is None:
-            y, h_n = self._forward_layers(x, states, lengths, backend)
+            y, h_n = self._forward_layers(x, states, lengths, backend, weights)
         else:  # autocast: the layers in the dtype torch.nn runs them in, autocast off inside
             run = cast[0]
             with torch.autocast(x.device.type, enabled=False):
                 states = None if states is None else [t.to(run) for t in states]
-                y, h_n = self._forward_layers(x.to(run), states, lengths, backend, run, cast[1:])
+                y, h_n = self._forward_layers(
+                    x.to(run), states, lengths, backend, weights, run, cast[1:]
+                )
 
         if packed:
             y_sorted = (
@@ -444,15 +495,18 @@ class _RNNBase(torch.nn.Module):
         states: list[Tensor] | None,
         lengths: Tensor | None,
         backend: str,
+        weights: list[Tensor],
         weight_dtype: torch.dtype | None = None,
         state_dtypes: tuple[torch.dtype, ...] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """All layers and directions through the per-layer op. ``x`` is ``[T, B, I]``;
-        ``weight_dtype``: the parameters cast to it (autocast), else as they are;
-        ``state_dtypes``: those of the final states (autocast), else ``x``'s."""
+        ``weights``: those of ``_flat_weights_names``; ``weight_dtype``: the parameters cast
+        to it (autocast), else as they are; ``state_dtypes``: those of the final states
+        (autocast), else ``x``'s."""
+        by_name = dict(zip(self._flat_weights_names, weights, strict=True))
 
         def param(name: str) -> Tensor:
-            t = getattr(self, name)
+            t = by_name[name]
             return t if weight_dtype is None else t.to(weight_dtype)
 
         T, B, _ = x.shape
@@ -503,9 +557,10 @@ class _RNNBase(torch.nn.Module):
         return layer_in, finals
 
     def _forward_torch(
-        self, input, x: Tensor, states: list[Tensor] | None, packed: bool
+        self, input, x: Tensor, states: list[Tensor] | None, packed: bool, weights: list[Tensor]
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """torch.nn's own fused implementation (cuDNN / oneDNN), for ``backend="torch"``.
+        """torch.nn's own fused implementation (cuDNN / oneDNN), for ``backend="torch"``, on
+        ``weights`` (those of ``_flat_weights_names``).
 
         Returns ``y [T, B, D*P]`` padded in the caller's batch order and the final states.
         """
@@ -517,7 +572,7 @@ class _RNNBase(torch.nn.Module):
             if self.mode == "LSTM":
                 states.append(x.new_zeros(self.num_layers * D, B, self.hidden_size))
         args = (
-            self._flat_weights,
+            weights,
             self.bias,
             self.num_layers,
             self.dropout,
@@ -719,7 +774,15 @@ class _CellBase(torch.nn.Module):
             s += f", nonlinearity={self.nonlinearity}"
         return s
 
-    def _prepare(self, input: Tensor, hx) -> tuple[Tensor, list[Tensor], bool]:
+    def _weight_shapes(self) -> list[tuple[int, ...]]:
+        """The shapes of ``_CELL_WEIGHTS``' weights."""
+        G = {"lstm": 4, "gru": 3}.get(self._cell, 1)
+        GH = G * self.hidden_size
+        return [(GH, self.input_size), (GH, self.hidden_size), (GH,), (GH,)]
+
+    def _prepare(self, input: Tensor, hx) -> tuple[Tensor, list[Tensor], list, bool]:
+        """Checks a call's arguments: ``(x [B, I], states, weights, batched)``, ``weights``
+        those of ``_CELL_WEIGHTS``, read once for the call."""
         n_states = 2 if self._cell == "lstm" else 1  # (h, c) or h
         name = type(self).__name__
         if not isinstance(input, Tensor):
@@ -729,7 +792,9 @@ class _CellBase(torch.nn.Module):
             raise RNNInputError(
                 f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead"
             )
-        _check_weights(self, _CELL_WEIGHTS, input, autocast)
+        weights = _check_weights(
+            self, _CELL_WEIGHTS, self._weight_shapes(), input, autocast, none_ok=True
+        )
         if input.shape[-1] != self.input_size:
             raise RNNInputError(
                 f"{name}: input has inconsistent input_size: got {input.shape[-1]} expected "
@@ -767,7 +832,7 @@ class _CellBase(torch.nn.Module):
                         f"{t.dtype} on {t.device}"
                     )
                 states.append(t)
-        return x, states, batched
+        return x, states, weights, batched
 
     def _config(self, x: Tensor, states: list[Tensor]):
         """``(cast, config)`` of a step on ``x [B, I]``: ``cast`` as in :meth:`_RNNBase._prepare`,
@@ -794,25 +859,19 @@ class _CellBase(torch.nn.Module):
         return cast, config
 
     def _explained(self, input, hx):
-        x, states, _ = self._prepare(input, hx)
+        x, states, _, _ = self._prepare(input, hx)
         return self._config(x, states)
 
     def choose_backend(self, input, hx=None) -> Choice:
         """Which backend a call with these arguments would run, and why others were skipped."""
         return choose(self.backend, self._explained(input, hx)[1], self.training)
 
-    def _run(self, x: Tensor, states: list[Tensor]) -> tuple[Tensor, ...]:
+    def _run(self, x: Tensor, states: list[Tensor], weights: list) -> tuple[Tensor, ...]:
+        """One step on ``weights`` (``_CELL_WEIGHTS``', from :meth:`_prepare`)."""
         cast, config = self._config(x, states)
         backend = select(self.backend, config, self.training, torch_vmaps=True)
         if backend == backends.TORCH:  # (under the caller's autocast, if any: as torch.nn)
-            args = (
-                x,
-                states[0] if len(states) == 1 else tuple(states),
-                self.weight_ih,
-                self.weight_hh,
-                self.bias_ih,
-                self.bias_hh,
-            )
+            args = (x, states[0] if len(states) == 1 else tuple(states), *weights)
             if self._cell == "lstm":
                 return tuple(_VF.lstm_cell(*args))
             impl = {
@@ -822,15 +881,17 @@ class _CellBase(torch.nn.Module):
             }[self._cell]
             return (impl(*args),)
         if cast is None:
-            return self._run_kernel(x, states, backend, None, None)
+            return self._run_kernel(x, states, weights, backend, None, None)
         run = cast[0]
         with torch.autocast(x.device.type, enabled=False):  # in torch.nn's dtypes
-            return self._run_kernel(x.to(run), [t.to(run) for t in states], backend, run, cast)
+            states = [t.to(run) for t in states]
+            return self._run_kernel(x.to(run), states, weights, backend, run, cast)
 
     def _run_kernel(
         self,
         x: Tensor,
         states: list[Tensor],
+        weights: list,
         backend: str,
         weight_dtype: torch.dtype | None,
         out_dtypes: tuple[torch.dtype, ...] | None,
@@ -841,15 +902,16 @@ class _CellBase(torch.nn.Module):
         def param(t: Tensor | None) -> Tensor | None:
             return t if t is None or weight_dtype is None else t.to(weight_dtype)
 
+        w_ih, w_hh, b_ih, b_hh = weights
         acc = state_dtype(x.dtype)
-        gx = torch.nn.functional.linear(x, param(self.weight_ih), param(self.bias_ih)).unsqueeze(0)
+        gx = torch.nn.functional.linear(x, param(w_ih), param(b_ih)).unsqueeze(0)
         _, h, c = layer_recurrence(
             self._cell,
             gx.contiguous(),
             states[0].to(acc).contiguous(),
             states[1].to(acc).contiguous() if self._cell == "lstm" else None,
-            param(self.weight_hh).contiguous(),
-            param(self.bias_hh),
+            param(w_hh).contiguous(),
+            param(b_hh),
             None,
             None,
             False,
@@ -877,8 +939,8 @@ class LSTMCell(_CellBase):
         super().__init__("lstm", input_size, hidden_size, bias, device, dtype, backend)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
-        x, states, batched = self._prepare(input, hx)
-        h, c = self._run(x, states)
+        x, states, weights, batched = self._prepare(input, hx)
+        h, c = self._run(x, states, weights)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
 
@@ -900,8 +962,8 @@ class GRUCell(_CellBase):
         super().__init__("gru", input_size, hidden_size, bias, device, dtype, backend)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        x, states, batched = self._prepare(input, hx)
-        (h,) = self._run(x, states)
+        x, states, weights, batched = self._prepare(input, hx)
+        (h,) = self._run(x, states, weights)
         return h if batched else h.squeeze(0)
 
 
@@ -938,8 +1000,8 @@ class RNNCell(_CellBase):
         return f"rnn_{self.nonlinearity}"
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        x, states, batched = self._prepare(input, hx)
-        (h,) = self._run(x, states)
+        x, states, weights, batched = self._prepare(input, hx)
+        (h,) = self._run(x, states, weights)
         return h if batched else h.squeeze(0)
 
 

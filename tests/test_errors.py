@@ -175,6 +175,71 @@ def test_every_weight_is_checked(backend, kind):
             assert word in str(info.value), (word, str(info.value))
 
 
+# Every weight of a module, by kind: (constructor kwargs, input shape).
+WEIGHT_KINDS = {
+    "LSTM": (dict(num_layers=2, bidirectional=True), (5, 2, 4)),
+    "LSTM-proj": (dict(proj_size=3), (5, 2, 4)),
+    "GRU": ({}, (5, 2, 4)),
+    "RNN": (dict(nonlinearity="relu"), (5, 2, 4)),
+    "LSTMCell": ({}, (2, 4)),
+    "GRUCell": ({}, (2, 4)),
+    "RNNCell": ({}, (2, 4)),
+}
+
+
+def _weight_module(kind: str, backend: str):
+    kwargs, shape = WEIGHT_KINDS[kind]
+    module = getattr(rnnkern, kind.split("-")[0])(4, 6, backend=backend, **kwargs)
+    return module, torch.randn(shape)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu", "torch"])
+@pytest.mark.parametrize("kind", list(WEIGHT_KINDS))
+def test_replaced_weights_of_another_shape_are_refused(backend, kind):
+    """A weight replaced after construction by one of another shape is refused, naming it and
+    both shapes. The kernels take the sizes from the module: backend cpu read a wider
+    weight_hh past its rows and returned outputs of its width, and a one-element bias (which
+    torch.nn's ops broadcast) as if it had every gate's."""
+    module, x = _weight_module(kind, backend)
+    for name, weight in list(module.named_parameters()):
+        shapes = [
+            [*weight.shape[:-1], weight.shape[-1] + 1],
+            [weight.shape[0] - 1, *weight.shape[1:]],
+            [1] if weight.dim() == 1 else [weight.numel()],  # (a bias torch.nn broadcasts)
+        ]
+        for shape in shapes:
+            module, x = _weight_module(kind, backend)
+            setattr(module, name, torch.nn.Parameter(torch.randn(shape)))
+            with pytest.raises(rnnkern.RNNInputError) as info:
+                module(x)
+            for word in (name, str(list(weight.shape)), str(shape)):
+                assert word in str(info.value), (word, str(info.value))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu", "torch"])
+@pytest.mark.parametrize("kind", list(WEIGHT_KINDS))
+def test_a_bias_set_to_none(backend, kind):
+    """torch.nn's sequence modules raise a TypeError for a bias set to None after construction
+    (backends reference and cpu ran without it); its cells run without it, and so do these."""
+    module, x = _weight_module(kind, backend)
+    name = "bias_hh" if kind.endswith("Cell") else "bias_hh_l0"
+    setattr(module, name, None)
+    if not kind.endswith("Cell"):
+        gh = getattr(module, name.replace("bias", "weight")).shape[0]
+        with pytest.raises(
+            TypeError, match=f"{name} must be a Tensor of shape \\[{gh}\\], got None"
+        ):
+            module(x)
+        return
+    want = getattr(torch.nn, kind)(4, 6)
+    want.load_state_dict(module.state_dict(), strict=False)
+    want.bias_hh = None
+    with torch.no_grad():
+        got, expected = module(x), want(x)
+    for g, w in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, expected)), strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+
+
 def test_wrong_types_are_type_errors_too():
     """torch.nn raises a TypeError (or an AttributeError) for a state of the wrong type;
     rnnkern's error is also a TypeError, so except clauses written for it keep working."""

@@ -266,3 +266,46 @@ def test_dispatch_under_transforms():
     with pytest.raises(BackendUnavailableError, match="'torch' cannot run .* torch.func.vmap"):
         dispatch.choose("torch", config, True, transforms="vmap")
     assert dispatch.choose("reference", config, True, transforms="vmap").backend == "reference"
+
+
+# --------------------------------------------------------------------------- parametrizations
+
+
+class _Counted(torch.nn.Module):
+    """A deterministic parametrization that counts its evaluations."""
+
+    calls = 0
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        _Counted.calls += 1
+        return 0.5 * w + 0.1
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "LSTMCell", "RNNCell"])
+def test_parametrized_weights_are_computed_once_a_call(kind, backend):
+    """torch.nn.utils.parametrize on the weights: the same outputs and gradients as torch.nn's
+    module with the same parametrization, and each parametrized weight computed once a call
+    (a stateful parametrization, e.g. spectral_norm in training mode, advances once a call;
+    torch.nn's sequence modules compute each four times, its cells once)."""
+    from torch.nn.utils import parametrize
+
+    ours, theirs = _pair(kind, backend)
+    names = ["weight_hh", "bias_ih"] if kind.endswith("Cell") else ["weight_hh_l0", "bias_ih_l0"]
+    for module in (ours, theirs):
+        for name in names:
+            parametrize.register_parametrization(module, name, _Counted())
+    x = torch.randn(3, 5) if kind.endswith("Cell") else torch.randn(4, 3, 5)
+    want = _tensors(theirs(x))
+    _Counted.calls = 0
+    got = _tensors(ours(x))
+    assert _Counted.calls == len(names), _Counted.calls
+    for g, w in zip(got, want, strict=True):
+        # float32, other kernels than torch.nn's: outputs in (-1, 1) from sums of 6 products a
+        # step, a few units of float32 rounding (6e-8) each; gradients summed over 4 steps x 3
+        # rows of such terms
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+    sum(t.sum() for t in got).backward()
+    sum(t.sum() for t in want).backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-5, msg=name)
