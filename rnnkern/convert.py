@@ -5,10 +5,19 @@
 modules take over the old ones' ``Parameter`` objects, so nothing is copied, outputs and
 ``state_dict`` stay the same, and an optimizer built before the swap keeps training the same
 tensors. ``convert(model, to="torch")`` does the reverse, for what only torch.nn's classes
-support (``torch.jit.script``). Hooks registered on the replaced modules do not move.
+support (``torch.jit.script``).
+
+What the replaced module carried besides its parameters moves with them: its hooks (forward,
+backward, state_dict and load_state_dict hooks; the same hook tables, so handles from
+``register_forward_hook`` and the like still remove them) and the attributes set on it after
+construction. A module held under several names (or by several parents) becomes one new module,
+held under all of them. Subclasses of torch.nn's classes are left as they are, with a warning:
+their own code may change what forward does.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -27,6 +36,15 @@ _PAIRS = [
     (torch.nn.RNNCell, rk.RNNCell),
 ]
 _TARGETS = {"rnnkern": dict(_PAIRS), "torch": {ours: theirs for theirs, ours in _PAIRS}}
+# A module's hook tables, moved to its replacement (those of torch.nn.Module, torch 2.11+).
+_HOOK_TABLES = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+    "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)  # fmt: skip
+# and the flag that says which kind its backward hooks are (register_full_backward_hook)
+_HOOK_FLAGS = ("_is_full_backward_hook",)
 
 
 def _arguments(module: torch.nn.Module) -> dict:
@@ -72,6 +90,16 @@ def _swap(module: torch.nn.Module, cls: type, backend: str | None) -> torch.nn.M
         )
     for name in wanted:
         setattr(new, name, params[name])
+    # The same hook tables (a RemovableHandle finds its hook through a reference to the table),
+    # and attributes a fresh module of the old one's class would not have (set after
+    # construction by the model's code).
+    for table in _HOOK_TABLES + _HOOK_FLAGS:
+        if hasattr(module, table):
+            setattr(new, table, getattr(module, table))
+    fresh = type(module)(**_arguments(module), device="meta").__dict__
+    for key, value in module.__dict__.items():
+        if key not in fresh and key not in new.__dict__:
+            new.__dict__[key] = value
     new.train(module.training)
     if hasattr(new, "flatten_parameters"):  # sequence modules: cuDNN's layout on CUDA
         new.flatten_parameters()
@@ -83,7 +111,8 @@ def convert(module: torch.nn.Module, to: str = "rnnkern", backend: str = "auto")
 
     Args:
         module: any ``torch.nn.Module``; when it is itself an RNN or a cell, the returned
-            module is its replacement (``module`` is left as it was).
+            module is its replacement (``module`` is left as it was, its hook tables shared with
+            the replacement).
         to: ``"rnnkern"`` (torch.nn's LSTM, GRU, RNN and cells become rnnkern's) or
             ``"torch"`` (rnnkern's become torch.nn's).
         backend: the new rnnkern modules' ``backend`` (``to="rnnkern"`` only).
@@ -98,16 +127,32 @@ def convert(module: torch.nn.Module, to: str = "rnnkern", backend: str = "auto")
     table = _TARGETS[to]
     chosen = backend if to == "rnnkern" else None
 
+    done: dict[int, torch.nn.Module] = {}  # id of a replaced module -> its replacement
+
     def replacement(m: torch.nn.Module) -> torch.nn.Module | None:
         # Exact types (a subclass may change what forward does), seen through the class that
         # parametrizations substitute, so that those are refused rather than skipped.
-        cls = table.get(torch.nn.utils.parametrize.type_before_parametrizations(m))
-        return None if cls is None else _swap(m, cls, chosen)
+        kind = torch.nn.utils.parametrize.type_before_parametrizations(m)
+        cls = table.get(kind)
+        if cls is None:
+            base = next((t for t in table if issubclass(kind, t)), None)
+            if base is not None:
+                warnings.warn(
+                    f"convert: left {kind.__name__} as it is: it subclasses "
+                    f"{base.__module__}.{base.__name__}, and its own code may change what "
+                    "forward does",
+                    stacklevel=3,
+                )
+            return None
+        if id(m) not in done:
+            done[id(m)] = _swap(m, cls, chosen)
+        return done[id(m)]
 
     top = replacement(module)
     if top is not None:
         return top
-    found = [(p, name, c) for p in module.modules() for name, c in p.named_children()]
+    # (every name of every parent: named_children() lists a module held twice once)
+    found = [(p, n, c) for p in module.modules() for n, c in p._modules.items() if c is not None]
     for parent, name, child in found:
         new = replacement(child)
         if new is not None:

@@ -128,6 +128,8 @@ def choose(
         # torch.nn returns empty outputs and states (their autograd graph included) for an
         # empty batch; there is nothing for a kernel to compute, so torch.nn's op makes them.
         return Choice(TORCH, "an empty batch: nothing to compute, torch.nn's op returns it")
+    if config.hidden_size == 0:  # (a cell of 0 units, which torch.nn builds: [B, 0] states)
+        return Choice(TORCH, "0 hidden units: nothing to compute, torch.nn's op returns it")
     symbolic = config.batch_size < 0 or config.seq_len < 0  # (see select)
     # supports() does not depend on B or T, and gets real sizes, never -1: backend cuda caches
     # its answer per layer shape without B, and its plan for B = -1 would be an error.

@@ -641,6 +641,12 @@ class LSTM(_RNNBase):
         )
 
 
+def _refuse_proj_size(proj_size) -> None:
+    # torch.nn's GRU and RNN take the keyword only to refuse it (any value, 0 included)
+    if proj_size is not None:
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+
+
 class GRU(_RNNBase):
     """Drop-in ``torch.nn.GRU``: same arguments, parameters and outputs, plus ``backend``."""
 
@@ -657,7 +663,9 @@ class GRU(_RNNBase):
         dtype=None,
         *,
         backend: str = "auto",
+        proj_size: int | None = None,
     ) -> None:
+        _refuse_proj_size(proj_size)
         super().__init__(
             "GRU",
             input_size,
@@ -691,7 +699,9 @@ class RNN(_RNNBase):
         dtype=None,
         *,
         backend: str = "auto",
+        proj_size: int | None = None,
     ) -> None:
+        _refuse_proj_size(proj_size)
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(
                 f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
@@ -714,7 +724,9 @@ class RNN(_RNNBase):
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
-        return s + (f", nonlinearity={self.nonlinearity!r}" if self.nonlinearity != "tanh" else "")
+        # (from the mode, fixed at construction: what the module computes, as in torch.nn,
+        # whose RNN ignores a nonlinearity changed later)
+        return s + (", nonlinearity='relu'" if self.mode == "RNN_RELU" else "")
 
 
 # ------------------------------------------------------------------------------------ cells
@@ -737,8 +749,9 @@ class _CellBase(torch.nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        _check_int("input_size", input_size, 1)
-        _check_int("hidden_size", hidden_size, 1)
+        # (0 allowed, as torch.nn's cells allow it: a 0-unit cell returns [B, 0] states)
+        _check_int("input_size", input_size, 0)
+        _check_int("hidden_size", hidden_size, 0)
         # (bias is not checked: torch.nn's cells take any truthy value, bias=1 included, and
         # so do these, so that rnnkern.convert takes every cell torch.nn builds)
         if dtype is not None and dtype not in _FLOATS:
@@ -762,7 +775,7 @@ class _CellBase(torch.nn.Module):
     __prepare_scriptable__ = _refuse_script
 
     def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size)
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
         for weight in self.parameters():
             init.uniform_(weight, -stdv, stdv)
 
@@ -772,6 +785,8 @@ class _CellBase(torch.nn.Module):
             s += f", bias={self.bias}"
         if getattr(self, "nonlinearity", "tanh") != "tanh":
             s += f", nonlinearity={self.nonlinearity}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
         return s
 
     def _weight_shapes(self) -> list[tuple[int, ...]]:

@@ -95,8 +95,46 @@ def test_convert_leaves_subclasses_and_other_modules_alone():
         pass
 
     model = nn.Sequential(nn.Linear(5, 5), MyLSTM(5, 6))
-    rnnkern.convert(model)
+    with pytest.warns(UserWarning, match="left MyLSTM as it is: it subclasses torch.nn.*LSTM"):
+        rnnkern.convert(model)
     assert type(model[0]) is nn.Linear and type(model[1]) is MyLSTM
+
+
+def test_convert_keeps_a_module_held_twice_one_module():
+    model = nn.Module()
+    model.a = model.b = nn.GRU(5, 6)
+    model.seq = nn.Sequential(model.a)
+    rnnkern.convert(model)
+    assert type(model.a) is rnnkern.GRU and model.a is model.b is model.seq[0]
+    rnnkern.convert(model, to="torch")
+    assert type(model.a) is nn.GRU and model.a is model.b is model.seq[0]
+
+
+@pytest.mark.parametrize("to", ["rnnkern", "torch"])
+def test_convert_moves_hooks_and_attributes(to):
+    """Hooks registered on the old module fire on the new one, and their handles still remove
+    them; attributes set after construction come along."""
+    old = nn.LSTM(5, 6) if to == "rnnkern" else rnnkern.LSTM(5, 6)
+    calls = []
+    handles = [
+        old.register_forward_pre_hook(lambda m, args: calls.append(("pre", type(m)))),
+        old.register_forward_hook(lambda m, args, out: calls.append(("post", type(m)))),
+        old.register_full_backward_hook(lambda m, gin, gout: calls.append(("back", type(m)))),
+        old.register_state_dict_post_hook(lambda m, sd, prefix, local: sd.update(extra=1)),
+    ]
+    old.tag = "encoder"
+    new = rnnkern.convert(old, to=to)
+    assert type(new) is not type(old) and new.tag == "encoder"
+    x = torch.randn(3, 2, 5, requires_grad=True)
+    new(x)[0].sum().backward()
+    kind = type(new)
+    assert calls == [("pre", kind), ("post", kind), ("back", kind)], calls
+    assert new.state_dict()["extra"] == 1
+    for handle in handles:
+        handle.remove()
+    calls.clear()
+    new(x)[0].sum().backward()
+    assert calls == [] and "extra" not in new.state_dict()
 
 
 def test_convert_errors():

@@ -49,11 +49,35 @@ def test_unknown_nonlinearity_and_backend():
         rnnkern.GRU(3, 4, backend="fast")
 
 
-def test_proj_size_only_for_lstm():
-    with pytest.raises(TypeError):
-        rnnkern.GRU(3, 4, proj_size=2)  # not an argument of GRU, as in torch.nn's signature
-    with pytest.raises(ValueError):
-        torch.nn.GRU(3, 4, proj_size=2)
+@pytest.mark.parametrize("proj_size", [0, 2])
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_proj_size_only_for_lstm(kind, proj_size):
+    # torch.nn's GRU and RNN take the keyword to refuse it, whatever its value
+    message = "proj_size argument is only supported for LSTM, not RNN or GRU"
+    with pytest.raises(ValueError, match=message):
+        getattr(torch.nn, kind)(3, 4, proj_size=proj_size)
+    with pytest.raises(ValueError, match=message):
+        getattr(rnnkern, kind)(3, 4, proj_size=proj_size)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu", "torch"])
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cells_of_zero_units_or_inputs(kind, backend):
+    # torch.nn builds cells with 0 inputs or 0 units (a [B, 0] state); so does rnnkern
+    for sizes in ((3, 0), (0, 4), (0, 0)):
+        torch.manual_seed(0)
+        theirs = getattr(torch.nn, kind)(*sizes)
+        torch.manual_seed(0)
+        ours = getattr(rnnkern, kind)(*sizes, backend=backend)
+        x = torch.randn(2, sizes[0], requires_grad=True)
+        got, want = ours(x), theirs(x)
+        got, want = (got, want) if kind == "LSTMCell" else ((got,), (want,))
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape == (2, sizes[1])
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-6)  # float32, 0-4 products a unit
+        sum(g.sum() for g in got).backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+    assert isinstance(rnnkern.convert(getattr(torch.nn, kind)(3, 0)), getattr(rnnkern, kind))
 
 
 @pytest.fixture

@@ -360,6 +360,24 @@ def test_module_to_double_and_repr():
     assert len(m.all_weights) == 4 and len(m.all_weights[0]) == 5
 
 
+def test_repr_says_what_the_module_computes():
+    # torch.nn's RNN computes with the nonlinearity it was built with, whatever the attribute
+    # says later; the repr follows what is computed. Cells name a chosen backend, as the
+    # sequence modules do.
+    m = rnnkern.RNN(3, 4, backend="reference")
+    m.nonlinearity = "relu"
+    x = torch.randn(2, 1, 3)
+    assert repr(m) == "RNN(3, 4, backend='reference')"
+    tanh = rnnkern.RNN(3, 4, backend="reference")
+    tanh.load_state_dict(m.state_dict())
+    assert torch.equal(m(x)[0], tanh(x)[0])
+    assert repr(rnnkern.RNN(3, 4, nonlinearity="relu")) == "RNN(3, 4, nonlinearity='relu')"
+    assert repr(rnnkern.GRUCell(3, 4, backend="cpu")) == "GRUCell(3, 4, backend='cpu')"
+    assert repr(rnnkern.RNNCell(3, 4, nonlinearity="relu")) == repr(
+        torch.nn.RNNCell(3, 4, nonlinearity="relu")
+    )
+
+
 @needs_cuda
 def test_cudnn_path_gets_flattened_weights():
     """cuDNN copies and warns about weights that are not one contiguous buffer; rnnkern's
