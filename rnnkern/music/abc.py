@@ -684,7 +684,11 @@ def detokenize(
 
     A model can emit unbalanced chord brackets, which ABC readers reject (music21: "Bad chord
     indicator"), so a chord the tokens leave open is closed before the next bar line or ``[``
-    or at the end, and a ``]`` with no open chord is left out.
+    or at the end, and a ``]`` with no open chord is left out. So is every other token that
+    :func:`interpret` (and so the MIDI export) ignores, such as a duration with nothing to
+    lengthen (after a bar line or another duration: ``E 2 3``) or an empty chord: written, it
+    would change what the text means (``E23`` is a note of 23 eighths to an ABC reader, and
+    a model's output had it).
     """
     token_meter, token_mode, body = body_tokens(tokens)
     meter = token_meter or meter or "M:4/4"
@@ -693,12 +697,16 @@ def detokenize(
         raise ValueError(f"meter must be one of {METER_TOKENS}, got {meter!r}")
     if mode not in MODE_TOKENS:
         raise ValueError(f"mode must be one of {MODE_TOKENS}, got {mode!r}")
-    parts: list[str] = []
-    glue_next = False
-    in_chord = False
     for token in body:
         if token not in TOKEN_TO_ID:
             raise AbcError("token is not in the vocabulary", None, token)
+    ignored = _read(tokens)[2]
+    parts: list[str] = []
+    glue_next = False
+    in_chord = False
+    for index, token in enumerate(body):
+        if index in ignored:
+            continue
         if token == "]" and not in_chord:
             continue
         if in_chord and token in _CHORD_ENDERS:
@@ -710,7 +718,7 @@ def detokenize(
             parts[-1] = ":|2"
         elif parts and token == "|1" and parts[-1] == ":|":
             parts[-1] = ":|1"
-        elif parts and (glue_next or token in _GLUE_BEFORE):
+        elif parts and ((glue_next and token not in BAR_TOKENS) or token in _GLUE_BEFORE):
             parts[-1] += token
         else:
             parts.append(token)
@@ -718,7 +726,7 @@ def detokenize(
             token in TUPLET_TOKENS
             or token in BROKEN_TOKENS
             or token == "["
-            or (token in _NOTE_SET and _inside_chord(parts[-1]))
+            or _inside_chord(parts[-1])  # (notes, rests and their durations)
         )
     if in_chord:
         parts[-1] += "]"
@@ -792,6 +800,16 @@ def interpret(tokens: Sequence[str]) -> tuple[list[Sounding], list[Fraction | No
     duration after ``]``. A bar with a symbol out of place (a duration with no note, ``]``
     with no chord) has length None; its notes are still returned.
     """
+    items, bars, _ = _read(tokens)
+    return items, bars
+
+
+def _read(tokens: Sequence[str]) -> tuple[list[Sounding], list[Fraction | None], set[int]]:
+    """:func:`interpret`, and the indices into :func:`body_tokens`' body of the tokens the
+    reading ignores (out of place: a duration after a bar line or after another duration, a
+    chord with no notes, ``]`` with no chord, a tuplet inside a chord...), which
+    :func:`detokenize` leaves out, so that the ABC it writes means what this reading hears.
+    A chord left open ends at the next bar line, ``[`` or the end, as detokenize closes it."""
     meter, mode, body = body_tokens(tokens)
     compound = meter in _COMPOUND
     signature = key_signature(_MODE_FIFTHS[mode or "K:Cmaj"])
@@ -802,8 +820,10 @@ def interpret(tokens: Sequence[str]) -> tuple[list[Sounding], list[Fraction | No
     broken_factor = Fraction(1)  # what a broken rhythm leaves for the next item
     tuplet_left, tuplet_ratio = 0, Fraction(1)
     bad = False
-    open_item = False  # the last item may still take a duration or a broken rhythm
+    open_item = False  # the last item (or chord note) may still take a duration
     chord: list[tuple[int | None, Fraction]] | None = None  # notes inside an open chord
+    chord_at = -1  # body index of the open chord's "["
+    ignored: set[int] = set()
 
     def pitch(token: str) -> int | None:
         if token == REST_TOKEN:
@@ -823,34 +843,53 @@ def interpret(tokens: Sequence[str]) -> tuple[list[Sounding], list[Fraction | No
             tuplet_left -= 1
         items.append(Sounding(pitches, Fraction(0), length * factor, len(bars)))
 
+    def end_chord(explicit: bool) -> None:
+        # a chord with notes becomes one item (as long as its first note); one without is
+        # ignored, its "[" with it; one the tokens leave open is malformed (its bar unread)
+        nonlocal chord, open_item, bad
+        if chord:
+            notes = tuple(sorted({p for p, _ in chord if p is not None}))
+            start_item(notes, chord[0][1])
+        else:
+            ignored.add(chord_at)
+        bad = bad or not explicit or not chord
+        chord, open_item = None, bool(chord) and explicit
+
     def close_bar() -> None:
-        nonlocal bar_start, bad, open_item, chord, broken_factor
+        nonlocal bar_start, bad, open_item, broken_factor
+        if chord is not None:
+            end_chord(explicit=False)
         lengths = [it.length for it in items[bar_start:]]
-        bars.append(None if bad or chord is not None else sum(lengths, Fraction(0)))
-        bar_start, bad, open_item, chord = len(items), False, False, None
+        bars.append(None if bad else sum(lengths, Fraction(0)))
+        bar_start, bad, open_item = len(items), False, False
         broken_factor = Fraction(1)
         bar_accidentals.clear()
 
-    for token in body:
+    for index, token in enumerate(body):
         if token in BAR_TOKENS:
             close_bar()
-        elif chord is not None:
+        elif chord is not None and token != "[":
             if token in _NOTE_SET or token == REST_TOKEN:
                 chord.append((pitch(token), Fraction(1)))
-            elif token in _DURATION_VALUE and chord:
+                open_item = True
+            elif token in _DURATION_VALUE and open_item:
                 chord[-1] = (chord[-1][0], chord[-1][1] * _DURATION_VALUE[token])
-            elif token == "]" and chord:
-                notes = tuple(sorted({p for p, _ in chord if p is not None}))
-                start_item(notes, chord[0][1])
-                chord, open_item = None, True
+                open_item = False
+            elif token == "]":
+                if not chord:
+                    ignored.add(index)
+                end_chord(explicit=True)
             else:
                 bad = True
+                ignored.add(index)
         elif token in _NOTE_SET or token == REST_TOKEN:
             p = pitch(token)
             start_item(() if p is None else (p,), Fraction(1))
             open_item = True
         elif token == "[":
-            chord, open_item = [], False
+            if chord is not None:
+                end_chord(explicit=False)
+            chord, chord_at, open_item = [], index, False
         elif token in _DURATION_VALUE and open_item:
             items[-1].length *= _DURATION_VALUE[token]
             open_item = False
@@ -868,14 +907,13 @@ def interpret(tokens: Sequence[str]) -> tuple[list[Sounding], list[Fraction | No
             tuplet_left, tuplet_ratio, open_item = p, Fraction(q, p), False
         else:
             bad = True
-    if chord is not None:
-        bad = True
+            ignored.add(index)
     close_bar()
     time = Fraction(0)
     for item in items:
         item.start = time
         time += item.length
-    return items, bars
+    return items, bars, ignored
 
 
 def bar_durations(tokens: Sequence[str]) -> list[Fraction | None]:
