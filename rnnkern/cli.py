@@ -9,20 +9,29 @@ import sys
 from pathlib import Path
 
 
+def int_at_least(
+    text: str, minimum: int, maximum: int | None = None, maximum_text: str | None = None
+) -> int:
+    """``text`` as an integer in ``[minimum, maximum)``, else argparse's error saying so (a
+    ValueError would name the type function: "invalid positive_int value")."""
+    bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum_text or maximum})"
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum or (maximum is not None and value >= maximum):
+        raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
+    return int_at_least(text, 1)
 
 
 def nonnegative_int(text: str) -> int:
     """An argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
+    return int_at_least(text, 0)
 
 
 def device_name(text: str) -> str:
@@ -38,7 +47,7 @@ def device_name(text: str) -> str:
     return text
 
 
-def _writable_folder_problem(folder: str) -> str | None:
+def writable_folder_problem(folder: str) -> str | None:
     """Why results could not be written under ``folder`` (checked before a run, not after)."""
     path = Path(folder).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
@@ -57,7 +66,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import runner
 
     if not args.no_write:
-        problem = _writable_folder_problem(args.out)
+        problem = writable_folder_problem(args.out)
         if problem:
             print(f"rnnkern bench: --out {args.out}: {problem}", file=sys.stderr)
             return 2
@@ -212,11 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    args.argv = argv
-    return int(args.func(args) or 0)
+    try:  # (building the parser imports torch: a Ctrl-C may come that early)
+        parser = build_parser()
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(argv)
+        args.argv = argv
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # (training saves its checkpoint and says so itself)
+        print("\nrnnkern: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader of stdout stopped (``rnnkern generate | head``): nothing more to say,
+        # and Python's flush at exit must not fail on the closed pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # (a shell's code for a process ended by SIGPIPE)
 
 
 if __name__ == "__main__":

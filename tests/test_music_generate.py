@@ -210,3 +210,40 @@ def test_generate_refuses_what_it_cannot_do_before_any_work(tmp_path, capsys):
         assert captured.out == "" and words in captured.err, (args, captured.err)
         assert "Traceback" not in captured.err
     assert not (tmp_path / "t.mid").exists()
+
+
+def test_a_closed_pipe_ends_generate_quietly_after_writing_the_midi(random_model, tmp_path):
+    """``rnnkern generate ... | head -1``: the MIDI file is written first, and the closed pipe
+    ends the command with the shell's SIGPIPE status, no traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, path = random_model
+    midi = tmp_path / "t.mid"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "rnnkern.cli", "generate", "--model", str(path), "--count",
+           "300", "--max-tokens", "200", "--midi", str(midi)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.readline()
+    proc.stdout.close()  # as head does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err  # (300 tunes: more than a pipe's 64 KB buffer)
+    assert "Traceback" not in err and midi.is_file(), err
+
+
+def test_generate_names_a_non_finite_model(random_model, tmp_path, capsys):
+    model, _ = random_model
+    broken = tmp_path / "nan.pt"
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["head.weight"].fill_(float("nan"))
+    save_checkpoint(broken, {
+        "format": CHECKPOINT_FORMAT, "kind": "abc", "tokens": list(abc.VOCABULARY),
+        "model_config": model.config.to_dict(), "train_config": {}, "model": state,
+        "history": {"val_loss": []},
+    })  # fmt: skip
+    assert main(["generate", "--model", str(broken), "--max-tokens", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rnnkern generate:") and "NaN" in err, err

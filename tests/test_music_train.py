@@ -232,3 +232,94 @@ def test_train_cli_refuses_negative_counts(capsys):
         with pytest.raises(SystemExit) as info:
             main(["train", "--out", "unused", flag, "-1"])
         assert info.value.code == 2 and "expected an integer >= 0" in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_without_saving_the_bad_step(tmp_path, monkeypatch):
+    """A non-finite loss stops training with an error that says so; the checkpoint on disk
+    stays the last one written before (finite weights), and no model.pt is written."""
+    import math
+
+    from rnnkern.music import train as train_mod
+
+    real = train_mod.loss_on
+    calls = []
+
+    def loss_on(model, batch):
+        loss, count = real(model, batch)
+        calls.append(1)
+        return (loss * math.nan if len(calls) == 7 else loss), count
+
+    monkeypatch.setattr(train_mod, "loss_on", loss_on)
+    with pytest.raises(train_mod.TrainingDiverged, match="diverged at step 7: the loss is nan"):
+        train(config(checkpoint_every=3), SMALL_MODEL, tmp_path, dataset=tiny_dataset(),
+              log=quiet, progress=False)  # fmt: skip
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["global_step"] == 6
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_no_validation_set_writes_strict_json(tmp_path):
+    import json
+
+    train(config(epochs=1, val_fraction=0.0), SMALL_MODEL, tmp_path, dataset=tiny_dataset(),
+          log=quiet, progress=False)  # fmt: skip
+    history = json.loads((tmp_path / "history.json").read_text(), parse_constant=pytest.fail)
+    assert history["val_loss"] == [] and history["train_loss"]
+
+
+def test_resume_names_what_is_wrong_with_the_checkpoint(tmp_path):
+    from rnnkern.music.train import export_model
+
+    train(config(epochs=1), SMALL_MODEL, tmp_path, dataset=tiny_dataset(), log=quiet,
+          progress=False)  # fmt: skip
+    ckpt = tmp_path / "checkpoint.pt"
+    export_model(ckpt, ckpt)  # (weights only, as model.pt)
+    with pytest.raises(ValueError, match="exported model .* not a training checkpoint"):
+        train(config(epochs=2), SMALL_MODEL, tmp_path, dataset=tiny_dataset(), log=quiet)
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # a partial copy
+    with pytest.raises(ValueError, match=r"cannot resume: .*truncated.*start afresh \(--no-resume"):
+        train(config(epochs=2), SMALL_MODEL, tmp_path, dataset=tiny_dataset(), log=quiet)
+
+
+def test_damaged_and_foreign_model_files_are_refused(tmp_path):
+    from rnnkern.music.cli import DEFAULT_MODEL
+
+    data = bytearray(DEFAULT_MODEL.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the weights: torch.load took it
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="damaged .* fails the archive's check"):
+        load_checkpoint(damaged)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model\n")
+    with pytest.raises(ValueError, match=r"not an rnnkern music model \(not a torch.save archive"):
+        load_checkpoint(text)
+
+
+def test_train_cli_checks_its_folder_and_numbers_before_any_work(tmp_path, capsys):
+    from rnnkern.cli import main
+
+    a_file = tmp_path / "a.txt"
+    a_file.write_text("x")
+    # (--data would take seconds to load: these fail before)
+    assert main(["train", "--out", str(a_file / "run")]) == 2
+    assert "a.txt is a file, not a folder" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "run"), "--lr", "inf"]) == 2
+    assert "lr and clip must be finite" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit):
+        main(["train", "--out", "unused", "--epochs", "ten"])
+    assert "--epochs: expected an integer >= 1, got 'ten'" in capsys.readouterr().err
+
+
+def test_no_readable_data_says_so(tmp_path):
+    from rnnkern.music.train import load_dataset
+
+    folder = tmp_path / "midi"
+    folder.mkdir()
+    (folder / "fake.mid").write_text("not midi")
+    dataset = load_dataset("performance", [str(folder)], log=quiet)
+    with pytest.raises(ValueError, match="no training data: .* holds no readable MIDI file"):
+        train(config(kind="performance"), SMALL_MODEL, tmp_path / "run", dataset=dataset,
+              log=quiet)  # fmt: skip

@@ -11,16 +11,14 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import nonnegative_int, positive_int
+from ..cli import int_at_least, nonnegative_int, positive_int, writable_folder_problem
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "folk_lstm.pt"
 
 
-def _seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**64), got {text}")
-    return value
+def seed(text: str) -> int:
+    """An argparse type: a seed, an integer in [0, 2**64)."""
+    return int_at_least(text, 0, 2**64, "2**64")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--lr-decay", type=float, default=0.97, help="per epoch (0.97)")
     t.add_argument("--clip", type=float, default=5.0, help="gradient norm clip (5)")
     t.add_argument("--val-fraction", type=float, default=0.05)
-    t.add_argument("--seed", type=_seed, default=0)
+    t.add_argument("--seed", type=seed, default=0)
     t.add_argument("--checkpoint-every", type=positive_int, default=200, help="steps (200)")
     t.add_argument("--max-steps", type=nonnegative_int, default=0,
                    help="stop after N steps in total (0: none)")  # fmt: skip
@@ -79,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--model", default=str(DEFAULT_MODEL), help="model file (default: bundled)")
     g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--seed", type=_seed, default=42)
+    g.add_argument("--seed", type=seed, default=42)
     g.add_argument("--meter", default=None, help="e.g. 6/8 or M:6/8 (default: the model picks)")
     g.add_argument("--mode", default=None,
                    help="maj, min, dor, mix or K:Cmaj ... (default: the model picks)")  # fmt: skip
@@ -108,7 +106,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from .train import TrainConfig, TrainingInterrupted, train
+    from ..backends import BackendUnavailableError
+    from .train import TrainConfig, TrainingDiverged, TrainingInterrupted, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,6 +134,17 @@ def _train(args: argparse.Namespace) -> int:
             "cell": args.cell,
             "dropout": args.dropout,
         }
+        # The run folder, made before the data loads and steps run (a folder that cannot be made
+        # was found at the first checkpoint, 200 steps in)
+        problem = writable_folder_problem(args.out)
+        if problem is None:
+            try:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                problem = f"cannot make the folder ({err.strerror or err})"
+        if problem:
+            print(f"rnnkern train: --out {args.out}: {problem}", file=sys.stderr)
+            return 2
         train(
             config,
             model_config,
@@ -143,7 +153,7 @@ def _train(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             device=args.device,
         )
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, TrainingDiverged, BackendUnavailableError) as err:
         print(f"rnnkern train: {err}", file=sys.stderr)
         return 2
     except TrainingInterrupted as err:
@@ -155,10 +165,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from ..backends import BackendUnavailableError
     from .generate import GenerateError, run_generate
 
     try:
         return run_generate(args)
-    except (GenerateError, ValueError, FileNotFoundError) as err:
+    except (
+        GenerateError, ValueError, FileNotFoundError, FloatingPointError, BackendUnavailableError
+    ) as err:  # fmt: skip
         print(f"rnnkern generate: {err}", file=sys.stderr)
         return 2

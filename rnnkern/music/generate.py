@@ -317,11 +317,7 @@ def run_generate(args: argparse.Namespace, out=None) -> int:
         forced=forced,
     )
     token_lists = [abc.decode(s) for s in seqs]
-    for i, toks in enumerate(token_lists):
-        title = f"rnnkern folk model, seed {args.seed}, tune {i + 1}"
-        if toks[-1] != "</s>":
-            title += f" (stopped at {args.max_tokens} tokens)"
-        out.write(abc.detokenize(toks, number=i + 1, title=title) + "\n")
+    # The file first: a reader of the text that stops early (``| head``) must not cost it.
     if args.midi:
         write_midi(abc_tunes_to_midi(token_lists, args.tempo), args.midi)
         print(
@@ -329,7 +325,19 @@ def run_generate(args: argparse.Namespace, out=None) -> int:
             "per minute",
             file=sys.stderr,
         )
+    source = "rnnkern folk model" if _is_bundled(args.model) else Path(args.model).name
+    for i, toks in enumerate(token_lists):
+        title = f"{source}, seed {args.seed}, tune {i + 1}"
+        if toks[-1] != "</s>":
+            title += f" (stopped at {args.max_tokens} tokens)"
+        out.write(abc.detokenize(toks, number=i + 1, title=title) + "\n")
     return 0
+
+
+def _is_bundled(model: str) -> bool:
+    from .cli import DEFAULT_MODEL
+
+    return Path(model).resolve() == DEFAULT_MODEL.resolve()
 
 
 def _generate_chars(args: argparse.Namespace, model: MusicLM, tokens: list[str], out) -> int:
@@ -350,9 +358,7 @@ def _generate_chars(args: argparse.Namespace, model: MusicLM, tokens: list[str],
         end_id=1,
     )
     texts = [f"X:{i + 1}\n{vocab.decode(s)}\n" for i, s in enumerate(seqs)]
-    for text in texts:
-        out.write(text + "\n")
-    if args.midi:
+    if args.midi:  # (the file first, as for token models)
         readable, failed = [], []
         for i, text in enumerate(texts):
             try:
@@ -361,10 +367,13 @@ def _generate_chars(args: argparse.Namespace, model: MusicLM, tokens: list[str],
                 failed.append(f"tune {i + 1}: {err}")
         if failed:
             print("not written to MIDI:\n  " + "\n  ".join(failed), file=sys.stderr)
-        if not readable:
-            raise GenerateError(f"none of the tunes could be read as ABC: {args.midi} not written")
-        write_midi(abc_tunes_to_midi(readable, args.tempo), args.midi)
-        print(f"wrote {args.midi}: {len(readable)} of {len(texts)} tune(s)", file=sys.stderr)
+        if readable:
+            write_midi(abc_tunes_to_midi(readable, args.tempo), args.midi)
+            print(f"wrote {args.midi}: {len(readable)} of {len(texts)} tune(s)", file=sys.stderr)
+    for text in texts:
+        out.write(text + "\n")
+    if args.midi and not readable:
+        raise GenerateError(f"none of the tunes could be read as ABC: {args.midi} not written")
     return 0
 
 

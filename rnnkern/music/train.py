@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -75,9 +76,10 @@ class TrainConfig:
             raise ValueError(f"window must be an integer >= 2, got {self.window!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
-        if not self.lr > 0 or not self.clip > 0 or not 0 < self.lr_decay <= 1:
+        finite = all(math.isfinite(v) for v in (self.lr, self.clip, self.lr_decay))
+        if not finite or not self.lr > 0 or not self.clip > 0 or not 0 < self.lr_decay <= 1:
             raise ValueError(
-                f"lr and clip must be > 0 and lr_decay in (0, 1], got lr={self.lr}, "
+                f"lr and clip must be finite and > 0 and lr_decay in (0, 1], got lr={self.lr}, "
                 f"clip={self.clip}, lr_decay={self.lr_decay}"
             )
 
@@ -136,6 +138,16 @@ def load_dataset(kind: str, sources: Sequence[str], log: Callable[[str], None] =
     tokenizer = performance.PerformanceTokenizer()
     sequences, report = performance.load_sequences(sources, tokenizer, log=log)
     return Dataset(kind, tokenizer.tokens, sequences, report)
+
+
+def _check_has_data(dataset: Dataset, sources: Sequence[str]) -> None:
+    # (the abc kind refuses an empty corpus itself, with its rejection report)
+    if not dataset.sequences:
+        what = {"chars": "ABC tune", "performance": "readable MIDI file"}.get(dataset.kind, "tune")
+        raise ValueError(
+            f"no training data: {list(sources)} holds no {what} for kind {dataset.kind!r}"
+            + (f" ({dataset.report})" if dataset.report else "")
+        )
 
 
 def windows(sequences: Sequence[Sequence[int]], window: int) -> list[list[int]]:
@@ -220,11 +232,33 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise ValueError(f"model file {path} is a directory, not a model file")
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
+    # torch.save writes a zip archive, and torch.load checks none of its CRCs: a file with a
+    # flipped byte loaded, and generated noise. zipfile checks them (a few ms for the bundled
+    # model).
+    if not zipfile.is_zipfile(path):
+        why = (
+            "an empty file"
+            if path.stat().st_size == 0
+            else "not a torch.save archive, or a truncated one"
+        )
+        raise ValueError(f"{path} is not an rnnkern music model ({why})")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        damaged = f"unreadable: {err}"
+    if damaged is not None:
+        raise ValueError(
+            f"{path} is damaged (its record {damaged} fails the archive's check: a partial "
+            "copy or a corrupted file); use another copy"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt or foreign file
-        why = "an empty file" if path.stat().st_size == 0 else f"{type(err).__name__}: {err}"
-        raise ValueError(f"{path} is not a readable rnnkern music model ({why})") from err
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"{path} is not a readable rnnkern music model ({type(err).__name__}: {first})"
+        ) from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an rnnkern music model (format {CHECKPOINT_FORMAT})")
     missing = [key for key in _MODEL_KEYS if key not in state]
@@ -235,6 +269,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 # What every model file holds (a checkpoint holds more: the optimizer, RNG states, position).
 _MODEL_KEYS = ("kind", "tokens", "model_config", "train_config", "model", "history")
+# and what a training checkpoint holds besides (export_model leaves these out)
+_CHECKPOINT_KEYS = ("optimizer", "rng", "epoch", "step_in_epoch", "global_step")
 
 
 def model_from_checkpoint(state: dict, backend: str = "auto") -> MusicLM:
@@ -268,14 +304,19 @@ class Progress:
     def __init__(self, total: int, enabled: bool, stream=sys.stderr) -> None:
         self.total, self.enabled, self.stream = total, enabled, stream
         self.last = 0.0
+        self.latest: tuple | None = None  # the last update's values
 
     def update(self, epoch: int, step: int, loss: float, tokens_per_s: float) -> None:
         if not self.enabled:
             return
+        self.latest = (epoch, step, loss, tokens_per_s)
         now = time.monotonic()
         if now - self.last < 0.5 and step != self.total:
             return
         self.last = now
+        self._draw(epoch, step, loss, tokens_per_s)
+
+    def _draw(self, epoch: int, step: int, loss: float, tokens_per_s: float) -> None:
         width = 24
         filled = int(width * step / max(self.total, 1))
         bar = "#" * filled + "-" * (width - filled)
@@ -285,9 +326,12 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled:  # (once: the line ends, later updates and closes write nothing)
+            if self.latest is not None:  # the last step, which the throttle may have skipped
+                self._draw(*self.latest)
             self.stream.write("\n")
             self.stream.flush()
+            self.enabled = False
 
 
 def training_device(device: str = "auto") -> torch.device:
@@ -359,6 +403,23 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on Ctrl-C or SIGTERM after saving its checkpoint."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite: training stopped without saving the step (the
+    checkpoint on disk, if any, is the last one written before)."""
+
+
+def _finite_everywhere(value: float, device: torch.device, world: int) -> bool:
+    """Whether ``value`` is finite on every rank (under DDP the ranks must stop together)."""
+    finite = math.isfinite(value)
+    if world == 1:
+        return finite
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(finite)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 class _StopSignal:
     """Ctrl-C (SIGINT) and SIGTERM during training: the first asks the loop to stop at the
     next step, after saving a checkpoint (a step is never cut in half: an optimizer step
@@ -421,7 +482,19 @@ def train(
 
     if is_main:
         _remove_stale_temporaries(out)
-    state = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+    state = None
+    if resume and ckpt_path.exists():
+        try:
+            state = load_checkpoint(ckpt_path)
+        except ValueError as err:
+            raise ValueError(f"cannot resume: {err}; or start afresh (--no-resume)") from err
+        lacking = [k for k in _CHECKPOINT_KEYS if k not in state]
+        if lacking:
+            raise ValueError(
+                f"cannot resume from {ckpt_path}: it is an exported model (weights only, as "
+                f"model.pt), not a training checkpoint (it lacks {lacking}); start afresh "
+                "(--no-resume)"
+            )
     if state is not None:
         saved = TrainConfig.from_dict(state["train_config"])
         changed = _differences(asdict(saved), asdict(config), ignore=("epochs", "max_steps"))
@@ -439,6 +512,7 @@ def train(
 
     if dataset is None:
         dataset = load_dataset(config.kind, config.data, log=say)
+    _check_has_data(dataset, config.data)
     say(dataset.report)
     digest = data_digest(dataset.sequences)
     if state is not None and state.get("data_digest", digest) != digest:
@@ -483,7 +557,8 @@ def train(
             torch.cuda.set_rng_state(cuda_rng[rank] if rank < len(cuda_rng) else cuda_rng[0], dev)
         epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
         global_step, history = state["global_step"], state["history"]
-        say(f"resumed from {ckpt_path} at epoch {epoch}, step {step_in_epoch}")
+        # (epochs counted from 1, as the progress bar and the validation lines count them)
+        say(f"resumed from {ckpt_path} at epoch {epoch + 1}, step {step_in_epoch}")
 
     ddp_model: nn.Module = model
     if world > 1:
@@ -546,6 +621,8 @@ def train(
                 # Checked before a step, so that running a finished run again takes no step.
                 if config.max_steps and global_step >= config.max_steps:
                     stopped = True
+                    bar.close()
+                    say(f"stopped at step {global_step}: max_steps {config.max_steps}")
                     break
                 if stop_signal.received(dev, world):  # Ctrl-C or SIGTERM: save, then stop
                     bar.close()
@@ -556,6 +633,16 @@ def train(
                     )
                 batch = batch_tensor([train_pieces[i] for i in mine[step_in_epoch]]).to(dev)
                 loss, count = loss_on(ddp_model, batch)
+                loss_value = float(loss.detach())
+                if not _finite_everywhere(loss_value, dev, world):
+                    bar.close()
+                    kept = f"{ckpt_path} holds" if ckpt_path.exists() else "no checkpoint holds"
+                    raise TrainingDiverged(
+                        f"training diverged at step {global_step + 1}: the loss is "
+                        f"{loss_value} (lr {config.lr}, clip {config.clip}: a smaller "
+                        f"learning rate may help); nothing was saved for it, and {kept} the "
+                        "last finite weights"
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(model.parameters(), config.clip)
@@ -564,23 +651,24 @@ def train(
                 global_step += 1
                 tokens_seen += count * world
                 history["step"].append(global_step)
-                history["train_loss"].append(float(loss.detach()))
+                history["train_loss"].append(loss_value)
                 bar.update(
                     epoch + 1,
                     step_in_epoch,
-                    float(loss.detach()),
+                    loss_value,
                     tokens_seen / (time.monotonic() - t0),
                 )
                 if global_step % config.checkpoint_every == 0:
                     checkpoint()
             bar.close()
             if not stopped:
-                val = (
-                    evaluate(model, val_pieces, config.batch_size, dev) if val_pieces else math.nan
-                )
-                history["val_epoch"].append(epoch + 1)
-                history["val_loss"].append(val)
-                say(f"epoch {epoch + 1}: validation loss {val:.4f} nats/token")
+                if val_pieces:
+                    val = evaluate(model, val_pieces, config.batch_size, dev)
+                    history["val_epoch"].append(epoch + 1)
+                    history["val_loss"].append(val)
+                    say(f"epoch {epoch + 1}: validation loss {val:.4f} nats/token")
+                else:
+                    say(f"epoch {epoch + 1} done (no validation set: val_fraction 0)")
                 epoch, step_in_epoch = epoch + 1, 0
             checkpoint()
 
