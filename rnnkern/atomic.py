@@ -34,3 +34,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """:func:`atomic_write` of ``text`` (UTF-8)."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def writable_folder_problem(folder: str) -> str | None:
+    """Why results could not be written under ``folder`` (checked before a run, not after)."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None

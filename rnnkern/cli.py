@@ -6,7 +6,8 @@ import argparse
 import os
 import shlex
 import sys
-from pathlib import Path
+
+from .atomic import writable_folder_problem
 
 
 def int_at_least(
@@ -45,17 +46,6 @@ def device_name(text: str) -> str:
     if device is None or device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
     return text
-
-
-def writable_folder_problem(folder: str) -> str | None:
-    """Why results could not be written under ``folder`` (checked before a run, not after)."""
-    path = Path(folder).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        return f"{existing} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable"
-    return None
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -158,7 +148,9 @@ def _backends(args: argparse.Namespace) -> int:
         reason = backends.unavailable_reason(name)
         print(f"{name:10s} {'available' if reason is None else 'unavailable: ' + reason}")
     print(f"{'torch':10s} available (torch.nn's own fused implementation)")
-    print(f"for device {args.device}: {', '.join(backends.available_backends(args.device))}")
+    names = backends.available_backends(args.device)
+    what = ", ".join(names) if names else "none (torch sees no CUDA device)"
+    print(f"for device {args.device}: {what}")
     return 0
 
 

@@ -206,25 +206,31 @@ def uniforms_table(
 MIN_TEMPERATURE = 1e-100
 
 
-def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
-    """Raise ValueError (naming the argument) unless ``temperature`` is finite and at least
-    :data:`MIN_TEMPERATURE`, ``top_k`` is an int ``>= 0`` (0 disables it) and
-    ``0 < top_p <= 1`` (1 disables it)."""
+def check_sampling_args(
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    names: tuple[str, str, str] = ("temperature", "top_k", "top_p"),
+) -> None:
+    """Raise ValueError (naming the argument: ``names``, e.g. a command's flags) unless
+    ``temperature`` is finite and at least :data:`MIN_TEMPERATURE`, ``top_k`` is an int
+    ``>= 0`` (0 disables it) and ``0 < top_p <= 1`` (1 disables it)."""
+    t_name, k_name, p_name = names
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        raise ValueError(f"{t_name} must be a number > 0, got {temperature!r}")
     if not float(temperature) > 0 or float(temperature) == float("inf"):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        raise ValueError(f"{t_name} must be a finite number > 0, got {temperature!r}")
     if float(temperature) < MIN_TEMPERATURE:
         raise ValueError(
-            f"temperature must be at least {MIN_TEMPERATURE:g} (below it the scaled logits "
+            f"{t_name} must be at least {MIN_TEMPERATURE:g} (below it the scaled logits "
             f"overflow; a temperature that small samples the argmax anyway), got {temperature!r}"
         )
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
+        raise ValueError(f"{k_name} must be an int >= 0 (0 disables it), got {top_k!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
-        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+        raise ValueError(f"{p_name} must be a number in (0, 1], got {top_p!r}")
     if not 0.0 < float(top_p) <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
+        raise ValueError(f"{p_name} must be in (0, 1] (1 disables it), got {top_p!r}")
 
 
 def _weights(logits: Tensor, temperature: float) -> Tensor:

@@ -292,3 +292,15 @@ def test_gpu_decode_rows_all_run(B, cuda_kernels):
     assert set(fns) == {"torch.nn.LSTM step"} | triton_rows | cuda_rows
     for fn in fns.values():
         fn()
+
+
+def test_backends_for_a_cuda_device_where_there_is_none(capsys):
+    import torch
+
+    from rnnkern.backends import available_backends
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    assert available_backends("cuda") == []
+    assert cli.main(["backends", "--device", "cuda"]) == 0
+    assert "for device cuda: none (torch sees no CUDA device)" in capsys.readouterr().out

@@ -117,6 +117,8 @@ def test_cli_generate_controls_and_midi(random_model, tmp_path, capsys):
     assert first.count("X:") == 2 and "M:6/8\nL:1/8\nK:Cdor\nc2 G E |" in first
     pm = pretty_midi.PrettyMIDI(str(midi))
     assert pm.get_tempo_changes()[1][0] == pytest.approx(120.0)
+    signatures = [(t.numerator, t.denominator) for t in pm.time_signature_changes]
+    assert signatures == [(6, 8), (6, 8)]  # each tune's meter where it starts
     assert pm.instruments[0].notes[0].pitch == 72  # the prime's c
     assert main(args) == 0
     assert capsys.readouterr().out == first
@@ -129,7 +131,9 @@ def test_cli_generate_controls_and_midi(random_model, tmp_path, capsys):
         (["--meter", "6/8", "--mode", "maj", "--prime", "c 2 G ^^E"], "^^E"),
         (["--meter", "5/4"], "--meter must be one of"),
         (["--mode", "lydian"], "--mode must be one of"),
-        (["--temperature", "0"], "temperature"),
+        (["--temperature", "0"], "--temperature must be a finite number > 0"),
+        (["--top-p", "2"], "--top-p must be in (0, 1]"),
+        (["--top-k", "-1"], "--top-k must be an int >= 0"),
         (["--prime", "c2"], "--prime needs --meter and --mode"),
     ],
 )
@@ -137,6 +141,14 @@ def test_cli_generate_errors_name_the_problem(random_model, capsys, extra, messa
     _, path = random_model
     assert main(["generate", "--model", str(path), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_midi_path_that_cannot_be_written_is_refused_first(random_model, tmp_path, capsys):
+    _, path = random_model
+    (tmp_path / "a.txt").write_text("x")
+    midi = tmp_path / "a.txt" / "x.mid"
+    assert main(["generate", "--model", str(path), "--midi", str(midi)]) == 2
+    assert "a.txt is a file, not a folder" in capsys.readouterr().err
 
 
 def test_missing_model_file_is_a_clear_error(tmp_path, capsys):

@@ -87,10 +87,13 @@ def supports(name: str, config: LayerConfig) -> bool | str:
 
 
 def available_backends(device="cpu") -> list[str]:
-    """Names of the backends that can run on ``device`` (a torch.device or string)."""
+    """Names of the backends that can run on ``device`` (a torch.device or string): none for
+    a CUDA device where torch sees none."""
     import torch
 
     device_type = torch.device(device).type
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return []
     names = []
     for name in KERNEL_BACKENDS:
         backend = _load(name)

@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import int_at_least, nonnegative_int, positive_int, writable_folder_problem
+from ..atomic import writable_folder_problem
+from ..cli import int_at_least, nonnegative_int, positive_int
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "folk_lstm.pt"
 
@@ -87,7 +88,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
     g.add_argument("--max-tokens", type=positive_int, default=1000,
-                   help="stop a tune after this many tokens (1000)")  # fmt: skip
+                   help="stop a tune after this many tokens, its header's included "
+                   "(1000)")  # fmt: skip
     from rnnkern.decode import BACKENDS as DECODER_BACKENDS
 
     g.add_argument("--decoder", choices=("auto", *DECODER_BACKENDS),

@@ -19,7 +19,7 @@ from rnnkern import Decoder, available_backends
 from rnnkern.decode import BACKENDS as DECODER_BACKENDS
 from rnnkern.sampling import check_sampling_args, sample
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, writable_folder_problem
 from . import abc
 from .model import MusicLM
 from .train import load_checkpoint, model_from_checkpoint
@@ -207,7 +207,8 @@ def sample_sequences(
 
 
 def abc_tunes_to_midi(token_lists: Sequence[Sequence[str]], tempo: float, program: int = 40):
-    """Tunes one after another (a bar's rest between them) as a pretty_midi.PrettyMIDI.
+    """Tunes one after another (a bar's rest between them) as a pretty_midi.PrettyMIDI, each
+    with its time signature (the tune's meter) where it starts.
 
     ``tempo`` is in quarter notes per minute; program 40 is General MIDI's violin.
     """
@@ -220,6 +221,9 @@ def abc_tunes_to_midi(token_lists: Sequence[Sequence[str]], tempo: float, progra
     offset = 0.0
     for tokens in token_lists:
         sounding, _ = abc.interpret(tokens)
+        meter = abc.body_tokens(tokens)[0] or "M:4/4"
+        numerator, denominator = (int(n) for n in meter[2:].split("/"))
+        pm.time_signature_changes.append(pretty_midi.TimeSignature(numerator, denominator, offset))
         end = 0.0
         for s in sounding:
             start = offset + float(s.start) * seconds_per_eighth
@@ -227,10 +231,7 @@ def abc_tunes_to_midi(token_lists: Sequence[Sequence[str]], tempo: float, progra
             for p in s.pitches:
                 inst.notes.append(pretty_midi.Note(velocity=80, pitch=p, start=start, end=stop))
             end = max(end, stop)
-        meter, _, _ = abc.body_tokens(tokens)
-        offset = (
-            max(end, offset) + float(abc.meter_bar_length(meter or "M:4/4")) * seconds_per_eighth
-        )
+        offset = max(end, offset) + float(abc.meter_bar_length(meter)) * seconds_per_eighth
     pm.instruments.append(inst)
     return pm
 
@@ -242,9 +243,13 @@ DEFAULT_TEMPO = 120.0
 
 
 def check_midi_path(path: str | Path) -> None:
-    """Refuse, before any work, a --midi path that names a directory."""
+    """Refuse, before any work, a --midi path that names a directory or lies where no file
+    can be written."""
     if Path(path).is_dir():
         raise GenerateError(f"--midi must name a file, got the directory {path}")
+    problem = writable_folder_problem(str(Path(path).absolute().parent))
+    if problem:
+        raise GenerateError(f"cannot write --midi {path}: {problem}")
 
 
 def check_tempo(tempo: float) -> None:
@@ -265,10 +270,13 @@ def write_midi(pm, path: str | Path) -> None:
         raise GenerateError(f"cannot write --midi {path}: {err.strerror or err}") from err
 
 
+_FLAGS = ("--temperature", "--top-k", "--top-p")  # (check_sampling_args' names)
+
+
 def run_generate(args: argparse.Namespace, out=None) -> int:
     """The ``rnnkern generate`` command: print ABC tunes, or write MIDI for performance models."""
     out = out if out is not None else sys.stdout  # looked up per call, so it can be redirected
-    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    check_sampling_args(args.temperature, args.top_k, args.top_p, _FLAGS)
     if args.midi:
         check_midi_path(args.midi)
     state = load_checkpoint(args.model)
