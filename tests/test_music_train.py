@@ -323,3 +323,12 @@ def test_no_readable_data_says_so(tmp_path):
     with pytest.raises(ValueError, match="no training data: .* holds no readable MIDI file"):
         train(config(kind="performance"), SMALL_MODEL, tmp_path / "run", dataset=dataset,
               log=quiet)  # fmt: skip
+
+
+def test_data_source_errors_say_what_was_meant():
+    from rnnkern.music import performance
+
+    with pytest.raises(ValueError, match="bach:N takes a count N >= 1, got 'abc'"):
+        performance.load_sequences(["bach:abc"], performance.PerformanceTokenizer(), log=quiet)
+    with pytest.raises(FileNotFoundError, match="'bach' is MIDI performance data: --kind perf"):
+        abc.load_tunes(["bach"])

@@ -191,7 +191,11 @@ def parse_meter(value: str, line: int | None = None) -> str:
     text = METER_ALIASES.get(text, text)
     token = f"M:{text}"
     if token not in METER_TOKENS:
-        raise AbcError(f"meter not in the vocabulary {METER_TOKENS}", line, f"M:{value.strip()}")
+        raise AbcError(
+            f"meter not in the vocabulary (which has {', '.join(METER_TOKENS)})",
+            line,
+            f"M:{value.strip()}",
+        )
     return token
 
 
@@ -1089,9 +1093,14 @@ def load_tunes(sources: Sequence[str]) -> list[Tune]:
             elif path.is_file():
                 tunes += read_abc_files([path], str(path), path.parent)
             else:
+                hint = (
+                    " ('bach' is MIDI performance data: --kind performance)"
+                    if name == "bach" or name.startswith("bach:")
+                    else ""
+                )
                 raise FileNotFoundError(
                     f"corpus source {name!r} is neither a music21 collection "
-                    f"({', '.join(MUSIC21_COLLECTIONS)}, music21) nor a file or folder"
+                    f"({', '.join(MUSIC21_COLLECTIONS)}, music21) nor a file or folder{hint}"
                 )
     return tunes
 

@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--data", action="append", default=None,
                    help="music21 collection (oneills1850, ryansMammoth, airdsAirs, "
-                   "essenFolksong; 'music21' for all four; 'bach' for the chorales as MIDI) "
+                   "essenFolksong; 'music21' for all four; 'bach' or 'bach:N' for all or "
+                   "the first N chorales as MIDI, with --kind performance) "
                    "or a folder of .abc/.mid files; repeatable (default: music21)")  # fmt: skip
     t.add_argument("--kind", choices=("abc", "chars", "performance"), default="abc",
                    help="abc: folk-rnn v2 tokens; chars: folk-rnn v1 characters; "

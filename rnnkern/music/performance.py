@@ -224,6 +224,16 @@ class PerformanceTokenizer:
 # ---------------------------------------------------------------------------------------------
 
 
+def _bach_limit(source: str) -> int | None:
+    """N of a ``bach:N`` source (the first N chorales; None: ``bach``, all of them)."""
+    if ":" not in source:
+        return None
+    text = source.split(":", 1)[1]
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"data source {source!r}: bach:N takes a count N >= 1, got {text!r}")
+    return int(text)
+
+
 def bach_chorale_files(limit: int | None = None) -> list[Path]:
     """The Bach chorales (MusicXML, .mxl) in the music21 wheel's corpus, sorted by name."""
     from .abc import music21_corpus_folder
@@ -260,7 +270,7 @@ def load_sequences(
     failed: list[str] = []
     for source in sources:
         if source == "bach" or source.startswith("bach:"):
-            limit = int(source.split(":", 1)[1]) if ":" in source else None
+            limit = _bach_limit(source)
             items: list[tuple[str, Callable]] = [
                 (f.name, lambda f=f: render_musicxml_to_midi(f)) for f in bach_chorale_files(limit)
             ]
