@@ -84,7 +84,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--mode", default=None,
                    help="maj, min, dor, mix or K:Cmaj ... (default: the model picks)")  # fmt: skip
     g.add_argument("--prime", default=None,
-                   help="start of the tune body, ABC in C (e.g. 'c2 G E|') or tokens")  # fmt: skip
+                   help="start of the tune body, ABC in C (e.g. 'c2 G E|') or tokens; "
+                   "ornaments, chord symbols, slurs and ties are left out, as in the "
+                   "training data")  # fmt: skip
     g.add_argument("--count", type=positive_int, default=1, help="number of tunes (1)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
