@@ -1,6 +1,7 @@
 """Shared test fixtures."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +54,12 @@ def cuda_kernels(monkeypatch) -> str:
         monkeypatch.setitem(backends._loaded, "cuda", cuda_backend.BACKEND)
         cuda_emulation.configure()
     return CUDA_KERNELS_DEVICE
+
+
+@pytest.fixture
+def huge_allocations_fail() -> None:
+    """Skips a test unless the kernel refuses an allocation larger than its memory
+    (vm.overcommit_memory 0 or 2); with 1 it might succeed and be paged in until killed."""
+    mode = Path("/proc/sys/vm/overcommit_memory")
+    if not mode.is_file() or mode.read_text().strip() == "1":
+        pytest.skip("the kernel may grant an allocation larger than its memory (overcommit)")

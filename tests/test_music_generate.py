@@ -259,3 +259,11 @@ def test_generate_names_a_non_finite_model(random_model, tmp_path, capsys):
     assert main(["generate", "--model", str(broken), "--max-tokens", "20"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rnnkern generate:") and "NaN" in err, err
+
+
+def test_a_count_that_does_not_fit_in_memory_names_count(
+    random_model, capsys, huge_allocations_fail
+):
+    _, path = random_model
+    assert main(["generate", "--model", str(path), "--count", str(10**12)]) == 2
+    assert "--count 1000000000000: the decoder's state" in capsys.readouterr().err

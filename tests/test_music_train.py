@@ -332,3 +332,14 @@ def test_data_source_errors_say_what_was_meant():
         performance.load_sequences(["bach:abc"], performance.PerformanceTokenizer(), log=quiet)
     with pytest.raises(FileNotFoundError, match="'bach' is MIDI performance data: --kind perf"):
         abc.load_tunes(["bach"])
+
+
+def test_train_cli_says_when_the_model_does_not_fit_in_memory(
+    tmp_path, capsys, huge_allocations_fail
+):
+    from rnnkern.cli import main
+
+    folder, out, _ = _cli_run(tmp_path)
+    args = ["train", "--data", str(folder), "--out", str(out), "--hidden", "300000", "--quiet"]
+    assert main(args) == 2  # (W_ih alone: 4 x 300000 x 64 floats; W_hh 1.4 TB)
+    assert "out of memory" in capsys.readouterr().err

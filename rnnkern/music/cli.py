@@ -164,6 +164,18 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as err:
         print(f"\nrnnkern train: {err}", file=sys.stderr)
         return 130  # (the shell's code for a run stopped by Ctrl-C)
+    except RuntimeError as err:
+        from .generate import out_of_memory
+        from .train import first_line
+
+        if not out_of_memory(err):
+            raise
+        print(
+            f"rnnkern train: out of memory ({first_line(err)}): a smaller --hidden, --layers, "
+            "--batch-size or --window fits",
+            file=sys.stderr,
+        )
+        return 2
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 wrote the files
         print(f"wrote {Path(args.out) / 'model.pt'} and {Path(args.out) / 'loss.png'}")
     return 0

@@ -22,7 +22,7 @@ from rnnkern.sampling import check_sampling_args, sample
 from ..atomic import atomic_write, writable_folder_problem
 from . import abc
 from .model import MusicLM
-from .train import load_checkpoint, model_from_checkpoint
+from .train import first_line, load_checkpoint, model_from_checkpoint
 
 
 class GenerateError(ValueError):
@@ -111,7 +111,18 @@ def music_decoder(model: MusicLM, count: int, decoder: str = "auto") -> Decoder:
             rnn, embedding, head = (copy.deepcopy(m).cuda() for m in (rnn, embedding, head))
         return Decoder(rnn, embedding, head, batch_size=count, backend=decoder)
     except RuntimeError as err:  # a backend that is not built: the reason, as a clear error
+        if out_of_memory(err):
+            raise GenerateError(
+                f"--count {count}: the decoder's state for {count} streams does not fit in "
+                f"memory ({first_line(err)})"
+            ) from err
         raise GenerateError(f"--decoder {decoder}: {err}") from err
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation that failed (torch's CPU allocator raises a plain
+    RuntimeError, its CUDA one torch.OutOfMemoryError)."""
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
 
 
 @torch.no_grad()

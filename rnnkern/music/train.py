@@ -221,6 +221,11 @@ def evaluate(
 # ---------------------------------------------------------------------------------------------
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's text (torch's carry pages of advice after it)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -255,9 +260,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt or foreign file
-        first = (str(err).strip().splitlines() or [""])[0][:200]
         raise ValueError(
-            f"{path} is not a readable rnnkern music model ({type(err).__name__}: {first})"
+            f"{path} is not a readable rnnkern music model ({type(err).__name__}: "
+            f"{first_line(err)[:200]})"
         ) from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an rnnkern music model (format {CHECKPOINT_FORMAT})")
