@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 
 from .atomic import writable_folder_problem
@@ -213,19 +214,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``rnnkern`` command (``argv`` None: ``sys.argv``, as the command runs); returns the
+    exit status. In process (``argv`` given) a Ctrl-C returns 130; as the command, the process
+    ends by SIGINT, as Python's own handling does, so that a shell loop around it stops too."""
+    as_command = argv is None
     try:  # (building the parser imports torch: a Ctrl-C may come that early)
         parser = build_parser()
         argv = list(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(argv)
         args.argv = argv
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        # Output still buffered (stdout to a pipe is block-buffered) goes now, inside this
+        # try: at interpreter exit a closed pipe would print "Exception ignored ...".
+        sys.stdout.flush()
+        return status
     except KeyboardInterrupt:  # (training saves its checkpoint and says so itself)
         print("\nrnnkern: interrupted", file=sys.stderr)
+        if as_command:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         return 130
     except BrokenPipeError:
         # The reader of stdout stopped (``rnnkern generate | head``): nothing more to say,
         # and Python's flush at exit must not fail on the closed pipe again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # (stdout not a file: nothing to flush)
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives until the process ends
         return 141  # (a shell's code for a process ended by SIGPIPE)
 
 

@@ -8,8 +8,9 @@ tensors. ``convert(model, to="torch")`` does the reverse, for what only torch.nn
 support (``torch.jit.script``).
 
 What the replaced module carried besides its parameters moves with them: its hooks (forward,
-backward, state_dict and load_state_dict hooks; the same hook tables, so handles from
-``register_forward_hook`` and the like still remove them) and the attributes set on it after
+backward, state_dict and load_state_dict hooks; inside a model the same hook tables, so handles
+from ``register_forward_hook`` and the like still remove them; a module converted on its own
+keeps its hooks, and its replacement gets copies) and the attributes set on it after
 construction. A module held under several names (or by several parents) becomes one new module,
 held under all of them. Subclasses of torch.nn's classes are left as they are, with a warning:
 their own code may change what forward does.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.nn.modules.module import _WrappedHook
 
 from . import nn as rk
 from .backends import check_name
@@ -66,7 +68,31 @@ def _arguments(module: torch.nn.Module) -> dict:
     return args
 
 
-def _swap(module: torch.nn.Module, cls: type, backend: str | None) -> torch.nn.Module:
+def _move_hooks(old: torch.nn.Module, new: torch.nn.Module, share: bool) -> None:
+    """Give ``new`` the hooks of ``old``: its very tables where ``share`` (``old`` leaves the
+    model: a RemovableHandle finds its hook through a reference to the table, so handles still
+    remove them), else copies (``old`` stays in use, with its own). A hook that torch calls with
+    the module it was registered on, through a weak reference (load_state_dict pre-hooks), is
+    bound to ``new`` (bound to ``old``, it would get the replaced module, or fail once that is
+    freed: "the hook of a dead Module")."""
+    for name in _HOOK_TABLES:
+        table = getattr(old, name, None)
+        if table is None:
+            continue
+        if not share:
+            table = type(table)(table)
+        for key, hook in list(table.items()):
+            if isinstance(hook, _WrappedHook) and hook.with_module:
+                table[key] = _WrappedHook(hook.hook, new)
+        setattr(new, name, table)
+    for name in _HOOK_FLAGS:
+        if hasattr(old, name):
+            setattr(new, name, getattr(old, name))
+
+
+def _swap(
+    module: torch.nn.Module, cls: type, backend: str | None, share_hooks: bool
+) -> torch.nn.Module:
     if torch.nn.utils.parametrize.is_parametrized(module):
         raise ValueError(
             f"convert: {type(module).__name__} has parametrizations (weight_norm, ...); convert "
@@ -90,13 +116,13 @@ def _swap(module: torch.nn.Module, cls: type, backend: str | None) -> torch.nn.M
         )
     for name in wanted:
         setattr(new, name, params[name])
-    # The same hook tables (a RemovableHandle finds its hook through a reference to the table),
-    # and attributes a fresh module of the old one's class would not have (set after
-    # construction by the model's code).
-    for table in _HOOK_TABLES + _HOOK_FLAGS:
-        if hasattr(module, table):
-            setattr(new, table, getattr(module, table))
-    fresh = type(module)(**_arguments(module), device="meta").__dict__
+    _move_hooks(module, new, share_hooks)
+    # Attributes a fresh module of the old one's class would not have: set after construction
+    # by the model's code. (The fresh module's warnings, e.g. dropout with one layer, were
+    # given when the old one was built.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = type(module)(**_arguments(module), device="meta").__dict__
     for key, value in module.__dict__.items():
         if key not in fresh and key not in new.__dict__:
             new.__dict__[key] = value
@@ -111,8 +137,8 @@ def convert(module: torch.nn.Module, to: str = "rnnkern", backend: str = "auto")
 
     Args:
         module: any ``torch.nn.Module``; when it is itself an RNN or a cell, the returned
-            module is its replacement (``module`` is left as it was, its hook tables shared with
-            the replacement).
+            module is its replacement (``module`` is left as it was, with its hooks; the
+            replacement gets copies of them).
         to: ``"rnnkern"`` (torch.nn's LSTM, GRU, RNN and cells become rnnkern's) or
             ``"torch"`` (rnnkern's become torch.nn's).
         backend: the new rnnkern modules' ``backend`` (``to="rnnkern"`` only).
@@ -128,15 +154,17 @@ def convert(module: torch.nn.Module, to: str = "rnnkern", backend: str = "auto")
     chosen = backend if to == "rnnkern" else None
 
     done: dict[int, torch.nn.Module] = {}  # id of a replaced module -> its replacement
+    warned: set[int] = set()
 
-    def replacement(m: torch.nn.Module) -> torch.nn.Module | None:
+    def replacement(m: torch.nn.Module, in_place: bool) -> torch.nn.Module | None:
         # Exact types (a subclass may change what forward does), seen through the class that
         # parametrizations substitute, so that those are refused rather than skipped.
         kind = torch.nn.utils.parametrize.type_before_parametrizations(m)
         cls = table.get(kind)
         if cls is None:
             base = next((t for t in table if issubclass(kind, t)), None)
-            if base is not None:
+            if base is not None and id(m) not in warned:
+                warned.add(id(m))
                 warnings.warn(
                     f"convert: left {kind.__name__} as it is: it subclasses "
                     f"{base.__module__}.{base.__name__}, and its own code may change what "
@@ -145,16 +173,16 @@ def convert(module: torch.nn.Module, to: str = "rnnkern", backend: str = "auto")
                 )
             return None
         if id(m) not in done:
-            done[id(m)] = _swap(m, cls, chosen)
+            done[id(m)] = _swap(m, cls, chosen, share_hooks=in_place)
         return done[id(m)]
 
-    top = replacement(module)
+    top = replacement(module, in_place=False)
     if top is not None:
         return top
     # (every name of every parent: named_children() lists a module held twice once)
     found = [(p, n, c) for p in module.modules() for n, c in p._modules.items() if c is not None]
     for parent, name, child in found:
-        new = replacement(child)
+        new = replacement(child, in_place=True)
         if new is not None:
             setattr(parent, name, new)
     return module

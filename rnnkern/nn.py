@@ -24,7 +24,7 @@ from torch.nn import Parameter, init
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import backends
-from .backends.base import LayerConfig, state_dtype
+from .backends.base import LayerConfig, gate_count, state_dtype
 from .dispatch import Choice, choose, select
 from .functional import input_projection, layer_recurrence, needs_grad
 
@@ -71,14 +71,14 @@ def _check_weights(
     shapes: list[tuple[int, ...]],
     x: Tensor,
     autocast: bool,
-    none_ok: bool,
+    optional: frozenset[str] = frozenset(),
 ) -> list[Tensor | None]:
     """The weights ``names``, read once for the call (a parametrized weight is computed once:
     a stateful parametrization such as spectral_norm advances once a call), each checked: of
     its ``shapes`` entry, on the input's device and all in one dtype, the input's unless under
-    autocast (where torch.nn casts, and so does rnnkern). A None weight is skipped where
-    ``none_ok`` (the cells' biases, as torch.nn's cells take None), else a TypeError, as in
-    torch.nn's sequence modules. The kernels read the weights by address and take their sizes
+    autocast (where torch.nn casts, and so does rnnkern). A None weight is skipped where its name
+    is ``optional`` (the cells' biases, as torch.nn's cells take None), else a TypeError, as
+    in torch.nn's sequence modules. The kernels read the weights by address and take their sizes
     from the module: a weight of another shape (replaced after construction), elsewhere (a
     meta weight left by a conversion) or in another dtype would be read as garbage, or past
     its end, not refused."""
@@ -93,14 +93,14 @@ def _check_weights(
             w = getattr(module, name)
         weights.append(w)
         if w is None:
-            if none_ok:
+            if name in optional:
                 continue
-            raise TypeError(
-                f"{name} must be a Tensor of shape {list(shape)}, got None (the module was "
-                f"built with bias={module.bias}; it reads every weight it was built with)"
-            )
+            built = f" (the module was built with bias={module.bias})" if "bias" in name else ""
+            raise TypeError(f"{name} must be a Tensor of shape {list(shape)}, got None{built}")
         if not isinstance(w, Tensor):
-            raise TypeError(f"{name} must be a Tensor of shape {list(shape)}, got {type(w)}")
+            raise TypeError(
+                f"{name} must be a Tensor of shape {list(shape)}, got {type(w).__name__}"
+            )
         if w.shape != shape:
             raise RNNInputError(
                 f"{name} must have shape {list(shape)} (from the module's sizes), got "
@@ -181,8 +181,6 @@ class _RNNBase(torch.nn.Module):
                 f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} "
                 f"and hidden_size={hidden_size}"
             )
-        if proj_size and mode != "LSTM":
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 "dropout option adds dropout after all but last recurrent layer, so non-zero "
@@ -213,6 +211,7 @@ class _RNNBase(torch.nn.Module):
                 setattr(self, name, Parameter(torch.empty(shape, **factory)))
             self._flat_weights_names.extend(name for name, _ in shapes)
             self._all_weights.append([name for name, _ in shapes])
+        self._weight_shapes()  # (cached now: an attribute of every instance, as torch.nn's are)
         self.flatten_parameters()
         self.reset_parameters()
 
@@ -321,7 +320,7 @@ class _RNNBase(torch.nn.Module):
                 f"input must be a Tensor or PackedSequence, got {type(x).__name__}"
             )
         names = self._flat_weights_names
-        weights = _check_weights(self, names, self._weight_shapes(), x, autocast, none_ok=False)
+        weights = _check_weights(self, names, self._weight_shapes(), x, autocast)
         if packed and x.dim() != 2:
             raise RNNInputError(
                 f"a PackedSequence's data must be 2-D [total steps, input_size], got "
@@ -503,10 +502,8 @@ class _RNNBase(torch.nn.Module):
         ``weights``: those of ``_flat_weights_names``; ``weight_dtype``: the parameters cast
         to it (autocast), else as they are; ``state_dtypes``: those of the final states
         (autocast), else ``x``'s."""
-        by_name = dict(zip(self._flat_weights_names, weights, strict=True))
 
-        def param(name: str) -> Tensor:
-            t = by_name[name]
+        def param(t: Tensor) -> Tensor:
             return t if weight_dtype is None else t.to(weight_dtype)
 
         T, B, _ = x.shape
@@ -522,15 +519,18 @@ class _RNNBase(torch.nn.Module):
             c0 = states[1].to(acc) if lstm else None
         h_finals, c_finals = [], []
         layer_in = x
+        # weights: each layer and direction's group in turn (_weight_groups' order), the
+        # group's weights in torch.nn's order w_ih, w_hh[, b_ih, b_hh][, w_hr]
+        per_group = len(weights) // (self.num_layers * D)
         for layer in range(self.num_layers):
             outs = []
             for direction in range(D):
                 k = layer * D + direction
-                names = self._all_weights[k]
-                w_ih, w_hh = param(names[0]), param(names[1])
-                b_ih = param(names[2]) if self.bias else None
-                b_hh = param(names[3]) if self.bias else None
-                w_hr = param(names[-1]) if self.proj_size else None
+                group = weights[k * per_group : (k + 1) * per_group]
+                w_ih, w_hh = param(group[0]), param(group[1])
+                b_ih = param(group[2]) if self.bias else None
+                b_hh = param(group[3]) if self.bias else None
+                w_hr = param(group[-1]) if self.proj_size else None
                 gx = input_projection(layer_in, w_ih, b_ih, backend)
                 y, h_n, c_n = layer_recurrence(
                     self._cell,
@@ -733,6 +733,7 @@ class RNN(_RNNBase):
 
 
 _CELL_WEIGHTS = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+_CELL_BIASES = frozenset(("bias_ih", "bias_hh"))  # which torch.nn's cells take as None
 
 
 class _CellBase(torch.nn.Module):
@@ -760,7 +761,7 @@ class _CellBase(torch.nn.Module):
         self.hidden_size = hidden_size
         self.bias = bias
         self.backend = backends.check_name(backend)
-        G = {"lstm": 4, "gru": 3}.get(cell, 1)
+        G = gate_count(cell)
         factory = {"device": device, "dtype": dtype}
         self.weight_ih = Parameter(torch.empty((G * hidden_size, input_size), **factory))
         self.weight_hh = Parameter(torch.empty((G * hidden_size, hidden_size), **factory))
@@ -770,6 +771,7 @@ class _CellBase(torch.nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        self._weight_shapes()  # (cached now, as the sequence modules' are)
         self.reset_parameters()
 
     __prepare_scriptable__ = _refuse_script
@@ -790,10 +792,13 @@ class _CellBase(torch.nn.Module):
         return s
 
     def _weight_shapes(self) -> list[tuple[int, ...]]:
-        """The shapes of ``_CELL_WEIGHTS``' weights."""
-        G = {"lstm": 4, "gru": 3}.get(self._cell, 1)
-        GH = G * self.hidden_size
-        return [(GH, self.input_size), (GH, self.hidden_size), (GH,), (GH,)]
+        """The shapes of ``_CELL_WEIGHTS``' weights (computed once; see _RNNBase's)."""
+        shapes = self.__dict__.get("_cell_weight_shapes")
+        if shapes is None:
+            GH = gate_count(self._cell) * self.hidden_size
+            shapes = [(GH, self.input_size), (GH, self.hidden_size), (GH,), (GH,)]
+            self.__dict__["_cell_weight_shapes"] = shapes
+        return shapes
 
     def _prepare(self, input: Tensor, hx) -> tuple[Tensor, list[Tensor], list, bool]:
         """Checks a call's arguments: ``(x [B, I], states, weights, batched)``, ``weights``
@@ -808,7 +813,7 @@ class _CellBase(torch.nn.Module):
                 f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead"
             )
         weights = _check_weights(
-            self, _CELL_WEIGHTS, self._weight_shapes(), input, autocast, none_ok=True
+            self, _CELL_WEIGHTS, self._weight_shapes(), input, autocast, _CELL_BIASES
         )
         if input.shape[-1] != self.input_size:
             raise RNNInputError(
@@ -1070,10 +1075,9 @@ def _torch_autocast_dtypes(
             if fast != torch.float16:
                 raise
             as_bf16 = _torch_autocast_dtypes(kind, device_type, dtype, torch.bfloat16, structure)
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
             _AUTOCAST_FAILURES[key] = (
                 f"torch.nn's {kind} fails under float16 autocast on {device_type} here "
-                f"({type(err).__name__}: {first_line})"
+                f"({type(err).__name__}: {backends.first_line(err)})"
             )
             _AUTOCAST_DTYPES[key] = tuple(
                 torch.float16 if d == torch.bfloat16 else d for d in as_bf16

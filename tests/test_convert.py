@@ -110,6 +110,32 @@ def test_convert_keeps_a_module_held_twice_one_module():
     assert type(model.a) is nn.GRU and model.a is model.b is model.seq[0]
 
 
+def test_convert_keeps_load_state_dict_hooks_working():
+    """A load_state_dict pre-hook holds its module through a weak reference: moved as it was,
+    it pointed at the replaced module and, once that was freed, failed ("the hook of a dead
+    Module"). It gets the new module; a module converted on its own keeps its own hooks."""
+    import gc
+
+    seen = []
+    model = nn.Sequential(nn.LSTM(4, 8))
+    model[0].register_load_state_dict_pre_hook(lambda m, *args: seen.append(type(m)))
+    state = model.state_dict()
+    rnnkern.convert(model)
+    gc.collect()
+    model.load_state_dict(state)
+    assert seen == [rnnkern.LSTM]
+    old = nn.GRU(4, 8)
+    old.register_load_state_dict_pre_hook(lambda m, *args: seen.append(m))
+    new = rnnkern.convert(old)
+    seen.clear()
+    old.load_state_dict(old.state_dict())
+    new.load_state_dict(new.state_dict())
+    assert seen[0] is old and seen[1] is new
+    handle = new.register_forward_hook(lambda *args: None)
+    assert not old._forward_hooks and len(new._forward_hooks) == 1  # copies, not shared
+    handle.remove()
+
+
 @pytest.mark.parametrize("to", ["rnnkern", "torch"])
 def test_convert_moves_hooks_and_attributes(to):
     """Hooks registered on the old module fire on the new one, and their handles still remove
@@ -123,7 +149,9 @@ def test_convert_moves_hooks_and_attributes(to):
         old.register_state_dict_post_hook(lambda m, sd, prefix, local: sd.update(extra=1)),
     ]
     old.tag = "encoder"
-    new = rnnkern.convert(old, to=to)
+    model = nn.Sequential(old)
+    rnnkern.convert(model, to=to)  # (in a model: the same hook tables, handles still work)
+    new = model[0]
     assert type(new) is not type(old) and new.tag == "encoder"
     x = torch.randn(3, 2, 5, requires_grad=True)
     new(x)[0].sum().backward()

@@ -255,6 +255,10 @@ def test_a_bias_set_to_none(backend, kind):
         ):
             module(x)
         return
+    weightless, _ = _weight_module(kind, backend)
+    weightless.weight_hh = None  # (only the biases may be None)
+    with pytest.raises(TypeError, match="weight_hh must be a Tensor of shape .* got None"):
+        weightless(x)
     want = getattr(torch.nn, kind)(4, 6)
     want.load_state_dict(module.state_dict(), strict=False)
     want.bias_hh = None

@@ -224,9 +224,12 @@ def test_generate_refuses_what_it_cannot_do_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "t.mid").exists()
 
 
-def test_a_closed_pipe_ends_generate_quietly_after_writing_the_midi(random_model, tmp_path):
+@pytest.mark.parametrize("count", [300, 30])
+def test_a_closed_pipe_ends_generate_quietly_after_writing_the_midi(random_model, tmp_path, count):
     """``rnnkern generate ... | head -1``: the MIDI file is written first, and the closed pipe
-    ends the command with the shell's SIGPIPE status, no traceback."""
+    ends the command with the shell's SIGPIPE status, no traceback, whether the pipe closes
+    while tunes are written (300: more than a pipe's 64 KB buffer) or at the final flush of
+    block-buffered output (30)."""
     import os
     import subprocess
     import sys
@@ -236,14 +239,51 @@ def test_a_closed_pipe_ends_generate_quietly_after_writing_the_midi(random_model
     midi = tmp_path / "t.mid"
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONUNBUFFERED", None)  # (as in a plain shell: stdout to a pipe is buffered)
     cmd = [sys.executable, "-m", "rnnkern.cli", "generate", "--model", str(path), "--count",
-           "300", "--max-tokens", "200", "--midi", str(midi)]  # fmt: skip
+           str(count), "--max-tokens", "200", "--midi", str(midi)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     proc.stdout.readline()
     proc.stdout.close()  # as head does after its line
     err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 141, err  # (300 tunes: more than a pipe's 64 KB buffer)
-    assert "Traceback" not in err and midi.is_file(), err
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "Exception ignored" not in err and midi.is_file(), err
+
+
+def test_ctrl_c_ends_the_command_by_sigint_and_returns_130_in_process(
+    random_model, capsys, monkeypatch
+):
+    """Python ends a process on an uncaught Ctrl-C by SIGINT, so that a shell loop around it
+    stops too; the command does the same after its one-line message, and returns 130 when
+    called in process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, path = random_model
+    code = (
+        "import sys, rnnkern.cli as cli, rnnkern.music.generate as g\n"
+        "def interrupted(args): raise KeyboardInterrupt\n"
+        "g.run_generate = interrupted\n"
+        "sys.exit(cli.main())\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, "generate", "--model", str(path)],
+                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == -signal.SIGINT, proc.stderr
+    assert "rnnkern: interrupted" in proc.stderr and "Traceback" not in proc.stderr
+
+    import rnnkern.music.generate as generate
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "run_generate", interrupted)
+    assert main(["generate", "--model", str(path)]) == 130
+    assert "rnnkern: interrupted" in capsys.readouterr().err
 
 
 def test_generate_names_a_non_finite_model(random_model, tmp_path, capsys):

@@ -24,6 +24,12 @@ TORCH = "torch"
 ALL_BACKENDS = (*KERNEL_BACKENDS, TORCH)
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's text, else its type's name (torch's errors carry pages of
+    advice after the line that says what happened)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 class BackendUnavailableError(RuntimeError):
     """A backend asked for by name cannot run here or cannot run this configuration."""
 

@@ -20,9 +20,10 @@ from rnnkern.decode import BACKENDS as DECODER_BACKENDS
 from rnnkern.sampling import check_sampling_args, sample
 
 from ..atomic import atomic_write, writable_folder_problem
+from ..backends import first_line
 from . import abc
 from .model import MusicLM
-from .train import first_line, load_checkpoint, model_from_checkpoint
+from .train import load_checkpoint, model_from_checkpoint
 
 
 class GenerateError(ValueError):

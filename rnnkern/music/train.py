@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import atomic_write, atomic_write_text
+from ..backends import first_line
 from .model import ModelConfig, MusicLM
 
 CHECKPOINT_FORMAT = "rnnkern-music-1"
@@ -219,11 +220,6 @@ def evaluate(
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an error's text (torch's carry pages of advice after it)."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
