@@ -259,6 +259,20 @@ def test_a_diverging_run_stops_without_saving_the_bad_step(tmp_path, monkeypatch
     assert not (tmp_path / "model.pt").exists()
 
 
+def test_weights_that_stop_being_finite_are_never_saved(tmp_path):
+    """An update can leave non-finite weights after a finite loss (an enormous learning
+    rate): the next checkpoint refuses them, and the one on disk stays the last finite one."""
+    from rnnkern.music.train import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="the weights are no longer finite"):
+        train(config(lr=1e38, optimizer="rmsprop", checkpoint_every=1), SMALL_MODEL, tmp_path,
+              dataset=tiny_dataset(), log=quiet, progress=False)  # fmt: skip
+    if (tmp_path / "checkpoint.pt").exists():
+        state = load_checkpoint(tmp_path / "checkpoint.pt")
+        assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (tmp_path / "model.pt").exists()
+
+
 def test_no_validation_set_writes_strict_json(tmp_path):
     import json
 
@@ -284,6 +298,7 @@ def test_resume_names_what_is_wrong_with_the_checkpoint(tmp_path):
 
 def test_damaged_and_foreign_model_files_are_refused(tmp_path):
     from rnnkern.music.cli import DEFAULT_MODEL
+    from rnnkern.music.train import save_checkpoint
 
     data = bytearray(DEFAULT_MODEL.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte inside the weights: torch.load took it
@@ -291,6 +306,14 @@ def test_damaged_and_foreign_model_files_are_refused(tmp_path):
     damaged.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="damaged .* fails the archive's check"):
         load_checkpoint(damaged)
+    if hasattr(torch.serialization, "set_crc32_options"):  # (no CRCs written: none checked)
+        state = load_checkpoint(DEFAULT_MODEL)
+        torch.serialization.set_crc32_options(False)
+        try:
+            save_checkpoint(tmp_path / "no_crc.pt", state)
+        finally:
+            torch.serialization.set_crc32_options(True)
+        assert load_checkpoint(tmp_path / "no_crc.pt")["tokens"] == state["tokens"]
     text = tmp_path / "notes.txt"
     text.write_text("not a model\n")
     with pytest.raises(ValueError, match=r"not an rnnkern music model \(not a torch.save archive"):

@@ -287,7 +287,7 @@ def test_parametrized_weights_are_computed_once_a_call(kind, backend):
     """torch.nn.utils.parametrize on the weights: the same outputs and gradients as torch.nn's
     module with the same parametrization, and each parametrized weight computed once a call
     (a stateful parametrization, e.g. spectral_norm in training mode, advances once a call;
-    torch.nn's sequence modules compute each four times, its cells once)."""
+    torch.nn's sequence modules compute each four times in torch 2.13, its cells once)."""
     from torch.nn.utils import parametrize
 
     ours, theirs = _pair(kind, backend)

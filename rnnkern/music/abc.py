@@ -709,9 +709,7 @@ def detokenize(
     glue_next = False
     in_chord = False
     for index, token in enumerate(body):
-        if index in ignored:
-            continue
-        if token == "]" and not in_chord:
+        if index in ignored:  # (a "]" with no chord among them)
             continue
         if in_chord and token in _CHORD_ENDERS:
             parts[-1] += "]"
@@ -762,10 +760,16 @@ def _wrap(parts: list[str], bars_per_line: int = 8) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def meter_signature(meter: str) -> tuple[int, int]:
+    """Numerator and denominator of a meter token (``M:6/8``: 6, 8)."""
+    num, den = meter[2:].split("/")
+    return int(num), int(den)
+
+
 def meter_bar_length(meter: str) -> Fraction:
     """Length of one bar of a meter token, in eighth notes."""
-    num, den = meter[2:].split("/")
-    return Fraction(int(num) * 8, int(den))
+    num, den = meter_signature(meter)
+    return Fraction(num * 8, den)
 
 
 _COMPOUND = {"M:6/8", "M:9/8", "M:12/8"}
@@ -897,7 +901,7 @@ def _read(tokens: Sequence[str]) -> tuple[list[Sounding], list[Fraction | None],
         elif token in _DURATION_VALUE and open_item:
             items[-1].length *= _DURATION_VALUE[token]
             open_item = False
-        elif token in BROKEN_TOKENS and open_item:
+        elif token in BROKEN_TOKENS and open_item and _starts_item(body, index + 1):
             first, broken_factor = (
                 (Fraction(3, 2), Fraction(1, 2))
                 if token[-1] == ">"
@@ -918,6 +922,25 @@ def _read(tokens: Sequence[str]) -> tuple[list[Sounding], list[Fraction | None],
         item.start = time
         time += item.length
     return items, bars, ignored
+
+
+def _starts_item(body: Sequence[str], index: int) -> bool:
+    """Whether ``body[index]`` begins a note, rest or chord: what a broken rhythm needs after
+    it (before a bar line, a tuplet or the end, ABC readers leave the note before it as it is;
+    music21 read ``C> |`` as one eighth)."""
+    return index < len(body) and (
+        body[index] in _NOTE_SET or body[index] == REST_TOKEN or body[index] == "["
+    )
+
+
+def played_tokens(tokens: Sequence[str]) -> list[str]:
+    """What :func:`tokenize` reads back from :func:`detokenize`'s text of ``tokens``: the
+    header (its defaults where the tokens have none) and the body without the tokens that
+    :func:`interpret` ignores (out of place), which the text leaves out."""
+    meter, mode, body = body_tokens(tokens)
+    ignored = _read(tokens)[2]
+    kept = [t for i, t in enumerate(body) if i not in ignored]
+    return ["<s>", meter or "M:4/4", mode or "K:Cmaj", *kept, "</s>"]
 
 
 def bar_durations(tokens: Sequence[str]) -> list[Fraction | None]:

@@ -234,7 +234,7 @@ def abc_tunes_to_midi(token_lists: Sequence[Sequence[str]], tempo: float, progra
     for tokens in token_lists:
         sounding, _ = abc.interpret(tokens)
         meter = abc.body_tokens(tokens)[0] or "M:4/4"
-        numerator, denominator = (int(n) for n in meter[2:].split("/"))
+        numerator, denominator = abc.meter_signature(meter)
         pm.time_signature_changes.append(pretty_midi.TimeSignature(numerator, denominator, offset))
         end = 0.0
         for s in sounding:

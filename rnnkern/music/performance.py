@@ -229,7 +229,7 @@ def _bach_limit(source: str) -> int | None:
     if ":" not in source:
         return None
     text = source.split(":", 1)[1]
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise ValueError(f"data source {source!r}: bach:N takes a count N >= 1, got {text!r}")
     return int(text)
 

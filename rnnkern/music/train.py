@@ -245,7 +245,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path} is not an rnnkern music model ({why})")
     try:
         with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
+            # (a file saved after torch.serialization.set_crc32_options(False) stores 0 for
+            # every CRC: nothing to check against)
+            has_crcs = any(info.CRC for info in archive.infolist() if info.file_size)
+            damaged = archive.testzip() if has_crcs else None
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         damaged = f"unreadable: {err}"
     if damaged is not None:
@@ -596,10 +599,23 @@ def train(
             **extra,
         }
 
-    def checkpoint() -> None:
+    def diverged(what: str) -> TrainingDiverged:
+        kept = f"{ckpt_path} holds" if ckpt_path.exists() else "no checkpoint holds"
+        return TrainingDiverged(
+            f"training diverged at step {global_step + 1}: {what} (lr {config.lr}, clip "
+            f"{config.clip}: a smaller learning rate may help); nothing was saved for it, and "
+            f"{kept} the last finite weights"
+        )
+
+    def checkpoint() -> dict:
+        # A step with a finite loss can still leave non-finite weights (an update too large):
+        # never saved. (DDP keeps every rank's weights equal: all ranks raise here together.)
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise diverged("the weights are no longer finite")
         snap = snapshot()  # every rank takes part in the gather
         if is_main:
             save_checkpoint(ckpt_path, snap)
+        return snap
 
     model.train()
     stopped = False
@@ -637,12 +653,10 @@ def train(
                 loss_value = float(loss.detach())
                 if not _finite_everywhere(loss_value, dev, world):
                     bar.close()
-                    kept = f"{ckpt_path} holds" if ckpt_path.exists() else "no checkpoint holds"
-                    raise TrainingDiverged(
-                        f"training diverged at step {global_step + 1}: the loss is "
-                        f"{loss_value} (lr {config.lr}, clip {config.clip}: a smaller "
-                        f"learning rate may help); nothing was saved for it, and {kept} the "
-                        "last finite weights"
+                    raise diverged(
+                        f"the loss is {loss_value}"
+                        if not math.isfinite(loss_value)
+                        else f"the loss is not finite on another rank (here {loss_value})"
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -669,13 +683,15 @@ def train(
                     history["val_loss"].append(val)
                     say(f"epoch {epoch + 1}: validation loss {val:.4f} nats/token")
                 else:
-                    say(f"epoch {epoch + 1} done (no validation set: val_fraction 0)")
+                    say(
+                        f"epoch {epoch + 1} done (no validation set: val_fraction "
+                        f"{config.val_fraction} holds out no window)"
+                    )
                 epoch, step_in_epoch = epoch + 1, 0
             checkpoint()
 
-        final = snapshot()
+        final = checkpoint()
         if is_main:
-            save_checkpoint(ckpt_path, final)
             export_model(ckpt_path, out / "model.pt")
             plot_losses(history, out / "loss.png")
             atomic_write_text(out / "history.json", json.dumps(history))
