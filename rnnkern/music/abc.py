@@ -709,11 +709,11 @@ def detokenize(
     glue_next = False
     in_chord = False
     for index, token in enumerate(body):
-        if index in ignored:  # (a "]" with no chord among them)
-            continue
-        if in_chord and token in _CHORD_ENDERS:
+        if in_chord and token in _CHORD_ENDERS:  # (an ignored "[" too: it ends the chord)
             parts[-1] += "]"
             in_chord = glue_next = False
+        if index in ignored:  # (a "]" with no chord among them)
+            continue
         if token in CHORD_TOKENS:
             in_chord = token == "["
         if parts and token == "|2" and parts[-1] == ":|":
@@ -925,12 +925,18 @@ def _read(tokens: Sequence[str]) -> tuple[list[Sounding], list[Fraction | None],
 
 
 def _starts_item(body: Sequence[str], index: int) -> bool:
-    """Whether ``body[index]`` begins a note, rest or chord: what a broken rhythm needs after
-    it (before a bar line, a tuplet or the end, ABC readers leave the note before it as it is;
-    music21 read ``C> |`` as one eighth)."""
-    return index < len(body) and (
-        body[index] in _NOTE_SET or body[index] == REST_TOKEN or body[index] == "["
-    )
+    """Whether ``body[index]`` begins a note, rest or chord (one with a note or rest before it
+    ends: an empty one is ignored): what a broken rhythm needs after it (before a bar line, a
+    tuplet or the end, ABC readers leave the note before it as it is; music21 read ``C> |`` as
+    one eighth)."""
+    if index < len(body) and body[index] == "[":
+        for token in body[index + 1 :]:
+            if token in _NOTE_SET or token == REST_TOKEN:
+                return True
+            if token in _CHORD_ENDERS or token == "]":
+                return False
+        return False
+    return index < len(body) and (body[index] in _NOTE_SET or body[index] == REST_TOKEN)
 
 
 def played_tokens(tokens: Sequence[str]) -> list[str]:
