@@ -439,8 +439,7 @@ class _RNNBase(torch.nn.Module):
             )
             structure = (self.proj_size > 0, self.bias, self.num_layers, self.bidirectional,
                          packing)  # fmt: skip
-            cast = _autocast_dtypes(_TORCH_KIND[self.mode], x, structure)
-            problem = _autocast_torch_problem(_TORCH_KIND[self.mode], x, structure)
+            cast, problem = _autocast_dtypes(_TORCH_KIND[self.mode], x, structure)
             config = dataclasses.replace(config, dtype=cast[0], torch_problem=problem)
         return x, lengths, lengths_cpu, batched, states, weights, cast, config
 
@@ -859,10 +858,7 @@ class _CellBase(torch.nn.Module):
         ``config`` the step as a one-step layer."""
         grad = needs_grad((x,), self.parameters(), states)
         structure = (False, self.bias, 1, False, "tensor")
-        cast = _autocast_dtypes(_TORCH_KIND[self._cell], x, structure)
-        problem = (
-            "" if cast is None else _autocast_torch_problem(_TORCH_KIND[self._cell], x, structure)
-        )
+        cast, problem = _autocast_dtypes(_TORCH_KIND[self._cell], x, structure)
         config = LayerConfig(
             self._cell,
             x.device.type,
@@ -1115,33 +1111,26 @@ def _autocast_on(x: Tensor) -> bool:
     return _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
-def _autocast_dtypes(kind: str, x: Tensor, structure: tuple) -> tuple[torch.dtype, ...] | None:
-    """None unless autocast is on for ``x``'s device type; then the dtypes of what torch.nn's
-    ``kind`` would return for this call (:func:`_torch_autocast_dtypes`): rnnkern runs its
-    kernels in the first (``x``'s dtype when torch does not cast) with autocast off inside, and
-    returns torch.nn's dtypes. ``structure``: (has a
-    projection, bias, layers, bidirectional, the input's packing: ``"tensor"``, ``"packed"``
-    (a PackedSequence of equal lengths) or ``"ragged"`` (unequal)), the call's features that
-    decide torch's path and so its casts; the probe has them. (A first call under
-    autocast builds a small torch.nn module to ask; warm up before capturing a CUDA graph.)"""
+def _autocast_dtypes(
+    kind: str, x: Tensor, structure: tuple
+) -> tuple[tuple[torch.dtype, ...] | None, str]:
+    """``(None, "")`` unless autocast is on for ``x``'s device type; then the dtypes of what
+    torch.nn's ``kind`` would return for this call (:func:`_torch_autocast_dtypes`): rnnkern
+    runs its kernels in the first (``x``'s dtype when torch does not cast) with autocast off
+    inside, and returns torch.nn's dtypes; and why torch.nn's own path fails for the call, if
+    its probe failed (:data:`_AUTOCAST_FAILURES`; not asked while compiling, where that path
+    cannot run anyway), else "". ``structure``: (has a projection, bias, layers,
+    bidirectional, the input's packing: ``"tensor"``, ``"packed"`` (a PackedSequence of equal
+    lengths) or ``"ragged"`` (unequal)), the call's features that decide torch's path and so
+    its casts; the probe has them. (A first call under autocast builds a small torch.nn module
+    to ask; warm up before capturing a CUDA graph.)"""
     if not _autocast_on(x):
-        return None
-    return _torch_autocast_dtypes(*_autocast_key(kind, x, structure))
-
-
-def _autocast_key(kind: str, x: Tensor, structure: tuple) -> tuple:
-    """The arguments of :func:`_torch_autocast_dtypes` for a call on ``x`` under autocast."""
+        return None, ""
     device_type = x.device.type
-    return kind, device_type, x.dtype, torch.get_autocast_dtype(device_type), structure
-
-
-def _autocast_torch_problem(kind: str, x: Tensor, structure: tuple) -> str:
-    """Under autocast, after :func:`_autocast_dtypes`: why torch.nn's own path fails for this
-    call, if its probe failed, else "". (Not asked while compiling, where torch.nn's path
-    cannot run anyway.)"""
-    if torch.compiler.is_compiling():
-        return ""
-    return _AUTOCAST_FAILURES.get(_autocast_key(kind, x, structure), "")
+    key = (kind, device_type, x.dtype, torch.get_autocast_dtype(device_type), structure)
+    dtypes = _torch_autocast_dtypes(*key)
+    problem = "" if torch.compiler.is_compiling() else _AUTOCAST_FAILURES.get(key, "")
+    return dtypes, problem
 
 
 def explain(module: torch.nn.Module, input, hx=None) -> str:

@@ -30,6 +30,14 @@ def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation that failed (torch's CPU allocator raises a plain
+    RuntimeError, its CUDA one torch.OutOfMemoryError)."""
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
 class BackendUnavailableError(RuntimeError):
     """A backend asked for by name cannot run here or cannot run this configuration."""
 

@@ -165,8 +165,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"\nrnnkern train: {err}", file=sys.stderr)
         return 130  # (the shell's code for a run stopped by Ctrl-C)
     except RuntimeError as err:
-        from ..backends import first_line
-        from .generate import out_of_memory
+        from ..backends import first_line, out_of_memory
 
         if not out_of_memory(err):
             raise

@@ -20,7 +20,7 @@ from rnnkern.decode import BACKENDS as DECODER_BACKENDS
 from rnnkern.sampling import check_sampling_args, sample
 
 from ..atomic import atomic_write, writable_folder_problem
-from ..backends import first_line
+from ..backends import first_line, out_of_memory
 from . import abc
 from .model import MusicLM
 from .train import load_checkpoint, model_from_checkpoint
@@ -118,12 +118,6 @@ def music_decoder(model: MusicLM, count: int, decoder: str = "auto") -> Decoder:
                 f"memory ({first_line(err)})"
             ) from err
         raise GenerateError(f"--decoder {decoder}: {err}") from err
-
-
-def out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is an allocation that failed (torch's CPU allocator raises a plain
-    RuntimeError, its CUDA one torch.OutOfMemoryError)."""
-    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
 
 
 @torch.no_grad()

@@ -412,16 +412,17 @@ class TrainingDiverged(RuntimeError):
     checkpoint on disk, if any, is the last one written before)."""
 
 
-def _finite_everywhere(value: float, device: torch.device, world: int) -> bool:
-    """Whether ``value`` is finite on every rank (under DDP the ranks must stop together)."""
-    finite = math.isfinite(value)
+def _on_any_rank(flag: bool, device: torch.device, world: int) -> bool:
+    """Whether ``flag`` is true on some rank: one all-reduce of it under DDP, where the ranks
+    must agree (on the step to stop at: a rank that stopped alone would leave the others
+    waiting in the next gradient all-reduce for good)."""
     if world == 1:
-        return finite
+        return flag
     import torch.distributed as dist
 
-    flag = torch.tensor([int(finite)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 class _StopSignal:
@@ -443,13 +444,7 @@ class _StopSignal:
         self.flag = True
 
     def received(self, device: torch.device, world: int) -> bool:
-        if world == 1:
-            return self.flag
-        import torch.distributed as dist
-
-        flag = torch.tensor([int(self.flag)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return _on_any_rank(self.flag, device, world)
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -610,7 +605,8 @@ def train(
     def checkpoint() -> dict:
         # A step with a finite loss can still leave non-finite weights (an update too large):
         # never saved. (DDP keeps every rank's weights equal: all ranks raise here together.)
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+        if not bool(finite):  # (one host synchronisation, not one a parameter)
             raise diverged("the weights are no longer finite")
         snap = snapshot()  # every rank takes part in the gather
         if is_main:
@@ -650,16 +646,18 @@ def train(
                     )
                 batch = batch_tensor([train_pieces[i] for i in mine[step_in_epoch]]).to(dev)
                 loss, count = loss_on(ddp_model, batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                # Read after the backward is queued (the step's one host synchronisation) and
+                # checked before the update: a non-finite loss never reaches the weights.
                 loss_value = float(loss.detach())
-                if not _finite_everywhere(loss_value, dev, world):
+                if _on_any_rank(not math.isfinite(loss_value), dev, world):
                     bar.close()
                     raise diverged(
                         f"the loss is {loss_value}"
                         if not math.isfinite(loss_value)
                         else f"the loss is not finite on another rank (here {loss_value})"
                     )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
                 nn.utils.clip_grad_norm_(model.parameters(), config.clip)
                 opt.step()
                 step_in_epoch += 1
