@@ -2,8 +2,10 @@
 
 Without a CUDA device the kernels run on CPU tensors through Triton's interpreter
 (``TRITON_INTERPRET=1``, set by ``tests/conftest.py`` before the backend is imported; set here
-too when this file runs alone), at small shapes; with a CUDA device the same tests run compiled
-on CUDA tensors, at more shapes (including the persistent split-hidden mode). Every buffer the
+too when this file runs alone), at small shapes, one program after another, and in the
+persistent split-hidden mode with the programs of a launch running at once
+(``emulation.emulate_gpu``); with a CUDA device the same tests run compiled on CUDA tensors, at
+more shapes (including the persistent split-hidden mode). Every buffer the
 backend allocates starts as NaN (conftest fixture), so an output element a kernel never writes
 fails the comparison.
 
@@ -28,6 +30,7 @@ Tolerances.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -556,6 +559,154 @@ def test_resident_slices_are_the_programs_chunk():
 
 
 # ----------------------------------------------------------------------------------------------
+# persistent launches on the CPU (emulation.emulate_gpu: the interpreter runs a launch's programs
+# at once, so they meet at their grid-wide waits as on a GPU)
+# ----------------------------------------------------------------------------------------------
+
+# geometry: (T, B, H, sms, dtype, settings of common changed to reach it at a small size, the
+# plan (block_h, n_split, one_chunk) of every launch, and exceptions to it by cell name or by
+# cell name and direction). The LSTM backward with a projection always loops (its state and
+# hidden chunks differ), and no launch with a projection keeps its weights resident.
+EMULATED = {
+    # 4-row GEMV tiles, 2 programs of one 32-unit chunk each, slices resident in registers
+    "gemv_one_chunk": (5, 3, 40, 4, torch.float32, {}, (32, 2, True), {}),
+    # GEMV's 8-unit chunks, which wide layers get (a lower register budget makes H = 40 one):
+    # 5 programs of 1-row tiles; the RNN's one slice still fits 32 units
+    "gemv_8_unit_chunks": (5, 1, 40, 8, torch.float32, {"GEMV_RESIDENT_FLOATS": 2048},
+                           (8, 5, True), {"rnn_tanh": (32, 2, True), "rnn_relu": (32, 2, True)}),
+    # 4 chunks over 2 programs: each loops over 2 chunks, weights streamed
+    "gemv_chunk_loop": (4, 3, 100, 2, torch.float32, {}, (32, 2, False), {}),
+    # tl.dot's 16-row tiles, 2 programs of one chunk each (the GRU backward's slices exceed the
+    # IEEE table and stream)
+    "dot_one_chunk": (5, 5, 40, 4, torch.float32, {"GEMV_PRODUCTS": False}, (32, 2, True), {}),
+    # 32-row tiles, 4 chunks over 2 programs (one chunk a program only up to 16 rows)
+    "dot_chunk_loop": (4, 20, 100, 2, torch.float32, {"GEMV_PRODUCTS": False}, (32, 2, False),
+                       {}),
+    # two batch tiles of 2 programs each, a counter each: GEMV's 4-row tiles and tl.dot's 32
+    "gemv_two_batch_tiles": (4, 7, 40, 4, torch.float32, {}, (32, 2, True), {}),
+    "dot_two_batch_tiles": (4, 33, 40, 4, torch.float32, {"GEMV_PRODUCTS": False},
+                            (32, 2, False), {}),
+    # sm_90's 16-unit chunks for 16-bit layers whose slices 32-unit chunks cannot hold (a lower
+    # K_RES limit makes H = 40 one): 3 programs. The LSTM and RNN backward's own 16-bit limit
+    # (512) still takes 32 units; a projection keeps no slices.
+    "bf16_16_unit_chunks": (5, 3, 40, 4, torch.bfloat16, {"RESIDENT_MAX_K": 32}, (16, 3, True),
+                            {"lstm backward": (32, 2, True), "rnn_tanh backward": (32, 2, True),
+                             "rnn_relu backward": (32, 2, True), "lstm_proj": (32, 2, True)}),
+}  # fmt: skip
+
+
+@pytest.fixture
+def emulated_gpu():
+    """emulation.emulate_gpu, on the CPU only: on a GPU the persistent launches run for real
+    (GPU_CASES)."""
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU the persistent launches run compiled (GPU_CASES and the rest)")
+    from rnnkern.backends.triton.emulation import emulate_gpu
+
+    return emulate_gpu
+
+
+def _spy_plans(monkeypatch, name):
+    """The list that collects ``(kernel, config, n_split)`` of every launch the cell's
+    launchers plan from now on."""
+    from rnnkern.backends.triton import gru, lstm, rnn
+
+    module = {"lstm": lstm, "gru": gru}.get(cell_of(name), rnn)
+    plans = []
+    real = common.launch_config
+
+    def spy(kernel, *args, **kw):
+        config, n_split = real(kernel, *args, **kw)
+        plans.append((kernel, config, n_split))
+        return config, n_split
+
+    monkeypatch.setattr(module, "launch_config", spy)
+    return plans
+
+
+@pytest.mark.parametrize("geometry", list(EMULATED))
+@pytest.mark.parametrize("name", CELLS)
+def test_persistent_launches_match_reference(name, geometry, emulated_gpu, monkeypatch):
+    """Forward and backward in the persistent modes a GPU runs (hidden units split over
+    programs that wait for each other once a step, twice with a projection), with variable
+    lengths, reversed. float32: outputs and every gradient as the reference's. bfloat16: as
+    the same kernels' with programs one after another (their error against float64 is the
+    K_LOW tests'; here only the split differs, which changes no sum). Every launch is checked
+    to be planned as the geometry says, so none of this runs the sequential mode."""
+    T, B, H, sms, dtype, settings, plan, exceptions = EMULATED[geometry]
+    for key, value in settings.items():
+        monkeypatch.setattr(common, key, value)
+    lengths = _lengths("random", T, B) if B > 1 else None
+    inp = make_inputs(name, T, B, H, dtype=dtype)
+    if dtype == torch.float32:
+        want = run(name, inp, "reference", lengths, reverse=True)
+    else:
+        want = run(name, inp, "triton", lengths, reverse=True)
+    plans = _spy_plans(monkeypatch, name)
+    with emulated_gpu(sms=sms):
+        got = run(name, inp, "triton", lengths, reverse=True)
+    assert [kernel.split("_")[1] for kernel, *_ in plans] == ["forward", "backward"], plans
+    for kernel, config, n_split in plans:
+        direction = kernel.split("_")[1]
+        block_h, n, one = exceptions.get(f"{name} {direction}", exceptions.get(name, plan))
+        one = one and not (name == "lstm_proj" and direction == "backward")
+        assert config.split and (config.block_h, n_split, config.one_chunk) == (block_h, n, one), (
+            kernel, config, n_split
+        )  # fmt: skip
+    assert_float32_close(got, want)
+
+
+def test_emulated_gpu_runs_programs_at_once_and_reports_failures(emulated_gpu, monkeypatch):
+    """Under emulate_gpu the programs of a launch meet at a counter (one after another they
+    never would); a program that raises fails the launch with its error, at once (the others,
+    left waiting for it, stop); a wait that never completes fails it after ``timeout_s``;
+    afterwards launches are planned and run as before."""
+    import triton
+    import triton.language as tl
+
+    from rnnkern.backends.triton.emulation import emulate_gpu
+
+    @triton.jit
+    def meet(counter_ptr, seen_ptr, target, FAIL: tl.constexpr):
+        pid = tl.program_id(0)
+        if FAIL:
+            if pid == 2:
+                tl.arange(0, 3)  # (not a power of 2: the interpreter raises)
+        tl.atomic_add(counter_ptr, 1)
+        seen = tl.load(counter_ptr, volatile=True)
+        while seen < target:
+            seen = tl.load(counter_ptr, volatile=True)
+        tl.store(seen_ptr + pid, seen)
+
+    counter = torch.zeros(1, dtype=torch.int32)
+    seen = torch.zeros(4, dtype=torch.int32)
+    with emulated_gpu(sms=4, timeout_s=1):
+        meet[(4,)](counter, seen, 4, FAIL=False)
+        assert seen.tolist() == [4, 4, 4, 4]
+        counter.zero_()
+        with pytest.raises(Exception, match=r"program \(2, 0\) of the launch failed.*power of 2"):
+            meet[(4,)](counter, seen, 4, FAIL=True)
+        counter.zero_()
+        with pytest.raises(Exception, match="4 of 4 programs were still running after 1 s"):
+            meet[(4,)](counter, seen, 5, FAIL=False)
+        with pytest.raises(RuntimeError, match="not reentrant"):
+            with emulate_gpu():
+                pass
+        assert common.launch_config("gru_forward", 3, 40, 40, torch.float32,
+                                    torch.device("cpu"))[1] == 2  # fmt: skip
+    assert common.EMULATED_GPU is None
+    assert common.launch_config("gru_forward", 3, 40, 40, torch.float32,
+                                torch.device("cpu"))[1] == 1  # fmt: skip
+    with pytest.raises(ValueError, match="sms must be an int >= 1, got 0"):
+        with emulate_gpu(sms=0):
+            pass
+    monkeypatch.setattr(common, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match="emulate_gpu needs Triton's interpreter"):
+        with emulate_gpu():
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
 # phase tracing (rnnkern.backends.tracing.trace_phases; the phases benchmark's source)
 # ----------------------------------------------------------------------------------------------
 
@@ -580,15 +731,17 @@ WAITS = {
 }
 
 
+@pytest.mark.parametrize("grid", ["device", "emulated GPU"])
 @pytest.mark.parametrize("chunks", ["one chunk", "chunk loop"])
 @pytest.mark.parametrize("name", ["lstm", "lstm_proj", "gru", "rnn_tanh"])
-def test_phase_trace_stamps_each_phase_in_order(name, chunks):
+def test_phase_trace_stamps_each_phase_in_order(name, chunks, grid, request):
     """Under trace_phases every program of the forward and backward kernels stamps, for each
     traced step, the points its kernel passes and no other, in program order, and no step past
-    T; where programs wait for each other (a GPU's persistent launches), none passes a wait
-    before every program of its batch tile arrived; tracing changes no result, bit for bit.
-    With one hidden chunk per program (ONE_CHUNK: the arrival is stamped inside the tile step)
-    and with the chunk loop."""
+    T; where programs wait for each other (a GPU's persistent launches, and the interpreter's
+    under emulation.emulate_gpu, where the clock is a counter all programs share), none passes
+    a wait before every program of its batch tile arrived; tracing changes no result, bit for
+    bit. With one hidden chunk per program (ONE_CHUNK: the arrival is stamped inside the tile
+    step) and with the chunk loop."""
     from rnnkern.backends import tracing
 
     if DEVICE == "cuda" and (name, chunks) not in (("lstm", "one chunk"),
@@ -599,15 +752,20 @@ def test_phase_trace_stamps_each_phase_in_order(name, chunks):
             "variant is a compile of its own, and the GPU check's tests have minutes"
         )
     one = chunks == "one chunk"
-    if DEVICE == "cpu":  # one program per batch tile: H <= 32 is one chunk
+    emulated = grid == "emulated GPU"
+    if emulated:  # 4-row GEMV tiles: 2 programs of one chunk, or 2 looping over 4 chunks
+        emulate_gpu = request.getfixturevalue("emulated_gpu")
+        T, B, H, sms = 5, 3, 40 if one else 100, 4 if one else 2
+    elif DEVICE == "cpu":  # one program per batch tile: H <= 32 is one chunk
         T, B, H = 5, 3, 20 if one else 40
     else:  # persistent launches: 16-row tiles one chunk each, or 32-row tiles looping
         T, B, H = 6, 16 if one else 40, 256
     inp = make_inputs(name, T, B, H)
     lengths = _lengths("random", T, B)
-    plain = run(name, inp, "triton", lengths, reverse=True)
-    with tracing.trace_phases(steps=T + 1) as traces:
-        traced = run(name, inp, "triton", lengths, reverse=True)
+    with emulate_gpu(sms=sms) if emulated else contextlib.nullcontext():
+        plain = run(name, inp, "triton", lengths, reverse=True)
+        with tracing.trace_phases(steps=T + 1) as traces:
+            traced = run(name, inp, "triton", lengths, reverse=True)
     assert plain.keys() == traced.keys()
     for key in plain:
         assert torch.equal(plain[key], traced[key]), key
@@ -627,7 +785,7 @@ def test_phase_trace_stamps_each_phase_in_order(name, chunks):
         assert (st[:, :, points] > 0).all() and not st[:, :, others].any()
         order = st[:, :, points].flatten(1)  # each program's stamps in program order
         assert (order[:, 1:] >= order[:, :-1]).all()
-        if DEVICE == "cpu":
+        if DEVICE == "cpu" and not emulated:
             assert not t.info["split"]  # (programs run one after another: no waits to check)
             continue
         assert t.info["split"] and t.info["n_split"] > 1, t.info

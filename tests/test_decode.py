@@ -9,6 +9,7 @@ check is again float32 accumulation.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -128,19 +129,30 @@ def test_step_matches_torch_nn(mode, layers, proj, weights, backend):
 
 
 @needs_triton
+@pytest.mark.parametrize("split", [False, True], ids=["one program", "split"])
 @pytest.mark.parametrize("tiling", ["tile", "gemv, the GPU's chunks"])
 @pytest.mark.parametrize("mode,layers,proj", [*CASES, ("RNN-relu, no embedding or head", 2, 0)])
-def test_triton_step_in_each_tiling(mode, layers, proj, tiling, monkeypatch):
+def test_triton_step_in_each_tiling(mode, layers, proj, tiling, split, monkeypatch):
     """The Triton step multiplies by tl.dot on 16-row tiles (more than GEMV_MAX_ROWS streams)
     or by broadcast products summed over k (fewer); both, at 3 streams. Under the interpreter
     GEMV mode takes 16-unit chunks to save time; here it takes the GPU's narrow ones, so
-    chunks end inside a gate (H = 33 is not a multiple of 4) as they do on the GPU."""
+    chunks end inside a gate (H = 33 is not a multiple of 4) as they do on the GPU. ``split``:
+    the units spread over the programs of a GPU of 4 multiprocessors, which wait for each
+    other after every layer (under the interpreter through emulation.emulate_gpu; on a GPU
+    every step with more than one chunk is split already)."""
     from rnnkern.backends.triton import decode as triton_decode
 
+    if split and TRITON_DEVICE == "cuda":
+        pytest.skip("on a GPU the steps above are split already (one program per chunk)")
     if tiling == "tile":
         monkeypatch.setattr(triton_decode, "GEMV_MAX_ROWS", 0)
     else:
         monkeypatch.setattr(triton_decode, "INTERPRET_GEMV_CHUNK", None)
+    grid = contextlib.nullcontext()
+    if split:
+        from rnnkern.backends.triton.emulation import emulate_gpu
+
+        grid = emulate_gpu(sms=4)
     T, B = 4, 3
     if mode.startswith("RNN-relu"):
         torch.manual_seed(3)
@@ -155,11 +167,14 @@ def test_triton_step_in_each_tiling(mode, layers, proj, tiling, monkeypatch):
         x = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(1))
         gold = teacher_forced(rnn, emb, head, x, torch.float64)
         ref32 = teacher_forced(rnn, emb, head, x, torch.float32)
-    dec = make_decoder("triton", rnn, emb, head, batch_size=B)
-    geometry = dec._triton_step.tiling
-    assert geometry.gemv == (tiling != "tile")
-    assert geometry.block_h == (16 if tiling == "tile" else triton_decode.GEMV["block_h"])
-    got = torch.stack([dec.step(x[t]) for t in range(T)]).double().cpu()
+    with grid:
+        dec = make_decoder("triton", rnn, emb, head, batch_size=B)
+        geometry = dec._triton_step.tiling
+        assert geometry.gemv == (tiling != "tile")
+        assert geometry.block_h == (16 if tiling == "tile" else triton_decode.GEMV["block_h"])
+        # (33 units: 3 chunks of 16 or 9 of 4, on 4 multiprocessors)
+        assert dec._triton_step.n_split == (1 if not split else 3 if tiling == "tile" else 4)
+        got = torch.stack([dec.step(x[t]) for t in range(T)]).double().cpu()
     assert_logits_close(got, ref32, gold)
 
 

@@ -3,7 +3,8 @@
 One file per cell (:mod:`.lstm`, :mod:`.gru`, :mod:`.rnn`), each holding its forward and
 backward kernels (time loop inside the kernel, float32 state and accumulation) and their launch
 wrappers; :mod:`.common` holds the shared device helpers and the launch-configuration table;
-:mod:`.compile_check` compiles every configuration ahead of time for sm_80 / sm_90.
+:mod:`.compile_check` compiles every configuration ahead of time for sm_80 / sm_90, and
+:mod:`.emulation` runs the persistent launches (programs waiting for each other) on the CPU.
 
 Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before this package
 was imported (Triton's interpreter: same kernel source, programs run one after another).

@@ -15,7 +15,8 @@ step (twice with an LSTM projection):
   the batch tiles alone fill the GPU.
 * ``SPLIT=True`` (persistent mode): ``n_split > 1`` programs per batch tile, all resident at
   once (the grid never exceeds the number of SMs), synchronised once per phase by a monotonic
-  atomic counter per batch tile. Never used under the interpreter.
+  atomic counter per batch tile. Under the interpreter only inside
+  :func:`.emulation.emulate_gpu`, which runs a launch's programs concurrently.
 
 Recurrent weights: the kernels keep each program's slices of W_hh on chip across all steps
 where they fit and every program owns one chunk (``K_RES > 0``, see :func:`choose_config`;
@@ -125,6 +126,8 @@ def load_acquire(ptr):  # ptr: [] int32 in global memory
     storing the value is visible afterwards. A plain load, so spinning on it leaves the L2
     atomic unit to the arrivals (an acquire atomic per poll queues behind them); the CUTLASS
     grid barrier and rnnkern's CUDA kernels spin the same way (``ld.acquire.gpu``, sm_70+)."""
+    if UPCAST_DOT:  # (the interpreter, which cannot run inline PTX: emulation.emulate_gpu)
+        return tl.load(ptr, volatile=True)
     return tl.inline_asm_elementwise(
         "ld.global.acquire.gpu.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=False,
         pack=1,
@@ -758,6 +761,24 @@ def products(dtype: torch.dtype, batch: int) -> str:
     return precision
 
 
+# A GPU the interpreter stands in for, (multiprocessors, compute capability), while
+# emulation.emulate_gpu runs every launch's programs concurrently; None otherwise.
+EMULATED_GPU: tuple[int, tuple[int, int]] | None = None
+
+
+def persistent_geometry(device: torch.device) -> tuple[int, tuple[int, int]] | None:
+    """``(multiprocessors, compute capability)`` of ``device`` where its launches may be
+    persistent (programs waiting for each other: a compiled CUDA launch, or the interpreter
+    under :func:`.emulation.emulate_gpu`), else None (the interpreter runs programs one after
+    another)."""
+    if INTERPRET:
+        return EMULATED_GPU
+    if device.type != "cuda":
+        return None
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return sms, tuple(torch.cuda.get_device_capability(device))
+
+
 def choose_config(
     batch: int,
     hidden: int,
@@ -774,13 +795,14 @@ def choose_config(
     else:
         block_b = 16 if batch <= 16 else 32
     n_btiles = triton.cdiv(batch, block_b)
-    persistent = device.type == "cuda" and not INTERPRET
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if persistent else 0
+    gpu = persistent_geometry(device)
+    persistent = gpu is not None
+    sms, capability = gpu if persistent else (0, None)
     # The chunk sizes to choose from, largest (fewest programs to wait for) first: GEMV mode's;
     # on NARROW_ARCHS the tensor-core dots of the ONE_CHUNK kernels may also take 16 units.
     chunks = GEMV_BLOCK_H if gemv else (BLOCK_H,)
     if not gemv and persistent and ONE_CHUNK and block_b == 16 and resident is not None:
-        if torch.cuda.get_device_capability(device) in NARROW_ARCHS:
+        if capability in NARROW_ARCHS:
             chunks = (BLOCK_H, NARROW_BLOCK_H)
     block_h = chunks[0]
     if persistent and len(chunks) > 1:
@@ -803,9 +825,7 @@ def choose_config(
     # interpreter that means a single chunk.
     if resident is not None and RESIDENT and block_b <= 16 and n_split == n_chunks:
         # (in GEMV mode the slices stay in registers: any architecture)
-        arch_ok = (
-            gemv or not persistent or (torch.cuda.get_device_capability(device) in RESIDENT_ARCHS)
-        )
+        arch_ok = gemv or not persistent or capability in RESIDENT_ARCHS
         if arch_ok:
             k_res = resident_k(*resident, block_h, block_b)
     one_chunk = ONE_CHUNK and n_split == n_chunks and block_b <= ONE_CHUNK_BLOCK_B

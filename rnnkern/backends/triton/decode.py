@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ..base import CELL_CODES
-from .common import INTERPRET, SYNC_TIMEOUT_MARK, grid_sync
+from .common import INTERPRET, SYNC_TIMEOUT_MARK, grid_sync, persistent_geometry
 
 
 @dataclass(frozen=True)
@@ -677,8 +677,9 @@ class DecodeStep:
         n_btiles = triton.cdiv(self.B, t.block_b)
         n_chunks = max(triton.cdiv(max(self.H, self.P), t.block_h), triton.cdiv(self.V, t.block_v))
         self.n_split = 1
-        if device.type == "cuda" and not INTERPRET and n_chunks > 1:
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
+        gpu = persistent_geometry(device)
+        if gpu is not None and n_chunks > 1:
+            sms = gpu[0]
             # Every program must be resident at once for the grid-wide wait: one per SM.
             self.n_split = max(1, min(n_chunks, sms // n_btiles))
         self.grid = (n_btiles, self.n_split)

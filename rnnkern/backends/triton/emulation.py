@@ -1,0 +1,183 @@
+"""Persistent launches on the CPU: Triton's interpreter running a launch's programs at once.
+
+Triton's interpreter (``TRITON_INTERPRET=1``) runs a launch's programs one after another, so a
+program that waits for the others at a grid-wide wait (the persistent mode, ``SPLIT=True``, of
+:mod:`.common`) would wait forever, and the dispatcher never chooses that mode there. Inside
+:func:`emulate_gpu` every launch runs each of its programs in a thread of its own, all at once,
+so the programs of a batch tile meet at their grid-wide waits as they do on a GPU; and the
+dispatcher plans launches as for a GPU of ``sms`` multiprocessors and compute capability
+``capability`` (:func:`.common.persistent_geometry`): hidden units split over several programs,
+each owning one chunk or looping over several, 16-unit chunks on sm_90, the decode step's split.
+
+What it checks is the protocol between programs: which program writes which part of the shared
+state, the arrival counts and targets of every wait, what is read after which wait, and the
+reuse of buffers across steps. Python's threads switch every :data:`SWITCH_INTERVAL_S` seconds
+at most (set for the duration), at any point of a program, so a read that some wait does not
+order after its write sees the old value in some interleaving. It does not check the GPU's
+memory model (the threads see each other's stores at once; the acquire and release semantics
+of the counters are the GPU check's), timing, occupancy or anything the compiler does. The
+CUDA backend's counterpart is :mod:`rnnkern.backends.cuda_emulation`.
+
+It relies on two internals of ``triton.runtime.interpreter`` that Triton 3.6 to 3.9 share: the
+``GridExecutor`` that runs a launch (its ``fn``, called once per program after
+``interpreter_builder.set_grid_idx``) and the ``interpreter_builder`` whose ``grid_idx``
+``tl.program_id`` reads; :func:`emulate_gpu` raises if they are missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import sys
+import threading
+import time
+import types
+from collections.abc import Iterator
+
+from . import common
+
+# How often Python switches threads while emulating (seconds; default 5 ms): a program polling
+# a counter holds the interpreter for at most this long before the one it waits for runs.
+SWITCH_INTERVAL_S = 1e-4
+
+_program = threading.local()  # grid_idx of the program a thread runs
+_abort = threading.Event()  # set when a launch fails or times out: every program stops
+
+
+class _Aborted(RuntimeError):
+    """Raised in a program's thread at its next memory access once the launch has failed."""
+
+
+def _concurrent_builder(base: type) -> type:
+    """A subclass of the interpreter's builder class whose ``grid_idx`` is per thread and whose
+    memory accesses stop a program once its launch has failed (a program left polling a
+    counter would otherwise poll until the kernel's own spin limit)."""
+
+    def stoppable(name: str):
+        method = getattr(base, name)
+
+        def access(self, *args, **kwargs):
+            if _abort.is_set():
+                raise _Aborted("another program of the launch failed")
+            return method(self, *args, **kwargs)
+
+        return access
+
+    namespace = {
+        "grid_idx": property(
+            lambda self: getattr(_program, "grid_idx", None),
+            lambda self, value: setattr(_program, "grid_idx", value),
+        )
+    }
+    for name in ("create_load", "create_masked_load", "create_atomic_rmw", "create_atomic_cas"):
+        namespace[name] = stoppable(name)
+    return type(f"Concurrent{base.__name__}", (base,), namespace)
+
+
+class _ConcurrentLaunch:
+    """Called by the interpreter once per program of a launch, in grid order: starts the
+    program in a thread; the call for the last program waits for them all."""
+
+    def __init__(self, kernel, builder, timeout_s: float) -> None:
+        self.kernel = kernel
+        self.builder = builder
+        self.timeout_s = timeout_s
+        self.threads: list[threading.Thread] = []
+        self.errors: list[tuple[tuple[int, int, int], BaseException]] = []
+
+    def _run(self, grid_idx: tuple[int, int, int], args: dict) -> None:
+        self.builder.grid_idx = grid_idx
+        try:
+            self.kernel(**args)
+        except BaseException as err:  # reported by the launch, in the calling thread
+            self.errors.append((grid_idx, err))
+            _abort.set()
+
+    def __call__(self, **args) -> None:
+        thread = threading.Thread(target=self._run, args=(self.builder.grid_idx, args), daemon=True)
+        self.threads.append(thread)
+        thread.start()
+        if len(self.threads) < math.prod(self.builder.grid_dim):
+            return
+        deadline = time.monotonic() + self.timeout_s
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = sum(thread.is_alive() for thread in self.threads)
+        if stuck:
+            _abort.set()
+            for thread in self.threads:
+                thread.join()
+        _abort.clear()
+        failed = [(idx, err) for idx, err in self.errors if not isinstance(err, _Aborted)]
+        if failed:
+            idx, err = failed[0]
+            raise RuntimeError(f"program {idx[:2]} of the launch failed: {err!r}") from err
+        if stuck:
+            raise RuntimeError(
+                f"{stuck} of {len(self.threads)} programs were still running after "
+                f"{self.timeout_s:g} s (a grid-wide wait that never completes?)"
+            )
+
+
+@contextlib.contextmanager
+def emulate_gpu(
+    sms: int = 4, capability: tuple[int, int] = (9, 0), timeout_s: float = 300.0
+) -> Iterator[None]:
+    """Within the block, Triton's interpreter runs every launch's programs concurrently and the
+    backend plans launches for a GPU of ``sms`` multiprocessors and compute ``capability``
+    (``(9, 0)``: an H100's rules, 16-unit chunks included). A launch whose programs are not all
+    done after ``timeout_s`` seconds stops them and raises, as does one in which a program
+    raised. Needs ``TRITON_INTERPRET=1`` (set before the backend was imported); not reentrant,
+    and launches must come from one thread."""
+    if not common.INTERPRET:
+        raise RuntimeError(
+            "emulate_gpu needs Triton's interpreter: set TRITON_INTERPRET=1 before importing "
+            "rnnkern.backends.triton"
+        )
+    if isinstance(sms, bool) or not isinstance(sms, int) or sms < 1:
+        raise ValueError(f"sms must be an int >= 1, got {sms!r}")
+    if common.EMULATED_GPU is not None:
+        raise RuntimeError("emulate_gpu is already active (it is not reentrant)")
+    from triton.runtime import interpreter
+
+    executor = getattr(interpreter, "GridExecutor", None)
+    builder = getattr(interpreter, "interpreter_builder", None)
+    if executor is None or builder is None or not hasattr(builder, "set_grid_idx"):
+        import triton
+
+        raise RuntimeError(
+            f"emulate_gpu does not know this Triton's interpreter (triton {triton.__version__}: "
+            "no GridExecutor / interpreter_builder.set_grid_idx)"
+        )
+
+    real_init = executor.__init__
+
+    def init(self, fn, *args, **kwargs) -> None:
+        real_init(self, fn, *args, **kwargs)
+        launch = _ConcurrentLaunch(fn, builder, timeout_s)
+
+        def programs(**kernel_args):
+            launch(**kernel_args)
+
+        # The interpreter reads the kernel's signature (inspect) and finds triton.language in
+        # its globals (to patch it for the launch): the stand-in keeps both.
+        stand_in = types.FunctionType(
+            programs.__code__, fn.__globals__, fn.__name__, None, programs.__closure__
+        )
+        stand_in.__signature__ = inspect.signature(fn)
+        self.fn = stand_in
+
+    builder_class = builder.__class__
+    switch_interval = sys.getswitchinterval()
+    builder.__class__ = _concurrent_builder(builder_class)
+    executor.__init__ = init
+    common.EMULATED_GPU = (sms, tuple(capability))
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(switch_interval)
+        common.EMULATED_GPU = None
+        executor.__init__ = real_init
+        builder.__class__ = builder_class
