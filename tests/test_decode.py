@@ -634,6 +634,30 @@ def test_device_backends_generate_the_cpu_decoders_tune(kw, weights, backend):
         torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-5)  # float32, 43 steps
 
 
+@needs_cpu
+@needs_triton
+def test_triton_decoder_split_over_programs_generates_the_cpu_decoders_tune():
+    """As above, with the Triton step's units split over the programs of a GPU of 4
+    multiprocessors, which wait for each other after every layer (emulation.emulate_gpu; on a
+    GPU the test above runs split already)."""
+    if TRITON_DEVICE == "cuda":
+        pytest.skip("on a GPU the test above runs the split step")
+    from rnnkern.backends.triton.emulation import emulate_gpu
+
+    rnn, emb, head = make_model("LSTM", 2, seed=15)
+    prime = torch.randint(0, V, (3, 2), generator=torch.Generator().manual_seed(16))
+    kw = {"temperature": 0.8, "top_k": 5, "top_p": 0.9, "seed": 7}
+    cpu = Decoder(rnn, emb, head, batch_size=3, backend="cpu")
+    expected = cpu.generate(prime, 12, **kw)
+    with emulate_gpu(sms=4):
+        split = make_decoder("triton", rnn, emb, head, batch_size=3)
+        assert split._triton_step.n_split == 3  # (33 units in 16-unit chunks)
+        got = split.generate(prime, 12, **kw)
+    assert torch.equal(got, expected)
+    for a, b in zip(split.get_state(), cpu.get_state(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)  # float32, 13 steps
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @needs_triton
 @pytest.mark.parametrize("graph_tokens", [8, 1])
