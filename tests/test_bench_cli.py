@@ -53,7 +53,7 @@ def test_bench_rejects_unknown_suite(capsys):
     assert "unknown suite" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("suite", ["cpu_train", "cpu_dispatch", "cpu_short"])
+@pytest.mark.parametrize("suite", ["cpu_train", "cpu_dispatch", "cpu_short", "cpu_16bit"])
 def test_cpu_training_suites_run_quick(suite):
     from rnnkern.backends import cpu
 
@@ -67,6 +67,10 @@ def test_cpu_training_suites_run_quick(suite):
         expected = {"torch.nn", "rnnkern[cpu]"} | (
             {"rnnkern[auto]"} if suite == "cpu_short" else set()
         )
+        if suite == "cpu_16bit":
+            assert record["params"]["dtype"] in ("bfloat16", "float16"), record["params"]
+            if record["params"]["dtype"] == "float16" and not cpu._NATIVE_FLOAT16:
+                expected.add("rnnkern[cpu], float16 products by torch")
         if suite == "cpu_train" and not record["params"]["train"]:
             if onnxrt.available():
                 expected.add("onnxruntime")  # inference-only baseline, forward cases

@@ -91,12 +91,15 @@ def test_gemm_rejects_mismatched_operands():
         cpu_backend.gemm(a, b.double(), torch.empty(4, 5))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("x_grad", [True, False])
 def test_linear_op_matches_torch_linear(dtype, bias, x_grad):
     """``input_projection`` with backend ``cpu`` runs ``rnnkern::linear``; its value and the
-    gradients of x, w and b are F.linear's, and dx is not computed when x needs none."""
+    gradients of x, w and b are F.linear's, and dx is not computed when x needs none. float16
+    (on CPUs without float16 arithmetic) is multiplied in float32 and rounded to float16."""
+    if dtype == torch.float16 and cpu_backend._NATIVE_FLOAT16:
+        pytest.skip("this CPU multiplies float16 natively: torch's products are kept")
     g = torch.Generator().manual_seed(3)
     T, B, I, GH = 33, 8, 130, 4 * 65  # 8.9M multiply-adds: above _OWN_LINEAR_MACS
     x64 = torch.randn(T, B, I, generator=g, dtype=torch.float64)
@@ -126,11 +129,14 @@ def test_linear_op_matches_torch_linear(dtype, bias, x_grad):
         assert_product_close(got.reshape(ex.shape), ex, th)
 
 
-def test_half_inputs_and_small_products_use_torch_linear():
+def test_bfloat16_native_float16_and_small_products_use_torch_linear(monkeypatch):
     x, w = torch.randn(64, 32, 128, dtype=torch.bfloat16), torch.randn(512, 128)
     assert not cpu_backend.BACKEND.linear_supported(x, w)
     assert cpu_backend.BACKEND.linear_supported(x.float(), w)
     assert not cpu_backend.BACKEND.linear_supported(x[:, :1].float(), w)  # 4.2M multiply-adds
+    for native in (False, True):
+        monkeypatch.setattr(cpu_backend, "_NATIVE_FLOAT16", native)
+        assert cpu_backend.BACKEND.linear_supported(x.half(), w) is not native
 
 
 def test_pool_reuses_freed_buffers_and_honours_its_limit():

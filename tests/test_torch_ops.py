@@ -53,6 +53,11 @@ def test_linear_ops_pass_opcheck():
         torch.library.opcheck(OPS.linear.default, ("cpu", *args))
     args = ("cpu", dy, x.detach(), w.detach(), True, True, False)
     torch.library.opcheck(OPS.linear_backward.default, args)
+    half = [t.detach().half() for t in (x, w, b, dy)]  # (float16: computed in float32)
+    torch.library.opcheck(OPS.linear.default, ("cpu", *half[:3]))
+    torch.library.opcheck(
+        OPS.linear_backward.default, ("cpu", half[3], *half[:2], True, True, True)
+    )
 
 
 def test_outputs_carry_the_formula_only_where_a_gradient_is_needed():

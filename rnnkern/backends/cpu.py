@@ -49,6 +49,8 @@ else:
 
 _NATIVE = (torch.float32, torch.float64)  # what the kernels compute in
 _DTYPES = (*_NATIVE, torch.float16, torch.bfloat16)
+# whether torch multiplies float16 natively on this CPU (see CPUBackend.linear_supported)
+_NATIVE_FLOAT16 = _cpu is None or _cpu.native_float16()
 
 
 def build_hint() -> str:
@@ -169,6 +171,29 @@ def gemm(
 # for training by cell, for inference one length for all.
 _SHORT_TRAINING = {"gru": 8, "rnn_tanh": 16, "rnn_relu": 16, "lstm": 16}
 _SHORT_INFERENCE = 32
+# The same for 16-bit inputs (suite cpu_16bit), where torch.nn's per-step ops are slower than in
+# float32, both ways: the shortest length measured, at which every case won.
+_SHORT_16BIT = 16
+
+
+def _faster_in_16_bits(config: LayerConfig) -> bool | str:
+    """CPUBackend.faster_than_torch for float16 and bfloat16 inputs (measurements there)."""
+    dtype = str(config.dtype).removeprefix("torch.")
+    if config.proj_size > 0:
+        return f"not measured against torch.nn for {dtype} LSTMs with a projection"
+    if config.dtype == torch.float16 and _NATIVE_FLOAT16:
+        return "not measured against torch.nn for float16 on a CPU with float16 arithmetic"
+    if config.dtype == torch.bfloat16 and config.cell == "lstm":
+        return (
+            "torch.nn.LSTM runs oneDNN's fused bfloat16 LSTM on the CPU; backend 'cpu' "
+            "measured 0.50-0.86x its speed (faster only at B=1, H=128)"
+        )
+    if config.seq_len >= _SHORT_16BIT:
+        return True
+    return (
+        f"not measured against torch.nn below T={_SHORT_16BIT} for {dtype}, where a call's "
+        f"fixed cost may exceed what the kernels save (got T={config.seq_len}; cells are T=1)"
+    )
 
 
 class CPUBackend:
@@ -237,14 +262,27 @@ class CPUBackend:
           lost one case in each run (0.96-0.97x), GRU at T=4 one (B=16 H=512, 0.81-0.90x).
           Hence ``cpu`` from T=8 (GRU) or 16 (the others) for training and from T=32 for
           inference (_SHORT_TRAINING, _SHORT_INFERENCE).
-        float16/bfloat16 inputs were not measured.
+        - 16-bit inputs (suite ``cpu_16bit``: one layer, B=1 H=128 and B=16 H=256 at T=16 and
+          64, and bfloat16 B=32 H=512 T=128; the kernels compute in float32 and round what the
+          contract rounds). bfloat16: torch.nn runs the GRU and RNN as per-step bfloat16 ATen
+          ops, and ``cpu`` won every case, training 1.14-8.31x and inference 1.03-5.27x (1.22x
+          and up from T=16). Its LSTM is oneDNN's fused bfloat16 LSTM, which ``cpu`` lost to
+          (0.50-0.86x) except at B=1 H=128 (training 1.12-1.55x, inference 0.86-1.00x): the
+          LSTM stays with torch.nn. float16, on a CPU without float16 arithmetic (no
+          AVX512-FP16 or AMX-FP16, ``_cpu.native_float16``), where torch.nn runs every cell as
+          slow per-step float16 ops and ``cpu`` takes its input projections through its own
+          float32 GEMM (linear_supported): every cell won every case, training 1.81-23.8x and
+          inference 1.22-7.08x (with torch's float16 products instead of its own, 1.57-3.62x
+          and 1.19-2.26x). Hence ``cpu`` from T=16 for GRU and RNN in bfloat16 and every cell
+          in float16 (_SHORT_16BIT). Not measured, so left to torch.nn: float16 on CPUs with
+          float16 arithmetic, and 16-bit LSTMs with a projection.
         """
         ok = self.supports(config)
         if ok is not True:
             return ok
-        if config.dtype not in (torch.float32, torch.float64):
-            return f"not measured against torch.nn for {config.dtype} inputs"
         B, H, T = config.batch_size, config.hidden_size, config.seq_len
+        if config.dtype in (torch.float16, torch.bfloat16):
+            return _faster_in_16_bits(config)
         if config.cell != "lstm" or config.proj_size > 0 or config.dtype == torch.float64:
             shortest = _SHORT_TRAINING[config.cell] if config.needs_grad else _SHORT_INFERENCE
             if T >= shortest:
@@ -262,34 +300,47 @@ class CPUBackend:
             f"{'training' if config.needs_grad else 'inference'}, B={B}, H={H}, T={T})"
         )
 
-    # The input projection's GEMM (base.OwnsLinear). float16/bfloat16 stay with torch, whose
-    # oneDNN path handles them natively, and so do products below _OWN_LINEAR_MACS
-    # multiply-adds, where calling a custom operator costs more than the faster product saves:
-    # LSTM 1x128, B=1, T=64 fwd+bwd (4.2M multiply-adds per product) took 0.98 ms with the
-    # backend's GEMM against 0.88 ms with torch's (2 threads, 2-core AVX-512 x86-64).
+    # The input projection's GEMM (base.OwnsLinear). bfloat16 stays with torch, whose oneDNN
+    # path multiplies it natively (AVX512-BF16: [1024, 256] @ [256, 768] in 1.1 ms, against
+    # 2.2 ms in this GEMM with the conversions to float32 and back), and so does float16 where
+    # the CPU has float16 arithmetic (_cpu.native_float16); without it torch took 13.4 ms for
+    # that product in float16 (2.2 ms here), so float16 products run here, in float32 on the
+    # converted operands, their results rounded to float16 as torch's are (2-core AVX-512
+    # x86-64 without AVX512-FP16, torch 2.13). Products below _OWN_LINEAR_MACS multiply-adds
+    # stay with torch in every dtype: calling a custom operator costs more than the faster
+    # product saves (LSTM 1x128, B=1, T=64 fwd+bwd, 4.2M multiply-adds per product: 0.98 ms
+    # with this GEMM against 0.88 ms with torch's, float32, 2 threads).
     def linear_supported(self, x: torch.Tensor, w: torch.Tensor) -> bool:
         return (
             _cpu is not None
             and x.device.type == "cpu"
-            and x.dtype in _NATIVE
+            and (x.dtype in _NATIVE or (x.dtype == torch.float16 and not _NATIVE_FLOAT16))
             and x.numel() * w.shape[0] >= _OWN_LINEAR_MACS
         )
 
     def linear(self, x, w, b):
-        """``[M, K] @ [N, K]ᵀ + [N] -> [M, N]``."""
-        return gemm(x, w.t(), _alloc((x.shape[0], w.shape[0]), x.dtype), bias=b)
+        """``[M, K] @ [N, K]ᵀ + [N] -> [M, N]`` (in ``x``'s dtype; float16 computed in
+        float32)."""
+        S = state_dtype(x.dtype)
+        out = gemm(_work(x, S), _work(w, S).t(), _alloc((x.shape[0], w.shape[0]), S),
+                   bias=_work(b, S))  # fmt: skip
+        return out.to(x.dtype)
 
     def linear_backward(self, dy, x, w, need_dx, need_dw, need_db):
-        """``dx = dy @ w``, ``dw = dyᵀ @ x``, ``db = dy.sum(0)`` (None where not needed)."""
+        """``dx = dy @ w``, ``dw = dyᵀ @ x``, ``db = dy.sum(0)`` (None where not needed), each
+        in its tensor's dtype (float16 computed in float32)."""
         M, N = dy.shape
-        dx = gemm(dy, w, _alloc(x.shape, x.dtype)) if need_dx else None
+        S = state_dtype(dy.dtype)
+        dy_w, w_w = _work(dy, S), _work(w, S)
+        dx = gemm(dy_w, w_w, _alloc(x.shape, S)).to(x.dtype) if need_dx else None
         dw = db = None
         if need_dw or need_db:
-            db = _alloc((N,), dy.dtype) if need_db else None
+            db = _alloc((N,), S) if need_db else None
             if need_dw:
-                dw = gemm(dy.t(), x, _alloc(w.shape, w.dtype), rowsum=db)
+                dw = gemm(dy_w.t(), _work(x, S), _alloc(w.shape, S), rowsum=db).to(w.dtype)
             else:
-                db = dy.sum(0)
+                db = dy_w.sum(0)
+            db = None if db is None else db.to(dy.dtype)
         return dx, dw, db
 
     def _check(self, gx: torch.Tensor) -> None:

@@ -38,10 +38,17 @@ def _ort_forward(rnn: torch.nn.RNNBase, x: torch.Tensor):
     return lambda: session.run(["y"], feed)
 
 
-def training_cases(suite: str, shapes, modes, with_onnxruntime: bool = False) -> list[Case]:
+def training_cases(
+    suite: str,
+    shapes,
+    modes,
+    with_onnxruntime: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> list[Case]:
     """torch.nn beside rnnkern[cpu] for each ``(cell, layers, batch, hidden, time)`` shape and
-    each mode in ``modes`` (True: forward + backward, False: forward under ``no_grad``);
-    with ``with_onnxruntime``, forward-only cases time ONNX Runtime too where installed."""
+    each mode in ``modes`` (True: forward + backward, False: forward under ``no_grad``), with
+    modules and input in ``dtype``; with ``with_onnxruntime``, forward-only float32 cases time
+    ONNX Runtime too where installed."""
     from ..backends import cpu as cpu_backend
 
     if cpu_backend._cpu is None:
@@ -50,16 +57,16 @@ def training_cases(suite: str, shapes, modes, with_onnxruntime: bool = False) ->
     out = []
     for cell, L, B, H, T in shapes:
         for train in modes:
-            base = getattr(torch.nn, cell)(H, H, num_layers=L)
-            ours = getattr(rnnkern, cell)(H, H, num_layers=L, backend="cpu")
+            base = getattr(torch.nn, cell)(H, H, num_layers=L).to(dtype)
+            ours = getattr(rnnkern, cell)(H, H, num_layers=L, backend="cpu").to(dtype)
             ours.load_state_dict(base.state_dict())
-            x = torch.randn(T, B, H, generator=gen).requires_grad_(train)
+            x = torch.randn(T, B, H, generator=gen).to(dtype).requires_grad_(train)
             fns = {
                 "torch.nn": module_step(base, x, train),
                 "rnnkern[cpu]": module_step(ours, x, train),
             }
             notes = f"kernels {cpu_backend._cpu.isa()}, {torch.get_num_threads()} threads"
-            if with_onnxruntime and not train:
+            if with_onnxruntime and not train and dtype == torch.float32:
                 if onnxrt.available():
                     fns["onnxruntime"] = _ort_forward(base, x)
                 else:
@@ -67,7 +74,8 @@ def training_cases(suite: str, shapes, modes, with_onnxruntime: bool = False) ->
             out.append(
                 Case(
                     suite=suite,
-                    name=f"{cell} {'fwd+bwd' if train else 'fwd'} L={L} B={B} H={H} T={T}",
+                    name=f"{cell} {'fwd+bwd' if train else 'fwd'} L={L} B={B} H={H} T={T}"
+                    + ("" if dtype == torch.float32 else f" {str(dtype).removeprefix('torch.')}"),
                     params=dict(
                         cell=cell,
                         layers=L,
@@ -77,6 +85,7 @@ def training_cases(suite: str, shapes, modes, with_onnxruntime: bool = False) ->
                         train=train,
                         isa=cpu_backend._cpu.isa(),
                         threads=torch.get_num_threads(),
+                        dtype=str(dtype).removeprefix("torch."),
                     ),  # fmt: skip
                     fns=fns,
                     baseline="torch.nn",
