@@ -172,7 +172,7 @@ def gemm(
 _SHORT_TRAINING = {"gru": 8, "rnn_tanh": 16, "rnn_relu": 16, "lstm": 16}
 _SHORT_INFERENCE = 32
 # The same for 16-bit inputs (suite cpu_16bit), where torch.nn's per-step ops are slower than in
-# float32, both ways: the shortest length measured, at which every case won.
+# float32: the shortest length measured, 16, except float16 inference, from 32 as in float32.
 _SHORT_16BIT = 16
 
 
@@ -188,11 +188,15 @@ def _faster_in_16_bits(config: LayerConfig) -> bool | str:
             "torch.nn.LSTM runs oneDNN's fused bfloat16 LSTM on the CPU; backend 'cpu' "
             "measured 0.50-0.86x its speed (faster only at B=1, H=128)"
         )
-    if config.seq_len >= _SHORT_16BIT:
+    shortest = _SHORT_16BIT
+    if config.dtype == torch.float16 and not config.needs_grad:
+        shortest = _SHORT_INFERENCE
+    if config.seq_len >= shortest:
         return True
     return (
-        f"not measured against torch.nn below T={_SHORT_16BIT} for {dtype}, where a call's "
-        f"fixed cost may exceed what the kernels save (got T={config.seq_len}; cells are T=1)"
+        f"a call's fixed cost may exceed what the kernels save below T={shortest} for {dtype} "
+        f"{'training' if config.needs_grad else 'inference'} (measured from 16 steps; got "
+        f"T={config.seq_len}; cells are T=1)"
     )
 
 
@@ -262,20 +266,24 @@ class CPUBackend:
           lost one case in each run (0.96-0.97x), GRU at T=4 one (B=16 H=512, 0.81-0.90x).
           Hence ``cpu`` from T=8 (GRU) or 16 (the others) for training and from T=32 for
           inference (_SHORT_TRAINING, _SHORT_INFERENCE).
-        - 16-bit inputs (suite ``cpu_16bit``: one layer, B=1 H=128 and B=16 H=256 at T=16 and
-          64, and bfloat16 B=32 H=512 T=128; the kernels compute in float32 and round what the
+        - 16-bit inputs (suite ``cpu_16bit``, two runs of the same code, the committed one at
+          2e6263e, on a 2-core AMD EPYC Zen 4, AVX512-BF16 but no AVX512-FP16: one layer, B=1 H=128 and B=16 H=256 at T=16 and 64,
+          and bfloat16 B=32 H=512 T=128; the kernels compute in float32 and round what the
           contract rounds). bfloat16: torch.nn runs the GRU and RNN as per-step bfloat16 ATen
-          ops, and ``cpu`` won every case, training 1.14-8.31x and inference 1.03-5.27x (1.22x
-          and up from T=16). Its LSTM is oneDNN's fused bfloat16 LSTM, which ``cpu`` lost to
-          (0.50-0.86x) except at B=1 H=128 (training 1.12-1.55x, inference 0.86-1.00x): the
-          LSTM stays with torch.nn. float16, on a CPU without float16 arithmetic (no
-          AVX512-FP16 or AMX-FP16, ``_cpu.native_float16``), where torch.nn runs every cell as
-          slow per-step float16 ops and ``cpu`` takes its input projections through its own
-          float32 GEMM (linear_supported): every cell won every case, training 1.81-23.8x and
-          inference 1.22-7.08x (with torch's float16 products instead of its own, 1.57-3.62x
-          and 1.19-2.26x). Hence ``cpu`` from T=16 for GRU and RNN in bfloat16 and every cell
-          in float16 (_SHORT_16BIT). Not measured, so left to torch.nn: float16 on CPUs with
-          float16 arithmetic, and 16-bit LSTMs with a projection.
+          ops; ``cpu`` trained 1.12-8.31x faster and inferred 0.99-5.27x (the parity case GRU
+          B=32 H=512 T=128, 0.99-1.03x; from T=16 1.22x and up). Its LSTM is oneDNN's fused
+          bfloat16 LSTM, which ``cpu`` mostly lost to (0.50-0.89x; B=1 H=128: training
+          0.88-1.55x, inference 0.67-1.00x): the LSTM stays with torch.nn. float16, on a CPU
+          without float16 arithmetic (no AVX512-FP16 or AMX-FP16, ``_cpu.native_float16``),
+          where torch.nn runs every cell as slow per-step float16 ops and ``cpu`` takes its
+          input projections through its own float32 GEMM (linear_supported): training
+          1.78-23.95x, inference 0.97-7.40x, the one loss the RNN at B=1 T=16 (0.97x in one
+          run, 1.22x in the other; from T=64 1.88x and up). With torch's float16 products
+          instead (the suite's ``float16 products by torch`` row) B=16 H=256 measured
+          1.51-2.13x: the own GEMM is the rest. Hence ``cpu`` for GRU and RNN in bfloat16 and
+          every cell in float16 from T=16, float16 inference from T=32 as in float32
+          (_SHORT_16BIT, _SHORT_INFERENCE). Not measured, so left to torch.nn: float16 on CPUs
+          with float16 arithmetic, and 16-bit LSTMs with a projection.
         """
         ok = self.supports(config)
         if ok is not True:
