@@ -204,17 +204,24 @@ def test_faster_than_torch_follows_the_measured_grid():
 
 def test_faster_than_torch_in_16_bits_follows_the_measured_grid(monkeypatch):
     """16-bit inputs go to ``cpu`` where benchmarks/results/cpu_16bit-* measured it faster
-    (from T = 16; float16 inference from 32): bfloat16 GRU and RNN, and every cell in float16
-    on a CPU without float16 arithmetic; the bfloat16 LSTM stays with oneDNN's, and what was
-    not measured (float16 where the CPU has float16 arithmetic, projections) with torch.nn."""
+    (from T = 16; float16 inference from 32): bfloat16 GRU and RNN up to the largest layer
+    measured, and every cell in float16 on a CPU without float16 arithmetic; the bfloat16 LSTM
+    stays with oneDNN's, and what was not measured (float16 where the CPU has float16
+    arithmetic, bfloat16 where it has no AVX512-BF16, larger bfloat16 layers, projections)
+    with torch.nn."""
     from rnnkern import dispatch
 
     def cfg(cell="gru", dtype=torch.bfloat16, T=16, grad=True, proj=0):
         return LayerConfig(cell, "cpu", dtype, 128, 128, proj, 1, T, False, grad)
 
+    def wide(cell="gru", B=32, H=512):
+        return LayerConfig(cell, "cpu", torch.bfloat16, H, H, 0, B, 128, False, True)
+
     be = cpu_backend.BACKEND
     monkeypatch.setattr(cpu_backend, "_NATIVE_FLOAT16", False)
+    monkeypatch.setattr(cpu_backend, "_NATIVE_BFLOAT16", True)
     faster = [cfg(), cfg(grad=False), cfg("rnn_relu", T=64), cfg("rnn_tanh", grad=False)]
+    faster += [wide(), wide("rnn_tanh", B=64, H=256)]
     faster += [cfg(cell, torch.float16) for cell in ("lstm", "gru", "rnn_tanh")]
     faster += [cfg(cell, torch.float16, T=32, grad=False) for cell in ("lstm", "rnn_tanh")]
     for config in faster:
@@ -227,12 +234,16 @@ def test_faster_than_torch_in_16_bits_follows_the_measured_grid(monkeypatch):
         (cfg("rnn_tanh", torch.float16, T=31, grad=False), "below T=32 for float16 inference"),
         (cfg("lstm", torch.float16, T=8), "below T=16 for float16 training"),
         (cfg("lstm", proj=64), "for bfloat16 LSTMs with a projection"),
+        (wide(B=33), "beyond batch*hidden = 16384 and hidden 512 (got B=33, H=512)"),
+        (wide("rnn_tanh", B=1, H=1024), "beyond batch*hidden"),
     ):
         assert why in be.faster_than_torch(config), config
         assert dispatch.choose("auto", config, training=True).backend == "torch", config
     monkeypatch.setattr(cpu_backend, "_NATIVE_FLOAT16", True)
     assert "with float16 arithmetic" in be.faster_than_torch(cfg(dtype=torch.float16))
     assert be.faster_than_torch(cfg()) is True
+    monkeypatch.setattr(cpu_backend, "_NATIVE_BFLOAT16", False)
+    assert "without AVX512-BF16" in be.faster_than_torch(cfg())
 
 
 def test_short_calls_stay_with_torch(monkeypatch):

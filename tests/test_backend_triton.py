@@ -364,6 +364,7 @@ def test_gemv_chunks_spread_the_weights_over_the_sms(monkeypatch):
     monkeypatch.setattr(common, "INTERPRET", False)
     props = types.SimpleNamespace(multi_processor_count=132)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
     cuda = torch.device("cuda")
 
     def plan(kernel, B, H):
@@ -521,8 +522,8 @@ def test_kernels_keep_weights_resident_where_the_rule_allows(name, monkeypatch):
 
 def test_resident_slices_are_the_programs_chunk():
     """resident_gates returns W_gᵀ[:, chunk] of each gate and resident_columns W[:, chunk]
-    (zeros past the matrix): checked for a chunk other than 0, which only persistent launches
-    on a GPU reach in the layer tests."""
+    (zeros past the matrix): checked for a chunk other than 0 directly (the layer tests reach
+    it only in persistent launches: on a GPU, or under emulation.emulate_gpu)."""
     import triton
     import triton.language as tl
 
@@ -658,11 +659,17 @@ def test_persistent_launches_match_reference(name, geometry, emulated_gpu, monke
 
 def test_emulated_gpu_runs_programs_at_once_and_reports_failures(emulated_gpu, monkeypatch):
     """Under emulate_gpu the programs of a launch meet at a counter (one after another they
-    never would); a program that raises fails the launch with its error, at once (the others,
-    left waiting for it, stop); a wait that never completes fails it after ``timeout_s``;
-    afterwards launches are planned and run as before."""
+    never would); a program that raises fails the launch with its error before the timeout
+    (the others, left waiting for it, stop at their next load); a wait that never completes
+    (common.grid_wait, a jit function inside the kernel) fails it after ``timeout_s``; on
+    leaving the block, by an error too, the interpreter is as it was, and launches are
+    planned and run one program after another again."""
+    import sys
+    import time
+
     import triton
     import triton.language as tl
+    from triton.runtime import interpreter
 
     from rnnkern.backends.triton.emulation import emulate_gpu
 
@@ -678,25 +685,40 @@ def test_emulated_gpu_runs_programs_at_once_and_reports_failures(emulated_gpu, m
             seen = tl.load(counter_ptr, volatile=True)
         tl.store(seen_ptr + pid, seen)
 
+    @triton.jit
+    def wait_for_one_more(sync_ptr):
+        common.grid_arrive(sync_ptr, True)
+        common.grid_wait(sync_ptr, 0, tl.num_programs(0) + 1, True)
+
+    state = (sys.getswitchinterval(), interpreter.GridExecutor.__init__,
+             type(interpreter.interpreter_builder))  # fmt: skip
     counter = torch.zeros(1, dtype=torch.int32)
     seen = torch.zeros(4, dtype=torch.int32)
-    with emulated_gpu(sms=4, timeout_s=1):
-        meet[(4,)](counter, seen, 4, FAIL=False)
-        assert seen.tolist() == [4, 4, 4, 4]
-        counter.zero_()
-        with pytest.raises(Exception, match=r"program \(2, 0\) of the launch failed.*power of 2"):
-            meet[(4,)](counter, seen, 4, FAIL=True)
-        counter.zero_()
-        with pytest.raises(Exception, match="4 of 4 programs were still running after 1 s"):
-            meet[(4,)](counter, seen, 5, FAIL=False)
-        with pytest.raises(RuntimeError, match="not reentrant"):
-            with emulate_gpu():
-                pass
-        assert common.launch_config("gru_forward", 3, 40, 40, torch.float32,
-                                    torch.device("cpu"))[1] == 2  # fmt: skip
+    with pytest.raises(ZeroDivisionError):
+        with emulated_gpu(sms=4, timeout_s=1):
+            meet[(4,)](counter, seen, 4, FAIL=False)
+            assert seen.tolist() == [4, 4, 4, 4]
+            counter.zero_()
+            start = time.monotonic()
+            with pytest.raises(Exception, match=r"program \(2, 0\) of the launch failed.*power"):
+                meet[(4,)](counter, seen, 4, FAIL=True)
+            assert time.monotonic() - start < 1  # (stopped before the timeout)
+            with pytest.raises(Exception, match="4 of 4 programs were still running after 1 s"):
+                wait_for_one_more[(4,)](torch.zeros(1, dtype=torch.int32))
+            with pytest.raises(RuntimeError, match="not reentrant"):
+                with emulate_gpu():
+                    pass
+            cpu = torch.device("cpu")
+            assert common.launch_config("gru_forward", 3, 40, 40, torch.float32, cpu)[1] == 2
+            raise ZeroDivisionError("leaving the block by an error")
+    assert (sys.getswitchinterval(), interpreter.GridExecutor.__init__,
+            type(interpreter.interpreter_builder)) == state  # fmt: skip
     assert common.EMULATED_GPU is None
-    assert common.launch_config("gru_forward", 3, 40, 40, torch.float32,
-                                torch.device("cpu"))[1] == 1  # fmt: skip
+    cpu = torch.device("cpu")
+    assert common.launch_config("gru_forward", 3, 40, 40, torch.float32, cpu)[1] == 1
+    counter.zero_()
+    meet[(1,)](counter, seen, 1, FAIL=False)  # (one program: runs without emulation)
+    assert seen[0].item() == 1
     with pytest.raises(ValueError, match="sms must be an int >= 1, got 0"):
         with emulate_gpu(sms=0):
             pass

@@ -129,7 +129,22 @@ def test_linear_op_matches_torch_linear(dtype, bias, x_grad):
         assert_product_close(got.reshape(ex.shape), ex, th)
 
 
+def test_float16_linear_backward_without_the_weight_gradient():
+    """The bias gradient alone (``need_dw`` False) is summed in float32 and rounded once, as
+    torch's, and every gradient comes back in its tensor's dtype."""
+    g = torch.Generator().manual_seed(5)
+    dy = torch.randn(300, 40, generator=g).half()
+    x, w = torch.randn(300, 24, generator=g).half(), torch.randn(40, 24, generator=g).half()
+    dx, dw, db = cpu_backend.BACKEND.linear_backward(dy, x, w, True, False, True)
+    assert dw is None and (dx.dtype, db.dtype) == (torch.float16, torch.float16)
+    exact = dy.double().sum(0)
+    assert_product_close(db, exact, dy.sum(0))
+    assert_product_close(dx, dy.double() @ w.double(), dy @ w)
+
+
 def test_bfloat16_native_float16_and_small_products_use_torch_linear(monkeypatch):
+    """torch's GEMM for bfloat16, for float16 where the CPU multiplies it natively, and for
+    products below _OWN_LINEAR_MACS; the backend's otherwise."""
     x, w = torch.randn(64, 32, 128, dtype=torch.bfloat16), torch.randn(512, 128)
     assert not cpu_backend.BACKEND.linear_supported(x, w)
     assert cpu_backend.BACKEND.linear_supported(x.float(), w)

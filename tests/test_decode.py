@@ -656,6 +656,8 @@ def test_triton_decoder_split_over_programs_generates_the_cpu_decoders_tune():
     assert torch.equal(got, expected)
     for a, b in zip(split.get_state(), cpu.get_state(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)  # float32, 13 steps
+    with pytest.raises(RuntimeError, match="step it inside emulate_gpu too"):
+        split.step(prime[:, 0])  # (outside: its programs would run one after another)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

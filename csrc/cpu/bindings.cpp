@@ -13,10 +13,6 @@
 #include "api.h"
 #include "buffer_pool.h"
 
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-#include <cpuid.h>
-#endif
-
 namespace py = pybind11;
 using rnnkern_cpu::Kernels;
 
@@ -33,21 +29,6 @@ std::vector<const Kernels*> supported_isas() {
     out.push_back(&rnnkern_cpu::kernels_avx512);
 #endif
   return out;
-}
-
-// Whether the CPU has float16 arithmetic: AVX512-FP16 (CPUID leaf 7 EDX bit 23) or AMX-FP16
-// (leaf 7 subleaf 1 EAX bit 21), which torch's float16 GEMM (oneDNN) runs on. Without them
-// torch multiplies float16 several times slower than float32 (rnnkern/backends/cpu.py).
-bool native_float16() {
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  const unsigned max_subleaf = a;
-  if ((d >> 23) & 1u) return true;
-  return max_subleaf >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 21) & 1u);
-#else
-  return true;  // (other CPUs: not measured; torch's own float16 products are kept there)
-#endif
 }
 
 const Kernels* select_isa(const std::string& name) {
@@ -211,8 +192,6 @@ PYBIND11_MODULE(_cpu, m) {
     return names;
   });
   m.def("set_isa", [](const std::string& name) { active = select_isa(name); }, py::arg("name"));
-  m.def("native_float16", &native_float16,
-        "Whether the CPU has float16 arithmetic (AVX512-FP16 or AMX-FP16).");
 
   m.def(
       "pooled_empty",

@@ -49,8 +49,19 @@ else:
 
 _NATIVE = (torch.float32, torch.float64)  # what the kernels compute in
 _DTYPES = (*_NATIVE, torch.float16, torch.bfloat16)
-# whether torch multiplies float16 natively on this CPU (see CPUBackend.linear_supported)
-_NATIVE_FLOAT16 = _cpu is None or _cpu.native_float16()
+
+
+def _onednn_native(kind: str) -> bool:
+    """Whether torch's oneDNN computes ``kind`` ('fp16' or 'bf16') natively on this CPU
+    (AVX512-FP16 / AMX-FP16, AVX512-BF16 / AMX-BF16): torch's own check, which its matmuls
+    make. A torch without the check counts as native, so that torch's path is kept."""
+    check = getattr(torch.ops.mkldnn, f"_is_mkldnn_{kind}_supported", None)
+    return True if check is None else bool(check())
+
+
+# (see CPUBackend.linear_supported and faster_than_torch)
+_NATIVE_FLOAT16 = _onednn_native("fp16")
+_NATIVE_BFLOAT16 = _onednn_native("bf16")
 
 
 def build_hint() -> str:
@@ -172,31 +183,43 @@ def gemm(
 _SHORT_TRAINING = {"gru": 8, "rnn_tanh": 16, "rnn_relu": 16, "lstm": 16}
 _SHORT_INFERENCE = 32
 # The same for 16-bit inputs (suite cpu_16bit), where torch.nn's per-step ops are slower than in
-# float32: the shortest length measured, 16, except float16 inference, from 32 as in float32.
+# float32: the shortest length measured, 16, except float16 inference, from 32 as in float32;
+# and for bfloat16 the largest batch x hidden measured (B=32, H=512, where the GRU's inference
+# was at parity: ratios fall as the layer grows).
 _SHORT_16BIT = 16
+_BFLOAT16_MAX_BH = 32 * 512
 
 
 def _faster_in_16_bits(config: LayerConfig) -> bool | str:
     """CPUBackend.faster_than_torch for float16 and bfloat16 inputs (measurements there)."""
     dtype = str(config.dtype).removeprefix("torch.")
+    B, H, T = config.batch_size, config.hidden_size, config.seq_len
     if config.proj_size > 0:
         return f"not measured against torch.nn for {dtype} LSTMs with a projection"
     if config.dtype == torch.float16 and _NATIVE_FLOAT16:
         return "not measured against torch.nn for float16 on a CPU with float16 arithmetic"
-    if config.dtype == torch.bfloat16 and config.cell == "lstm":
-        return (
-            "torch.nn.LSTM runs oneDNN's fused bfloat16 LSTM on the CPU; backend 'cpu' "
-            "measured 0.50-0.86x its speed (faster only at B=1, H=128)"
-        )
+    if config.dtype == torch.bfloat16:
+        if not _NATIVE_BFLOAT16:
+            return "not measured against torch.nn for bfloat16 on a CPU without AVX512-BF16"
+        if config.cell == "lstm":
+            return (
+                "torch.nn.LSTM runs oneDNN's fused bfloat16 LSTM on the CPU; backend 'cpu' "
+                "measured 0.52-0.89x its speed (1.10x at one shape: B=1, H=128, T=64, training)"
+            )
+        if B * H > _BFLOAT16_MAX_BH or H > 512:
+            return (
+                f"not measured against torch.nn for bfloat16 beyond batch*hidden = "
+                f"{_BFLOAT16_MAX_BH} and hidden 512 (got B={B}, H={H}), where its lead shrank "
+                "to parity"
+            )
     shortest = _SHORT_16BIT
     if config.dtype == torch.float16 and not config.needs_grad:
         shortest = _SHORT_INFERENCE
-    if config.seq_len >= shortest:
+    if T >= shortest:
         return True
     return (
         f"a call's fixed cost may exceed what the kernels save below T={shortest} for {dtype} "
-        f"{'training' if config.needs_grad else 'inference'} (measured from 16 steps; got "
-        f"T={config.seq_len}; cells are T=1)"
+        f"{'training' if config.needs_grad else 'inference'} (got T={T}; cells are T=1)"
     )
 
 
@@ -266,24 +289,26 @@ class CPUBackend:
           lost one case in each run (0.96-0.97x), GRU at T=4 one (B=16 H=512, 0.81-0.90x).
           Hence ``cpu`` from T=8 (GRU) or 16 (the others) for training and from T=32 for
           inference (_SHORT_TRAINING, _SHORT_INFERENCE).
-        - 16-bit inputs (suite ``cpu_16bit``, two runs of the same code, the committed one at
-          2e6263e, on a 2-core AMD EPYC Zen 4, AVX512-BF16 but no AVX512-FP16: one layer, B=1 H=128 and B=16 H=256 at T=16 and 64,
-          and bfloat16 B=32 H=512 T=128; the kernels compute in float32 and round what the
-          contract rounds). bfloat16: torch.nn runs the GRU and RNN as per-step bfloat16 ATen
-          ops; ``cpu`` trained 1.12-8.31x faster and inferred 0.99-5.27x (the parity case GRU
-          B=32 H=512 T=128, 0.99-1.03x; from T=16 1.22x and up). Its LSTM is oneDNN's fused
-          bfloat16 LSTM, which ``cpu`` mostly lost to (0.50-0.89x; B=1 H=128: training
-          0.88-1.55x, inference 0.67-1.00x): the LSTM stays with torch.nn. float16, on a CPU
-          without float16 arithmetic (no AVX512-FP16 or AMX-FP16, ``_cpu.native_float16``),
-          where torch.nn runs every cell as slow per-step float16 ops and ``cpu`` takes its
-          input projections through its own float32 GEMM (linear_supported): training
-          1.78-23.95x, inference 0.97-7.40x, the one loss the RNN at B=1 T=16 (0.97x in one
-          run, 1.22x in the other; from T=64 1.88x and up). With torch's float16 products
-          instead (the suite's ``float16 products by torch`` row) B=16 H=256 measured
-          1.51-2.13x: the own GEMM is the rest. Hence ``cpu`` for GRU and RNN in bfloat16 and
-          every cell in float16 from T=16, float16 inference from T=32 as in float32
-          (_SHORT_16BIT, _SHORT_INFERENCE). Not measured, so left to torch.nn: float16 on CPUs
-          with float16 arithmetic, and 16-bit LSTMs with a projection.
+        - 16-bit inputs (suite ``cpu_16bit``, committed run at 2e6263e, 2-core AMD EPYC Zen 4
+          with AVX512-BF16 and without AVX512-FP16; one layer, B=1 H=128 and B=16 H=256 at
+          T=16 and 64, and bfloat16 B=32 H=512 T=128; the kernels compute in float32 and round
+          what the contract rounds). bfloat16: torch.nn runs the GRU and RNN as per-step
+          bfloat16 ATen ops; ``cpu`` trained 1.12-8.07x faster and inferred 0.99-3.84x (from
+          T=16; the lead shrinks as the layer grows: GRU inference 3.60x at B=1 H=128, 1.96x at
+          B=16 H=256, 0.99x at B=32 H=512). Its LSTM is oneDNN's fused bfloat16 LSTM, which
+          ``cpu`` lost to (0.52-0.89x) except at B=1 H=128 T=64 training (1.10x): the LSTM
+          stays with torch.nn. float16, on a CPU without float16 arithmetic (no AVX512-FP16 or
+          AMX-FP16: torch's ``_is_mkldnn_fp16_supported``), where torch.nn runs every cell as
+          slow per-step float16 ops and ``cpu`` takes its larger input projections through its
+          own float32 GEMM (linear_supported): training 1.78-23.95x, inference 0.97-7.40x, the
+          one loss the RNN at B=1 T=16 (0.97x; from T=64 1.88x and up). With torch's float16
+          products instead (the suite's ``float16 products by torch`` row) B=16 H=256 measured
+          1.51-2.13x, against 3.37-23.95x: the own GEMM is the rest. Hence ``cpu`` from T=16
+          for bfloat16 GRU and RNN up to B*H = 16384 and H = 512, and every float16 cell
+          (float16 inference from T=32, as in float32): _SHORT_16BIT, _SHORT_INFERENCE,
+          _BFLOAT16_MAX_BH. Not measured, so left to torch.nn: float16 on CPUs with float16
+          arithmetic, bfloat16 on CPUs without AVX512-BF16, and 16-bit LSTMs with a
+          projection.
         """
         ok = self.supports(config)
         if ok is not True:
@@ -309,15 +334,16 @@ class CPUBackend:
         )
 
     # The input projection's GEMM (base.OwnsLinear). bfloat16 stays with torch, whose oneDNN
-    # path multiplies it natively (AVX512-BF16: [1024, 256] @ [256, 768] in 1.1 ms, against
-    # 2.2 ms in this GEMM with the conversions to float32 and back), and so does float16 where
-    # the CPU has float16 arithmetic (_cpu.native_float16); without it torch took 13.4 ms for
-    # that product in float16 (2.2 ms here), so float16 products run here, in float32 on the
-    # converted operands, their results rounded to float16 as torch's are (2-core AVX-512
-    # x86-64 without AVX512-FP16, torch 2.13). Products below _OWN_LINEAR_MACS multiply-adds
-    # stay with torch in every dtype: calling a custom operator costs more than the faster
-    # product saves (LSTM 1x128, B=1, T=64 fwd+bwd, 4.2M multiply-adds per product: 0.98 ms
-    # with this GEMM against 0.88 ms with torch's, float32, 2 threads).
+    # path multiplies it natively on CPUs with AVX512-BF16 (and which this GEMM, in float32 on
+    # converted operands, would not beat there), and so does float16 where the CPU has float16
+    # arithmetic. Without it torch multiplies float16 slowly, and float16 products run here in
+    # float32, their results rounded to float16 as torch's are: suite cpu_16bit's rows
+    # "rnnkern[cpu]" against "float16 products by torch" (B=16, H=256: 3.37-23.95x against
+    # 1.51-2.13x torch.nn). Products below _OWN_LINEAR_MACS multiply-adds stay with torch in
+    # every dtype: calling a custom operator costs more than the faster product saves (LSTM
+    # 1x128, B=1, T=64 fwd+bwd, 4.2M multiply-adds per product: 0.98 ms with this GEMM
+    # against 0.88 ms with torch's, float32, 2 threads; not measured for float16, where the
+    # two suite rows agree at B=1, H=128, below it).
     def linear_supported(self, x: torch.Tensor, w: torch.Tensor) -> bool:
         return (
             _cpu is not None

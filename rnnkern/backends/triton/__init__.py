@@ -7,7 +7,8 @@ wrappers; :mod:`.common` holds the shared device helpers and the launch-configur
 :mod:`.emulation` runs the persistent launches (programs waiting for each other) on the CPU.
 
 Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before this package
-was imported (Triton's interpreter: same kernel source, programs run one after another).
+was imported (Triton's interpreter: same kernel source, programs run one after another, or all
+at once inside :func:`.emulation.emulate_gpu`).
 """
 
 from __future__ import annotations

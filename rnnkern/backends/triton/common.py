@@ -10,9 +10,9 @@ chunks of the new state, so the programs of one batch tile must wait for each ot
 step (twice with an LSTM projection):
 
 * ``SPLIT=False`` (``n_split == 1``): one program per batch tile owns every hidden unit; the
-  wait is a CTA barrier, there is no cross-program waiting. Used for small shapes, on every
-  CPU tensor under ``TRITON_INTERPRET=1`` (which runs programs one after another) and whenever
-  the batch tiles alone fill the GPU.
+  wait is a CTA barrier, there is no cross-program waiting. Used for small shapes, on CPU
+  tensors under ``TRITON_INTERPRET=1`` (which runs programs one after another, except inside
+  :func:`.emulation.emulate_gpu`) and whenever the batch tiles alone fill the GPU.
 * ``SPLIT=True`` (persistent mode): ``n_split > 1`` programs per batch tile, all resident at
   once (the grid never exceeds the number of SMs), synchronised once per phase by a monotonic
   atomic counter per batch tile. Under the interpreter only inside
@@ -47,6 +47,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # of 16-bit floats are exact in float32, so the result is that of a 16-bit dot with float32
 # accumulation, which is what the compiled kernel computes.
 UPCAST_DOT = tl.constexpr(INTERPRET)
+# The same flag where it means "running under the interpreter" (no inline PTX there).
+IN_INTERPRETER = tl.constexpr(INTERPRET)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +128,7 @@ def load_acquire(ptr):  # ptr: [] int32 in global memory
     storing the value is visible afterwards. A plain load, so spinning on it leaves the L2
     atomic unit to the arrivals (an acquire atomic per poll queues behind them); the CUTLASS
     grid barrier and rnnkern's CUDA kernels spin the same way (``ld.acquire.gpu``, sm_70+)."""
-    if UPCAST_DOT:  # (the interpreter, which cannot run inline PTX: emulation.emulate_gpu)
+    if IN_INTERPRETER:  # (emulation.emulate_gpu's programs)
         return tl.load(ptr, volatile=True)
     return tl.inline_asm_elementwise(
         "ld.global.acquire.gpu.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=False,
@@ -184,8 +186,8 @@ def grid_sync(
     SPLIT: tl.constexpr,
 ):
     """Wait until every program of this batch tile has reached this point (arrive, then
-    wait); returns the new arrival count. Without ``SPLIT`` it is a CTA barrier only (and the
-    only form the interpreter runs)."""
+    wait); returns the new arrival count. Without ``SPLIT`` it is a CTA barrier only (the
+    only form the interpreter runs outside :func:`.emulation.emulate_gpu`)."""
     grid_arrive(sync_ptr, SPLIT)
     return grid_wait(sync_ptr, arrivals, n_split, SPLIT)
 
@@ -229,7 +231,7 @@ _TRACE_POINTS = tl.constexpr(TRACE_POINTS)
 def read_timer(clock_ptr):  # clock_ptr: [] int64, the interpreter's logical clock
     """The GPU's ``%globaltimer`` (ns); under the interpreter, which cannot run inline PTX, a
     logical clock that counts the stamps (the order of the stamps is what it keeps)."""
-    if UPCAST_DOT:  # (the interpreter)
+    if IN_INTERPRETER:
         now = tl.atomic_add(clock_ptr, 1) + 1
     else:
         now = tl.inline_asm_elementwise(
@@ -284,7 +286,7 @@ def phase_stamp_after(
     kept in registers rather than stored, a plain stamp could come before the instructions that
     compute them had finished. (Under the interpreter a plain stamp.)"""
     if TRACE:
-        if UPCAST_DOT:
+        if IN_INTERPRETER:
             phase_stamp(trace_ptr, s, trace_steps, POINT, TRACE)
         else:
             # The timer read follows (and in the PTX is predicated on) a comparison of the

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ..base import CELL_CODES
+from . import common
 from .common import INTERPRET, SYNC_TIMEOUT_MARK, grid_sync, persistent_geometry
 
 
@@ -703,6 +704,12 @@ class DecodeStep:
     ) -> None:
         """One step of every stream; nothing is allocated, so the call can be graph-captured."""
         split = self.n_split > 1
+        if split and INTERPRET and common.EMULATED_GPU is None:
+            # (its programs would run one after another, the first waiting for the others)
+            raise RuntimeError(
+                "this Triton decoder was built inside emulation.emulate_gpu, which split its "
+                "step over programs that wait for each other: step it inside emulate_gpu too"
+            )
         if split:
             self.sync.zero_()
         d = self._dummy

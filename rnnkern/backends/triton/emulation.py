@@ -11,12 +11,14 @@ each owning one chunk or looping over several, 16-unit chunks on sm_90, the deco
 
 What it checks is the protocol between programs: which program writes which part of the shared
 state, the arrival counts and targets of every wait, what is read after which wait, and the
-reuse of buffers across steps. Python's threads switch every :data:`SWITCH_INTERVAL_S` seconds
-at most (set for the duration), at any point of a program, so a read that some wait does not
-order after its write sees the old value in some interleaving. It does not check the GPU's
-memory model (the threads see each other's stores at once; the acquire and release semantics
-of the counters are the GPU check's), timing, occupancy or anything the compiler does. The
-CUDA backend's counterpart is :mod:`rnnkern.backends.cuda_emulation`.
+reuse of buffers across steps. Python may switch threads between any two of a program's
+operations (asking every :data:`SWITCH_INTERVAL_S` seconds, set for the duration; each tile
+load, store or atomic is one operation, done whole), so a read that no wait orders after its
+write can see the old value, in the interleavings that happen to run: a race is likely, not
+certain, to show. It does not check the GPU's memory model (the threads see each other's stores
+at once; the acquire and release semantics of the counters are the GPU check's), timing,
+occupancy or anything the compiler does. The CUDA backend's counterpart is
+:mod:`rnnkern.backends.cuda_emulation`.
 
 It relies on two internals of ``triton.runtime.interpreter`` that Triton 3.6 to 3.9 share: the
 ``GridExecutor`` that runs a launch (its ``fn``, called once per program after
@@ -38,15 +40,17 @@ from collections.abc import Iterator
 from . import common
 
 # How often Python switches threads while emulating (seconds; default 5 ms): a program polling
-# a counter holds the interpreter for at most this long before the one it waits for runs.
+# a counter keeps the interpreter at most about this long before another thread may run.
 SWITCH_INTERVAL_S = 1e-4
 
-_program = threading.local()  # grid_idx of the program a thread runs
-_abort = threading.Event()  # set when a launch fails or times out: every program stops
+# per thread: grid_idx, the program a thread runs, and launch, the _ConcurrentLaunch it is in
+_program = threading.local()
 
 
-class _Aborted(RuntimeError):
-    """Raised in a program's thread at its next memory access once the launch has failed."""
+class _Aborted(BaseException):
+    """Raised in a program's thread at its next memory access once its launch has failed (a
+    BaseException: the interpreter wraps every Exception a nested jit function raises, which
+    would hide this one)."""
 
 
 def _concurrent_builder(base: type) -> type:
@@ -58,8 +62,9 @@ def _concurrent_builder(base: type) -> type:
         method = getattr(base, name)
 
         def access(self, *args, **kwargs):
-            if _abort.is_set():
-                raise _Aborted("another program of the launch failed")
+            launch = getattr(_program, "launch", None)
+            if launch is not None and launch.abort.is_set():
+                raise _Aborted("the launch failed")
             return method(self, *args, **kwargs)
 
         return access
@@ -77,7 +82,10 @@ def _concurrent_builder(base: type) -> type:
 
 class _ConcurrentLaunch:
     """Called by the interpreter once per program of a launch, in grid order: starts the
-    program in a thread; the call for the last program waits for them all."""
+    program in a thread; the call for the last program waits for them all. Whatever ends the
+    launch early (a program's error, the timeout, an interrupt of the calling thread) stops
+    every program and waits for it before the launch returns or raises, so no thread outlives
+    its launch."""
 
     def __init__(self, kernel, builder, timeout_s: float) -> None:
         self.kernel = kernel
@@ -85,30 +93,40 @@ class _ConcurrentLaunch:
         self.timeout_s = timeout_s
         self.threads: list[threading.Thread] = []
         self.errors: list[tuple[tuple[int, int, int], BaseException]] = []
+        self.abort = threading.Event()
 
     def _run(self, grid_idx: tuple[int, int, int], args: dict) -> None:
+        _program.launch = self
         self.builder.grid_idx = grid_idx
         try:
             self.kernel(**args)
         except BaseException as err:  # reported by the launch, in the calling thread
             self.errors.append((grid_idx, err))
-            _abort.set()
+            self.abort.set()
+
+    def _stop(self) -> None:
+        self.abort.set()
+        for thread in self.threads:
+            thread.join()
 
     def __call__(self, **args) -> None:
-        thread = threading.Thread(target=self._run, args=(self.builder.grid_idx, args), daemon=True)
-        self.threads.append(thread)
-        thread.start()
-        if len(self.threads) < math.prod(self.builder.grid_dim):
-            return
-        deadline = time.monotonic() + self.timeout_s
-        for thread in self.threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        try:
+            thread = threading.Thread(
+                target=self._run, args=(self.builder.grid_idx, args), daemon=True
+            )
+            self.threads.append(thread)
+            thread.start()
+            if len(self.threads) < math.prod(self.builder.grid_dim):
+                return
+            deadline = time.monotonic() + self.timeout_s
+            for thread in self.threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        except BaseException:  # (an interrupt of the calling thread)
+            self._stop()
+            raise
         stuck = sum(thread.is_alive() for thread in self.threads)
         if stuck:
-            _abort.set()
-            for thread in self.threads:
-                thread.join()
-        _abort.clear()
+            self._stop()
         failed = [(idx, err) for idx, err in self.errors if not isinstance(err, _Aborted)]
         if failed:
             idx, err = failed[0]
@@ -118,6 +136,8 @@ class _ConcurrentLaunch:
                 f"{stuck} of {len(self.threads)} programs were still running after "
                 f"{self.timeout_s:g} s (a grid-wide wait that never completes?)"
             )
+        if self.errors:  # (only _Aborted, with nothing that set abort: cannot happen)
+            raise RuntimeError(f"programs of the launch stopped without a cause: {self.errors}")
 
 
 @contextlib.contextmanager
