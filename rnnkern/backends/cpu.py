@@ -51,17 +51,18 @@ _NATIVE = (torch.float32, torch.float64)  # what the kernels compute in
 _DTYPES = (*_NATIVE, torch.float16, torch.bfloat16)
 
 
-def _onednn_native(kind: str) -> bool:
-    """Whether torch's oneDNN computes ``kind`` ('fp16' or 'bf16') natively on this CPU
-    (AVX512-FP16 / AMX-FP16, AVX512-BF16 / AMX-BF16): torch's own check, which its matmuls
-    make. A torch without the check counts as native, so that torch's path is kept."""
-    check = getattr(torch.ops.mkldnn, f"_is_mkldnn_{kind}_supported", None)
-    return True if check is None else bool(check())
+def _torch_cpu_check(namespace, name: str, missing: bool) -> bool:
+    """One of torch's CPU capability checks, or ``missing`` in a torch without it."""
+    check = getattr(namespace, name, None)
+    return missing if check is None else bool(check())
 
 
-# (see CPUBackend.linear_supported and faster_than_torch)
-_NATIVE_FLOAT16 = _onednn_native("fp16")
-_NATIVE_BFLOAT16 = _onednn_native("bf16")
+# Whether torch's oneDNN multiplies float16 at hardware speed (AVX512-FP16, or AVX-NE-CONVERT:
+# the check torch's own float16 matmul makes); without it torch's float16 products are slow
+# (see CPUBackend.linear_supported). And whether the CPU has AVX512-BF16, as the one the
+# bfloat16 rule was measured on (faster_than_torch). A torch without a check keeps its path.
+_NATIVE_FLOAT16 = _torch_cpu_check(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", True)
+_AVX512_BF16 = _torch_cpu_check(torch.cpu, "_is_avx512_bf16_supported", False)
 
 
 def build_hint() -> str:
@@ -184,10 +185,11 @@ _SHORT_TRAINING = {"gru": 8, "rnn_tanh": 16, "rnn_relu": 16, "lstm": 16}
 _SHORT_INFERENCE = 32
 # The same for 16-bit inputs (suite cpu_16bit), where torch.nn's per-step ops are slower than in
 # float32: the shortest length measured, 16, except float16 inference, from 32 as in float32;
-# and for bfloat16 the largest batch x hidden measured (B=32, H=512, where the GRU's inference
-# was at parity: ratios fall as the layer grows).
+# and for bfloat16 the largest layer measured for both cells (B=16, H=256; the lead falls as
+# layers grow: the GRU at B=32, H=512 trained 1.12x and inferred 0.99x).
 _SHORT_16BIT = 16
-_BFLOAT16_MAX_BH = 32 * 512
+_BFLOAT16_MAX_BH = 16 * 256
+_BFLOAT16_MAX_H = 512
 
 
 def _faster_in_16_bits(config: LayerConfig) -> bool | str:
@@ -197,20 +199,23 @@ def _faster_in_16_bits(config: LayerConfig) -> bool | str:
     if config.proj_size > 0:
         return f"not measured against torch.nn for {dtype} LSTMs with a projection"
     if config.dtype == torch.float16 and _NATIVE_FLOAT16:
-        return "not measured against torch.nn for float16 on a CPU with float16 arithmetic"
+        return (
+            "not measured against torch.nn for float16 where torch multiplies float16 at "
+            "hardware speed (AVX512-FP16 or AVX-NE-CONVERT)"
+        )
     if config.dtype == torch.bfloat16:
-        if not _NATIVE_BFLOAT16:
+        if not _AVX512_BF16:
             return "not measured against torch.nn for bfloat16 on a CPU without AVX512-BF16"
         if config.cell == "lstm":
             return (
                 "torch.nn.LSTM runs oneDNN's fused bfloat16 LSTM on the CPU; backend 'cpu' "
                 "measured 0.52-0.89x its speed (1.10x at one shape: B=1, H=128, T=64, training)"
             )
-        if B * H > _BFLOAT16_MAX_BH or H > 512:
+        if B * H > _BFLOAT16_MAX_BH or H > _BFLOAT16_MAX_H:
             return (
-                f"not measured against torch.nn for bfloat16 beyond batch*hidden = "
-                f"{_BFLOAT16_MAX_BH} and hidden 512 (got B={B}, H={H}), where its lead shrank "
-                "to parity"
+                f"measured faster than torch.nn in bfloat16 up to batch*hidden = "
+                f"{_BFLOAT16_MAX_BH} and hidden {_BFLOAT16_MAX_H} only, its lead falling as "
+                f"layers grow (got B={B}, H={H})"
             )
     shortest = _SHORT_16BIT
     if config.dtype == torch.float16 and not config.needs_grad:
@@ -297,17 +302,19 @@ class CPUBackend:
           T=16; the lead shrinks as the layer grows: GRU inference 3.60x at B=1 H=128, 1.96x at
           B=16 H=256, 0.99x at B=32 H=512). Its LSTM is oneDNN's fused bfloat16 LSTM, which
           ``cpu`` lost to (0.52-0.89x) except at B=1 H=128 T=64 training (1.10x): the LSTM
-          stays with torch.nn. float16, on a CPU without float16 arithmetic (no AVX512-FP16 or
-          AMX-FP16: torch's ``_is_mkldnn_fp16_supported``), where torch.nn runs every cell as
-          slow per-step float16 ops and ``cpu`` takes its larger input projections through its
-          own float32 GEMM (linear_supported): training 1.78-23.95x, inference 0.97-7.40x, the
-          one loss the RNN at B=1 T=16 (0.97x; from T=64 1.88x and up). With torch's float16
+          stays with torch.nn. float16, on a CPU without hardware float16 products (no
+          AVX512-FP16 or AVX-NE-CONVERT: torch's ``_is_mkldnn_fp16_supported``), where torch.nn
+          runs every cell as slow per-step float16 ops and ``cpu`` takes its larger input
+          projections through its own float32 GEMM (linear_supported): training 1.78-23.95x,
+          inference 0.97-7.40x, the one loss the RNN at B=1 T=16 (0.97x; from T=64 1.88x and
+          up). With torch's float16
           products instead (the suite's ``float16 products by torch`` row) B=16 H=256 measured
           1.51-2.13x, against 3.37-23.95x: the own GEMM is the rest. Hence ``cpu`` from T=16
-          for bfloat16 GRU and RNN up to B*H = 16384 and H = 512, and every float16 cell
-          (float16 inference from T=32, as in float32): _SHORT_16BIT, _SHORT_INFERENCE,
-          _BFLOAT16_MAX_BH. Not measured, so left to torch.nn: float16 on CPUs with float16
-          arithmetic, bfloat16 on CPUs without AVX512-BF16, and 16-bit LSTMs with a
+          for bfloat16 GRU and RNN up to B*H = 4096 (the largest layer measured for both) and
+          H = 512, and every float16 cell (float16 inference from T=32, as in float32):
+          _SHORT_16BIT, _SHORT_INFERENCE, _BFLOAT16_MAX_BH. Not measured, so left to
+          torch.nn: float16 where torch multiplies it at hardware speed (AVX512-FP16 or
+          AVX-NE-CONVERT), bfloat16 on CPUs without AVX512-BF16, and 16-bit LSTMs with a
           projection.
         """
         ok = self.supports(config)

@@ -1,11 +1,12 @@
 """Suite ``cpu_16bit``: backend ``cpu`` beside torch.nn with bfloat16 and float16 modules.
 
 On the CPU torch.nn runs a bfloat16 LSTM through oneDNN's fused LSTM, and everything else in
-16 bits (GRU, RNN, a float16 LSTM) as per-step ATen ops in that dtype; a CPU without native
-float16 arithmetic (no AVX512-FP16 or AMX-FP16) runs float16 products slowly. Backend ``cpu``
-keeps float32 state and computes in float32, rounding the contract's tensors (gx, y, dgx) to
-the input's dtype. This grid is what ``CPUBackend.faster_than_torch`` decides 16-bit inputs
-from. ``torch.autocast("cpu")`` runs recurrent layers in bfloat16, so its calls land here too.
+16 bits (GRU, RNN, a float16 LSTM) as per-step ATen ops in that dtype; without hardware
+float16 products (AVX512-FP16 or AVX-NE-CONVERT) torch multiplies float16 slowly. Backend
+``cpu`` keeps float32 state and computes in float32, rounding the contract's tensors (gx, y,
+dgx) to the input's dtype. This grid is what ``CPUBackend.faster_than_torch`` decides 16-bit
+inputs from. (``torch.autocast("cpu")`` runs LSTMs in bfloat16 and the other cells in
+float32.)
 """
 
 from __future__ import annotations

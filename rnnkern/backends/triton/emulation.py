@@ -104,7 +104,9 @@ class _ConcurrentLaunch:
             self.errors.append((grid_idx, err))
             self.abort.set()
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
+        """Stop every program of the launch and wait for them (nothing after a complete
+        launch, whose programs have all ended)."""
         self.abort.set()
         for thread in self.threads:
             thread.join()
@@ -114,19 +116,19 @@ class _ConcurrentLaunch:
             thread = threading.Thread(
                 target=self._run, args=(self.builder.grid_idx, args), daemon=True
             )
-            self.threads.append(thread)
             thread.start()
+            self.threads.append(thread)  # (after start: stop() joins started threads only)
             if len(self.threads) < math.prod(self.builder.grid_dim):
                 return
             deadline = time.monotonic() + self.timeout_s
             for thread in self.threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
         except BaseException:  # (an interrupt of the calling thread)
-            self._stop()
+            self.stop()
             raise
         stuck = sum(thread.is_alive() for thread in self.threads)
         if stuck:
-            self._stop()
+            self.stop()
         failed = [(idx, err) for idx, err in self.errors if not isinstance(err, _Aborted)]
         if failed:
             idx, err = failed[0]
@@ -171,11 +173,12 @@ def emulate_gpu(
             "no GridExecutor / interpreter_builder.set_grid_idx)"
         )
 
-    real_init = executor.__init__
+    real_init, real_call = executor.__init__, executor.__call__
 
     def init(self, fn, *args, **kwargs) -> None:
         real_init(self, fn, *args, **kwargs)
         launch = _ConcurrentLaunch(fn, builder, timeout_s)
+        self.rnnkern_launch = launch
 
         def programs(**kernel_args):
             launch(**kernel_args)
@@ -188,10 +191,18 @@ def emulate_gpu(
         stand_in.__signature__ = inspect.signature(fn)
         self.fn = stand_in
 
+    def call(self, *args, **kwargs):
+        # (an interrupt between two programs' starts, in the interpreter's own loop, must not
+        # leave the started ones running)
+        try:
+            return real_call(self, *args, **kwargs)
+        finally:
+            self.rnnkern_launch.stop()
+
     builder_class = builder.__class__
     switch_interval = sys.getswitchinterval()
     builder.__class__ = _concurrent_builder(builder_class)
-    executor.__init__ = init
+    executor.__init__, executor.__call__ = init, call
     common.EMULATED_GPU = (sms, tuple(capability))
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
@@ -199,5 +210,5 @@ def emulate_gpu(
     finally:
         sys.setswitchinterval(switch_interval)
         common.EMULATED_GPU = None
-        executor.__init__ = real_init
+        executor.__init__, executor.__call__ = real_init, real_call
         builder.__class__ = builder_class
