@@ -153,28 +153,31 @@ def convert(module: torch.nn.Module, to: str = "rnnkern", backend: str = "auto")
     table = _TARGETS[to]
     chosen = backend if to == "rnnkern" else None
 
-    done: dict[int, torch.nn.Module] = {}  # id of a replaced module -> its replacement
-    warned: set[int] = set()
+    # id of a module seen -> its replacement, or None where it stays (a module held under
+    # several names is replaced, or warned about, once)
+    done: dict[int, torch.nn.Module | None] = {}
 
     def replacement(m: torch.nn.Module, in_place: bool) -> torch.nn.Module | None:
+        if id(m) in done:
+            return done[id(m)]
         # Exact types (a subclass may change what forward does), seen through the class that
         # parametrizations substitute, so that those are refused rather than skipped.
         kind = torch.nn.utils.parametrize.type_before_parametrizations(m)
         cls = table.get(kind)
-        if cls is None:
+        new = None
+        if cls is not None:
+            new = _swap(m, cls, chosen, share_hooks=in_place)
+        else:
             base = next((t for t in table if issubclass(kind, t)), None)
-            if base is not None and id(m) not in warned:
-                warned.add(id(m))
+            if base is not None:
                 warnings.warn(
                     f"convert: left {kind.__name__} as it is: it subclasses "
                     f"{base.__module__}.{base.__name__}, and its own code may change what "
                     "forward does",
                     stacklevel=3,
                 )
-            return None
-        if id(m) not in done:
-            done[id(m)] = _swap(m, cls, chosen, share_hooks=in_place)
-        return done[id(m)]
+        done[id(m)] = new
+        return new
 
     top = replacement(module, in_place=False)
     if top is not None:

@@ -307,9 +307,9 @@ class CPUBackend:
           runs every cell as slow per-step float16 ops and ``cpu`` takes its larger input
           projections through its own float32 GEMM (linear_supported): training 1.78-23.95x,
           inference 0.97-7.40x, the one loss the RNN at B=1 T=16 (0.97x; from T=64 1.88x and
-          up). With torch's float16
-          products instead (the suite's ``float16 products by torch`` row) B=16 H=256 measured
-          1.51-2.13x, against 3.37-23.95x: the own GEMM is the rest. Hence ``cpu`` from T=16
+          up). With torch's float16 products instead (the suite's ``float16 products by
+          torch`` row) B=16 H=256 measured 1.51-2.13x, against 3.37-23.95x: the own GEMM is
+          the rest. Hence ``cpu`` from T=16
           for bfloat16 GRU and RNN up to B*H = 4096 (the largest layer measured for both) and
           H = 512, and every float16 cell (float16 inference from T=32, as in float32):
           _SHORT_16BIT, _SHORT_INFERENCE, _BFLOAT16_MAX_BH. Not measured, so left to

@@ -594,10 +594,10 @@ def train(
             **extra,
         }
 
-    def diverged(what: str) -> TrainingDiverged:
+    def diverged(step: int, what: str) -> TrainingDiverged:
         kept = f"{ckpt_path} holds" if ckpt_path.exists() else "no checkpoint holds"
         return TrainingDiverged(
-            f"training diverged at step {global_step + 1}: {what} (lr {config.lr}, clip "
+            f"training diverged at step {step}: {what} (lr {config.lr}, clip "
             f"{config.clip}: a smaller learning rate may help); nothing was saved for it, and "
             f"{kept} the last finite weights"
         )
@@ -607,7 +607,7 @@ def train(
         # never saved. (DDP keeps every rank's weights equal: all ranks raise here together.)
         finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
         if not bool(finite):  # (one host synchronisation, not one a parameter)
-            raise diverged("the weights are no longer finite")
+            raise diverged(global_step, "the weights are no longer finite")  # (its update)
         snap = snapshot()  # every rank takes part in the gather
         if is_main:
             save_checkpoint(ckpt_path, snap)
@@ -620,6 +620,7 @@ def train(
         f"{sum(p.numel() for p in model.parameters()):,} parameters; "
         f"{len(train_pieces)} training and {len(val_pieces)} validation windows"
     )
+    final = None
     try:
         while epoch < config.epochs and not stopped:
             for group in opt.param_groups:
@@ -654,9 +655,10 @@ def train(
                 if _on_any_rank(not math.isfinite(loss_value), dev, world):
                     bar.close()
                     raise diverged(
+                        global_step + 1,  # (the step being taken)
                         f"the loss is {loss_value}"
                         if not math.isfinite(loss_value)
-                        else f"the loss is not finite on another rank (here {loss_value})"
+                        else f"the loss is not finite on another rank (here {loss_value})",
                     )
                 nn.utils.clip_grad_norm_(model.parameters(), config.clip)
                 opt.step()
@@ -686,9 +688,10 @@ def train(
                         f"{config.val_fraction} holds out no window)"
                     )
                 epoch, step_in_epoch = epoch + 1, 0
-            checkpoint()
+            final = checkpoint()
 
-        final = checkpoint()
+        if final is None:  # (no epoch left to run: a finished run, run again)
+            final = checkpoint()
         if is_main:
             export_model(ckpt_path, out / "model.pt")
             plot_losses(history, out / "loss.png")

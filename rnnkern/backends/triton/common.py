@@ -42,13 +42,7 @@ from ..base import Saved, tf32_allowed
 # Triton decides between compiling and interpreting when a kernel is decorated, i.e. when this
 # package is imported; the backend records that decision once.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Triton's interpreter mishandles tl.dot on bfloat16 operands (it multiplies the raw bits), so
-# there the operands, already rounded to the weight dtype, are multiplied in float32: products
-# of 16-bit floats are exact in float32, so the result is that of a 16-bit dot with float32
-# accumulation, which is what the compiled kernel computes.
-UPCAST_DOT = tl.constexpr(INTERPRET)
-# The same flag where it means "running under the interpreter" (no inline PTX there).
-IN_INTERPRETER = tl.constexpr(INTERPRET)
+IN_INTERPRETER = tl.constexpr(INTERPRET)  # (for the kernels: no inline PTX there, see dot_acc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,7 +100,11 @@ def dot_acc(
     any M (tl.dot needs 16 rows), and no operand staging through shared memory."""
     if PRECISION == "gemv":
         acc += tl.sum(a[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-    elif UPCAST_DOT:
+    elif IN_INTERPRETER:
+        # Triton's interpreter mishandles tl.dot on bfloat16 operands (it multiplies the raw
+        # bits), so there the operands, already rounded to the weight dtype, are multiplied in
+        # float32: products of 16-bit floats are exact in float32, so the result is that of a
+        # 16-bit dot with float32 accumulation, which is what the compiled kernel computes.
         a = a.to(w.dtype).to(tl.float32)
         acc = tl.dot(a, w.to(tl.float32), acc, input_precision="ieee")
     else:
